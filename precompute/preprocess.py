@@ -1,0 +1,433 @@
+"""Preprocessing: raw image bytes -> model-ready pixels and a conditioning image of the same geometry.
+
+This module owns everything between a `RawItem` (encoded bytes + captions, from `sources`) and the
+encoders:
+
+- `load_rgb`: decode fully (truncated or corrupt files are caught here, not in the VAE), apply the
+  EXIF orientation, convert every PIL mode to 8-bit RGB (alpha composited on white, 16-bit and
+  float images rescaled rather than clipped).
+- `plan_geometry` / `apply_geometry`: the reference transform of diffusers'
+  `train_t2i_adapter_sdxl.py` — torchvision `Resize(resolution, BILINEAR)` on a PIL image, then
+  `CenterCrop(resolution)` — reproduced exactly (same integer rounding, same PIL resampling), with a
+  seeded random crop as an option. The plan is data (`Geometry`) so that it can be recorded as
+  SDXL's micro-conditioning (`original_size`, `crop_top_left`, `target_size`) and applied
+  identically to the conditioning image.
+- `prepare`: ties it together and turns every per-item problem into `Skip(reason, detail)`; the
+  reason is a slug from `SKIP_REASONS`, counted in the manifest, and the detail names the file.
+
+Per-item problems raise `Skip`; invalid settings (a resolution not divisible by the VAE factor, an
+unknown crop mode) raise `ValueError`, because they are the caller's bug, not the data's.
+Aspect-ratio buckets and flipped views (issue 5) fit the same `Geometry`: a bucket is a
+non-square `target_size`, a flip is `Geometry.mirrored()`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from precompute.sources import RawItem
+
+# Every reason a source item can be skipped for. Slugs are stable: they are counted per shard in
+# the manifest and `--strict` reports them, so renaming one is a format change.
+SKIP_REASONS: dict[str, str] = {
+    "metadata_invalid": "a metadata row (or a tar sample's .json member) could not be parsed or has no image path",
+    "image_missing": "the image file or tar member does not exist",
+    "image_unreadable": "the image file exists but could not be read (permissions, I/O error)",
+    "image_empty": "the image file has zero bytes",
+    "image_corrupt": "the image could not be decoded: not an image, truncated, or broken EXIF",
+    "image_too_large": "the image exceeds PIL's decompression-bomb pixel limit",
+    "image_too_small": "the image's shortest side is below min_size",
+    "aspect_extreme": "the image's long/short side ratio exceeds max_aspect",
+    "cond_missing": "the conditioning image file or tar member does not exist",
+    "cond_unreadable": "the conditioning image exists but could not be read",
+    "cond_empty": "the conditioning image has zero bytes",
+    "cond_corrupt": "the conditioning image could not be decoded",
+    "cond_too_large": "the conditioning image exceeds PIL's decompression-bomb pixel limit",
+    "cond_size_mismatch": "the conditioning image's aspect ratio differs from the image's",
+    "caption_missing": "no caption, or only empty / whitespace-only captions",
+    "caption_invalid": "the caption is neither a string nor a list of strings, or not UTF-8",
+    "tar_corrupt": "an input tar is malformed or truncated (items after the damage are lost)",
+    "tar_unreadable": "an input tar could not be opened or read",
+}
+
+CROP_MODES = ("center", "random")
+# A 4:1 image keeps a quarter of its area in a square crop; beyond that the crop is mostly not the
+# picture the caption describes (a 10:1 panorama keeps a tenth).
+DEFAULT_MAX_ASPECT = 4.0
+# Images whose shortest side is below resolution / 4 are skipped by default: the SDXL paper's cut
+# (256 px at 1024) — upscaled further, the target is mostly interpolation blur.
+DEFAULT_MIN_SIZE_DIVISOR = 4
+# A conditioning image whose aspect ratio is within 2% of the image's (or that differs only by
+# rounding of its own pixel dimensions) is the same picture at another scale and is resampled
+# straight to the image's resized size; anything else would misalign condition and target.
+COND_ASPECT_TOLERANCE = 0.02
+
+
+class Skip(Exception):
+    """This item cannot be used. `reason` is a slug from SKIP_REASONS; `detail` names the file."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the training pixels come from, in SDXL micro-conditioning terms. All pairs are (h, w).
+
+    The image of `original_size` (after EXIF orientation) is resized to `resize_size`, mirrored
+    left-right if `flip`, then cropped to `target_size` at `crop_top_left` (top, left), which is
+    measured in that resized (and, for a flipped view, mirrored) image.
+    """
+
+    original_size: tuple[int, int]
+    resize_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+    flip: bool = False
+
+    def __post_init__(self) -> None:
+        (rh, rw), (top, left), (th, tw) = self.resize_size, self.crop_top_left, self.target_size
+        if not (0 <= top <= rh - th and 0 <= left <= rw - tw):
+            raise ValueError(f"crop {self.target_size} at {self.crop_top_left} does not fit in {self.resize_size}")
+
+    @property
+    def add_time_ids(self) -> tuple[int, int, int, int, int, int]:
+        """SDXL's `add_time_ids`: original_size + crop_top_left + target_size."""
+        return (*self.original_size, *self.crop_top_left, *self.target_size)
+
+    def mirrored(self) -> "Geometry":
+        """The same pixels flipped left-right; the crop's left edge follows the flip."""
+        left = self.resize_size[1] - self.crop_top_left[1] - self.target_size[1]
+        return replace(self, crop_top_left=(self.crop_top_left[0], left), flip=not self.flip)
+
+
+@dataclass
+class Prepared:
+    source_id: str
+    captions: list[str]
+    pixels: torch.Tensor  # (3, H, W) float32 in [-1, 1], the VAE input
+    cond: np.ndarray  # uint8 (H, W, 3), same geometry as `pixels`
+    geometry: Geometry
+    # True when the conditioning image had another pixel size than the image (same aspect ratio)
+    # and was resampled to the image's geometry; worth a warning, not a skip.
+    cond_resized: bool = False
+
+
+# --------------------------------------------------------------------------------------- decoding
+
+
+def load_rgb(data: bytes | None, what: str, name: str) -> Image.Image:
+    """Encoded bytes -> fully decoded RGB image, EXIF orientation applied.
+
+    `what` is "image" or "cond" and prefixes the skip reason (image_corrupt / cond_corrupt...);
+    `name` (a file path or tar key) goes into every skip detail.
+    """
+    if what not in ("image", "cond"):
+        raise ValueError(f"what must be 'image' or 'cond', got {what!r}")
+    if data is None:
+        raise Skip(f"{what}_missing", f"{name}: no data")
+    if len(data) == 0:
+        raise Skip(f"{what}_empty", f"{name}: file is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            # Decode every pixel now: Image.open only parses the header, and a truncated file
+            # otherwise fails later (or, with LOAD_TRUNCATED_IMAGES, silently grey-fills).
+            im.load()
+            oriented = ImageOps.exif_transpose(im)
+    except Image.DecompressionBombError as e:
+        raise Skip(f"{what}_too_large", f"{name}: {e}") from None
+    except UnidentifiedImageError:
+        raise Skip(f"{what}_corrupt", f"{name}: not a recognised image format ({len(data)} bytes)") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... for bad data
+        raise Skip(f"{what}_corrupt", f"{name}: cannot decode: {type(e).__name__}: {e}") from None
+    try:
+        return to_rgb(oriented)
+    except Exception as e:
+        raise Skip(f"{what}_corrupt", f"{name}: cannot convert mode {oriented.mode} to RGB: {e}") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Transparency is composited on white; high bit depths are rescaled."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grayscale (PNG/TIFF open as I;16 or I). PIL's own convert("L") clips at 255,
+        # which turns a 16-bit photo white; scale 0..65535 onto 0..255 with rounding instead.
+        a = np.asarray(im).astype(np.int64)
+        a = np.clip(a, 0, 65535)
+        return _gray_to_rgb(((a * 255 + 32767) // 65535).astype(np.uint8))
+    if im.mode == "F":
+        # Float images (depth maps, scientific TIFFs) come either in [0, 1] or in 0..255 (PIL's
+        # own convention). An image whose values all lie in [0, 1] is read as the former; under the
+        # 0..255 reading it would be black anyway, so the guess never hides a real picture.
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if a.size and a.max() <= 1.0 and a.min() >= 0.0:
+            a = a * 255.0
+        return _gray_to_rgb(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    if im.mode == "La":  # premultiplied alpha: un-premultiply first (PIL converts La only to LA)
+        im = im.convert("LA")
+    if im.has_transparency_data:
+        # LA, PA, RGBA, RGBa, P or L/RGB with a tRNS entry. convert("RGBA") resolves palettes
+        # and transparency keys; composite on white as (c * a + 255 * (255 - a)) / 255, rounded.
+        rgba = np.asarray(im.convert("RGBA")).astype(np.uint32)
+        alpha = rgba[..., 3:4]
+        rgb = (rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255
+        return Image.fromarray(rgb.astype(np.uint8), mode="RGB")
+    # L, 1, P, CMYK, YCbCr, LAB, HSV, RGBX: PIL's conversions are the standard ones.
+    return im.convert("RGB")
+
+
+def _gray_to_rgb(gray: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.repeat(gray[..., None], 3, axis=2), mode="RGB")
+
+
+# --------------------------------------------------------------------------------------- geometry
+
+
+def geometry_problems(
+    *,
+    resolution: int,
+    crop: str = "center",
+    vae_scale_factor: int = 8,
+    min_size: int | None = None,
+    max_aspect: float | None = DEFAULT_MAX_ASPECT,
+) -> list[str]:
+    """Every problem with these settings (empty when valid), for a config to report in one error."""
+    problems = []
+    if not isinstance(vae_scale_factor, int) or vae_scale_factor < 1:
+        problems.append(f"vae_scale_factor must be a positive integer, got {vae_scale_factor!r}")
+    if not isinstance(resolution, int) or resolution < 1:
+        problems.append(f"resolution must be a positive integer, got {resolution!r}")
+    elif isinstance(vae_scale_factor, int) and vae_scale_factor >= 1 and resolution % vae_scale_factor:
+        problems.append(
+            f"resolution {resolution} is not divisible by the VAE scale factor {vae_scale_factor} "
+            f"(the latent would not cover the crop); try {resolution - resolution % vae_scale_factor}"
+        )
+    if crop not in CROP_MODES:
+        problems.append(f"crop must be one of {list(CROP_MODES)}, got {crop!r}")
+    if min_size is not None and (not isinstance(min_size, int) or min_size < 0):
+        problems.append(f"min_size must be an integer >= 0 (0 = upscale anything) or None, got {min_size!r}")
+    if max_aspect is not None and not (isinstance(max_aspect, (int, float)) and max_aspect >= 1.0):
+        problems.append(f"max_aspect must be a number >= 1 or None (no limit), got {max_aspect!r}")
+    return problems
+
+
+def effective_min_size(resolution: int, min_size: int | None) -> int:
+    """The shortest side an image needs: min_size, or resolution // 4 when min_size is None."""
+    return resolution // DEFAULT_MIN_SIZE_DIVISOR if min_size is None else min_size
+
+
+def resize_shortest_side(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(h, w) after torchvision's Resize(resolution): the short side becomes `resolution`.
+
+    The long side is truncated, int(resolution * long / short), exactly as torchvision's
+    `_compute_resized_output_size` does; rounding it instead shifts some crops by one pixel.
+    """
+    h, w = size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(resolution * long / short)
+    return (new_long, resolution) if w <= h else (resolution, new_long)
+
+
+def crop_offsets(
+    resize_size: tuple[int, int],
+    target_size: tuple[int, int],
+    crop: str,
+    rng: np.random.Generator | None,
+) -> tuple[int, int]:
+    """(top, left) of a `target_size` crop in a `resize_size` image.
+
+    "center" matches torchvision's center_crop: int(round((h - th) / 2)) with Python's round
+    (half to even). "random" draws top and left uniformly from every valid position.
+    """
+    (rh, rw), (th, tw) = resize_size, target_size
+    if th > rh or tw > rw:
+        raise ValueError(f"crop {target_size} is larger than the resized image {resize_size}")
+    if crop == "center":
+        return int(round((rh - th) / 2.0)), int(round((rw - tw) / 2.0))
+    if crop == "random":
+        if rng is None:
+            raise ValueError("crop='random' needs an rng (np.random.Generator), e.g. item_rng(seed, shard, position)")
+        return int(rng.integers(0, rh - th + 1)), int(rng.integers(0, rw - tw + 1))
+    raise ValueError(f"crop must be one of {list(CROP_MODES)}, got {crop!r}")
+
+
+def plan_geometry(
+    original_size: tuple[int, int],
+    resolution: int,
+    *,
+    crop: str = "center",
+    rng: np.random.Generator | None = None,
+    vae_scale_factor: int = 8,
+    min_size: int | None = None,
+    max_aspect: float | None = DEFAULT_MAX_ASPECT,
+    name: str = "image",
+) -> Geometry:
+    """Plan the reference transform for an image of `original_size` (h, w, after EXIF).
+
+    Resize the shortest side to `resolution` (torchvision's rounding), crop a square of
+    `resolution` (centre, or seeded random). `min_size` None means resolution // 4, 0 accepts any
+    size; `max_aspect` None accepts any aspect ratio. Raises Skip("aspect_extreme" /
+    "image_too_small") naming `name`, ValueError for invalid settings.
+    """
+    problems = geometry_problems(
+        resolution=resolution, crop=crop, vae_scale_factor=vae_scale_factor, min_size=min_size, max_aspect=max_aspect
+    )
+    if problems:
+        raise ValueError("invalid geometry settings: " + "; ".join(problems))
+    h, w = int(original_size[0]), int(original_size[1])
+    if h < 1 or w < 1:
+        raise Skip("image_corrupt", f"{name}: image has no pixels ({w}x{h})")
+    short, long = min(h, w), max(h, w)
+    if max_aspect is not None and long / short > max_aspect:
+        kept = 100.0 * short / long
+        raise Skip(
+            "aspect_extreme",
+            f"{name}: {w}x{h} px has aspect ratio {long / short:.2f}:1 > max_aspect {max_aspect:g} "
+            f"(a square crop would keep {kept:.0f}% of it)",
+        )
+    need = effective_min_size(resolution, min_size)
+    if short < need:
+        raise Skip(
+            "image_too_small",
+            f"{name}: {w}x{h} px, shortest side {short} < min_size {need} "
+            f"(would be upscaled {resolution / short:.1f}x to {resolution}); set min_size 0 to keep it",
+        )
+    resize_size = resize_shortest_side((h, w), resolution)
+    target_size = (resolution, resolution)
+    # Always true for a square crop at a valid resolution; kept as the invariant that buckets
+    # (non-square targets) must also satisfy: the latent covers the crop exactly.
+    assert target_size[0] % vae_scale_factor == 0 and target_size[1] % vae_scale_factor == 0
+    top_left = crop_offsets(resize_size, target_size, crop, rng)
+    return Geometry(original_size=(h, w), resize_size=resize_size, crop_top_left=top_left, target_size=target_size)
+
+
+def apply_geometry(img: Image.Image, g: Geometry) -> np.ndarray:
+    """Resize `img` (any size: a conditioning image may differ) to g.resize_size with PIL's
+    BILINEAR (what torchvision's Resize calls on PIL images), mirror if g.flip, crop.
+    Returns uint8 (H, W, 3)."""
+    rh, rw = g.resize_size
+    if img.size != (rw, rh):
+        img = img.resize((rw, rh), resample=Image.Resampling.BILINEAR)
+    if g.flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    (top, left), (th, tw) = g.crop_top_left, g.target_size
+    # np.array (not asarray) copies: the result is writable and owns its memory.
+    out = np.array(img.convert("RGB"), dtype=np.uint8)[top : top + th, left : left + tw]
+    return np.ascontiguousarray(out)
+
+
+def to_model_input(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1].
+
+    x / 127.5 - 1 is bitwise equal to the reference's ToTensor() + Normalize([0.5], [0.5]) for
+    every uint8 value (a test checks all 256).
+    """
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
+    if not rgb.flags.writeable:  # torch.from_numpy warns on read-only arrays (e.g. views of PIL images)
+        rgb = rgb.copy()
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def item_rng(seed: int, shard_index: int, position: int) -> np.random.Generator:
+    """The random-crop generator of one item: a pure function of (seed, shard, position), so a
+    resumed or multi-process run draws the same crops as one uninterrupted process."""
+    return np.random.default_rng([seed, shard_index, position])
+
+
+# --------------------------------------------------------------------------------------- captions
+
+
+def clean_captions(captions: list[str] | None, *, allow_empty: bool = False, name: str = "item") -> list[str]:
+    """Drop empty / whitespace-only captions (order kept); Skip("caption_missing") when none is
+    left, unless `allow_empty`, which keeps the item with the single caption "".
+
+    Captions are otherwise returned untouched: over-long ones are the tokenizer's business (it
+    truncates at 77 tokens as SDXL does).
+    """
+    if captions is not None and (not isinstance(captions, list) or not all(isinstance(c, str) for c in captions)):
+        raise Skip("caption_invalid", f"{name}: captions must be a list of strings, got {captions!r:.80}")
+    kept = [c for c in (captions or []) if c.strip()]
+    if kept:
+        return kept
+    if allow_empty:
+        return [""]
+    what = "no caption" if not captions else f"only empty captions ({len(captions)})"
+    raise Skip("caption_missing", f"{name}: {what}; allow_empty_captions keeps such items with the caption ''")
+
+
+# --------------------------------------------------------------------------------------- prepare
+
+
+def _cond_aspect_matches(image_size: tuple[int, int], cond_size: tuple[int, int]) -> bool:
+    (h, w), (ch, cw) = image_size, cond_size
+    if abs(math.log((w / h) / (cw / ch))) <= COND_ASPECT_TOLERANCE:
+        return True
+    # Small conditioning images cannot hit the ratio exactly; accept any that differ from the
+    # image's shape only by rounding one of their sides.
+    return abs(cw - ch * w / h) <= 1.0 or abs(ch - cw * h / w) <= 1.0
+
+
+def prepare(
+    item: RawItem,
+    *,
+    resolution: int,
+    crop: str = "center",
+    rng: np.random.Generator | None = None,
+    vae_scale_factor: int = 8,
+    min_size: int | None = None,
+    max_aspect: float | None = DEFAULT_MAX_ASPECT,
+    allow_empty_captions: bool = False,
+) -> Prepared:
+    """RawItem -> Prepared, or Skip. Checks run cheapest first (source error, captions, decode).
+
+    The conditioning image gets exactly the image's geometry. If its pixel size differs but its
+    aspect ratio matches (see COND_ASPECT_TOLERANCE), it is resampled straight to the image's
+    resized size (one resampling, not two) and `cond_resized` is set; a different aspect ratio is
+    Skip("cond_size_mismatch"), since no resize could align it with the image.
+    """
+    if item.error is not None:
+        raise Skip(*item.error)
+    name = item.source_id
+    captions = clean_captions(item.captions, allow_empty=allow_empty_captions, name=name)
+    if item.image is None:
+        raise Skip("image_missing", f"{name}: no image")
+    cond_name = item.cond_id or f"{name} (conditioning image)"
+    if item.cond is None:
+        raise Skip("cond_missing", f"{cond_name}: no conditioning image")
+    img = load_rgb(item.image, "image", name)
+    geometry = plan_geometry(
+        (img.height, img.width),
+        resolution,
+        crop=crop,
+        rng=rng,
+        vae_scale_factor=vae_scale_factor,
+        min_size=min_size,
+        max_aspect=max_aspect,
+        name=name,
+    )
+    cond = load_rgb(item.cond, "cond", cond_name)
+    cond_resized = cond.size != img.size
+    if cond_resized and not _cond_aspect_matches((img.height, img.width), (cond.height, cond.width)):
+        raise Skip(
+            "cond_size_mismatch",
+            f"{cond_name}: {cond.width}x{cond.height} px does not have the aspect ratio of the image "
+            f"{name} ({img.width}x{img.height} px)",
+        )
+    return Prepared(
+        source_id=name,
+        captions=captions,
+        pixels=to_model_input(apply_geometry(img, geometry)),
+        cond=apply_geometry(cond, geometry),
+        geometry=geometry,
+        cond_resized=cond_resized,
+    )

@@ -1,0 +1,816 @@
+"""Sources: where raw training items come from, as encoded bytes plus captions.
+
+This module owns reading a dataset, not decoding it: a `Source` yields `RawItem`s (image and
+conditioning image as raw file bytes, captions as strings) grouped into *units*; output shard i of
+the cache is made from unit i, so units must be deterministic and independent of each other (any
+process can read any unit without reading the others). Decoding and geometry live in
+`precompute.preprocess`.
+
+Two kinds:
+
+- **folder**: a folder with a metadata file (HF imagefolder convention) — `metadata.jsonl`,
+  `metadata.json` (a JSON list of objects, or JSON lines) or `metadata.csv` — whose image /
+  conditioning image / caption columns are configurable (defaults `image` then `file_name`,
+  `conditioning_image`, `text`); paths are relative to the folder or absolute. A folder with the
+  fill50k `prompt.json` (JSON lines of `source`/`target`/`prompt`) is the **fill50k** preset:
+  image = target, conditioning image = source, caption = prompt. Units are consecutive chunks of
+  `samples_per_shard` rows in file order.
+- **webdataset**: local tar shards (a folder of them, one tar, or a brace pattern such as
+  `data/{00000..00009}.tar`), e.g. as img2dataset writes them: members grouped by key, an image
+  member (`jpg`, `jpeg`, `png`, `webp`), a caption from `txt` or a `json` member's `caption` /
+  `text`, a conditioning member by suffix (`cond.png`...). One unit per input tar, sorted by path.
+  Tars are read with `tarfile` as plain bytes: nothing is ever unpickled or decoded here.
+
+Every row / tar sample yields exactly one RawItem, even a broken one (its `error` says why), so
+an item's position in its unit — and therefore its cache key — never depends on which items are
+bad. A corrupt tar yields the items before the damage, then one error item naming the tar.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import os
+import posixpath
+import tarfile
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import braceexpand  # ships with webdataset; the same brace syntax webdataset URLs use
+
+METADATA_FILES = ("metadata.jsonl", "metadata.json", "metadata.csv")
+FILL50K_FILE = "prompt.json"
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+KINDS = ("auto", "folder", "fill50k", "webdataset")
+
+DEFAULT_SAMPLES_PER_SHARD = 1000
+# Folder defaults follow the diffusers reference script and HF imagefolder ("file_name").
+DEFAULT_IMAGE_COLUMNS = ("image", "file_name")
+DEFAULT_COND_COLUMN = "conditioning_image"
+DEFAULT_CAPTION_COLUMN = "text"
+FILL50K_COLUMNS = {"image": "target", "conditioning_image": "source", "caption": "prompt"}
+# WebDataset defaults: member suffixes (everything after the key's first dot), lower case.
+DEFAULT_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+DEFAULT_COND_SUFFIXES = (
+    "cond.png",
+    "cond.jpg",
+    "conditioning.png",
+    "conditioning.jpg",
+    "conditioning_image.png",
+    "conditioning_image.jpg",
+    "source.png",
+    "source.jpg",
+    "control.png",
+    "control.jpg",
+)
+# Tried in order: a member with this suffix, else this key of the sample's .json member.
+DEFAULT_CAPTION_KEYS = ("txt", "caption", "text")
+# Columns are discovered from the first rows of a JSON metadata file (CSV has a header).
+_SCHEMA_ROWS = 100
+
+
+@dataclass
+class RawItem:
+    source_id: str  # human name: the image path as the metadata gives it, or "<tar>:<key>"
+    image: bytes | None  # raw encoded bytes (None when missing)
+    cond: bytes | None
+    captions: list[str] | None
+    error: tuple[str, str] | None = None  # (reason slug, detail) when the source knows it is bad
+    cond_id: str | None = None  # human name of the conditioning image, for messages
+
+
+class SourceError(ValueError):
+    """The dataset cannot be read at all (missing, unrecognised, wrong columns). Lists every problem."""
+
+
+class Source(ABC):
+    """A dataset split into deterministic units; output shard i of the cache comes from unit i."""
+
+    kind: str
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """What identifies this input in the cache identity: kind, resolved path, columns, counts,
+        a content fingerprint where one is cheap. Never modification times."""
+
+    @abstractmethod
+    def num_units(self) -> int: ...
+
+    @abstractmethod
+    def iter_unit(self, i: int) -> Iterator[RawItem]:
+        """The items of unit i, always in the same order, one per row / tar sample."""
+
+    @abstractmethod
+    def unit_name(self, i: int) -> str:
+        """A human name for unit i (for logs and errors)."""
+
+    def num_items(self) -> int | None:
+        """Total number of items, when known without reading the data (None otherwise)."""
+        return None
+
+    def iter_items(self) -> Iterator[RawItem]:
+        """Every item of every unit, in unit order."""
+        for i in range(self.num_units()):
+            yield from self.iter_unit(i)
+
+    def _check_unit(self, i: int) -> None:
+        if not 0 <= i < self.num_units():
+            raise IndexError(f"unit {i} out of range: {self.describe()['path']} has {self.num_units()} units")
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_file(root: Path, rel: str, what: str) -> tuple[bytes | None, tuple[str, str] | None]:
+    """Read a file named by the metadata; a failure becomes (None, (reason, detail))."""
+    path = Path(rel) if os.path.isabs(rel) else root / rel
+    try:
+        return path.read_bytes(), None
+    except FileNotFoundError:
+        return None, (f"{what}_missing", f"{path}: file not found")
+    except OSError as e:  # a directory, no permission, an I/O error
+        return None, (f"{what}_unreadable", f"{path}: {e.strerror or e}")
+
+
+def _parse_captions(value: object, where: str, *, from_csv: bool) -> tuple[list[str] | None, tuple[str, str] | None]:
+    """A caption cell -> list of captions. A string is one caption; a list is several (kept in
+    order, None entries dropped). In CSV a cell holding a JSON list of strings is a list."""
+    if value is None:
+        return None, None
+    if isinstance(value, str):
+        if from_csv and value.lstrip().startswith("["):
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                parsed = None  # a caption that merely starts with "[" stays a string
+            if isinstance(parsed, list) and all(isinstance(c, str) for c in parsed):
+                return parsed, None
+        return [value], None
+    if isinstance(value, list) and all(c is None or isinstance(c, str) for c in value):
+        return [c for c in value if c is not None], None
+    return None, ("caption_invalid", f"{where}: caption must be a string or a list of strings, got {value!r:.80}")
+
+
+def _is_utf8_clean(values: Sequence[str]) -> bool:
+    """False when a value carries undecodable bytes (kept as lone surrogates by surrogateescape)."""
+    try:
+        for v in values:
+            v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class _Lines:
+    """Binary lines of a file decoded as text, tracking the byte offset and line number of the next
+    line: csv.reader pulls one line at a time, so before each row these mark where the row starts."""
+
+    def __init__(self, f, offset: int, lineno: int):
+        self.f, self.offset, self.lineno = f, offset, lineno
+
+    def __iter__(self) -> "_Lines":
+        return self
+
+    def __next__(self) -> str:
+        raw = self.f.readline()
+        if not raw:
+            raise StopIteration
+        if self.offset == 0 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 BOM (Excel writes one); it is not part of the first column name
+            self.offset = 3
+        self.offset += len(raw)
+        self.lineno += 1
+        # surrogateescape never fails: a bad byte becomes a marker that _is_utf8_clean reports
+        # for that row only, instead of one bad row making the whole file unreadable.
+        return raw.decode("utf-8", "surrogateescape")
+
+
+# ----------------------------------------------------------------------------------- folder
+
+
+@dataclass(frozen=True)
+class _Unit:
+    offset: int  # byte offset of the unit's first row (JSON lines / CSV)
+    lineno: int  # line number before that row
+    first_row: int  # global index of the unit's first row
+    count: int
+
+
+class FolderSource(Source):
+    """A folder + metadata file (JSON lines, JSON list or CSV), or the fill50k `prompt.json`."""
+
+    def __init__(
+        self,
+        metadata: Path,
+        *,
+        preset: str | None = None,
+        image_column: str | None = None,
+        conditioning_image_column: str | None = None,
+        caption_column: str | None = None,
+        samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+        max_samples: int | None = None,
+    ):
+        self.kind = "fill50k" if preset == "fill50k" else "folder"
+        self.metadata = metadata.resolve()
+        self.root = self.metadata.parent
+        self.samples_per_shard = samples_per_shard
+        self.max_samples = max_samples
+        self._display = self.metadata.name
+        self.format = self._detect_format()
+        self.sha256 = _sha256_file(self.metadata)
+        self._rows: list | None = None  # the parsed document, JSON list format only
+        self._header: list[str] = []  # CSV only
+        self._units: list[_Unit] = []
+        columns = self._index()  # fills _units (and _rows / _header)
+        self.image_column, self.cond_column, self.caption_column = self._resolve_columns(
+            columns, preset, image_column, conditioning_image_column, caption_column
+        )
+
+    # --- reading the metadata file
+
+    def _detect_format(self) -> str:
+        suffix = self.metadata.suffix.lower()
+        if suffix == ".jsonl":
+            return "jsonl"
+        if suffix == ".csv":
+            return "csv"
+        if suffix == ".json":
+            # A .json file is a JSON list when it starts with "[", else JSON lines (fill50k's
+            # prompt.json is JSON lines despite its name; so are many hand-made metadata.json).
+            with open(self.metadata, "rb") as f:
+                head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+            return "json" if head.startswith(b"[") else "jsonl"
+        raise SourceError(f"{self.metadata}: unknown metadata format {suffix!r}; use .jsonl, .json or .csv")
+
+    def _index(self) -> list[str]:
+        """One pass over the metadata: count rows, note where each unit starts, collect columns."""
+        if self.format == "json":
+            return self._index_json_list()
+        if self.format == "csv":
+            return self._index_csv()
+        return self._index_jsonl()
+
+    def _add_row(self, units: list[_Unit], n: int, offset: int, lineno: int) -> None:
+        """Count row n (starting at `offset`, after `lineno` lines) into its unit."""
+        if n % self.samples_per_shard == 0:
+            units.append(_Unit(offset, lineno, n, 1))
+        else:
+            units[-1] = replace(units[-1], count=units[-1].count + 1)
+
+    def _limit_reached(self, n: int) -> bool:
+        return self.max_samples is not None and n >= self.max_samples
+
+    def _index_jsonl(self) -> list[str]:
+        units: list[_Unit] = []
+        columns: dict[str, None] = {}  # insertion-ordered set
+        n = seen = offset = lineno = 0
+        with open(self.metadata, "rb") as f:
+            for raw in f:
+                if self._limit_reached(n):
+                    break
+                if raw.strip():
+                    self._add_row(units, n, offset, lineno)
+                    n += 1
+                    if seen < _SCHEMA_ROWS:
+                        try:
+                            row = json.loads(raw)
+                        except ValueError:
+                            row = None
+                        if isinstance(row, dict):
+                            columns.update(dict.fromkeys(row))
+                            seen += 1
+                offset += len(raw)
+                lineno += 1
+        self._units = units
+        return list(columns)
+
+    def _index_json_list(self) -> list[str]:
+        try:
+            doc = json.loads(self.metadata.read_bytes())
+        except ValueError as e:
+            raise SourceError(f"{self.metadata}: not valid JSON: {e}") from None
+        if not isinstance(doc, list):
+            raise SourceError(f"{self.metadata}: expected a JSON list of objects (or JSON lines)")
+        if self.max_samples is not None:
+            doc = doc[: self.max_samples]
+        self._rows = doc
+        sps = self.samples_per_shard
+        self._units = [_Unit(0, 0, s, min(sps, len(doc) - s)) for s in range(0, len(doc), sps)]
+        columns: dict[str, None] = {}
+        for row in [r for r in doc if isinstance(r, dict)][:_SCHEMA_ROWS]:
+            columns.update(dict.fromkeys(row))
+        return list(columns)
+
+    def _csv_rows(self, f, offset: int, lineno: int) -> Iterator[tuple[int, int, list[str]]]:
+        """(offset, line number) where each non-blank record starts, and its fields."""
+        lines = _Lines(f, offset, lineno)
+        reader = csv.reader(lines)
+        while True:
+            start, start_line = lines.offset, lines.lineno
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                # The csv module cannot resynchronise after a structural error, so the rows
+                # after it have no reliable boundaries: this one stops the whole source.
+                raise SourceError(f"{self.metadata} line {lines.lineno}: malformed CSV: {e}") from None
+            if fields:  # csv yields [] for blank lines; they are not rows
+                yield start, start_line, fields
+
+    def _index_csv(self) -> list[str]:
+        units: list[_Unit] = []
+        n = 0
+        with open(self.metadata, "rb") as f:
+            rows = self._csv_rows(f, 0, 0)
+            header = next(rows, None)
+            if header is None:
+                raise SourceError(f"{self.metadata}: empty CSV (no header row)")
+            self._header = header[2]
+            if not _is_utf8_clean(self._header):
+                raise SourceError(f"{self.metadata}: the header row is not valid UTF-8")
+            dupes = sorted({c for c in self._header if self._header.count(c) > 1})
+            if dupes:
+                raise SourceError(f"{self.metadata}: duplicate column names {dupes}")
+            for offset, lineno, _ in rows:
+                if self._limit_reached(n):
+                    break
+                self._add_row(units, n, offset, lineno)
+                n += 1
+        self._units = units
+        return list(self._header)
+
+    def _resolve_columns(
+        self,
+        columns: list[str],
+        preset: str | None,
+        image_column: str | None,
+        cond_column: str | None,
+        caption_column: str | None,
+    ) -> tuple[str, str, str]:
+        if not self._units:
+            raise SourceError(f"{self.metadata}: no rows")
+        defaults = FILL50K_COLUMNS if preset == "fill50k" else None
+        problems = []
+        have = ", ".join(repr(c) for c in columns) or "none"
+        if image_column is None:
+            candidates = (defaults["image"],) if defaults else DEFAULT_IMAGE_COLUMNS
+            image_column = next((c for c in candidates if c in columns), None)
+            if image_column is None:
+                problems.append(
+                    f"no image column: looked for {' or '.join(repr(c) for c in candidates)} "
+                    f"(columns found: {have}); pass image_column"
+                )
+        elif image_column not in columns:
+            problems.append(f"no image column {image_column!r} (columns found: {have})")
+        cond_column = cond_column or (defaults["conditioning_image"] if defaults else DEFAULT_COND_COLUMN)
+        if cond_column not in columns:
+            problems.append(
+                f"no conditioning image column {cond_column!r} (columns found: {have}); pass conditioning_image_column"
+            )
+        caption_column = caption_column or (defaults["caption"] if defaults else DEFAULT_CAPTION_COLUMN)
+        if caption_column not in columns:
+            problems.append(f"no caption column {caption_column!r} (columns found: {have}); pass caption_column")
+        if problems:
+            hint = " (metadata.json must be a JSON list of objects or JSON lines)" if self.format != "csv" else ""
+            raise SourceError(f"{self.metadata}{hint}:\n  - " + "\n  - ".join(problems))
+        assert image_column is not None
+        return image_column, cond_column, caption_column
+
+    # --- Source API
+
+    def describe(self) -> dict:
+        return {
+            "kind": self.kind,
+            "path": str(self.root),
+            "metadata": self.metadata.name,
+            "format": self.format,
+            "metadata_sha256": self.sha256,
+            "columns": {
+                "image": self.image_column,
+                "conditioning_image": self.cond_column,
+                "caption": self.caption_column,
+            },
+            "rows": self.num_items(),
+            "max_samples": self.max_samples,
+        }
+
+    def num_units(self) -> int:
+        return len(self._units)
+
+    def num_items(self) -> int:
+        return sum(u.count for u in self._units)
+
+    def unit_name(self, i: int) -> str:
+        self._check_unit(i)
+        u = self._units[i]
+        return f"{self.metadata.name} rows {u.first_row + 1}-{u.first_row + u.count}"
+
+    def iter_unit(self, i: int) -> Iterator[RawItem]:
+        self._check_unit(i)
+        u = self._units[i]
+        if self.format == "json":
+            assert self._rows is not None
+            for k, row in enumerate(self._rows[u.first_row : u.first_row + u.count]):
+                yield self._item(row, f"{self._display} row {u.first_row + k + 1}", from_csv=False)
+        elif self.format == "jsonl":
+            yield from self._iter_jsonl(u)
+        else:
+            yield from self._iter_csv(u)
+
+    def _iter_jsonl(self, u: _Unit) -> Iterator[RawItem]:
+        with open(self.metadata, "rb") as f:
+            f.seek(u.offset)
+            n, lineno = 0, u.lineno
+            for raw in f:
+                lineno += 1
+                if not raw.strip():
+                    continue
+                where = f"{self._display} row {u.first_row + n + 1} (line {lineno})"
+                try:
+                    row = json.loads(raw.decode("utf-8").lstrip("\ufeff"))
+                except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                    yield RawItem(where, None, None, None, ("metadata_invalid", f"{where}: not valid JSON: {e}"))
+                else:
+                    yield self._item(row, where, from_csv=False)
+                n += 1
+                if n == u.count:
+                    return
+        raise SourceError(f"{self.metadata}: changed while reading (expected {u.count} rows from line {u.lineno + 1})")
+
+    def _iter_csv(self, u: _Unit) -> Iterator[RawItem]:
+        with open(self.metadata, "rb") as f:
+            f.seek(u.offset)
+            n = 0
+            for _, lineno, fields in self._csv_rows(f, u.offset, u.lineno):
+                where = f"{self._display} row {u.first_row + n + 1} (line {lineno + 1})"
+                if len(fields) != len(self._header):
+                    detail = f"{where}: {len(fields)} fields, the header has {len(self._header)}"
+                    yield RawItem(where, None, None, None, ("metadata_invalid", detail))
+                elif not _is_utf8_clean(fields):
+                    yield RawItem(where, None, None, None, ("metadata_invalid", f"{where}: not valid UTF-8"))
+                else:
+                    yield self._item(dict(zip(self._header, fields)), where, from_csv=True)
+                n += 1
+                if n == u.count:
+                    return
+        raise SourceError(f"{self.metadata}: changed while reading (expected {u.count} rows from line {u.lineno + 1})")
+
+    def _item(self, row: object, where: str, *, from_csv: bool) -> RawItem:
+        """One metadata row -> RawItem; every problem becomes the item's error, never an exception."""
+        if not isinstance(row, dict):
+            detail = f"{where}: expected an object, got {row!r:.80}"
+            return RawItem(where, None, None, None, ("metadata_invalid", detail))
+        image_rel = row.get(self.image_column)
+        if not isinstance(image_rel, str) or not image_rel.strip():
+            detail = f"{where}: no path in column {self.image_column!r} (got {image_rel!r:.80})"
+            return RawItem(where, None, None, None, ("metadata_invalid", detail))
+        image, error = _read_file(self.root, image_rel, "image")
+        if error:
+            return RawItem(image_rel, None, None, None, error)
+        captions, caption_error = _parse_captions(row.get(self.caption_column), where, from_csv=from_csv)
+        cond_rel = row.get(self.cond_column)
+        if not isinstance(cond_rel, str) or not cond_rel.strip():
+            detail = f"{where} ({image_rel}): no path in column {self.cond_column!r} (got {cond_rel!r:.80})"
+            return RawItem(image_rel, image, None, captions, ("cond_missing", detail))
+        cond, error = _read_file(self.root, cond_rel, "cond")
+        return RawItem(image_rel, image, cond, captions, error or caption_error, cond_id=cond_rel)
+
+
+# ----------------------------------------------------------------------------------- webdataset
+
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def _split_member(name: str) -> tuple[str, str] | None:
+    """WebDataset's rule: key = path up to the first dot of the file name, suffix = the rest
+    ('a/000001.cond.png' -> ('a/000001', 'cond.png')). Hidden files (macOS '._x') have no key."""
+    base = posixpath.basename(name)
+    if base.startswith(".") or "." not in base:
+        return None
+    dot = name.rfind("/") + 1 + base.index(".")
+    return name[:dot], name[dot + 1 :].lower()
+
+
+class WebDatasetSource(Source):
+    """Local WebDataset tars; unit i is the i-th tar in sorted path order."""
+
+    kind = "webdataset"
+
+    def __init__(
+        self,
+        tars: list[Path],
+        names: list[str],
+        path: str,
+        *,
+        image_exts: Sequence[str] = DEFAULT_IMAGE_EXTS,
+        cond_suffixes: Sequence[str] = DEFAULT_COND_SUFFIXES,
+        caption_keys: Sequence[str] = DEFAULT_CAPTION_KEYS,
+        max_samples: int | None = None,
+    ):
+        self.tars, self.names, self.path = tars, names, path
+        self.image_exts = tuple(e.lower().lstrip(".") for e in image_exts)
+        self.cond_suffixes = tuple(s.lower().lstrip(".") for s in cond_suffixes)
+        self.caption_keys = tuple(caption_keys)
+        self.max_samples = max_samples
+        listing = "".join(f"{n}\t{p.stat().st_size}\n" for n, p in zip(names, tars))
+        self.listing_sha256 = hashlib.sha256(listing.encode()).hexdigest()
+        # Items to take from each tar. Without max_samples every tar is read whole; with it, the
+        # tars are counted up front (cheap for the small subsets max_samples is meant for).
+        self._limits: list[int | None] = [None] * len(tars)
+        if max_samples is not None:
+            self._limits, left = [], max_samples
+            for i in range(len(tars)):
+                n = sum(1 for _ in self._groups(i, load=False))
+                self._limits.append(min(n, left))
+                left -= self._limits[-1]
+                if left == 0:
+                    break
+
+    def _wanted(self, suffix: str) -> bool:
+        if suffix == "json" or suffix in self.image_exts:
+            return True
+        return suffix in self.cond_suffixes or suffix in self.caption_keys
+
+    def _groups(self, i: int, *, load: bool = True) -> Iterator[tuple[str, dict[str, bytes]] | RawItem]:
+        """(key, {suffix: bytes}) per sample of tar i, adjacent members grouped as webdataset
+        does; a failure ends the tar with one error RawItem."""
+        path, name = self.tars[i], self.names[i]
+        key, members = None, {}
+        try:
+            with open(path, "rb") as f:
+                plain = not f.read(6).startswith(_COMPRESSED_MAGIC)
+                f.seek(0)
+                with tarfile.open(fileobj=f, mode="r|*") as tf:
+                    for m in tf:
+                        split = _split_member(m.name) if m.isfile() else None
+                        if split is None:
+                            continue
+                        if split[0] != key:
+                            if key is not None:
+                                yield key, members
+                            key, members = split[0], {}
+                        suffix = split[1]
+                        if suffix not in members and self._wanted(suffix):
+                            members[suffix] = tf.extractfile(m).read() if load else b""  # type: ignore[union-attr]
+                    end = tf.offset
+                if plain:
+                    # tarfile stops quietly at a damaged header or a file cut at a member
+                    # boundary, as if the archive had ended there. A complete tar has only its
+                    # zero end-of-archive blocks after the last member; check that it does.
+                    # The last sample may have lost members to the damage, so it is dropped
+                    # with the rest (the error item stands in for it).
+                    self._check_tail(f, end)
+                if key is not None:
+                    yield key, members
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, _TruncatedTar) as e:
+            detail = f"{path}: {e or type(e).__name__}; items after this point are lost"
+            yield RawItem(name, None, None, None, ("tar_corrupt", detail))
+            return
+        except OSError as e:
+            yield RawItem(name, None, None, None, ("tar_unreadable", f"{path}: {e.strerror or e}"))
+
+    @staticmethod
+    def _check_tail(f, end: int) -> None:
+        f.seek(end)
+        tail = f.read()
+        if len(tail) < tarfile.BLOCKSIZE:
+            raise _TruncatedTar(f"no end-of-archive marker after byte {end}: the file looks truncated")
+        if tail.strip(b"\0"):
+            raise _TruncatedTar(f"unreadable tar header at byte {end} (damaged member or garbage)")
+
+    def _item(self, i: int, key: str, members: dict[str, bytes]) -> RawItem:
+        sid = f"{self.names[i]}:{key}"
+        found = ", ".join("." + s for s in members) or "nothing we read"
+        image_ext = next((e for e in self.image_exts if e in members), None)
+        if image_ext is None:
+            looked = ", ".join("." + e for e in self.image_exts)
+            detail = f"{sid}: no image member (looked for {looked}; found {found})"
+            return RawItem(sid, None, None, None, ("image_missing", detail))
+        image = members[image_ext]
+        captions, error = self._captions(sid, members)
+        cond_suffix = next((s for s in self.cond_suffixes if s in members), None)
+        if cond_suffix is None:
+            looked = ", ".join("." + s for s in self.cond_suffixes)
+            detail = f"{sid}: no conditioning member (looked for {looked}; found {found})"
+            return RawItem(sid, image, None, captions, ("cond_missing", detail))
+        return RawItem(sid, image, members[cond_suffix], captions, error, cond_id=f"{sid}.{cond_suffix}")
+
+    def _captions(self, sid: str, members: dict[str, bytes]) -> tuple[list[str] | None, tuple[str, str] | None]:
+        """For each caption key in order: a member with that suffix, else that key of the .json."""
+        meta: object = None
+        json_error = None
+        if "json" in members:
+            try:
+                meta = json.loads(members["json"])
+            except ValueError as e:
+                json_error = ("metadata_invalid", f"{sid}.json: not valid JSON: {e}")
+        for k in self.caption_keys:
+            if k in members and k != "json":
+                try:
+                    return [members[k].decode("utf-8")], None
+                except UnicodeDecodeError:
+                    return None, ("caption_invalid", f"{sid}.{k}: not valid UTF-8")
+            if isinstance(meta, dict) and k in meta:
+                return _parse_captions(meta[k], f"{sid}.json", from_csv=False)
+        # No caption found: a broken .json is the likelier cause than a missing one.
+        return None, json_error
+
+    # --- Source API
+
+    def describe(self) -> dict:
+        return {
+            "kind": self.kind,
+            "path": self.path,
+            "tars": len(self.tars),
+            "tar_listing_sha256": self.listing_sha256,  # names and sizes of the tars
+            "columns": {
+                "image": list(self.image_exts),
+                "conditioning_image": list(self.cond_suffixes),
+                "caption": list(self.caption_keys),
+            },
+            "max_samples": self.max_samples,
+        }
+
+    def num_units(self) -> int:
+        return len(self._limits)
+
+    def num_items(self) -> int | None:
+        return None if self.max_samples is None else sum(n or 0 for n in self._limits)
+
+    def unit_name(self, i: int) -> str:
+        self._check_unit(i)
+        return self.names[i]
+
+    def iter_unit(self, i: int) -> Iterator[RawItem]:
+        self._check_unit(i)
+        limit = self._limits[i]
+        for n, group in enumerate(self._groups(i)):
+            if limit is not None and n >= limit:
+                return
+            yield group if isinstance(group, RawItem) else self._item(i, *group)
+
+
+class _TruncatedTar(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------- opening
+
+
+def _as_list(value: str | Sequence[str] | None, default: Sequence[str]) -> tuple[str, ...]:
+    if value is None:
+        return tuple(default)
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return tuple(value)
+
+
+def _find_tars(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(TAR_SUFFIXES))
+
+
+def _open_webdataset(spec: str, path: Path | None, problems: list[str], **kw) -> WebDatasetSource | None:
+    if path is None:  # a brace pattern
+        expanded = sorted(braceexpand.braceexpand(spec))
+        missing = [p for p in expanded if not os.path.isfile(p)]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            problems.append(f"{spec}: {len(missing)} of {len(expanded)} tars do not exist: {shown}")
+            return None
+        tars, names, where = [Path(p).resolve() for p in expanded], expanded, os.path.abspath(spec)
+    elif path.is_dir():
+        tars = [p.resolve() for p in _find_tars(path)]
+        names, where = [p.name for p in tars], str(path.resolve())
+    else:
+        tars, names, where = [path.resolve()], [path.name], str(path.resolve())
+    if not tars:
+        problems.append(f"{spec}: no .tar files found")
+        return None
+    return WebDatasetSource(tars, names, where, **kw)
+
+
+def _folder_metadata(folder: Path, kind: str, problems: list[str]) -> tuple[Path, str | None] | None:
+    """The metadata file of a dataset folder and its preset."""
+    found = [folder / n for n in METADATA_FILES if (folder / n).is_file()]
+    fill = folder / FILL50K_FILE
+    if kind == "fill50k":
+        if fill.is_file():
+            return fill, "fill50k"
+        problems.append(f"{folder}: no {FILL50K_FILE} (the fill50k layout: prompt.json, source/, target/)")
+        return None
+    if len(found) > 1:
+        problems.append(f"{folder}: several metadata files ({', '.join(p.name for p in found)}); pass the one to use")
+        return None
+    if found:
+        return found[0], None
+    if fill.is_file():
+        return fill, "fill50k"
+    problems.append(
+        f"{folder}: no metadata file: expected one of {', '.join(METADATA_FILES)}, "
+        f"{FILL50K_FILE} (fill50k) or .tar shards"
+    )
+    return None
+
+
+def open_source(
+    path_or_url: str | Path,
+    *,
+    kind: str = "auto",
+    image_column: str | Sequence[str] | None = None,
+    conditioning_image_column: str | Sequence[str] | None = None,
+    caption_column: str | Sequence[str] | None = None,
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+    max_samples: int | None = None,
+) -> Source:
+    """Open a dataset; raise SourceError listing every problem when it cannot be read.
+
+    `path_or_url`: a dataset folder, a metadata file inside one, a .tar, a folder of .tar files, or
+    a brace pattern (`data/{00000..00009}.tar`). `kind` "auto" decides from what is there.
+    Columns left None take the format's defaults. For a folder they are column names; for
+    webdataset they are member suffixes / .json keys, and may be lists (or comma-separated)
+    tried in order: image_column the image extensions, conditioning_image_column the
+    conditioning member suffixes, caption_column the caption suffixes / json keys.
+    `samples_per_shard` sizes folder units (a tar is always one unit); `max_samples` keeps only
+    the first N items in unit order.
+    """
+    problems = []
+    if kind not in KINDS:
+        problems.append(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        problems.append(f"samples_per_shard must be an integer >= 1, got {samples_per_shard!r}")
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+        problems.append(f"max_samples must be an integer >= 1 or None, got {max_samples!r}")
+    spec = str(path_or_url)
+    if spec.startswith("file://"):
+        spec = spec[len("file://") :]
+    if "://" in spec:
+        problems.append(f"{spec}: remote datasets are not supported yet; copy them to a local folder")
+    if problems:
+        raise SourceError("cannot open dataset:\n  - " + "\n  - ".join(problems))
+
+    is_pattern = "{" in spec and "}" in spec and not os.path.exists(spec)
+    path = None if is_pattern else Path(spec)
+    tarlike = is_pattern or (path is not None and path.is_file() and path.name.lower().endswith(TAR_SUFFIXES))
+    if path is not None and not path.exists():
+        raise SourceError(f"cannot open dataset: {spec} does not exist")
+    if path is not None and path.is_dir() and kind in ("auto", "webdataset"):
+        has_meta = any((path / n).is_file() for n in (*METADATA_FILES, FILL50K_FILE))
+        tarlike = kind == "webdataset" or (not has_meta and bool(_find_tars(path)))
+    if kind == "webdataset" or (kind == "auto" and tarlike):
+        if path is not None and path.is_file() and not tarlike:
+            raise SourceError(f"cannot open dataset: {spec} is not a .tar file")
+        wds_kw = dict(
+            image_exts=_as_list(image_column, DEFAULT_IMAGE_EXTS),
+            cond_suffixes=_as_list(conditioning_image_column, DEFAULT_COND_SUFFIXES),
+            caption_keys=_as_list(caption_column, DEFAULT_CAPTION_KEYS),
+            max_samples=max_samples,
+        )
+        for what, value in wds_kw.items():
+            if what != "max_samples" and not value:
+                problems.append(f"{what} is empty")
+        source = None if problems else _open_webdataset(spec, path, problems, **wds_kw)
+        if source is None:
+            raise SourceError("cannot open dataset:\n  - " + "\n  - ".join(problems))
+        return source
+
+    if tarlike:
+        raise SourceError(f"cannot open dataset: {spec} is a tar shard, but kind={kind!r}")
+    assert path is not None
+    folder_columns = {
+        "image_column": image_column,
+        "conditioning_image_column": conditioning_image_column,
+        "caption_column": caption_column,
+    }
+    for what, value in folder_columns.items():
+        if value is not None and not isinstance(value, str):
+            problems.append(f"{what} must be a single column name for a folder dataset, got {value!r}")
+    if path.is_dir():
+        found = _folder_metadata(path, kind, problems)
+        metadata, preset = found if found else (None, None)
+    else:
+        metadata, preset = path, "fill50k" if (kind == "fill50k" or path.name == FILL50K_FILE) else None
+    if problems or metadata is None:
+        raise SourceError("cannot open dataset:\n  - " + "\n  - ".join(problems))
+    return FolderSource(
+        metadata,
+        preset=preset,
+        image_column=image_column,  # type: ignore[arg-type]
+        conditioning_image_column=conditioning_image_column,  # type: ignore[arg-type]
+        caption_column=caption_column,  # type: ignore[arg-type]
+        samples_per_shard=samples_per_shard,
+        max_samples=max_samples,
+    )
