@@ -1,0 +1,439 @@
+"""train.data: the epoch plan, equal steps per rank, exact resume, per-sample randomness, errors.
+
+Caches here are written with the real shards writer and read with the real reader: tiny tensors
+(latent 4x2x2, prompt width 8), 16x16 conditioning PNGs, shards of uneven sizes (one empty).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tarfile
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train.step  # noqa: F401  (imported once here so forked loader workers inherit it)
+from shards import schema
+from shards.manifest import ShardRecord, identity_diff
+from shards.reader import ShardError, iter_shard, load_empty_prompt, write_empty_prompt
+from shards.store import open_store
+from shards.writer import ShardWriter
+from train.data import (
+    CacheStream, epoch_plan, epoch_stats, make_loader, sample_choice, steps_per_epoch, stream_identity,
+)
+
+FACTOR = 8  # VAE scale factor of the fake latents
+DIM, POOLED = 8, 4
+SIZES = [5, 3, 7, 4, 6, 2, 0, 5]  # samples per shard: uneven, one empty shard; 32 in all
+
+
+def _sample(shard: int, pos: int, hw: tuple[int, int] = (2, 2)) -> schema.Sample:
+    key = schema.sample_key(shard, pos)
+    g = torch.Generator().manual_seed(1000 * shard + pos)
+    k = 1 + (shard + pos) % 3  # 1 to 3 captions
+    h, w = hw
+    cond = torch.randint(0, 256, (h * FACTOR, w * FACTOR, 3), generator=g, dtype=torch.uint8).numpy()
+    meta = schema.SampleMeta(
+        key=key, source_id=f"img/{key}.png", captions=[f"caption {c} of {key}" for c in range(k)],
+        original_size=(100 + pos, 200 + shard), crop_top_left=(pos, shard), target_size=(h * FACTOR, w * FACTOR),
+    )
+    return schema.Sample(
+        meta=meta,
+        latent_mean=torch.randn(4, h, w, generator=g),
+        latent_std=torch.rand(4, h, w, generator=g) + 0.1,
+        prompt_embeds=torch.randn(k, 77, DIM, generator=g),
+        pooled_prompt_embeds=torch.randn(k, POOLED, generator=g),
+        cond_png=schema.encode_png(cond),
+    )
+
+
+def _write_cache(root: Path, sizes: list[int], shape_of=lambda shard, pos: (2, 2), *,
+                 record_latent_shapes: bool = False) -> list[ShardRecord]:
+    store = open_store(root)
+    records = []
+    for i, n in enumerate(sizes):
+        with ShardWriter(store, i, record_latent_shapes=record_latent_shapes) as writer:
+            for pos in range(n):
+                writer.write(_sample(i, pos, shape_of(i, pos)))
+            records.append(writer.commit({}, []))
+    g = torch.Generator().manual_seed(7)
+    write_empty_prompt(store, torch.randn(1, 77, DIM, generator=g), torch.randn(1, POOLED, generator=g), "bf16")
+    return records
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    records = _write_cache(root, SIZES)
+    store = open_store(root)
+    truth = {s.key: s for rec in records for s in iter_shard(store, rec)}
+    return root, records, truth
+
+
+def _all(stream) -> list:
+    return list(stream)
+
+
+def _keys(batches) -> list[list[str]]:
+    return [b.keys for b in batches]
+
+
+def _same_batches(a, b) -> None:
+    assert _keys(a) == _keys(b)
+    for x, y in zip(a, b):
+        for name in ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "add_time_ids", "cond"):
+            assert torch.equal(getattr(x, name), getattr(y, name)), name
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(1, 0), (2, 0), (2, 2), (1, 3), (3, 2)])
+def test_plan_covers_every_nonempty_shard_once_and_is_reproducible(cache, world_size, num_workers):
+    _, records, _ = cache
+    roles = max(1, num_workers)
+
+    def plan(epoch):
+        return [
+            [sl.name for sl in epoch_plan(records, seed=3, epoch=epoch, world_size=world_size, rank=r,
+                                          num_workers=num_workers, worker=w)]
+            for r in range(world_size) for w in range(roles)
+        ]
+
+    p0 = plan(0)
+    names = [n for stream in p0 for n in stream]
+    assert sorted(names) == sorted(r.name for r in records if r.samples > 0)
+    assert all(stream for stream in p0)
+    assert plan(0) == p0
+    assert any(plan(e) != p0 for e in (1, 2, 3))
+
+
+def test_shard_order_changes_with_epoch_and_seed(cache):
+    _, records, _ = cache
+    order = lambda seed, epoch: [sl.name for sl in epoch_plan(records, seed=seed, epoch=epoch, world_size=1, rank=0,
+                                                             num_workers=0, worker=0)]
+    orders = {tuple(order(0, e)) for e in range(4)}
+    assert len(orders) == 4
+    assert order(0, 0) == order(0, 0) and order(0, 0) != order(1, 0)
+
+
+def test_greedy_balance_and_step_count(cache):
+    _, records, _ = cache
+    # Two streams (2 ranks x 1 role). Largest first to the lighter stream:
+    # 7->a, 6->b, 5->b (11), 5->a (12), 4->b (15), 3->a (15), 2->a (17, tie goes to the first).
+    # Loads 17 and 15 -> 8 and 7 full batches of 2 -> 7 steps, 28 samples used, 4 dropped.
+    for epoch in range(3):
+        loads = sorted(
+            sum(sl.count for sl in epoch_plan(records, seed=0, epoch=epoch, world_size=2, rank=r, num_workers=0, worker=0))
+            for r in range(2)
+        )
+        assert loads == [15, 17]
+    stats = epoch_stats(records, batch_size=2, world_size=2, num_workers=0, seed=0, epoch=0)
+    assert (stats.steps, stats.samples, stats.samples_used, stats.samples_dropped) == (7, 32, 28, 4)
+    assert "4 dropped" in stats.describe()
+
+
+def test_fewer_shards_than_streams_is_a_clear_error(cache):
+    root, records, _ = cache  # 7 non-empty shards
+    with pytest.raises(ValueError, match=r"7 non-empty shard.*2 rank\(s\) x 4 loader worker.*= 8 streams.*at most 3 DataLoader"):
+        make_loader(open_store(root), records, batch_size=1, seed=0, epoch=0, world_size=2, rank=0, num_workers=4)
+    with pytest.raises(ValueError, match=r"2 non-empty shard"):  # max_samples=6 keeps shards 0 and 1 only
+        steps_per_epoch(records, batch_size=1, world_size=1, num_workers=3, seed=0, epoch=0, max_samples=6)
+    with pytest.raises(ValueError, match=r"not one full batch per rank.*batch of 20"):
+        steps_per_epoch(records, batch_size=20, world_size=2, num_workers=0, seed=0, epoch=0)
+
+
+def test_invalid_settings_list_every_problem(cache):
+    root, records, _ = cache
+    with pytest.raises(ValueError) as e:
+        CacheStream(open_store(root), records, batch_size=0, seed=0, epoch=0, world_size=2, rank=2, caption_dropout=1.5)
+    msg = str(e.value)
+    assert "batch_size" in msg and "rank must be < world_size" in msg and "caption_dropout" in msg
+    with pytest.raises(ValueError, match="past the end of epoch 0, which has 7 batches"):
+        CacheStream(open_store(root), records, batch_size=2, seed=0, epoch=0, world_size=2, rank=0, start_batch=8)
+
+
+# --------------------------------------------------------------------------------------------
+# Streams: equal steps, disjoint samples, contents
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_ranks_take_equal_steps_on_disjoint_samples(cache, num_workers):
+    root, records, truth = cache
+    store = open_store(root)
+    seen = []
+    for rank in range(2):
+        ds = CacheStream(store, records, batch_size=2, seed=5, epoch=1, world_size=2, rank=rank,
+                         num_workers=num_workers, shuffle_buffer=4)
+        batches = _all(ds)  # in-process: reproduces DataLoader's round-robin itself
+        assert len(batches) == len(ds) == ds.steps_per_epoch == ds.stats.steps
+        assert all(len(b.keys) == 2 for b in batches)
+        seen.append([k for b in batches for k in b.keys])
+    assert len(seen[0]) == len(seen[1])
+    assert not set(seen[0]) & set(seen[1])
+    assert len(set(seen[0] + seen[1])) == len(seen[0]) + len(seen[1]) == ds.stats.samples_used
+
+
+def test_batch_contents_match_the_shards(cache):
+    root, records, truth = cache
+    batches = _all(CacheStream(open_store(root), records, batch_size=3, seed=1, epoch=0, shuffle_buffer=5))
+    assert len(batches) == 32 // 3
+    for b in batches:
+        assert b.latent_mean.shape == b.latent_std.shape == (3, 4, 2, 2)
+        assert b.prompt_embeds.shape == (3, 77, DIM) and b.pooled_prompt_embeds.shape == (3, POOLED)
+        assert b.cond.shape == (3, 3, 16, 16) and b.cond.dtype == torch.float32
+        assert b.add_time_ids.dtype == torch.float32
+        for i, key in enumerate(b.keys):
+            s = truth[key]
+            c, dropped = sample_choice(seed=1, epoch=0, key=key, num_captions=s.prompt_embeds.shape[0], caption_dropout=0.0)
+            assert not dropped
+            assert torch.equal(b.latent_mean[i], s.latent_mean) and torch.equal(b.latent_std[i], s.latent_std)
+            assert torch.equal(b.prompt_embeds[i], s.prompt_embeds[c])
+            assert torch.equal(b.pooled_prompt_embeds[i], s.pooled_prompt_embeds[c])
+            assert b.add_time_ids[i].tolist() == [float(v) for v in s.meta.add_time_ids]
+            expected = torch.from_numpy(s.cond_image().copy()).permute(2, 0, 1).float() / 255
+            assert torch.equal(b.cond[i], expected)
+            assert 0.0 <= b.cond[i].min() and b.cond[i].max() <= 1.0
+
+
+def test_shuffle_buffer_mixes_and_zero_keeps_shard_order(cache):
+    root, records, _ = cache
+    store = open_store(root)
+    flat = lambda buf: [k for b in CacheStream(store, records, batch_size=1, seed=0, epoch=0, shuffle_buffer=buf) for k in b.keys]
+    plain = flat(0)
+    plan = epoch_plan(records, seed=0, epoch=0, world_size=1, rank=0, num_workers=0, worker=0)
+    assert plain == [k for sl in plan for k in sl.keys]
+    mixed = flat(8)
+    assert sorted(mixed) == sorted(plain) and mixed != plain
+    assert flat(8) == mixed
+
+
+def test_max_samples_takes_the_same_first_samples_every_epoch(cache):
+    root, records, _ = cache
+    store = open_store(root)
+    first10 = [k for r in sorted(records, key=lambda r: r.index) for k in r.keys][:10]
+    runs = []
+    for epoch in (0, 1):
+        ds = CacheStream(store, records, batch_size=2, seed=0, epoch=epoch, max_samples=10, shuffle_buffer=4)
+        assert ds.stats.samples == 10 and ds.steps_per_epoch == 5
+        runs.append([k for b in ds for k in b.keys])
+    assert sorted(runs[0]) == sorted(runs[1]) == sorted(first10)
+    assert runs[0] != runs[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Resume
+
+
+@pytest.mark.parametrize("num_workers", [0, 2, 3])
+def test_resume_yields_exactly_the_tail_in_process(cache, num_workers):
+    root, records, _ = cache
+    store = open_store(root)
+    kw = dict(batch_size=2, seed=11, epoch=2, world_size=2, rank=1, num_workers=num_workers, shuffle_buffer=6)
+    if num_workers == 3:  # 2 ranks x 3 workers = 6 streams over 7 shards
+        kw["world_size"], kw["rank"] = 2, 0
+    full = _all(CacheStream(store, records, **kw))
+    assert len(full) >= 3
+    for b in range(len(full) + 1):
+        tail = _all(CacheStream(store, records, start_batch=b, **kw))
+        _same_batches(tail, full[b:])
+
+
+def test_resume_through_dataloader_with_two_workers(cache):
+    root, records, _ = cache
+    store = open_store(root)
+    kw = dict(batch_size=2, seed=4, epoch=0, world_size=1, rank=0, num_workers=2, shuffle_buffer=4, caption_dropout=0.3)
+    emulated = _all(CacheStream(store, records, **kw))
+    loader, steps = make_loader(store, records, **kw)
+    full = list(loader)
+    assert len(full) == steps == len(loader) == len(emulated)
+    _same_batches(full, emulated)
+    for b in (1, 4):  # odd and even: worker roles rotate
+        loader, _ = make_loader(store, records, start_batch=b, **kw)
+        _same_batches(list(loader), full[b:])
+
+
+def test_stream_identity_names_what_a_resume_would_change(cache):
+    _, records, _ = cache
+    kw = dict(batch_size=2, seed=0, world_size=2, num_workers=2, shuffle_buffer=4, max_samples=None, caption_dropout=0.1)
+    saved = json.loads(json.dumps(stream_identity(records, **kw)))
+    assert identity_diff(saved, stream_identity(records, **kw)) == []
+    assert identity_diff(saved, stream_identity(records, **{**kw, "world_size": 4, "num_workers": 1})) == [
+        "num_workers: 2 != 1", "world_size: 2 != 4",
+    ]
+    assert [d.split(":")[0] for d in identity_diff(saved, stream_identity(records[:-1], **kw))] == ["shards_sha256"]
+
+
+class _CountingStore:
+    """A store that records which files are opened (everything else passes through)."""
+
+    def __init__(self, store):
+        self._store, self.opened = store, []
+
+    def open_read(self, rel):
+        self.opened.append(rel)
+        return self._store.open_read(rel)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def test_resume_skips_whole_shards_and_decodes_only_what_it_yields(cache, monkeypatch):
+    root, records, _ = cache
+    decoded = []
+    real_decode = schema.decode_sample
+    monkeypatch.setattr(schema, "decode_sample", lambda key, members: decoded.append(key) or real_decode(key, members))
+    kw = dict(batch_size=2, seed=0, epoch=0, shuffle_buffer=0)
+    full_store = _CountingStore(open_store(root))
+    full = _all(CacheStream(full_store, records, **kw))
+    assert len(decoded) == 2 * len(full) == 32
+    decoded.clear()
+    store = _CountingStore(open_store(root))
+    tail = _all(CacheStream(store, records, start_batch=len(full) - 2, **kw))
+    assert len(decoded) == 4 and _keys(tail) == _keys(full[-2:])
+    last_keys = set(tail[0].keys + tail[1].keys)
+    plan = epoch_plan(records, seed=0, epoch=0, world_size=1, rank=0, num_workers=0, worker=0)
+    assert store.opened == [sl.name for sl in plan if set(sl.keys) & last_keys]
+    assert len(store.opened) < len(full_store.opened)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sample randomness
+
+
+def test_caption_choice_and_dropout_are_deterministic_at_the_right_rate():
+    keys = [schema.sample_key(i // 100, i % 100) for i in range(4000)]
+    picks = [sample_choice(seed=0, epoch=0, key=k, num_captions=3, caption_dropout=0.25) for k in keys]
+    assert picks == [sample_choice(seed=0, epoch=0, key=k, num_captions=3, caption_dropout=0.25) for k in keys]
+    rate = np.mean([d for _, d in picks])
+    assert abs(rate - 0.25) < 0.03  # 4000 draws: std 0.007
+    counts = np.bincount([c for c, _ in picks], minlength=3) / len(picks)
+    assert np.all(np.abs(counts - 1 / 3) < 0.03)
+    # The dropout probability never shifts which caption is picked.
+    assert [c for c, _ in picks] == [sample_choice(seed=0, epoch=0, key=k, num_captions=3, caption_dropout=0.9)[0] for k in keys]
+    # A new epoch or seed draws again.
+    other = [sample_choice(seed=0, epoch=1, key=k, num_captions=3, caption_dropout=0.25) for k in keys]
+    assert np.mean([a != b for a, b in zip(picks, other)]) > 0.4
+    assert all(sample_choice(seed=0, epoch=0, key=k, num_captions=3, caption_dropout=p)[1] == want
+               for k in keys[:50] for p, want in ((0.0, False), (1.0, True)))
+
+
+def test_stream_swaps_in_the_stored_empty_prompt(cache):
+    root, records, truth = cache
+    store = open_store(root)
+    empty, empty_pooled = load_empty_prompt(store)
+    runs = {}
+    for epoch in (0, 1):
+        dropped = {}
+        for b in CacheStream(store, records, batch_size=4, seed=9, epoch=epoch, caption_dropout=0.5, shuffle_buffer=3):
+            for i, key in enumerate(b.keys):
+                s = truth[key]
+                c, drop = sample_choice(seed=9, epoch=epoch, key=key, num_captions=s.prompt_embeds.shape[0], caption_dropout=0.5)
+                want = (empty[0], empty_pooled[0]) if drop else (s.prompt_embeds[c], s.pooled_prompt_embeds[c])
+                assert torch.equal(b.prompt_embeds[i], want[0]) and torch.equal(b.pooled_prompt_embeds[i], want[1])
+                dropped[key] = drop
+        assert 0 < sum(dropped.values()) < len(dropped)
+        runs[epoch] = dropped
+    common = runs[0].keys() & runs[1].keys()
+    assert any(runs[0][k] != runs[1][k] for k in common)
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged caches
+
+
+def _copy(cache, tmp_path) -> tuple[Path, str]:
+    """A copy of the cache and the name of the first shard rank 0 reads (seed 0, epoch 0)."""
+    root, records, _ = cache
+    dst = tmp_path / "cache"
+    shutil.copytree(root, dst)
+    first = epoch_plan(records, seed=0, epoch=0, world_size=1, rank=0, num_workers=0, worker=0)[0].name
+    return dst, first
+
+
+def test_truncated_shard_is_an_error_naming_it(cache, tmp_path):
+    root, first = _copy(cache, tmp_path)
+    path = root / first
+    with tarfile.open(path) as tar:
+        second = tar.getmembers()[3]  # first member of the second sample: cut at a member boundary
+    with open(path, "r+b") as f:
+        f.truncate(second.offset)
+    records = cache[1]
+    with pytest.raises(ShardError, match=re.escape(first)):
+        _all(CacheStream(open_store(root), records, batch_size=1, seed=0, epoch=0))
+    loader, _ = make_loader(open_store(root), records, batch_size=1, seed=0, epoch=0, num_workers=2)
+    with pytest.raises(ShardError, match=re.escape(first)):
+        list(loader)
+
+
+def test_sha256_mismatch_is_an_error_naming_it(cache, tmp_path):
+    root, first = _copy(cache, tmp_path)
+    path = root / first
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar.getmembers() if m.size % 512)  # one followed by zero padding
+    with open(path, "r+b") as f:
+        f.seek(member.offset_data + member.size)  # zero padding: only the sha256 can notice
+        f.write(b"\x01")
+    with pytest.raises(ShardError, match=re.escape(first) + ".*sha256"):
+        _all(CacheStream(open_store(root), cache[1], batch_size=1, seed=0, epoch=0))
+
+
+def test_the_last_batch_waits_for_its_shard_to_verify(cache, tmp_path):
+    # max_samples=2: one batch from the first 2 samples of shard 0. The damage is in the padding
+    # of shard 0's last member, which no sample needs; the batch is still held back until the
+    # shard has been read to its end and its sha256 checked.
+    root, _ = _copy(cache, tmp_path)
+    name = schema.shard_name(0)
+    path = root / name
+    with tarfile.open(path) as tar:
+        last = [m for m in tar.getmembers() if m.size % 512][-1]
+    with open(path, "r+b") as f:
+        f.seek(last.offset_data + last.size)
+        f.write(b"\x01")
+    ds = CacheStream(open_store(root), cache[1], batch_size=2, seed=0, epoch=0, max_samples=2)
+    assert len(ds) == 1
+    with pytest.raises(ShardError, match=re.escape(name) + ".*sha256"):
+        next(iter(ds))
+    intact = CacheStream(open_store(cache[0]), cache[1], batch_size=2, seed=0, epoch=0, max_samples=2)
+    assert sorted(next(iter(intact)).keys) == cache[1][0].keys[:2]
+
+
+# --------------------------------------------------------------------------------------------
+# Buckets (records that list each sample's latent shape)
+
+
+def test_batches_have_one_shape_and_resume_exactly_with_buckets(tmp_path):
+    shape = lambda shard, pos: (2, 2) if (shard + pos) % 3 else (2, 3)  # interleaved in every shard
+    sizes = [6, 5, 7, 4]
+    records = _write_cache(tmp_path, sizes, shape, record_latent_shapes=True)
+    assert records[0].latent_shapes == [list(shape(0, p)) for p in range(6)]
+    store = open_store(tmp_path)
+    plain = [dataclasses.replace(r, latent_shapes=None) for r in records]
+    kw = dict(batch_size=2, seed=1, epoch=0, world_size=2, rank=0, num_workers=2, shuffle_buffer=3)
+    ds = CacheStream(store, records, **kw)
+    full = _all(ds)
+    assert len(full) == ds.steps_per_epoch
+    for b in full:
+        assert {shape(int(k[:6]), int(k[7:])) for k in b.keys} == {tuple(b.latent_mean.shape[2:])}
+        assert b.cond.shape[2:] == tuple(FACTOR * v for v in b.latent_mean.shape[2:])
+    # The step count counts full batches per shape in each stream.
+    per_stream = []
+    for rank in range(2):
+        for role in range(2):
+            counts = {}
+            for sl in epoch_plan(records, seed=1, epoch=0, world_size=2, rank=rank, num_workers=2, worker=role):
+                for p in range(sl.count):
+                    counts[shape(sl.record.index, p)] = counts.get(shape(sl.record.index, p), 0) + 1
+            per_stream.append(2 * sum(n // 2 for n in counts.values()) + role)
+    assert ds.steps_per_epoch == min(per_stream)
+    for b in range(len(full) + 1):
+        _same_batches(_all(CacheStream(store, records, start_batch=b, **kw)), full[b:])
+    # Without per-sample shapes the same cache is refused as soon as a batch would mix shapes.
+    with pytest.raises(ShardError, match="latent_shapes"):
+        _all(CacheStream(store, plain, batch_size=4, seed=1, epoch=0, shuffle_buffer=0))
