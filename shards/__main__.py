@@ -1,0 +1,6 @@
+"""`python -m shards ls|stats|verify URL` (the commands live in shards.cli)."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""`python -m shards ls|stats|verify URL`: look inside a cache.
+
+- ls      one line per shard (name, samples, bytes, sha256 prefix, skipped) and the totals.
+- stats   totals, bytes per sample by member (and per tensor inside the safetensors member),
+          tar framing overhead, tensor shapes, and skip reasons. Reads the shards' members.
+- verify  re-reads every shard and checks it against the manifest (see shards.verify); exits 1
+          naming the first bad file and why, 0 with a summary line when everything holds.
+
+All three need manifest.json (a cache whose precompute did not finish has none).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from collections import defaultdict
+
+import click
+from tqdm import tqdm
+
+from . import schema
+from .manifest import Manifest, ManifestError
+from .reader import ShardError, iter_shard_members
+from .store import Store, open_store
+from .verify import VerifyError, verify_cache
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def _open(url: str) -> tuple[Store, Manifest]:
+    try:
+        store = open_store(url)
+        return store, Manifest.load(store)
+    except (ManifestError, NotImplementedError, ValueError) as e:
+        _fail(str(e))
+        raise AssertionError  # unreachable: _fail exits
+
+
+def safetensors_layout(data: bytes) -> tuple[int, dict[str, dict]]:
+    """(header bytes incl. its 8-byte length, {tensor: {dtype, shape, nbytes}}) from the JSON
+    header of a safetensors blob, without loading any tensor."""
+    if len(data) < 8:
+        raise ValueError("safetensors blob shorter than its 8-byte header length")
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    layout = {
+        name: {"dtype": v["dtype"], "shape": list(v["shape"]), "nbytes": v["data_offsets"][1] - v["data_offsets"][0]}
+        for name, v in header.items()
+        if name != "__metadata__"
+    }
+    return 8 + n, layout
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Inspect and verify a cache of precomputed SDXL adapter-training shards."""
+
+
+@cli.command("ls")
+@click.argument("url")
+def ls_cmd(url: str) -> None:
+    """One line per shard, then the totals."""
+    _, manifest = _open(url)
+    width = max([len(r.name) for r in manifest.shards] + [5])
+    click.echo(f"{'shard':<{width}}  {'samples':>8}  {'bytes':>12}  {'skipped':>7}  sha256")
+    for r in manifest.shards:
+        skipped = sum(r.skipped.values())
+        click.echo(f"{r.name:<{width}}  {r.samples:>8}  {r.bytes:>12}  {skipped:>7}  {r.sha256[:12]}")
+    t = manifest.totals
+    click.echo(
+        f"total: {len(manifest.shards)} shards, {t['samples']} samples, {t['bytes']} bytes "
+        f"({_human(t['bytes'])}), {sum(t['skipped'].values())} skipped"
+    )
+
+
+@cli.command("stats")
+@click.argument("url")
+@click.option("--max-shards", type=click.IntRange(min=1), default=None,
+              help="Read only the first N shards for the per-member breakdown (totals always cover all).")
+def stats_cmd(url: str, max_shards: int | None) -> None:
+    """Totals, bytes per sample by member and tensor, and skip reasons."""
+    store, manifest = _open(url)
+    t = manifest.totals
+    samples = t["samples"]
+    lat, txt, geo = manifest.latent, manifest.text, manifest.geometry
+    click.echo(f"cache      {store.url}")
+    click.echo(f"format     {manifest.format} v{manifest.format_version}, code {manifest.code_version}, created {manifest.created}")
+    click.echo(
+        f"contents   latent {lat['channels']} ch ({lat['store']}, x{lat['scaling_factor']}), text "
+        f"{txt['max_length']}x{txt['prompt_dim']} + {txt['pooled_dim']}, resolution {geo['resolution']}"
+        f"{' with buckets' if geo['buckets'] else ''}, storage {manifest.dtypes['storage']}"
+    )
+    click.echo(f"shards     {len(manifest.shards)}")
+    click.echo(f"samples    {samples}")
+    per = f", {t['bytes'] / samples:.1f} per sample" if samples else ""
+    click.echo(f"bytes      {t['bytes']} ({_human(t['bytes'])}){per}")
+
+    records = manifest.shards[:max_shards] if max_shards else manifest.shards
+    member_bytes: dict[str, int] = defaultdict(int)
+    tensor_bytes: dict[str, int] = defaultdict(int)
+    tensor_shapes: dict[str, set] = defaultdict(set)
+    header_bytes = 0
+    n = 0
+    shard_bytes = 0
+    try:
+        for r in tqdm(records, desc="stats", unit="shard", disable=None, file=sys.stderr):
+            shard_bytes += r.bytes
+            for key, members in iter_shard_members(store, r, check=False):
+                n += 1
+                for suffix, data in members.items():
+                    member_bytes[suffix] += len(data)
+                hdr, layout = safetensors_layout(members[schema.TENSOR_MEMBER])
+                header_bytes += hdr
+                for name, info in layout.items():
+                    tensor_bytes[name] += info["nbytes"]
+                    tensor_shapes[name].add(f"{info['dtype']} " + "x".join(map(str, info["shape"])))
+    except ShardError as e:
+        _fail(f"{e} (run `python -m shards verify {url}`)")
+    except (ValueError, KeyError) as e:
+        _fail(f"cannot parse a safetensors header: {e}")
+
+    scope = "" if len(records) == len(manifest.shards) else f" (first {len(records)} of {len(manifest.shards)} shards)"
+    click.echo(f"\nper sample by member{scope}: {n} samples read")
+    if n:
+        rows: list[tuple[str, int]] = []
+        for suffix in schema.MEMBERS:
+            rows.append(("." + suffix, member_bytes[suffix]))
+            if suffix == schema.TENSOR_MEMBER:
+                for name in sorted(tensor_bytes):
+                    shapes = sorted(tensor_shapes[name])
+                    shape = ", ".join(shapes) if len(shapes) <= 3 else f"{len(shapes)} shapes"
+                    rows.append((f"  {name} [{shape}]", tensor_bytes[name]))
+                rows.append(("  (safetensors header)", header_bytes))
+        rows.append(("(tar headers + padding)", shard_bytes - sum(member_bytes.values())))
+        width = max(len(label) for label, _ in rows)
+        click.echo(f"  {'member':<{width}}  {'bytes/sample':>12}  {'share':>6}  {'total':>12}")
+        for label, total in rows:
+            click.echo(f"  {label:<{width}}  {total / n:>12.1f}  {100 * total / shard_bytes:>5.1f}%  {total:>12}")
+    click.echo("\nskipped by reason" + ("" if t["skipped"] else ": none"))
+    for reason, count in sorted(t["skipped"].items(), key=lambda kv: (-kv[1], kv[0])):
+        click.echo(f"  {reason:<26} {count:>8}")
+
+
+@cli.command("verify")
+@click.argument("url")
+def verify_cmd(url: str) -> None:
+    """Re-read every shard and check it against the manifest; exit 1 at the first bad one."""
+    store, manifest = _open(url)
+    bar = tqdm(total=manifest.totals["samples"], desc="verify", unit="sample", disable=None, file=sys.stderr)
+    try:
+        summary = verify_cache(store, manifest, on_sample=lambda r: bar.update(1))
+    except (VerifyError, ManifestError) as e:
+        bar.close()
+        _fail(f"verify failed: {e}")
+    bar.close()
+    click.echo(summary.line())
+
+
+def main() -> None:
+    cli(prog_name="python -m shards")

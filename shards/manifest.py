@@ -1,0 +1,456 @@
+"""What a cache says about itself: per-shard records, the manifest, and the identity check.
+
+- `ShardRecord` (`records/shard-NNNNNN.json`) is written right after its shard is published and is
+  the shard's "done" marker: sample count, bytes, sha256 and keys, plus what was skipped and why.
+- `Manifest` (`manifest.json`, written last) collects every record with the facts train needs
+  before it loads any weights: latent channels and scaling, text dims, geometry, dtypes, the
+  encoder identity and the resolved precompute config. It names every shard, so nothing ever has
+  to list a bucket.
+- `identity.json` (written first) holds what makes this cache this cache; a re-run with another
+  model or other byte-changing settings is refused with `identity_diff`'s list of differences.
+
+All files are JSON with sorted keys and nothing time-dependent except the manifest's `created`
+(which honours SOURCE_DATE_EPOCH for reproducible builds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from . import schema
+
+if TYPE_CHECKING:
+    from .store import Store
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestError(ValueError):
+    """A manifest, record or identity file that is missing, unreadable or inconsistent."""
+
+
+def _dumps(obj: Any) -> bytes:
+    return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _json_normalise(obj: Any) -> Any:
+    """Tuples -> lists etc., so an in-memory object equals what loading it back gives."""
+    return json.loads(json.dumps(obj))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float))) and not isinstance(v, bool)
+
+
+# --------------------------------------------------------------------------------------------
+# ShardRecord
+
+
+@dataclass
+class ShardRecord:
+    index: int
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+    keys: list[str]  # in tar order
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    skipped_items: list[dict] = field(default_factory=list)  # {"source_id", "reason", "detail"}
+    # Latent [h, w] of each sample, parallel to `keys`. Written for bucketed caches, so train can
+    # group samples by shape in its plan without opening shards; None means "one shape per cache".
+    latent_shapes: list[list[int]] | None = None
+
+    def problems(self) -> list[str]:
+        p = []
+        if not _is_int(self.index) or self.index < 0:
+            p.append(f"index must be an integer >= 0, got {self.index!r}")
+        elif self.name != schema.shard_name(self.index):
+            p.append(f"name {self.name!r} does not match index {self.index} ({schema.shard_name(self.index)!r})")
+        if not _is_int(self.samples) or self.samples < 0:
+            p.append(f"samples must be an integer >= 0, got {self.samples!r}")
+        if not _is_int(self.bytes) or self.bytes < 0:
+            p.append(f"bytes must be an integer >= 0, got {self.bytes!r}")
+        if not isinstance(self.sha256, str) or not _SHA256.match(self.sha256):
+            p.append(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+        if not isinstance(self.keys, list) or not all(isinstance(k, str) and k for k in self.keys):
+            p.append("keys must be a list of non-empty strings")
+        else:
+            if _is_int(self.samples) and len(self.keys) != self.samples:
+                p.append(f"{len(self.keys)} keys for {self.samples} samples")
+            if len(set(self.keys)) != len(self.keys):
+                p.append("keys are not unique")
+        if not isinstance(self.skipped, dict) or not all(
+            isinstance(k, str) and _is_int(v) and v >= 0 for k, v in self.skipped.items()
+        ):
+            p.append("skipped must map reason strings to counts >= 0")
+        if not isinstance(self.skipped_items, list) or not all(isinstance(i, dict) for i in self.skipped_items):
+            p.append("skipped_items must be a list of objects")
+        if self.latent_shapes is not None:
+            shapes = self.latent_shapes
+            if not isinstance(shapes, list) or not all(
+                isinstance(s, (list, tuple)) and len(s) == 2 and all(_is_int(x) and x > 0 for x in s) for s in shapes
+            ):
+                p.append("latent_shapes must be null or a list of [h, w]")
+            elif isinstance(self.keys, list) and len(shapes) != len(self.keys):
+                p.append(f"{len(shapes)} latent_shapes for {len(self.keys)} keys")
+        return p
+
+    def to_dict(self) -> dict:
+        d = _json_normalise(asdict(self))
+        if d["latent_shapes"] is None:
+            del d["latent_shapes"]  # keep records of one-shape caches lean
+        return d
+
+    def to_json(self) -> bytes:
+        return _dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "shard record") -> "ShardRecord":
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        required = ("index", "name", "samples", "bytes", "sha256", "keys")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ManifestError(f"{where}: missing fields {missing}")
+        rec = cls(
+            index=d["index"],
+            name=d["name"],
+            samples=d["samples"],
+            bytes=d["bytes"],
+            sha256=d["sha256"],
+            keys=d["keys"],
+            skipped=d.get("skipped", {}),
+            skipped_items=d.get("skipped_items", []),
+            latent_shapes=d.get("latent_shapes"),
+        )
+        problems = rec.problems()
+        if problems:
+            raise ManifestError(f"{where}: " + "; ".join(problems))
+        return rec
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str = "shard record") -> "ShardRecord":
+        try:
+            d = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"{where}: not valid JSON ({e})") from e
+        return cls.from_dict(d, where)
+
+
+def read_record(store: "Store", index: int) -> ShardRecord:
+    """The per-shard record of shard `index`; FileNotFoundError if absent, ManifestError if bad."""
+    rel = schema.record_name(index)
+    rec = ShardRecord.from_json(store.read_bytes(rel), where=store.display(rel))
+    if rec.index != index:
+        raise ManifestError(f"{store.display(rel)}: says index {rec.index}, expected {index}")
+    return rec
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest
+
+_LATENT_FIELDS = {"channels", "scaling_factor", "shift_factor", "vae_scale_factor", "store"}
+_TEXT_FIELDS = {"max_length", "prompt_dim", "pooled_dim"}
+_GEOMETRY_FIELDS = {"resolution", "crop", "buckets"}
+_SECTIONS = ("identity", "latent", "text", "geometry", "dtypes", "config", "totals")
+
+
+def _section_problems(latent: Any, text: Any, geometry: Any, dtypes: Any) -> list[str]:
+    """What train and `shards verify` rely on, checked once here so they can trust it."""
+    p: list[str] = []
+    if isinstance(latent, dict):
+        missing = sorted(_LATENT_FIELDS - set(latent))
+        if missing:
+            p.append(f"latent: missing {missing}")
+        if "channels" in latent and (not _is_int(latent["channels"]) or latent["channels"] < 1):
+            p.append(f"latent.channels must be an integer >= 1, got {latent['channels']!r}")
+        if "scaling_factor" in latent and not _is_number(latent["scaling_factor"]):
+            p.append(f"latent.scaling_factor must be a number, got {latent['scaling_factor']!r}")
+        if latent.get("shift_factor") is not None and not _is_number(latent["shift_factor"]):
+            p.append(f"latent.shift_factor must be a number or null, got {latent['shift_factor']!r}")
+        if "vae_scale_factor" in latent and (not _is_int(latent["vae_scale_factor"]) or latent["vae_scale_factor"] < 1):
+            p.append(f"latent.vae_scale_factor must be an integer >= 1, got {latent['vae_scale_factor']!r}")
+        if "store" in latent and latent["store"] not in schema.LATENT_STORES:
+            p.append(f"latent.store must be one of {list(schema.LATENT_STORES)}, got {latent['store']!r}")
+    if isinstance(text, dict):
+        missing = sorted(_TEXT_FIELDS - set(text))
+        if missing:
+            p.append(f"text: missing {missing}")
+        for k in sorted(_TEXT_FIELDS & set(text)):
+            if not _is_int(text[k]) or text[k] < 1:
+                p.append(f"text.{k} must be an integer >= 1, got {text[k]!r}")
+    if isinstance(geometry, dict):
+        missing = sorted(_GEOMETRY_FIELDS - set(geometry))
+        if missing:
+            p.append(f"geometry: missing {missing}")
+        if "resolution" in geometry and (not _is_int(geometry["resolution"]) or geometry["resolution"] < 1):
+            p.append(f"geometry.resolution must be an integer >= 1, got {geometry['resolution']!r}")
+        buckets = geometry.get("buckets")
+        if buckets is not None and not (
+            isinstance(buckets, list)
+            and all(isinstance(b, list) and len(b) == 2 and all(_is_int(x) and x > 0 for x in b) for b in buckets)
+        ):
+            p.append(f"geometry.buckets must be null or a list of [h, w], got {buckets!r}")
+    if isinstance(dtypes, dict):
+        if dtypes.get("storage") not in schema.DTYPES:
+            p.append(f"dtypes.storage must be one of {list(schema.DTYPES)}, got {dtypes.get('storage')!r}")
+    return p
+
+
+def _created_now() -> str:
+    """ISO-8601 UTC time; SOURCE_DATE_EPOCH (reproducible-builds convention) pins it."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    t = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
+    return t.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def default_code_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("sdxl-adapter-cache")
+    except Exception:  # not installed (running from a checkout)
+        return "unknown"
+
+
+@dataclass
+class Manifest:
+    format: str
+    format_version: int
+    code_version: str
+    created: str
+    identity: dict
+    latent: dict  # channels, scaling_factor, shift_factor, vae_scale_factor, store
+    text: dict  # max_length, prompt_dim, pooled_dim
+    geometry: dict  # resolution, crop, buckets
+    dtypes: dict  # storage, vae, text
+    config: dict
+    shards: list[ShardRecord]
+    totals: dict  # shards, samples, bytes, skipped {reason: n}
+
+    # -- derived facts ---------------------------------------------------------------------
+    @property
+    def storage_dtype(self):
+        return schema.DTYPES[self.dtypes["storage"]]
+
+    @property
+    def has_latent_std(self) -> bool:
+        return self.latent["store"] == "mean_std"
+
+    @property
+    def num_samples(self) -> int:
+        return self.totals["samples"]
+
+    def record(self, index: int) -> ShardRecord:
+        for r in self.shards:
+            if r.index == index:
+                return r
+        raise KeyError(f"no shard {index} in the manifest")
+
+    # -- building ----------------------------------------------------------------------------
+    @staticmethod
+    def compute_totals(records: list[ShardRecord]) -> dict:
+        skipped: dict[str, int] = {}
+        for r in records:
+            for reason, n in r.skipped.items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        return {
+            "shards": len(records),
+            "samples": sum(r.samples for r in records),
+            "bytes": sum(r.bytes for r in records),
+            "skipped": dict(sorted(skipped.items())),
+        }
+
+    @classmethod
+    def build(
+        cls,
+        identity: dict,
+        records: list[ShardRecord],
+        config: dict,
+        code_version: str | None = None,
+        created: str | None = None,
+    ) -> "Manifest":
+        """A manifest from the identity (which carries latent/text/geometry/dtypes) and the
+        records of every shard; totals are computed here, records sorted by index."""
+        identity = _json_normalise(identity)
+        missing = [k for k in ("latent", "text", "geometry", "dtypes") if not isinstance(identity.get(k), dict)]
+        if missing:
+            raise ManifestError(f"identity lacks sections {missing} needed by the manifest")
+        records = sorted(records, key=lambda r: r.index)
+        m = cls(
+            format=schema.FORMAT,
+            format_version=schema.FORMAT_VERSION,
+            code_version=code_version if code_version is not None else default_code_version(),
+            created=created if created is not None else _created_now(),
+            identity=identity,
+            latent=identity["latent"],
+            text=identity["text"],
+            geometry=identity["geometry"],
+            dtypes=identity["dtypes"],
+            config=_json_normalise(config),
+            shards=list(records),
+            totals=cls.compute_totals(records),
+        )
+        problems = m.problems()
+        if problems:
+            raise ManifestError("cannot build manifest: " + "; ".join(problems))
+        return m
+
+    # -- checking ---------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        if self.format != schema.FORMAT:
+            p.append(f"format is {self.format!r}, expected {schema.FORMAT!r}")
+        if self.format_version != schema.FORMAT_VERSION:
+            p.append(f"format_version {self.format_version!r} is not supported (this code reads {schema.FORMAT_VERSION})")
+        for name in _SECTIONS:
+            if not isinstance(getattr(self, name), dict):
+                p.append(f"{name} must be an object, got {type(getattr(self, name)).__name__}")
+        p += _section_problems(self.latent, self.text, self.geometry, self.dtypes)
+        indices = [r.index for r in self.shards]
+        if indices != sorted(set(indices)):
+            p.append("shards must be sorted by index without duplicates")
+        for r in self.shards:
+            p += [f"shard {r.index}: {q}" for q in r.problems()]
+        if isinstance(self.totals, dict):
+            expected = self.compute_totals(self.shards)
+            for k in ("samples", "bytes"):
+                if self.totals.get(k) != expected[k]:
+                    p.append(f"totals.{k} is {self.totals.get(k)!r} but the shards add up to {expected[k]}")
+        return p
+
+    # -- I/O ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "shards"}
+        d["shards"] = [r.to_dict() for r in self.shards]
+        return _json_normalise(d)
+
+    def to_json(self) -> bytes:
+        return _dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = schema.MANIFEST_FILE) -> "Manifest":
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        if d.get("format") != schema.FORMAT:
+            raise ManifestError(f"{where}: not a {schema.FORMAT} manifest (format={d.get('format')!r})")
+        version = d.get("format_version")
+        if version != schema.FORMAT_VERSION:
+            hint = (
+                "written by a newer version of this tool: upgrade"
+                if _is_int(version) and version > schema.FORMAT_VERSION
+                else "re-run precompute to rebuild the cache"
+            )
+            raise ManifestError(
+                f"{where}: format_version {version!r} is not supported (this code reads "
+                f"{schema.FORMAT_VERSION}); {hint}"
+            )
+        missing = [k for k in cls.__dataclass_fields__ if k not in d]
+        if missing:
+            raise ManifestError(f"{where}: missing fields {missing}")
+        if not isinstance(d["shards"], list):
+            raise ManifestError(f"{where}: shards must be a list")
+        shards = [ShardRecord.from_dict(s, where=f"{where}: shards[{i}]") for i, s in enumerate(d["shards"])]
+        m = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k != "shards"}, shards=shards)
+        problems = m.problems()
+        if problems:
+            raise ManifestError(f"{where}: " + "; ".join(problems))
+        return m
+
+    @classmethod
+    def load(cls, store: "Store | str | os.PathLike") -> "Manifest":
+        from .store import Store, open_store
+
+        if not isinstance(store, Store):
+            store = open_store(store)
+        where = store.display(schema.MANIFEST_FILE)
+        try:
+            data = store.read_bytes(schema.MANIFEST_FILE)
+        except FileNotFoundError:
+            raise ManifestError(
+                f"no {schema.MANIFEST_FILE} in {store.url}: run precompute first, or it did not finish"
+            ) from None
+        try:
+            d = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"{where} is not valid JSON ({e}): the file is damaged; re-run precompute") from e
+        return cls.from_dict(d, where)
+
+    def save(self, store: "Store") -> None:
+        problems = self.problems()
+        if problems:
+            raise ManifestError("refusing to save an invalid manifest: " + "; ".join(problems))
+        store.write_bytes(schema.MANIFEST_FILE, self.to_json())
+
+
+# --------------------------------------------------------------------------------------------
+# Identity
+
+_ABSENT = object()
+
+
+def identity_diff(old: dict, new: dict) -> list[str]:
+    """Every difference between two identity dicts as 'dotted.path: old != new', sorted by path.
+
+    Dicts recurse by key, lists of equal length by index (`source.columns[1]`); tuples and lists
+    compare equal (identity is compared after a JSON round trip).
+    """
+    out: list[str] = []
+
+    def fmt(v: Any) -> str:
+        return "(absent)" if v is _ABSENT else repr(v)
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(a.get(k, _ABSENT), b.get(k, _ABSENT), f"{path}.{k}" if path else str(k))
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{path}[{i}]")
+        elif a is _ABSENT or b is _ABSENT or a != b or (type(a) is bool) != (type(b) is bool):
+            out.append(f"{path or '(root)'}: {fmt(a)} != {fmt(b)}")
+
+    walk(_json_normalise(old), _json_normalise(new), "")
+    return out
+
+
+def read_identity(store: "Store") -> dict | None:
+    """The cache's identity.json, or None if there is none yet."""
+    try:
+        data = store.read_bytes(schema.IDENTITY_FILE)
+    except FileNotFoundError:
+        return None
+    try:
+        d = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{store.display(schema.IDENTITY_FILE)} is not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ManifestError(f"{store.display(schema.IDENTITY_FILE)}: expected a JSON object")
+    return d
+
+
+def write_identity(store: "Store", identity: dict) -> None:
+    store.write_bytes(schema.IDENTITY_FILE, _dumps(_json_normalise(identity)))
+
+
+def ensure_identity(store: "Store", identity: dict) -> None:
+    """Write identity.json if the cache has none; refuse (listing every difference) if it differs."""
+    old = read_identity(store)
+    if old is None:
+        write_identity(store, identity)
+        return
+    diff = identity_diff(old, identity)
+    if diff:
+        raise ManifestError(
+            f"{store.url} was built with different settings or encoders; refusing to mix them "
+            f"(use another cache folder, or delete this one to rebuild it):\n  " + "\n  ".join(diff)
+        )

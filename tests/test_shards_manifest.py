@@ -1,0 +1,134 @@
+"""Manifest, records and identity: building, loading, and the errors a user sees."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shards import schema
+from shards.manifest import (
+    Manifest,
+    ManifestError,
+    ShardRecord,
+    ensure_identity,
+    identity_diff,
+    read_identity,
+)
+from shards.store import open_store
+from shards.synthetic import synthetic_identity
+
+
+def record(index, samples, nbytes, skipped=None):
+    return ShardRecord(
+        index=index,
+        name=schema.shard_name(index),
+        samples=samples,
+        bytes=nbytes,
+        sha256=f"{index:x}" * 64 if index < 16 else "a" * 64,
+        keys=[schema.sample_key(index, i) for i in range(samples)],
+        skipped=skipped or {},
+        skipped_items=[],
+    )
+
+
+def test_build_totals_and_round_trip(tmp_path):
+    store = open_store(tmp_path)
+    records = [record(1, 2, 20480, {"image_corrupt": 1}), record(0, 3, 30720, {"image_corrupt": 2, "caption_empty": 1})]
+    m = Manifest.build(synthetic_identity(), records, {"resolution": (64, 64)}, code_version="1.2.3", created="2024-01-01T00:00:00Z")
+    assert [r.index for r in m.shards] == [0, 1]  # sorted by index
+    assert m.totals == {"shards": 2, "samples": 5, "bytes": 51200, "skipped": {"caption_empty": 1, "image_corrupt": 3}}
+    assert m.latent["channels"] == 4 and m.text["prompt_dim"] == 64 and m.has_latent_std
+    assert m.config == {"resolution": [64, 64]}  # JSON-normalised: equal to what loading gives
+    m.save(store)
+    loaded = Manifest.load(store)
+    assert loaded == m
+    assert Manifest.load(str(tmp_path)) == m
+    assert loaded.record(1) == records[0]
+
+
+def test_created_honours_source_date_epoch(monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "86400")
+    m = Manifest.build(synthetic_identity(), [], {})
+    assert m.created == "1970-01-02T00:00:00Z"
+
+
+def test_load_errors_are_clear(tmp_path):
+    store = open_store(tmp_path)
+    with pytest.raises(ManifestError, match=rf"no manifest.json in {tmp_path}: run precompute first, or it did not finish"):
+        Manifest.load(store)
+    (tmp_path / "manifest.json").write_bytes(b'{"format": "sdxl-adapter-cache", ')
+    with pytest.raises(ManifestError, match=r"manifest.json is not valid JSON .*re-run precompute"):
+        Manifest.load(store)
+    good = Manifest.build(synthetic_identity(), [record(0, 1, 10240)], {}, code_version="x").to_dict()
+
+    def load_with(**changes):
+        (tmp_path / "manifest.json").write_text(json.dumps({**good, **changes}))
+        return Manifest.load(store)
+
+    with pytest.raises(ManifestError, match=r"format_version 2 is not supported \(this code reads 1\); .*newer version"):
+        load_with(format_version=2)
+    with pytest.raises(ManifestError, match=r"not a sdxl-adapter-cache manifest"):
+        load_with(format="something-else")
+    with pytest.raises(ManifestError, match=r"totals.samples is 7 but the shards add up to 1"):
+        load_with(totals={**good["totals"], "samples": 7})
+    bad_latent = {**good["latent"], "channels": 0, "store": "both"}
+    with pytest.raises(ManifestError, match=r"latent.channels must be .*latent.store must be one of"):
+        load_with(latent=bad_latent)
+    bad_shard = {**good["shards"][0], "name": "shards/x.tar", "sha256": "nothex"}
+    with pytest.raises(ManifestError, match=r"shards\[0\]: name 'shards/x.tar' does not match index 0.*sha256 must be"):
+        load_with(shards=[bad_shard])
+    broken = dict(good)
+    del broken["text"], broken["dtypes"]
+    (tmp_path / "manifest.json").write_text(json.dumps(broken))
+    with pytest.raises(ManifestError, match=r"missing fields \['text', 'dtypes'\]"):
+        Manifest.load(store)
+
+
+def test_record_json_round_trip_and_validation():
+    r = record(5, 2, 4096, {"x": 1})
+    assert ShardRecord.from_json(r.to_json()) == r
+    assert r.to_json() == record(5, 2, 4096, {"x": 1}).to_json()  # deterministic bytes
+    with pytest.raises(ManifestError, match=r"2 keys for 3 samples"):
+        ShardRecord.from_dict({**r.to_dict(), "samples": 3})
+    with pytest.raises(ManifestError, match=r"missing fields \['sha256'\]"):
+        ShardRecord.from_dict({k: v for k, v in r.to_dict().items() if k != "sha256"})
+    with pytest.raises(ManifestError, match=r"not valid JSON"):
+        ShardRecord.from_json(b"\xff")
+
+
+def test_identity_diff_lists_every_difference_with_dotted_paths():
+    old = synthetic_identity()
+    new = json.loads(json.dumps(old))
+    new["encoder"]["vae_fingerprint"] = "cd" * 32
+    new["latent"]["store"] = "mean"
+    new["geometry"]["buckets"] = [[64, 64]]
+    new["source"]["columns"] = ["image", "text"]
+    del new["seed"]
+    new["extra"] = True
+    assert identity_diff(old, new) == [
+        "encoder.vae_fingerprint: '" + "0" * 64 + "' != '" + "cd" * 32 + "'",
+        "extra: (absent) != True",
+        "geometry.buckets: None != [[64, 64]]",
+        "latent.store: 'mean_std' != 'mean'",
+        "seed: 0 != (absent)",
+        "source.columns: None != ['image', 'text']",
+    ]
+    assert identity_diff(old, json.loads(json.dumps(old))) == []
+    # tuples and lists are the same thing once written as JSON; lists recurse by index
+    assert identity_diff({"a": (1, 2)}, {"a": [1, 2]}) == []
+    assert identity_diff({"a": [1, 2]}, {"a": [1, 3]}) == ["a[1]: 2 != 3"]
+    assert identity_diff({"a": 1}, {"a": True}) == ["a: 1 != True"]
+
+
+def test_ensure_identity_writes_then_refuses_a_different_one(tmp_path):
+    store = open_store(tmp_path)
+    ident = synthetic_identity()
+    assert read_identity(store) is None
+    ensure_identity(store, ident)
+    ensure_identity(store, ident)  # same identity: fine (a resumed run)
+    assert read_identity(store) == ident
+    other = synthetic_identity(resolution=128, prompt_dim=2048)
+    with pytest.raises(ManifestError, match=r"refusing to mix them") as e:
+        ensure_identity(store, other)
+    assert "geometry.resolution: 64 != 128" in str(e.value) and "text.prompt_dim: 64 != 2048" in str(e.value)
