@@ -1,0 +1,136 @@
+"""`python -m precompute`: encode a dataset into a cache of WebDataset shards.
+
+One flag per `PrecomputeConfig` field; the CLI only parses, builds the config and calls
+`runner.run`. Run it under `accelerate launch` (or torchrun) for several processes; each takes a
+disjoint set of output shards. User errors (bad settings, unreadable inputs, a cache written with
+other settings, --strict skips) print one message and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from precompute.config import DATA_KINDS, DEVICES, ENCODE_DTYPES, PrecomputeConfig, PrecomputeError
+from precompute.encoders import EncoderError, ModelLoadError
+from precompute.preprocess import CROP_MODES
+from precompute.sources import SourceError
+from shards import schema
+from shards.manifest import ManifestError
+
+# Errors that mean "the input or the settings are wrong", not "the code is": one message, no traceback.
+USER_ERRORS = (PrecomputeError, ModelLoadError, EncoderError, SourceError, ManifestError)
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+D = PrecomputeConfig()  # the defaults, shown in --help
+
+
+@click.command(context_settings=CONTEXT, epilog="""
+\b
+Examples:
+  python -m precompute --model stabilityai/stable-diffusion-xl-base-1.0 --data data/fill50k \\
+      --cache cache/fill50k --vae madebyollin/sdxl-vae-fp16-fix --vae-dtype fp16
+  accelerate launch --multi_gpu --num_processes 8 -m precompute --model ... --data ... --cache ...
+
+Re-running the same command resumes: complete shards are kept, the rest are (re)built. A cache
+written with another model or other byte-changing settings is refused.
+""")
+@click.option("--model", default=D.model, metavar="ID|DIR",
+              help="SDXL base model: a hub id or a local diffusers folder (vae, text_encoder(_2), tokenizer(_2)). "
+                   "`make precompute` without MODEL builds and uses a tiny offline model.")
+@click.option("--vae", default=D.vae, metavar="ID|DIR",
+              help="Use this VAE instead of MODEL/vae, e.g. madebyollin/sdxl-vae-fp16-fix (needed for --vae-dtype fp16).")
+@click.option("--revision", default=D.revision, help="Hub revision (branch, tag or commit) of --model.")
+@click.option("--variant", default=D.variant, help="Weight file variant of --model, e.g. fp16 (model.fp16.safetensors).")
+@click.option("--data", default=D.data, metavar="PATH",
+              help="Dataset: a folder with metadata.jsonl/.json/.csv or fill50k's prompt.json, a metadata file, a "
+                   ".tar, a folder of .tar shards, or a brace pattern like 'data/{00000..00009}.tar'.")
+@click.option("--cache", default=D.cache, metavar="DIR", help="Output cache folder (created if needed).")
+@click.option("--data-kind", type=click.Choice(DATA_KINDS), default=D.data_kind, show_default=True,
+              help="Dataset format; auto decides from what --data holds.")
+@click.option("--image-column", default=D.image_column, metavar="NAME",
+              help="Folder: metadata column with the image path [default: image, else file_name; fill50k: target]. "
+                   "WebDataset: image member suffixes, comma-separated [default: jpg,jpeg,png,webp].")
+@click.option("--conditioning-image-column", default=D.conditioning_image_column, metavar="NAME",
+              help="Folder: column with the conditioning image path [default: conditioning_image; fill50k: source]. "
+                   "WebDataset: conditioning member suffixes [default: cond.png, conditioning.png, source.png, "
+                   "control.png and their .jpg].")
+@click.option("--caption-column", default=D.caption_column, metavar="NAME",
+              help="Folder: caption column, a string or a list of strings [default: text; fill50k: prompt]. "
+                   "WebDataset: caption member suffix or .json key [default: txt,caption,text].")
+@click.option("--max-samples", type=int, default=D.max_samples, help="Use only the first N source items.")
+@click.option("--allow-empty-captions", is_flag=True, default=D.allow_empty_captions,
+              help="Keep items without a caption (captioned \"\") instead of skipping them.")
+@click.option("--resolution", type=int, default=D.resolution, show_default=True,
+              help="Shortest side is resized to this, then a square crop of this size; a multiple of the VAE "
+                   "factor (8).")
+@click.option("--crop", type=click.Choice(CROP_MODES), default=D.crop, show_default=True,
+              help="Crop position; random is seeded per item by --seed (same crops on any number of processes).")
+@click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed of random crops.")
+@click.option("--min-size", type=int, default=D.min_size,
+              help="Skip images whose shortest side is below this many pixels [default: resolution/4; 0 keeps all].")
+@click.option("--max-aspect", type=float, default=D.max_aspect, show_default=True,
+              help="Skip images whose long/short side ratio exceeds this (0: no limit).")
+@click.option("--samples-per-shard", type=int, default=D.samples_per_shard, show_default=True,
+              help="Source items per output shard (folder datasets; a WebDataset input tar is one shard).")
+@click.option("--latent-store", type=click.Choice(schema.LATENT_STORES), default=D.latent_store, show_default=True,
+              help="mean_std keeps the VAE posterior (train samples it each step, as the reference); mean halves "
+                   "latent bytes.")
+@click.option("--storage-dtype", type=click.Choice(list(schema.DTYPES)), default=D.storage_dtype, show_default=True,
+              help="dtype of the tensors stored in the cache.")
+@click.option("--vae-dtype", type=click.Choice(ENCODE_DTYPES), default=D.vae_dtype, show_default=True,
+              help="dtype the VAE encodes in. SDXL's own VAE overflows in fp16: use fp32, or fp16 with an fp16-fixed "
+                   "--vae.")
+@click.option("--text-dtype", type=click.Choice(ENCODE_DTYPES), default=D.text_dtype, show_default=True,
+              help="dtype the text encoders run in.")
+@click.option("--device", default=D.device, show_default=True, metavar="|".join(DEVICES),
+              help="Where to encode: auto = the process's GPU if there is one, else cpu.")
+@click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Images per VAE call.")
+@click.option("--num-workers", type=int, default=D.num_workers, show_default=True,
+              help="Threads decoding and preprocessing images ahead of the encoders (0: inline).")
+@click.option("--tmp-dir", default=D.tmp_dir, metavar="DIR",
+              help="Where shards are staged before they are published [default: beside them in the cache].")
+@click.option("--strict", is_flag=True, default=D.strict,
+              help="Fail on the first item that would be skipped (bad image, missing caption...), naming it.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool, **options) -> None:
+    """Encode images, conditioning images and captions with SDXL's VAE and text encoders into a cache
+    of WebDataset shards (latent mean/std, prompt embeddings, conditioning PNG, micro-conditioning)
+    that `python -m train` reads."""
+    if options["max_aspect"] is not None and options["max_aspect"] == 0:
+        options["max_aspect"] = None
+    cfg = PrecomputeConfig(**options)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not verbose:
+        # Library chatter (weight loading bars, processor notices) drowns our own log.
+        for noisy in ("transformers", "diffusers", "accelerate", "urllib3", "filelock", "PIL"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+            from diffusers.utils import logging as df_logging
+
+            df_logging.disable_progress_bar()
+            df_logging.set_verbosity_error()
+        except Exception:  # pragma: no cover - optional niceties
+            pass
+
+    from precompute.runner import run
+
+    try:
+        run(cfg)
+    except USER_ERRORS as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""The encoders: pixels -> VAE posterior moments, captions -> SDXL prompt embeddings.
+
+Owns the math precompute must reproduce exactly (REFERENCE.md §1), plus loading the three
+modules and fingerprinting their weights for the cache identity.
+
+- `LatentEncoder`: `vae.encode(x).latent_dist` -> (mean, std), mapped into the UNet's latent
+  space as the pipelines do: `(z - shift_factor) * scaling_factor` (SDXL has no shift, SD3-style
+  VAEs do). Storing both moments lets training draw `mean + std * eps` every step, exactly the
+  reference's `latent_dist.sample()`.
+- `PromptEncoder`: exactly `StableDiffusionXLPipeline.encode_prompt` for a positive prompt with
+  `clip_skip=None`: both tokenizers padded/truncated to 77, `hidden_states[-2]` of each text
+  encoder concatenated on the last dim, the pooled embedding from `text_encoder_2`.
+- `load_encoders`: VAE (or a `--vae` override), tokenizers and text encoders from a hub id or a
+  local diffusers folder, with an identity dict (`module_fingerprint` of each module; the
+  definition lives in `shards.fingerprint` so that train checks the very same thing).
+
+The encoder classes are compute only: tensors or strings in, fp32 tensors out; no files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# One definition of a fingerprint, shared with train (which checks what precompute wrote).
+from shards.fingerprint import module_fingerprint
+
+__all__ = [
+    "EncoderError", "LatentEncoder", "LatentInfo", "ModelLoadError", "PromptEncoder", "TextInfo",
+    "check_model_sources", "load_encoders", "module_fingerprint", "vae_latent_info",
+]
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+FP16_VAE_HINT = (
+    "encode with --vae-dtype fp32 (the default), or use a VAE that is fixed for fp16 "
+    "(e.g. --vae madebyollin/sdxl-vae-fp16-fix)"
+)
+
+
+class EncoderError(RuntimeError):
+    """An encoder produced unusable output (e.g. fp16 overflow to inf/NaN)."""
+
+
+class ModelLoadError(RuntimeError):
+    """The model (or --vae) cannot be found or loaded. The message says what is missing."""
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}") from None
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _module_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Latents
+
+
+@dataclass(frozen=True)
+class LatentInfo:
+    channels: int
+    scaling_factor: float
+    shift_factor: float | None
+    vae_scale_factor: int  # pixels per latent cell
+
+
+def vae_latent_info(vae) -> LatentInfo:
+    cfg = vae.config
+    shift = getattr(cfg, "shift_factor", None)
+    return LatentInfo(
+        channels=int(cfg.latent_channels),
+        scaling_factor=float(cfg.scaling_factor),
+        shift_factor=None if shift is None else float(shift),
+        # One downsample per encoder block but the last, as diffusers' pipelines compute it.
+        vae_scale_factor=2 ** (len(cfg.block_out_channels) - 1),
+    )
+
+
+class LatentEncoder:
+    """(B, 3, H, W) pixels in [-1, 1] -> (mean, std) of the scaled VAE posterior, each (B, C, h, w) fp32.
+
+    The encoder runs in `dtype`; inputs are moved to the VAE's device and cast. fp32 is the
+    default because SDXL's VAE overflows in fp16: a non-finite result raises `EncoderError`
+    rather than writing NaNs into a cache.
+    """
+
+    def __init__(self, vae, *, dtype: torch.dtype | str = torch.float32):
+        self.dtype = _as_dtype(dtype)
+        if _module_dtype(vae) != self.dtype:
+            # torch's own cast: diffusers' ModelMixin.to() warns about fp32-pinned modules even
+            # when the VAE declares none (AutoencoderKL has none).
+            torch.nn.Module.to(vae, dtype=self.dtype)
+        self.vae = vae.eval().requires_grad_(False)
+        self.info = vae_latent_info(vae)
+
+    @property
+    def device(self) -> torch.device:
+        return _module_device(self.vae)
+
+    @torch.inference_mode()
+    def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected pixels (B, 3, H, W), got {tuple(pixels.shape)}")
+        f = self.info.vae_scale_factor
+        if pixels.shape[2] % f or pixels.shape[3] % f:
+            raise ValueError(f"image size {tuple(pixels.shape[2:])} is not a multiple of the VAE factor {f}")
+        x = pixels.to(self.device, self.dtype)
+        dist = self.vae.encode(x).latent_dist
+        mean, std = dist.mean, dist.std
+        # The affine map z -> (z - shift) * scale sends N(mean, std^2) to N((mean - shift) * scale,
+        # (std * scale)^2); computed in fp32 so storage rounding is the only rounding after the VAE.
+        mean = mean.float()
+        std = std.float()
+        if self.info.shift_factor is not None:
+            mean = mean - self.info.shift_factor
+        mean = mean * self.info.scaling_factor
+        std = std * self.info.scaling_factor
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise EncoderError(
+                f"the VAE produced non-finite latents (inf/NaN) encoding in {self.dtype}; {FP16_VAE_HINT}"
+            )
+        return mean, std
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclass(frozen=True)
+class TextInfo:
+    max_length: int
+    prompt_dim: int  # text_encoder hidden + text_encoder_2 hidden (SDXL: 768 + 1280)
+    pooled_dim: int  # text_encoder_2 projection (SDXL: 1280)
+
+
+def _hidden_and_pooled(out: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """(hidden_states, pooled) of a CLIP text model output, across transformers' output styles.
+
+    `CLIPTextModelWithProjection` returns `CLIPTextModelOutput(text_embeds, last_hidden_state,
+    hidden_states, ...)` (transformers 4.x and 5.x alike); `CLIPTextModel` returns
+    `BaseModelOutputWithPooling` whose [0] is 3-D. diffusers takes the pooled embedding as
+    output[0] when it is 2-D; reading `text_embeds` by name is the same tensor without relying on
+    field order. A plain tuple (return_dict=False) is handled the way diffusers reads it.
+    """
+    if isinstance(out, tuple):
+        first = out[0]
+        return out[-1], first if first.ndim == 2 else None
+    hidden = out.hidden_states
+    if hidden is None:
+        raise TypeError("text encoder returned no hidden_states; it must be called with output_hidden_states=True")
+    pooled = getattr(out, "text_embeds", None)
+    if pooled is None and out[0].ndim == 2:
+        pooled = out[0]
+    return hidden, pooled
+
+
+class PromptEncoder:
+    """Captions -> (prompt_embeds (N, 77, D), pooled_prompt_embeds (N, P)), fp32.
+
+    Identical to `StableDiffusionXLPipeline.encode_prompt(prompt, do_classifier_free_guidance=False)`
+    with prompt_2 = prompt and clip_skip=None. Captions over 77 tokens are truncated as SDXL
+    does (`truncated()` says which).
+    """
+
+    def __init__(self, tokenizer, tokenizer_2, text_encoder, text_encoder_2, *, dtype: torch.dtype | str = torch.float32):
+        self.dtype = _as_dtype(dtype)
+        self.tokenizers = (tokenizer, tokenizer_2)
+        self.text_encoders = tuple(
+            te.to(dtype=self.dtype).eval().requires_grad_(False) for te in (text_encoder, text_encoder_2)
+        )
+        lengths = {t.model_max_length for t in self.tokenizers}
+        if len(lengths) != 1:
+            raise ValueError(f"tokenizer and tokenizer_2 disagree on model_max_length: {sorted(lengths)}")
+        self.info = TextInfo(
+            max_length=lengths.pop(),
+            prompt_dim=int(text_encoder.config.hidden_size + text_encoder_2.config.hidden_size),
+            pooled_dim=int(text_encoder_2.config.projection_dim),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return _module_device(self.text_encoders[0])
+
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """Token count of each prompt without truncation (BOS and EOS included), max over both tokenizers."""
+        counts = [0] * len(prompts)
+        for tok in self.tokenizers:
+            for i, ids in enumerate(tok(list(prompts), truncation=False, verbose=False)["input_ids"]):
+                counts[i] = max(counts[i], len(ids))
+        return counts
+
+    def truncated(self, prompts: list[str]) -> list[bool]:
+        return [n > self.info.max_length for n in self.token_counts(prompts)]
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("expected a non-empty list of prompts")
+        embeds = []
+        pooled = None
+        for tok, te in zip(self.tokenizers, self.text_encoders):
+            ids = tok(
+                list(prompts),
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            out = te(ids.to(_module_device(te)), output_hidden_states=True, return_dict=True)
+            hidden, this_pooled = _hidden_and_pooled(out)
+            # As diffusers: the pooled embedding is the first 2-D output[0] seen, which for SDXL
+            # (CLIPTextModel then CLIPTextModelWithProjection) is text_encoder_2's text_embeds.
+            if pooled is None and this_pooled is not None:
+                pooled = this_pooled
+            embeds.append(hidden[-2])
+        if pooled is None:
+            raise TypeError("text_encoder_2 returned no pooled embedding (text_embeds); is it a CLIPTextModelWithProjection?")
+        prompt_embeds = torch.cat(embeds, dim=-1).float()
+        return prompt_embeds, pooled.float()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A string that can only mean a local folder (a hub id is 'name' or 'org/name')."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _check_component(folder: Path, label: str, kind: str, variant: str | None) -> list[str]:
+    if not folder.is_dir():
+        return [f"{label}: folder missing"]
+    files = [p.name for p in folder.iterdir() if p.is_file()]
+    if kind == "tokenizer":
+        if "tokenizer.json" in files or {"vocab.json", "merges.txt"} <= set(files):
+            return []
+        return [f"{label}: no tokenizer files (need vocab.json + merges.txt, or tokenizer.json)"]
+    problems = []
+    if "config.json" not in files:
+        problems.append(f"{label}: no config.json")
+    weights = [f for f in files if f.endswith(_WEIGHT_SUFFIXES)]
+    if not weights:
+        problems.append(f"{label}: no weights (*.safetensors or *.bin)")
+    elif variant and not any(f".{variant}." in w for w in weights):
+        problems.append(f"{label}: no weights for variant {variant!r} (files: {', '.join(sorted(weights))})")
+    return problems
+
+
+def _vae_location(vae: str) -> tuple[str, str | None]:
+    """(repo or folder, subfolder) of a --vae override: a VAE folder/repo, or a model with vae/."""
+    p = Path(vae).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "vae" / "config.json").is_file():
+        return str(p), "vae"
+    return (str(p) if p.exists() else vae), None
+
+
+def check_model_sources(model: str | None, vae: str | None = None, variant: str | None = None) -> list[str]:
+    """Every problem with a local model folder (and --vae folder) found without loading anything.
+
+    Hub ids cannot be checked offline; they pass here and fail, if they must, at load time.
+    """
+    problems: list[str] = []
+    if model:
+        root = Path(model).expanduser()
+        if root.is_dir():
+            for comp in _COMPONENTS:
+                if comp == "vae" and vae:
+                    continue
+                kind = "tokenizer" if comp.startswith("tokenizer") else "module"
+                problems += _check_component(root / comp, f"{model}/{comp}", kind, variant)
+        elif root.exists():
+            problems.append(f"--model {model}: is a file, not a diffusers model folder")
+        elif _looks_like_path(model):
+            problems.append(f"--model {model}: no such folder")
+    if vae:
+        repo, sub = _vae_location(vae)
+        p = Path(repo)
+        if p.is_dir():
+            problems += _check_component(p / sub if sub else p, f"{vae}/{sub}" if sub else vae, "module", None)
+        elif p.exists():
+            problems.append(f"--vae {vae}: is a file, not a VAE folder")
+        elif _looks_like_path(vae):
+            problems.append(f"--vae {vae}: no such folder")
+    return problems
+
+
+def load_encoders(
+    model: str,
+    *,
+    vae: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    device: str | torch.device = "cpu",
+    vae_dtype: torch.dtype | str = torch.float32,
+    text_dtype: torch.dtype | str = torch.float32,
+) -> tuple[LatentEncoder, PromptEncoder, dict]:
+    """Load VAE (or the `vae` override), both tokenizers and both text encoders.
+
+    Returns the two encoders on `device` and the encoder part of the cache identity. Modules are
+    loaded in fp32 and fingerprinted before they are cast, so a fingerprint names the weights
+    (the compute dtypes are recorded separately in the identity).
+    """
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    problems = check_model_sources(model, vae, variant)
+    if problems:
+        raise ModelLoadError("cannot load the model:\n  - " + "\n  - ".join(problems))
+    vae_dtype, text_dtype = _as_dtype(vae_dtype), _as_dtype(text_dtype)
+    root = str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
+
+    def load(what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # from_pretrained raises OSError, ValueError, EnvironmentError...
+            raise ModelLoadError(f"cannot load {what}: {type(e).__name__}: {e}") from e
+
+    if vae:
+        vae_repo, vae_sub = _vae_location(vae)
+        vae_module = load(f"--vae {vae}", AutoencoderKL.from_pretrained, vae_repo, subfolder=vae_sub, torch_dtype=torch.float32)
+    else:
+        vae_module = load(
+            f"{model}/vae", AutoencoderKL.from_pretrained, root, subfolder="vae", revision=revision, variant=variant,
+            torch_dtype=torch.float32,
+        )
+    tokenizer = load(f"{model}/tokenizer", CLIPTokenizer.from_pretrained, root, subfolder="tokenizer", revision=revision)
+    tokenizer_2 = load(f"{model}/tokenizer_2", CLIPTokenizer.from_pretrained, root, subfolder="tokenizer_2", revision=revision)
+    text_encoder = load(
+        f"{model}/text_encoder", CLIPTextModel.from_pretrained, root, subfolder="text_encoder", revision=revision,
+        variant=variant, dtype=torch.float32,
+    )
+    text_encoder_2 = load(
+        f"{model}/text_encoder_2", CLIPTextModelWithProjection.from_pretrained, root, subfolder="text_encoder_2",
+        revision=revision, variant=variant, dtype=torch.float32,
+    )
+    identity = {
+        "model": model,
+        "revision": revision,
+        "variant": variant,
+        "vae": vae,
+        "vae_fingerprint": module_fingerprint(vae_module),
+        "text_encoder_fingerprint": module_fingerprint(text_encoder),
+        "text_encoder_2_fingerprint": module_fingerprint(text_encoder_2),
+    }
+    if vae_dtype == torch.float16 and getattr(vae_module.config, "force_upcast", False):
+        logger.warning(
+            "this VAE's config sets force_upcast (it is known to overflow in fp16) but --vae-dtype is fp16; "
+            "if encoding fails with non-finite latents, %s", FP16_VAE_HINT,
+        )
+    latent = LatentEncoder(vae_module.to(device), dtype=vae_dtype)
+    prompt = PromptEncoder(tokenizer, tokenizer_2, text_encoder.to(device), text_encoder_2.to(device), dtype=text_dtype)
+    return latent, prompt, identity

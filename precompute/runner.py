@@ -1,0 +1,567 @@
+"""The precompute runner: plan -> (resume) -> encode shards -> manifest, on one or many processes.
+
+`run(cfg)` composes the parts and owns everything about *running* them:
+
+1. Validate the config and open the source; every problem goes into one ConfigError.
+2. Load the encoders (local main process first, so a hub download happens once per node).
+3. Identity: every process compares `CACHE/identity.json` with its own identity and refuses a
+   mismatch (listing each difference); rank 0 writes it if absent. Rank 0 also writes the
+   empty-prompt embedding and removes temp files left by a killed run.
+4. Plan: rank 0 finds which output shards are complete (a valid record and a shard of its size)
+   and broadcasts that; the *pending* shards are dealt round-robin over the processes, so a
+   resumed run keeps every process busy. Output shard i is made from source unit i.
+5. Each shard: source items are decoded and preprocessed by a thread pool (bounded look-ahead,
+   results consumed in order), encoded in batches (VAE moments; every caption of every sample
+   through both text encoders), and written with key `schema.sample_key(shard, position)`. Skips
+   are counted per reason in the shard record (`--strict` turns the first into an error).
+6. After every process is done, rank 0 checks that every planned shard has a record and writes
+   `manifest.json` last.
+
+Byte-reproducibility: nothing in a shard, record, identity, empty prompt or manifest depends on
+the number of processes, which process made a shard, how often the run was interrupted, or the
+time: keys and random crops are functions of (seed, shard, position), batches are formed within
+a shard in item order, tars carry no timestamps, and the manifest's `created` is left empty
+unless SOURCE_DATE_EPOCH pins it. Timings are reported in the summary, not stored. (Kernels may
+round differently on other hardware or thread counts; that is outside what a cache can pin.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timedelta, timezone
+from typing import Iterator
+
+import torch
+
+from precompute.config import ConfigError, PrecomputeConfig, PrecomputeError
+from precompute.encoders import LatentEncoder, PromptEncoder, load_encoders
+from precompute.preprocess import Prepared, Skip, item_rng, prepare
+from precompute.sources import FolderSource, RawItem, Source, SourceError, open_source
+from shards import schema
+from shards.manifest import Manifest, ShardRecord, ensure_identity, identity_diff, read_identity
+from shards.reader import write_empty_prompt
+from shards.store import TEMP_PREFIX, LocalStore, Store, open_store
+from shards.writer import ShardWriter, completed_record
+
+log = logging.getLogger(__name__)
+
+# Prompts per text-encoder call: a batch of images may carry many captions each.
+TEXT_CHUNK = 256
+# Items decoded ahead of the encoders, per worker thread: enough to hide decode jitter, small
+# enough that a 1024 px batch of float pixels stays a few hundred MB.
+PREFETCH_PER_WORKER = 4
+# Collective timeout. Processes wait for each other only at start and at the very end, where the
+# slowest process is at most about one shard behind; loading SDXL from a slow disk or hub on
+# every process at once can still take long, so be generous.
+DIST_TIMEOUT = timedelta(hours=2)
+# Per-process caps on per-item warnings; every skipped item is also listed in its shard record.
+MAX_SKIP_WARNINGS = 100
+MAX_NOTE_WARNINGS = 20
+
+
+class StrictSkipError(PrecomputeError):
+    """--strict and an item had to be skipped. The message names the file and the reason."""
+
+
+class IdentityMismatchError(PrecomputeError):
+    """The cache was written with other encoders or byte-changing settings."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+
+
+@dataclass
+class Timings:
+    """Seconds per phase, summed over processes (prepare: also over worker threads)."""
+
+    read: float = 0.0  # reading raw bytes from the source (main thread)
+    prepare: float = 0.0  # decode + geometry + PNG encode of the conditioning image (workers)
+    wait: float = 0.0  # main thread waiting for prepared items: decoding not keeping up
+    vae: float = 0.0
+    text: float = 0.0
+    write: float = 0.0  # serialising samples into the tar
+    commit: float = 0.0  # re-read + validate + sha256 + publish + record
+
+    def as_list(self) -> list[float]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    @classmethod
+    def from_list(cls, values: list[float]) -> "Timings":
+        return cls(*values)
+
+
+@dataclass
+class Summary:
+    cache: str
+    world_size: int
+    shards: int  # planned = in the manifest
+    shards_resumed: int  # already complete when this run started
+    shards_written: int  # by this run
+    samples: int  # in the cache
+    samples_written: int  # by this run
+    items_read: int  # source items processed by this run (written + skipped)
+    skipped: dict[str, int]  # in the cache, by reason
+    captions_truncated: int  # by this run: captions longer than the text encoders' 77 tokens
+    bytes: int  # shard bytes in the cache
+    seconds: float  # the whole run, model loading included
+    encode_seconds: float  # from the plan until every process finished its shards
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.items_read / self.encode_seconds if self.encode_seconds > 0 else 0.0
+
+    def format(self) -> str:
+        skipped = sum(self.skipped.values())
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"
+        t = self.timings
+        main = [(f.name, getattr(t, f.name)) for f in fields(t) if f.name != "prepare"]
+        busy = sum(v for _, v in main) or 1.0
+        split = ", ".join(f"{name} {v:.1f}s ({100 * v / busy:.0f}%)" for name, v in main)
+        lines = [
+            f"precompute done: {self.cache}",
+            f"  samples   {self.samples} in the cache ({self.samples_written} written by this run), "
+            f"skipped {skipped} ({reasons})",
+            f"  shards    {self.shards} ({self.shards_written} written, {self.shards_resumed} already complete)",
+            f"  bytes     {self.bytes:,} ({self.bytes / max(self.samples, 1) / 1024:.1f} KiB/sample)",
+            f"  time      {self.seconds:.1f}s on {self.world_size} process(es) ({self.encode_seconds:.1f}s "
+            f"encoding), {self.images_per_second:.1f} images/s",
+            f"  phases    {split} of the encoding loop; decode+preprocess {t.prepare:.1f}s in worker threads",
+        ]
+        if self.captions_truncated:
+            lines.append(f"  captions  {self.captions_truncated} truncated to the text encoders' 77 tokens (as SDXL does)")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Plumbing
+
+
+@dataclass
+class _Outcome:
+    position: int
+    source_id: str
+    prepared: Prepared | None
+    cond_png: bytes | None
+    skip: Skip | None
+    seconds: float
+
+
+class _Done:
+    """A Future stand-in for work done inline (num_workers == 0)."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+    def cancel(self) -> bool:
+        return False
+
+
+def _created() -> str:
+    """The manifest's `created`: empty (a cache is byte-reproducible) unless SOURCE_DATE_EPOCH
+    (the reproducible-builds convention) pins a time."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if not epoch:
+        return ""
+    return datetime.fromtimestamp(int(epoch), timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _remove_stale_temp_files(store: Store) -> int:
+    """Temp files of shards/records whose writer was killed. Safe only before any writer of
+    this run starts (rank 0, before the plan): two runs must never share a cache."""
+    if not isinstance(store, LocalStore):
+        return 0
+    n = 0
+    for folder in (schema.SHARD_DIR, schema.RECORD_DIR, ""):
+        base = store.root / folder if folder else store.root
+        if not base.is_dir():
+            continue
+        for p in base.iterdir():
+            if p.is_file() and p.name.startswith(TEMP_PREFIX):
+                p.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+class _ShardEncoder:
+    """Encodes the shards assigned to this process; keeps per-process counters."""
+
+    def __init__(self, cfg: PrecomputeConfig, store: Store, source: Source, latent: LatentEncoder,
+                 prompt: PromptEncoder, *, rank_tag: str, bar):
+        self.cfg, self.store, self.source = cfg, store, source
+        self.latent, self.prompt = latent, prompt
+        self.rank_tag = rank_tag
+        self.bar = bar
+        self.timings = Timings()
+        self.shards_written = self.samples_written = self.items_read = self.truncated = 0
+        self._skip_warnings = self._note_warnings = 0
+        self.pool = ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="prepare") if cfg.num_workers else None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- preprocessing -------------------------------------------------------------------------
+    def _prepare(self, shard: int, position: int, item: RawItem) -> _Outcome:
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        try:
+            prepared = prepare(
+                item,
+                resolution=cfg.resolution,
+                crop=cfg.crop,
+                rng=item_rng(cfg.seed, shard, position),
+                vae_scale_factor=self.latent.info.vae_scale_factor,
+                min_size=cfg.min_size,
+                max_aspect=cfg.max_aspect,
+                allow_empty_captions=cfg.allow_empty_captions,
+            )
+            png = schema.encode_png(prepared.cond)
+            return _Outcome(position, item.source_id, prepared, png, None, time.perf_counter() - t0)
+        except Skip as s:
+            return _Outcome(position, item.source_id, None, None, s, time.perf_counter() - t0)
+
+    def _prepared(self, shard: int) -> Iterator[_Outcome]:
+        """The unit's items, prepared by the pool with bounded look-ahead, in source order."""
+        items = enumerate(self.source.iter_unit(shard))
+        ahead = max(1, self.cfg.num_workers) * PREFETCH_PER_WORKER + self.cfg.batch_size
+        pending: deque[Future | _Done] = deque()
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(pending) < ahead:
+                    t0 = time.perf_counter()
+                    nxt = next(items, None)
+                    self.timings.read += time.perf_counter() - t0
+                    if nxt is None:
+                        exhausted = True
+                    elif self.pool is None:
+                        pending.append(_Done(self._prepare(shard, *nxt)))
+                    else:
+                        pending.append(self.pool.submit(self._prepare, shard, *nxt))
+                if not pending:
+                    return
+                t0 = time.perf_counter()
+                outcome = pending.popleft().result()
+                self.timings.wait += time.perf_counter() - t0
+                self.timings.prepare += outcome.seconds
+                yield outcome
+        finally:
+            for f in pending:
+                f.cancel()
+
+    # -- encoding ------------------------------------------------------------------------------
+    def _warn(self, kind: str, msg: str, *args) -> None:
+        if kind == "skip":
+            self._skip_warnings += 1
+            n, cap = self._skip_warnings, MAX_SKIP_WARNINGS
+        else:
+            self._note_warnings += 1
+            n, cap = self._note_warnings, MAX_NOTE_WARNINGS
+        if n <= cap:
+            log.warning(self.rank_tag + msg, *args)
+        if n == cap:
+            log.warning(self.rank_tag + "further %s warnings are not shown (every skip is counted and listed in the "
+                        "shard records and the manifest)", "skip" if kind == "skip" else "caption/conditioning")
+
+    def _encode_batch(self, writer: ShardWriter, shard: int, batch: list[_Outcome]) -> None:
+        t0 = time.perf_counter()
+        means: list[torch.Tensor] = [None] * len(batch)  # type: ignore[list-item]
+        stds: list[torch.Tensor] = [None] * len(batch)  # type: ignore[list-item]
+        # One VAE call per pixel shape (a single shape today; aspect buckets will bring more).
+        by_shape: dict[tuple, list[int]] = {}
+        for j, o in enumerate(batch):
+            by_shape.setdefault(tuple(o.prepared.pixels.shape), []).append(j)
+        for idx in by_shape.values():
+            mean, std = self.latent(torch.stack([batch[j].prepared.pixels for j in idx]))
+            mean, std = mean.cpu(), std.cpu()
+            for k, j in enumerate(idx):
+                means[j], stds[j] = mean[k], std[k]
+        t1 = time.perf_counter()
+        self.timings.vae += t1 - t0
+
+        captions = [c for o in batch for c in o.prepared.captions]
+        embeds, pooled = [], []
+        for start in range(0, len(captions), TEXT_CHUNK):
+            e, p = self.prompt(captions[start : start + TEXT_CHUNK])
+            embeds.append(e.cpu())
+            pooled.append(p.cpu())
+        prompt_embeds, pooled_embeds = torch.cat(embeds), torch.cat(pooled)
+        counts = self.prompt.token_counts(captions)
+        t2 = time.perf_counter()
+        self.timings.text += t2 - t1
+
+        offset = 0
+        for j, o in enumerate(batch):
+            p = o.prepared
+            k = len(p.captions)
+            for c, n in zip(p.captions, counts[offset : offset + k]):
+                if n > self.prompt.info.max_length:
+                    self.truncated += 1
+                    self._warn("note", "%s: caption has %d tokens; the text encoders see the first %d (truncated as "
+                               "SDXL does): %.60r", o.source_id, n, self.prompt.info.max_length, c)
+            if p.cond_resized:
+                self._warn("note", "%s: conditioning image has another pixel size than the image (same aspect "
+                           "ratio); resampled to the image's geometry", o.source_id)
+            g = p.geometry
+            meta = schema.SampleMeta(
+                key=schema.sample_key(shard, o.position),
+                source_id=o.source_id,
+                captions=list(p.captions),
+                original_size=g.original_size,
+                crop_top_left=g.crop_top_left,
+                target_size=g.target_size,
+                flip=g.flip,
+            )
+            writer.write(
+                schema.Sample(
+                    meta=meta,
+                    latent_mean=means[j],
+                    latent_std=stds[j] if self.cfg.latent_store == "mean_std" else None,
+                    prompt_embeds=prompt_embeds[offset : offset + k],
+                    pooled_prompt_embeds=pooled_embeds[offset : offset + k],
+                    cond_png=o.cond_png,
+                )
+            )
+            offset += k
+        self.timings.write += time.perf_counter() - t2
+
+    def encode_shard(self, shard: int) -> ShardRecord:
+        cfg = self.cfg
+        skipped: Counter[str] = Counter()
+        skipped_items: list[dict] = []
+        batch: list[_Outcome] = []
+        written = 0
+        with ShardWriter(self.store, shard, storage_dtype=cfg.storage_dtype, tmp_dir=cfg.tmp_dir) as writer:
+            for o in self._prepared(shard):
+                self.items_read += 1
+                if self.bar is not None:
+                    self.bar.update(1)
+                if o.skip is not None:
+                    if cfg.strict:
+                        raise StrictSkipError(
+                            f"--strict: {o.skip.reason}: {o.skip.detail} (shard {shard}, unit "
+                            f"{self.source.unit_name(shard)})"
+                        )
+                    skipped[o.skip.reason] += 1
+                    skipped_items.append({"source_id": o.source_id, "reason": o.skip.reason, "detail": o.skip.detail})
+                    self._warn("skip", "skipped %s (%s): %s", o.source_id, o.skip.reason, o.skip.detail)
+                    continue
+                batch.append(o)
+                if len(batch) == cfg.batch_size:
+                    self._encode_batch(writer, shard, batch)
+                    written += len(batch)
+                    batch = []
+            if batch:
+                self._encode_batch(writer, shard, batch)
+                written += len(batch)
+            t0 = time.perf_counter()
+            record = writer.commit(dict(skipped), skipped_items)
+            self.timings.commit += time.perf_counter() - t0
+        self.shards_written += 1
+        self.samples_written += written
+        return record
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def _open(cfg: PrecomputeConfig) -> Source:
+    """Validate the config and open the source, reporting every problem of both at once."""
+    problems = cfg.problems()
+    source = None
+    if not cfg.source_problems():
+        try:
+            source = open_source(
+                cfg.data,
+                kind=cfg.data_kind,
+                image_column=cfg.image_column,
+                conditioning_image_column=cfg.conditioning_image_column,
+                caption_column=cfg.caption_column,
+                samples_per_shard=cfg.samples_per_shard,
+                max_samples=cfg.max_samples,
+            )
+        except SourceError as e:
+            problems.append(f"--data {cfg.data}: {e}")
+    if problems:
+        raise ConfigError(problems)
+    assert source is not None
+    return source
+
+
+def _unit_sizes(source: Source, units: list[int], samples_per_shard: int) -> int | None:
+    """Items in these units when the source can say without reading them (for the progress bar)."""
+    total = source.num_items()
+    if total is None or not isinstance(source, FolderSource):
+        return None
+    return sum(max(0, min(samples_per_shard, total - i * samples_per_shard)) for i in units)
+
+
+def _check_identity(store: Store, identity: dict) -> None:
+    old = read_identity(store)
+    if old is None:
+        return
+    diff = identity_diff(old, identity)
+    if diff:
+        raise IdentityMismatchError(
+            f"cache {store.url} was written with different settings or encoders:\n  "
+            + "\n  ".join(diff)
+            + "\nuse a new --cache, or delete this one to rebuild it with the new settings"
+        )
+
+
+def _prepare_cache(cfg: PrecomputeConfig, store: Store, source: Source, prompt: PromptEncoder, identity: dict,
+                   state) -> list[int]:
+    """Identity check, rank 0's one-time writes, and the plan. Returns the pending shard indices,
+    the same list on every process."""
+    # Every process checks before anyone writes, so a refusal stops all of them together.
+    _check_identity(store, identity)
+    n = source.num_units()
+    if state.is_main_process:
+        ensure_identity(store, identity)
+        stale = _remove_stale_temp_files(store)
+        if stale:
+            log.info("removed %d temporary file(s) left by an interrupted run", stale)
+        if not store.exists(schema.EMPTY_PROMPT_FILE):
+            pe, pooled = prompt([""])
+            write_empty_prompt(store, pe, pooled, cfg.storage_dtype)
+        done = torch.tensor([completed_record(store, i) is not None for i in range(n)], dtype=torch.uint8)
+    else:
+        done = torch.zeros(n, dtype=torch.uint8)
+    if state.num_processes > 1:
+        # A tensor collective, not broadcast_object_list: nothing is pickled, even between ranks.
+        done = done.to(state.device)
+        torch.distributed.broadcast(done, src=0)  # also the barrier after identity + empty prompt
+    return [i for i, d in enumerate(done.cpu().tolist()) if not d]
+
+
+def _encode(cfg: PrecomputeConfig, store: Store, source: Source, latent: LatentEncoder, prompt: PromptEncoder,
+            mine: list[int], state) -> _ShardEncoder:
+    """Encode this process's shards, with a progress bar (images/s) on a terminal."""
+    rank, world = state.process_index, state.num_processes
+    bar = None
+    if mine:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=_unit_sizes(source, mine, cfg.samples_per_shard), unit="img", dynamic_ncols=True,
+            desc=f"precompute{' rank ' + str(rank) if world > 1 else ''}", position=rank if world > 1 else None,
+            disable=None, smoothing=0.05,
+        )
+    rank_tag = f"[rank {rank}] " if world > 1 else ""
+    worker = _ShardEncoder(cfg, store, source, latent, prompt, rank_tag=rank_tag, bar=bar)
+    try:
+        for i in mine:
+            record = worker.encode_shard(i)
+            if bar is not None:
+                bar.set_postfix_str(f"shard {i + 1}/{source.num_units()}", refresh=False)
+            log.debug("%s%s: %d samples, skipped %s", rank_tag, record.name, record.samples, record.skipped or "none")
+    finally:
+        worker.close()
+        if bar is not None:
+            bar.close()
+    return worker
+
+
+def _all_records(store: Store, n: int) -> list[ShardRecord]:
+    records, missing = [], []
+    for i in range(n):
+        rec = completed_record(store, i)
+        if rec is None:
+            missing.append(schema.shard_name(i))
+        else:
+            records.append(rec)
+    if missing:
+        raise PrecomputeError(
+            f"{len(missing)} shard(s) are not complete after the run ({', '.join(missing[:5])}"
+            f"{'...' if len(missing) > 5 else ''}); re-run the same command to finish them"
+        )
+    return records
+
+
+def run(cfg: PrecomputeConfig) -> Summary:
+    """Encode cfg.data into the cache at cfg.cache (resuming if it is partly there)."""
+    from accelerate import PartialState
+
+    started = time.perf_counter()
+    source = _open(cfg)
+    store = open_store(cfg.cache)
+
+    device = cfg.resolved_device()
+    # cpu=True makes accelerate use gloo (several processes on a CPU-only machine); on GPUs each
+    # process gets its local GPU and NCCL.
+    state = PartialState(cpu=device == "cpu", timeout=DIST_TIMEOUT)
+    world = state.num_processes
+    if device.startswith("cuda") and (world > 1 or device == "cuda"):
+        device = state.device
+    info = log.info if state.is_main_process else log.debug
+
+    info("loading encoders from %s%s on %s (%d process%s)", cfg.model, f" (vae: {cfg.vae})" if cfg.vae else "",
+         device, world, "es" if world > 1 else "")
+    with state.local_main_process_first():
+        latent, prompt, encoder_identity = load_encoders(
+            cfg.model, vae=cfg.vae, revision=cfg.revision, variant=cfg.variant, device=device,
+            vae_dtype=cfg.vae_dtype, text_dtype=cfg.text_dtype,
+        )
+    f = latent.info.vae_scale_factor
+    if cfg.resolution % f:
+        raise ConfigError([f"--resolution {cfg.resolution} is not divisible by this VAE's scale factor {f}"])
+    if cfg.resolution % (4 * f):
+        # full_adapter_xl downsamples the conditioning image by 2f, then once more by 2, and must
+        # meet the UNet's second downsampler: sides must be multiples of 4f (32 for SDXL).
+        info("note: --resolution %d is not a multiple of %d; an SDXL T2I-Adapter (full_adapter_xl) needs "
+             "image sides that are, so train may refuse this cache", cfg.resolution, 4 * f)
+    identity = cfg.identity(
+        encoder=encoder_identity, latent=asdict(latent.info), text=asdict(prompt.info), source=source.describe()
+    )
+
+    pending = _prepare_cache(cfg, store, source, prompt, identity, state)
+    n = source.num_units()
+    info("%s: %d shard(s) planned from %s, %d already complete, %d to encode", store.url, n,
+         source.describe().get("path", cfg.data), n - len(pending), len(pending))
+    encode_started = time.perf_counter()
+    # Pending shards dealt round-robin: after a resume every process still gets its share.
+    worker = _encode(cfg, store, source, latent, prompt, pending[state.process_index :: world], state)
+
+    counters = torch.tensor(
+        [worker.shards_written, worker.samples_written, worker.items_read, worker.truncated,
+         *worker.timings.as_list()],
+        dtype=torch.float64,
+    )
+    if world > 1:
+        counters = counters.to(state.device)
+        torch.distributed.all_reduce(counters)  # also the barrier: every shard is committed after this
+    counts = counters.cpu().tolist()
+    encode_seconds = time.perf_counter() - encode_started
+
+    manifest = Manifest.build(identity, _all_records(store, n), cfg.resolved(), created=_created())
+    if state.is_main_process:
+        manifest.save(store)  # last: its presence says the cache is complete
+    summary = Summary(
+        cache=store.url,
+        world_size=world,
+        shards=n,
+        shards_resumed=n - len(pending),
+        shards_written=int(counts[0]),
+        samples=manifest.totals["samples"],
+        samples_written=int(counts[1]),
+        items_read=int(counts[2]),
+        skipped=dict(manifest.totals["skipped"]),
+        captions_truncated=int(counts[3]),
+        bytes=manifest.totals["bytes"],
+        seconds=time.perf_counter() - started,
+        encode_seconds=encode_seconds,
+        timings=Timings.from_list(counts[4:]),
+    )
+    info("%s", summary.format())
+    return summary

@@ -1,0 +1,233 @@
+"""precompute.encoders: the math must be exactly diffusers' (encode_prompt, latent_dist * scale).
+
+Everything runs on the tiny SDXL from conftest; the encoder classes get in-memory modules (no
+files), `load_encoders` gets the folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from precompute.encoders import (
+    EncoderError,
+    LatentEncoder,
+    ModelLoadError,
+    PromptEncoder,
+    check_model_sources,
+    load_encoders,
+    module_fingerprint,
+)
+
+PROMPTS = [
+    "red circle with blue background",
+    "",
+    "photo of a cat on the grass, high quality",
+    # far past 77 tokens: SDXL truncates, and so must we
+    " ".join(["a small red circle with a thick outline on a pale background"] * 12),
+]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(str(tiny_model))
+
+
+def _prompt_encoder(pipe, dtype=torch.float32) -> PromptEncoder:
+    return PromptEncoder(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, dtype=dtype)
+
+
+def _reference(pipe, prompt):
+    pe, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return pe, pooled
+
+
+def test_prompt_embeddings_equal_encode_prompt(pipe):
+    enc = _prompt_encoder(pipe)
+    pe, pooled = enc(PROMPTS)
+    te, te2 = pipe.text_encoder.config, pipe.text_encoder_2.config
+    assert pe.shape == (len(PROMPTS), 77, te.hidden_size + te2.hidden_size)
+    assert pooled.shape == (len(PROMPTS), te2.projection_dim)
+    assert pe.dtype == pooled.dtype == torch.float32
+    # The same batch through diffusers: bit-identical.
+    ref_pe, ref_pooled = _reference(pipe, PROMPTS)
+    assert torch.equal(pe, ref_pe)
+    assert torch.equal(pooled, ref_pooled)
+    # One prompt at a time (another batch shape, so allow float noise only).
+    for i, prompt in enumerate(PROMPTS):
+        one_pe, one_pooled = _reference(pipe, prompt)
+        torch.testing.assert_close(pe[i : i + 1], one_pe, rtol=0, atol=1e-6)
+        torch.testing.assert_close(pooled[i : i + 1], one_pooled, rtol=0, atol=1e-6)
+    # Different prompts give different embeddings (the test would be vacuous otherwise).
+    assert not torch.allclose(pe[0], pe[2])
+
+
+def test_overlong_prompt_is_truncated_like_sdxl(pipe):
+    enc = _prompt_encoder(pipe)
+    long = PROMPTS[3]
+    counts = enc.token_counts(PROMPTS)
+    assert counts[3] > 77 and all(n <= 77 for n in counts[:3])
+    assert enc.truncated(PROMPTS) == [False, False, False, True]
+    # What survives truncation is all the encoders see: cutting the text itself changes nothing.
+    ids = pipe.tokenizer(long, truncation=True, max_length=77).input_ids[1:-1]
+    cut = pipe.tokenizer.decode(ids)
+    a, b = enc([long]), enc([cut])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+class _TupleOutput(torch.nn.Module):
+    """A text encoder that answers tuples (return_dict=False style), as older code paths do."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+
+    def forward(self, input_ids, output_hidden_states=False, return_dict=None):
+        return self.inner(input_ids, output_hidden_states=output_hidden_states, return_dict=False)
+
+
+def test_prompt_encoder_reads_tuple_outputs(pipe):
+    ref = _prompt_encoder(pipe)(PROMPTS[:2])
+    enc = PromptEncoder(pipe.tokenizer, pipe.tokenizer_2, _TupleOutput(pipe.text_encoder), _TupleOutput(pipe.text_encoder_2))
+    out = enc(PROMPTS[:2])
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_prompt_encoder_bf16_returns_fp32_close_to_fp32(tiny_model):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    parts = [
+        CLIPTokenizer.from_pretrained(str(tiny_model), subfolder="tokenizer"),
+        CLIPTokenizer.from_pretrained(str(tiny_model), subfolder="tokenizer_2"),
+        CLIPTextModel.from_pretrained(str(tiny_model), subfolder="text_encoder"),
+        CLIPTextModelWithProjection.from_pretrained(str(tiny_model), subfolder="text_encoder_2"),
+    ]
+    ref = PromptEncoder(*parts)(PROMPTS[:1])
+    out = PromptEncoder(*parts, dtype="bf16")(PROMPTS[:1])
+    assert out[0].dtype == torch.float32 and parts[2].dtype == torch.bfloat16
+    torch.testing.assert_close(out[0], ref[0], rtol=0.05, atol=0.05)
+
+
+def _pixels(n=2, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+def test_latent_moments_equal_vae_posterior(pipe):
+    vae = pipe.vae
+    x = _pixels()
+    mean, std = LatentEncoder(vae)(x)
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+    sf = vae.config.scaling_factor
+    assert sf == 0.13025
+    assert mean.shape == std.shape == (2, vae.config.latent_channels, 8, 8)
+    assert torch.equal(mean, dist.mean * sf)
+    assert torch.equal(std, dist.std * sf)
+    assert (std > 0).all() and not torch.equal(mean[0], mean[1])
+
+
+def test_latent_shift_factor_applied_before_scaling(pipe):
+    from diffusers import AutoencoderKL
+
+    shifted = AutoencoderKL.from_config({**pipe.vae.config, "shift_factor": 0.25, "scaling_factor": 1.5})
+    shifted.load_state_dict(pipe.vae.state_dict())
+    x = _pixels(1, seed=1)
+    mean, std = LatentEncoder(shifted)(x)
+    with torch.no_grad():
+        dist = shifted.encode(x).latent_dist
+    torch.testing.assert_close(mean, (dist.mean - 0.25) * 1.5, rtol=0, atol=1e-6)
+    torch.testing.assert_close(std, dist.std * 1.5, rtol=0, atol=1e-6)
+
+
+def test_non_finite_latents_raise_with_the_fix(pipe):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_config(pipe.vae.config)
+    vae.load_state_dict(pipe.vae.state_dict())
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1e6)  # activations beyond fp16's 65504, like SDXL's VAE
+    x = _pixels(1)
+    with pytest.raises(EncoderError) as err:
+        LatentEncoder(vae, dtype="fp16")(x)
+    assert "--vae-dtype fp32" in str(err.value) and "madebyollin/sdxl-vae-fp16-fix" in str(err.value)
+
+
+def test_latent_encoder_rejects_sizes_off_the_vae_grid(pipe):
+    with pytest.raises(ValueError, match="multiple of the VAE factor 8"):
+        LatentEncoder(pipe.vae)(_pixels(1, size=60))
+
+
+def test_load_encoders_matches_pipeline_and_fingerprints(tiny_model, pipe):
+    latent, prompt, ident = load_encoders(str(tiny_model))
+    assert ident["model"] == str(tiny_model) and ident["vae"] is None
+    assert ident["vae_fingerprint"] == module_fingerprint(pipe.vae)
+    assert ident["text_encoder_fingerprint"] == module_fingerprint(pipe.text_encoder)
+    assert ident["text_encoder_2_fingerprint"] == module_fingerprint(pipe.text_encoder_2)
+    assert len({ident["vae_fingerprint"], ident["text_encoder_fingerprint"], ident["text_encoder_2_fingerprint"]}) == 3
+    assert (latent.info.channels, latent.info.vae_scale_factor, latent.info.shift_factor) == (4, 8, None)
+    assert (prompt.info.max_length, prompt.info.prompt_dim, prompt.info.pooled_dim) == (77, 64, 32)
+    ref = _reference(pipe, PROMPTS[:2])
+    out = prompt(PROMPTS[:2])
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_load_encoders_vae_override_and_changed_weights(tiny_model, tmp_path):
+    """--vae takes a VAE folder; one changed weight changes that fingerprint and only that one."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(tiny_model), subfolder="vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.5)  # the decoder: precompute never runs it, identity still sees it
+    vae.save_pretrained(tmp_path / "other-vae")
+    _, _, base = load_encoders(str(tiny_model))
+    _, _, other = load_encoders(str(tiny_model), vae=str(tmp_path / "other-vae"))
+    assert other["vae"] == str(tmp_path / "other-vae")
+    assert other["vae_fingerprint"] != base["vae_fingerprint"]
+    assert other["text_encoder_fingerprint"] == base["text_encoder_fingerprint"]
+    assert other["text_encoder_2_fingerprint"] == base["text_encoder_2_fingerprint"]
+
+
+def test_unreadable_model_folder_names_everything_missing(tiny_model, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "text_encoder_2" / "config.json").unlink()
+    for f in (broken / "tokenizer").iterdir():
+        f.unlink()
+    for f in (broken / "vae").glob("*.safetensors"):
+        f.unlink()
+    problems = check_model_sources(str(broken))
+    assert f"{broken}/text_encoder_2: no config.json" in problems
+    assert any(p.startswith(f"{broken}/tokenizer: no tokenizer files") for p in problems)
+    assert any(p.startswith(f"{broken}/vae: no weights") for p in problems)
+    assert len(problems) == 3
+    with pytest.raises(ModelLoadError) as err:
+        load_encoders(str(broken))
+    assert "text_encoder_2: no config.json" in str(err.value) and "vae: no weights" in str(err.value)
+    # A path that does not exist, and a --vae folder without config.json.
+    (tmp_path / "empty-vae").mkdir()
+    problems = check_model_sources(str(tmp_path / "nope" / "model"), vae=str(tmp_path / "empty-vae"))
+    assert problems == [
+        f"--model {tmp_path / 'nope' / 'model'}: no such folder",
+        f"{tmp_path / 'empty-vae'}: no config.json",
+        f"{tmp_path / 'empty-vae'}: no weights (*.safetensors or *.bin)",
+    ]
+    # A variant that is not there.
+    assert f"{tiny_model}/text_encoder: no weights for variant 'fp16' (files: model.safetensors)" in check_model_sources(
+        str(tiny_model), variant="fp16"
+    )
+
+
+def test_fingerprint_ignores_load_bookkeeping(tiny_model, tmp_path):
+    """Re-saving a module elsewhere (other _name_or_path) keeps its fingerprint."""
+    from transformers import CLIPTextModel
+
+    te = CLIPTextModel.from_pretrained(str(tiny_model), subfolder="text_encoder")
+    te.save_pretrained(tmp_path / "te")
+    again = CLIPTextModel.from_pretrained(str(tmp_path / "te"))
+    assert module_fingerprint(again) == module_fingerprint(te)

@@ -1,0 +1,423 @@
+"""precompute end to end: what lands in the cache, resume after SIGKILL, bad inputs, refusals, NPROC=2.
+
+In-process runs (`runner.run`) check contents; the real entry point runs as a subprocess where the
+behaviour is about processes (kill and resume, `accelerate launch` with two gloo processes, exit
+codes). Subprocess runs pin OMP_NUM_THREADS=1: CPU convolutions round differently with other
+thread counts, and byte-for-byte comparisons need the same kernels on both sides.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from precompute.config import ConfigError, PrecomputeConfig
+from precompute.encoders import LatentEncoder, PromptEncoder
+from precompute.preprocess import to_model_input
+from precompute.runner import IdentityMismatchError, StrictSkipError, run
+from shards import schema
+from shards.manifest import Manifest
+from shards.reader import iter_shard, load_empty_prompt
+from shards.store import open_store
+from shards.verify import verify_cache
+
+REPO = Path(__file__).resolve().parents[1]
+RES = 64
+
+
+def _cfg(model, data, cache, **kw) -> PrecomputeConfig:
+    base = dict(
+        model=str(model), data=str(data), cache=str(cache), resolution=RES, samples_per_shard=6,
+        batch_size=4, num_workers=2, device="cpu",
+    )
+    base.update(kw)
+    return PrecomputeConfig(**base)
+
+
+def _files(cache: Path) -> dict[str, bytes]:
+    return {p.relative_to(cache).as_posix(): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+
+
+def _samples(cache: Path) -> tuple[Manifest, list[schema.Sample]]:
+    store = open_store(cache)
+    manifest = Manifest.load(store)
+    return manifest, [s for r in manifest.shards for s in iter_shard(store, r)]
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+def _cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "precompute", *args], cwd=REPO, env=_env(), capture_output=True, text=True,
+        timeout=300, **kw,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on the fill fixture
+
+
+@pytest.fixture(scope="module")
+def fill_cache(tiny_model, fill_data, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("fill-cache") / "cache"
+    summary = run(_cfg(tiny_model, fill_data, cache))
+    return cache, summary
+
+
+def test_fill_cache_contents_equal_the_encoders(tiny_model, fill_data, fill_cache):
+    from diffusers import StableDiffusionXLPipeline
+
+    cache, summary = fill_cache
+    rows = [json.loads(line) for line in (fill_data / "prompt.json").read_text().splitlines()]
+    assert (summary.samples, summary.samples_written, summary.shards, summary.skipped) == (16, 16, 3, {})
+    manifest, samples = _samples(cache)
+    assert [r.samples for r in manifest.shards] == [6, 6, 4]
+    assert manifest.totals["samples"] == 16 and manifest.totals["skipped"] == {}
+    assert manifest.latent == {"channels": 4, "scaling_factor": 0.13025, "shift_factor": None,
+                               "vae_scale_factor": 8, "store": "mean_std"}
+    assert manifest.text == {"max_length": 77, "prompt_dim": 64, "pooled_dim": 32}
+    assert manifest.dtypes == {"storage": "bf16", "vae": "fp32", "text": "fp32"}
+    assert manifest.config["resolution"] == RES and manifest.config["model"] == str(tiny_model)
+    assert not {"cache", "device", "batch_size", "num_workers", "strict"} & set(manifest.config)
+    assert manifest.created == ""  # no wall-clock time in a reproducible cache
+    verify_cache(open_store(cache), manifest)
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model))
+    latent = LatentEncoder(pipe.vae)
+    prompt = PromptEncoder(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2)
+    by_key = {s.key: s for s in samples}
+    # Mirror the runner's batches (4 items at a time within each shard of 6) so the reference is
+    # the same computation; the cache must then hold exactly its bf16 rounding.
+    for shard, start, stop in ((0, 0, 6), (1, 6, 12), (2, 12, 16)):
+        for b in range(start, stop, 4):
+            idx = list(range(b, min(b + 4, stop)))
+            targets = [np.asarray(Image.open(fill_data / rows[i]["target"]).convert("RGB")) for i in idx]
+            mean, std = latent(torch.stack([to_model_input(t) for t in targets]))
+            pe, pooled = prompt([rows[i]["prompt"] for i in idx])
+            for k, i in enumerate(idx):
+                s = by_key[schema.sample_key(shard, i - start)]
+                assert s.meta.source_id == rows[i]["target"] and s.meta.captions == [rows[i]["prompt"]]
+                assert s.meta.add_time_ids == (RES, RES, 0, 0, RES, RES)
+                assert s.latent_mean.dtype == torch.bfloat16 and s.latent_mean.shape == (4, RES // 8, RES // 8)
+                assert torch.equal(s.latent_mean, mean[k].to(torch.bfloat16))
+                assert torch.equal(s.latent_std, std[k].to(torch.bfloat16))
+                assert s.prompt_embeds.shape == (1, 77, 64) and s.pooled_prompt_embeds.shape == (1, 32)
+                assert torch.equal(s.prompt_embeds, pe[k : k + 1].to(torch.bfloat16))
+                assert torch.equal(s.pooled_prompt_embeds, pooled[k : k + 1].to(torch.bfloat16))
+                # The conditioning image has the latent's geometry: here the source image itself.
+                cond = s.cond_image()
+                assert cond.shape == (s.meta.target_size[0], s.meta.target_size[1], 3)
+                assert np.array_equal(cond, np.asarray(Image.open(fill_data / rows[i]["source"]).convert("RGB")))
+    empty_pe, empty_pooled = load_empty_prompt(open_store(cache))
+    ref = prompt([""])
+    assert torch.equal(empty_pe, ref[0].to(torch.bfloat16)) and torch.equal(empty_pooled, ref[1].to(torch.bfloat16))
+
+
+def test_rerun_of_a_complete_cache_changes_nothing(tiny_model, fill_data, fill_cache):
+    cache, _ = fill_cache
+    before = _files(cache)
+    summary = run(_cfg(tiny_model, fill_data, cache, batch_size=3, num_workers=0))  # run-only settings may differ
+    assert (summary.shards_resumed, summary.shards_written, summary.samples_written) == (3, 0, 0)
+    assert _files(cache) == before
+
+
+def test_changed_model_or_settings_are_refused(tiny_model, fill_data, fill_cache, tmp_path):
+    cache, _ = fill_cache
+    before = _files(cache)
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model, other)
+    vae_config = json.loads((other / "vae" / "config.json").read_text())
+    vae_config["scaling_factor"] = 0.2
+    (other / "vae" / "config.json").write_text(json.dumps(vae_config))
+    with pytest.raises(IdentityMismatchError) as err:
+        run(_cfg(other, fill_data, cache, resolution=32, latent_store="mean"))
+    msg = str(err.value)
+    assert f"cache {cache}" in msg and "use a new --cache, or delete this one" in msg
+    for line in (
+        f"encoder.model: '{tiny_model}' != '{other}'",
+        "encoder.vae_fingerprint: ",
+        "latent.scaling_factor: 0.13025 != 0.2",
+        "latent.store: 'mean_std' != 'mean'",
+        "geometry.resolution: 64 != 32",
+    ):
+        assert line in msg
+    assert "text_encoder_fingerprint" not in msg  # only what differs is listed
+    assert _files(cache) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def _image(h, w, seed) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad") / "data"
+    (root / "img").mkdir(parents=True)
+    good = _png(_image(RES, RES, 0))
+    rows = []
+
+    def add(name, image, cond, caption):
+        if image is not None:
+            (root / "img" / f"{name}.png").write_bytes(image)
+        if cond is not None:
+            (root / "img" / f"{name}.cond.png").write_bytes(cond)
+        rows.append({"image": f"img/{name}.png", "conditioning_image": f"img/{name}.cond.png", "text": caption})
+
+    add("good0", good, _png(_image(RES, RES, 1)), "red circle with blue background")
+    add("multi", _png(_image(RES, RES, 2)), good, ["a red circle", "a circle, red, on blue"])
+    add("corrupt", b"this is not an image, just text" * 4, good, "corrupt")
+    add("truncated", good[: len(good) // 2], good, "truncated png")
+    add("zero", b"", good, "zero bytes")
+    add("missing", None, good, "the image file does not exist")
+    add("nocond", good, None, "the conditioning image does not exist")
+    add("badcond", good, b"\x89PNG\r\n\x1a\n garbage", "corrupt conditioning image")
+    add("nocaption", good, good, "")
+    add("long", _png(_image(RES, RES, 3)), good, " ".join(["red circle with blue background"] * 30))
+    add("tiny", _png(_image(8, 8, 4)), _png(_image(8, 8, 5)), "an 8 px image")
+    add("panorama", _png(_image(RES, 10 * RES, 6)), _png(_image(RES, 10 * RES, 7)), "a 10:1 panorama")
+    add("good1", _png(_image(RES + 16, RES, 8)), _png(_image(RES + 16, RES, 9)), "portrait")
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+EXPECTED_SKIPS = {
+    "image_corrupt": 2, "image_empty": 1, "image_missing": 1, "cond_missing": 1, "cond_corrupt": 1,
+    "caption_missing": 1, "image_too_small": 1, "aspect_extreme": 1,
+}
+
+
+def test_bad_inputs_are_skipped_counted_and_named(tiny_model, bad_data, tmp_path, caplog):
+    caplog.set_level("WARNING", logger="precompute.runner")
+    summary = run(_cfg(tiny_model, bad_data, tmp_path / "cache", samples_per_shard=5))
+    assert summary.skipped == EXPECTED_SKIPS
+    assert summary.samples == 4 and summary.captions_truncated == 1
+    manifest, samples = _samples(tmp_path / "cache")
+    assert manifest.totals["skipped"] == EXPECTED_SKIPS
+    # Keys keep the item's planned position: skipped items leave gaps, nothing shifts.
+    assert [s.key for s in samples] == ["000000-000000", "000000-000001", "000001-000004", "000002-000002"]
+    assert [s.meta.source_id for s in samples] == ["img/good0.png", "img/multi.png", "img/long.png", "img/good1.png"]
+    multi = samples[1]
+    assert multi.meta.captions == ["a red circle", "a circle, red, on blue"]
+    assert multi.prompt_embeds.shape == (2, 77, 64) and multi.pooled_prompt_embeds.shape == (2, 32)
+    assert not torch.equal(multi.prompt_embeds[0], multi.prompt_embeds[1])
+    portrait = samples[3]  # 80x64 (h x w): resized to 80x64 already, centre crop 8 px from the top
+    assert portrait.meta.add_time_ids == (RES + 16, RES, 8, 0, RES, RES)
+    assert portrait.cond_image().shape == (RES, RES, 3)
+    items = {i["source_id"]: i for r in manifest.shards for i in r.skipped_items}
+    assert items["img/corrupt.png"]["reason"] == "image_corrupt"
+    assert items["img/tiny.png"]["reason"] == "image_too_small"
+    assert items["img/panorama.png"]["reason"] == "aspect_extreme"
+    assert sum(r.skipped.get("image_empty", 0) for r in manifest.shards) == 1
+    warned = "\n".join(r.getMessage() for r in caplog.records)
+    for name in ("corrupt.png", "truncated.png", "zero.png", "missing.png", "nocond.cond.png", "badcond.cond.png",
+                 "nocaption.png", "tiny.png", "panorama.png"):
+        assert name in warned, name
+    assert "img/long.png: caption has" in warned and "truncated" in warned
+
+
+def test_strict_fails_on_the_first_bad_item_naming_it(tiny_model, bad_data, tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(StrictSkipError) as err:
+        run(_cfg(tiny_model, bad_data, cache, samples_per_shard=5, strict=True))
+    assert "image_corrupt" in str(err.value) and "img/corrupt.png" in str(err.value)
+    # The failing shard was aborted: nothing of it is published, no temp file is left.
+    for folder in (cache / "records", cache / "shards"):
+        assert not folder.exists() or list(folder.iterdir()) == []
+    assert not (cache / schema.MANIFEST_FILE).exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Start-time validation
+
+
+def test_every_config_problem_is_listed_at_once(tiny_model, tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    cfg = PrecomputeConfig(
+        model=None, data=str(tmp_path / "missing"), cache=str(not_a_dir), resolution=60, batch_size=0,
+        crop="diagonal", storage_dtype="fp8", vae_dtype="int8", device="tpu", max_aspect=0.5,
+        image_column="img", caption_column="img",
+    )
+    with pytest.raises(ConfigError) as err:
+        run(cfg)
+    problems = err.value.problems
+    expected = [
+        "make precompute",
+        f"--data {tmp_path / 'missing'}: no such file or folder",
+        "--image-column and --caption-column are both 'img'",
+        f"--cache {not_a_dir}: exists and is not a folder",
+        "resolution 60 is not divisible by the VAE scale factor 8",
+        "crop must be one of",
+        "max_aspect must be a number >= 1",
+        "--batch-size must be an integer >= 1",
+        "--storage-dtype must be one of",
+        "--vae-dtype must be one of",
+        "--device must be one of",
+    ]
+    for e in expected:
+        assert sum(e in p for p in problems) == 1, (e, problems)
+    assert len(problems) == len(expected)
+
+
+def test_source_problems_join_config_problems(tiny_model, fill_data, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        run(_cfg(tiny_model, fill_data, tmp_path / "c", image_column="nope", resolution=20))
+    msg = str(err.value)
+    assert "no image column 'nope'" in msg and "resolution 20 is not divisible" in msg
+
+
+def test_cli_reports_user_errors_without_traceback(tiny_model, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "text_encoder_2" / "config.json").unlink()
+    result = _cli(["--model", str(broken), "--data", str(tmp_path / "nodata"), "--cache", str(tmp_path / "c"),
+                   "--resolution", "100"])
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for part in (f"{broken}/text_encoder_2: no config.json", f"--data {tmp_path / 'nodata'}: no such file",
+                 "resolution 100 is not divisible"):
+        assert part in result.stderr
+    assert not (tmp_path / "c").exists()
+    from click.testing import CliRunner
+
+    from precompute.__main__ import main
+
+    help_text = CliRunner().invoke(main, ["--help"], terminal_width=200).output
+    for flag in ("--model", "--vae", "--revision", "--variant", "--data", "--cache", "--data-kind", "--image-column",
+                 "--conditioning-image-column", "--caption-column", "--resolution", "--crop", "--seed",
+                 "--samples-per-shard", "--batch-size", "--latent-store", "--storage-dtype", "--vae-dtype",
+                 "--text-dtype", "--device", "--strict", "--max-samples", "--allow-empty-captions",
+                 "--num-workers", "--min-size", "--max-aspect", "--tmp-dir"):
+        assert flag in help_text, flag
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes: kill and resume, two processes
+
+
+@pytest.fixture(scope="module")
+def crop_data(tmp_path_factory) -> Path:
+    """80x96 (h x w) images, so random crops at 64 px have room to move (and must repeat exactly)."""
+    root = tmp_path_factory.mktemp("crop") / "data"
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for i in range(14):
+        (root / "img" / f"{i}.png").write_bytes(_png(_image(80, 96, 100 + i)))
+        (root / "img" / f"{i}.cond.png").write_bytes(_png(_image(80, 96, 200 + i)))
+        rows.append({"image": f"img/{i}.png", "conditioning_image": f"img/{i}.cond.png", "text": f"item {i}"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _args(model, data, cache) -> list[str]:
+    return ["--model", str(model), "--data", str(data), "--cache", str(cache), "--resolution", str(RES),
+            "--crop", "random", "--seed", "7", "--samples-per-shard", "4", "--batch-size", "3",
+            "--num-workers", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def reference_cache(tiny_model, crop_data, tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("ref") / "cache"
+    result = _cli(_args(tiny_model, crop_data, cache))
+    assert result.returncode == 0, result.stderr
+    return cache
+
+
+def test_reference_cache_has_seeded_random_crops(reference_cache):
+    manifest, samples = _samples(reference_cache)
+    assert manifest.totals["samples"] == 14 and len(manifest.shards) == 4
+    # 80x96 resizes to 64x76: the crop can only slide left-right, by up to 12 px.
+    assert all(s.meta.original_size == (80, 96) and s.meta.target_size == (RES, RES) for s in samples)
+    crops = [s.meta.crop_top_left for s in samples]
+    assert all(top == 0 and 0 <= left <= 12 for top, left in crops)
+    assert len(set(crops)) > 3  # random, not centred
+    assert manifest.identity["seed"] == 7
+
+
+def test_kill_and_resume_gives_a_byte_identical_cache(tiny_model, crop_data, reference_cache, tmp_path):
+    cache = tmp_path / "cache"
+    # Item 9 (shard 2, position 1) becomes a FIFO: the run blocks reading it after committing
+    # shards 0 and 1, with shard 2 half written, so the kill lands mid-shard every time.
+    blocker = crop_data / "img" / "9.png"
+    data = blocker.read_bytes()
+    blocker.unlink()
+    os.mkfifo(blocker)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "precompute", *_args(tiny_model, crop_data, cache)],
+                                cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 240
+        while not ((cache / schema.record_name(1)).exists() and list((cache / "shards").glob(".tmp-shard-000002*"))):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the run never reached shard 2"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    finally:
+        blocker.unlink()
+        blocker.write_bytes(data)
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (cache / "records").iterdir()) == ["shard-000000.json", "shard-000001.json"]
+    assert not (cache / schema.MANIFEST_FILE).exists()
+    kept = (cache / schema.shard_name(0)).stat()
+
+    result = _cli(_args(tiny_model, crop_data, cache))
+    assert result.returncode == 0, result.stderr
+    assert "2 already complete, 2 to encode" in result.stderr
+    assert "removed 1 temporary file(s)" in result.stderr
+    again = (cache / schema.shard_name(0)).stat()
+    assert (again.st_ino, again.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)  # resumed, not rebuilt
+    ours, ref = _files(cache), _files(reference_cache)
+    assert sorted(ours) == sorted(ref)
+    assert [name for name in ref if ours[name] != ref[name]] == []
+
+
+def test_two_processes_give_the_same_cache_as_one(tiny_model, crop_data, reference_cache, tmp_path):
+    cache = tmp_path / "cache"
+    env = _env()
+    env["ACCELERATE_USE_CPU"] = "true"  # without it, accelerate would start lone processes on a CPU box
+    accelerate = Path(sys.executable).with_name("accelerate")
+    result = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+         "-m", "precompute", *_args(tiny_model, crop_data, cache)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "on cpu (2 processes)" in result.stderr and "on 2 process(es)" in result.stderr
+    ours, ref = _files(cache), _files(reference_cache)
+    assert sorted(ours) == sorted(ref)
+    assert [name for name in ref if ours[name] != ref[name]] == []
