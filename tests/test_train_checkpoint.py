@@ -1,0 +1,171 @@
+"""train.checkpoint: pickle-free state round trip, atomic save, keep-last-K, incomplete ones ignored."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from diffusers import T2IAdapter
+from diffusers.optimization import get_scheduler
+
+from train.checkpoint import (
+    COMPLETE_FILE,
+    Checkpoint,
+    CheckpointError,
+    TrainState,
+    checkpoints_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_tree,
+    read_checkpoint,
+    resolve_resume,
+    resume_problems,
+    save_checkpoint,
+    save_tree,
+)
+
+
+def test_tree_round_trip_without_pickle(tmp_path):
+    np.random.seed(3)
+    tree = {
+        "state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.randn(3, 2)}, 7: {"bf16": torch.ones(2, dtype=torch.bfloat16)}},
+        "groups": [{"betas": (0.9, 0.999), "lr": 1e-5, "foreach": None, "nan": float("nan"), "name": "$x"}],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "bytes": torch.get_rng_state(),
+    }
+    files = save_tree(tmp_path, "thing", tree)
+    assert sorted(p.name for p in files) == ["thing.json", "thing.safetensors"]
+    back = load_tree(tmp_path, "thing")
+    assert set(back["state"]) == {0, 7}  # int keys survive JSON
+    assert torch.equal(back["state"][0]["exp_avg"], tree["state"][0]["exp_avg"])
+    assert back["state"][7]["bf16"].dtype == torch.bfloat16
+    assert back["groups"][0]["betas"] == (0.9, 0.999) and isinstance(back["groups"][0]["betas"], tuple)
+    assert math.isnan(back["groups"][0]["nan"]) and back["groups"][0]["name"] == "$x"
+    assert back["numpy"][0] == "MT19937" and back["numpy"][1].dtype == np.uint32
+    assert np.array_equal(back["numpy"][1], tree["numpy"][1]) and back["numpy"][2:] == tree["numpy"][2:]
+    assert back["python"] == tree["python"]
+    assert torch.equal(back["bytes"], tree["bytes"])
+
+
+def test_tree_refuses_objects_it_cannot_encode(tmp_path):
+    with pytest.raises(TypeError, match="cannot checkpoint a object"):
+        save_tree(tmp_path, "bad", {"x": object()})
+
+
+class _Run:
+    """A tiny adapter with an optimizer and schedule that have taken real steps."""
+
+    def __init__(self, seed: int):
+        torch.manual_seed(seed)
+        self.adapter = T2IAdapter(in_channels=3, channels=[8, 16, 16, 16], num_res_blocks=1, downscale_factor=8,
+                                  adapter_type="full_adapter_xl")
+        self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=1e-3)
+        self.scheduler = get_scheduler("cosine", self.optimizer, num_warmup_steps=2, num_training_steps=10)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def step(self):
+        x = torch.rand(2, 3, 32, 32, generator=self.generator)
+        loss = sum(f.square().mean() for f in self.adapter(x))
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+
+
+@pytest.fixture
+def accelerator():
+    return Accelerator(cpu=True)
+
+
+def _save(accelerator, out, run, step, keep=2, meta=None):
+    return save_checkpoint(accelerator, out, state=TrainState(global_step=step, epoch=1, batches_done=step, samples_seen=4 * step),
+                           adapter=run.adapter, optimizer=run.optimizer, lr_scheduler=run.scheduler,
+                           noise_generator=run.generator, meta=meta or {"world_size": 1, "config": {}}, keep=keep)
+
+
+def test_save_and_load_restore_everything(tmp_path, accelerator):
+    run = _Run(0)
+    for _ in range(3):
+        run.step()
+    path = _save(accelerator, tmp_path, run, 3)
+    assert path == checkpoints_dir(tmp_path) / "step-000003"
+    suffixes = {p.suffix for p in path.rglob("*") if p.is_file()}
+    assert suffixes <= {".json", ".safetensors", ""}  # "" = COMPLETE: nothing that needs unpickling
+    expected_noise = torch.rand(4, generator=run.generator)
+    expected_global = torch.rand(4)
+    run.step()
+    expected_weights = {k: v.clone() for k, v in run.adapter.state_dict().items()}
+
+    other = _Run(1)  # different init, no steps
+    state = load_checkpoint(read_checkpoint(path), accelerator, adapter=other.adapter, optimizer=other.optimizer,
+                            lr_scheduler=other.scheduler, noise_generator=other.generator)
+    assert state == TrainState(global_step=3, epoch=1, batches_done=3, samples_seen=12)
+    assert torch.equal(torch.rand(4, generator=other.generator), expected_noise)
+    assert torch.equal(torch.rand(4), expected_global)
+    other.step()  # the same step from the restored state is bitwise the same
+    for k, v in other.adapter.state_dict().items():
+        assert torch.equal(v, expected_weights[k]), k
+    assert other.scheduler.get_last_lr() == run.scheduler.get_last_lr()
+
+
+def test_keep_last_k_and_incomplete_ones_are_ignored(tmp_path, accelerator):
+    run = _Run(0)
+    for step in (1, 2, 3, 4):
+        run.step()
+        _save(accelerator, tmp_path, run, step, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
+
+    root = checkpoints_dir(tmp_path)
+    # A save that died before COMPLETE, one damaged afterwards, and a temp folder: all ignored.
+    shutil.copytree(root / "step-000004", root / "step-000009")
+    (root / "step-000009" / COMPLETE_FILE).unlink()
+    shutil.copytree(root / "step-000004", root / "step-000008")
+    (root / "step-000008" / "optimizer.safetensors").write_bytes(b"short")
+    shutil.copytree(root / "step-000004", root / ".tmp-step-000010")
+    assert latest_checkpoint(tmp_path) == root / "step-000004"
+    assert resolve_resume("latest", tmp_path) == root / "step-000004"
+    with pytest.raises(CheckpointError, match="incomplete"):
+        resolve_resume(str(root / "step-000009"), tmp_path)
+    with pytest.raises(CheckpointError, match="incomplete"):
+        read_checkpoint(root / "step-000008")
+
+    # The next save cleans the temp leftover, keeps the damaged folders for a human, and still
+    # keeps the newest two complete checkpoints.
+    run.step()
+    _save(accelerator, tmp_path, run, 5, keep=2)
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["step-000004", "step-000005", "step-000008", "step-000009"]
+
+
+def test_a_leftover_temp_folder_of_the_same_step_is_replaced(tmp_path, accelerator):
+    run = _Run(0)
+    tmp = checkpoints_dir(tmp_path) / ".tmp-step-000001"
+    tmp.mkdir(parents=True)
+    (tmp / "junk").write_text("from a crashed save")
+    path = _save(accelerator, tmp_path, run, 1)
+    assert not tmp.exists() and not (path / "junk").exists()
+    listing = json.loads((path / COMPLETE_FILE).read_text())["files"]
+    assert "adapter/diffusion_pytorch_model.safetensors" in listing and "rng-rank00000.json" in listing
+
+
+def test_resume_problems_list_every_difference(tmp_path):
+    saved = {"world_size": 2, "manifest_id": "a" * 64, "learning_rate": 1e-5,
+             "config": {"batch_size": 4, "num_workers": 2, "seed": 0, "max_steps": 100}}
+    ckpt = Checkpoint(path=tmp_path, state=TrainState(), meta=saved)
+    now = {"world_size": 1, "manifest_id": "b" * 64, "learning_rate": 1e-5,
+           "config": {"batch_size": 8, "num_workers": 0, "seed": 0, "max_steps": 200}}
+    problems = resume_problems(ckpt, now)
+    assert len(problems) == 4
+    joined = "\n".join(problems)
+    for text in ("number of processes: checkpoint 2, now 1", "cache manifest id", "--batch-size: checkpoint 4, now 8",
+                 "--num-workers: checkpoint 2, now 0"):
+        assert text in joined
+    assert "max-steps" not in joined  # training longer is what resume is for

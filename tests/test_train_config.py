@@ -1,0 +1,151 @@
+"""train.config and the `python -m train` CLI: every problem in one message, every knob in --help."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import pytest
+from click.testing import CliRunner
+
+from train.__main__ import main
+from train.config import LR_SCHEDULERS, ConfigError, TrainConfig
+
+
+def _cfg(tmp_path, **kw) -> TrainConfig:
+    (tmp_path / "cache").mkdir(exist_ok=True)
+    (tmp_path / "model").mkdir(exist_ok=True)
+    base = dict(model=str(tmp_path / "model"), cache=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"))
+    return TrainConfig(**{**base, **kw})
+
+
+def test_valid_config_passes(tmp_path):
+    assert _cfg(tmp_path).validate(cuda_available=False) == []
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"not really a png, but it exists")
+    cfg = _cfg(
+        tmp_path,
+        cache=str(tmp_path / "no-cache"),
+        batch_size=0,
+        learning_rate=-1.0,
+        adam_beta2=1.5,
+        caption_dropout=2.0,
+        mixed_precision="fp16",
+        lr_scheduler="piecewise_constant",
+        validation_image=(str(image), str(tmp_path / "missing.png")),
+        validation_prompt=("one", "two", "three"),
+        resume=str(tmp_path / "no-checkpoint"),
+        validation_resolution=100,
+    )
+    with pytest.raises(ConfigError) as err:
+        cfg.validate(cuda_available=False)
+    problems = err.value.problems
+    expected = [
+        "cache folder",
+        "--batch-size must be >= 1",
+        "--learning-rate must be > 0",
+        "--adam-beta2 must be in [0, 1)",
+        "--caption-dropout must be in [0, 1]",
+        "fp16 needs a CUDA GPU",
+        "piecewise_constant needs --lr-step-rules",
+        "2 validation images and 3 validation prompts",
+        "missing.png' does not exist",
+        "--resume",
+        "--validation-resolution must be a positive multiple of 8",
+    ]
+    for text in expected:
+        assert sum(text in p for p in problems) == 1, (text, problems)
+    assert len(problems) == len(expected)
+    assert f"{len(expected)} problem(s)" in str(err.value)
+
+
+def test_missing_optional_packages_are_problems(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("bitsandbytes", "wandb") else real(name, *a))
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, use_8bit_adam=True, report_to="wandb").validate(cuda_available=True)
+    assert any("pip install bitsandbytes" in p for p in err.value.problems)
+    assert any("pip install wandb" in p for p in err.value.problems)
+
+
+def test_checkpoint_limit_is_raised_to_two_with_a_note(tmp_path):
+    cfg = _cfg(tmp_path, checkpoints_total_limit=1)
+    notes = cfg.validate(cuda_available=False)
+    assert cfg.checkpoints_total_limit == 2
+    assert len(notes) == 1 and "raised to 2" in notes[0]
+
+
+@pytest.mark.parametrize(
+    "images,prompts,pairs",
+    [
+        (("a",), ("p", "q"), [("a", "p"), ("a", "q")]),  # 1:N
+        (("a", "b"), ("p",), [("a", "p"), ("b", "p")]),  # N:1
+        (("a", "b"), ("p", "q"), [("a", "p"), ("b", "q")]),  # N:N
+    ],
+)
+def test_validation_pairs(tmp_path, images, prompts, pairs):
+    assert _cfg(tmp_path, validation_image=images, validation_prompt=prompts).validation_pairs() == pairs
+
+
+def test_validation_needs_both_images_and_prompts(tmp_path):
+    with pytest.raises(ConfigError, match="--validation-prompt given without --validation-image"):
+        _cfg(tmp_path, validation_prompt=("p",)).validate(cuda_available=False)
+
+
+def test_dict_round_trip(tmp_path):
+    cfg = _cfg(tmp_path, validation_prompt=("p", "q"), max_steps=7)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown config key 'bogus'"):
+        TrainConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_help_documents_every_field():
+    result = CliRunner().invoke(main, ["--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name.replace('_', '-')}" in result.output, f.name
+    for name in LR_SCHEDULERS:
+        assert name in result.output
+    # the reference script's names work too
+    assert "--pretrained-model-name-or-path" in result.output and "--max-train-steps" in result.output
+
+
+def test_cli_user_error_is_a_message_not_a_traceback(tmp_path):
+    result = CliRunner().invoke(main, [
+        "--model", str(tmp_path / "m"), "--cache", str(tmp_path / "c"), "--output-dir", str(tmp_path / "o"),
+        "--batch-size", "0", "--validation-prompt", "p",
+    ])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    for text in ("model folder", "cache folder", "--batch-size must be >= 1", "without --validation-image"):
+        assert text in result.output
+
+
+@pytest.mark.parametrize("name", LR_SCHEDULERS)
+def test_every_lr_scheduler_builds_and_steps(tmp_path, name):
+    import torch
+
+    from train.loop import make_lr_scheduler, make_optimizer
+
+    cfg = _cfg(tmp_path, lr_scheduler=name, lr_warmup_steps=2, lr_num_cycles=2, lr_power=2.0,
+               lr_step_rules="1:3,0.1" if name == "piecewise_constant" else None, learning_rate=1.0)
+    cfg.validate(cuda_available=False)
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = make_optimizer(cfg, [param], cfg.learning_rate)
+    scheduler = make_lr_scheduler(cfg, optimizer, total_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    warm = name not in ("constant", "piecewise_constant")
+    assert lrs[0] == (0.0 if warm else 1.0)
+    assert max(lrs) == 1.0
+    if name in ("linear", "cosine", "polynomial"):
+        assert lrs[-1] < lrs[2]  # decays after warm-up
+    if name == "piecewise_constant":
+        assert lrs == [1.0] * 3 + [0.1] * 7

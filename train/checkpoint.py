@@ -1,0 +1,405 @@
+"""Checkpoints: atomic save, exact resume, keep-last-K; never unpickled.
+
+Layout of `OUT/checkpoints/step-000500/`:
+
+    adapter/                      T2IAdapter.save_pretrained (config.json + safetensors): usable
+                                  as an adapter on its own
+    optimizer.json/.safetensors   optimizer state: JSON structure, tensors in safetensors
+    lr_scheduler.json             LR schedule position
+    grad_scaler.json              fp16 loss-scale state (only with fp16)
+    rng-rank00000.json/.safetensors   every RNG of that rank (torch, cuda, numpy, python, noise)
+    state.json                    data position (epoch, batches done), step, world size, workers,
+                                  batch size, cache manifest id, resolved config
+    COMPLETE                      written last: names every file with its size
+
+A checkpoint is built in `.tmp-step-000500/` (every rank writes its own RNG file into it), each
+file fsynced, `COMPLETE` written last, then the folder is renamed into place. Only then are old
+checkpoints beyond the newest K deleted, so a crash at any moment leaves at least one complete
+checkpoint. A folder without a valid `COMPLETE` (or with a missing or resized file) is ignored.
+
+Nothing here uses pickle: tensors go through safetensors and everything else through JSON, via a
+small tagged encoding that round-trips dicts with int keys, tuples and numpy arrays exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from shards.store import fsync_dir, fsync_file
+
+CHECKPOINT_DIR = "checkpoints"
+COMPLETE_FILE = "COMPLETE"
+STATE_FILE = "state.json"
+ADAPTER_DIR = "adapter"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^step-(\d{6,})$")
+_TMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+
+# Settings that decide which samples come next, or how the restored optimizer and schedule
+# behave: a resume with any of them changed would silently not continue the same run.
+RESUME_MUST_MATCH = (
+    "batch_size",
+    "gradient_accumulation_steps",
+    "num_workers",
+    "seed",
+    "shuffle_buffer",
+    "max_samples",
+    "caption_dropout",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "lr_num_cycles",
+    "lr_power",
+    "lr_step_rules",
+    "use_8bit_adam",
+    "mixed_precision",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names it and says why."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands: enough to continue with the very next sample."""
+
+    global_step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    batches_done: int = 0  # micro-batches of `epoch` this rank has consumed (same on every rank)
+    samples_seen: int = 0  # over all ranks, for logs and the model card
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINT_DIR
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickle-free tree encoding
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        # clone: safetensors refuses tensors sharing storage (views of one buffer)
+        tensors[path] = obj.detach().to("cpu").contiguous().clone()
+        return {"$tensor": path}
+    if isinstance(obj, np.ndarray):
+        tensors[path] = torch.from_numpy(np.ascontiguousarray(obj).astype(np.int64 if obj.dtype.kind in "iub"
+                                                                          else np.float64))
+        return {"$ndarray": path, "dtype": obj.dtype.str}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("$") for k in obj):
+            return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        return {"$items": [[_encode(k, tensors, f"{path}.k{i}"), _encode(v, tensors, f"{path}.{i}")]
+                           for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"$tuple": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {path!r}")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "$tensor" in obj:
+            return tensors[obj["$tensor"]]
+        if "$ndarray" in obj:
+            return tensors[obj["$ndarray"]].numpy().astype(np.dtype(obj["dtype"]))
+        if "$items" in obj:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["$items"]}
+        if "$tuple" in obj:
+            return tuple(_decode(v, tensors) for v in obj["$tuple"])
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
+
+def save_tree(folder: Path, name: str, obj: Any) -> list[Path]:
+    """Write `obj` as name.json (+ name.safetensors when it holds tensors); return the files."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode(obj, tensors, name)
+    files = [folder / f"{name}.json"]
+    files[0].write_text(json.dumps(structure, sort_keys=True))
+    if tensors:
+        files.append(folder / f"{name}.safetensors")
+        save_file(tensors, str(files[1]))
+    return files
+
+
+def load_tree(folder: Path, name: str) -> Any:
+    structure = json.loads((folder / f"{name}.json").read_text())
+    tensor_file = folder / f"{name}.safetensors"
+    tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
+    return _decode(structure, tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state
+
+
+def rng_state(noise_generator: torch.Generator) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "noise": noise_generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], noise_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    noise_generator.set_state(state["noise"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding checkpoints
+
+
+def is_complete(folder: Path) -> bool:
+    """COMPLETE present, parseable, and every file it names present with its recorded size."""
+    try:
+        listing = json.loads((folder / COMPLETE_FILE).read_text())
+        return all((folder / rel).stat().st_size == size for rel, size in listing["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Temporary, trashed and incomplete folders are ignored."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and is_complete(p):
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """--resume value -> checkpoint folder (None: start fresh). Raises CheckpointError if unusable."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        return latest_checkpoint(output_dir)
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint {path} is incomplete (no valid {COMPLETE_FILE}: its save was "
+                              f"interrupted); use another one or --resume latest")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+
+
+def _fsync_tree(folder: Path) -> dict[str, int]:
+    sizes = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            fsync_file(p)
+            sizes[p.relative_to(folder).as_posix()] = p.stat().st_size
+    for d in sorted({p.parent for p in folder.rglob("*")} | {folder}):
+        fsync_dir(d)
+    return sizes
+
+
+def save_checkpoint(
+    accelerator: Any,
+    output_dir: str | Path,
+    *,
+    state: TrainState,
+    adapter: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    noise_generator: torch.Generator,
+    meta: dict[str, Any],
+    keep: int | None,
+) -> Path:
+    """Save on every rank (collective: each rank writes its RNG state). Returns the final folder.
+
+    `adapter` is the unwrapped model; `meta` holds what resume compares (world_size, config,
+    manifest_id, ...). Old checkpoints beyond the newest `keep` are deleted after the new one is
+    complete.
+    """
+    root = checkpoints_dir(output_dir)
+    name = checkpoint_name(state.global_step)
+    tmp = root / f"{_TMP_PREFIX}{name}"
+    final = root / name
+    if accelerator.is_main_process:
+        if tmp.exists():  # left by a run that died while saving this very step
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    save_tree(tmp, f"rng-rank{accelerator.process_index:05d}", rng_state(noise_generator))
+
+    if accelerator.is_main_process:
+        adapter.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
+        save_tree(tmp, "optimizer", optimizer.state_dict())
+        save_tree(tmp, "lr_scheduler", lr_scheduler.state_dict())
+        scaler = getattr(accelerator, "scaler", None)
+        if scaler is not None:
+            save_tree(tmp, "grad_scaler", scaler.state_dict())
+        (tmp / STATE_FILE).write_text(json.dumps({
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "state": asdict(state),
+            **meta,
+        }, indent=1, sort_keys=True))
+    accelerator.wait_for_everyone()  # every rank's RNG file is on disk
+
+    if accelerator.is_main_process:
+        sizes = _fsync_tree(tmp)
+        ranks = [f"rng-rank{r:05d}.json" for r in range(accelerator.num_processes)]
+        missing = [r for r in ranks if r not in sizes]
+        if missing:
+            raise CheckpointError(f"{tmp}: RNG state of some ranks missing ({missing}); is {root} on a "
+                                  "filesystem every process shares?")
+        (tmp / COMPLETE_FILE).write_text(json.dumps({"files": sizes}, indent=1, sort_keys=True))
+        fsync_file(tmp / COMPLETE_FILE)
+        fsync_dir(tmp)
+        trash = None
+        if final.exists():  # an abandoned timeline (resumed from an older checkpoint) reached this step
+            trash = root / f"{_TRASH_PREFIX}{name}"
+            if trash.exists():
+                shutil.rmtree(trash)
+            final.rename(trash)
+        tmp.rename(final)
+        fsync_dir(root)
+        if trash is not None:
+            shutil.rmtree(trash)
+        prune_checkpoints(output_dir, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
+    """Delete complete checkpoints beyond the newest `keep`, and leftovers of interrupted saves."""
+    root = checkpoints_dir(output_dir)
+    removed = []
+    complete = list_checkpoints(output_dir)
+    if keep is not None:
+        for p in complete[: max(0, len(complete) - keep)]:
+            shutil.rmtree(p)
+            removed.append(p)
+    for p in root.iterdir() if root.is_dir() else []:
+        # Leftovers of saves that died. (A step-* folder that is not complete was damaged after
+        # the fact; it is ignored by resume but left for a human to look at.)
+        if p.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)) and p.is_dir():
+            shutil.rmtree(p)
+            removed.append(p)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: TrainState
+    meta: dict[str, Any]  # state.json minus the position
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / ADAPTER_DIR
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint {path} is incomplete or damaged (no valid {COMPLETE_FILE})")
+    try:
+        meta = json.loads((path / STATE_FILE).read_text())
+        state = TrainState(**meta.pop("state"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read {STATE_FILE}: {e}") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: format_version {meta.get('format_version')!r} is not "
+                              f"{FORMAT_VERSION}")
+    return Checkpoint(path=path, state=state, meta=meta)
+
+
+def resume_problems(ckpt: Checkpoint, now: dict[str, Any]) -> list[str]:
+    """Why continuing `ckpt` with the current settings would not continue the same run.
+
+    `now` has the keys of the saved meta: world_size, manifest_id, learning_rate (effective) and
+    `config` (TrainConfig.to_dict()).
+    """
+    problems = []
+    labels = {"world_size": "number of processes", "manifest_id": "cache manifest id (a different cache)",
+              "learning_rate": "effective learning rate"}
+    for key, label in labels.items():
+        if ckpt.meta.get(key) != now.get(key):
+            problems.append(f"{label}: checkpoint {ckpt.meta.get(key)!r}, now {now.get(key)!r}")
+    saved_cfg, cfg = ckpt.meta.get("config", {}), now.get("config", {})
+    for key in RESUME_MUST_MATCH:
+        if saved_cfg.get(key) != cfg.get(key):
+            problems.append(f"--{key.replace('_', '-')}: checkpoint {saved_cfg.get(key)!r}, now {cfg.get(key)!r}")
+    return problems
+
+
+def load_checkpoint(
+    ckpt: Checkpoint,
+    accelerator: Any,
+    *,
+    adapter: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    noise_generator: torch.Generator,
+) -> TrainState:
+    """Restore every piece of state in place (adapter = the unwrapped model); return the position."""
+    path = ckpt.path
+    try:
+        weights = load_file(str(next((path / ADAPTER_DIR).glob("*.safetensors"))))
+    except StopIteration:
+        raise CheckpointError(f"checkpoint {path}: no adapter weights in {ADAPTER_DIR}/") from None
+    adapter.load_state_dict(weights, strict=True)
+    optimizer.load_state_dict(load_tree(path, "optimizer"))
+    lr_scheduler.load_state_dict(load_tree(path, "lr_scheduler"))
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and (path / "grad_scaler.json").exists():
+        scaler.load_state_dict(load_tree(path, "grad_scaler"))
+    rank_file = f"rng-rank{accelerator.process_index:05d}"
+    if not (path / f"{rank_file}.json").exists():
+        raise CheckpointError(f"checkpoint {path}: no RNG state for rank {accelerator.process_index}")
+    set_rng_state(load_tree(path, rank_file), noise_generator)
+    return ckpt.state

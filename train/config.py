@@ -1,0 +1,284 @@
+"""TrainConfig: every knob of a training run, in one typed, validated place.
+
+The CLI (`python -m train`) is generated from these fields: each field's `help` metadata is its
+`--help` text, so the two cannot drift apart. `validate()` collects every problem it can see
+without loading a model and raises one `ConfigError` listing them all; facts that need the cache
+or the model (dimensions, encoder fingerprints) are checked by `train.checks` right after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "piecewise_constant",
+)
+MIXED_PRECISION = ("no", "fp16", "bf16")
+REPORT_TO = ("none", "tensorboard", "wandb")
+MIN_CHECKPOINTS_KEPT = 2  # one may be half-written when a job dies: keep a complete one besides it
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid training config ({len(self.problems)} problem(s)):\n{lines}")
+
+
+def _f(default: Any, help: str, group: str, **extra: Any) -> Any:
+    """A dataclass field carrying its CLI help text and --help group."""
+    return field(default=default, metadata={"help": help, "group": group, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on ------------------------------------------------------------------
+    model: str = _f("", "Base SDXL model: a diffusers folder or hub id. Only its UNet and scheduler config are "
+                        "loaded for training; its VAE and text encoders (when present) are fingerprinted against "
+                        "the cache and used for validation images.", "model", required=True)
+    cache: str = _f("", "Cache made by `python -m precompute` (folder path). Its manifest is checked against the "
+                        "model before any weights are loaded.", "model", required=True)
+    output_dir: str = _f("", "Run folder: final adapter (diffusers format), README.md, config, checkpoints/, "
+                             "validation/, logs/.", "model", required=True)
+    revision: str | None = _f(None, "Model revision (branch, tag or commit) for hub models.", "model")
+    variant: str | None = _f(None, "Model weight variant, e.g. fp16 (loads diffusion_pytorch_model.fp16.safetensors).",
+                             "model")
+    vae: str | None = _f(None, "VAE folder or hub id used to decode validation images (and checked against the cache). "
+                               "Default: the VAE the cache was encoded with if precompute was given one, else MODEL's.",
+                         "model")
+    adapter: str | None = _f(None, "Continue training this T2IAdapter (folder or hub id) instead of a new one.", "model")
+    accept_encoder_mismatch: bool = _f(False, "Train even though the cache was encoded by a VAE or text encoders "
+                                              "whose fingerprints differ from MODEL's (shapes must still fit).", "model")
+
+    # --- data ------------------------------------------------------------------------------
+    batch_size: int = _f(4, "Samples per process per micro-batch.", "data")
+    num_workers: int = _f(2, "DataLoader worker processes per rank (0 = read in the training process). The cache "
+                             "needs at least world_size * max(1, workers) shards.", "data")
+    max_samples: int | None = _f(None, "Use only the first N samples of the cache (for quick runs and debugging).",
+                                 "data")
+    caption_dropout: float = _f(0.0, "Probability of replacing a sample's prompt with the empty prompt each step "
+                                     "(the reference's proportion_empty_prompts; drawn anew every step).", "data")
+    # 256 raw samples is about 150 MB per loader worker at 1024 px (train.data.DEFAULT_SHUFFLE_BUFFER).
+    shuffle_buffer: int = _f(256, "Samples in each loader worker's seeded shuffle buffer (0 or 1: shard order only).",
+                             "data")
+    soft_threshold_range: str | None = _f(None, "LOW,HIGH: for a cache precomputed with --condition-soft, each "
+                                                "conditioning image is binarised at a threshold drawn from this range "
+                                                "every time it is used (the authors' sketch augmentation). Default for "
+                                                "such caches: 0.3,0.8.", "data")
+
+    # --- optimisation ------------------------------------------------------------------------
+    num_epochs: int = _f(1, "Passes over the cache; ignored when --max-steps is given.", "optimization")
+    max_steps: int | None = _f(None, "Optimizer steps to train for; overrides --num-epochs.", "optimization")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", "optimization")
+    gradient_checkpointing: bool = _f(False, "Recompute UNet activations in the backward pass: less memory, "
+                                             "about 30% more compute.", "optimization")
+    learning_rate: float = _f(1e-5, "Peak learning rate (the published SDXL adapters used 1e-5).", "optimization")
+    scale_lr: bool = _f(False, "Multiply the learning rate by batch size * accumulation * processes.", "optimization")
+    lr_scheduler: str = _f("constant", "Learning-rate schedule: " + ", ".join(LR_SCHEDULERS) + ".", "optimization",
+                           choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _f(500, "Linear warm-up steps (every schedule but constant and piecewise_constant).",
+                              "optimization")
+    lr_num_cycles: int = _f(1, "Hard restarts of cosine_with_restarts.", "optimization")
+    lr_power: float = _f(1.0, "Power of the polynomial schedule.", "optimization")
+    lr_step_rules: str | None = _f(None, "Rules of piecewise_constant, e.g. '1:10,0.1:20,0.01' (multiplier:until "
+                                         "step, ..., final multiplier).", "optimization")
+    use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (needs bitsandbytes installed).", "optimization")
+    adam_beta1: float = _f(0.9, "AdamW beta1.", "optimization")
+    adam_beta2: float = _f(0.999, "AdamW beta2.", "optimization")
+    adam_weight_decay: float = _f(1e-2, "AdamW decoupled weight decay.", "optimization")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.", "optimization")
+    max_grad_norm: float = _f(1.0, "Clip the adapter's gradient norm to this value.", "optimization")
+    mixed_precision: str = _f("no", "no | fp16 | bf16: UNet weights in this dtype, adapter fp32 under autocast. "
+                                    "fp16 needs a GPU.", "optimization", choices=MIXED_PRECISION)
+    allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs (faster fp32, slightly less exact).",
+                          "optimization")
+    seed: int = _f(0, "Seed of everything random: adapter init, data order, caption choice and dropout, noise, "
+                      "timesteps, validation samples.", "optimization")
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N optimizer steps (and at the end).",
+                                  "checkpoints")
+    checkpoints_total_limit: int | None = _f(3, "Keep the newest K complete checkpoints (K >= 2; smaller values are "
+                                                "raised to 2). Default keeps 3.", "checkpoints")
+    resume: str | None = _f(None, "'latest' (newest complete checkpoint in OUT/checkpoints, or a fresh start when "
+                                  "there is none) or a checkpoint folder.", "checkpoints")
+
+    # --- validation -----------------------------------------------------------------------------
+    validation_image: tuple[str, ...] = _f((), "Conditioning image for validation (repeatable). Pairs with "
+                                               "--validation-prompt 1:N, N:1 or N:N.", "validation", multiple=True)
+    validation_prompt: tuple[str, ...] = _f((), "Validation prompt (repeatable); embedded once at start with MODEL's "
+                                                "text encoders.", "validation", multiple=True)
+    num_validation_images: int = _f(4, "Images rendered per (image, prompt) pair.", "validation")
+    validation_steps: int = _f(100, "Render validation images every N optimizer steps (and at the end).", "validation")
+    validation_inference_steps: int = _f(20, "Denoising steps per validation image.", "validation")
+    validation_guidance_scale: float = _f(5.0, "Classifier-free guidance scale of validation images.", "validation")
+    validation_resolution: int | None = _f(None, "Validation image size in pixels (default: the cache resolution).",
+                                           "validation")
+
+    # --- logging --------------------------------------------------------------------------------
+    report_to: str = _f("none", "Tracker: none | tensorboard | wandb. Loss and lr always go to OUT/logs/metrics.jsonl "
+                                "and the loss curve.", "logging", choices=REPORT_TO)
+    tracker_project_name: str = _f("t2i-adapter-sdxl", "Tracker project / run group name.", "logging")
+    logging_dir: str = _f("logs", "Tracker folder, relative to OUT unless absolute.", "logging")
+    log_every: int = _f(10, "Fetch losses from the device every N steps (each step is still logged; fewer host syncs).",
+                        "logging")
+    log_samples: bool = _f(False, "Write each step's sample keys to OUT/logs/samples-rank<R>.jsonl (audits the exact "
+                                  "sample order, e.g. across a resume).", "logging")
+
+    # --- hub ------------------------------------------------------------------------------------
+    push_to_hub: bool = _f(False, "Upload OUT (without checkpoints) to the hub at the end; needs a login "
+                                  "(HF_TOKEN or `hf auth login`).", "hub")
+    hub_model_id: str | None = _f(None, "Hub repository for --push-to-hub (default: OUT's folder name).", "hub")
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def validation_enabled(self) -> bool:
+        return bool(self.validation_image or self.validation_prompt)
+
+    def validation_pairs(self) -> list[tuple[str, str]]:
+        """(image, prompt) pairs: 1 image with N prompts, N images with 1 prompt, or N with N."""
+        images, prompts = list(self.validation_image), list(self.validation_prompt)
+        if len(images) == 1 and len(prompts) > 1:
+            images = images * len(prompts)
+        elif len(prompts) == 1 and len(images) > 1:
+            prompts = prompts * len(images)
+        return list(zip(images, prompts))
+
+    def soft_threshold(self) -> tuple[float, float] | str:
+        """The parsed --soft-threshold-range, or "auto" (train.data.make_loader decides from the cache)."""
+        from train.augment import parse_range
+
+        return "auto" if self.soft_threshold_range is None else parse_range(self.soft_threshold_range)
+
+    @property
+    def logging_path(self) -> Path:
+        return Path(self.output_dir) / self.logging_dir
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ConfigError([f"unknown config key {k!r}" for k in unknown])
+        kwargs = {k: tuple(v) if names[k].metadata.get("multiple") else v for k, v in d.items()}
+        return cls(**kwargs)
+
+    def validate(self, *, cuda_available: bool | None = None) -> list[str]:
+        """Raise ConfigError listing every problem; return notes (adjustments made, e.g. clamps)."""
+        if cuda_available is None:
+            cuda_available = _cuda_available()
+        problems: list[str] = []
+        notes: list[str] = []
+
+        for name in ("model", "cache", "output_dir"):
+            if not getattr(self, name):
+                problems.append(f"--{name.replace('_', '-')} is required")
+        if self.model and _looks_local(self.model) and not Path(self.model).is_dir():
+            problems.append(f"model folder {self.model!r} does not exist")
+        if self.cache and "://" not in self.cache and not Path(self.cache).is_dir():
+            problems.append(f"cache folder {self.cache!r} does not exist (run `python -m precompute` first)")
+        if self.output_dir and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            problems.append(f"output dir {self.output_dir!r} exists and is not a folder")
+        for name in ("adapter", "vae"):
+            value = getattr(self, name)
+            if value and _looks_local(value) and not Path(value).is_dir():
+                problems.append(f"--{name} folder {value!r} does not exist")
+
+        def positive(name: str, minimum: float = 1) -> None:
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                problems.append(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+        for name in ("batch_size", "num_epochs", "max_steps", "gradient_accumulation_steps", "lr_num_cycles",
+                     "max_samples", "checkpointing_steps", "num_validation_images", "validation_steps",
+                     "validation_inference_steps", "log_every"):
+            positive(name)
+        for name in ("num_workers", "lr_warmup_steps", "shuffle_buffer", "seed", "adam_weight_decay"):
+            positive(name, 0)
+        for name in ("learning_rate", "lr_power", "adam_epsilon", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                problems.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            problems.append(f"--caption-dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.soft_threshold_range is not None:
+            try:
+                self.soft_threshold()
+            except ValueError as e:
+                problems.append(f"--soft-threshold-range: {e}")
+
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            problems.append(f"--lr-scheduler {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
+        if self.lr_scheduler == "piecewise_constant" and not self.lr_step_rules:
+            problems.append("--lr-scheduler piecewise_constant needs --lr-step-rules")
+        if self.mixed_precision not in MIXED_PRECISION:
+            problems.append(f"--mixed-precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
+        elif self.mixed_precision == "fp16" and not cuda_available:
+            problems.append("--mixed-precision fp16 needs a CUDA GPU (use bf16 or no on CPU)")
+        if self.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+            problems.append("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes")
+        if self.report_to not in REPORT_TO:
+            problems.append(f"--report-to {self.report_to!r} is not one of {', '.join(REPORT_TO)}")
+        elif self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            problems.append(f"--report-to {self.report_to} needs the {self.report_to} package: "
+                            f"pip install {self.report_to}")
+
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < MIN_CHECKPOINTS_KEPT:
+            notes.append(f"--checkpoints-total-limit {self.checkpoints_total_limit} raised to "
+                         f"{MIN_CHECKPOINTS_KEPT}: the newest checkpoint may be the one a crash interrupts")
+            self.checkpoints_total_limit = MIN_CHECKPOINTS_KEPT
+        if self.resume not in (None, "latest") and not Path(self.resume).is_dir():
+            problems.append(f"--resume {self.resume!r} is neither 'latest' nor a checkpoint folder")
+
+        n_img, n_prompt = len(self.validation_image), len(self.validation_prompt)
+        if n_img and not n_prompt:
+            problems.append("--validation-image given without --validation-prompt")
+        elif n_prompt and not n_img:
+            problems.append("--validation-prompt given without --validation-image")
+        elif n_img > 1 and n_prompt > 1 and n_img != n_prompt:
+            problems.append(f"{n_img} validation images and {n_prompt} validation prompts: give 1 image and N "
+                            "prompts, N images and 1 prompt, or N of each")
+        for image in self.validation_image:
+            if not Path(image).is_file():
+                problems.append(f"validation image {image!r} does not exist")
+        if self.validation_resolution is not None and (self.validation_resolution < 8
+                                                       or self.validation_resolution % 8):
+            problems.append(f"--validation-resolution must be a positive multiple of 8, got "
+                            f"{self.validation_resolution}")
+
+        if problems:
+            raise ConfigError(problems)
+        return notes
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    # accelerate's switch for "run on the CPU even if a GPU is present" (REFERENCE.md §3).
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return False
+    return torch.cuda.is_available()
+
+
+def _looks_local(name: str) -> bool:
+    """A hub id is 'org/name' (or 'name'); anything path-like or present on disk is a local folder."""
+    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
