@@ -15,6 +15,7 @@ import click
 
 from precompute.config import DATA_KINDS, DEVICES, ENCODE_DTYPES, PrecomputeConfig, PrecomputeError
 from precompute.encoders import EncoderError, ModelLoadError
+from precompute.conditions import METHODS
 from precompute.preprocess import CROP_MODES
 from precompute.sources import SourceError
 from shards import schema
@@ -65,14 +66,40 @@ written with another model or other byte-changing settings is refused.
               help="Keep items without a caption (captioned \"\") instead of skipping them.")
 @click.option("--resolution", type=int, default=D.resolution, show_default=True,
               help="Shortest side is resized to this, then a square crop of this size; a multiple of the VAE "
-                   "factor (8).")
+                   "factor (8). With --buckets: the side of the square bucket, others keep about its area.")
 @click.option("--crop", type=click.Choice(CROP_MODES), default=D.crop, show_default=True,
               help="Crop position; random is seeded per item by --seed (same crops on any number of processes).")
-@click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed of random crops.")
+@click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed of random crops (--crop random, --crops).")
 @click.option("--min-size", type=int, default=D.min_size,
               help="Skip images whose shortest side is below this many pixels [default: resolution/4; 0 keeps all].")
 @click.option("--max-aspect", type=float, default=D.max_aspect, show_default=True,
-              help="Skip images whose long/short side ratio exceeds this (0: no limit).")
+              help="Skip images more elongated than their crop target by more than this factor (square crops: "
+                   "the long/short side ratio; with --buckets: relative to the nearest bucket). 0: no limit.")
+@click.option("--buckets", default=D.buckets, metavar="none|sdxl|sdxl-full|HxW,...",
+              help="Aspect-ratio buckets instead of square crops: each image goes to the bucket nearest its aspect "
+                   "ratio, is resized to cover it and cropped to it. sdxl: 1024x1024, 1152x896, 1216x832, 1344x768, "
+                   "1536x640 and transposes; sdxl-full: the SDXL paper's 41 sizes (to 4:1); both scaled to "
+                   "--resolution. Or explicit HEIGHTxWIDTH sizes. [default: none]")
+@click.option("--bucket-step", type=int, default=D.bucket_step,
+              help="Side granularity of scaled bucket presets, a multiple of the model's (VAE factor x 2^(UNet "
+                   "down blocks - 1): 32 for SDXL) [default: 64 x resolution/1024, rounded up to that].")
+@click.option("--crops", type=int, default=D.crops, show_default=True,
+              help="Views per image: the planned crop plus CROPS-1 other seeded random crops of the same target "
+                   "(positions already stored are not repeated). Each view is a full sample; train uses one "
+                   "view per image per epoch.")
+@click.option("--flip", is_flag=True, default=D.flip,
+              help="Also store every crop mirrored left-right as another view (crop_top_left follows the flip). "
+                   "Not for conditions with a left/right meaning (e.g. colour-coded poses).")
+@click.option("--condition", type=click.Choice(METHODS), default=D.condition,
+              help="Compute the conditioning image from each view's pixels instead of reading the dataset's: "
+                   "canny (OpenCV), gray, or sketch (a soft edge map). Needs opencv-python-headless for canny "
+                   "and sketch.")
+@click.option("--canny-low", type=int, default=D.canny_low, help="Canny's lower hysteresis threshold [default: 100].")
+@click.option("--canny-high", type=int, default=D.canny_high,
+              help="Canny's upper hysteresis threshold [default: 200].")
+@click.option("--condition-soft", is_flag=True, default=D.condition_soft,
+              help="The stored conditioning images are soft maps (e.g. --condition sketch): train binarises each "
+                   "with a random threshold every time it is drawn (train's --soft-threshold-range).")
 @click.option("--samples-per-shard", type=int, default=D.samples_per_shard, show_default=True,
               help="Source items per output shard (folder datasets; a WebDataset input tar is one shard).")
 @click.option("--latent-store", type=click.Choice(schema.LATENT_STORES), default=D.latent_store, show_default=True,
@@ -101,6 +128,8 @@ def main(verbose: bool, **options) -> None:
     that `python -m train` reads."""
     if options["max_aspect"] is not None and options["max_aspect"] == 0:
         options["max_aspect"] = None
+    if options["buckets"] is not None and options["buckets"].strip().lower() == "none":
+        options["buckets"] = None
     cfg = PrecomputeConfig(**options)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

@@ -2,9 +2,10 @@
 
 `PrecomputeConfig` is what the CLI builds and `runner.run` consumes. `validate()` checks the
 settings and everything that can be checked before loading a model (dataset path, model folder
-layout, cache writability, geometry) and raises one `ConfigError` listing every problem, so a
-user fixes them all in one go. `identity()` says which settings change the bytes of the cache
-(and so must match when a run resumes into an existing cache); `resolved()` is the full config
+layout, cache writability, geometry, buckets against the model's granularity, views, condition
+method) and raises one `ConfigError` listing every problem, so a user fixes them all in one go. `identity()` says which settings change the bytes of the cache
+(and so must match when a run resumes into an existing cache): the resolved bucket sizes, the
+views, and the condition method with its parameters among them; `resolved()` is the full config
 recorded in the manifest.
 """
 
@@ -77,7 +78,18 @@ class PrecomputeConfig:
     crop: str = "center"  # center | random (seeded per item)
     seed: int = 0
     min_size: int | None = None  # skip images whose short side is below this (None: resolution // 4)
-    max_aspect: float | None = 4.0  # skip images more elongated than this (None: no limit)
+    max_aspect: float | None = 4.0  # skip images more elongated than their target (None: no limit)
+    # Aspect-ratio buckets: none (square crops), sdxl, sdxl-full, or "HxW,HxW,..." (precompute.buckets).
+    buckets: str | None = None
+    bucket_step: int | None = None  # side granularity of scaled presets (None: 64 * resolution / 1024, model-valid)
+    # -- views: extra stored versions of each image ------------------------------------------------
+    crops: int = 1  # crops per image: the planned one plus crops - 1 other random positions
+    flip: bool = False  # also store each crop mirrored left-right
+    # -- conditioning images computed from the image (precompute.conditions) ----------------------
+    condition: str | None = None  # canny | gray | sketch; None: the dataset's conditioning images
+    canny_low: int | None = None  # None: 100 (with --condition canny)
+    canny_high: int | None = None  # None: 200
+    condition_soft: bool = False  # the stored condition is a soft map: train thresholds it per draw
     # -- what is stored ---------------------------------------------------------------------------
     samples_per_shard: int = 256
     latent_store: str = "mean_std"  # mean_std | mean
@@ -116,6 +128,9 @@ class PrecomputeConfig:
             min_size=self.min_size,
             max_aspect=self.max_aspect,
         )
+        p += self._bucket_problems()
+        p += self.view_spec().problems()
+        p += self._condition_problems()
         if not isinstance(self.seed, int) or self.seed < 0:
             p.append(f"--seed must be an integer >= 0, got {self.seed!r}")
         for name, value, low in (
@@ -159,7 +174,76 @@ class PrecomputeConfig:
             p.append(f"--samples-per-shard must be an integer >= 1, got {self.samples_per_shard!r}")
         if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
             p.append(f"--max-samples must be an integer >= 1, got {self.max_samples!r}")
+        if self.condition is not None and self.conditioning_image_column is not None:
+            p.append(f"--conditioning-image-column has no effect with --condition {self.condition}: the "
+                     "conditioning image is computed from the image; drop one of them")
         return p
+
+    # -- buckets, views, conditions -------------------------------------------------------------
+    def _bucket_problems(self) -> list[str]:
+        from precompute.buckets import bucket_problems
+
+        if not isinstance(self.resolution, int) or self.resolution < 1:
+            return []  # reported by geometry_problems
+        return bucket_problems(self.buckets, self.resolution, self.bucket_step, self.granularity_hint())
+
+    def resolved_buckets(self, vae_scale_factor: int | None = None) -> list[tuple[int, int]] | None:
+        """The bucket sizes (h, w) of this run, or None for square crops. `vae_scale_factor` is the
+        loaded VAE's (the config hint otherwise)."""
+        from precompute.buckets import resolve_buckets
+
+        return resolve_buckets(self.buckets, self.resolution, step=self.bucket_step,
+                               granularity=self.granularity_hint(vae_scale_factor))
+
+    def view_spec(self):
+        from precompute.preprocess import ViewSpec
+
+        return ViewSpec(crops=self.crops, flip=self.flip)
+
+    def condition_spec(self):
+        """The ConditionSpec of --condition, or None when the dataset supplies conditioning images."""
+        from precompute.conditions import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, ConditionSpec
+
+        if self.condition is None:
+            return None
+        return ConditionSpec(
+            method=self.condition,
+            canny_low=DEFAULT_CANNY_LOW if self.canny_low is None else self.canny_low,
+            canny_high=DEFAULT_CANNY_HIGH if self.canny_high is None else self.canny_high,
+            soft=self.condition_soft,
+        )
+
+    def _condition_problems(self) -> list[str]:
+        spec = self.condition_spec()
+        p = spec.problems() if spec is not None else []
+        if self.condition != "canny":
+            for flag, value in (("--canny-low", self.canny_low), ("--canny-high", self.canny_high)):
+                if value is not None:
+                    p.append(f"{flag} only applies to --condition canny")
+        return p
+
+    def condition_identity(self) -> dict:
+        from precompute.conditions import dataset_identity
+
+        spec = self.condition_spec()
+        return dataset_identity(self.condition_soft) if spec is None else spec.identity()
+
+    def granularity_hint(self, vae_scale_factor: int | None = None) -> int:
+        """Pixels every bucket side must be a multiple of: vae_scale_factor * 2^(UNet down blocks
+        - 1), from the model's local UNet config (SDXL's 3 down blocks when there is none)."""
+        import json
+
+        from precompute.buckets import model_granularity
+
+        blocks = None
+        if self.model:
+            try:
+                unet = json.loads((Path(self.model).expanduser() / "unet" / "config.json").read_text())
+                blocks = len(unet["down_block_types"])
+            except (OSError, ValueError, KeyError, TypeError):
+                blocks = None
+        factor = self.vae_scale_factor_hint() if vae_scale_factor is None else vae_scale_factor
+        return model_granularity(factor, blocks)
 
     def validate(self) -> "PrecomputeConfig":
         problems = self.problems()
@@ -219,13 +303,15 @@ class PrecomputeConfig:
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
-    def identity(self, *, encoder: dict, latent: dict, text: dict, source: dict) -> dict:
+    def identity(self, *, encoder: dict, latent: dict, text: dict, source: dict,
+                 buckets: list[tuple[int, int]] | None = None) -> dict:
         """What makes a cache built with these settings this cache: everything that changes the
         bytes of a shard, and nothing that does not (strictness, batch size, workers, device,
         where the cache or its temp files live).
 
         `encoder` comes from `encoders.load_encoders`, `latent` and `text` from the loaded
-        encoders (dims and factors), `source` from `Source.describe()`.
+        encoders (dims and factors), `source` from `Source.describe()`, `buckets` from
+        `resolved_buckets` with the loaded VAE's factor.
         """
         return {
             "format_version": schema.FORMAT_VERSION,
@@ -235,18 +321,20 @@ class PrecomputeConfig:
             "geometry": {
                 "resolution": self.resolution,
                 "crop": self.crop,
-                "buckets": None,
+                "buckets": [list(b) for b in buckets] if buckets else None,
                 "min_size": self.min_size,
                 "max_aspect": self.max_aspect,
             },
+            "views": {"crops": self.crops, "flip": self.flip},
+            "condition": self.condition_identity(),
             "dtypes": {"storage": self.storage_dtype, "vae": self.vae_dtype, "text": self.text_dtype},
             "source": dict(source),
             "captions": {"allow_empty": self.allow_empty_captions},
             "max_samples": self.max_samples,
             "samples_per_shard": self.samples_per_shard,
-            # The seed only draws random crops: with centre crops it changes nothing, and a
-            # resume with another --seed must not be refused for it.
-            "seed": self.seed if self.crop == "random" else None,
+            # The seed only draws random crops: with centre crops (and one crop per image) it
+            # changes nothing, and a resume with another --seed must not be refused for it.
+            "seed": self.seed if self.crop == "random" or self.crops > 1 else None,
         }
 
     def resolved(self) -> dict:

@@ -8,6 +8,10 @@ object per line: {"source": "source/i.png", "target": "target/i.png", "prompt": 
 
 Item i depends only on (seed, i): a dataset of n items is a prefix of a larger one with the same
 seed, and any item can be regenerated alone. PIL and numpy only.
+
+`aspect="mixed"` (`--aspect mixed`) gives items of several aspect ratios, so a demo exercises
+aspect-ratio buckets: item i is `mixed_size(i, resolution)` (h, w), cycling through
+R x R, R x 1.5R, 1.5R x R and R x 2R (height x width, R the resolution).
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 _NAMES = list(PALETTE)
 
 PROMPT_FILE = "prompt.json"
+ASPECTS = ("square", "mixed")
+# (height, width) as multiples of the resolution, cycled by item index in the mixed layout.
+MIXED_SHAPES = ((1.0, 1.0), (1.0, 1.5), (1.5, 1.0), (1.0, 2.0))
 OUTLINE_MIN = 200  # outline brightness per channel: "white-ish", varies a little per item
 
 
@@ -64,31 +71,45 @@ def outline_width(resolution: int) -> int:
     return max(2, round(resolution / 32))
 
 
-def _item(rng: np.random.Generator, resolution: int) -> tuple[np.ndarray, np.ndarray, str]:
-    width = outline_width(resolution)
-    radius = rng.uniform(0.15, 0.35) * resolution
+def mixed_size(i: int, resolution: int) -> tuple[int, int]:
+    """(h, w) of item i in the mixed-aspect layout."""
+    fh, fw = MIXED_SHAPES[i % len(MIXED_SHAPES)]
+    return round(fh * resolution), round(fw * resolution)
+
+
+def _item(
+    rng: np.random.Generator, resolution: int, size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray, str]:
+    h, w = size or (resolution, resolution)
+    short = min(h, w)
+    width = outline_width(short)
+    radius = rng.uniform(0.15, 0.35) * short
     # Keep the whole outline inside the frame so the condition always shows a complete circle.
     margin = radius + width
-    cy, cx = rng.uniform(margin, resolution - margin, size=2)
+    if h == w:
+        cy, cx = rng.uniform(margin, h - margin, size=2)
+    else:
+        cy, cx = rng.uniform(margin, h - margin), rng.uniform(margin, w - margin)
     fill, background = rng.choice(len(_NAMES), size=2, replace=False)
     outline = rng.integers(OUTLINE_MIN, 256, size=3)
 
     # Distance of each pixel centre from the circle centre; shapes come from thresholds on it,
     # so source and target describe exactly the same circle.
-    yy, xx = np.mgrid[0:resolution, 0:resolution] + 0.5
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
     dist = np.hypot(yy - cy, xx - cx)
 
-    source = np.zeros((resolution, resolution, 3), np.uint8)
+    source = np.zeros((h, w, 3), np.uint8)
     source[np.abs(dist - radius) <= width / 2] = outline
-    target = np.empty((resolution, resolution, 3), np.uint8)
+    target = np.empty((h, w, 3), np.uint8)
     target[:] = PALETTE[_NAMES[background]]
     target[dist <= radius] = PALETTE[_NAMES[fill]]
     prompt = f"{_NAMES[fill]} circle with {_NAMES[background]} background"
     return source, target, prompt
 
 
-def make_fill_dataset(out_dir: str | Path, n: int, resolution: int, seed: int = 0) -> Path:
-    """Write n fill items at resolution x resolution px to `out_dir` (fill50k layout); return it.
+def make_fill_dataset(out_dir: str | Path, n: int, resolution: int, seed: int = 0, aspect: str = "square") -> Path:
+    """Write n fill items at resolution x resolution px (aspect "square") or of mixed aspect
+    ratios (`mixed_size`) to `out_dir` (fill50k layout); return it.
 
     Written into a temporary sibling and renamed into place, so `out_dir` is absent or complete.
     An existing `out_dir` is replaced only if empty or an earlier fill dataset (has prompt.json).
@@ -98,6 +119,8 @@ def make_fill_dataset(out_dir: str | Path, n: int, resolution: int, seed: int = 
         problems.append(f"n must be >= 1, got {n}")
     if resolution < 16:
         problems.append(f"resolution must be >= 16 px, got {resolution}")
+    if aspect not in ASPECTS:
+        problems.append(f"aspect must be one of {list(ASPECTS)}, got {aspect!r}")
     if problems:
         raise ValueError("make_fill_dataset: " + "; ".join(problems))
     out = Path(out_dir)
@@ -113,7 +136,8 @@ def make_fill_dataset(out_dir: str | Path, n: int, resolution: int, seed: int = 
         (tmp / "target").mkdir()
         lines = []
         for i in tqdm(range(n), desc="fill", unit="img", disable=n < 1000):
-            source, target, prompt = _item(np.random.default_rng([seed, i]), resolution)
+            size = mixed_size(i, resolution) if aspect == "mixed" else None
+            source, target, prompt = _item(np.random.default_rng([seed, i]), resolution, size)
             Image.fromarray(source).save(tmp / "source" / f"{i}.png")
             Image.fromarray(target).save(tmp / "target" / f"{i}.png")
             record = {"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": prompt}
@@ -142,9 +166,13 @@ def _make_readable(folder: Path) -> None:
 @click.option("--n", "n", type=click.IntRange(min=1), default=64, show_default=True, help="Number of items.")
 @click.option("--resolution", type=click.IntRange(min=16), default=64, show_default=True, help="Image side in px.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same files.")
-def main(out: Path, n: int, resolution: int, seed: int) -> None:
-    path = make_fill_dataset(out, n=n, resolution=resolution, seed=seed)
-    click.echo(f"{n} fill items at {resolution} px written to {path} (seed {seed})")
+@click.option("--aspect", type=click.Choice(ASPECTS), default="square", show_default=True,
+              help="square: every item RxR. mixed: cycle RxR, Rx1.5R, 1.5RxR, Rx2R (height x width) to exercise "
+                   "aspect-ratio buckets.")
+def main(out: Path, n: int, resolution: int, seed: int, aspect: str) -> None:
+    path = make_fill_dataset(out, n=n, resolution=resolution, seed=seed, aspect=aspect)
+    shape = f"{resolution} px" if aspect == "square" else f"mixed aspect ratios (base {resolution} px)"
+    click.echo(f"{n} fill items at {shape} written to {path} (seed {seed})")
 
 
 if __name__ == "__main__":

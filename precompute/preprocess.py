@@ -11,26 +11,33 @@ encoders:
   `CenterCrop(resolution)` — reproduced exactly (same integer rounding, same PIL resampling), with a
   seeded random crop as an option. The plan is data (`Geometry`) so that it can be recorded as
   SDXL's micro-conditioning (`original_size`, `crop_top_left`, `target_size`) and applied
-  identically to the conditioning image.
-- `prepare`: ties it together and turns every per-item problem into `Skip(reason, detail)`; the
-  reason is a slug from `SKIP_REASONS`, counted in the manifest, and the detail names the file.
+  identically to the conditioning image. With aspect-ratio buckets (`precompute.buckets`) the
+  target is the bucket nearest the image's aspect ratio instead of a square, and the resize is the
+  smallest that covers it; for a square target that is exactly the reference's resize.
+- `plan_views`: the extra views a cache may store per image (`--crops K` other random crops of the
+  same bucket, `--flip` mirror images whose crop_top_left follows the flip), all as `Geometry`.
+- `prepare_views` / `prepare`: tie it together and turn every per-item problem into
+  `Skip(reason, detail)`; the reason is a slug from `SKIP_REASONS`, counted in the manifest, and
+  the detail names the file. The conditioning image of each view is the dataset's, put through the
+  view's geometry, or computed from the view's own pixels (`precompute.conditions`).
 
 Per-item problems raise `Skip`; invalid settings (a resolution not divisible by the VAE factor, an
 unknown crop mode) raise `ValueError`, because they are the caller's bug, not the data's.
-Aspect-ratio buckets and flipped views (issue 5) fit the same `Geometry`: a bucket is a
-non-square `target_size`, a flip is `Geometry.mirrored()`.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from precompute.buckets import aspect_mismatch, bucket_label, nearest_bucket, resize_to_cover
+from precompute.conditions import ConditionSpec, compute_condition
 from precompute.sources import RawItem
 
 # Every reason a source item can be skipped for. Slugs are stable: they are counted per shard in
@@ -57,6 +64,9 @@ SKIP_REASONS: dict[str, str] = {
 }
 
 CROP_MODES = ("center", "random")
+# Views multiply storage (every view is a full sample) and read I/O per epoch; more than this many
+# crops of one image is almost certainly a mistake.
+MAX_CROPS = 16
 # A 4:1 image keeps a quarter of its area in a square crop; beyond that the crop is mostly not the
 # picture the caption describes (a 10:1 panorama keeps a tenth).
 DEFAULT_MAX_ASPECT = 4.0
@@ -119,6 +129,8 @@ class Prepared:
     # True when the conditioning image had another pixel size than the image (same aspect ratio)
     # and was resampled to the image's geometry; worth a warning, not a skip.
     cond_resized: bool = False
+    view: int = 0  # index among the item's stored views (0: the primary view)
+    view_info: dict = field(default_factory=lambda: {"crop": 0, "flip": False})
 
 
 # --------------------------------------------------------------------------------------- decoding
@@ -270,12 +282,20 @@ def plan_geometry(
     min_size: int | None = None,
     max_aspect: float | None = DEFAULT_MAX_ASPECT,
     name: str = "image",
+    buckets: Sequence[tuple[int, int]] | None = None,
 ) -> Geometry:
-    """Plan the reference transform for an image of `original_size` (h, w, after EXIF).
+    """Plan the transform for an image of `original_size` (h, w, after EXIF).
 
-    Resize the shortest side to `resolution` (torchvision's rounding), crop a square of
-    `resolution` (centre, or seeded random). `min_size` None means resolution // 4, 0 accepts any
-    size; `max_aspect` None accepts any aspect ratio. Raises Skip("aspect_extreme" /
+    The target is a square of `resolution`, or with `buckets` the bucket nearest the image's
+    aspect ratio (`buckets.nearest_bucket`). The image is resized so that it just covers the
+    target (`buckets.resize_to_cover`; for a square target this is the reference's shortest-side
+    resize with torchvision's rounding), then cropped to it (centre, or seeded random).
+
+    `max_aspect` bounds how much more elongated the image is than its target (the crop keeps
+    1/ratio of the resized image): for a square target that is the image's long/short ratio;
+    with buckets an extreme image first goes to the most extreme bucket and is then held to the
+    same bound (10:1 against SDXL's 1536x640 is 4.17 > 4: skipped). None accepts any aspect ratio.
+    `min_size` None means resolution // 4, 0 accepts any size. Raises Skip("aspect_extreme" /
     "image_too_small") naming `name`, ValueError for invalid settings.
     """
     problems = geometry_problems(
@@ -286,13 +306,24 @@ def plan_geometry(
     h, w = int(original_size[0]), int(original_size[1])
     if h < 1 or w < 1:
         raise Skip("image_corrupt", f"{name}: image has no pixels ({w}x{h})")
+    if buckets is not None:
+        bad = [b for b in buckets if b[0] % vae_scale_factor or b[1] % vae_scale_factor or min(b) < 1]
+        if not buckets or bad:
+            raise ValueError(
+                f"buckets must be a non-empty list of (h, w) multiples of {vae_scale_factor}, got {bad or buckets}"
+            )
+        target_size = tuple(int(x) for x in nearest_bucket((h, w), list(buckets)))
+    else:
+        target_size = (resolution, resolution)
     short, long = min(h, w), max(h, w)
-    if max_aspect is not None and long / short > max_aspect:
-        kept = 100.0 * short / long
+    mismatch = float(aspect_mismatch((h, w), target_size))
+    if max_aspect is not None and mismatch > max_aspect:
+        kept = 100.0 / mismatch
+        against = "a square crop" if buckets is None else f"its nearest bucket {bucket_label(target_size)} (h x w)"
         raise Skip(
             "aspect_extreme",
-            f"{name}: {w}x{h} px has aspect ratio {long / short:.2f}:1 > max_aspect {max_aspect:g} "
-            f"(a square crop would keep {kept:.0f}% of it)",
+            f"{name}: {w}x{h} px is {mismatch:.2f}x more elongated than {against} > max_aspect {max_aspect:g} "
+            f"(aspect ratio {long / short:.2f}:1; the crop would keep {kept:.0f}% of it)",
         )
     need = effective_min_size(resolution, min_size)
     if short < need:
@@ -301,10 +332,8 @@ def plan_geometry(
             f"{name}: {w}x{h} px, shortest side {short} < min_size {need} "
             f"(would be upscaled {resolution / short:.1f}x to {resolution}); set min_size 0 to keep it",
         )
-    resize_size = resize_shortest_side((h, w), resolution)
-    target_size = (resolution, resolution)
-    # Always true for a square crop at a valid resolution; kept as the invariant that buckets
-    # (non-square targets) must also satisfy: the latent covers the crop exactly.
+    resize_size = resize_to_cover((h, w), target_size)
+    # The latent covers the crop exactly (checked for buckets above, by geometry_problems for squares).
     assert target_size[0] % vae_scale_factor == 0 and target_size[1] % vae_scale_factor == 0
     top_left = crop_offsets(resize_size, target_size, crop, rng)
     return Geometry(original_size=(h, w), resize_size=resize_size, crop_top_left=top_left, target_size=target_size)
@@ -336,6 +365,50 @@ def to_model_input(rgb: np.ndarray) -> torch.Tensor:
     if not rgb.flags.writeable:  # torch.from_numpy warns on read-only arrays (e.g. views of PIL images)
         rgb = rgb.copy()
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Which views of each image a cache stores: `crops` crops, each also mirrored with `flip`."""
+
+    crops: int = 1
+    flip: bool = False
+
+    def problems(self) -> list[str]:
+        if not isinstance(self.crops, int) or isinstance(self.crops, bool) or not 1 <= self.crops <= MAX_CROPS:
+            return [f"--crops must be an integer in [1, {MAX_CROPS}], got {self.crops!r}"]
+        return []
+
+    @property
+    def max_views(self) -> int:
+        return self.crops * (2 if self.flip else 1)
+
+
+def plan_views(base: Geometry, spec: ViewSpec, rng: np.random.Generator | None) -> list[tuple[Geometry, dict]]:
+    """The geometries of an item's views, in key order, each with {"crop": c, "flip": bool}.
+
+    Crop 0 is `base` (centre or random, as planned). Crops 1..K-1 are random positions of the
+    same target in the same resized image, drawn from `rng` after whatever `base` drew; a position
+    equal to an earlier crop's is not stored twice (an image with its target's exact aspect ratio
+    has one crop). With `flip` each crop is followed by its mirror image, whose crop_top_left
+    follows the flip (`Geometry.mirrored`).
+    """
+    if spec.problems():
+        raise ValueError("; ".join(spec.problems()))
+    crops = [base]
+    if spec.crops > 1:
+        if rng is None:
+            raise ValueError("crops > 1 needs an rng (np.random.Generator), e.g. item_rng(seed, shard, position)")
+        for _ in range(spec.crops - 1):
+            top_left = crop_offsets(base.resize_size, base.target_size, "random", rng)
+            if all(top_left != c.crop_top_left for c in crops):
+                crops.append(replace(base, crop_top_left=top_left))
+    out = []
+    for c, g in enumerate(crops):
+        out.append((g, {"crop": c, "flip": False}))
+        if spec.flip:
+            out.append((g.mirrored(), {"crop": c, "flip": True}))
+    return out
 
 
 def item_rng(seed: int, shard_index: int, position: int) -> np.random.Generator:
@@ -387,13 +460,38 @@ def prepare(
     min_size: int | None = None,
     max_aspect: float | None = DEFAULT_MAX_ASPECT,
     allow_empty_captions: bool = False,
+    buckets: Sequence[tuple[int, int]] | None = None,
+    condition: ConditionSpec | None = None,
 ) -> Prepared:
-    """RawItem -> Prepared, or Skip. Checks run cheapest first (source error, captions, decode).
+    """RawItem -> the Prepared primary view, or Skip: `prepare_views` with a single view."""
+    return prepare_views(
+        item, resolution=resolution, crop=crop, rng=rng, vae_scale_factor=vae_scale_factor, min_size=min_size,
+        max_aspect=max_aspect, allow_empty_captions=allow_empty_captions, buckets=buckets, condition=condition,
+    )[0]
 
-    The conditioning image gets exactly the image's geometry. If its pixel size differs but its
+
+def prepare_views(
+    item: RawItem,
+    *,
+    resolution: int,
+    crop: str = "center",
+    rng: np.random.Generator | None = None,
+    vae_scale_factor: int = 8,
+    min_size: int | None = None,
+    max_aspect: float | None = DEFAULT_MAX_ASPECT,
+    allow_empty_captions: bool = False,
+    buckets: Sequence[tuple[int, int]] | None = None,
+    views: ViewSpec = ViewSpec(),
+    condition: ConditionSpec | None = None,
+) -> list[Prepared]:
+    """RawItem -> one Prepared per view (`plan_views` order), or Skip. Checks run cheapest first
+    (source error, captions, decode); the image is decoded once for all views.
+
+    The conditioning image gets exactly each view's geometry. If its pixel size differs but its
     aspect ratio matches (see COND_ASPECT_TOLERANCE), it is resampled straight to the image's
     resized size (one resampling, not two) and `cond_resized` is set; a different aspect ratio is
-    Skip("cond_size_mismatch"), since no resize could align it with the image.
+    Skip("cond_size_mismatch"), since no resize could align it with the image. With `condition`,
+    the dataset's conditioning image is not used: each view's is computed from its own pixels.
     """
     if item.error is not None:
         raise Skip(*item.error)
@@ -402,7 +500,7 @@ def prepare(
     if item.image is None:
         raise Skip("image_missing", f"{name}: no image")
     cond_name = item.cond_id or f"{name} (conditioning image)"
-    if item.cond is None:
+    if condition is None and item.cond is None:
         raise Skip("cond_missing", f"{cond_name}: no conditioning image")
     img = load_rgb(item.image, "image", name)
     geometry = plan_geometry(
@@ -414,20 +512,35 @@ def prepare(
         min_size=min_size,
         max_aspect=max_aspect,
         name=name,
+        buckets=buckets,
     )
-    cond = load_rgb(item.cond, "cond", cond_name)
-    cond_resized = cond.size != img.size
-    if cond_resized and not _cond_aspect_matches((img.height, img.width), (cond.height, cond.width)):
-        raise Skip(
-            "cond_size_mismatch",
-            f"{cond_name}: {cond.width}x{cond.height} px does not have the aspect ratio of the image "
-            f"{name} ({img.width}x{img.height} px)",
-        )
-    return Prepared(
-        source_id=name,
-        captions=captions,
-        pixels=to_model_input(apply_geometry(img, geometry)),
-        cond=apply_geometry(cond, geometry),
-        geometry=geometry,
-        cond_resized=cond_resized,
-    )
+    cond = None
+    cond_resized = False
+    if condition is None:
+        cond = load_rgb(item.cond, "cond", cond_name)
+        cond_resized = cond.size != img.size
+        if cond_resized and not _cond_aspect_matches((img.height, img.width), (cond.height, cond.width)):
+            raise Skip(
+                "cond_size_mismatch",
+                f"{cond_name}: {cond.width}x{cond.height} px does not have the aspect ratio of the image "
+                f"{name} ({img.width}x{img.height} px)",
+            )
+        if cond_resized:  # resample once, to the resize every view shares
+            rh, rw = geometry.resize_size
+            cond = cond.resize((rw, rh), resample=Image.Resampling.BILINEAR)
+    if img.size != (geometry.resize_size[1], geometry.resize_size[0]):  # resize once for every view
+        img = img.resize((geometry.resize_size[1], geometry.resize_size[0]), resample=Image.Resampling.BILINEAR)
+    out = []
+    for index, (g, info) in enumerate(plan_views(geometry, views, rng)):
+        rgb = apply_geometry(img, g)
+        out.append(Prepared(
+            source_id=name,
+            captions=captions,
+            pixels=to_model_input(rgb),
+            cond=compute_condition(rgb, condition) if condition is not None else apply_geometry(cond, g),
+            geometry=g,
+            cond_resized=cond_resized,
+            view=index,
+            view_info=info,
+        ))
+    return out

@@ -11,16 +11,20 @@
    and broadcasts that; the *pending* shards are dealt round-robin over the processes, so a
    resumed run keeps every process busy. Output shard i is made from source unit i.
 5. Each shard: source items are decoded and preprocessed by a thread pool (bounded look-ahead,
-   results consumed in order), encoded in batches (VAE moments; every caption of every sample
-   through both text encoders), and written with key `schema.sample_key(shard, position)`. Skips
-   are counted per reason in the shard record (`--strict` turns the first into an error).
+   results consumed in order) into one or more views each (bucket geometry, extra crops, flips,
+   computed conditions: `preprocess.prepare_views`), encoded in batches (VAE moments, one call per
+   pixel shape; every caption of every item through both text encoders, once for all its views),
+   and written with key `shards.views.view_key(shard, position, view)` (view 0 is
+   `schema.sample_key(shard, position)`). A bucketed cache's records list each sample's latent
+   shape. Skips are counted per reason in the shard record (`--strict` turns the first into an
+   error).
 6. After every process is done, rank 0 checks that every planned shard has a record and writes
    `manifest.json` last.
 
 Byte-reproducibility: nothing in a shard, record, identity, empty prompt or manifest depends on
 the number of processes, which process made a shard, how often the run was interrupted, or the
-time: keys and random crops are functions of (seed, shard, position), batches are formed within
-a shard in item order, tars carry no timestamps, and the manifest's `created` is left empty
+time: keys, buckets, random crops and views are functions of (seed, shard, position), batches
+are formed within a shard in item order, tars carry no timestamps, and the manifest's `created` is left empty
 unless SOURCE_DATE_EPOCH pins it. Timings are reported in the summary, not stored. (Kernels may
 round differently on other hardware or thread counts; that is outside what a cache can pin.)
 """
@@ -40,12 +44,13 @@ import torch
 
 from precompute.config import ConfigError, PrecomputeConfig, PrecomputeError
 from precompute.encoders import LatentEncoder, PromptEncoder, load_encoders
-from precompute.preprocess import Prepared, Skip, item_rng, prepare
+from precompute.preprocess import Prepared, Skip, item_rng, prepare_views
 from precompute.sources import FolderSource, RawItem, Source, SourceError, open_source
 from shards import schema
 from shards.manifest import Manifest, ShardRecord, ensure_identity, identity_diff, read_identity
 from shards.reader import write_empty_prompt
 from shards.store import TEMP_PREFIX, LocalStore, Store, open_store
+from shards.views import view_key
 from shards.writer import ShardWriter, completed_record
 
 log = logging.getLogger(__name__)
@@ -103,7 +108,7 @@ class Summary:
     shards: int  # planned = in the manifest
     shards_resumed: int  # already complete when this run started
     shards_written: int  # by this run
-    samples: int  # in the cache
+    samples: int  # in the cache (views included)
     samples_written: int  # by this run
     items_read: int  # source items processed by this run (written + skipped)
     skipped: dict[str, int]  # in the cache, by reason
@@ -112,6 +117,7 @@ class Summary:
     seconds: float  # the whole run, model loading included
     encode_seconds: float  # from the plan until every process finished its shards
     timings: Timings = field(default_factory=Timings)
+    sources: int | None = None  # images in the cache when it stores several views of each
 
     @property
     def images_per_second(self) -> float:
@@ -127,7 +133,8 @@ class Summary:
         lines = [
             f"precompute done: {self.cache}",
             f"  samples   {self.samples} in the cache ({self.samples_written} written by this run), "
-            f"skipped {skipped} ({reasons})",
+            f"skipped {skipped} ({reasons})"
+            + (f"; {self.sources} images x {self.samples / self.sources:.2f} views" if self.sources else ""),
             f"  shards    {self.shards} ({self.shards_written} written, {self.shards_resumed} already complete)",
             f"  bytes     {self.bytes:,} ({self.bytes / max(self.samples, 1) / 1024:.1f} KiB/sample)",
             f"  time      {self.seconds:.1f}s on {self.world_size} process(es) ({self.encode_seconds:.1f}s "
@@ -147,8 +154,8 @@ class Summary:
 class _Outcome:
     position: int
     source_id: str
-    prepared: Prepared | None
-    cond_png: bytes | None
+    views: list[Prepared]  # one per stored view (empty when skipped)
+    cond_pngs: list[bytes]  # the views' conditioning images, PNG-encoded by the worker
     skip: Skip | None
     seconds: float
 
@@ -196,9 +203,12 @@ class _ShardEncoder:
     """Encodes the shards assigned to this process; keeps per-process counters."""
 
     def __init__(self, cfg: PrecomputeConfig, store: Store, source: Source, latent: LatentEncoder,
-                 prompt: PromptEncoder, *, rank_tag: str, bar):
+                 prompt: PromptEncoder, *, rank_tag: str, bar, buckets: list[tuple[int, int]] | None = None):
         self.cfg, self.store, self.source = cfg, store, source
         self.latent, self.prompt = latent, prompt
+        self.buckets = buckets
+        self.view_spec = cfg.view_spec()
+        self.condition = cfg.condition_spec()
         self.rank_tag = rank_tag
         self.bar = bar
         self.timings = Timings()
@@ -215,7 +225,7 @@ class _ShardEncoder:
         t0 = time.perf_counter()
         cfg = self.cfg
         try:
-            prepared = prepare(
+            views = prepare_views(
                 item,
                 resolution=cfg.resolution,
                 crop=cfg.crop,
@@ -224,16 +234,22 @@ class _ShardEncoder:
                 min_size=cfg.min_size,
                 max_aspect=cfg.max_aspect,
                 allow_empty_captions=cfg.allow_empty_captions,
+                buckets=self.buckets,
+                views=self.view_spec,
+                condition=self.condition,
             )
-            png = schema.encode_png(prepared.cond)
-            return _Outcome(position, item.source_id, prepared, png, None, time.perf_counter() - t0)
+            pngs = [schema.encode_png(v.cond) for v in views]
+            return _Outcome(position, item.source_id, views, pngs, None, time.perf_counter() - t0)
         except Skip as s:
-            return _Outcome(position, item.source_id, None, None, s, time.perf_counter() - t0)
+            return _Outcome(position, item.source_id, [], [], s, time.perf_counter() - t0)
 
     def _prepared(self, shard: int) -> Iterator[_Outcome]:
         """The unit's items, prepared by the pool with bounded look-ahead, in source order."""
         items = enumerate(self.source.iter_unit(shard))
-        ahead = max(1, self.cfg.num_workers) * PREFETCH_PER_WORKER + self.cfg.batch_size
+        workers = max(1, self.cfg.num_workers)
+        # Each item in flight holds all its views' pixels: keep the look-ahead's memory, not its
+        # item count, what it was without views.
+        ahead = max(workers + 1, (workers * PREFETCH_PER_WORKER + self.cfg.batch_size) // self.view_spec.max_views)
         pending: deque[Future | _Done] = deque()
         exhausted = False
         try:
@@ -273,23 +289,28 @@ class _ShardEncoder:
             log.warning(self.rank_tag + "further %s warnings are not shown (every skip is counted and listed in the "
                         "shard records and the manifest)", "skip" if kind == "skip" else "caption/conditioning")
 
-    def _encode_batch(self, writer: ShardWriter, shard: int, batch: list[_Outcome]) -> None:
+    def _encode_batch(self, writer: ShardWriter, shard: int, batch: list[_Outcome]) -> int:
+        """Encode and write every view of the items in `batch`; returns the samples written."""
         t0 = time.perf_counter()
-        means: list[torch.Tensor] = [None] * len(batch)  # type: ignore[list-item]
-        stds: list[torch.Tensor] = [None] * len(batch)  # type: ignore[list-item]
-        # One VAE call per pixel shape (a single shape today; aspect buckets will bring more).
-        by_shape: dict[tuple, list[int]] = {}
+        # One VAE call per pixel shape (aspect buckets bring several), at most batch_size images.
+        means: dict[tuple[int, int], torch.Tensor] = {}
+        stds: dict[tuple[int, int], torch.Tensor] = {}
+        by_shape: dict[tuple, list[tuple[int, int]]] = {}
         for j, o in enumerate(batch):
-            by_shape.setdefault(tuple(o.prepared.pixels.shape), []).append(j)
+            for v, p in enumerate(o.views):
+                by_shape.setdefault(tuple(p.pixels.shape), []).append((j, v))
         for idx in by_shape.values():
-            mean, std = self.latent(torch.stack([batch[j].prepared.pixels for j in idx]))
-            mean, std = mean.cpu(), std.cpu()
-            for k, j in enumerate(idx):
-                means[j], stds[j] = mean[k], std[k]
+            for start in range(0, len(idx), self.cfg.batch_size):
+                chunk = idx[start : start + self.cfg.batch_size]
+                mean, std = self.latent(torch.stack([batch[j].views[v].pixels for j, v in chunk]))
+                mean, std = mean.cpu(), std.cpu()
+                for k, jv in enumerate(chunk):
+                    means[jv], stds[jv] = mean[k], std[k]
         t1 = time.perf_counter()
         self.timings.vae += t1 - t0
 
-        captions = [c for o in batch for c in o.prepared.captions]
+        # Captions once per item: its views share them.
+        captions = [c for o in batch for c in o.views[0].captions]
         embeds, pooled = [], []
         for start in range(0, len(captions), TEXT_CHUNK):
             e, p = self.prompt(captions[start : start + TEXT_CHUNK])
@@ -300,48 +321,57 @@ class _ShardEncoder:
         t2 = time.perf_counter()
         self.timings.text += t2 - t1
 
-        offset = 0
+        offset = written = 0
+        several_views = self.view_spec.max_views > 1
         for j, o in enumerate(batch):
-            p = o.prepared
-            k = len(p.captions)
-            for c, n in zip(p.captions, counts[offset : offset + k]):
+            first = o.views[0]
+            k = len(first.captions)
+            for c, n in zip(first.captions, counts[offset : offset + k]):
                 if n > self.prompt.info.max_length:
                     self.truncated += 1
                     self._warn("note", "%s: caption has %d tokens; the text encoders see the first %d (truncated as "
                                "SDXL does): %.60r", o.source_id, n, self.prompt.info.max_length, c)
-            if p.cond_resized:
+            if first.cond_resized:
                 self._warn("note", "%s: conditioning image has another pixel size than the image (same aspect "
                            "ratio); resampled to the image's geometry", o.source_id)
-            g = p.geometry
-            meta = schema.SampleMeta(
-                key=schema.sample_key(shard, o.position),
-                source_id=o.source_id,
-                captions=list(p.captions),
-                original_size=g.original_size,
-                crop_top_left=g.crop_top_left,
-                target_size=g.target_size,
-                flip=g.flip,
-            )
-            writer.write(
-                schema.Sample(
-                    meta=meta,
-                    latent_mean=means[j],
-                    latent_std=stds[j] if self.cfg.latent_store == "mean_std" else None,
-                    prompt_embeds=prompt_embeds[offset : offset + k],
-                    pooled_prompt_embeds=pooled_embeds[offset : offset + k],
-                    cond_png=o.cond_png,
+            for v, p in enumerate(o.views):
+                g = p.geometry
+                meta = schema.SampleMeta(
+                    key=view_key(shard, o.position, v),
+                    source_id=o.source_id,
+                    captions=list(p.captions),
+                    original_size=g.original_size,
+                    crop_top_left=g.crop_top_left,
+                    target_size=g.target_size,
+                    flip=g.flip,
+                    # Only caches with views say so: a one-view cache's samples are unchanged.
+                    extra={"view": {"index": v, **p.view_info}} if several_views else {},
                 )
-            )
+                writer.write(
+                    schema.Sample(
+                        meta=meta,
+                        latent_mean=means[(j, v)],
+                        latent_std=stds[(j, v)] if self.cfg.latent_store == "mean_std" else None,
+                        prompt_embeds=prompt_embeds[offset : offset + k],
+                        pooled_prompt_embeds=pooled_embeds[offset : offset + k],
+                        cond_png=o.cond_pngs[v],
+                    )
+                )
+                written += 1
             offset += k
         self.timings.write += time.perf_counter() - t2
+        return written
 
     def encode_shard(self, shard: int) -> ShardRecord:
         cfg = self.cfg
         skipped: Counter[str] = Counter()
         skipped_items: list[dict] = []
         batch: list[_Outcome] = []
-        written = 0
-        with ShardWriter(self.store, shard, storage_dtype=cfg.storage_dtype, tmp_dir=cfg.tmp_dir) as writer:
+        in_batch = written = 0
+        # Bucketed caches list each sample's latent shape in the record: train plans one-shape
+        # batches from the records alone.
+        with ShardWriter(self.store, shard, storage_dtype=cfg.storage_dtype, tmp_dir=cfg.tmp_dir,
+                         record_latent_shapes=self.buckets is not None) as writer:
             for o in self._prepared(shard):
                 self.items_read += 1
                 if self.bar is not None:
@@ -357,13 +387,12 @@ class _ShardEncoder:
                     self._warn("skip", "skipped %s (%s): %s", o.source_id, o.skip.reason, o.skip.detail)
                     continue
                 batch.append(o)
-                if len(batch) == cfg.batch_size:
-                    self._encode_batch(writer, shard, batch)
-                    written += len(batch)
-                    batch = []
+                in_batch += len(o.views)
+                if in_batch >= cfg.batch_size:
+                    written += self._encode_batch(writer, shard, batch)
+                    batch, in_batch = [], 0
             if batch:
-                self._encode_batch(writer, shard, batch)
-                written += len(batch)
+                written += self._encode_batch(writer, shard, batch)
             t0 = time.perf_counter()
             record = writer.commit(dict(skipped), skipped_items)
             self.timings.commit += time.perf_counter() - t0
@@ -390,6 +419,7 @@ def _open(cfg: PrecomputeConfig) -> Source:
                 caption_column=cfg.caption_column,
                 samples_per_shard=cfg.samples_per_shard,
                 max_samples=cfg.max_samples,
+                require_conditioning=cfg.condition is None,
             )
         except SourceError as e:
             problems.append(f"--data {cfg.data}: {e}")
@@ -446,7 +476,7 @@ def _prepare_cache(cfg: PrecomputeConfig, store: Store, source: Source, prompt: 
 
 
 def _encode(cfg: PrecomputeConfig, store: Store, source: Source, latent: LatentEncoder, prompt: PromptEncoder,
-            mine: list[int], state) -> _ShardEncoder:
+            mine: list[int], state, buckets: list[tuple[int, int]] | None) -> _ShardEncoder:
     """Encode this process's shards, with a progress bar (images/s) on a terminal."""
     rank, world = state.process_index, state.num_processes
     bar = None
@@ -459,7 +489,7 @@ def _encode(cfg: PrecomputeConfig, store: Store, source: Source, latent: LatentE
             disable=None, smoothing=0.05,
         )
     rank_tag = f"[rank {rank}] " if world > 1 else ""
-    worker = _ShardEncoder(cfg, store, source, latent, prompt, rank_tag=rank_tag, bar=bar)
+    worker = _ShardEncoder(cfg, store, source, latent, prompt, rank_tag=rank_tag, bar=bar, buckets=buckets)
     try:
         for i in mine:
             record = worker.encode_shard(i)
@@ -516,13 +546,20 @@ def run(cfg: PrecomputeConfig) -> Summary:
     f = latent.info.vae_scale_factor
     if cfg.resolution % f:
         raise ConfigError([f"--resolution {cfg.resolution} is not divisible by this VAE's scale factor {f}"])
-    if cfg.resolution % (4 * f):
+    if cfg.buckets is None and cfg.resolution % (4 * f):
         # full_adapter_xl downsamples the conditioning image by 2f, then once more by 2, and must
         # meet the UNet's second downsampler: sides must be multiples of 4f (32 for SDXL).
         info("note: --resolution %d is not a multiple of %d; an SDXL T2I-Adapter (full_adapter_xl) needs "
              "image sides that are, so train may refuse this cache", cfg.resolution, 4 * f)
+    try:
+        buckets = cfg.resolved_buckets(f)
+    except ValueError as e:
+        raise ConfigError([str(e)]) from None
+    if buckets is not None:
+        info("buckets (h x w): %s", ", ".join(f"{h}x{w}" for h, w in buckets))
     identity = cfg.identity(
-        encoder=encoder_identity, latent=asdict(latent.info), text=asdict(prompt.info), source=source.describe()
+        encoder=encoder_identity, latent=asdict(latent.info), text=asdict(prompt.info), source=source.describe(),
+        buckets=buckets,
     )
 
     pending = _prepare_cache(cfg, store, source, prompt, identity, state)
@@ -531,7 +568,7 @@ def run(cfg: PrecomputeConfig) -> Summary:
          source.describe().get("path", cfg.data), n - len(pending), len(pending))
     encode_started = time.perf_counter()
     # Pending shards dealt round-robin: after a resume every process still gets its share.
-    worker = _encode(cfg, store, source, latent, prompt, pending[state.process_index :: world], state)
+    worker = _encode(cfg, store, source, latent, prompt, pending[state.process_index :: world], state, buckets)
 
     counters = torch.tensor(
         [worker.shards_written, worker.samples_written, worker.items_read, worker.truncated,
@@ -562,6 +599,7 @@ def run(cfg: PrecomputeConfig) -> Summary:
         seconds=time.perf_counter() - started,
         encode_seconds=encode_seconds,
         timings=Timings.from_list(counts[4:]),
+        sources=manifest.totals.get("sources"),
     )
     info("%s", summary.format())
     return summary

@@ -222,8 +222,12 @@ class FolderSource(Source):
         caption_column: str | None = None,
         samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
         max_samples: int | None = None,
+        require_conditioning: bool = True,
     ):
         self.kind = "fill50k" if preset == "fill50k" else "folder"
+        # False when precompute computes the conditioning images (--condition): the column is
+        # then neither required nor read.
+        self.require_conditioning = require_conditioning
         self.metadata = metadata.resolve()
         self.root = self.metadata.parent
         self.samples_per_shard = samples_per_shard
@@ -360,7 +364,7 @@ class FolderSource(Source):
         image_column: str | None,
         cond_column: str | None,
         caption_column: str | None,
-    ) -> tuple[str, str, str]:
+    ) -> tuple[str, str | None, str]:
         if not self._units:
             raise SourceError(f"{self.metadata}: no rows")
         defaults = FILL50K_COLUMNS if preset == "fill50k" else None
@@ -376,8 +380,11 @@ class FolderSource(Source):
                 )
         elif image_column not in columns:
             problems.append(f"no image column {image_column!r} (columns found: {have})")
-        cond_column = cond_column or (defaults["conditioning_image"] if defaults else DEFAULT_COND_COLUMN)
-        if cond_column not in columns:
+        if not self.require_conditioning:
+            cond_column = None
+        else:
+            cond_column = cond_column or (defaults["conditioning_image"] if defaults else DEFAULT_COND_COLUMN)
+        if cond_column is not None and cond_column not in columns:
             problems.append(
                 f"no conditioning image column {cond_column!r} (columns found: {have}); pass conditioning_image_column"
             )
@@ -482,6 +489,8 @@ class FolderSource(Source):
         if error:
             return RawItem(image_rel, None, None, None, error)
         captions, caption_error = _parse_captions(row.get(self.caption_column), where, from_csv=from_csv)
+        if self.cond_column is None:  # conditioning images are computed, not read
+            return RawItem(image_rel, image, None, captions, caption_error)
         cond_rel = row.get(self.cond_column)
         if not isinstance(cond_rel, str) or not cond_rel.strip():
             detail = f"{where} ({image_rel}): no path in column {self.cond_column!r} (got {cond_rel!r:.80})"
@@ -521,6 +530,7 @@ class WebDatasetSource(Source):
         caption_keys: Sequence[str] = DEFAULT_CAPTION_KEYS,
         max_samples: int | None = None,
     ):
+        # An empty cond_suffixes means conditioning images are computed (--condition): none is read.
         self.tars, self.names, self.path = tars, names, path
         self.image_exts = tuple(e.lower().lstrip(".") for e in image_exts)
         self.cond_suffixes = tuple(s.lower().lstrip(".") for s in cond_suffixes)
@@ -602,6 +612,8 @@ class WebDatasetSource(Source):
             return RawItem(sid, None, None, None, ("image_missing", detail))
         image = members[image_ext]
         captions, error = self._captions(sid, members)
+        if not self.cond_suffixes:
+            return RawItem(sid, image, None, captions, error)
         cond_suffix = next((s for s in self.cond_suffixes if s in members), None)
         if cond_suffix is None:
             looked = ", ".join("." + s for s in self.cond_suffixes)
@@ -639,7 +651,7 @@ class WebDatasetSource(Source):
             "tar_listing_sha256": self.listing_sha256,  # names and sizes of the tars
             "columns": {
                 "image": list(self.image_exts),
-                "conditioning_image": list(self.cond_suffixes),
+                "conditioning_image": list(self.cond_suffixes) or None,
                 "caption": list(self.caption_keys),
             },
             "max_samples": self.max_samples,
@@ -735,6 +747,7 @@ def open_source(
     caption_column: str | Sequence[str] | None = None,
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
     max_samples: int | None = None,
+    require_conditioning: bool = True,
 ) -> Source:
     """Open a dataset; raise SourceError listing every problem when it cannot be read.
 
@@ -745,7 +758,8 @@ def open_source(
     tried in order: image_column the image extensions, conditioning_image_column the
     conditioning member suffixes, caption_column the caption suffixes / json keys.
     `samples_per_shard` sizes folder units (a tar is always one unit); `max_samples` keeps only
-    the first N items in unit order.
+    the first N items in unit order. `require_conditioning=False` (conditioning images computed by
+    precompute) neither requires nor reads a conditioning column or member.
     """
     problems = []
     if kind not in KINDS:
@@ -775,12 +789,14 @@ def open_source(
             raise SourceError(f"cannot open dataset: {spec} is not a .tar file")
         wds_kw = dict(
             image_exts=_as_list(image_column, DEFAULT_IMAGE_EXTS),
-            cond_suffixes=_as_list(conditioning_image_column, DEFAULT_COND_SUFFIXES),
+            cond_suffixes=_as_list(conditioning_image_column, DEFAULT_COND_SUFFIXES) if require_conditioning else (),
             caption_keys=_as_list(caption_column, DEFAULT_CAPTION_KEYS),
             max_samples=max_samples,
         )
         for what, value in wds_kw.items():
-            if what != "max_samples" and not value:
+            if what not in ("max_samples", "cond_suffixes") and not value:
+                problems.append(f"{what} is empty")
+            if what == "cond_suffixes" and require_conditioning and not value:
                 problems.append(f"{what} is empty")
         source = None if problems else _open_webdataset(spec, path, problems, **wds_kw)
         if source is None:
@@ -813,4 +829,5 @@ def open_source(
         caption_column=caption_column,  # type: ignore[arg-type]
         samples_per_shard=samples_per_shard,
         max_samples=max_samples,
+        require_conditioning=require_conditioning,
     )

@@ -258,17 +258,33 @@ class Manifest:
 
     # -- building ----------------------------------------------------------------------------
     @staticmethod
-    def compute_totals(records: list[ShardRecord]) -> dict:
+    def compute_totals(records: list[ShardRecord], vae_scale_factor: int | None = None) -> dict:
+        """shards, samples, bytes, skipped {reason: n}; for a cache with views also `sources`
+        (distinct source images; samples / sources = views per image), and for a bucketed cache
+        (records with latent_shapes) `buckets` {"HxW" in pixels: samples}."""
+        from .views import count_sources, has_views
+
         skipped: dict[str, int] = {}
         for r in records:
             for reason, n in r.skipped.items():
                 skipped[reason] = skipped.get(reason, 0) + n
-        return {
+        totals: dict[str, Any] = {
             "shards": len(records),
             "samples": sum(r.samples for r in records),
             "bytes": sum(r.bytes for r in records),
             "skipped": dict(sorted(skipped.items())),
         }
+        if any(has_views(r.keys) for r in records):
+            # Views of one image always share its shard (keys carry the shard index).
+            totals["sources"] = sum(count_sources(r.keys) for r in records)
+        if any(r.latent_shapes is not None for r in records):
+            f = vae_scale_factor or 1
+            counts: dict[tuple[int, int], int] = {}
+            for r in records:
+                for h, w in r.latent_shapes or []:
+                    counts[(h * f, w * f)] = counts.get((h * f, w * f), 0) + 1
+            totals["buckets"] = {f"{h}x{w}": n for (h, w), n in sorted(counts.items())}  # "HxW" (pixels)
+        return totals
 
     @classmethod
     def build(
@@ -298,7 +314,7 @@ class Manifest:
             dtypes=identity["dtypes"],
             config=_json_normalise(config),
             shards=list(records),
-            totals=cls.compute_totals(records),
+            totals=cls.compute_totals(records, identity["latent"].get("vae_scale_factor")),
         )
         problems = m.problems()
         if problems:

@@ -9,8 +9,9 @@ identity; each per-shard record (when present) equals the manifest's entry; the 
 embedding has the manifest's text dims and storage dtype; and for every shard: count, keys in
 order, bytes and sha256 (by the reader), then per sample: key belongs to the shard, tensors in the
 storage dtype and finite, latent channels, latent_std present iff the cache stores it, prompt dims,
-one embedding per caption, the conditioning PNG decodes at latent size times the VAE factor, and
-target_size agrees with the geometry.
+one embedding per caption, the conditioning PNG decodes at latent size times the VAE factor,
+target_size agrees with the geometry (the resolution, or one of the buckets), and a view key's
+view agrees with the view its json records.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from . import schema
 from .manifest import Manifest, ManifestError, ShardRecord, identity_diff, read_identity
 from .reader import ShardError, iter_shard, load_empty_prompt
 from .store import Store
+from .views import split_view_key
 
 
 class VerifyError(Exception):
@@ -53,6 +55,11 @@ def sample_problems(sample: schema.Sample, manifest: Manifest, index: int) -> li
     prefix = schema.sample_key(index, 0).split("-")[0] + "-"
     if not sample.key.startswith(prefix):
         p.append(f"key does not belong to shard {index} (expected {prefix}...)")
+    view = split_view_key(sample.key)[1]
+    info = sample.meta.extra.get("view")
+    recorded = info.get("index", 0) if isinstance(info, dict) else 0
+    if view != recorded:
+        p.append(f"the key names view {view}, its json says view {recorded}")
     tensors = {
         schema.LATENT_MEAN: sample.latent_mean,
         schema.LATENT_STD: sample.latent_std,

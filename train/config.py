@@ -49,7 +49,7 @@ class TrainConfig:
     model: str = _f("", "Base SDXL model: a diffusers folder or hub id. Only its UNet and scheduler config are "
                         "loaded for training; its VAE and text encoders (when present) are fingerprinted against "
                         "the cache and used for validation images.", "model", required=True)
-    cache: str = _f("", "Cache made by `python -m precompute` (folder path). Its manifest is checked against the "
+    cache: str = _f("", "Cache made by `python -m precompute`: a folder, s3://bucket/prefix or https:// URL. Its manifest is checked against the "
                         "model before any weights are loaded.", "model", required=True)
     output_dir: str = _f("", "Run folder: final adapter (diffusers format), README.md, config, checkpoints/, "
                              "validation/, logs/.", "model", required=True)
@@ -74,6 +74,11 @@ class TrainConfig:
     # 256 raw samples is about 150 MB per loader worker at 1024 px (train.data.DEFAULT_SHUFFLE_BUFFER).
     shuffle_buffer: int = _f(256, "Samples in each loader worker's seeded shuffle buffer (0 or 1: shard order only).",
                              "data")
+    local_cache: str | None = _f(None, "Local folder where shards streamed from a remote --cache (s3://, https://) are "
+                                       "kept, named by content hash and verified before reuse, so later runs on this "
+                                       "node read local disk. Runs and ranks on one node may share it.", "data")
+    local_cache_max: str | None = _f(None, "Size limit of --local-cache, e.g. 500GB or 1.5TiB; least recently used "
+                                           "shards are evicted. Default: no limit.", "data")
     soft_threshold_range: str | None = _f(None, "LOW,HIGH: for a cache precomputed with --condition-soft, each "
                                                 "conditioning image is binarised at a threshold drawn from this range "
                                                 "every time it is used (the authors' sketch augmentation). Default for "
@@ -159,9 +164,11 @@ class TrainConfig:
 
     def soft_threshold(self) -> tuple[float, float] | str:
         """The parsed --soft-threshold-range, or "auto" (train.data.make_loader decides from the cache)."""
+        if self.soft_threshold_range is None:
+            return "auto"
         from train.augment import parse_range
 
-        return "auto" if self.soft_threshold_range is None else parse_range(self.soft_threshold_range)
+        return parse_range(self.soft_threshold_range)
 
     @property
     def logging_path(self) -> Path:
@@ -196,6 +203,17 @@ class TrainConfig:
             problems.append(f"cache folder {self.cache!r} does not exist (run `python -m precompute` first)")
         if self.output_dir and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             problems.append(f"output dir {self.output_dir!r} exists and is not a folder")
+        if self.local_cache and Path(self.local_cache).exists() and not Path(self.local_cache).is_dir():
+            problems.append(f"--local-cache {self.local_cache!r} exists and is not a folder")
+        if self.local_cache_max is not None:
+            from shards.localcache import parse_bytes
+
+            if not self.local_cache:
+                problems.append("--local-cache-max needs --local-cache")
+            try:
+                parse_bytes(self.local_cache_max)
+            except ValueError as e:
+                problems.append(f"--local-cache-max: {e}")
         for name in ("adapter", "vae"):
             value = getattr(self, name)
             if value and _looks_local(value) and not Path(value).is_dir():

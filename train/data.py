@@ -8,8 +8,9 @@ exact mid-epoch resume.
 
 The whole batch sequence of a rank is a pure function of
 (shard records, seed, epoch, world_size, rank, num_workers, batch_size, shuffle_buffer,
-max_samples, caption_dropout) (`stream_identity` lists them for checkpoints). Nothing depends on timing, process start order or global RNG state, which is what
-makes resume exact and ranks agree on their step count without talking to each other.
+max_samples, caption_dropout, soft_threshold) (`stream_identity` lists them for checkpoints).
+Nothing depends on timing, process start order or global RNG state, which is what makes resume
+exact and ranks agree on their step count without talking to each other.
 
 How an epoch is laid out
 ------------------------
@@ -44,9 +45,19 @@ Policies
   (`ShardRecord.latent_shapes`, one [h, w] per key, written by `ShardWriter(...,
   record_latent_shapes=True)` for bucketed caches), samples are grouped by shape in the plan
   itself, so steps and resume stay exact. A record without them is taken to hold a single shape,
-  and a sample that breaks this is an error naming its shard.
-* max_samples: the first `max_samples` samples in manifest order (shard index, then tar order),
-  the same subset every epoch, as the reference's `max_train_samples`.
+  and a sample that breaks this is an error naming its shard. A bucket's leftover samples in a
+  stream (fewer than a batch) are dropped for the epoch like any partial batch and counted in
+  `EpochStats.samples_dropped`; the shuffle differs every epoch, so different ones are dropped.
+* Views: a cache made with precompute's --flip / --crops stores several views of an image, under
+  keys `<sample key>-v<n>` (`shards.views`). The plan takes exactly one view per image per epoch,
+  chosen from the keys alone (`view_choice`): views rotate, epoch e taking view (o + e) mod n with
+  a seeded per-image offset o, so over n epochs every view is used once and half of each epoch's
+  images are flipped ones. The other views are not decoded (their bytes are still read: views
+  multiply an epoch's I/O, not its decode work). Counts, steps and max_samples are in images.
+* Soft conditions: for a cache stored with precompute's --condition-soft, each conditioning image
+  is binarised at a threshold drawn per (seed, epoch, key) in `soft_threshold` (`train.augment`).
+* max_samples: the first `max_samples` samples (images) in manifest order (shard index, then tar
+  order), the same subset every epoch, as the reference's `max_train_samples`.
 * Errors: a shard that is short, has a sha256 mismatch, a missing or unknown member, or a
   malformed sample raises `shards.reader.ShardError` naming the shard. Every shard a worker opens
   is read to its end (so its count and sha256 are checked) before that worker's last batch is
@@ -70,6 +81,9 @@ from shards import schema
 from shards.manifest import Manifest, ShardRecord
 from shards.reader import ShardError, iter_shard_members, load_empty_prompt
 from shards.store import Store
+from shards.views import group_views, has_views
+from train.augment import binarize, range_problems, soft_threshold_range_for
+from train.augment import soft_threshold as _soft_threshold
 
 if TYPE_CHECKING:
     from train.step import Batch
@@ -91,23 +105,29 @@ _PER_SAMPLE_TAG = 2
 
 @dataclass(frozen=True)
 class ShardSlice:
-    """The part of one shard an epoch uses: its first `count` samples (all, unless max_samples)."""
+    """The part of one shard an epoch uses: `count` samples, at record positions `positions`
+    (ascending; None means the first `count`, the case of every cache without views)."""
 
     record: ShardRecord
     count: int
+    positions: tuple[int, ...] | None = None
 
     @property
     def name(self) -> str:
         return self.record.name
 
+    def used(self) -> Sequence[int]:
+        """Record positions of the used samples, in tar order."""
+        return range(self.count) if self.positions is None else self.positions
+
     @property
     def keys(self) -> list[str]:
-        return self.record.keys[: self.count]
+        return [self.record.keys[p] for p in self.used()]
 
     def groups(self) -> list[Hashable]:
         """Batching group of each used sample: its latent (h, w), or None for a one-shape cache."""
         shapes = _latent_shapes(self.record)
-        return [None] * self.count if shapes is None else shapes[: self.count]
+        return [None] * self.count if shapes is None else [shapes[p] for p in self.used()]
 
 
 def _latent_shapes(record: ShardRecord) -> list[tuple[int, int]] | None:
@@ -183,6 +203,8 @@ def _check_args(**kw: Any) -> None:
         need_int("shuffle_buffer", 0)
     if kw.get("max_samples") is not None:
         need_int("max_samples", 1)
+    if kw.get("soft_threshold") is not None:
+        problems += range_problems(kw["soft_threshold"])
     if "caption_dropout" in kw:
         p = kw["caption_dropout"]
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
@@ -191,13 +213,55 @@ def _check_args(**kw: Any) -> None:
         raise ValueError("invalid data settings:\n  - " + "\n  - ".join(problems))
 
 
-def _limit(records: list[ShardRecord], max_samples: int | None) -> list[ShardSlice]:
-    """Non-empty slices in manifest order, cut after the first `max_samples` samples."""
+def view_choice(*, seed: int, key: str, epoch: int, num_views: int) -> int:
+    """Which of an image's `num_views` views `epoch` uses: (offset + epoch) mod num_views, the
+    offset a pure function of (seed, the image's key). Every view once in any num_views epochs."""
+    return (_view_offset(seed, key) + epoch) % num_views
+
+
+def _view_offset(seed: int, key: str) -> int:
+    # A hash, not a seeded generator: it runs once per image per plan, millions of times.
+    digest = hashlib.blake2b(f"{seed}/{key}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+# (record name, sha256, seed) -> None (no views) or (view groups, offsets); records are immutable
+# once written, and each plan would otherwise re-parse every key of the cache.
+_VIEW_TABLES: dict[tuple[str, str, int], tuple[list[list[int]], list[int]] | None] = {}
+
+
+def _view_table(record: ShardRecord, seed: int) -> tuple[list[list[int]], list[int]] | None:
+    k = (record.name, record.sha256, seed)
+    if k not in _VIEW_TABLES:
+        if not has_views(record.keys):
+            _VIEW_TABLES[k] = None
+        else:
+            try:
+                groups = group_views(record.keys)
+            except ValueError as e:
+                raise ShardError(f"{record.name}: {e}") from None
+            _VIEW_TABLES[k] = (groups, [_view_offset(seed, record.keys[g[0]]) for g in groups])
+    return _VIEW_TABLES[k]
+
+
+def _limit(records: list[ShardRecord], max_samples: int | None, *, seed: int = 0, epoch: int = 0) -> list[ShardSlice]:
+    """Non-empty slices in manifest order, one view per image (`view_choice`), cut after the
+    first `max_samples` images."""
     out, left = [], max_samples
     for rec in sorted(records, key=lambda r: r.index):
-        n = rec.samples if left is None else min(rec.samples, left)
-        if n > 0:
-            out.append(ShardSlice(rec, n))
+        table = _view_table(rec, seed)
+        if table is None:
+            n = rec.samples if left is None else min(rec.samples, left)
+            if n > 0:
+                out.append(ShardSlice(rec, n))
+        else:
+            groups, offsets = table
+            chosen = [g[(o + epoch) % len(g)] for g, o in zip(groups, offsets)]
+            if left is not None:
+                chosen = chosen[:left]
+            n = len(chosen)
+            if n > 0:
+                out.append(ShardSlice(rec, n, tuple(chosen)))
         if left is not None:
             left -= n
             if left == 0:
@@ -210,7 +274,7 @@ def _streams(
     max_samples: int | None,
 ) -> list[list[ShardSlice]]:
     """Shard slices of every stream; stream `rank * W + role`, W = max(1, num_workers)."""
-    slices = _limit(_as_records(records), max_samples)
+    slices = _limit(_as_records(records), max_samples, seed=seed, epoch=epoch)
     roles = max(1, num_workers)
     n_streams = world_size * roles
     if len(slices) < n_streams:
@@ -243,11 +307,10 @@ def _full_batches(stream: list[ShardSlice], batch_size: int) -> int:
     """Full single-shape batches a stream can make: sum over shapes of floor(count / batch)."""
     counts: dict[Hashable, int] = {}
     for sl in stream:
-        shapes = _latent_shapes(sl.record)
-        if shapes is None:  # the common one-shape cache: no per-sample walk
+        if sl.record.latent_shapes is None:  # the common one-shape cache: no per-sample walk
             counts[None] = counts.get(None, 0) + sl.count
             continue
-        for g in shapes[: sl.count]:
+        for g in sl.groups():
             counts[g] = counts.get(g, 0) + 1
     return sum(n // batch_size for n in counts.values())
 
@@ -326,6 +389,7 @@ def steps_per_epoch(
 def stream_identity(
     records: Manifest | Sequence[ShardRecord], *, batch_size: int, seed: int, world_size: int, num_workers: int,
     shuffle_buffer: int, max_samples: int | None, caption_dropout: float,
+    soft_threshold: tuple[float, float] | None = None,
 ) -> dict:
     """Everything besides (epoch, start_batch) that decides every rank's batches, as plain JSON.
 
@@ -340,6 +404,7 @@ def stream_identity(
         "shards_sha256": digest.hexdigest(), "batch_size": batch_size, "seed": seed, "world_size": world_size,
         "num_workers": num_workers, "shuffle_buffer": shuffle_buffer, "max_samples": max_samples,
         "caption_dropout": float(caption_dropout),
+        "soft_threshold": None if soft_threshold is None else [float(v) for v in soft_threshold],
     }
 
 
@@ -423,11 +488,14 @@ class CacheStream(IterableDataset):
         self, store: Store, records: Manifest | Sequence[ShardRecord], *, batch_size: int, seed: int, epoch: int,
         world_size: int = 1, rank: int = 0, num_workers: int = 0, start_batch: int = 0,
         caption_dropout: float = 0.0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, max_samples: int | None = None,
+        soft_threshold: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         _check_args(batch_size=batch_size, seed=seed, epoch=epoch, world_size=world_size, rank=rank,
                     num_workers=num_workers, start_batch=start_batch, caption_dropout=caption_dropout,
-                    shuffle_buffer=shuffle_buffer, max_samples=max_samples)
+                    shuffle_buffer=shuffle_buffer, max_samples=max_samples, soft_threshold=soft_threshold)
+        # (low, high): binarise every conditioning image at a per-(seed, epoch, key) threshold.
+        self.soft_threshold = None if soft_threshold is None else (float(soft_threshold[0]), float(soft_threshold[1]))
         self.store = store
         self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
         self.world_size, self.rank, self.num_workers = world_size, rank, num_workers
@@ -493,11 +561,13 @@ class CacheStream(IterableDataset):
         for si in needed:
             sl = stream[si]
             shapes = sl.groups()
+            local = {p: i for i, p in enumerate(sl.used())}  # record position -> index in the slice
             # The reader holds every key, in order, to the record: position pos is record.keys[pos].
             for pos, (key, members) in enumerate(iter_shard_members(self.store, sl.record)):
-                j = starts[si] + pos
-                if pos < sl.count and j in batch_of:
-                    pending[j] = _Raw(sl.name, key, members, shapes[pos])
+                i = local.get(pos)
+                j = None if i is None else starts[si] + i
+                if j is not None and j in batch_of:
+                    pending[j] = _Raw(sl.name, key, members, shapes[i])
                     missing[batch_of[j]] -= 1
                 # The last batch waits for the end of the shard, so the reader's count and sha256
                 # checks run before this worker's stream can end.
@@ -514,6 +584,7 @@ class CacheStream(IterableDataset):
         from train.step import Batch  # the step module is heavier; import where it is needed
 
         means, stds, embeds, pooled, time_ids, conds, keys = [], [], [], [], [], [], []
+        thresholds: list[float] = []
         for shard, key, members, shape in items:
             try:
                 sample = schema.decode_sample(key, members)
@@ -533,6 +604,9 @@ class CacheStream(IterableDataset):
             embeds.append(e)
             pooled.append(p)
             time_ids.append(sample.meta.add_time_ids)
+            if self.soft_threshold is not None:
+                thresholds.append(_soft_threshold(seed=self.seed, epoch=self.epoch, key=key,
+                                                  low=self.soft_threshold[0], high=self.soft_threshold[1]))
             conds.append(cond)
             keys.append(key)
         has_std = [s is not None for s in stds]
@@ -540,6 +614,8 @@ class CacheStream(IterableDataset):
             names = sorted({item.shard for item in items})
             raise ShardError(f"{', '.join(names)}: some samples store latent_std and others do not (keys {keys})")
         cond = torch.from_numpy(np.stack(conds)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+        if thresholds:  # soft maps: one threshold per sample (train.augment)
+            cond = binarize(cond, torch.tensor(thresholds, dtype=torch.float32).view(-1, 1, 1, 1))
         return Batch(
             latent_mean=torch.stack(means),
             latent_std=torch.stack(stds) if all(has_std) else None,
@@ -581,18 +657,26 @@ def make_loader(
     store: Store, records: Manifest | Sequence[ShardRecord], *, batch_size: int, seed: int, epoch: int,
     world_size: int = 1, rank: int = 0, num_workers: int = 0, start_batch: int = 0, caption_dropout: float = 0.0,
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, max_samples: int | None = None, pin_memory: bool | None = None,
-    prefetch_factor: int = 2,
+    prefetch_factor: int = 2, soft_threshold: tuple[float, float] | None | str = "auto",
 ) -> tuple[DataLoader, int]:
     """(DataLoader over this rank's batches of `epoch` from `start_batch` on, steps_per_epoch).
+
+    `soft_threshold` "auto": when `records` is a Manifest of a cache with soft conditions
+    (precompute --condition-soft), the default range of `train.augment`; else None. A range given
+    for a Manifest without soft conditions is a ValueError.
 
     Build a new one every epoch and after every resume. Never pass it to `accelerator.prepare`
     (that dispatches from rank 0 and drops data, REFERENCE.md §3): ranks already hold disjoint
     streams of equal length; move each batch to the device with `batch.to(device)`.
     """
+    if isinstance(records, Manifest):
+        soft_threshold = soft_threshold_range_for(records.identity, None if soft_threshold == "auto" else soft_threshold)
+    elif soft_threshold == "auto":
+        soft_threshold = None
     dataset = CacheStream(
         store, records, batch_size=batch_size, seed=seed, epoch=epoch, world_size=world_size, rank=rank,
         num_workers=num_workers, start_batch=start_batch, caption_dropout=caption_dropout,
-        shuffle_buffer=shuffle_buffer, max_samples=max_samples,
+        shuffle_buffer=shuffle_buffer, max_samples=max_samples, soft_threshold=soft_threshold,
     )
     loader = DataLoader(
         dataset,

@@ -328,6 +328,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     plan, problems = _plan(cfg, accelerator, store)
     log.info("cache %s: %d samples in %d shards, manifest id %s", cfg.cache, plan.manifest.num_samples,
              len(plan.manifest.shards), plan.manifest_id[:16])
+    if cfg.local_cache:
+        from shards.localcache import CachingStore, parse_bytes
+
+        max_bytes = parse_bytes(cfg.local_cache_max) if cfg.local_cache_max else None
+        store = CachingStore(store, cfg.local_cache, max_bytes=max_bytes, records=plan.manifest.shards)
+        log.info("local cache %s: %d shard(s) already there", cfg.local_cache,
+                 sum(store.path_for(r.sha256).is_file() for r in plan.manifest.shards))
 
     resume_path = resolve_resume(cfg.resume, out)
     ckpt: Checkpoint | None = read_checkpoint(resume_path) if resume_path else None

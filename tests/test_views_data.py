@@ -1,0 +1,244 @@
+"""train.data with views and buckets: one view per image per epoch chosen from keys alone, batches of
+one shape, equal steps on every rank, the small-bucket policy, bitwise resume, and soft thresholds.
+
+Caches are written with the real shards writer (view keys from shards.views, per-sample latent
+shapes in the records) and read with the real reader; tensors are tiny.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train.step  # noqa: F401  (imported once here so forked loader workers inherit it)
+from shards import schema
+from shards.manifest import Manifest, ShardRecord
+from shards.reader import iter_shard, write_empty_prompt
+from shards.store import open_store
+from shards.synthetic import synthetic_identity
+from shards.views import count_sources, group_views, split_view_key, view_key
+from shards.writer import ShardWriter
+from train.augment import binarize, soft_threshold
+from train.data import CacheStream, epoch_plan, epoch_stats, make_loader, view_choice
+
+FACTOR = 8
+DIM, POOLED = 8, 4
+SQUARE, WIDE, RARE = (2, 2), (2, 3), (3, 1)
+SIZES = [5, 6, 4, 7, 5, 3]  # images per shard: 30 images, 74 samples (views)
+
+
+def _views_of(shard: int, pos: int) -> int:
+    return 1 + (shard + 2 * pos) % 4  # 1 to 4 views per image
+
+
+def _shape_of(shard: int, pos: int) -> tuple[int, int]:
+    if (shard, pos) in ((0, 1), (3, 2)):
+        return RARE  # two images in a bucket smaller than any batch
+    return WIDE if (shard + pos) % 3 == 0 else SQUARE
+
+
+def _sample(key: str, hw: tuple[int, int], seed: int) -> schema.Sample:
+    g = torch.Generator().manual_seed(seed)
+    h, w = hw
+    cond = torch.randint(0, 256, (h * FACTOR, w * FACTOR, 3), generator=g, dtype=torch.uint8).numpy()
+    meta = schema.SampleMeta(key=key, source_id=f"img/{split_view_key(key)[0]}.png", captions=[f"caption of {key}"],
+                             original_size=(100, 150), crop_top_left=(0, seed % 7), target_size=(h * FACTOR, w * FACTOR))
+    return schema.Sample(meta=meta, latent_mean=torch.randn(4, h, w, generator=g),
+                         latent_std=torch.rand(4, h, w, generator=g) + 0.1,
+                         prompt_embeds=torch.randn(1, 77, DIM, generator=g),
+                         pooled_prompt_embeds=torch.randn(1, POOLED, generator=g), cond_png=schema.encode_png(cond))
+
+
+def _write_cache(root: Path, sizes: list[int]) -> list[ShardRecord]:
+    store = open_store(root)
+    records = []
+    for i, n in enumerate(sizes):
+        with ShardWriter(store, i, record_latent_shapes=True) as writer:
+            for pos in range(n):
+                for v in range(_views_of(i, pos)):
+                    writer.write(_sample(view_key(i, pos, v), _shape_of(i, pos), 1000 * i + 10 * pos + v))
+            records.append(writer.commit({}, []))
+    g = torch.Generator().manual_seed(7)
+    write_empty_prompt(store, torch.randn(1, 77, DIM, generator=g), torch.randn(1, POOLED, generator=g), "bf16")
+    return records
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("views-cache")
+    records = _write_cache(root, SIZES)
+    return root, records
+
+
+def _images(records) -> dict[str, int]:
+    """image (base key) -> number of views, from the records."""
+    out = {}
+    for r in records:
+        for g in group_views(r.keys):
+            out[split_view_key(r.keys[g[0]])[0]] = len(g)
+    return out
+
+
+def _same_batches(a, b) -> None:
+    assert [x.keys for x in a] == [y.keys for y in b]
+    for x, y in zip(a, b):
+        for name in ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "add_time_ids", "cond"):
+            assert torch.equal(getattr(x, name), getattr(y, name)), name
+
+
+def test_records_hold_view_keys_and_latent_shapes(cache):
+    _, records = cache
+    r = records[0]
+    assert r.keys[:4] == ["000000-000000", "000000-000001", "000000-000001-v1", "000000-000001-v2"]
+    assert r.latent_shapes[:4] == [list(WIDE), list(RARE), list(RARE), list(RARE)]
+    views = sum(_views_of(i, p) for i, n in enumerate(SIZES) for p in range(n))
+    assert sum(count_sources(r.keys) for r in records) == 30 and sum(r.samples for r in records) == views == 74
+    m = Manifest.build(synthetic_identity(), records, {}, code_version="test", created="")
+    assert m.totals["sources"] == 30
+    assert m.totals["buckets"] == {"16x16": sum(1 for r in records for s in r.latent_shapes if tuple(s) == SQUARE),
+                                   "16x24": sum(1 for r in records for s in r.latent_shapes if tuple(s) == WIDE),
+                                   "24x8": sum(1 for r in records for s in r.latent_shapes if tuple(s) == RARE)}
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(1, 0), (2, 1)])
+def test_the_plan_takes_one_view_per_image_and_rotates_them(cache, world_size, num_workers):
+    _, records = cache
+    images = _images(records)
+    seen: dict[str, list[int]] = {b: [] for b in images}
+    for epoch in range(4):
+        keys = [k for rank in range(world_size) for w in range(max(1, num_workers))
+                for sl in epoch_plan(records, seed=3, epoch=epoch, world_size=world_size, rank=rank,
+                                     num_workers=num_workers, worker=w) for k in sl.keys]
+        bases = [split_view_key(k) for k in keys]
+        assert sorted(b for b, _ in bases) == sorted(images)  # every image exactly once
+        for b, v in bases:
+            assert v == view_choice(seed=3, key=b, epoch=epoch, num_views=images[b])
+            seen[b].append(v)
+    # Over 4 epochs an image with n views (n in 1, 2, 4) used each view 4 / n times.
+    for b, used in seen.items():
+        n = images[b]
+        if 4 % n == 0:
+            assert sorted(used) == sorted(list(range(n)) * (4 // n)), (b, used)
+    # The choice depends on the seed; about half the 2-view images show view 1 in a given epoch.
+    two = [b for b, n in images.items() if n == 2]
+    assert [view_choice(seed=3, key=b, epoch=0, num_views=2) for b in two] != \
+           [view_choice(seed=4, key=b, epoch=0, num_views=2) for b in two]
+
+
+def test_batches_have_one_shape_ranks_take_equal_steps_and_resume_is_bitwise(cache):
+    root, records = cache
+    store = open_store(root)
+    shapes = {k: tuple(s) for r in records for k, s in zip(r.keys, r.latent_shapes)}
+    for epoch in (0, 1):
+        per_rank = []
+        kw = dict(batch_size=2, seed=5, epoch=epoch, world_size=2, num_workers=2, shuffle_buffer=3)
+        for rank in range(2):
+            ds = CacheStream(store, records, rank=rank, **kw)
+            full = list(ds)
+            assert len(full) == ds.steps_per_epoch
+            for b in full:
+                assert len({shapes[k] for k in b.keys}) == 1
+                assert tuple(b.latent_mean.shape[2:]) == shapes[b.keys[0]]
+                assert tuple(b.cond.shape[2:]) == tuple(FACTOR * v for v in shapes[b.keys[0]])
+            for start in range(len(full) + 1):
+                _same_batches(list(CacheStream(store, records, rank=rank, start_batch=start, **kw)), full[start:])
+            per_rank.append(full)
+        assert len(per_rank[0]) == len(per_rank[1])  # equal steps on every rank
+        keys = [split_view_key(k)[0] for full in per_rank for b in full for k in b.keys]
+        assert len(keys) == len(set(keys))  # no image twice in an epoch, across ranks
+
+
+def test_small_buckets_are_dropped_and_counted_never_repeated(cache):
+    root, records = cache
+    store = open_store(root)
+    stats = epoch_stats(records, batch_size=2, world_size=1, num_workers=0, seed=0, epoch=0)
+    batches = list(CacheStream(store, records, batch_size=2, seed=0, epoch=0, shuffle_buffer=0))
+    used = [k for b in batches for k in b.keys]
+    assert stats.samples == 30 and stats.samples_used == len(used) == 2 * len(batches)
+    assert stats.samples_dropped == 30 - len(used)
+    shapes = {k: tuple(s) for r in records for k, s in zip(r.keys, r.latent_shapes)}
+    counts = {}
+    for sl in epoch_plan(records, seed=0, epoch=0, world_size=1, rank=0, num_workers=0, worker=0):
+        for k in sl.keys:
+            counts[shapes[k]] = counts.get(shapes[k], 0) + 1
+    # One stream: each bucket loses its count mod the batch size, nothing else.
+    assert stats.samples_dropped == sum(n % 2 for n in counts.values())
+    assert counts[RARE] == 2 and sum(shapes[k] == RARE for k in used) == 2  # exactly a batch: kept
+    assert len(used) == len(set(used))
+    with_three = epoch_stats(records, batch_size=3, world_size=1, num_workers=0, seed=0, epoch=0)
+    assert with_three.samples_dropped == sum(n % 3 for n in counts.values())  # the 2 rare ones among them
+
+
+def test_max_samples_counts_images(cache):
+    _, records = cache
+    plan = epoch_plan(records, seed=0, epoch=2, world_size=1, rank=0, num_workers=0, worker=0, max_samples=8)
+    keys = [k for sl in plan for k in sl.keys]
+    assert len(keys) == 8
+    assert sorted(split_view_key(k)[0] for k in keys) == [schema.sample_key(0, p) for p in range(5)] + \
+        [schema.sample_key(1, p) for p in range(3)]
+
+
+def test_soft_conditions_are_thresholded_per_sample_and_epoch(cache, tmp_path):
+    root, records = cache
+    store = open_store(root)
+    truth = {s.key: s.cond_image() for r in records for s in iter_shard(store, r)}
+    kw = dict(batch_size=2, seed=5, world_size=1, num_workers=0, shuffle_buffer=0)
+    thresholds: dict[str, set[float]] = {}
+    for epoch in (0, 1):
+        batches = list(CacheStream(store, records, epoch=epoch, soft_threshold=(0.3, 0.8), **kw))
+        for b in batches:
+            assert set(b.cond.unique().tolist()) <= {0.0, 1.0}
+            for i, k in enumerate(b.keys):
+                t = soft_threshold(seed=5, epoch=epoch, key=k, low=0.3, high=0.8)
+                raw = torch.from_numpy(np.array(truth[k])).permute(2, 0, 1).float() / 255.0
+                assert torch.equal(b.cond[i], binarize(raw, t))
+                thresholds.setdefault(split_view_key(k)[0], set()).add(t)
+        # resume reproduces the thresholds
+        _same_batches(list(CacheStream(store, records, epoch=epoch, start_batch=3, soft_threshold=(0.3, 0.8), **kw)),
+                      batches[3:])
+    # An image drawn in both epochs got two thresholds.
+    assert any(len(ts) == 2 for ts in thresholds.values())
+    # make_loader takes the range from a manifest that says its conditions are soft.
+    identity = {**synthetic_identity(prompt_dim=DIM, pooled_dim=POOLED), "condition": {"method": "sketch", "soft": True}}
+    manifest = Manifest.build(identity, records, {}, code_version="test", created="")
+    loader, _ = make_loader(store, manifest, epoch=0, **kw)
+    auto = list(loader)
+    _same_batches(auto, list(CacheStream(store, records, epoch=0, soft_threshold=(0.3, 0.8), **kw)))
+    plain = Manifest.build(synthetic_identity(prompt_dim=DIM, pooled_dim=POOLED), records, {}, code_version="test",
+                           created="")
+    assert not set(next(iter(make_loader(store, plain, epoch=0, **kw)[0])).cond.unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="does not store soft"):
+        make_loader(store, plain, epoch=0, soft_threshold=(0.3, 0.8), **kw)
+    with pytest.raises(ValueError, match="low <= high"):
+        CacheStream(store, records, epoch=0, soft_threshold=(0.9, 0.1), **kw)
+
+
+def test_loader_workers_read_views_like_the_in_process_stream(cache):
+    root, records = cache
+    store = open_store(root)
+    kw = dict(batch_size=2, seed=1, epoch=1, world_size=1, num_workers=2, shuffle_buffer=4)
+    loader, steps = make_loader(store, records, start_batch=1, **kw)
+    got = list(loader)
+    assert len(got) == steps - 1
+    _same_batches(got, list(CacheStream(store, records, **kw))[1:])
+    assert np.all([len(b.keys) == 2 for b in got])
+
+
+def test_verify_checks_that_a_view_key_and_its_json_agree():
+    from shards.verify import sample_problems
+
+    identity = {**synthetic_identity(prompt_dim=DIM, pooled_dim=POOLED, resolution=16), "condition": None}
+    identity["geometry"]["buckets"] = [[16, 16]]
+    manifest = Manifest.build(identity, [], {}, code_version="test", created="")
+
+    def stored(key: str, extra: dict) -> schema.Sample:  # as read back from a shard: bf16 tensors
+        sample = _sample(key, SQUARE, 0)
+        sample.meta.extra = extra
+        return schema.decode_sample(key, schema.encode_sample(sample))
+
+    assert sample_problems(stored(view_key(0, 1, 1), {}), manifest, 0) == ["the key names view 1, its json says view 0"]
+    assert sample_problems(stored(view_key(0, 1, 1), {"view": {"index": 1, "crop": 0, "flip": True}}), manifest, 0) == []
+    assert sample_problems(stored(view_key(0, 1, 0), {}), manifest, 0) == []
