@@ -31,7 +31,7 @@ import click
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a plain script from a checkout
 
-SDXL_CONFIG_CANDIDATES = (REPO / "shared" / "sdxl-base-1.0", REPO.parent / "shared" / "sdxl-base-1.0")
+SDXL_CONFIG_CANDIDATES = (REPO / "tests" / "assets" / "sdxl-base-1.0", REPO / "shared" / "sdxl-base-1.0", REPO.parent / "shared" / "sdxl-base-1.0")
 
 
 def build_random_sdxl_encoders(out: Path, config_dir: Path) -> Path:

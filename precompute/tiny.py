@@ -20,8 +20,8 @@ The SDXL conventions kept (the code under test must not rely on SDXL's *widths*,
 - VAE: 4 latent channels, four blocks (downsamples by 2**3 = 8), `scaling_factor` 0.13025.
 - tokenizer pads with `<|endoftext|>`, tokenizer_2 pads with `!`, both `model_max_length` 77.
 
-How a T2I-Adapter's shape follows from the UNet (`adapter_kwargs_for`)
-----------------------------------------------------------------------
+How a T2I-Adapter's shape follows from the UNet (`train.step.adapter_kwargs_for`)
+--------------------------------------------------------------------------------
 diffusers' `FullAdapterXL` pixel-unshuffles the conditioning image by `downscale_factor`, then
 emits four feature maps: channels (c0, c1, c2, c3); maps 0 and 1 at image/downscale_factor, maps 2
 and 3 at half that (one strided block). `UNet2DConditionModel.forward` consumes them in order:
@@ -274,41 +274,6 @@ def vae_config() -> dict[str, Any]:
 def vae_scale_factor_of(vae_config: dict) -> int:
     """Pixels per latent cell, as diffusers' pipelines compute it: one downsample per block but the last."""
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
-
-
-def adapter_kwargs_for(unet_config: dict, vae_scale_factor: int) -> dict[str, Any]:
-    """T2IAdapter(**kwargs) for a `full_adapter_xl` adapter that fits this SDXL-family UNet.
-
-    See the module docstring for the derivation. Raises ValueError listing every reason the UNet
-    cannot take a `full_adapter_xl` adapter.
-    """
-    problems = []
-    down = list(unet_config.get("down_block_types") or [])
-    channels = list(unet_config.get("block_out_channels") or [])
-    if len(down) != 3 or len(channels) != 3:
-        problems.append(
-            f"need exactly 3 down blocks (SDXL layout), got down_block_types={down} "
-            f"block_out_channels={channels}"
-        )
-    elif "CrossAttn" in down[0] or any("CrossAttn" not in d for d in down[1:]):
-        problems.append(
-            "down_block_types must be (a block without cross-attention, then two cross-attention "
-            f"blocks) as in SDXL, got {down}"
-        )
-    mid = unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
-    if mid is None:
-        problems.append("UNet has no mid block; full_adapter_xl feeds its 4th feature map into it")
-    if not isinstance(vae_scale_factor, int) or vae_scale_factor < 1:
-        problems.append(f"vae_scale_factor must be a positive int, got {vae_scale_factor!r}")
-    if problems:
-        raise ValueError("UNet cannot take a full_adapter_xl T2I-Adapter:\n  - " + "\n  - ".join(problems))
-    return {
-        "in_channels": 3,
-        "channels": [channels[0], channels[1], channels[2], channels[2]],
-        "num_res_blocks": 2,
-        "downscale_factor": 2 * vae_scale_factor,
-        "adapter_type": "full_adapter_xl",
-    }
 
 
 # A fixed, distinct seed offset per component: same --seed, same bytes; and no two components

@@ -28,12 +28,8 @@ from train.step import (
     sample_timesteps,
 )
 
-# SDXL base 1.0's real component configs (the team's shared folder, beside the repo or inside it).
-_REPO = Path(__file__).resolve().parents[1]
-SDXL = next(
-    (d for d in (_REPO / "shared" / "sdxl-base-1.0", _REPO.parent / "shared" / "sdxl-base-1.0") if d.is_dir()),
-    _REPO.parent / "shared" / "sdxl-base-1.0",
-)
+# SDXL base 1.0's real component configs, kept beside the tests.
+SDXL = Path(__file__).resolve().parent / "assets" / "sdxl-base-1.0"
 VAE_FACTOR = 8
 LATENT = 8  # latent side; images are LATENT * VAE_FACTOR = 64 px
 TEXT_DIM, POOLED_DIM, TIME_DIM = 64, 32, 8

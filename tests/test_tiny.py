@@ -13,9 +13,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from precompute.fill import PALETTE
-from precompute.tiny import adapter_kwargs_for, build_tiny_sdxl, main, vae_scale_factor_of
+from precompute.tiny import build_tiny_sdxl, main, vae_scale_factor_of
+from train.step import adapter_kwargs_for
 
-SDXL = Path("/work/shared/sdxl-base-1.0")
+SDXL = Path(__file__).parent / "assets" / "sdxl-base-1.0"  # SDXL base 1.0's real configs
 SDXL_SCHEDULER = {
     # SDXL base 1.0's scheduler_config.json. The shared copy is compared too when present.
     "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
@@ -230,21 +231,6 @@ def test_adapter_kwargs_for_sdxl_gives_sdxl_adapter():
     real_adapter = json.loads((SDXL / "adapter" / "config.json").read_text())
     real_adapter.pop("_class_name")
     assert adapter_kwargs_for(real_unet, vae_scale_factor_of(real_vae)) == real_adapter == SDXL_ADAPTER
-
-
-def test_adapter_kwargs_for_rejects_non_sdxl_unets_listing_every_problem():
-    sd15_like = {
-        "block_out_channels": [320, 640, 1280, 1280],
-        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-        "mid_block_type": None,
-    }
-    with pytest.raises(ValueError) as err:
-        adapter_kwargs_for(sd15_like, 8)
-    message = str(err.value)
-    assert "exactly 3 down blocks" in message and "no mid block" in message
-    wrong_order = dict(SDXL_UNET_CONFIG, down_block_types=["CrossAttnDownBlock2D"] * 3)
-    with pytest.raises(ValueError, match="without cross-attention"):
-        adapter_kwargs_for(wrong_order, 8)
 
 
 def test_adapter_features_all_reach_the_tiny_unet(pipe):

@@ -64,6 +64,7 @@ RESUME_MUST_MATCH = (
     "lr_step_rules",
     "use_8bit_adam",
     "mixed_precision",
+    "soft_threshold_range",
 )
 
 
