@@ -481,8 +481,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                     # Gradients are all-reduced on the group's last backward only.
                     sync = contextlib.nullcontext() if j == group - 1 else accelerator.no_sync(adapter)
                     with sync:
-                        with accelerator.autocast():
-                            loss = objective.loss(unet, adapter, batch, generator, weight_dtype=weight_dtype)
+                        # No outer autocast: the prepared adapter autocasts itself, and the frozen
+                        # UNet runs in its weight dtype as in the reference (autocast would push its
+                        # norms and softmax back to fp32: more casts and memory for no gradient).
+                        loss = objective.loss(unet, adapter, batch, generator, weight_dtype=weight_dtype)
                         accelerator.backward(loss / group)
                     loss_sum += loss.detach()
                     state.batches_done += 1
