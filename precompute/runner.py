@@ -289,8 +289,9 @@ class _ShardEncoder:
             log.warning(self.rank_tag + "further %s warnings are not shown (every skip is counted and listed in the "
                         "shard records and the manifest)", "skip" if kind == "skip" else "caption/conditioning")
 
-    def _encode_batch(self, writer: ShardWriter, shard: int, batch: list[_Outcome]) -> int:
-        """Encode and write every view of the items in `batch`; returns the samples written."""
+    def _encode_batch(self, writer: ShardWriter, shard: int, batch: list[_Outcome], notes: Counter[str]) -> int:
+        """Encode and write every view of the items in `batch`; returns the samples written.
+        Counts items kept but altered (truncated captions, resized conditions) into `notes`."""
         t0 = time.perf_counter()
         # One VAE call per pixel shape (aspect buckets bring several), at most batch_size images.
         means: dict[tuple[int, int], torch.Tensor] = {}
@@ -329,9 +330,11 @@ class _ShardEncoder:
             for c, n in zip(first.captions, counts[offset : offset + k]):
                 if n > self.prompt.info.max_length:
                     self.truncated += 1
+                    notes["caption_truncated"] += 1
                     self._warn("note", "%s: caption has %d tokens; the text encoders see the first %d (truncated as "
                                "SDXL does): %.60r", o.source_id, n, self.prompt.info.max_length, c)
             if first.cond_resized:
+                notes["cond_resized"] += 1
                 self._warn("note", "%s: conditioning image has another pixel size than the image (same aspect "
                            "ratio); resampled to the image's geometry", o.source_id)
             for v, p in enumerate(o.views):
@@ -366,6 +369,7 @@ class _ShardEncoder:
         cfg = self.cfg
         skipped: Counter[str] = Counter()
         skipped_items: list[dict] = []
+        notes: Counter[str] = Counter()  # kept but altered: counted in the record, like skips
         batch: list[_Outcome] = []
         in_batch = written = 0
         # Bucketed caches list each sample's latent shape in the record: train plans one-shape
@@ -389,12 +393,12 @@ class _ShardEncoder:
                 batch.append(o)
                 in_batch += len(o.views)
                 if in_batch >= cfg.batch_size:
-                    written += self._encode_batch(writer, shard, batch)
+                    written += self._encode_batch(writer, shard, batch, notes)
                     batch, in_batch = [], 0
             if batch:
-                written += self._encode_batch(writer, shard, batch)
+                written += self._encode_batch(writer, shard, batch, notes)
             t0 = time.perf_counter()
-            record = writer.commit(dict(skipped), skipped_items)
+            record = writer.commit(dict(skipped), skipped_items, dict(notes))
             self.timings.commit += time.perf_counter() - t0
         self.shards_written += 1
         self.samples_written += written

@@ -68,6 +68,9 @@ class ShardRecord:
     # Latent [h, w] of each sample, parallel to `keys`. Written for bucketed caches, so train can
     # group samples by shape in its plan without opening shards; None means "one shape per cache".
     latent_shapes: list[list[int]] | None = None
+    # Items kept but altered, by reason -> count (e.g. caption_truncated: over the text encoders'
+    # 77 tokens, cut as SDXL does; cond_resized). Left out of the JSON when empty.
+    notes: dict[str, int] = field(default_factory=dict)
 
     def problems(self) -> list[str]:
         p = []
@@ -92,6 +95,10 @@ class ShardRecord:
             isinstance(k, str) and _is_int(v) and v >= 0 for k, v in self.skipped.items()
         ):
             p.append("skipped must map reason strings to counts >= 0")
+        if not isinstance(self.notes, dict) or not all(
+            isinstance(k, str) and _is_int(v) and v >= 0 for k, v in self.notes.items()
+        ):
+            p.append("notes must map reason strings to counts >= 0")
         if not isinstance(self.skipped_items, list) or not all(isinstance(i, dict) for i in self.skipped_items):
             p.append("skipped_items must be a list of objects")
         if self.latent_shapes is not None:
@@ -108,6 +115,8 @@ class ShardRecord:
         d = _json_normalise(asdict(self))
         if d["latent_shapes"] is None:
             del d["latent_shapes"]  # keep records of one-shape caches lean
+        if not d["notes"]:
+            del d["notes"]
         return d
 
     def to_json(self) -> bytes:
@@ -131,6 +140,7 @@ class ShardRecord:
             skipped=d.get("skipped", {}),
             skipped_items=d.get("skipped_items", []),
             latent_shapes=d.get("latent_shapes"),
+            notes=d.get("notes", {}),
         )
         problems = rec.problems()
         if problems:
@@ -265,14 +275,18 @@ class Manifest:
         from .views import count_sources, has_views
 
         skipped: dict[str, int] = {}
+        notes: dict[str, int] = {}
         for r in records:
             for reason, n in r.skipped.items():
                 skipped[reason] = skipped.get(reason, 0) + n
+            for reason, n in r.notes.items():
+                notes[reason] = notes.get(reason, 0) + n
         totals: dict[str, Any] = {
             "shards": len(records),
             "samples": sum(r.samples for r in records),
             "bytes": sum(r.bytes for r in records),
             "skipped": dict(sorted(skipped.items())),
+            "notes": dict(sorted(notes.items())),  # kept but altered (e.g. caption_truncated)
         }
         if any(has_views(r.keys) for r in records):
             # Views of one image always share its shard (keys carry the shard index).

@@ -159,8 +159,16 @@ class ShardWriter:
             self._shapes.append([int(sample.latent_mean.shape[1]), int(sample.latent_mean.shape[2])])
 
     # -- finishing -----------------------------------------------------------------------------
-    def commit(self, skipped: dict[str, int] | None = None, skipped_items: list[dict] | None = None) -> ShardRecord:
-        """Validate, publish the shard, then write its record. Returns the record."""
+    def commit(
+        self,
+        skipped: dict[str, int] | None = None,
+        skipped_items: list[dict] | None = None,
+        notes: dict[str, int] | None = None,
+    ) -> ShardRecord:
+        """Validate, publish the shard, then write its record. Returns the record.
+
+        `skipped` counts source items left out by reason; `notes` counts items kept but altered.
+        """
         if self._state != "open":
             raise RuntimeError(f"{self.name}: commit() on a writer that is {self._state}")
         try:
@@ -181,6 +189,7 @@ class ShardWriter:
                 skipped=skipped,
                 skipped_items=skipped_items,
                 latent_shapes=list(self._shapes) if self._shapes is not None else None,
+                notes=dict(sorted((notes or {}).items())),
             )
             problems = record.problems()
             if problems:

@@ -226,6 +226,9 @@ def test_bad_inputs_are_skipped_counted_and_named(tiny_model, bad_data, tmp_path
     assert summary.samples == 4 and summary.captions_truncated == 1
     manifest, samples = _samples(tmp_path / "cache")
     assert manifest.totals["skipped"] == EXPECTED_SKIPS
+    # The overlong caption is kept (cut to 77 tokens as SDXL does) and counted in its shard's record.
+    assert manifest.totals["notes"] == {"caption_truncated": 1}
+    assert [r.notes for r in manifest.shards if r.notes] == [{"caption_truncated": 1}]
     # Keys keep the item's planned position: skipped items leave gaps, nothing shifts.
     assert [s.key for s in samples] == ["000000-000000", "000000-000001", "000001-000004", "000002-000002"]
     assert [s.meta.source_id for s in samples] == ["img/good0.png", "img/multi.png", "img/long.png", "img/good1.png"]

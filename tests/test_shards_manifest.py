@@ -37,7 +37,8 @@ def test_build_totals_and_round_trip(tmp_path):
     records = [record(1, 2, 20480, {"image_corrupt": 1}), record(0, 3, 30720, {"image_corrupt": 2, "caption_empty": 1})]
     m = Manifest.build(synthetic_identity(), records, {"resolution": (64, 64)}, code_version="1.2.3", created="2024-01-01T00:00:00Z")
     assert [r.index for r in m.shards] == [0, 1]  # sorted by index
-    assert m.totals == {"shards": 2, "samples": 5, "bytes": 51200, "skipped": {"caption_empty": 1, "image_corrupt": 3}}
+    assert m.totals == {"shards": 2, "samples": 5, "bytes": 51200, "skipped": {"caption_empty": 1, "image_corrupt": 3},
+                        "notes": {}}
     assert m.latent["channels"] == 4 and m.text["prompt_dim"] == 64 and m.has_latent_std
     assert m.config == {"resolution": [64, 64]}  # JSON-normalised: equal to what loading gives
     m.save(store)
