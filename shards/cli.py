@@ -5,8 +5,12 @@
           tar framing overhead, tensor shapes, and skip reasons. Reads the shards' members.
 - verify  re-reads every shard and checks it against the manifest (see shards.verify); exits 1
           naming the first bad file and why, 0 with a summary line when everything holds.
+- gc      removes what killed writers left behind: unfinished multipart uploads (s3://, invisible
+          but billed) and temp files (local); with --orphans also shards that have no valid
+          record and are not in the manifest. Run it only while no precompute writes the cache.
 
-All three need manifest.json (a cache whose precompute did not finish has none).
+ls, stats and verify need manifest.json (a cache whose precompute did not finish has none); gc
+does not.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .manifest import Manifest, ManifestError
 from .reader import ShardError, iter_shard_members
 from .store import Store, open_store
 from .verify import VerifyError, verify_cache
+from .views import stats_lines
 
 
 def _human(n: float) -> str:
@@ -43,7 +48,7 @@ def _open(url: str) -> tuple[Store, Manifest]:
     try:
         store = open_store(url)
         return store, Manifest.load(store)
-    except (ManifestError, NotImplementedError, ValueError) as e:
+    except (ManifestError, ShardError, ValueError) as e:  # ShardError: also remote StoreErrors
         _fail(str(e))
         raise AssertionError  # unreachable: _fail exits
 
@@ -106,6 +111,8 @@ def stats_cmd(url: str, max_shards: int | None) -> None:
     click.echo(f"samples    {samples}")
     per = f", {t['bytes'] / samples:.1f} per sample" if samples else ""
     click.echo(f"bytes      {t['bytes']} ({_human(t['bytes'])}){per}")
+    for line in stats_lines(t):  # views per image and their storage cost; samples per bucket
+        click.echo(line)
 
     records = manifest.shards[:max_shards] if max_shards else manifest.shards
     member_bytes: dict[str, int] = defaultdict(int)
@@ -148,6 +155,9 @@ def stats_cmd(url: str, max_shards: int | None) -> None:
         click.echo(f"  {'member':<{width}}  {'bytes/sample':>12}  {'share':>6}  {'total':>12}")
         for label, total in rows:
             click.echo(f"  {label:<{width}}  {total / n:>12.1f}  {100 * total / shard_bytes:>5.1f}%  {total:>12}")
+    notes = t.get("notes") or {}
+    if notes:
+        click.echo("\nkept but altered: " + ", ".join(f"{r} {n}" for r, n in sorted(notes.items())))
     click.echo("\nskipped by reason" + ("" if t["skipped"] else ": none"))
     for reason, count in sorted(t["skipped"].items(), key=lambda kv: (-kv[1], kv[0])):
         click.echo(f"  {reason:<26} {count:>8}")
@@ -161,11 +171,56 @@ def verify_cmd(url: str) -> None:
     bar = tqdm(total=manifest.totals["samples"], desc="verify", unit="sample", disable=None, file=sys.stderr)
     try:
         summary = verify_cache(store, manifest, on_sample=lambda r: bar.update(1))
-    except (VerifyError, ManifestError) as e:
+    except (VerifyError, ManifestError, ShardError) as e:
         bar.close()
         _fail(f"verify failed: {e}")
     bar.close()
     click.echo(summary.line())
+
+
+def _orphans(store: Store) -> list[str]:
+    """Shards without a valid record (what a writer killed between publishing a shard and writing
+    its record leaves), never one the manifest lists."""
+    from .writer import completed_record
+
+    try:
+        listed = {r.name for r in Manifest.load(store).shards}
+    except ManifestError:
+        listed = set()
+    out = []
+    for rel in store.list(schema.SHARD_DIR):
+        digits = rel.rsplit("/", 1)[-1].removeprefix("shard-").removesuffix(".tar")
+        index = int(digits) if digits.isdigit() else None
+        if index is None or schema.shard_name(index) != rel or rel in listed:  # not ours to judge
+            continue
+        if completed_record(store, index) is None:
+            out.append(rel)
+    return out
+
+
+@cli.command("gc")
+@click.argument("url")
+@click.option("--orphans", is_flag=True, help="Also delete shards that have no valid record and are not in the manifest.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+def gc_cmd(url: str, orphans: bool, dry_run: bool) -> None:
+    """Remove leftovers of killed writers. Only while no precompute is writing to URL."""
+    try:
+        store = open_store(url)
+        removed = store.cleanup_incomplete(dry_run=dry_run)
+        doomed = _orphans(store) if orphans else []
+        if not dry_run:
+            for rel in doomed:
+                store.delete(rel)
+    except (ShardError, ValueError) as e:
+        _fail(str(e))
+        raise AssertionError  # unreachable
+    verb = "would remove" if dry_run else "removed"
+    kind = "unfinished upload" if store.url.startswith("s3://") else "temp file"
+    for rel in removed:
+        click.echo(f"{verb} {kind}: {rel}")
+    for rel in doomed:
+        click.echo(f"{verb} orphan shard: {rel}")
+    click.echo(f"gc {store.url}: {verb} {len(removed)} {kind}(s)" + (f" and {len(doomed)} orphan shard(s)" if orphans else ""))
 
 
 def main() -> None:

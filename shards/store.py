@@ -9,10 +9,15 @@ an atomic implementation on object storage too:
   folder, fsync, `os.replace`, fsync of the folder; S3: a single PUT or a completed multipart
   upload). A reader never sees a partial file under a final name, whatever kills the writer.
 - `open_read` streams; nothing needs random access, so a plain HTTP GET body is enough.
-- `list` exists only for cleanup tools; training and resume never list (the manifest and the
-  per-shard records name every file).
+- `list` and `cleanup_incomplete` exist only for cleanup tools (`python -m shards gc`); training
+  and resume never list (the manifest and the per-shard records name every file).
 
-Only local folders (plain paths or file:// URLs) are implemented now.
+Backends, chosen by `open_store(url)`:
+- a path or file:// URL -> LocalStore (here);
+- s3://bucket/prefix -> shards.s3.S3Store (boto3; endpoint and credentials from the standard AWS
+  variables and profiles; resumable reads, atomic conditional uploads);
+- http(s)://host/prefix -> shards.http.HttpStore, read-only (public buckets, static servers).
+Remote failures that outlast the retry budget raise shards.remote.StoreError, a ShardError.
 """
 
 from __future__ import annotations
@@ -69,6 +74,14 @@ class Store(ABC):
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """Sorted relative paths of the files under folder `prefix` (for gc/cleanup only)."""
+
+    def cleanup_incomplete(self, *, dry_run: bool = False) -> list[str]:
+        """Remove what killed writers left behind that is not a file of the cache (temp files,
+        unfinished multipart uploads); return what was (or, with dry_run, would be) removed.
+
+        Only safe while no writer is using this store: it removes in-flight writes too.
+        """
+        return []
 
     def staging_dir(self, rel: str) -> Path:
         """A local folder in which to build the file that will become `rel`.
@@ -220,9 +233,20 @@ class LocalStore(Store):
     def staging_dir(self, rel: str) -> Path:
         return self.path(rel).parent
 
+    def cleanup_incomplete(self, *, dry_run: bool = False) -> list[str]:
+        temps = [rel for rel in self.list(include_temp=True) if rel.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)]
+        if not dry_run:
+            for rel in temps:
+                self.path(rel).unlink(missing_ok=True)
+        return temps
+
 
 def open_store(url: str | Path) -> Store:
-    """A Store for a local path or file:// URL. Object storage is not implemented yet."""
+    """The Store for a local path, file://, s3:// or (read-only) http(s):// URL.
+
+    Opening does no I/O: a wrong endpoint or missing credentials surface at the first call, as a
+    StoreError naming the file and the cause.
+    """
     if isinstance(url, Path):
         return LocalStore(url)
     if not isinstance(url, str) or not url:
@@ -233,10 +257,16 @@ def open_store(url: str | Path) -> Store:
         if parsed.netloc not in ("", "localhost"):
             raise ValueError(f"file URL {url!r} names host {parsed.netloc!r}; only local files are supported")
         return LocalStore(unquote(parsed.path))
-    if scheme in ("s3", "http", "https"):
-        raise NotImplementedError(
-            f"cache location {url!r}: {scheme}:// stores are not supported yet; use a local folder"
-        )
+    if scheme == "s3":
+        from .s3 import S3Store  # boto3 is imported only by caches that need it
+
+        return S3Store(url)
+    if scheme in ("http", "https"):
+        from .http import HttpStore
+
+        return HttpStore(url)
     if scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive letter
-        raise ValueError(f"cache location {url!r}: unknown URL scheme {scheme!r} (use a local path or file://)")
+        raise ValueError(
+            f"cache location {url!r}: unknown URL scheme {scheme!r} (use a local path, file://, s3:// or https://)"
+        )
     return LocalStore(url)

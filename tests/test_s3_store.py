@@ -1,0 +1,483 @@
+"""shards.s3 / shards.http / shards.localcache against a real S3 server (SeaweedFS, tests/s3server.py).
+
+Store semantics on a bucket (round trip, listing, missing files), byte-identical caches and
+identical batches from S3, https:// and local disk, atomic and conditional publishing (multipart
+included, a writer SIGKILLed mid-upload, `shards gc`), each kind of damage and misconfiguration
+as a clear error, and the --local-cache store (save while streaming, reuse, size bound, repair).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import train.step  # noqa: F401  (imported once here so forked loader workers inherit it)
+from s3server import S3Server, free_ports, shared_server
+from shards import schema
+from shards.cli import cli as shards_cli
+from shards.http import HttpStore
+from shards.localcache import CachingStore, parse_bytes
+from shards.manifest import Manifest
+from shards.reader import ShardError, iter_shard_members
+from shards.remote import ReadOnlyStoreError, ResumableReader, RetryPolicy, StoreError
+from shards.s3 import S3Store, parse_s3_url
+from shards.store import LocalStore, open_store
+from shards.synthetic import write_synthetic_cache
+from train.data import CacheStream, make_loader
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKET = "caches"
+FAST = RetryPolicy(attempts=20, budget_s=20.0, backoff_s=0.05, max_backoff_s=0.5, connect_timeout_s=2.0,
+                   read_timeout_s=5.0)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = shared_server(tmp_path_factory.getbasetemp() / "seaweedfs")
+    srv.client().create_bucket(Bucket=BUCKET)
+    return srv
+
+
+@pytest.fixture(scope="module", autouse=True)
+def aws_env(server):
+    with pytest.MonkeyPatch.context() as mp:
+        server.use_env(mp)
+        yield
+
+
+@pytest.fixture(scope="module")
+def caches(server, tmp_path_factory):
+    """The same synthetic cache (4 shards, one with a skipped item) in a folder and in the bucket."""
+    local = LocalStore(tmp_path_factory.mktemp("local") / "cache")
+    write_synthetic_cache(local, shards=4, samples_per_shard=5, skip_every=7)
+    remote = S3Store(f"s3://{BUCKET}/synthetic", policy=FAST)
+    write_synthetic_cache(remote, shards=4, samples_per_shard=5, skip_every=7)
+    return local, remote
+
+
+def _batches(store, manifest, **kw) -> list[tuple[list[str], str]]:
+    """(keys, sha256 over every tensor) per batch of one epoch, as train would get them."""
+    args = dict(batch_size=3, seed=1, epoch=0, num_workers=0, shuffle_buffer=4)
+    args.update(kw)
+    out = []
+    for batch in CacheStream(store, manifest, **args):
+        h = hashlib.sha256()
+        for t in (batch.latent_mean, batch.latent_std, batch.prompt_embeds, batch.pooled_prompt_embeds,
+                  batch.add_time_ids, batch.cond):
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        out.append((list(batch.keys), h.hexdigest()))
+    return out
+
+
+def _cli(*args: str, env: dict[str, str] | None = None):
+    """`python -m shards ARGS`, in-process (the real click command; a subprocess costs a torch import)."""
+    result = CliRunner().invoke(shards_cli, list(args), env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def _upload_child(url: str, path: str) -> None:
+    """A writer process to be killed: multipart upload of 30 MiB, each part slowed down (a
+    botocore event hook, not a patch) so that the kill lands mid-upload."""
+    store = S3Store(url, multipart_threshold=5 << 20, part_size=5 << 20, concurrency=1)
+    store.client.meta.events.register("before-send.s3.UploadPart", lambda **kw: time.sleep(0.3))
+    with open(path, "wb") as f:
+        f.write(os.urandom(30 << 20))
+    store.put_file("shards/shard-000007.tar", path)
+
+
+# ----------------------------------------------------------------------------------------------
+# URLs and settings (no server needed)
+
+
+def test_urls_and_settings_are_validated_with_every_problem_listed(monkeypatch):
+    assert parse_s3_url("s3://bkt/a/b/") == ("bkt", "a/b")
+    assert parse_s3_url("s3://bkt") == ("bkt", "")
+    with pytest.raises(ValueError, match="no bucket name"):
+        parse_s3_url("s3:///x")
+    with pytest.raises(ValueError, match=r"'\.\.' parts.*|query strings"):
+        parse_s3_url("s3://bkt/a/../b?x=1")
+    assert isinstance(open_store("s3://bkt/p"), S3Store)
+    assert isinstance(open_store("https://example.com/c?token=secret"), HttpStore)
+    assert open_store("https://example.com/c?token=secret").url == "https://example.com/c"  # no token in logs
+
+    monkeypatch.setenv("SHARDS_RETRY_ATTEMPTS", "many")
+    monkeypatch.setenv("SHARDS_READ_TIMEOUT", "soon")
+    with pytest.raises(ValueError) as e:
+        RetryPolicy.from_env()
+    assert "SHARDS_RETRY_ATTEMPTS='many'" in str(e.value) and "SHARDS_READ_TIMEOUT='soon'" in str(e.value)
+    with pytest.raises(ValueError) as e:
+        RetryPolicy(attempts=-1, read_timeout_s=0, budget_s=-2)
+    assert str(e.value).count("\n  - ") == 3 and "would hang" in str(e.value)
+    monkeypatch.delenv("SHARDS_RETRY_ATTEMPTS")
+    monkeypatch.delenv("SHARDS_READ_TIMEOUT")
+    monkeypatch.setenv("SHARDS_S3_PART_SIZE", "5 parsecs")
+    with pytest.raises(ValueError, match="SHARDS_S3_PART_SIZE"):
+        S3Store("s3://bkt/p")
+    assert parse_bytes("1.5GiB") == 3 << 29 and parse_bytes("200GB") == 200 * 10**9 and parse_bytes("4096") == 4096
+
+    from train.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(model=str(REPO), cache="s3://bkt/c", output_dir=str(REPO / "runs" / "x"),
+                    local_cache_max="lots").validate(cuda_available=False)
+    assert "--local-cache-max needs --local-cache" in str(e.value) and "'lots' is not a size" in str(e.value)
+
+
+def test_resumable_reader_resumes_at_the_offset_and_gives_up_in_time():
+    """The mechanism alone: a body that breaks every 1000 bytes is reopened at the byte reached."""
+    data = os.urandom(10_000)
+    opens: list[int] = []
+
+    class Flaky:
+        def __init__(self, offset):
+            self.pos, self.left = offset, 1000
+
+        def read(self, n):
+            if self.left == 0:
+                raise ConnectionResetError("reset by peer")
+            n = min(n, self.left, len(data) - self.pos)
+            self.left -= n
+            self.pos += n
+            return data[self.pos - n : self.pos]
+
+        def close(self):
+            pass
+
+    def open_at(offset):
+        opens.append(offset)
+        return Flaky(offset)
+
+    def classify(e):
+        if not isinstance(e, ConnectionError):
+            raise e
+
+    policy = RetryPolicy(attempts=3, budget_s=5, backoff_s=0.001, connect_timeout_s=1, read_timeout_s=1)
+    r = ResumableReader(what="x", open_at=open_at, size=len(data), first_body=Flaky(0), policy=policy, classify=classify)
+    got = b"".join(iter(lambda: r.read(777), b""))
+    assert got == data and opens == list(range(1000, 10_000, 1000)) and r.reopens == 9
+
+    def dead(offset):
+        raise ConnectionRefusedError("refused")
+
+    r = ResumableReader(what="s3://b/shards/x.tar", open_at=dead, size=len(data), first_body=Flaky(0),
+                        policy=policy, classify=classify)
+    assert r.read(1000) == data[:1000]
+    with pytest.raises(ShardError, match=r"^s3://b/shards/x.tar: reading failed at byte 1000 of 10000: gave up after 4 attempts"):
+        r.read(10)
+
+
+# ----------------------------------------------------------------------------------------------
+# A cache on S3 is the cache on disk
+
+
+def test_store_calls_on_a_bucket(server):
+    store = S3Store(f"s3://{BUCKET}/calls/", policy=FAST)
+    assert store.url == f"s3://{BUCKET}/calls"
+    store.write_bytes("a/b.json", b"{}")
+    store.write_bytes("a/b.json", b'{"x": 1}')  # write_bytes replaces
+    store.write_bytes("c.bin", b"\x00" * 10)
+    assert store.read_bytes("a/b.json") == b'{"x": 1}' and store.size("c.bin") == 10
+    assert store.exists("a/b.json") and not store.exists("a/nope")
+    assert store.list() == ["a/b.json", "c.bin"] and store.list("a") == ["a/b.json"]
+    with pytest.raises(FileNotFoundError, match=f"s3://{BUCKET}/calls/a/nope does not exist"):
+        store.read_bytes("a/nope")
+    with pytest.raises(FileNotFoundError):
+        store.size("a/nope")
+    store.delete("a/b.json")
+    store.delete("a/b.json")  # already gone: fine
+    assert store.list() == ["c.bin"]
+    with pytest.raises(ValueError, match="invalid cache path"):
+        store.exists("../escape")
+
+
+def test_cache_on_s3_and_https_reads_exactly_like_local(server, caches):
+    local, remote = caches
+    assert remote.list() == local.list()
+    assert all(remote.read_bytes(rel) == local.read_bytes(rel) for rel in local.list())  # byte-identical
+    manifest = Manifest.load(remote)
+    want = _batches(local, Manifest.load(local))
+    n = manifest.totals["samples"]
+    assert _batches(remote, manifest) == want and len(want) == n // 3 and n == 18
+    # Through DataLoader worker processes, forked after this process used its own S3 client.
+    loader, _ = make_loader(remote, manifest, batch_size=3, seed=1, epoch=0, num_workers=2, shuffle_buffer=4)
+    local_loader, _ = make_loader(local, manifest, batch_size=3, seed=1, epoch=0, num_workers=2, shuffle_buffer=4)
+    assert [b.keys for b in loader] == [b.keys for b in local_loader]
+
+    env = server.isolated_env()
+    result = subprocess.run([sys.executable, "-m", "shards", "verify", remote.url], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)  # once as a user runs it
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("OK: 4 shards, 18 samples")
+    assert "samples    18" in _cli("stats", remote.url).stdout
+
+    # The same bucket, anonymously over plain HTTP (SeaweedFS without an auth config is public).
+    public = open_store(f"{server.endpoint}/{BUCKET}/synthetic")
+    assert _batches(public, manifest) == want
+    result = _cli("verify", public.url)
+    assert result.exit_code == 0 and result.stdout.startswith("OK: 4 shards"), result.stderr
+    with pytest.raises(ReadOnlyStoreError, match="read-only"):
+        public.write_bytes("x", b"")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        public.read_bytes("nope.json")
+
+
+def _cut(reader: ResumableReader) -> None:
+    """Shut the reader's socket down under it, as a dropped connection does."""
+    body = reader._body
+    if hasattr(body, "_raw_stream"):  # botocore StreamingBody over a urllib3 response
+        body._raw_stream.shutdown()
+    else:  # shards.http's response
+        body.conn.sock.shutdown(socket.SHUT_RD)
+
+
+def test_a_cut_connection_resumes_at_the_byte_reached_and_a_replaced_object_is_refused(server):
+    payload = os.urandom(24 << 20)  # more than loopback socket buffers hold: the cut loses data
+    scratch = S3Store(f"s3://{BUCKET}/cut", policy=FAST)
+    scratch.write_bytes("blob", payload)
+    for store in (scratch, HttpStore(f"{server.endpoint}/{BUCKET}/cut", policy=FAST)):
+        with store.open_read("blob") as f:
+            head = f.read(1 << 20)
+            _cut(f)
+            rest = f.read()
+        assert head + rest == payload and f.reopens == 1, type(store).__name__
+        # Replaced between the cut and the reopen: the If-Match on the first ETag refuses to splice.
+        with store.open_read("blob") as f:
+            f.read(1 << 20)
+            scratch.write_bytes("blob", payload[::-1])
+            _cut(f)
+            with pytest.raises(StoreError, match=r"/cut/blob: .*replaced while it was being read"):
+                f.read()
+        scratch.write_bytes("blob", payload)
+
+
+# ----------------------------------------------------------------------------------------------
+# Publishing: atomic, conditional, no leftovers
+
+
+def test_multipart_publish_is_atomic_and_never_overwrites_other_content(server, tmp_path, caplog):
+    store = S3Store(f"s3://{BUCKET}/publish", policy=FAST, multipart_threshold=5 << 20, part_size=5 << 20)
+    big = tmp_path / "big"
+    payload = os.urandom((11 << 20) + 123)  # 3 parts: 5 MiB, 5 MiB, the rest
+    big.write_bytes(payload)
+    store.put_file("shards/shard-000000.tar", big)
+    assert not big.exists()  # put_file takes ownership
+    head = server.client().head_object(Bucket=BUCKET, Key="publish/shards/shard-000000.tar")
+    assert head["ETag"].endswith('-3"') and head["Metadata"]["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert store.read_bytes("shards/shard-000000.tar") == payload
+
+    # A resumed, reproducible writer publishing the same bytes again: a no-op success.
+    big.write_bytes(payload)
+    with caplog.at_level(logging.INFO, logger="shards.s3"):
+        store.put_file("shards/shard-000000.tar", big)
+    assert "already present with the same content" in caplog.text
+    # Other bytes under a published name: refused, both sides named, the object untouched.
+    for size in (100, 6 << 20):  # single PUT and multipart
+        other = tmp_path / "other"
+        other.write_bytes(os.urandom(size))
+        with pytest.raises(StoreError, match=r"already exists with other content .*Never run two precomputes"):
+            store.put_file("shards/shard-000000.tar", other)
+        assert store.read_bytes("shards/shard-000000.tar") == payload
+    assert store.list_uploads() == []  # the refused multipart upload was aborted
+
+
+def test_writer_killed_mid_upload_leaves_nothing_visible_and_gc_cleans_up(server, tmp_path, caplog):
+    url = f"s3://{BUCKET}/killed-upload"
+    s3 = server.client()
+    key = "killed-upload/shards/shard-000007.tar"
+    store = S3Store(url, policy=FAST, multipart_threshold=5 << 20, part_size=5 << 20)
+
+    def kill_mid_upload(name: str) -> None:
+        # Forked: the real S3Store code in a process of its own, without a fresh interpreter's imports.
+        proc = multiprocessing.get_context("fork").Process(target=_upload_child, args=(url, str(tmp_path / name)))
+        proc.start()
+        deadline = time.monotonic() + 60
+        while not s3.list_multipart_uploads(Bucket=BUCKET, Prefix=key).get("Uploads"):
+            assert proc.is_alive() and time.monotonic() < deadline, "the child never started its upload"
+            time.sleep(0.02)
+        time.sleep(0.4)  # a part or two in
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(timeout=30)
+        assert proc.exitcode == -signal.SIGKILL
+        assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix="killed-upload/")  # nothing visible
+        assert [k for k, _ in store.list_uploads()] == [key]  # invisible, but stored (and billed)
+
+    kill_mid_upload("first")
+    result = _cli("gc", url, "--dry-run")
+    assert result.exit_code == 0 and "would remove unfinished upload: shards/shard-000007.tar" in result.stdout
+    assert len(store.list_uploads()) == 1
+    result = _cli("gc", url)
+    assert result.exit_code == 0, result.stderr
+    assert "removed 1 unfinished upload(s)" in result.stdout and store.list_uploads() == []
+
+    # A re-run's writer aborts what a killed run left under its own shard's name, then publishes.
+    kill_mid_upload("second")
+    data = os.urandom(6 << 20)
+    (tmp_path / "ok").write_bytes(data)
+    with caplog.at_level(logging.INFO, logger="shards.s3"):
+        store.put_file("shards/shard-000007.tar", tmp_path / "ok")
+    assert "aborted 1 unfinished upload(s) left by an earlier run" in caplog.text
+    assert store.list_uploads() == [] and store.read_bytes("shards/shard-000007.tar") == data
+
+
+def test_gc_orphans_deletes_only_shards_without_a_valid_record(server, caches):
+    _, remote = caches
+    store = S3Store(f"s3://{BUCKET}/orphans", policy=FAST)
+    write_synthetic_cache(store, shards=2, samples_per_shard=2)
+    # A writer killed between publishing shard 2 and writing its record leaves this:
+    store.write_bytes(schema.shard_name(2), remote.read_bytes(schema.shard_name(2)))
+    result = _cli("gc", store.url, "--orphans")
+    assert result.exit_code == 0, result.stderr
+    assert "removed orphan shard: shards/shard-000002.tar" in result.stdout
+    assert store.list(schema.SHARD_DIR) == [schema.shard_name(0), schema.shard_name(1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything that goes wrong is a clear error
+
+
+def _copy_cache(src, dst_url: str) -> S3Store:
+    dst = S3Store(dst_url, policy=FAST)
+    for rel in src.list():
+        dst.write_bytes(rel, src.read_bytes(rel))
+    return dst
+
+
+def test_damaged_or_missing_shards_are_errors_naming_the_shard(server, caches):
+    _, remote = caches
+    store = _copy_cache(remote, f"s3://{BUCKET}/damaged")
+    manifest = Manifest.load(store)
+    rec = manifest.shards[1]
+    good = remote.read_bytes(rec.name)
+
+    store.write_bytes(rec.name, good[: len(good) // 2])
+    with pytest.raises(ShardError, match=rf"^{rec.name}: truncated"):
+        _batches(store, manifest)
+
+    flipped = bytearray(good)
+    flipped[2000] ^= 0x01  # inside the first sample's safetensors data: only the sha256 can tell
+    store.write_bytes(rec.name, bytes(flipped))
+    with pytest.raises(ShardError, match=rf"^{rec.name}: sha256 mismatch"):
+        for _ in iter_shard_members(store, rec):
+            pass
+
+    store.delete(rec.name)
+    with pytest.raises(ShardError, match=rf"^{rec.name}: missing from s3://{BUCKET}/damaged"):
+        _batches(store, manifest)
+    result = _cli("verify", store.url)
+    assert result.exit_code == 1
+    assert f"error: verify failed: {rec.name}: missing" in result.stderr
+
+
+def test_wrong_endpoint_is_a_clear_error_within_the_budget(server, caches, tmp_path):
+    (closed,) = free_ports(1)
+    policy = RetryPolicy(attempts=100, budget_s=1.5, backoff_s=0.1, connect_timeout_s=1, read_timeout_s=1)
+    store = S3Store(caches[1].url, policy=policy, endpoint_url=f"http://127.0.0.1:{closed}")
+    t0 = time.monotonic()
+    with pytest.raises(StoreError) as e:
+        Manifest.load(store)
+    elapsed = time.monotonic() - t0
+    assert 1.5 <= elapsed < policy.worst_case_s() + 2
+    msg = str(e.value)
+    assert msg.startswith(f"{caches[1].url}/manifest.json: gave up after") and f"127.0.0.1:{closed}" in msg
+    assert "Could not connect to the endpoint URL" in msg
+
+    result = _cli("verify", caches[1].url, env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed}", "SHARDS_RETRY_SECONDS": "1"})
+    assert result.exit_code == 1  # a message, no traceback (_cli re-raises anything but SystemExit)
+    assert result.stderr.startswith(f"error: {caches[1].url}/manifest.json: gave up") and "Could not connect" in result.stderr
+
+
+def test_wrong_credentials_are_refused_at_once(tmp_path_factory, caches):
+    with S3Server(tmp_path_factory.mktemp("seaweedfs-auth"), access_key="owner", secret_key="owner-secret") as auth:
+        client = auth.client()
+        client.create_bucket(Bucket=BUCKET)
+        good = S3Store(f"s3://{BUCKET}/c", policy=FAST, endpoint_url=auth.endpoint)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("AWS_ACCESS_KEY_ID", "owner")
+            mp.setenv("AWS_SECRET_ACCESS_KEY", "owner-secret")
+            good.write_bytes("identity.json", b"{}")
+            assert good.read_bytes("identity.json") == b"{}"
+        for key, secret, code in (("owner", "not-the-secret", "SignatureDoesNotMatch"), ("stranger", "x", "InvalidAccessKeyId")):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("AWS_ACCESS_KEY_ID", key)
+                mp.setenv("AWS_SECRET_ACCESS_KEY", secret)
+                store = S3Store(f"s3://{BUCKET}/c", policy=FAST, endpoint_url=auth.endpoint)
+                t0 = time.monotonic()
+                with pytest.raises(StoreError) as e:
+                    store.read_bytes("identity.json")
+                assert time.monotonic() - t0 < 3  # not retried: credentials do not fix themselves
+                msg = str(e.value)
+                assert msg.startswith(f"s3://{BUCKET}/c/identity.json: access denied ({code}")
+                assert "AWS_ACCESS_KEY_ID" in msg and auth.endpoint in msg
+        # Anonymous https:// reads of a private bucket: refused, with the way out.
+        with pytest.raises(StoreError, match="HTTP 403.*use s3:// with credentials"):
+            open_store(f"{auth.endpoint}/{BUCKET}/c").read_bytes("identity.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# --local-cache
+
+
+def test_local_cache_saves_while_streaming_reuses_bounds_and_repairs(server, caches, tmp_path):
+    local, remote = caches
+    manifest = Manifest.load(remote)
+    want = _batches(local, manifest)
+    shards = [r for r in manifest.shards if r.samples]
+    sizes = {r.name: r.bytes for r in shards}
+
+    # Run 1: every shard streams from the bucket and is saved on the way.
+    cached = CachingStore(remote, tmp_path / "lc", records=manifest.shards)
+    assert _batches(cached, manifest) == want
+    assert sorted(e for _, e in cached.events) == ["fetched"] * len(shards)
+    for r in shards:
+        assert hashlib.sha256(cached.path_for(r.sha256).read_bytes()).hexdigest() == r.sha256
+    assert not list((tmp_path / "lc").rglob(".tmp-*"))
+
+    # Run 2: served locally. The remote now points at a closed port, so any remote read would fail.
+    (closed,) = free_ports(1)
+    dead = S3Store(remote.url, policy=RetryPolicy(attempts=0, connect_timeout_s=1, read_timeout_s=1),
+                   endpoint_url=f"http://127.0.0.1:{closed}")
+    again = CachingStore(dead, tmp_path / "lc", records=manifest.shards)
+    assert _batches(again, manifest) == want
+    assert sorted(e for _, e in again.events) == ["hit"] * len(shards)
+
+    # A damaged local copy is detected before use, deleted, and fetched again.
+    victim = cached.path_for(shards[2].sha256)
+    data = bytearray(victim.read_bytes())
+    data[1500] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    repaired = CachingStore(remote, tmp_path / "lc", records=manifest.shards)
+    assert _batches(repaired, manifest) == want
+    assert (shards[2].name, "corrupt") in repaired.events and (shards[2].name, "fetched") in repaired.events
+    assert hashlib.sha256(victim.read_bytes()).hexdigest() == shards[2].sha256
+
+    # Bounded: room for two shards keeps the two most recently used; a shard too big is not kept.
+    limit = sum(sorted(sizes.values())[-2:])
+    small = CachingStore(remote, tmp_path / "lc-small", max_bytes=limit, records=manifest.shards)
+    _batches(small, manifest)
+    assert small.total_bytes() <= limit and len(small.entries()) == 2
+    used_last = [n for n, e in small.events if e == "fetched"][-2:]
+    assert sorted(p.name for _, _, p in small.entries()) == sorted(
+        f"{r.sha256}.tar" for r in shards if r.name in used_last)
+    tiny = CachingStore(remote, tmp_path / "lc-tiny", max_bytes=min(sizes.values()) - 1, records=manifest.shards)
+    assert _batches(tiny, manifest) == want
+    assert {e for _, e in tiny.events} == {"too_big"} and tiny.entries() == []
+
+    # A stream abandoned half way keeps nothing (no copy, no temp file).
+    half = CachingStore(remote, tmp_path / "lc-half", records=manifest.shards)
+    with half.open_read(shards[0].name) as f:
+        f.read(1000)
+    assert half.entries() == [] and not list((tmp_path / "lc-half").rglob(".tmp-*"))
