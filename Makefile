@@ -85,22 +85,27 @@ verify: install ## re-read every shard of CACHE and check it against the manifes
 
 DEMO_CACHE := cache/demo
 DEMO_OUT   := runs/demo
-DEMO_PROMPT = $$(head -n 1 $(FILL)/prompt.json | $(PY) -c "import json,sys; print(json.load(sys.stdin)['prompt'])")
+DEMO_DATA  := cache/fill-mixed
+DEMO_PROMPT = $$(head -n 1 $(DEMO_DATA)/prompt.json | $(PY) -c "import json,sys; print(json.load(sys.stdin)['prompt'])")
 
-demo: install $(TINY)/model_index.json $(FILL)/prompt.json ## tiny model + fill data -> precompute -> train -> validation grid (offline, CPU)
-	$(PY) -m precompute --model $(TINY) --data $(FILL) --cache $(DEMO_CACHE) --resolution 64 \
-		--samples-per-shard 16
+$(DEMO_DATA)/prompt.json: | install
+	$(PY) -m precompute.fill $(DEMO_DATA) --n $(FILL_N) --resolution 64 --aspect mixed
+
+# The demo exercises aspect buckets and flipped views (mixed 64x64, 64x96, 96x64, 64x128 images).
+demo: install $(TINY)/model_index.json $(DEMO_DATA)/prompt.json ## tiny model + fill data -> precompute -> train -> validation grid (offline, CPU)
+	$(PY) -m precompute --model $(TINY) --data $(DEMO_DATA) --cache $(DEMO_CACHE) --resolution 64 \
+		--samples-per-shard 16 --buckets sdxl --flip
 	$(PY) -m shards stats $(DEMO_CACHE)
 	rm -rf $(DEMO_OUT)
 	$(PY) -m train --model $(TINY) --cache $(DEMO_CACHE) --output-dir $(DEMO_OUT) \
 		--max-steps 40 --batch-size 8 --learning-rate 1e-3 --lr-warmup-steps 0 --num-workers 1 \
 		--checkpointing-steps 20 --validation-steps 20 --num-validation-images 2 \
-		--validation-inference-steps 10 --validation-image $(FILL)/source/0.png \
+		--validation-inference-steps 10 --validation-image $(DEMO_DATA)/source/0.png \
 		--validation-prompt "$(DEMO_PROMPT)"
 	@echo
 	@echo "demo done:"
 	@echo "  tiny SDXL model       $(TINY)"
-	@echo "  fill dataset          $(FILL)"
+	@echo "  fill dataset          $(DEMO_DATA)"
 	@echo "  cache                 $(DEMO_CACHE)   (python -m shards ls $(DEMO_CACHE))"
 	@echo "  adapter + model card  $(DEMO_OUT)/"
 	@echo "  validation grids      $(DEMO_OUT)/validation/"
