@@ -20,12 +20,12 @@ RESOLUTION ?= $(if $(MODEL),1024,64)
 NPROC      ?= 1
 PORT       ?= 29511
 ARGS       ?=
-# train
-STEPS      ?= 40
-BATCH      ?= 8
-LR         ?= 1e-4
+# train (demo-sized for the tiny model; the reference's defaults once MODEL is set)
+STEPS      ?= $(if $(MODEL),20000,40)
+BATCH      ?= $(if $(MODEL),4,8)
+LR         ?= $(if $(MODEL),1e-5,1e-4)
 RESUME     ?=
-CKPT_EVERY ?= 20
+CKPT_EVERY ?= $(if $(MODEL),500,20)
 
 # --- the offline demo assets --------------------------------------------------------------------
 TINY      := cache/tiny-sdxl
@@ -77,7 +77,7 @@ precompute: install $(DEPS) ## encode DATA with MODEL into CACHE (defaults: tiny
 
 train: install $(if $(MODEL),,$(TINY)/model_index.json) ## train an adapter on CACHE into OUT
 	$(LAUNCH) train --model $(MODEL_ARG) --cache $(CACHE) --output-dir $(OUT) \
-		--max-train-steps $(STEPS) --train-batch-size $(BATCH) --learning-rate $(LR) \
+		--max-steps $(STEPS) --batch-size $(BATCH) --learning-rate $(LR) \
 		--checkpointing-steps $(CKPT_EVERY) $(if $(RESUME),--resume $(RESUME)) $(ARGS)
 
 verify: install ## re-read every shard of CACHE and check it against the manifest
@@ -92,6 +92,9 @@ $(DEMO_DATA)/prompt.json: | install
 	$(PY) -m precompute.fill $(DEMO_DATA) --n $(FILL_N) --resolution 64 --aspect mixed
 
 # The demo exercises aspect buckets and flipped views (mixed 64x64, 64x96, 96x64, 64x128 images).
+# Tiny-model ops take microseconds: a second OpenMP thread only adds spin-waits (several times
+# slower on a busy 2-core machine). An explicit OMP_NUM_THREADS in the environment wins.
+demo: export OMP_NUM_THREADS ?= 1
 demo: install $(TINY)/model_index.json $(DEMO_DATA)/prompt.json ## tiny model + fill data -> precompute -> train -> validation grid (offline, CPU)
 	$(PY) -m precompute --model $(TINY) --data $(DEMO_DATA) --cache $(DEMO_CACHE) --resolution 64 \
 		--samples-per-shard 16 --buckets sdxl --flip
