@@ -28,7 +28,8 @@ from precompute.encoders import LatentEncoder
 from precompute.fill import main as fill_main
 from precompute.fill import make_fill_dataset, mixed_size
 from precompute.preprocess import ViewSpec, apply_geometry, item_rng, plan_geometry, plan_views, to_model_input
-from precompute.runner import IdentityMismatchError, run
+from precompute.runner import run
+from shards.manifest import ManifestError
 from precompute.sources import open_source
 from shards.cli import cli as shards_cli
 from shards.manifest import Manifest
@@ -160,10 +161,10 @@ def test_stats_report_views_and_buckets(canny_cache):
 
 def test_other_condition_settings_are_refused_for_the_same_cache(tiny_model, mixed, canny_cache):
     cache, _ = canny_cache
-    with pytest.raises(IdentityMismatchError) as err:
+    with pytest.raises(ManifestError) as err:
         run(_cfg(tiny_model, mixed, cache, crops=2, condition="canny", canny_low=50))
     assert "condition.params.low: 100 != 50" in str(err.value)
-    with pytest.raises(IdentityMismatchError) as err:
+    with pytest.raises(ManifestError) as err:
         run(_cfg(tiny_model, mixed, cache, crops=1, condition="gray"))
     msg = str(err.value)
     assert "condition.method: 'canny' != 'gray'" in msg and "views.crops: 2 != 1" in msg

@@ -1,4 +1,4 @@
-"""train.data: the epoch plan, equal steps per rank, exact resume, per-sample randomness, errors.
+"""train.plan and train.data: the epoch plan, equal steps per rank, exact resume, per-sample randomness, errors.
 
 Caches here are written with the real shards writer and read with the real reader: tiny tensors
 (latent 4x2x2, prompt width 8), 16x16 conditioning PNGs, shards of uneven sizes (one empty).
@@ -6,6 +6,7 @@ Caches here are written with the real shards writer and read with the real reade
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -19,13 +20,15 @@ import torch
 
 import train.step  # noqa: F401  (imported once here so forked loader workers inherit it)
 from shards import schema
-from shards.manifest import ShardRecord, identity_diff
+from shards.manifest import Manifest, ShardRecord, identity_diff
 from shards.reader import ShardError, iter_shard, load_empty_prompt, write_empty_prompt
 from shards.store import open_store
+from shards.synthetic import synthetic_identity
 from shards.writer import ShardWriter
-from train.data import (
-    CacheStream, epoch_plan, epoch_stats, make_loader, sample_choice, steps_per_epoch, stream_identity,
-)
+from train.data import CacheStream, HostBatch, make_loader, stream_identity, stream_resume_problems
+import train.data
+from train.augment import soft_threshold
+from train.plan import Draw, data_summary, epoch_plan, epoch_stats, key_rng, sample_choice, steps_per_epoch
 
 FACTOR = 8  # VAE scale factor of the fake latents
 DIM, POOLED = 8, 4
@@ -86,8 +89,10 @@ def _keys(batches) -> list[list[str]]:
 def _same_batches(a, b) -> None:
     assert _keys(a) == _keys(b)
     for x, y in zip(a, b):
-        for name in ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "add_time_ids", "cond"):
+        for name in ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "add_time_ids", "cond_u8"):
             assert torch.equal(getattr(x, name), getattr(y, name)), name
+        assert (x.cond_levels is None) == (y.cond_levels is None)
+        assert x.cond_levels is None or torch.equal(x.cond_levels, y.cond_levels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +141,26 @@ def test_greedy_balance_and_step_count(cache):
         assert loads == [15, 17]
     stats = epoch_stats(records, batch_size=2, world_size=2, num_workers=0, seed=0, epoch=0)
     assert (stats.steps, stats.samples, stats.samples_used, stats.samples_dropped) == (7, 32, 28, 4)
-    assert "4 dropped" in stats.describe()
+    # Why: each stream's odd sample (17 and 15) is a partial batch; the 17-stream's 8th full
+    # batch is cut so both ranks take 7 steps.
+    assert (stats.samples_in_partial_batches, stats.samples_cut_for_equal_steps) == (2, 2)
+    assert stats.describe() == (
+        "epoch 0: 7 batches of 2 per rank x 2 rank(s) from 32 samples in 7 shards (1 stream(s) per rank): "
+        "28 used, 4 dropped this epoch (12.5%: 2 in partial batches, 2 cut so every rank takes the same steps)"
+    )
+    assert json.loads(json.dumps(stats.to_dict())) == {
+        "epoch": 0, "steps": 7, "batch_size": 2, "world_size": 2, "num_workers": 0, "shards": 7, "samples": 32,
+        "samples_in_partial_batches": 2, "samples_used": 28, "samples_dropped": 4, "samples_cut_for_equal_steps": 2,
+    }
+    # A run's totals for train_config.json and the model card.
+    three = [epoch_stats(records, batch_size=2, world_size=2, num_workers=0, seed=0, epoch=e) for e in range(3)]
+    assert data_summary(three) == {
+        "epochs_planned": 3, "samples_per_epoch": 32, "samples_dropped": 12, "samples_dropped_in_partial_batches": 6,
+        "samples_dropped_for_equal_steps": 6, "samples_dropped_fraction": 0.125,
+    }
+    # Nothing dropped: one stream, an even count (max_samples=12 -> shards 0 to 2 hold 5 + 3 + 4).
+    whole = epoch_stats(records, batch_size=2, world_size=1, num_workers=0, seed=0, epoch=0, max_samples=12)
+    assert whole.samples_dropped == 0 and whole.describe().endswith("12 used, 0 dropped this epoch")
 
 
 def test_fewer_shards_than_streams_is_a_clear_error(cache):
@@ -185,10 +209,21 @@ def test_batch_contents_match_the_shards(cache):
     batches = _all(CacheStream(open_store(root), records, batch_size=3, seed=1, epoch=0, shuffle_buffer=5))
     assert len(batches) == 32 // 3
     for b in batches:
+        assert isinstance(b, HostBatch) and len(b) == 3
         assert b.latent_mean.shape == b.latent_std.shape == (3, 4, 2, 2)
         assert b.prompt_embeds.shape == (3, 77, DIM) and b.pooled_prompt_embeds.shape == (3, POOLED)
+        # The wire format: uint8 conditioning images, a quarter of fp32's bytes; no levels (not soft).
+        assert b.cond_u8.shape == (3, 3, 16, 16) and b.cond_u8.dtype == torch.uint8 and b.cond_levels is None
         assert b.cond.shape == (3, 3, 16, 16) and b.cond.dtype == torch.float32
+        assert b.cond_u8.nbytes * 4 == b.cond.nbytes
         assert b.add_time_ids.dtype == torch.float32
+        # .to(device) is the one way to the step's Batch: same tensors, the float image built there.
+        moved = b.to("cpu")
+        assert isinstance(moved, train.step.Batch) and moved.keys == b.keys
+        assert moved.cond.dtype == torch.float32 and torch.equal(moved.cond, b.cond_u8.float() / 255)
+        for name in ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "add_time_ids"):
+            assert torch.equal(getattr(moved, name), getattr(b, name)), name
+        assert b.to("cpu", torch.float16).cond.dtype == torch.float16
         for i, key in enumerate(b.keys):
             s = truth[key]
             c, dropped = sample_choice(seed=1, epoch=0, key=key, num_captions=s.prompt_embeds.shape[0], caption_dropout=0.0)
@@ -197,6 +232,7 @@ def test_batch_contents_match_the_shards(cache):
             assert torch.equal(b.prompt_embeds[i], s.prompt_embeds[c])
             assert torch.equal(b.pooled_prompt_embeds[i], s.pooled_prompt_embeds[c])
             assert b.add_time_ids[i].tolist() == [float(v) for v in s.meta.add_time_ids]
+            assert torch.equal(b.cond_u8[i], torch.from_numpy(s.cond_image().copy()).permute(2, 0, 1))
             expected = torch.from_numpy(s.cond_image().copy()).permute(2, 0, 1).float() / 255
             assert torch.equal(b.cond[i], expected)
             assert 0.0 <= b.cond[i].min() and b.cond[i].max() <= 1.0
@@ -262,12 +298,40 @@ def test_resume_through_dataloader_with_two_workers(cache):
 def test_stream_identity_names_what_a_resume_would_change(cache):
     _, records, _ = cache
     kw = dict(batch_size=2, seed=0, world_size=2, num_workers=2, shuffle_buffer=4, max_samples=None, caption_dropout=0.1)
-    saved = json.loads(json.dumps(stream_identity(records, **kw)))
+    saved = json.loads(json.dumps(stream_identity(records, **kw)))  # as a checkpoint stores it
+    assert saved["stream_version"] == 1 and saved["soft_threshold"] is None
     assert identity_diff(saved, stream_identity(records, **kw)) == []
+    assert stream_resume_problems(saved, stream_identity(records, **kw)) == []
     assert identity_diff(saved, stream_identity(records, **{**kw, "world_size": 4, "num_workers": 1})) == [
         "num_workers: 2 != 1", "world_size: 2 != 4",
     ]
-    assert [d.split(":")[0] for d in identity_diff(saved, stream_identity(records[:-1], **kw))] == ["shards_sha256"]
+    # Every setting the stream depends on is in it, and each change is named by its flag.
+    changes = {"batch_size": 3, "seed": 1, "world_size": 4, "num_workers": 1, "shuffle_buffer": 8, "max_samples": 20,
+               "caption_dropout": 0.2, "soft_threshold": (0.3, 0.8)}
+    problems = stream_resume_problems(saved, stream_identity(records, **{**kw, **changes}))
+    assert problems == [
+        "--batch-size: checkpoint 2, now 3",
+        "--caption-dropout: checkpoint 0.1, now 0.2",
+        "--max-samples: checkpoint None, now 20",
+        "--num-workers: checkpoint 2, now 1",
+        "--seed: checkpoint 0, now 1",
+        "--shuffle-buffer: checkpoint 4, now 8",
+        "soft threshold range (--soft-threshold-range, or the cache's default): checkpoint None, now [0.3, 0.8]",
+        "number of processes: checkpoint 2, now 4",
+    ]
+    changed_cache = stream_resume_problems(saved, stream_identity(records[:-1], **kw))
+    assert len(changed_cache) == 1 and changed_cache[0].startswith("cache shards (samples or contents changed)")
+    assert stream_resume_problems({**saved, "stream_version": 0}, saved) == [
+        "data stream version (the code changed how samples are ordered): checkpoint 0, now 1"]
+    assert stream_resume_problems(None, saved) == [
+        "the checkpoint records no data stream identity (saved by an older version)"]
+    # "auto" resolves the threshold range from the manifest, exactly as make_loader does.
+    soft = Manifest.build({**synthetic_identity(prompt_dim=DIM, pooled_dim=POOLED),
+                           "condition": {"method": "sketch", "soft": True}}, records, {}, code_version="t", created="")
+    assert stream_identity(soft, **kw)["soft_threshold"] == [0.3, 0.8]
+    assert stream_identity(soft, **kw, soft_threshold=(0.4, 0.6))["soft_threshold"] == [0.4, 0.6]
+    with pytest.raises(ValueError, match="low <= high"):
+        stream_identity(records, **kw, soft_threshold=(0.9, 0.1))
 
 
 class _CountingStore:
@@ -322,6 +386,25 @@ def test_caption_choice_and_dropout_are_deterministic_at_the_right_rate():
     assert np.mean([a != b for a, b in zip(picks, other)]) > 0.4
     assert all(sample_choice(seed=0, epoch=0, key=k, num_captions=3, caption_dropout=p)[1] == want
                for k in keys[:50] for p, want in ((0.0, False), (1.0, True)))
+
+
+def test_per_sample_draws_share_one_derivation_with_a_tag_each():
+    # The derivation is part of every run's sample sequence (and of resuming old checkpoints): pin it.
+    key = schema.sample_key(3, 7)
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    assert [int(t) for t in Draw] == [0, 1, 2, 3]
+    for draw in Draw:
+        want = np.random.default_rng([5, 2, int(draw), h]).random(4)
+        assert np.array_equal(key_rng(seed=5, epoch=2, draw=draw, key=key).random(4), want)
+    # Caption choice and soft threshold are draws of that helper under their own tags.
+    rng = np.random.default_rng([5, 2, int(Draw.CAPTION), h])
+    dropped = rng.random() < 0.5
+    assert sample_choice(seed=5, epoch=2, key=key, num_captions=4, caption_dropout=0.5) == (int(rng.integers(4)), dropped)
+    u = np.random.default_rng([5, 2, int(Draw.SOFT_THRESHOLD), h]).random()
+    assert soft_threshold(seed=5, epoch=2, key=key, low=0.3, high=0.8) == 0.3 + 0.5 * u
+    # Different tags: independent draws for the same (seed, epoch, key).
+    firsts = {key_rng(seed=5, epoch=2, draw=d, key=key).random() for d in Draw}
+    assert len(firsts) == len(Draw)
 
 
 def test_stream_swaps_in_the_stored_empty_prompt(cache):
@@ -382,6 +465,30 @@ def test_sha256_mismatch_is_an_error_naming_it(cache, tmp_path):
         f.write(b"\x01")
     with pytest.raises(ShardError, match=re.escape(first) + ".*sha256"):
         _all(CacheStream(open_store(root), cache[1], batch_size=1, seed=0, epoch=0))
+
+
+def test_an_incomplete_plan_names_its_stream_and_shards(cache, monkeypatch):
+    # A reader that ends a shard early without raising (it never should: the real one checks the
+    # count) leaves planned batches incomplete; the error says which stream and which shards.
+    root, records, _ = cache
+    real = train.data.iter_shard_members
+
+    def short(store, record):
+        for pos, item in enumerate(real(store, record)):
+            if pos < record.samples - 2:
+                yield item
+
+    monkeypatch.setattr(train.data, "iter_shard_members", short)
+    ds = CacheStream(open_store(root), records, batch_size=2, seed=0, epoch=1, world_size=2, rank=1, num_workers=2,
+                     start_batch=1, shuffle_buffer=0)
+    streams = {w: epoch_plan(records, seed=0, epoch=1, world_size=2, rank=1, num_workers=2, worker=w) for w in range(2)}
+    with pytest.raises(RuntimeError) as e:
+        _all(ds)
+    msg = str(e.value)
+    # start_batch 1: physical worker 0 plays role 1 from its batch 0; the in-process rotation starts with it.
+    assert msg.startswith("internal: epoch 1, rank 1, loader worker 0 (stream role 1, from its batch 0): ")
+    assert "planned batch(es) never completed after reading shard(s) " in msg
+    assert all(sl.name in msg for sl in streams[1]) and not any(sl.name in msg for sl in streams[0])
 
 
 def test_the_last_batch_waits_for_its_shard_to_verify(cache, tmp_path):

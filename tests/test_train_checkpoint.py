@@ -157,15 +157,56 @@ def test_a_leftover_temp_folder_of_the_same_step_is_replaced(tmp_path, accelerat
 
 
 def test_resume_problems_list_every_difference(tmp_path):
-    saved = {"world_size": 2, "manifest_id": "a" * 64, "learning_rate": 1e-5,
-             "config": {"batch_size": 4, "num_workers": 2, "seed": 0, "max_steps": 100}}
+    """Each difference once, the data stream's (train.data.stream_identity) among them."""
+    from shards.manifest import ShardRecord
+    from train.data import stream_identity
+
+    records = [ShardRecord(index=i, name=f"shard-{i:06d}.tar", samples=4, bytes=100, sha256=f"{i}" * 64,
+                           keys=[f"{i:04d}-{j:04d}" for j in range(4)]) for i in range(4)]
+
+    def stream(**kw):
+        base = dict(batch_size=4, seed=0, world_size=2, num_workers=2)
+        return stream_identity(records, **{**base, **kw})
+
+    saved = {"world_size": 2, "manifest_id": "a" * 64, "learning_rate": 1e-5, "total_steps": 100,
+             "stream": stream(), "config": {"batch_size": 4, "num_workers": 2, "seed": 0, "max_steps": 100}}
     ckpt = Checkpoint(path=tmp_path, state=TrainState(), meta=saved)
-    now = {"world_size": 1, "manifest_id": "b" * 64, "learning_rate": 1e-5,
+    now = {"world_size": 1, "manifest_id": "b" * 64, "learning_rate": 1e-5, "total_steps": 200,
+           "stream": stream(batch_size=8, world_size=1, num_workers=0),
            "config": {"batch_size": 8, "num_workers": 0, "seed": 0, "max_steps": 200}}
     problems = resume_problems(ckpt, now)
-    assert len(problems) == 4
-    joined = "\n".join(problems)
-    for text in ("number of processes: checkpoint 2, now 1", "cache manifest id", "--batch-size: checkpoint 4, now 8",
-                 "--num-workers: checkpoint 2, now 0"):
-        assert text in joined
-    assert "max-steps" not in joined  # training longer is what resume is for
+    assert problems == [
+        "number of processes: checkpoint 2, now 1",
+        f"cache manifest id (a different cache): checkpoint {'a' * 64!r}, now {'b' * 64!r}",
+        "--batch-size: checkpoint 4, now 8",
+        "--num-workers: checkpoint 2, now 0",
+    ]  # the world size is in the stream too: listed once. Training longer (constant LR) is allowed.
+
+
+@pytest.mark.parametrize("schedule,refused", [("constant", False), ("constant_with_warmup", False),
+                                              ("piecewise_constant", False), ("linear", True), ("cosine", True),
+                                              ("cosine_with_restarts", True), ("polynomial", True)])
+def test_resume_refuses_another_length_only_for_schedules_that_depend_on_it(tmp_path, schedule, refused):
+    saved = {"world_size": 1, "manifest_id": "a", "learning_rate": 1e-5, "total_steps": 100,
+             "config": {"lr_scheduler": schedule, "max_steps": 100}}
+    ckpt = Checkpoint(path=tmp_path, state=TrainState(), meta=saved)
+    now = {**saved, "total_steps": 200, "config": {"lr_scheduler": schedule, "max_steps": 200}}
+    problems = resume_problems(ckpt, now)
+    if refused:
+        assert problems == [f"total optimizer steps (--max-steps / --num-epochs), which shape the {schedule} "
+                            "learning-rate schedule: checkpoint 100, now 200 (only constant and piecewise_constant "
+                            "schedules can be extended on resume)"]
+    else:
+        assert problems == []
+    assert resume_problems(ckpt, saved) == []
+
+
+def test_resume_refuses_changed_adamw_settings(tmp_path):
+    """optimizer.load_state_dict restores the saved param groups: new values would be ignored."""
+    adam = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "adam_weight_decay": 1e-2}
+    saved = {"world_size": 1, "manifest_id": "a", "learning_rate": 1e-5, "config": dict(adam)}
+    ckpt = Checkpoint(path=tmp_path, state=TrainState(), meta=saved)
+    now = {**saved, "config": {"adam_beta1": 0.8, "adam_beta2": 0.99, "adam_epsilon": 1e-6, "adam_weight_decay": 0.0}}
+    assert resume_problems(ckpt, now) == [
+        "--adam-beta1: checkpoint 0.9, now 0.8", "--adam-beta2: checkpoint 0.999, now 0.99",
+        "--adam-epsilon: checkpoint 1e-08, now 1e-06", "--adam-weight-decay: checkpoint 0.01, now 0.0"]

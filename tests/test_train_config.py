@@ -72,6 +72,41 @@ def test_missing_optional_packages_are_problems(tmp_path, monkeypatch):
     assert any("pip install wandb" in p for p in err.value.problems)
 
 
+def test_8bit_adam_needs_a_gpu(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, use_8bit_adam=True).validate(cuda_available=False)
+    assert err.value.problems == ["--use-8bit-adam needs a CUDA GPU (bitsandbytes' 8-bit AdamW has no CPU kernels "
+                                  "here): drop it on CPU"]
+    assert _cfg(tmp_path, use_8bit_adam=True).validate(cuda_available=True) == []
+
+
+def test_push_to_hub_needs_a_login_at_start(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    with pytest.raises(ConfigError, match="--push-to-hub needs a hub login"):
+        _cfg(tmp_path, push_to_hub=True).validate(cuda_available=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
+    assert _cfg(tmp_path, push_to_hub=True).validate(cuda_available=False) == []
+
+
+def test_ddp_timeout_reaches_the_process_group(tmp_path):
+    from datetime import timedelta
+
+    from train.loop import make_accelerator
+
+    with pytest.raises(ConfigError, match="--ddp-timeout-minutes must be >= 1, got 0"):
+        _cfg(tmp_path, ddp_timeout_minutes=0).validate(cuda_available=False)
+    accelerator = make_accelerator(_cfg(tmp_path, ddp_timeout_minutes=90))
+    # accelerate hands this handler's timeout to torch.distributed.init_process_group
+    assert accelerator.init_handler.timeout == timedelta(minutes=90)
+
+
 def test_checkpoint_limit_is_raised_to_two_with_a_note(tmp_path):
     cfg = _cfg(tmp_path, checkpoints_total_limit=1)
     notes = cfg.validate(cuda_available=False)

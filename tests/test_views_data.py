@@ -7,6 +7,7 @@ shapes in the records) and read with the real reader; tensors are tiny.
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,9 @@ from shards.store import open_store
 from shards.synthetic import synthetic_identity
 from shards.views import count_sources, group_views, split_view_key, view_key
 from shards.writer import ShardWriter
-from train.augment import binarize, soft_threshold
-from train.data import CacheStream, epoch_plan, epoch_stats, make_loader, view_choice
+from train.augment import binarize, prepare_cond, soft_threshold, threshold_level
+from train.data import CacheStream, make_loader
+from train.plan import epoch_plan, epoch_stats, view_choice
 
 FACTOR = 8
 DIM, POOLED = 8, 4
@@ -85,8 +87,10 @@ def _images(records) -> dict[str, int]:
 def _same_batches(a, b) -> None:
     assert [x.keys for x in a] == [y.keys for y in b]
     for x, y in zip(a, b):
-        for name in ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "add_time_ids", "cond"):
+        for name in ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "add_time_ids", "cond_u8"):
             assert torch.equal(getattr(x, name), getattr(y, name)), name
+        assert (x.cond_levels is None) == (y.cond_levels is None)
+        assert x.cond_levels is None or torch.equal(x.cond_levels, y.cond_levels)
 
 
 def test_records_hold_view_keys_and_latent_shapes(cache):
@@ -190,9 +194,14 @@ def test_soft_conditions_are_thresholded_per_sample_and_epoch(cache, tmp_path):
     for epoch in (0, 1):
         batches = list(CacheStream(store, records, epoch=epoch, soft_threshold=(0.3, 0.8), **kw))
         for b in batches:
+            # Shipped raw (uint8) with one threshold level per sample; binarised by prepare_cond.
+            assert b.cond_u8.dtype == b.cond_levels.dtype == torch.uint8 and b.cond_levels.shape == (len(b),)
             assert set(b.cond.unique().tolist()) <= {0.0, 1.0}
+            assert torch.equal(b.to("cpu").cond, b.cond)
             for i, k in enumerate(b.keys):
                 t = soft_threshold(seed=5, epoch=epoch, key=k, low=0.3, high=0.8)
+                assert int(b.cond_levels[i]) == threshold_level(t)
+                assert torch.equal(b.cond_u8[i], torch.from_numpy(np.array(truth[k])).permute(2, 0, 1))
                 raw = torch.from_numpy(np.array(truth[k])).permute(2, 0, 1).float() / 255.0
                 assert torch.equal(b.cond[i], binarize(raw, t))
                 thresholds.setdefault(split_view_key(k)[0], set()).add(t)
@@ -214,6 +223,30 @@ def test_soft_conditions_are_thresholded_per_sample_and_epoch(cache, tmp_path):
         make_loader(store, plain, epoch=0, soft_threshold=(0.3, 0.8), **kw)
     with pytest.raises(ValueError, match="low <= high"):
         CacheStream(store, records, epoch=0, soft_threshold=(0.9, 0.1), **kw)
+
+
+def test_prepare_cond_binarises_the_8_bit_image_exactly():
+    values = torch.arange(256, dtype=torch.uint8)
+    img = values.view(1, 1, 16, 16).expand(2, 3, 16, 16).contiguous()  # every 8-bit value, 3 channels
+    assert [threshold_level(v / 255) for v in range(256)] == list(range(256))  # t = v / 255 keeps v
+    for t in [0.3, 0.8, *np.random.default_rng(0).random(300)]:
+        level = threshold_level(t)
+        # The smallest 8-bit value v with v / 255 >= t, in exact arithmetic (float64 t * 255 rounds
+        # 0.8 * 255, a hair above 204, to 204: the level the decimal 0.8 means).
+        assert level == next(v for v in range(256) if Fraction(v, 255) >= Fraction(t)) - (t == 0.8)
+        out = prepare_cond(img, torch.tensor([level, 255 - level], dtype=torch.uint8))
+        assert out.dtype == torch.float32
+        # The same bits as binarising the float image at t, with no float image.
+        assert torch.equal(out[0], binarize(img[0].float() / 255, t))
+        assert int(out[0].sum()) == 3 * (256 - level) and int(out[1].sum()) == 3 * (1 + level)
+    assert torch.equal(prepare_cond(values.view(1, 1, 16, 16), None), (values.float() / 255).view(1, 1, 16, 16))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+            threshold_level(bad)
+    with pytest.raises(ValueError, match="uint8 conditioning images"):
+        prepare_cond(values.float().view(1, 1, 16, 16), None)
+    with pytest.raises(ValueError, match=r"\(2,\) uint8 threshold levels"):
+        prepare_cond(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8))
 
 
 def test_loader_workers_read_views_like_the_in_process_stream(cache):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import sys
 from typing import Any
 
@@ -35,6 +36,22 @@ REFERENCE_ALIASES = {
 }
 
 _TYPES = {"int": int, "float": float, "str": str}
+
+
+def user_message(error: BaseException) -> str:
+    """The message to print for a user-facing error, without any traceback.
+
+    An error raised in a DataLoader worker reaches the training process re-raised by torch with
+    its type kept and its message replaced by "Caught ShardError in DataLoader worker process 0.
+    Original Traceback (most recent call last): ... shards.reader.ShardError: <message>": the
+    original message is what follows the traceback's last "ShardError: " line.
+    """
+    text = str(error)
+    if not text.startswith("Caught ") or "Traceback (most recent call last)" not in text:
+        return text
+    name = re.escape(type(error).__name__)
+    found = list(re.finditer(rf"^(?:[\w.]+\.)?{name}: ", text, flags=re.MULTILINE))
+    return text[found[-1].end():].strip() if found else text
 
 
 def _option(f: dataclasses.Field) -> Any:
@@ -80,7 +97,7 @@ def main(**options: Any) -> None:
     from shards.manifest import ManifestError
     from shards.reader import ShardError
     from train.checkpoint import CheckpointError
-    from train.checks import CacheMismatchError
+    from train.checks import StartupError
     from train.loop import TrainError, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -94,8 +111,8 @@ def main(**options: Any) -> None:
     cfg = TrainConfig(**options)
     try:
         train(cfg)
-    except (ConfigError, CacheMismatchError, CheckpointError, TrainError, ManifestError, ShardError) as e:
-        click.echo(f"error: {e}", err=True)
+    except (ConfigError, StartupError, CheckpointError, TrainError, ManifestError, ShardError) as e:
+        click.echo(f"error: {user_message(e)}", err=True)
         sys.exit(1)
 
 

@@ -47,25 +47,33 @@ _NAME = re.compile(r"^step-(\d{6,})$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 
-# Settings that decide which samples come next, or how the restored optimizer and schedule
-# behave: a resume with any of them changed would silently not continue the same run.
+# Settings besides the data stream that decide how the run continues: how the restored optimizer
+# and schedule behave, the noise. A resume with any of them changed would silently not continue
+# the same run. What decides the samples (batch size, workers, world size, shuffle buffer, max
+# samples, caption dropout, soft threshold, the shards) is the data stream's identity,
+# `train.data.stream_identity`, saved as meta["stream"] and compared as a whole.
 RESUME_MUST_MATCH = (
-    "batch_size",
     "gradient_accumulation_steps",
-    "num_workers",
-    "seed",
-    "shuffle_buffer",
-    "max_samples",
-    "caption_dropout",
+    "seed",  # also the noise stream and the adapter's init, not only the data order
     "lr_scheduler",
     "lr_warmup_steps",
     "lr_num_cycles",
     "lr_power",
     "lr_step_rules",
     "use_8bit_adam",
+    "adam_beta1",  # optimizer.load_state_dict restores the saved param groups: a changed value
+    "adam_beta2",  # would be silently replaced by the checkpoint's
+    "adam_epsilon",
+    "adam_weight_decay",
     "mixed_precision",
-    "soft_threshold_range",
 )
+
+
+# Schedules whose multiplier at step s depends on the run's total step count: resuming them with a
+# different total (another --max-steps or --num-epochs) would continue another schedule than the
+# one the checkpoint followed. The constant schedules (with or without warm-up) and
+# piecewise_constant depend on the step alone, so those runs may be extended.
+SCHEDULES_USING_TOTAL_STEPS = frozenset({"linear", "cosine", "cosine_with_restarts", "polynomial"})
 
 
 class CheckpointError(RuntimeError):
@@ -339,10 +347,6 @@ class Checkpoint:
     state: TrainState
     meta: dict[str, Any]  # state.json minus the position
 
-    @property
-    def adapter_dir(self) -> Path:
-        return self.path / ADAPTER_DIR
-
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
@@ -362,8 +366,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 def resume_problems(ckpt: Checkpoint, now: dict[str, Any]) -> list[str]:
     """Why continuing `ckpt` with the current settings would not continue the same run.
 
-    `now` has the keys of the saved meta: world_size, manifest_id, learning_rate (effective) and
-    `config` (TrainConfig.to_dict()).
+    `now` has the keys of the saved meta: world_size, manifest_id, learning_rate (effective),
+    total_steps (optimizer steps of the whole run), `stream` (train.data.stream_identity) and
+    `config` (TrainConfig.to_dict()). One line per difference, each once.
     """
     problems = []
     labels = {"world_size": "number of processes", "manifest_id": "cache manifest id (a different cache)",
@@ -372,10 +377,20 @@ def resume_problems(ckpt: Checkpoint, now: dict[str, Any]) -> list[str]:
         if ckpt.meta.get(key) != now.get(key):
             problems.append(f"{label}: checkpoint {ckpt.meta.get(key)!r}, now {now.get(key)!r}")
     saved_cfg, cfg = ckpt.meta.get("config", {}), now.get("config", {})
+    schedule = cfg.get("lr_scheduler")
+    if schedule in SCHEDULES_USING_TOTAL_STEPS and ckpt.meta.get("total_steps") != now.get("total_steps"):
+        problems.append(
+            f"total optimizer steps (--max-steps / --num-epochs), which shape the {schedule} learning-rate schedule: "
+            f"checkpoint {ckpt.meta.get('total_steps')!r}, now {now.get('total_steps')!r} (only constant and "
+            "piecewise_constant schedules can be extended on resume)")
+    if "stream" in now:
+        from train.data import stream_resume_problems
+
+        problems += stream_resume_problems(ckpt.meta.get("stream"), now["stream"])
     for key in RESUME_MUST_MATCH:
         if saved_cfg.get(key) != cfg.get(key):
             problems.append(f"--{key.replace('_', '-')}: checkpoint {saved_cfg.get(key)!r}, now {cfg.get(key)!r}")
-    return problems
+    return list(dict.fromkeys(problems))  # e.g. the seed and the world size are in the stream too
 
 
 def load_checkpoint(

@@ -41,9 +41,13 @@ TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 FINGERPRINTED = ("vae", "text_encoder", "text_encoder_2")
 
 
-class CacheMismatchError(ValueError):
-    """The run cannot start: the cache does not fit the model (or the data plan or settings do
-    not fit the cache). The message lists every problem."""
+class StartupError(ValueError):
+    """The run cannot start (settings, OUT, the model's components); the message lists every problem."""
+
+
+class CacheMismatchError(StartupError):
+    """The run cannot start because the cache does not fit the model (or the data plan or settings
+    do not fit the cache). The message lists every problem, the cache's and any other."""
 
 
 def manifest_id(store: Store) -> str:
@@ -184,6 +188,22 @@ def shape_problems(
     return problems
 
 
+def validation_resolution_problems(resolution: int, unet_config: dict, vae_scale_factor: int) -> list[str]:
+    """--validation-resolution must be a multiple of the adapter's coarsest feature stride (32 px
+    for SDXL): the pipeline would otherwise fail mid-run, inside validation."""
+    from train.step import unet_residual_shapes
+
+    try:
+        down, mid = unet_residual_shapes(unet_config, vae_scale_factor)
+    except ValueError:
+        return []  # the UNet itself is refused by shape_problems
+    stride = max(s.stride for s in down + ([mid] if mid else []))
+    if resolution % stride:
+        return [f"--validation-resolution {resolution} is not a multiple of {stride} px, the coarsest adapter "
+                f"feature of this UNet (e.g. {max(stride, resolution // stride * stride)})"]
+    return []
+
+
 # ---------------------------------------------------------------------------------------------
 # Encoders
 
@@ -238,11 +258,14 @@ class FingerprintReport:
     notes: list[str] = field(default_factory=list)  # what could not be compared
 
 
-def compare_fingerprints(identity: dict, modules: dict[str, torch.nn.Module | None]) -> FingerprintReport:
-    """Cache-recorded fingerprints vs. those of `modules` (name -> module, None when absent)."""
+def compare_fingerprints(identity: dict, modules: dict[str, torch.nn.Module | None], *,
+                         variant: str | None = None) -> FingerprintReport:
+    """Cache-recorded fingerprints vs. those of `modules` (name -> module, None when absent).
+    `variant`: the --variant the modules were loaded with (named when it is not the cache's)."""
     report = FingerprintReport()
     encoder = identity.get("encoder") or {}
     cache_model = encoder.get("model", "?")
+    cache_variant = encoder.get("variant")
     for name in FINGERPRINTED:
         recorded = encoder.get(f"{name}_fingerprint")
         module = modules.get(name)
@@ -258,10 +281,16 @@ def compare_fingerprints(identity: dict, modules: dict[str, torch.nn.Module | No
                 f"{name} fingerprint: cache {recorded[:16]}... (encoded with {cache_model!r}) != this "
                 f"model's {ours[:16]}..."
             )
+    if report.differences and cache_variant != variant:
+        # e.g. fp16 weight files are rounded copies: other bytes, other fingerprint, same model.
+        report.differences.append(
+            f"likely cause: the cache was encoded from weight variant {cache_variant!r} and this run loads "
+            f"--variant {variant!r}; pass --variant {cache_variant or 'not at all'} to load the same weight files")
     return report
 
 
 def refusal_message(cache_url: str, model: str, problems: list[str], differences: list[str]) -> str:
+    """The CacheMismatchError text: every problem, then what to do about encoder differences."""
     lines = [f"cannot train {model} on the cache {cache_url}:"]
     lines += [f"  - {p}" for p in problems + differences]
     if differences:

@@ -59,7 +59,9 @@ class TrainConfig:
     vae: str | None = _f(None, "VAE folder or hub id used to decode validation images (and checked against the cache). "
                                "Default: the VAE the cache was encoded with if precompute was given one, else MODEL's.",
                          "model")
-    adapter: str | None = _f(None, "Continue training this T2IAdapter (folder or hub id) instead of a new one.", "model")
+    adapter: str | None = _f(None, "Continue training this T2IAdapter instead of a new one: a save_pretrained folder "
+                                   "or a hub id (safetensors weights; checked to fit the UNet before it loads).",
+                             "model")
     accept_encoder_mismatch: bool = _f(False, "Train even though the cache was encoded by a VAE or text encoders "
                                               "whose fingerprints differ from MODEL's (shapes must still fit).", "model")
 
@@ -100,7 +102,7 @@ class TrainConfig:
     lr_power: float = _f(1.0, "Power of the polynomial schedule.", "optimization")
     lr_step_rules: str | None = _f(None, "Rules of piecewise_constant, e.g. '1:10,0.1:20,0.01' (multiplier:until "
                                          "step, ..., final multiplier).", "optimization")
-    use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (needs bitsandbytes installed).", "optimization")
+    use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (needs bitsandbytes and a CUDA GPU).", "optimization")
     adam_beta1: float = _f(0.9, "AdamW beta1.", "optimization")
     adam_beta2: float = _f(0.999, "AdamW beta2.", "optimization")
     adam_weight_decay: float = _f(1e-2, "AdamW decoupled weight decay.", "optimization")
@@ -130,8 +132,9 @@ class TrainConfig:
     validation_steps: int = _f(100, "Render validation images every N optimizer steps (and at the end).", "validation")
     validation_inference_steps: int = _f(20, "Denoising steps per validation image.", "validation")
     validation_guidance_scale: float = _f(5.0, "Classifier-free guidance scale of validation images.", "validation")
-    validation_resolution: int | None = _f(None, "Validation image size in pixels (default: the cache resolution).",
-                                           "validation")
+    validation_resolution: int | None = _f(None, "Validation image size in pixels, a multiple of the adapter's "
+                                                 "coarsest feature stride (32 for SDXL; checked at start). Default: "
+                                                 "the cache resolution.", "validation")
 
     # --- logging --------------------------------------------------------------------------------
     report_to: str = _f("none", "Tracker: none | tensorboard | wandb. Loss and lr always go to OUT/logs/metrics.jsonl "
@@ -143,9 +146,16 @@ class TrainConfig:
     log_samples: bool = _f(False, "Write each step's sample keys to OUT/logs/samples-rank<R>.jsonl (audits the exact "
                                   "sample order, e.g. across a resume).", "logging")
 
+    # --- distributed ------------------------------------------------------------------------
+    ddp_timeout_minutes: int = _f(60, "How long a process waits in a collective for the others. Start-up (the main "
+                                      "process fingerprints the encoders, several GB for SDXL) and validation (it "
+                                      "renders alone) keep the others waiting longer than torch's default 10 min "
+                                      "may allow.", "distributed")
+
     # --- hub ------------------------------------------------------------------------------------
-    push_to_hub: bool = _f(False, "Upload OUT (without checkpoints) to the hub at the end; needs a login "
-                                  "(HF_TOKEN or `hf auth login`).", "hub")
+    push_to_hub: bool = _f(False, "Upload OUT's adapter, model card, config, loss curve and validation grids (not "
+                                  "checkpoints/ nor logs/) to the hub at the end; needs a login (HF_TOKEN or `hf auth "
+                                  "login`), checked at start.", "hub")
     hub_model_id: str | None = _f(None, "Hub repository for --push-to-hub (default: OUT's folder name).", "hub")
 
     # ------------------------------------------------------------------------------------------
@@ -226,7 +236,7 @@ class TrainConfig:
 
         for name in ("batch_size", "num_epochs", "max_steps", "gradient_accumulation_steps", "lr_num_cycles",
                      "max_samples", "checkpointing_steps", "num_validation_images", "validation_steps",
-                     "validation_inference_steps", "log_every"):
+                     "validation_inference_steps", "log_every", "ddp_timeout_minutes"):
             positive(name)
         for name in ("num_workers", "lr_warmup_steps", "shuffle_buffer", "seed", "adam_weight_decay"):
             positive(name, 0)
@@ -254,6 +264,12 @@ class TrainConfig:
             problems.append("--mixed-precision fp16 needs a CUDA GPU (use bf16 or no on CPU)")
         if self.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
             problems.append("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes")
+        elif self.use_8bit_adam and not cuda_available:
+            problems.append("--use-8bit-adam needs a CUDA GPU (bitsandbytes' 8-bit AdamW has no CPU kernels here): "
+                            "drop it on CPU")
+        if self.push_to_hub and not _hub_token_available():
+            problems.append("--push-to-hub needs a hub login (the upload would fail only after training): set "
+                            "HF_TOKEN or run `hf auth login`")
         if self.report_to not in REPORT_TO:
             problems.append(f"--report-to {self.report_to!r} is not one of {', '.join(REPORT_TO)}")
         elif self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
@@ -295,6 +311,13 @@ def _cuda_available() -> bool:
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         return False
     return torch.cuda.is_available()
+
+
+def _hub_token_available() -> bool:
+    """A token from HF_TOKEN or the saved login; read locally, no network."""
+    from huggingface_hub import get_token
+
+    return get_token() is not None
 
 
 def _looks_local(name: str) -> bool:

@@ -1,63 +1,33 @@
-"""Training data: the epoch plan, the verified shard stream, and batching inside loader workers.
+"""Training data: the verified shard stream of a rank, and batching inside loader workers.
 
-This module owns everything between the cache's shard records and a collated `train.step.Batch`
-on the CPU: which shards each rank and loader worker reads in an epoch, in what order the
-samples come out, how many batches every rank takes, the per-sample randomness (caption pick,
-caption dropout), decoding (safetensors and PNG only, through `shards.schema`; never pickle) and
-exact mid-epoch resume.
+`train.plan` decides which samples each rank and loader worker takes and in which order (pure);
+this module reads them: it opens just the shards a stream needs, checks them, decodes samples
+(safetensors and PNG only, through `shards.schema`; never pickle), applies the per-sample
+randomness (caption pick, caption dropout, soft-threshold level) and collates `HostBatch`es,
+with exact mid-epoch resume.
 
-The whole batch sequence of a rank is a pure function of
-(shard records, seed, epoch, world_size, rank, num_workers, batch_size, shuffle_buffer,
-max_samples, caption_dropout, soft_threshold) (`stream_identity` lists them for checkpoints).
-Nothing depends on timing, process start order or global RNG state, which is what makes resume
-exact and ranks agree on their step count without talking to each other.
+The whole batch sequence of a rank is a pure function of the shard records, (epoch, rank,
+start_batch) and the settings `stream_identity` lists, which checkpoints save: a resume must
+match it exactly.
 
-How an epoch is laid out
-------------------------
-* Streams. Each rank runs `max(1, num_workers)` *roles* (one per DataLoader worker); every
-  (rank, role) pair is one shard stream. Shards are shuffled with a generator seeded from
-  (seed, epoch) and then dealt to the streams greedily by sample count: largest shard first, to
-  the stream holding the fewest samples so far (ties: lowest stream). A stream reads its shards
-  in the shuffled order. Shards with no samples are never opened.
-* Samples. A stream passes its samples through a seeded shuffle buffer (seed from
-  (seed, epoch, rank, role)) and groups them into batches of one latent shape.
-* Ranks. DataLoader takes batches from its workers round-robin, so rank batch `p` comes from role
-  `p % W`. Every rank takes the same number of batches, `steps_per_epoch`: the largest S such that
-  each role of each rank has enough full batches for its share of positions `< S`. The rest of
-  an epoch's samples is dropped, and `EpochStats` reports how many: with equal shards, up to about
-  one shard per stream when the shard count is not a multiple of world_size * W (3000 shards of
-  1000 over 64 streams: 1.9%), else under one batch per stream. The shuffle differs every epoch,
-  so different samples are dropped each time. Whole shards per stream keep reads sequential and
-  each shard read once; many more shards than streams keeps the loss small.
-* Resume. After `start_batch` batches of this epoch a new DataLoader starts again at worker 0,
-  so physical worker `w` plays role `(start_batch + w) % W` and starts at that role's batch
-  `(start_batch + w) // W`. The resumed stream yields exactly the remaining batches, in order.
-  Skipped batches are not decoded, and a shard none of whose samples is still needed is not
-  opened at all. The plan is computed on sample *identities* (record keys), not contents.
+The wire format
+---------------
+Loader workers hand out `HostBatch`es: every tensor of `train.step.Batch` except that the
+conditioning images stay uint8 (`cond_u8`, with one uint8 threshold level per sample for soft
+maps). That is 4x fewer bytes than fp32 through worker shared memory, pinning and the
+host-to-device copy. `HostBatch.to(device)` is the only way to a `train.step.Batch`: it moves the
+uint8 tensors and builds the float image there (`train.augment.prepare_cond`).
 
-Policies
---------
-* Uneven shards: greedy balancing by sample count, then truncation to the common step count
-  (above). Samples are disjoint across ranks and workers within an epoch.
-* Partial batches: a stream's leftover partial batch of each shape at the end of the epoch is
-  dropped (counted in `EpochStats.samples_dropped`); never padded, never repeated.
-* Buckets: batches never mix latent shapes. When shard records carry per-sample latent shapes
-  (`ShardRecord.latent_shapes`, one [h, w] per key, written by `ShardWriter(...,
-  record_latent_shapes=True)` for bucketed caches), samples are grouped by shape in the plan
-  itself, so steps and resume stay exact. A record without them is taken to hold a single shape,
-  and a sample that breaks this is an error naming its shard. A bucket's leftover samples in a
-  stream (fewer than a batch) are dropped for the epoch like any partial batch and counted in
-  `EpochStats.samples_dropped`; the shuffle differs every epoch, so different ones are dropped.
-* Views: a cache made with precompute's --flip / --crops stores several views of an image, under
-  keys `<sample key>-v<n>` (`shards.views`). The plan takes exactly one view per image per epoch,
-  chosen from the keys alone (`view_choice`): views rotate, epoch e taking view (o + e) mod n with
-  a seeded per-image offset o, so over n epochs every view is used once and half of each epoch's
-  images are flipped ones. The other views are not decoded (their bytes are still read: views
-  multiply an epoch's I/O, not its decode work). Counts, steps and max_samples are in images.
+Reading
+-------
+* Resume. After `start_batch` batches of an epoch physical worker `w` plays role
+  `(start_batch + w) % W` from that role's batch `(start_batch + w) // W` (`train.plan`). The
+  resumed stream yields exactly the remaining batches, in order. Skipped batches are not decoded,
+  and a shard none of whose samples is still needed is not opened at all.
+* Views: of an image's stored views only the one the plan picks is decoded (the others' bytes are
+  still read: views multiply an epoch's I/O, not its decode work).
 * Soft conditions: for a cache stored with precompute's --condition-soft, each conditioning image
   is binarised at a threshold drawn per (seed, epoch, key) in `soft_threshold` (`train.augment`).
-* max_samples: the first `max_samples` samples (images) in manifest order (shard index, then tar
-  order), the same subset every epoch, as the reference's `max_train_samples`.
 * Errors: a shard that is short, has a sha256 mismatch, a missing or unknown member, or a
   malformed sample raises `shards.reader.ShardError` naming the shard. Every shard a worker opens
   is read to its end (so its count and sha256 are checked) before that worker's last batch is
@@ -67,23 +37,22 @@ Policies
 from __future__ import annotations
 
 import hashlib
-import heapq
 from bisect import bisect_right
 from collections.abc import Hashable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards import schema
-from shards.manifest import Manifest, ShardRecord
+from shards.manifest import Manifest, ShardRecord, identity_diff
 from shards.reader import ShardError, iter_shard_members, load_empty_prompt
 from shards.store import Store
-from shards.views import group_views, has_views
-from train.augment import binarize, range_problems, soft_threshold_range_for
-from train.augment import soft_threshold as _soft_threshold
+from train.augment import prepare_cond, range_problems, soft_threshold_range_for, threshold_level
+from train.augment import soft_threshold as draw_soft_threshold
+from train.plan import ShardSlice, as_records, check_settings, plan_streams, sample_choice, stats_of, stream_batches
 
 if TYPE_CHECKING:
     from train.step import Batch
@@ -92,378 +61,145 @@ if TYPE_CHECKING:
 # so 256 samples cost about 150 MB per loader worker.
 DEFAULT_SHUFFLE_BUFFER = 256
 
-# Distinct streams of randomness drawn from the same (seed, epoch): the tag keeps them independent.
-_SHARD_SHUFFLE_TAG = 0
-_SAMPLE_BUFFER_TAG = 1
-_PER_SAMPLE_TAG = 2
+# Bump when the plan or the stream changes which samples come in which order for the same
+# settings: a checkpoint saved under another version cannot be resumed exactly.
+STREAM_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------------
-# The plan (pure functions of the records)
-# --------------------------------------------------------------------------------------------
+# What a resume must match
 
 
-@dataclass(frozen=True)
-class ShardSlice:
-    """The part of one shard an epoch uses: `count` samples, at record positions `positions`
-    (ascending; None means the first `count`, the case of every cache without views)."""
-
-    record: ShardRecord
-    count: int
-    positions: tuple[int, ...] | None = None
-
-    @property
-    def name(self) -> str:
-        return self.record.name
-
-    def used(self) -> Sequence[int]:
-        """Record positions of the used samples, in tar order."""
-        return range(self.count) if self.positions is None else self.positions
-
-    @property
-    def keys(self) -> list[str]:
-        return [self.record.keys[p] for p in self.used()]
-
-    def groups(self) -> list[Hashable]:
-        """Batching group of each used sample: its latent (h, w), or None for a one-shape cache."""
-        shapes = _latent_shapes(self.record)
-        return [None] * self.count if shapes is None else [shapes[p] for p in self.used()]
-
-
-def _latent_shapes(record: ShardRecord) -> list[tuple[int, int]] | None:
-    """Per-sample latent (h, w) from a record that lists them (issue 5's bucketed caches), else None."""
-    shapes = record.latent_shapes
-    if shapes is None:
-        return None
-    if len(shapes) != len(record.keys):
-        raise ShardError(
-            f"{record.name}: record lists {len(shapes)} latent shapes for {len(record.keys)} keys"
-        )
-    return [(int(s[0]), int(s[1])) for s in shapes]
-
-
-@dataclass(frozen=True)
-class EpochStats:
-    """What one epoch's plan does with the cache; the same on every rank."""
-
-    steps: int  # batches per rank in this epoch (steps_per_epoch)
-    batch_size: int
-    world_size: int
-    num_workers: int
-    shards: int  # shards with at least one used sample
-    samples: int  # samples in the plan (after max_samples)
-
-    @property
-    def samples_used(self) -> int:
-        return self.steps * self.batch_size * self.world_size
-
-    @property
-    def samples_dropped(self) -> int:
-        return self.samples - self.samples_used
-
-    def describe(self) -> str:
-        return (
-            f"{self.steps} batches of {self.batch_size} per rank x {self.world_size} rank(s) from "
-            f"{self.samples} samples in {self.shards} shards ({max(1, self.num_workers)} stream(s) per rank): "
-            f"{self.samples_used} used, {self.samples_dropped} dropped this epoch"
-        )
-
-
-def _as_records(records: Manifest | Sequence[ShardRecord]) -> list[ShardRecord]:
+def resolve_soft_threshold(
+    records: Manifest | Sequence[ShardRecord], requested: tuple[float, float] | None | str = "auto",
+) -> tuple[float, float] | None:
+    """The threshold range a stream over `records` uses. "auto": for a Manifest of a cache with
+    soft conditions (precompute --condition-soft) the default range of `train.augment`, else None.
+    A range given for a Manifest without soft conditions is a ValueError; bare records take a
+    given range as is (after the range check)."""
     if isinstance(records, Manifest):
-        return list(records.shards)
-    return list(records)
-
-
-def _check_args(**kw: Any) -> None:
-    """Every problem with the plan arguments, in one message."""
-    problems = []
-
-    def need_int(name: str, lo: int) -> bool:
-        v = kw[name]
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
-            problems.append(f"{name} must be an integer >= {lo}, got {v!r}")
-            return False
-        return True
-
-    for name, lo in (("seed", 0), ("epoch", 0), ("world_size", 1), ("num_workers", 0)):
-        if name in kw:
-            need_int(name, lo)
-    if "batch_size" in kw:
-        need_int("batch_size", 1)
-    if "rank" in kw and need_int("rank", 0) and isinstance(kw.get("world_size"), int):
-        if kw["rank"] >= kw["world_size"]:
-            problems.append(f"rank must be < world_size ({kw['world_size']}), got {kw['rank']}")
-    if "worker" in kw and need_int("worker", 0) and isinstance(kw.get("num_workers"), int):
-        if kw["worker"] >= max(1, kw["num_workers"]):
-            problems.append(f"worker must be < max(1, num_workers) = {max(1, kw['num_workers'])}, got {kw['worker']}")
-    if "start_batch" in kw:
-        need_int("start_batch", 0)
-    if "shuffle_buffer" in kw:
-        need_int("shuffle_buffer", 0)
-    if kw.get("max_samples") is not None:
-        need_int("max_samples", 1)
-    if kw.get("soft_threshold") is not None:
-        problems += range_problems(kw["soft_threshold"])
-    if "caption_dropout" in kw:
-        p = kw["caption_dropout"]
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
-            problems.append(f"caption_dropout must be a probability in [0, 1], got {p!r}")
+        return soft_threshold_range_for(records.identity, None if requested == "auto" else requested)
+    if requested == "auto" or requested is None:
+        return None
+    problems = range_problems(requested)
     if problems:
-        raise ValueError("invalid data settings:\n  - " + "\n  - ".join(problems))
-
-
-def view_choice(*, seed: int, key: str, epoch: int, num_views: int) -> int:
-    """Which of an image's `num_views` views `epoch` uses: (offset + epoch) mod num_views, the
-    offset a pure function of (seed, the image's key). Every view once in any num_views epochs."""
-    return (_view_offset(seed, key) + epoch) % num_views
-
-
-def _view_offset(seed: int, key: str) -> int:
-    # A hash, not a seeded generator: it runs once per image per plan, millions of times.
-    digest = hashlib.blake2b(f"{seed}/{key}".encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-# (record name, sha256, seed) -> None (no views) or (view groups, offsets); records are immutable
-# once written, and each plan would otherwise re-parse every key of the cache.
-_VIEW_TABLES: dict[tuple[str, str, int], tuple[list[list[int]], list[int]] | None] = {}
-
-
-def _view_table(record: ShardRecord, seed: int) -> tuple[list[list[int]], list[int]] | None:
-    k = (record.name, record.sha256, seed)
-    if k not in _VIEW_TABLES:
-        if not has_views(record.keys):
-            _VIEW_TABLES[k] = None
-        else:
-            try:
-                groups = group_views(record.keys)
-            except ValueError as e:
-                raise ShardError(f"{record.name}: {e}") from None
-            _VIEW_TABLES[k] = (groups, [_view_offset(seed, record.keys[g[0]]) for g in groups])
-    return _VIEW_TABLES[k]
-
-
-def _limit(records: list[ShardRecord], max_samples: int | None, *, seed: int = 0, epoch: int = 0) -> list[ShardSlice]:
-    """Non-empty slices in manifest order, one view per image (`view_choice`), cut after the
-    first `max_samples` images."""
-    out, left = [], max_samples
-    for rec in sorted(records, key=lambda r: r.index):
-        table = _view_table(rec, seed)
-        if table is None:
-            n = rec.samples if left is None else min(rec.samples, left)
-            if n > 0:
-                out.append(ShardSlice(rec, n))
-        else:
-            groups, offsets = table
-            chosen = [g[(o + epoch) % len(g)] for g, o in zip(groups, offsets)]
-            if left is not None:
-                chosen = chosen[:left]
-            n = len(chosen)
-            if n > 0:
-                out.append(ShardSlice(rec, n, tuple(chosen)))
-        if left is not None:
-            left -= n
-            if left == 0:
-                break
-    return out
-
-
-def _streams(
-    records: Manifest | Sequence[ShardRecord], *, seed: int, epoch: int, world_size: int, num_workers: int,
-    max_samples: int | None,
-) -> list[list[ShardSlice]]:
-    """Shard slices of every stream; stream `rank * W + role`, W = max(1, num_workers)."""
-    slices = _limit(_as_records(records), max_samples, seed=seed, epoch=epoch)
-    roles = max(1, num_workers)
-    n_streams = world_size * roles
-    if len(slices) < n_streams:
-        fit = len(slices) // world_size
-        hint = (
-            f"use at most {fit if fit > 1 else 0} DataLoader worker(s) per rank"
-            if fit >= 1
-            else f"use at most {len(slices)} rank(s)"
-        )
-        raise ValueError(
-            f"the cache has {len(slices)} non-empty shard(s) (after max_samples) but {world_size} rank(s) x "
-            f"{roles} loader worker stream(s) = {n_streams} streams, and each stream needs at least one "
-            f"whole shard: {hint}, or precompute with a smaller samples-per-shard to get more shards"
-        )
-    rng = np.random.default_rng([seed, epoch, _SHARD_SHUFFLE_TAG])
-    shuffled = [slices[i] for i in rng.permutation(len(slices))]
-    # Largest first to the least-loaded stream. sorted() is stable, so equal-sized shards keep
-    # their shuffled order, and the loads (hence the step count) do not depend on the shuffle.
-    order = sorted(range(len(shuffled)), key=lambda i: -shuffled[i].count)
-    heap = [(0, s) for s in range(n_streams)]
-    owned: list[list[int]] = [[] for _ in range(n_streams)]
-    for i in order:
-        load, s = heapq.heappop(heap)
-        owned[s].append(i)
-        heapq.heappush(heap, (load + shuffled[i].count, s))
-    return [[shuffled[i] for i in sorted(idx)] for idx in owned]
-
-
-def _full_batches(stream: list[ShardSlice], batch_size: int) -> int:
-    """Full single-shape batches a stream can make: sum over shapes of floor(count / batch)."""
-    counts: dict[Hashable, int] = {}
-    for sl in stream:
-        if sl.record.latent_shapes is None:  # the common one-shape cache: no per-sample walk
-            counts[None] = counts.get(None, 0) + sl.count
-            continue
-        for g in sl.groups():
-            counts[g] = counts.get(g, 0) + 1
-    return sum(n // batch_size for n in counts.values())
-
-
-def _steps(streams: list[list[ShardSlice]], *, batch_size: int, world_size: int, num_workers: int) -> int:
-    # Rank position p comes from role p % W; role r of a rank must fill the positions < S that
-    # are congruent to r, i.e. ceil((S - r) / W) <= full, i.e. S <= W * full + r.
-    roles = max(1, num_workers)
-    return min(
-        roles * _full_batches(streams[rank * roles + role], batch_size) + role
-        for rank in range(world_size)
-        for role in range(roles)
-    )
-
-
-def epoch_plan(
-    records: Manifest | Sequence[ShardRecord], *, seed: int, epoch: int, world_size: int, rank: int,
-    num_workers: int, worker: int, max_samples: int | None = None,
-) -> list[ShardSlice]:
-    """The shard slices that loader role `worker` of `rank` reads in `epoch`, in reading order.
-
-    `worker` is the role, in `range(max(1, num_workers))`; after a resume DataLoader worker `w`
-    plays role `(start_batch + w) % max(1, num_workers)`. Across all (rank, worker) pairs every
-    used shard appears exactly once. Raises ValueError when there are fewer non-empty shards than
-    `world_size * max(1, num_workers)`.
-    """
-    _check_args(seed=seed, epoch=epoch, world_size=world_size, rank=rank, num_workers=num_workers,
-                worker=worker, max_samples=max_samples)
-    streams = _streams(records, seed=seed, epoch=epoch, world_size=world_size, num_workers=num_workers,
-                       max_samples=max_samples)
-    return streams[rank * max(1, num_workers) + worker]
-
-
-def epoch_stats(
-    records: Manifest | Sequence[ShardRecord], *, batch_size: int, world_size: int, num_workers: int,
-    seed: int, epoch: int, max_samples: int | None = None,
-) -> EpochStats:
-    """Step count and sample accounting of one epoch (identical on every rank).
-
-    Raises ValueError when a stream cannot make even one full batch.
-    """
-    _check_args(batch_size=batch_size, world_size=world_size, num_workers=num_workers, seed=seed,
-                epoch=epoch, max_samples=max_samples)
-    streams = _streams(records, seed=seed, epoch=epoch, world_size=world_size, num_workers=num_workers,
-                       max_samples=max_samples)
-    return _stats(streams, batch_size=batch_size, world_size=world_size, num_workers=num_workers)
-
-
-def _stats(streams: list[list[ShardSlice]], *, batch_size: int, world_size: int, num_workers: int) -> EpochStats:
-    steps = _steps(streams, batch_size=batch_size, world_size=world_size, num_workers=num_workers)
-    if steps < 1:
-        smallest = min(sum(sl.count for sl in s) for s in streams)
-        raise ValueError(
-            f"not one full batch per rank: the smallest of the {len(streams)} shard streams "
-            f"({world_size} rank(s) x {max(1, num_workers)} loader stream(s)) holds {smallest} sample(s) for a "
-            f"batch of {batch_size}; use a smaller batch size, fewer loader workers or ranks, or more data"
-        )
-    return EpochStats(
-        steps=steps, batch_size=batch_size, world_size=world_size, num_workers=num_workers,
-        shards=sum(len(s) for s in streams), samples=sum(sl.count for s in streams for sl in s),
-    )
-
-
-def steps_per_epoch(
-    records: Manifest | Sequence[ShardRecord], *, batch_size: int, world_size: int, num_workers: int,
-    seed: int, epoch: int, max_samples: int | None = None,
-) -> int:
-    """Batches every rank takes in `epoch`. Computed from the records alone, so all ranks agree.
-
-    Independent of (seed, epoch) unless records carry several latent shapes (buckets).
-    """
-    return epoch_stats(records, batch_size=batch_size, world_size=world_size, num_workers=num_workers,
-                       seed=seed, epoch=epoch, max_samples=max_samples).steps
+        raise ValueError(problems[0])
+    return (float(requested[0]), float(requested[1]))
 
 
 def stream_identity(
     records: Manifest | Sequence[ShardRecord], *, batch_size: int, seed: int, world_size: int, num_workers: int,
-    shuffle_buffer: int, max_samples: int | None, caption_dropout: float,
-    soft_threshold: tuple[float, float] | None = None,
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, max_samples: int | None = None, caption_dropout: float = 0.0,
+    soft_threshold: tuple[float, float] | None | str = "auto",
 ) -> dict:
-    """Everything besides (epoch, start_batch) that decides every rank's batches, as plain JSON.
+    """Everything besides (epoch, rank, start_batch) that decides every rank's batches, as plain
+    JSON; the arguments are `make_loader`'s, resolved the same way.
 
-    A checkpoint saves it beside its data position; on resume, `shards.manifest.identity_diff(
-    saved, current)` lists what changed (world size, loader workers, cache, ...), and any
-    difference means the resumed run would not continue the same sample sequence.
+    The single source of what a resume must match for the data: a checkpoint saves it, and
+    `stream_resume_problems(saved, now)` lists what changed (world size, loader workers, cache
+    contents, ...); any difference means the resumed run would not continue the same sample sequence.
     """
+    check_settings(batch_size=batch_size, seed=seed, world_size=world_size, num_workers=num_workers,
+                   shuffle_buffer=shuffle_buffer, max_samples=max_samples, caption_dropout=caption_dropout)
+    threshold = resolve_soft_threshold(records, soft_threshold)
     digest = hashlib.sha256()
-    for r in sorted(_as_records(records), key=lambda r: r.index):
+    for r in sorted(as_records(records), key=lambda r: r.index):
         digest.update(f"{r.index} {r.samples} {r.sha256}\n".encode())
     return {
-        "shards_sha256": digest.hexdigest(), "batch_size": batch_size, "seed": seed, "world_size": world_size,
-        "num_workers": num_workers, "shuffle_buffer": shuffle_buffer, "max_samples": max_samples,
-        "caption_dropout": float(caption_dropout),
-        "soft_threshold": None if soft_threshold is None else [float(v) for v in soft_threshold],
+        "stream_version": STREAM_VERSION, "shards_sha256": digest.hexdigest(), "batch_size": batch_size,
+        "seed": seed, "world_size": world_size, "num_workers": num_workers, "shuffle_buffer": shuffle_buffer,
+        "max_samples": max_samples, "caption_dropout": float(caption_dropout),
+        "soft_threshold": None if threshold is None else [float(v) for v in threshold],
     }
 
 
-def _buffer_order(n: int, size: int, rng: np.random.Generator) -> list[int]:
-    """Emission order of read positions 0..n-1 through a shuffle buffer of `size` samples."""
-    if size <= 1:
-        return list(range(n))
-    buf = list(range(min(n, size)))
-    draws = rng.integers(0, size, size=max(0, n - size)).tolist()
+_IDENTITY_LABELS = {
+    "stream_version": "data stream version (the code changed how samples are ordered)",
+    "shards_sha256": "cache shards (samples or contents changed)",
+    "batch_size": "--batch-size",
+    "seed": "--seed",
+    "world_size": "number of processes",
+    "num_workers": "--num-workers",
+    "shuffle_buffer": "--shuffle-buffer",
+    "max_samples": "--max-samples",
+    "caption_dropout": "--caption-dropout",
+    "soft_threshold": "soft threshold range (--soft-threshold-range, or the cache's default)",
+}
+
+
+def stream_resume_problems(saved: dict | None, now: dict) -> list[str]:
+    """Why a stream saved as `saved` (a checkpoint's `stream_identity`) would not continue as
+    `now`: one line per setting, naming its flag; empty when the stream continues exactly."""
+    if not saved:
+        return ["the checkpoint records no data stream identity (saved by an older version)"]
     out = []
-    for j in range(len(buf), n):
-        i = draws[j - size]
-        out.append(buf[i])
-        buf[i] = j
-    out.extend(buf[i] for i in rng.permutation(len(buf)).tolist())
-    return out
-
-
-def _stream_batches(
-    stream: list[ShardSlice], *, batch_size: int, shuffle_buffer: int, seed: int, epoch: int, rank: int,
-    role: int, quota: int,
-) -> list[list[int]]:
-    """The first `quota` batches of one stream, as lists of read positions (pure)."""
-    groups = [g for sl in stream for g in sl.groups()]
-    rng = np.random.default_rng([seed, epoch, _SAMPLE_BUFFER_TAG, rank, role])
-    pending: dict[Hashable, list[int]] = {}
-    batches: list[list[int]] = []
-    if quota <= 0:
-        return batches
-    for j in _buffer_order(len(groups), shuffle_buffer, rng):
-        part = pending.setdefault(groups[j], [])
-        part.append(j)
-        if len(part) == batch_size:
-            batches.append(part)
-            pending[groups[j]] = []
-            if len(batches) == quota:
-                return batches
-    raise RuntimeError(f"internal: stream of rank {rank} role {role} made {len(batches)} batches, needs {quota}")
+    for line in identity_diff(saved, now):
+        path, _, values = line.partition(": ")
+        key = path.split(".")[0].split("[")[0]
+        old, new = saved.get(key), now.get(key)
+        if key == "shards_sha256":
+            out.append(f"{_IDENTITY_LABELS[key]}: checkpoint {str(old)[:16]}, now {str(new)[:16]}")
+        elif key in _IDENTITY_LABELS:
+            out.append(f"{_IDENTITY_LABELS[key]}: checkpoint {old!r}, now {new!r}")
+        else:
+            out.append(line)
+    return sorted(set(out), key=out.index)
 
 
 # --------------------------------------------------------------------------------------------
-# Per-sample randomness
-# --------------------------------------------------------------------------------------------
+# The wire format
 
 
-def sample_choice(*, seed: int, epoch: int, key: str, num_captions: int, caption_dropout: float) -> tuple[int, bool]:
-    """(caption index, dropped) of one sample in one epoch: a pure function of (seed, epoch, key).
+@dataclass
+class HostBatch:
+    """A collated batch as loader workers hand it out (CPU, one latent shape).
 
-    Both draws are always made, in this order, so the dropout rate never shifts the caption pick.
+    `train.step.Batch`'s tensors, but the conditioning images are uint8 (B, 3, H, W) and soft
+    maps carry their per-sample threshold level (B,) uint8 (`train.augment.threshold_level`).
+    `.to(device)` makes the `train.step.Batch` the step takes, with the float image built on the
+    device; `.cond` builds it where the tensors are (for inspection and tests).
     """
-    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()  # stable across processes
-    rng = np.random.default_rng([seed, epoch, _PER_SAMPLE_TAG, int.from_bytes(digest, "little")])
-    dropped = bool(rng.random() < caption_dropout)
-    return int(rng.integers(num_captions)), dropped
+
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor | None
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    add_time_ids: torch.Tensor
+    cond_u8: torch.Tensor  # (B, 3, H, W) uint8, H = h * vae_scale_factor
+    cond_levels: torch.Tensor | None  # (B,) uint8 threshold levels of soft maps, else None
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return self.latent_mean.shape[0]
+
+    def _tensor_fields(self) -> list[str]:
+        return [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+
+    @property
+    def cond(self) -> torch.Tensor:
+        """The conditioning images as the adapter sees them: float32 in [0, 1] ({0, 1} for soft maps)."""
+        return prepare_cond(self.cond_u8, self.cond_levels)
+
+    def pin_memory(self) -> HostBatch:
+        """Called by DataLoader(pin_memory=True) so `.to(cuda, non_blocking=True)` overlaps compute."""
+        return replace(self, **{name: getattr(self, name).pin_memory() for name in self._tensor_fields()})
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None, *, non_blocking: bool = False) -> Batch:
+        """The `train.step.Batch` on `device`: every tensor moved, the conditioning images converted
+        there (`train.augment.prepare_cond`); `dtype` as in `Batch.to`."""
+        from train.step import Batch
+
+        moved = {name: getattr(self, name).to(device, non_blocking=non_blocking) for name in self._tensor_fields()}
+        batch = Batch(
+            latent_mean=moved["latent_mean"], latent_std=moved.get("latent_std"), prompt_embeds=moved["prompt_embeds"],
+            pooled_prompt_embeds=moved["pooled_prompt_embeds"], add_time_ids=moved["add_time_ids"],
+            cond=prepare_cond(moved["cond_u8"], moved.get("cond_levels")), keys=self.keys,
+        )
+        return batch if dtype is None else batch.to(device, dtype)
 
 
 # --------------------------------------------------------------------------------------------
 # The stream
-# --------------------------------------------------------------------------------------------
 
 
 class _Raw(NamedTuple):
@@ -476,7 +212,7 @@ class _Raw(NamedTuple):
 
 
 class CacheStream(IterableDataset):
-    """Collated `train.step.Batch`es (CPU) of one rank for one epoch, from `start_batch` on.
+    """Collated `HostBatch`es (CPU) of one rank for one epoch, from `start_batch` on.
 
     Build one per epoch (and per resume). Iterate it through `make_loader` (batch_size=None,
     `num_workers` workers), or directly: with num_workers > 1 outside a DataLoader it reproduces
@@ -491,9 +227,10 @@ class CacheStream(IterableDataset):
         soft_threshold: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
-        _check_args(batch_size=batch_size, seed=seed, epoch=epoch, world_size=world_size, rank=rank,
-                    num_workers=num_workers, start_batch=start_batch, caption_dropout=caption_dropout,
-                    shuffle_buffer=shuffle_buffer, max_samples=max_samples, soft_threshold=soft_threshold)
+        check_settings(batch_size=batch_size, seed=seed, epoch=epoch, world_size=world_size, rank=rank,
+                       num_workers=num_workers, start_batch=start_batch, caption_dropout=caption_dropout,
+                       shuffle_buffer=shuffle_buffer, max_samples=max_samples,
+                       extra_problems=[] if soft_threshold is None else range_problems(soft_threshold))
         # (low, high): binarise every conditioning image at a per-(seed, epoch, key) threshold.
         self.soft_threshold = None if soft_threshold is None else (float(soft_threshold[0]), float(soft_threshold[1]))
         self.store = store
@@ -501,9 +238,10 @@ class CacheStream(IterableDataset):
         self.world_size, self.rank, self.num_workers = world_size, rank, num_workers
         self.start_batch, self.shuffle_buffer = start_batch, shuffle_buffer
         self.caption_dropout = float(caption_dropout)
-        self._streams = _streams(records, seed=seed, epoch=epoch, world_size=world_size, num_workers=num_workers,
-                                 max_samples=max_samples)
-        self.stats = _stats(self._streams, batch_size=batch_size, world_size=world_size, num_workers=num_workers)
+        self._streams = plan_streams(records, seed=seed, epoch=epoch, world_size=world_size,
+                                     num_workers=num_workers, max_samples=max_samples)
+        self.stats = stats_of(self._streams, epoch=epoch, batch_size=batch_size, world_size=world_size,
+                              num_workers=num_workers)
         self.steps_per_epoch = self.stats.steps
         if start_batch > self.steps_per_epoch:
             raise ValueError(
@@ -516,7 +254,7 @@ class CacheStream(IterableDataset):
     def __len__(self) -> int:
         return self.steps_per_epoch - self.start_batch
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[HostBatch]:
         roles = max(1, self.num_workers)
         info = get_worker_info()
         if info is not None:
@@ -536,18 +274,21 @@ class CacheStream(IterableDataset):
                 except StopIteration:
                     live.remove(it)
 
-    def _worker(self, worker: int) -> Iterator[Batch]:
+    def _worker(self, worker: int) -> Iterator[HostBatch]:
         roles = max(1, self.num_workers)
         role = (self.start_batch + worker) % roles
         first = (self.start_batch + worker) // roles
         quota = max(0, -(-(self.steps_per_epoch - role) // roles))  # positions < steps that are == role
         stream = self._streams[self.rank * roles + role]
-        batches = _stream_batches(stream, batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer,
-                                  seed=self.seed, epoch=self.epoch, rank=self.rank, role=role, quota=quota)
-        yield from self._read(stream, batches[first:])
+        batches = stream_batches(stream, batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer,
+                                 seed=self.seed, epoch=self.epoch, rank=self.rank, role=role, quota=quota)
+        where = (f"epoch {self.epoch}, rank {self.rank}, loader worker {worker} (stream role {role}, from its "
+                 f"batch {first})")
+        yield from self._read(stream, batches[first:], where)
 
-    def _read(self, stream: list[ShardSlice], batches: list[list[int]]) -> Iterator[Batch]:
-        """Read just the shards holding samples of `batches` and hand out the batches in order."""
+    def _read(self, stream: list[ShardSlice], batches: list[list[int]], where: str) -> Iterator[HostBatch]:
+        """Read just the shards holding samples of `batches` and hand out the batches in order.
+        `where` names the stream in errors."""
         if not batches:
             return
         starts = [0]
@@ -578,13 +319,16 @@ class CacheStream(IterableDataset):
                 yield self._collate([pending.pop(j) for j in batches[done]])
                 done += 1
         if done <= last:
-            raise RuntimeError(f"internal: {last + 1 - done} planned batches never completed")
+            short = {stream[bisect_right(starts, j) - 1].name: None for b in batches[done:] for j in b}
+            raise RuntimeError(
+                f"internal: {where}: {last + 1 - done} of {len(batches)} planned batch(es) never completed after "
+                f"reading shard(s) {', '.join(stream[si].name for si in needed)}; the incomplete batches hold "
+                f"samples of {', '.join(short)}"
+            )
 
-    def _collate(self, items: list[_Raw]) -> Batch:
-        from train.step import Batch  # the step module is heavier; import where it is needed
-
+    def _collate(self, items: list[_Raw]) -> HostBatch:
         means, stds, embeds, pooled, time_ids, conds, keys = [], [], [], [], [], [], []
-        thresholds: list[float] = []
+        levels: list[int] = []
         for shard, key, members, shape in items:
             try:
                 sample = schema.decode_sample(key, members)
@@ -605,24 +349,24 @@ class CacheStream(IterableDataset):
             pooled.append(p)
             time_ids.append(sample.meta.add_time_ids)
             if self.soft_threshold is not None:
-                thresholds.append(_soft_threshold(seed=self.seed, epoch=self.epoch, key=key,
-                                                  low=self.soft_threshold[0], high=self.soft_threshold[1]))
+                t = draw_soft_threshold(seed=self.seed, epoch=self.epoch, key=key, low=self.soft_threshold[0],
+                                        high=self.soft_threshold[1])
+                levels.append(threshold_level(t))
             conds.append(cond)
             keys.append(key)
         has_std = [s is not None for s in stds]
         if any(has_std) and not all(has_std):
             names = sorted({item.shard for item in items})
             raise ShardError(f"{', '.join(names)}: some samples store latent_std and others do not (keys {keys})")
-        cond = torch.from_numpy(np.stack(conds)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-        if thresholds:  # soft maps: one threshold per sample (train.augment)
-            cond = binarize(cond, torch.tensor(thresholds, dtype=torch.float32).view(-1, 1, 1, 1))
-        return Batch(
+        return HostBatch(
             latent_mean=torch.stack(means),
             latent_std=torch.stack(stds) if all(has_std) else None,
             prompt_embeds=torch.stack(embeds),
             pooled_prompt_embeds=torch.stack(pooled),
             add_time_ids=torch.tensor(time_ids, dtype=torch.float32),
-            cond=cond.contiguous(),
+            # uint8 until the device (train.augment.prepare_cond); soft maps: one level per sample.
+            cond_u8=torch.from_numpy(np.stack(conds)).permute(0, 3, 1, 2).contiguous(),
+            cond_levels=torch.tensor(levels, dtype=torch.uint8) if self.soft_threshold is not None else None,
             keys=keys,
         )
 
@@ -659,24 +403,21 @@ def make_loader(
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, max_samples: int | None = None, pin_memory: bool | None = None,
     prefetch_factor: int = 2, soft_threshold: tuple[float, float] | None | str = "auto",
 ) -> tuple[DataLoader, int]:
-    """(DataLoader over this rank's batches of `epoch` from `start_batch` on, steps_per_epoch).
+    """(DataLoader over this rank's `HostBatch`es of `epoch` from `start_batch` on, steps_per_epoch).
 
-    `soft_threshold` "auto": when `records` is a Manifest of a cache with soft conditions
-    (precompute --condition-soft), the default range of `train.augment`; else None. A range given
-    for a Manifest without soft conditions is a ValueError.
+    `soft_threshold`: see `resolve_soft_threshold` ("auto" follows the cache's manifest).
+    `loader.dataset.stats` is the epoch's `train.plan.EpochStats` (what it uses and drops).
 
     Build a new one every epoch and after every resume. Never pass it to `accelerator.prepare`
     (that dispatches from rank 0 and drops data, REFERENCE.md §3): ranks already hold disjoint
-    streams of equal length; move each batch to the device with `batch.to(device)`.
+    streams of equal length. `batch.to(device, non_blocking=True)` turns each into the
+    `train.step.Batch` the step takes, converting the uint8 conditioning images on the device.
     """
-    if isinstance(records, Manifest):
-        soft_threshold = soft_threshold_range_for(records.identity, None if soft_threshold == "auto" else soft_threshold)
-    elif soft_threshold == "auto":
-        soft_threshold = None
     dataset = CacheStream(
         store, records, batch_size=batch_size, seed=seed, epoch=epoch, world_size=world_size, rank=rank,
         num_workers=num_workers, start_batch=start_batch, caption_dropout=caption_dropout,
-        shuffle_buffer=shuffle_buffer, max_samples=max_samples, soft_threshold=soft_threshold,
+        shuffle_buffer=shuffle_buffer, max_samples=max_samples,
+        soft_threshold=resolve_soft_threshold(records, soft_threshold),
     )
     loader = DataLoader(
         dataset,

@@ -296,33 +296,40 @@ def build_adapter(
     vae_scale_factor: int,
     *,
     path: str | Path | None = None,
+    config: Mapping[str, Any] | None = None,
     adapter_type: str | None = None,
     num_res_blocks: int | None = None,
 ) -> T2IAdapter:
     """A new fp32 T2IAdapter shaped for the UNet, or the one saved at `path` (checked to fit), in fp32.
 
-    A new adapter is created on the current default device, so `with torch.device("meta"):` sizes
-    a full SDXL adapter without allocating it. Loading reads safetensors only (never pickle).
+    `path` is a `T2IAdapter.save_pretrained` folder or a hub id (resolved by diffusers, from the
+    local hub cache when offline); `config` is its config.json when the caller has read it
+    already. A new adapter is created on the current default device, so `with
+    torch.device("meta"):` sizes a full SDXL adapter without allocating it. Loading reads
+    safetensors only (never pickle).
     """
     if path is None:
         kwargs = adapter_kwargs_for(
             unet_config, vae_scale_factor, adapter_type=adapter_type, num_res_blocks=num_res_blocks
         )
         return T2IAdapter(**kwargs)
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"adapter {path}: no config.json there (expected a T2IAdapter.save_pretrained folder)"
-        )
-    # Check the shapes from the config before reading any weights.
-    config = T2IAdapter.load_config(path)
+    local = Path(path).expanduser()
+    source = str(local) if local.exists() else str(path)
+    if config is None:
+        # The shapes are checked from the config before any weight is read.
+        try:
+            config = T2IAdapter.load_config(source)
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(
+                f"adapter {path}: no config.json there (expected a T2IAdapter.save_pretrained folder or a hub "
+                f"id): {e}"
+            ) from e
     check_adapter_fits(config, unet_config, vae_scale_factor, what=f"adapter {path}")
     if adapter_type is not None and config.get("adapter_type") != adapter_type:
         raise ValueError(f"adapter {path} is a {config.get('adapter_type')!r}, not the requested {adapter_type!r}")
     try:
-        adapter = T2IAdapter.from_pretrained(path, use_safetensors=True)
-    except (OSError, EnvironmentError) as e:
+        adapter = T2IAdapter.from_pretrained(source, use_safetensors=True)
+    except (OSError, ValueError) as e:
         raise FileNotFoundError(f"adapter {path}: cannot load safetensors weights: {e}") from e
     return adapter.to(torch.float32)
 
@@ -410,11 +417,16 @@ class Objective:
                 f"scheduler timesteps do not contain every training timestep 0..{T - 1} (missing e.g. "
                 f"{missing[:5]}); timestep_type={scheduler.config.get('timestep_type', 'discrete')!r} is not supported"
             )
-        first = match.to(torch.int8).argmax(dim=1)  # add_noise takes the first match at training time
+        # The index of t in the schedule as diffusers' index_for_timestep (which add_noise uses)
+        # picks it: the only match, or the second of several (the training schedule lists every
+        # t once; a duplicated t would occur only in schedules made for sampling).
+        matches = match.to(torch.int64)
+        nth = torch.where(matches.sum(dim=1) > 1, 2, 1)
+        index = (matches.cumsum(dim=1) == nth[:, None]).to(torch.int8).argmax(dim=1)
         self.scheduler = scheduler
         self.num_train_timesteps = T
         self.device = torch.device(device)
-        self.sigmas = scheduler.sigmas.to(torch.float32)[first].to(self.device)  # (T,)
+        self.sigmas = scheduler.sigmas.to(torch.float32)[index].to(self.device)  # (T,)
 
     def _check(self, batch: Batch, generator: torch.Generator) -> None:
         device = batch.latent_mean.device

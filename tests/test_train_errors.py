@@ -1,0 +1,53 @@
+"""User-facing start-up and CLI messages: what they say, and that no traceback leaks through."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data._utils.worker import ExceptionWrapper
+
+from shards.fingerprint import module_fingerprint
+from shards.reader import ShardError
+from train.__main__ import user_message
+from train.checks import compare_fingerprints
+
+
+def _raised_in_a_worker(error: Exception) -> Exception:
+    """The exception as the training process receives it from a DataLoader worker."""
+    try:
+        raise error
+    except Exception:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(type(error)) as caught:
+        wrapped.reraise()
+    return caught.value
+
+
+def test_a_worker_error_is_reduced_to_its_own_message():
+    message = "shard-000003.tar: sha256 abc... != recorded def...: the shard changed after precompute"
+    received = _raised_in_a_worker(ShardError(message))
+    assert "Traceback" in str(received) and str(received).startswith("Caught ShardError")
+    assert user_message(received) == message
+
+
+def test_a_multi_line_worker_error_keeps_every_line():
+    message = "shard-000001.tar: sample 0001-0002 lacks members:\n  - latent_std.safetensors"
+    assert user_message(_raised_in_a_worker(ShardError(message))) == message
+
+
+def test_other_errors_are_printed_as_they_are():
+    assert user_message(ShardError("Caught my eye: nothing wrapped here")) == "Caught my eye: nothing wrapped here"
+
+
+def test_fingerprint_mismatch_names_a_variant_difference_as_the_likely_cause():
+    torch.manual_seed(0)
+    ours = torch.nn.Linear(2, 2)
+    identity = {"encoder": {"model": "m", "variant": "fp16", "vae_fingerprint": "f" * 64,
+                            "text_encoder_fingerprint": module_fingerprint(ours), "text_encoder_2_fingerprint": None}}
+    report = compare_fingerprints(identity, {"vae": ours, "text_encoder": ours, "text_encoder_2": None}, variant=None)
+    assert report.differences[0].startswith("vae fingerprint: cache ffffffffffffffff... (encoded with 'm') != this")
+    assert report.differences[1] == ("likely cause: the cache was encoded from weight variant 'fp16' and this run "
+                                     "loads --variant None; pass --variant fp16 to load the same weight files")
+    assert len(report.differences) == 2
+    same_variant = compare_fingerprints(identity, {"vae": ours}, variant="fp16")
+    assert len(same_variant.differences) == 1  # the variants agree: no hint

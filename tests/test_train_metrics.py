@@ -1,0 +1,74 @@
+"""train.metrics: one record per step, flushed in windows; peak memory per window, not per run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+import train.metrics as metrics_module
+from train.metrics import Metrics, truncate_jsonl
+
+
+class _FakeCuda:
+    """torch.cuda's peak-memory counters, as a GPU would keep them: peak since the last reset."""
+
+    def __init__(self):
+        self.current = 0
+        self.peak = 0
+        self.resets = 0
+
+    def allocate(self, gib: float) -> None:
+        self.current = int(gib * 2**30)
+        self.peak = max(self.peak, self.current)
+
+    def max_memory_allocated(self) -> int:
+        return self.peak
+
+    def reset_peak_memory_stats(self) -> None:
+        self.peak = self.current
+        self.resets += 1
+
+
+@pytest.fixture
+def cuda(monkeypatch) -> _FakeCuda:
+    fake = _FakeCuda()
+    monkeypatch.setattr(metrics_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(metrics_module.torch.cuda, "max_memory_allocated", fake.max_memory_allocated)
+    monkeypatch.setattr(metrics_module.torch.cuda, "reset_peak_memory_stats", fake.reset_peak_memory_stats)
+    return fake
+
+
+def test_peak_memory_is_per_window_and_validation_is_not_counted(tmp_path, cuda):
+    accelerator = Accelerator(cpu=True)
+    path = tmp_path / "metrics.jsonl"
+    with tqdm(disable=True) as progress:
+        m = Metrics(accelerator, path, progress, every=2)
+        one = torch.tensor(1.0)
+        cuda.allocate(3.0)
+        m.add(1, one, one, 1e-3, 0.01, 4)
+        cuda.allocate(1.0)
+        m.add(2, one, one, 1e-3, 0.02, 4)  # flush: the window's peak was 3 GiB
+        cuda.allocate(20.0)  # validation renders with the VAE and the pipeline
+        cuda.allocate(1.0)
+        m.restart_window()
+        cuda.allocate(2.0)
+        m.add(3, one, one, 1e-3, 0.0, 4)
+        m.add(4, one, one, 1e-3, 0.0, 4)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["peak_memory_gib"] for r in records] == [3.0, 3.0, 2.0, 2.0]
+    assert [r["data_wait_s"] for r in records] == [0.01, 0.02, 0.0, 0.0]
+    assert all(r["samples_per_s"] > 0 and r["loss"] == 1.0 for r in records)
+
+
+def test_truncate_keeps_the_steps_a_checkpoint_covers(tmp_path):
+    path = tmp_path / "logs" / "metrics.jsonl"
+    truncate_jsonl(path, None)
+    assert path.read_text() == ""
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4)))
+    truncate_jsonl(path, 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]

@@ -1,0 +1,93 @@
+"""Per-step training metrics: kept on the device, fetched in windows, written and sent once.
+
+Every optimizer step records loss, gradient norm, learning rate, samples/s and the time the loop
+waited for data (`data_wait_s`); on a GPU also `peak_memory_gib`, the peak allocated memory of the
+window since the previous flush (the peak is reset after every flush and after validation, so a
+value is never the validation pipeline's, nor a maximum over the whole run). The values go to
+`OUT/logs/metrics.jsonl` (one JSON object per step, read back for the loss curve and the card), to
+the tracker (`accelerator.log`, when --report-to is set) and to the progress bar, on the main
+process. Losses are averaged over processes with one all-reduce per window: the only host sync.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window (no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+class Metrics:
+    """Per-step values kept on the device and flushed every `every` steps with one host sync."""
+
+    def __init__(self, accelerator: Any, path: Path, progress: Any, every: int):
+        self.accelerator, self.path, self.progress, self.every = accelerator, path, progress, every
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float, float, int]] = []
+        self.window_start = time.perf_counter()
+        reset_peak_memory()
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, data_wait: float,
+            samples: int) -> None:
+        self.pending.append((step, loss.detach().float(), grad_norm.detach().float(), lr, data_wait, samples))
+        if len(self.pending) >= self.every:
+            self.flush()
+
+    def restart_window(self) -> None:
+        """After a pause (checkpoint, validation): samples/s and peak memory measure training only."""
+        self.window_start = time.perf_counter()
+        reset_peak_memory()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        acc = self.accelerator
+        values = torch.stack([torch.stack([p[1], p[2]]) for p in self.pending])  # (n, 2)
+        values = acc.reduce(values, reduction="mean").cpu().tolist()  # the one sync per window
+        now = time.perf_counter()
+        rate = sum(p[5] for p in self.pending) / max(now - self.window_start, 1e-9)
+        self.window_start = now
+        peak = None
+        if torch.cuda.is_available():
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        records = []
+        for (step, _, _, lr, wait, _), (loss, grad_norm) in zip(self.pending, values):
+            record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "samples_per_s": rate,
+                      "data_wait_s": wait}
+            if peak is not None:
+                record["peak_memory_gib"] = peak
+            records.append(record)
+        self.pending = []
+        if acc.is_main_process:
+            with self.path.open("a") as f:
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+            for r in records:
+                acc.log({k: v for k, v in r.items() if k != "step"}, step=r["step"])
+            last = records[-1]
+            self.progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                                      samples_s=f"{rate:.1f}", refresh=False)
+
+
+def truncate_jsonl(path: Path, after_step: int | None) -> None:
+    """Drop records of steps > after_step (a resumed run rewrites them); None: start empty."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if after_step is None or not path.exists():
+        path.write_text("")
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= after_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+__all__ = ["METRICS_FILE", "Metrics", "reset_peak_memory", "truncate_jsonl"]

@@ -1,0 +1,278 @@
+"""Start-up: everything decided before a weight is loaded, and the one refusal that lists it all.
+
+In this order, so that every refusal comes before the UNet is read:
+config -> cache manifest -> UNet/VAE/adapter configs against the cache's shapes -> data plan
+(steps per epoch, shards per rank x worker) -> checkpoint to resume (settings that must match)
+-> encoder fingerprints (main process; its text encoders are then reused once to embed the
+validation prompts and freed). All processes then agree through one tensor all-reduce: if any
+of them found a problem, every one of them stops (none waits forever in a collective).
+
+`start()` returns a `Startup`: the plan the loop and the outputs follow, the store to read, the
+checkpoint to resume (if any) with the metadata new checkpoints record, and the validator.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shards.manifest import Manifest
+from shards.store import Store, open_store
+from train import checks
+from train.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    list_checkpoints,
+    read_checkpoint,
+    resolve_resume,
+    resume_problems,
+)
+from train.checks import CacheMismatchError, StartupError
+from train.config import TrainConfig
+from train.plan import EpochStats
+
+
+@dataclass
+class Plan:
+    """Facts resolved at start-up, before weights: what the loop and the outputs need."""
+
+    manifest: Manifest
+    manifest_id: str
+    unet_config: dict
+    scheduler_config: dict
+    vae_location: tuple[str, str | None] | None
+    adapter_config: dict | None  # --adapter's config.json (read from a folder or the hub)
+    world_size: int
+    learning_rate: float  # effective (after --scale-lr)
+    epoch_stats: list[EpochStats]  # index = epoch, for the epochs the run will touch: steps, dropped samples
+    total_steps: int  # optimizer steps of the whole run (shapes decaying LR schedules)
+
+    @property
+    def batches_per_epoch(self) -> list[int]:
+        return [s.steps for s in self.epoch_stats]
+
+
+@dataclass
+class Startup:
+    plan: Plan
+    store: Store
+    checkpoint: Checkpoint | None  # to resume from
+    meta: dict[str, Any]  # what every checkpoint of this run records and a resume compares
+    validator: Any  # train.validation.Validator on the main process when validation is on, else None
+
+
+@dataclass
+class _Problems:
+    """Refusal reasons, split by kind: a cache that does not fit vs. anything else."""
+
+    cache: list[str]
+    other: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.cache or self.other)
+
+
+def optimizer_steps(batches: int, accumulation: int) -> int:
+    return math.ceil(batches / accumulation)
+
+
+def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _Problems]:
+    """Everything checkable from configs and the manifest; returns (plan, problems)."""
+    from diffusers import T2IAdapter
+
+    from train.plan import epoch_stats
+
+    manifest = Manifest.load(store)
+    problems = _Problems([], [])
+    unet_config = checks.read_unet_config(cfg.model, cfg.revision)
+    scheduler_config = checks.read_scheduler_config(cfg.model, cfg.revision)
+    vae_location = checks.vae_location(cfg.vae, manifest, cfg.model, cfg.revision)
+    vae_config = None
+    if vae_location is not None:
+        repo, subfolder = vae_location
+        vae_config = checks.load_component_config(repo, subfolder, cfg.revision if subfolder == "vae" else None)
+    adapter_config = None
+    if cfg.adapter:
+        # load_config resolves a folder or a hub id (from the hub cache when offline).
+        try:
+            adapter_config = dict(T2IAdapter.load_config(checks.model_root(cfg.adapter)))
+        except (OSError, ValueError) as e:
+            problems.other.append(f"--adapter {cfg.adapter}: cannot read its config.json ({e})")
+    problems.cache += checks.shape_problems(manifest, unet_config, vae_config, adapter_config=adapter_config)
+    if cfg.validation_resolution is not None:
+        problems.other += checks.validation_resolution_problems(cfg.validation_resolution, unet_config,
+                                                                int(manifest.latent["vae_scale_factor"]))
+    if cfg.soft_threshold_range is not None:
+        from train.augment import soft_threshold_range_for
+
+        try:
+            soft_threshold_range_for(manifest.identity, cfg.soft_threshold())
+        except ValueError as e:
+            problems.cache.append(f"--soft-threshold-range: {e}")
+
+    if cfg.validation_enabled:
+        if not all(checks.load_component_config(cfg.model, sub, cfg.revision) for sub in checks.TEXT_COMPONENTS):
+            problems.other.append(f"validation prompts need text encoders, and {cfg.model} has no text_encoder and "
+                                  "text_encoder_2: drop --validation-prompt/--validation-image or use the full model")
+        if vae_location is None:
+            problems.other.append(f"validation images need a VAE to decode, and {cfg.model} has none: pass --vae")
+
+    learning_rate = cfg.learning_rate
+    if cfg.scale_lr:
+        learning_rate *= cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+
+    # Steps per epoch come from the manifest alone, so every rank computes the same numbers.
+    stats: list[EpochStats] = []
+    total = 0
+    try:
+        def stats_of(epoch: int) -> EpochStats:
+            return epoch_stats(manifest, batch_size=cfg.batch_size, world_size=world_size,
+                               num_workers=cfg.num_workers, seed=cfg.seed, epoch=epoch, max_samples=cfg.max_samples)
+
+        if cfg.max_steps is not None:
+            while total < cfg.max_steps:
+                stats.append(stats_of(len(stats)))
+                total += optimizer_steps(stats[-1].steps, cfg.gradient_accumulation_steps)
+            total = cfg.max_steps
+        else:
+            for epoch in range(cfg.num_epochs):
+                stats.append(stats_of(epoch))
+                total += optimizer_steps(stats[-1].steps, cfg.gradient_accumulation_steps)
+    except ValueError as e:
+        problems.cache.append(str(e))
+
+    plan = Plan(manifest=manifest, manifest_id=checks.manifest_id(store), unet_config=unet_config,
+                scheduler_config=scheduler_config, vae_location=vae_location, adapter_config=adapter_config,
+                world_size=world_size, learning_rate=learning_rate, epoch_stats=stats, total_steps=total)
+    return plan, problems
+
+
+def check_encoders_and_prepare_validation(cfg: TrainConfig, plan: Plan, device: torch.device, log: Any,
+                                          refuse: bool) -> tuple[list[str], Any]:
+    """(fingerprint differences, Validator or None). Loads MODEL's text encoders and the VAE once
+    on the CPU, compares their fingerprints with the cache's, embeds the validation prompts with
+    the text encoders unless the run is refused anyway, and frees them all."""
+    text_stack = checks.load_text_stack(cfg.model, cfg.revision, cfg.variant)
+    vae = checks.load_vae(plan.vae_location, revision=cfg.revision, variant=cfg.variant) if plan.vae_location else None
+    report = checks.compare_fingerprints(plan.manifest.identity, {
+        "vae": vae,
+        "text_encoder": text_stack.text_encoder if text_stack else None,
+        "text_encoder_2": text_stack.text_encoder_2 if text_stack else None,
+    }, variant=cfg.variant)
+    del vae
+    for note in report.notes:
+        log.info("encoder check: %s", note)
+    if not report.differences:
+        log.info("encoder fingerprints match the cache")
+    validator = None
+    refused = refuse or (report.differences and not cfg.accept_encoder_mismatch)
+    if cfg.validation_enabled and text_stack is not None and not refused:
+        from train.validation import Validator, embed_validation_prompts, force_zeros_for_empty_prompt
+
+        force_zeros = force_zeros_for_empty_prompt(cfg.model)
+        prompts = embed_validation_prompts(text_stack, cfg.validation_pairs(), force_zeros=force_zeros, device=device)
+        validator = Validator(
+            prompts, output_dir=cfg.output_dir, vae_location=plan.vae_location,
+            vae_kwargs={"revision": cfg.revision, "variant": cfg.variant},
+            scheduler_config=plan.scheduler_config, force_zeros=force_zeros,
+            resolution=cfg.validation_resolution or int(plan.manifest.geometry["resolution"]),
+            num_images=cfg.num_validation_images, inference_steps=cfg.validation_inference_steps,
+            guidance_scale=cfg.validation_guidance_scale, seed=cfg.seed,
+        )
+    del text_stack  # the text encoders are not needed again
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return report.differences, validator
+
+
+def agree(accelerator: Any, refuse_here: bool) -> bool:
+    """True when any process refuses: a tensor all-reduce (no pickled objects between ranks)."""
+    if accelerator.num_processes == 1:
+        return refuse_here
+    flag = torch.tensor([1.0 if refuse_here else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def refusal(cfg: TrainConfig, problems: _Problems, differences: list[str]) -> StartupError:
+    """One error listing every problem: CacheMismatchError when the cache does not fit the model
+    (with the other problems listed too), else StartupError."""
+    if problems.cache or differences:
+        return CacheMismatchError(checks.refusal_message(cfg.cache, cfg.model, problems.cache + problems.other,
+                                                         differences))
+    return StartupError("cannot start training:\n" + "\n".join(f"  - {p}" for p in problems.other))
+
+
+def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
+    """Run every start-up check on every process; raise one error listing all problems, or
+    return what the loop needs. Loads no UNet or adapter weights."""
+    out = Path(cfg.output_dir)
+    main = accelerator.is_main_process
+    store = open_store(cfg.cache)
+    plan, problems = make_plan(cfg, accelerator.num_processes, store)
+    log.info("cache %s: %d samples in %d shards, manifest id %s", cfg.cache, plan.manifest.num_samples,
+             len(plan.manifest.shards), plan.manifest_id[:16])
+    if cfg.local_cache:
+        from shards.localcache import CachingStore, parse_bytes
+
+        max_bytes = parse_bytes(cfg.local_cache_max) if cfg.local_cache_max else None
+        store = CachingStore(store, cfg.local_cache, max_bytes=max_bytes, records=plan.manifest.shards)
+        log.info("local cache %s: %d shard(s) already there", cfg.local_cache,
+                 sum(store.path_for(r.sha256).is_file() for r in plan.manifest.shards))
+
+    from train.data import stream_identity
+
+    stream = None
+    if not problems:  # its arguments are known good
+        stream = stream_identity(plan.manifest, batch_size=cfg.batch_size, seed=cfg.seed,
+                                 world_size=accelerator.num_processes, num_workers=cfg.num_workers,
+                                 shuffle_buffer=cfg.shuffle_buffer, max_samples=cfg.max_samples,
+                                 caption_dropout=cfg.caption_dropout, soft_threshold=cfg.soft_threshold())
+    meta = {"world_size": accelerator.num_processes, "manifest_id": plan.manifest_id,
+            "learning_rate": plan.learning_rate, "total_steps": plan.total_steps, "stream": stream,
+            "config": cfg.to_dict()}
+    resume_path = resolve_resume(cfg.resume, out)
+    ckpt = read_checkpoint(resume_path) if resume_path else None
+    if ckpt is not None and not problems:
+        differences = resume_problems(ckpt, meta)
+        if differences:
+            raise CheckpointError(f"cannot resume from {ckpt.path}: these settings differ from the checkpoint's "
+                                  "(resume needs them equal to continue the same run):\n"
+                                  + "\n".join(f"  - {d}" for d in differences))
+        if ckpt.state.global_step > plan.total_steps:
+            problems.other.append(f"checkpoint {ckpt.path} is at step {ckpt.state.global_step}, past the "
+                                  f"{plan.total_steps} steps asked for: raise --max-steps or --num-epochs")
+    elif cfg.resume is None and list_checkpoints(out):
+        problems.other.append(f"{out} already holds checkpoints of a run: continue it with --resume latest, or "
+                              "choose another --output-dir")
+    if cfg.resume == "latest" and ckpt is None:
+        log.info("--resume latest: no checkpoint in %s yet, starting a new run", out)
+
+    # Main process only: the encoders are loaded once, fingerprinted, used to embed the
+    # validation prompts and freed. Its failures become problems, so that every process learns
+    # of them through agree() instead of waiting in a collective.
+    differences: list[str] = []
+    validator = None
+    if main:
+        try:
+            differences, validator = check_encoders_and_prepare_validation(cfg, plan, accelerator.device, log,
+                                                                          refuse=bool(problems))
+        except (CacheMismatchError, OSError, ValueError) as e:
+            problems.cache.append(str(e))
+    refused_here = bool(problems) or (bool(differences) and not cfg.accept_encoder_mismatch)
+    if agree(accelerator, refused_here):
+        if refused_here:
+            raise refusal(cfg, problems, differences)
+        raise StartupError("cannot start training: the main process refused to start; its message says why")
+    if differences:
+        log.warning("--accept-encoder-mismatch: training on a cache encoded with other encoders:\n%s",
+                    "\n".join(f"  - {d}" for d in differences))
+    return Startup(plan=plan, store=store, checkpoint=ckpt, meta=meta, validator=validator)
+
+
+__all__ = ["Plan", "Startup", "agree", "make_plan", "optimizer_steps", "refusal", "start"]
