@@ -20,9 +20,12 @@ from precompute.preprocess import CROP_MODES
 from precompute.sources import SourceError
 from shards import schema
 from shards.manifest import ManifestError
+from shards.reader import ShardError
 
-# Errors that mean "the input or the settings are wrong", not "the code is": one message, no traceback.
-USER_ERRORS = (PrecomputeError, ModelLoadError, EncoderError, SourceError, ManifestError)
+# Errors that mean "the input, the settings or the storage is wrong", not "the code is": one
+# message, no traceback. ShardError covers StoreError (a remote store failing past its retries,
+# wrong credentials, a read-only store) and ManifestError is a ValueError listing differences.
+USER_ERRORS = (PrecomputeError, ModelLoadError, EncoderError, SourceError, ManifestError, ShardError)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 D = PrecomputeConfig()  # the defaults, shown in --help
@@ -48,7 +51,10 @@ written with another model or other byte-changing settings is refused.
 @click.option("--data", default=D.data, metavar="PATH",
               help="Dataset: a folder with metadata.jsonl/.json/.csv or fill50k's prompt.json, a metadata file, a "
                    ".tar, a folder of .tar shards, or a brace pattern like 'data/{00000..00009}.tar'.")
-@click.option("--cache", default=D.cache, metavar="DIR", help="Output cache folder (created if needed).")
+@click.option("--cache", default=D.cache, metavar="DIR|s3://BUCKET/PREFIX",
+              help="Where the cache is written: a local folder (created if needed), file://, or s3://bucket/prefix "
+                   "(endpoint and credentials from the standard AWS variables or profile). https:// caches are "
+                   "read-only: write to S3 and serve that.")
 @click.option("--data-kind", type=click.Choice(DATA_KINDS), default=D.data_kind, show_default=True,
               help="Dataset format; auto decides from what --data holds.")
 @click.option("--image-column", default=D.image_column, metavar="NAME",
@@ -65,8 +71,9 @@ written with another model or other byte-changing settings is refused.
 @click.option("--allow-empty-captions", is_flag=True, default=D.allow_empty_captions,
               help="Keep items without a caption (captioned \"\") instead of skipping them.")
 @click.option("--resolution", type=int, default=D.resolution, show_default=True,
-              help="Shortest side is resized to this, then a square crop of this size; a multiple of the VAE "
-                   "factor (8). With --buckets: the side of the square bucket, others keep about its area.")
+              help="Shortest side is resized to this, then a square crop of this size; a multiple of the model's "
+                   "granularity (VAE factor x 2^(UNet down blocks - 1): 32 for SDXL), so adapter features meet the "
+                   "UNet's. With --buckets: the side of the square bucket, others keep about its area.")
 @click.option("--crop", type=click.Choice(CROP_MODES), default=D.crop, show_default=True,
               help="Crop position; random is seeded per item by --seed (same crops on any number of processes).")
 @click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed of random crops (--crop random, --crops).")
@@ -114,11 +121,15 @@ written with another model or other byte-changing settings is refused.
               help="dtype the text encoders run in.")
 @click.option("--device", default=D.device, show_default=True, metavar="|".join(DEVICES),
               help="Where to encode: auto = the process's GPU if there is one, else cpu.")
-@click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Images per VAE call.")
+@click.option("--batch-size", type=int, default=D.batch_size, show_default=True,
+              help="Images per VAE call. Batching changes the rounding of the stored latents, so a resumed cache "
+                   "must keep its batch size (and its device kind, cpu or cuda).")
 @click.option("--num-workers", type=int, default=D.num_workers, show_default=True,
               help="Threads decoding and preprocessing images ahead of the encoders (0: inline).")
 @click.option("--tmp-dir", default=D.tmp_dir, metavar="DIR",
-              help="Where shards are staged before they are published [default: beside them in the cache].")
+              help="Local folder in which shards are staged before they are published, in a per-cache subfolder "
+                   "(shards-staging/<hash of --cache>) that each run empties at start [default: a hidden .staging "
+                   "folder of a local cache; the system temp folder for s3://].")
 @click.option("--strict", is_flag=True, default=D.strict,
               help="Fail on the first item that would be skipped (bad image, missing caption...), naming it.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
@@ -126,11 +137,7 @@ def main(verbose: bool, **options) -> None:
     """Encode images, conditioning images and captions with SDXL's VAE and text encoders into a cache
     of WebDataset shards (latent mean/std, prompt embeddings, conditioning PNG, micro-conditioning)
     that `python -m train` reads."""
-    if options["max_aspect"] is not None and options["max_aspect"] == 0:
-        options["max_aspect"] = None
-    if options["buckets"] is not None and options["buckets"].strip().lower() == "none":
-        options["buckets"] = None
-    cfg = PrecomputeConfig(**options)
+    cfg = PrecomputeConfig(**options)  # normalises "--max-aspect 0" and "--buckets none"
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -52,6 +52,12 @@ DEFAULT_UNET_DOWN_BLOCKS = 3
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 
+def vae_scale_factor(block_out_channels) -> int:
+    """Pixels per latent cell of a diffusers VAE: one downsample per encoder block but the last,
+    as diffusers' pipelines compute it (8 for SDXL's 4 blocks)."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def model_granularity(vae_scale_factor: int, unet_down_blocks: int | None = None) -> int:
     """Pixels an image side must be a multiple of for this model: the coarsest UNet feature the
     adapter feeds has stride vae_scale_factor * 2 ** (down blocks - 1) (32 for SDXL)."""
@@ -169,7 +175,7 @@ def resize_to_cover(size: tuple[int, int], target: tuple[int, int]) -> tuple[int
     The side that limits is set exactly to the target's; the other is truncated as torchvision's
     Resize does, int(target_side * other / side), which never falls below the target's (the
     comparison that picks the limiting side is exact). For a square target this is exactly
-    `resize_shortest_side`.
+    torchvision's Resize(side): the short side becomes `side`, the long one truncated.
     """
     (h, w), (th, tw) = size, target
     if tw * h >= th * w:  # width limits (tw / w >= th / h): scale by tw / w

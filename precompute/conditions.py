@@ -74,9 +74,6 @@ class ConditionSpec:
         return {"method": self.method, "version": METHOD_VERSION.get(self.method), "params": params,
                 "soft": self.soft}
 
-    def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        return compute_condition(rgb, self)
-
 
 def dataset_identity(soft: bool) -> dict:
     """The identity of a cache whose conditioning images come from the dataset."""

@@ -3,25 +3,34 @@
 `PrecomputeConfig` is what the CLI builds and `runner.run` consumes. `validate()` checks the
 settings and everything that can be checked before loading a model (dataset path, model folder
 layout, cache writability, geometry, buckets against the model's granularity, views, condition
-method) and raises one `ConfigError` listing every problem, so a user fixes them all in one go. `identity()` says which settings change the bytes of the cache
-(and so must match when a run resumes into an existing cache): the resolved bucket sizes, the
-views, and the condition method with its parameters among them; `resolved()` is the full config
-recorded in the manifest.
+method) and raises one `ConfigError` listing every problem, so a user fixes them all in one go.
+`identity()` says which settings change the bytes of the cache (and so must match when a run
+resumes into an existing cache): the resolved bucket sizes, the views, the condition method with
+its parameters, and also the VAE batch size and the kind of device (batched and single-image VAE
+calls, and CPU and GPU kernels, round differently); `resolved()` is the config recorded in the
+manifest. Spellings with one meaning ("--max-aspect 0", "--buckets none") are normalised when the
+config is built, so the identity and the manifest never depend on how a setting was written.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from precompute.preprocess import DEFAULT_MAX_ASPECT
+from precompute.sources import DEFAULT_SAMPLES_PER_SHARD
 from precompute.sources import KINDS as DATA_KINDS
 from shards import schema
 
 DEVICES = ("auto", "cpu", "cuda")
 ENCODE_DTYPES = ("fp32", "bf16", "fp16")
-# Settings that never change what a cache holds (see `resolved`).
-RUN_ONLY = ("cache", "tmp_dir", "device", "batch_size", "num_workers", "strict")
+# Settings left out of the manifest's config (see `resolved`): where the cache and its temp files
+# live and how one run went. `device` is not byte-neutral, but its spelling is ("auto" and "cpu"
+# can mean the same device): the identity records the resolved kind instead.
+RUN_ONLY = ("cache", "tmp_dir", "device", "num_workers", "strict")
+# Cache URL schemes precompute can write to (http(s):// caches are read-only).
+WRITABLE_SCHEMES = ("", "file", "s3")
 MISSING_MODEL_HINT = (
     "--model is required: a hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0) or a local "
     "diffusers SDXL folder; `make precompute` with no MODEL builds and uses the tiny offline model"
@@ -71,14 +80,16 @@ class PrecomputeConfig:
     max_samples: int | None = None  # first N source items (in source order); None = all
     allow_empty_captions: bool = False  # keep items without a caption, captioned ""
     # -- where ------------------------------------------------------------------------------------
-    cache: str | None = None  # output folder
-    tmp_dir: str | None = None  # where shards are staged before publishing (default: beside them)
+    cache: str | None = None  # output folder, file:// or s3://bucket/prefix
+    # Local folder in which shards are staged before publishing, in a per-cache subfolder
+    # (`Store.staging_dir`; None: a hidden folder of a local cache, the system temp folder for s3://).
+    tmp_dir: str | None = None
     # -- geometry ---------------------------------------------------------------------------------
     resolution: int = 1024
     crop: str = "center"  # center | random (seeded per item)
     seed: int = 0
     min_size: int | None = None  # skip images whose short side is below this (None: resolution // 4)
-    max_aspect: float | None = 4.0  # skip images more elongated than their target (None: no limit)
+    max_aspect: float | None = DEFAULT_MAX_ASPECT  # skip images more elongated than their target (None or 0: no limit)
     # Aspect-ratio buckets: none (square crops), sdxl, sdxl-full, or "HxW,HxW,..." (precompute.buckets).
     buckets: str | None = None
     bucket_step: int | None = None  # side granularity of scaled presets (None: 64 * resolution / 1024, model-valid)
@@ -91,16 +102,25 @@ class PrecomputeConfig:
     canny_high: int | None = None  # None: 200
     condition_soft: bool = False  # the stored condition is a soft map: train thresholds it per draw
     # -- what is stored ---------------------------------------------------------------------------
-    samples_per_shard: int = 256
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD
     latent_store: str = "mean_std"  # mean_std | mean
     storage_dtype: str = "bf16"
     vae_dtype: str = "fp32"  # SDXL's VAE overflows in fp16; see --vae
     text_dtype: str = "fp32"
-    # -- how it runs (never changes the bytes written) --------------------------------------------
+    # -- how it runs ------------------------------------------------------------------------------
+    # device (its kind: cpu or cuda) and batch_size change the bytes (kernels and batching round
+    # differently) and are part of the identity; the rest never change what is written.
     device: str = "auto"  # auto | cpu | cuda (each process uses its local GPU)
     batch_size: int = 8  # images per VAE call
     num_workers: int = 4  # threads decoding and preprocessing images ahead of the encoders
     strict: bool = False  # any skipped item is an error
+
+    def __post_init__(self) -> None:
+        # One spelling per meaning, so the identity and the manifest do not depend on the spelling.
+        if self.max_aspect is not None and not isinstance(self.max_aspect, bool) and self.max_aspect == 0:
+            self.max_aspect = None
+        if isinstance(self.buckets, str) and self.buckets.strip().lower() == "none":
+            self.buckets = None
 
     # ------------------------------------------------------------------------------------------
     def problems(self) -> list[str]:
@@ -128,6 +148,7 @@ class PrecomputeConfig:
             min_size=self.min_size,
             max_aspect=self.max_aspect,
         )
+        p += self.resolution_problems()
         p += self._bucket_problems()
         p += self.view_spec().problems()
         p += self._condition_problems()
@@ -180,6 +201,19 @@ class PrecomputeConfig:
         return p
 
     # -- buckets, views, conditions -------------------------------------------------------------
+    def resolution_problems(self, vae_scale_factor: int | None = None) -> list[str]:
+        """Square crops: the side must be a multiple of the model's granularity (32 for SDXL), or
+        the adapter's features would not meet the UNet's. Buckets are checked by bucket_problems."""
+        f = self.vae_scale_factor_hint() if vae_scale_factor is None else vae_scale_factor
+        if self.buckets is not None or not isinstance(self.resolution, int) or self.resolution < 1 or self.resolution % f:
+            return []  # buckets: checked per size; otherwise reported by geometry_problems
+        g = self.granularity_hint(f)
+        if self.resolution % g:
+            return [f"--resolution {self.resolution} is not a multiple of {g} px, the model's granularity (VAE "
+                    f"factor {f} x 2^(UNet down blocks - 1)): a T2I-Adapter's features would not meet the UNet's; "
+                    f"try {max(1, round(self.resolution / g)) * g}"]
+        return []
+
     def _bucket_problems(self) -> list[str]:
         from precompute.buckets import bucket_problems
 
@@ -252,11 +286,26 @@ class PrecomputeConfig:
         return self
 
     def _cache_problems(self) -> list[str]:
+        """Problems with --cache, found without any I/O to a remote store (opening one does none)."""
+        from urllib.parse import urlparse
+
+        from shards.store import LocalStore, open_store
+
         if not self.cache:
-            return ["--cache is required: the output folder of the cache (e.g. cache/mine)"]
-        if _is_url(self.cache) and not self.cache.startswith("file://"):
-            return []  # the store validates remote URLs when it opens them
-        path = Path(self.cache.removeprefix("file://")).expanduser()
+            return ["--cache is required: the output folder of the cache (e.g. cache/mine) or s3://bucket/prefix"]
+        scheme = urlparse(self.cache).scheme.lower() if "://" in self.cache else ""
+        if scheme not in WRITABLE_SCHEMES:
+            if scheme in ("http", "https"):
+                return [f"--cache {self.cache}: {scheme}:// caches are read-only; write to a local folder or "
+                        "s3://bucket/prefix (and serve that over https:// for reading)"]
+            return [f"--cache {self.cache}: unknown URL scheme {scheme!r} (use a local folder, file:// or s3://)"]
+        try:
+            store = open_store(self.cache)
+        except (ValueError, ImportError) as e:  # a malformed URL; boto3 missing for s3://
+            return [f"--cache {self.cache}: {str(e).removeprefix(f'cache location {self.cache!r}: ')}"]
+        if not isinstance(store, LocalStore):
+            return []  # credentials and permissions surface at the first request, as a StoreError
+        path = store.root
         if path.exists() and not path.is_dir():
             return [f"--cache {self.cache}: exists and is not a folder"]
         base = _nearest_existing(path)
@@ -282,6 +331,8 @@ class PrecomputeConfig:
         (8 otherwise; the runner re-checks against the loaded VAE)."""
         import json
 
+        from precompute.buckets import vae_scale_factor
+
         candidates = []
         if self.vae:
             candidates += [Path(self.vae) / "config.json", Path(self.vae) / "vae" / "config.json"]
@@ -289,8 +340,7 @@ class PrecomputeConfig:
             candidates.append(Path(self.model) / "vae" / "config.json")
         for c in candidates:
             try:
-                blocks = json.loads(c.expanduser().read_text())["block_out_channels"]
-                return 2 ** (len(blocks) - 1)
+                return vae_scale_factor(json.loads(c.expanduser().read_text())["block_out_channels"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
         return 8
@@ -303,11 +353,15 @@ class PrecomputeConfig:
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
+    def device_kind(self) -> str:
+        """cpu or cuda: what the identity records (the GPU index changes nothing)."""
+        return self.resolved_device().split(":", 1)[0]
+
     def identity(self, *, encoder: dict, latent: dict, text: dict, source: dict,
                  buckets: list[tuple[int, int]] | None = None) -> dict:
         """What makes a cache built with these settings this cache: everything that changes the
-        bytes of a shard, and nothing that does not (strictness, batch size, workers, device,
-        where the cache or its temp files live).
+        bytes of a shard (the VAE batch size and the device kind among them), and nothing that
+        does not (strictness, workers, which GPU index, where the cache or its temp files live).
 
         `encoder` comes from `encoders.load_encoders`, `latent` and `text` from the loaded
         encoders (dims and factors), `source` from `Source.describe()`, `buckets` from
@@ -328,6 +382,9 @@ class PrecomputeConfig:
             "views": {"crops": self.crops, "flip": self.flip},
             "condition": self.condition_identity(),
             "dtypes": {"storage": self.storage_dtype, "vae": self.vae_dtype, "text": self.text_dtype},
+            # Batched VAE calls round differently from single ones (bf16 storage keeps the
+            # difference), and so do CPU and GPU kernels: a resume must not mix them in one cache.
+            "compute": {"batch_size": self.batch_size, "device": self.device_kind()},
             "source": dict(source),
             "captions": {"allow_empty": self.allow_empty_captions},
             "max_samples": self.max_samples,
@@ -339,14 +396,11 @@ class PrecomputeConfig:
 
     def resolved(self) -> dict:
         """The config as recorded in the manifest: every setting that decides what the cache
-        holds. Where it lives and how this particular run went (device, batch size, workers,
-        strictness, temp folder) are left out, so the manifest describes the cache, not the last
-        command that touched it, and is byte-identical however the cache was produced."""
+        holds. Where it lives and how this particular run went (workers, strictness, temp folder,
+        the device's spelling: its kind is in the identity) are left out, so the manifest
+        describes the cache, not the last command that touched it, and is byte-identical however
+        the cache was produced (resumed or not, on any number of processes)."""
         d = asdict(self)
         for key in RUN_ONLY:
             d.pop(key)
         return d
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]

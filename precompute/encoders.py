@@ -11,14 +11,18 @@ modules and fingerprinting their weights for the cache identity.
   `clip_skip=None`: both tokenizers padded/truncated to 77, `hidden_states[-2]` of each text
   encoder concatenated on the last dim, the pooled embedding from `text_encoder_2`.
 - `load_encoders`: VAE (or a `--vae` override), tokenizers and text encoders from a hub id or a
-  local diffusers folder, with an identity dict (`module_fingerprint` of each module; the
-  definition lives in `shards.fingerprint` so that train checks the very same thing).
+  local diffusers folder, with an identity dict: `module_fingerprint` of each module (the
+  definition lives in `shards.fingerprint` so that train checks the very same thing) and
+  `tokenizer_fingerprint` of each tokenizer (vocabulary, merges, special tokens, length: another
+  pad token changes every prompt embedding as surely as other weights do).
 
 The encoder classes are compute only: tensors or strings in, fp32 tensors out; no files.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -28,16 +32,18 @@ from typing import Any
 import torch
 
 # One definition of a fingerprint, shared with train (which checks what precompute wrote).
+from shards import schema
 from shards.fingerprint import module_fingerprint
+
+from precompute.buckets import vae_scale_factor
 
 __all__ = [
     "EncoderError", "LatentEncoder", "LatentInfo", "ModelLoadError", "PromptEncoder", "TextInfo",
-    "check_model_sources", "load_encoders", "module_fingerprint", "vae_latent_info",
+    "NonFiniteLatentError", "check_model_sources", "load_encoders", "module_fingerprint", "tokenizer_fingerprint",
+    "vae_latent_info",
 ]
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 FP16_VAE_HINT = (
     "encode with --vae-dtype fp32 (the default), or use a VAE that is fixed for fp16 "
@@ -51,15 +57,6 @@ class EncoderError(RuntimeError):
 
 class ModelLoadError(RuntimeError):
     """The model (or --vae) cannot be found or loaded. The message says what is missing."""
-
-
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}") from None
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
@@ -89,21 +86,30 @@ def vae_latent_info(vae) -> LatentInfo:
         channels=int(cfg.latent_channels),
         scaling_factor=float(cfg.scaling_factor),
         shift_factor=None if shift is None else float(shift),
-        # One downsample per encoder block but the last, as diffusers' pipelines compute it.
-        vae_scale_factor=2 ** (len(cfg.block_out_channels) - 1),
+        vae_scale_factor=vae_scale_factor(cfg.block_out_channels),
     )
+
+
+class NonFiniteLatentError(EncoderError):
+    """Some images of a batch encoded to inf/NaN. `bad` holds their indices in the batch."""
+
+    def __init__(self, message: str, bad: list[int]):
+        super().__init__(message)
+        self.bad = list(bad)
 
 
 class LatentEncoder:
     """(B, 3, H, W) pixels in [-1, 1] -> (mean, std) of the scaled VAE posterior, each (B, C, h, w) fp32.
 
     The encoder runs in `dtype`; inputs are moved to the VAE's device and cast. fp32 is the
-    default because SDXL's VAE overflows in fp16: a non-finite result raises `EncoderError`
-    rather than writing NaNs into a cache.
+    default because SDXL's VAE overflows in fp16. Calling the encoder raises
+    `NonFiniteLatentError` (naming the batch indices) rather than returning inf/NaN; `encode`
+    returns the moments plus a per-image finiteness mask, for callers that skip the bad images
+    and keep the rest of the batch.
     """
 
     def __init__(self, vae, *, dtype: torch.dtype | str = torch.float32):
-        self.dtype = _as_dtype(dtype)
+        self.dtype = schema.dtype_of(dtype)
         if _module_dtype(vae) != self.dtype:
             # torch's own cast: diffusers' ModelMixin.to() warns about fp32-pinned modules even
             # when the VAE declares none (AutoencoderKL has none).
@@ -115,8 +121,20 @@ class LatentEncoder:
     def device(self) -> torch.device:
         return _module_device(self.vae)
 
-    @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std, finite = self.encode(pixels)
+        if not bool(finite.all()):
+            bad = [int(i) for i in torch.nonzero(~finite).flatten()]
+            raise NonFiniteLatentError(
+                f"the VAE produced non-finite latents (inf/NaN) for image(s) {bad} of a batch of {len(finite)} "
+                f"encoding in {self.dtype}; {FP16_VAE_HINT}", bad,
+            )
+        return mean, std
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, std, finite): the moments as `__call__` returns them, and a (B,) bool mask on
+        the CPU that is False for each image whose mean or std holds an inf or NaN."""
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"expected pixels (B, 3, H, W), got {tuple(pixels.shape)}")
         f = self.info.vae_scale_factor
@@ -133,11 +151,8 @@ class LatentEncoder:
             mean = mean - self.info.shift_factor
         mean = mean * self.info.scaling_factor
         std = std * self.info.scaling_factor
-        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
-            raise EncoderError(
-                f"the VAE produced non-finite latents (inf/NaN) encoding in {self.dtype}; {FP16_VAE_HINT}"
-            )
-        return mean, std
+        finite = torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(std).flatten(1).all(1)
+        return mean, std, finite.cpu()
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,17 +167,14 @@ class TextInfo:
 
 
 def _hidden_and_pooled(out: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
-    """(hidden_states, pooled) of a CLIP text model output, across transformers' output styles.
+    """(hidden_states, pooled) of a CLIP text model's output (called with return_dict=True).
 
     `CLIPTextModelWithProjection` returns `CLIPTextModelOutput(text_embeds, last_hidden_state,
     hidden_states, ...)` (transformers 4.x and 5.x alike); `CLIPTextModel` returns
     `BaseModelOutputWithPooling` whose [0] is 3-D. diffusers takes the pooled embedding as
     output[0] when it is 2-D; reading `text_embeds` by name is the same tensor without relying on
-    field order. A plain tuple (return_dict=False) is handled the way diffusers reads it.
+    field order.
     """
-    if isinstance(out, tuple):
-        first = out[0]
-        return out[-1], first if first.ndim == 2 else None
     hidden = out.hidden_states
     if hidden is None:
         raise TypeError("text encoder returned no hidden_states; it must be called with output_hidden_states=True")
@@ -177,11 +189,11 @@ class PromptEncoder:
 
     Identical to `StableDiffusionXLPipeline.encode_prompt(prompt, do_classifier_free_guidance=False)`
     with prompt_2 = prompt and clip_skip=None. Captions over 77 tokens are truncated as SDXL
-    does (`truncated()` says which).
+    does (`token_counts()` says which).
     """
 
     def __init__(self, tokenizer, tokenizer_2, text_encoder, text_encoder_2, *, dtype: torch.dtype | str = torch.float32):
-        self.dtype = _as_dtype(dtype)
+        self.dtype = schema.dtype_of(dtype)
         self.tokenizers = (tokenizer, tokenizer_2)
         self.text_encoders = tuple(
             te.to(dtype=self.dtype).eval().requires_grad_(False) for te in (text_encoder, text_encoder_2)
@@ -206,9 +218,6 @@ class PromptEncoder:
             for i, ids in enumerate(tok(list(prompts), truncation=False, verbose=False)["input_ids"]):
                 counts[i] = max(counts[i], len(ids))
         return counts
-
-    def truncated(self, prompts: list[str]) -> list[bool]:
-        return [n > self.info.max_length for n in self.token_counts(prompts)]
 
     @torch.inference_mode()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,6 +244,37 @@ class PromptEncoder:
             raise TypeError("text_encoder_2 returned no pooled embedding (text_embeds); is it a CLIPTextModelWithProjection?")
         prompt_embeds = torch.cat(embeds, dim=-1).float()
         return prompt_embeds, pooled.float()
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of everything in a tokenizer that decides the ids it produces: the full vocabulary
+    (added tokens included), the BPE merges in rank order (or a fast tokenizer's whole serialised
+    pipeline), the special tokens with their ids (pad among them), `model_max_length` and the
+    padding side. File names, paths and hub revisions play no part."""
+    state: dict[str, Any] = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special_tokens": sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items()),
+        "special_ids": {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "pad")},
+        "model_max_length": int(tokenizer.model_max_length),
+        "padding_side": tokenizer.padding_side,
+    }
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state["backend"] = json.loads(backend.to_str())
+        # Call-time state: every call with padding= / truncation= rewrites these two.
+        state["backend"].pop("truncation", None)
+        state["backend"].pop("padding", None)
+    else:
+        ranks = getattr(tokenizer, "bpe_ranks", None)
+        if ranks is None:
+            raise TypeError(f"cannot fingerprint a {type(tokenizer).__name__}: it has neither BPE merges nor a backend")
+        state["merges"] = [" ".join(pair) for pair, _ in sorted(ranks.items(), key=lambda kv: kv[1])]
+    blob = json.dumps(state, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,7 +368,7 @@ def load_encoders(
     problems = check_model_sources(model, vae, variant)
     if problems:
         raise ModelLoadError("cannot load the model:\n  - " + "\n  - ".join(problems))
-    vae_dtype, text_dtype = _as_dtype(vae_dtype), _as_dtype(text_dtype)
+    vae_dtype, text_dtype = schema.dtype_of(vae_dtype), schema.dtype_of(text_dtype)
     root = str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
 
     def load(what: str, fn, *args, **kwargs):
@@ -363,6 +403,8 @@ def load_encoders(
         "vae_fingerprint": module_fingerprint(vae_module),
         "text_encoder_fingerprint": module_fingerprint(text_encoder),
         "text_encoder_2_fingerprint": module_fingerprint(text_encoder_2),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "tokenizer_2_fingerprint": tokenizer_fingerprint(tokenizer_2),
     }
     if vae_dtype == torch.float16 and getattr(vae_module.config, "force_upcast", False):
         logger.warning(

@@ -143,7 +143,7 @@ def make_fill_dataset(out_dir: str | Path, n: int, resolution: int, seed: int = 
             record = {"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": prompt}
             lines.append(json.dumps(record) + "\n")
         (tmp / PROMPT_FILE).write_text("".join(lines), encoding="utf-8")
-        _make_readable(tmp)
+        make_readable(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -153,9 +153,9 @@ def make_fill_dataset(out_dir: str | Path, n: int, resolution: int, seed: int = 
     return out
 
 
-def _make_readable(folder: Path) -> None:
-    """mkdtemp makes a private (0700) folder and some writers make 0600 files; the result is a
-    shareable artifact, so give it ordinary permissions."""
+def make_readable(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder and some writers make 0600 files; a generated dataset
+    or model is a shareable artifact, so give it ordinary permissions (also used by `tiny`)."""
     folder.chmod(0o755)
     for path in folder.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)

@@ -16,7 +16,7 @@ encoders:
   smallest that covers it; for a square target that is exactly the reference's resize.
 - `plan_views`: the extra views a cache may store per image (`--crops K` other random crops of the
   same bucket, `--flip` mirror images whose crop_top_left follows the flip), all as `Geometry`.
-- `prepare_views` / `prepare`: tie it together and turn every per-item problem into
+- `prepare_views`: ties it together and turns every per-item problem into
   `Skip(reason, detail)`; the reason is a slug from `SKIP_REASONS`, counted in the manifest, and
   the detail names the file. The conditioning image of each view is the dataset's, put through the
   view's geometry, or computed from the view's own pixels (`precompute.conditions`).
@@ -61,6 +61,7 @@ SKIP_REASONS: dict[str, str] = {
     "caption_invalid": "the caption is neither a string nor a list of strings, or not UTF-8",
     "tar_corrupt": "an input tar is malformed or truncated (items after the damage are lost)",
     "tar_unreadable": "an input tar could not be opened or read",
+    "latent_nonfinite": "the VAE encoded the image (one of its views) to inf/NaN (e.g. fp16 overflow)",
 }
 
 CROP_MODES = ("center", "random")
@@ -83,6 +84,9 @@ class Skip(Exception):
     """This item cannot be used. `reason` is a slug from SKIP_REASONS; `detail` names the file."""
 
     def __init__(self, reason: str, detail: str):
+        if reason not in SKIP_REASONS:
+            # A programming error: reasons are counted in manifests and must stay a closed set.
+            raise ValueError(f"unknown skip reason {reason!r} ({detail}); add it to SKIP_REASONS")
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -235,18 +239,6 @@ def geometry_problems(
 def effective_min_size(resolution: int, min_size: int | None) -> int:
     """The shortest side an image needs: min_size, or resolution // 4 when min_size is None."""
     return resolution // DEFAULT_MIN_SIZE_DIVISOR if min_size is None else min_size
-
-
-def resize_shortest_side(size: tuple[int, int], resolution: int) -> tuple[int, int]:
-    """(h, w) after torchvision's Resize(resolution): the short side becomes `resolution`.
-
-    The long side is truncated, int(resolution * long / short), exactly as torchvision's
-    `_compute_resized_output_size` does; rounding it instead shifts some crops by one pixel.
-    """
-    h, w = size
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(resolution * long / short)
-    return (new_long, resolution) if w <= h else (resolution, new_long)
 
 
 def crop_offsets(
@@ -448,26 +440,6 @@ def _cond_aspect_matches(image_size: tuple[int, int], cond_size: tuple[int, int]
     # Small conditioning images cannot hit the ratio exactly; accept any that differ from the
     # image's shape only by rounding one of their sides.
     return abs(cw - ch * w / h) <= 1.0 or abs(ch - cw * h / w) <= 1.0
-
-
-def prepare(
-    item: RawItem,
-    *,
-    resolution: int,
-    crop: str = "center",
-    rng: np.random.Generator | None = None,
-    vae_scale_factor: int = 8,
-    min_size: int | None = None,
-    max_aspect: float | None = DEFAULT_MAX_ASPECT,
-    allow_empty_captions: bool = False,
-    buckets: Sequence[tuple[int, int]] | None = None,
-    condition: ConditionSpec | None = None,
-) -> Prepared:
-    """RawItem -> the Prepared primary view, or Skip: `prepare_views` with a single view."""
-    return prepare_views(
-        item, resolution=resolution, crop=crop, rng=rng, vae_scale_factor=vae_scale_factor, min_size=min_size,
-        max_aspect=max_aspect, allow_empty_captions=allow_empty_captions, buckets=buckets, condition=condition,
-    )[0]
 
 
 def prepare_views(

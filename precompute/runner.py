@@ -5,11 +5,16 @@
 1. Validate the config and open the source; every problem goes into one ConfigError.
 2. Load the encoders (local main process first, so a hub download happens once per node).
 3. Identity: every process compares `CACHE/identity.json` with its own identity and refuses a
-   mismatch (listing each difference); rank 0 writes it if absent. Rank 0 also writes the
-   empty-prompt embedding and removes temp files left by a killed run.
-4. Plan: rank 0 finds which output shards are complete (a valid record and a shard of its size)
-   and broadcasts that; the *pending* shards are dealt round-robin over the processes, so a
-   resumed run keeps every process busy. Output shard i is made from source unit i.
+   mismatch (listing each difference: `shards.manifest.ensure_identity`); rank 0 writes it if
+   absent. Rank 0 also writes the empty-prompt embedding and removes what a killed run left
+   (`Store.cleanup_incomplete`: temp files in the cache and in its staging folder, unfinished
+   multipart uploads); the first process of every other machine empties that machine's staging
+   folder (`Store.cleanup_staging`). Shards are staged in `store.staging_dir(tmp_dir=--tmp-dir)`,
+   a folder per cache, so a shared --tmp-dir is never cleaned beyond this cache's subfolder.
+4. Plan: rank 0 finds which output shards are complete (a valid record and a shard of its size;
+   checked by a thread pool on remote stores) and broadcasts that; the *pending* shards are dealt
+   round-robin over the processes, so a resumed run keeps every process busy. Output shard i is
+   made from source unit i.
 5. Each shard: source items are decoded and preprocessed by a thread pool (bounded look-ahead,
    results consumed in order) into one or more views each (bucket geometry, extra crops, flips,
    computed conditions: `preprocess.prepare_views`), encoded in batches (VAE moments, one call per
@@ -17,39 +22,40 @@
    and written with key `shards.views.view_key(shard, position, view)` (view 0 is
    `schema.sample_key(shard, position)`). A bucketed cache's records list each sample's latent
    shape. Skips are counted per reason in the shard record (`--strict` turns the first into an
-   error).
+   error); an image the VAE encodes to inf/NaN is skipped as `latent_nonfinite`, the rest of its
+   batch is kept.
 6. After every process is done, rank 0 checks that every planned shard has a record and writes
    `manifest.json` last.
 
 Byte-reproducibility: nothing in a shard, record, identity, empty prompt or manifest depends on
 the number of processes, which process made a shard, how often the run was interrupted, or the
 time: keys, buckets, random crops and views are functions of (seed, shard, position), batches
-are formed within a shard in item order, tars carry no timestamps, and the manifest's `created` is left empty
-unless SOURCE_DATE_EPOCH pins it. Timings are reported in the summary, not stored. (Kernels may
-round differently on other hardware or thread counts; that is outside what a cache can pin.)
+are formed within a shard in item order (the batch size and the device kind are in the identity,
+so a resume cannot change them), tars carry no timestamps, and the manifest's `created` is always
+empty. Timings are reported in the summary, not stored. (Kernels may still round differently on
+another GPU model or thread count; that is outside what a cache can pin.)
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Iterator
 
 import torch
 
 from precompute.config import ConfigError, PrecomputeConfig, PrecomputeError
-from precompute.encoders import LatentEncoder, PromptEncoder, load_encoders
+from precompute.encoders import FP16_VAE_HINT, LatentEncoder, PromptEncoder, load_encoders
 from precompute.preprocess import Prepared, Skip, item_rng, prepare_views
-from precompute.sources import FolderSource, RawItem, Source, SourceError, open_source
+from precompute.sources import RawItem, Source, SourceError, open_source
 from shards import schema
-from shards.manifest import Manifest, ShardRecord, ensure_identity, identity_diff, read_identity
+from shards.manifest import Manifest, ShardRecord, ensure_identity, read_identity
 from shards.reader import write_empty_prompt
-from shards.store import TEMP_PREFIX, LocalStore, Store, open_store
+from shards.store import LocalStore, Store, open_store
 from shards.views import view_key
 from shards.writer import ShardWriter, completed_record
 
@@ -67,14 +73,12 @@ DIST_TIMEOUT = timedelta(hours=2)
 # Per-process caps on per-item warnings; every skipped item is also listed in its shard record.
 MAX_SKIP_WARNINGS = 100
 MAX_NOTE_WARNINGS = 20
+# Concurrent record/size requests when checking which shards of a remote cache are complete.
+REMOTE_CHECK_THREADS = 16
 
 
 class StrictSkipError(PrecomputeError):
     """--strict and an item had to be skipped. The message names the file and the reason."""
-
-
-class IdentityMismatchError(PrecomputeError):
-    """The cache was written with other encoders or byte-changing settings."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,12 +112,14 @@ class Summary:
     shards: int  # planned = in the manifest
     shards_resumed: int  # already complete when this run started
     shards_written: int  # by this run
-    samples: int  # in the cache (views included)
+    # samples, skipped, bytes and sources describe the whole cache, read back from every record
+    # by rank 0 only: other ranks' summaries hold None there.
+    samples: int | None  # in the cache (views included)
     samples_written: int  # by this run
     items_read: int  # source items processed by this run (written + skipped)
-    skipped: dict[str, int]  # in the cache, by reason
+    skipped: dict[str, int] | None  # in the cache, by reason
     captions_truncated: int  # by this run: captions longer than the text encoders' 77 tokens
-    bytes: int  # shard bytes in the cache
+    bytes: int | None  # shard bytes in the cache
     seconds: float  # the whole run, model loading included
     encode_seconds: float  # from the plan until every process finished its shards
     timings: Timings = field(default_factory=Timings)
@@ -173,30 +179,17 @@ class _Done:
         return False
 
 
-def _created() -> str:
-    """The manifest's `created`: empty (a cache is byte-reproducible) unless SOURCE_DATE_EPOCH
-    (the reproducible-builds convention) pins a time."""
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    if not epoch:
-        return ""
-    return datetime.fromtimestamp(int(epoch), timezone.utc).isoformat().replace("+00:00", "Z")
+# The manifest's `created`: always empty, so that a cache is byte-identical however often it was
+# resumed and on however many processes it was built (the manifest says what, not when).
+CREATED = ""
 
 
-def _remove_stale_temp_files(store: Store) -> int:
-    """Temp files of shards/records whose writer was killed. Safe only before any writer of
-    this run starts (rank 0, before the plan): two runs must never share a cache."""
-    if not isinstance(store, LocalStore):
-        return 0
-    n = 0
-    for folder in (schema.SHARD_DIR, schema.RECORD_DIR, ""):
-        base = store.root / folder if folder else store.root
-        if not base.is_dir():
-            continue
-        for p in base.iterdir():
-            if p.is_file() and p.name.startswith(TEMP_PREFIX):
-                p.unlink(missing_ok=True)
-                n += 1
-    return n
+@dataclass
+class _ShardSkips:
+    """The items one shard skipped: counted per reason, and listed (for its record)."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    items: list[dict] = field(default_factory=list)
 
 
 class _ShardEncoder:
@@ -289,13 +282,26 @@ class _ShardEncoder:
             log.warning(self.rank_tag + "further %s warnings are not shown (every skip is counted and listed in the "
                         "shard records and the manifest)", "skip" if kind == "skip" else "caption/conditioning")
 
-    def _encode_batch(self, writer: ShardWriter, shard: int, batch: list[_Outcome], notes: Counter[str]) -> int:
+    def _skip(self, shard: int, o: _Outcome, skip: Skip, skips: _ShardSkips) -> None:
+        """Count and list a skipped item (or, with --strict, stop the run naming it)."""
+        if self.cfg.strict:
+            raise StrictSkipError(
+                f"--strict: {skip.reason}: {skip.detail} (shard {shard}, unit {self.source.unit_name(shard)})"
+            )
+        skips.counts[skip.reason] += 1
+        skips.items.append({"source_id": o.source_id, "reason": skip.reason, "detail": skip.detail})
+        self._warn("skip", "skipped %s (%s): %s", o.source_id, skip.reason, skip.detail)
+
+    def _encode_batch(self, writer: ShardWriter, shard: int, batch: list[_Outcome], notes: Counter[str],
+                      skips: _ShardSkips) -> int:
         """Encode and write every view of the items in `batch`; returns the samples written.
-        Counts items kept but altered (truncated captions, resized conditions) into `notes`."""
+        Counts items kept but altered (truncated captions, resized conditions) into `notes`, and
+        skips (into `skips`) every item the VAE encoded to inf/NaN in any of its views."""
         t0 = time.perf_counter()
         # One VAE call per pixel shape (aspect buckets bring several), at most batch_size images.
         means: dict[tuple[int, int], torch.Tensor] = {}
         stds: dict[tuple[int, int], torch.Tensor] = {}
+        nonfinite: Counter[int] = Counter()  # item -> its views encoded to inf/NaN
         by_shape: dict[tuple, list[tuple[int, int]]] = {}
         for j, o in enumerate(batch):
             for v, p in enumerate(o.views):
@@ -303,12 +309,25 @@ class _ShardEncoder:
         for idx in by_shape.values():
             for start in range(0, len(idx), self.cfg.batch_size):
                 chunk = idx[start : start + self.cfg.batch_size]
-                mean, std = self.latent(torch.stack([batch[j].views[v].pixels for j, v in chunk]))
+                mean, std, finite = self.latent.encode(torch.stack([batch[j].views[v].pixels for j, v in chunk]))
                 mean, std = mean.cpu(), std.cpu()
                 for k, jv in enumerate(chunk):
-                    means[jv], stds[jv] = mean[k], std[k]
+                    if finite[k]:
+                        means[jv], stds[jv] = mean[k], std[k]
+                    else:
+                        nonfinite[jv[0]] += 1
         t1 = time.perf_counter()
         self.timings.vae += t1 - t0
+        for j in sorted(nonfinite):
+            o = batch[j]
+            self._skip(shard, o, Skip("latent_nonfinite", (
+                f"{o.source_id}: the VAE encoded {nonfinite[j]} of its {len(o.views)} view(s) to inf/NaN in "
+                f"{self.latent.dtype}" + (f"; {FP16_VAE_HINT}" if self.latent.dtype != torch.float32 else "")
+            )), skips)
+        keep = [j for j in range(len(batch)) if j not in nonfinite]  # indices into means / stds
+        batch = [batch[j] for j in keep]
+        if not batch:
+            return 0
 
         # Captions once per item: its views share them.
         captions = [c for o in batch for c in o.views[0].captions]
@@ -324,7 +343,7 @@ class _ShardEncoder:
 
         offset = written = 0
         several_views = self.view_spec.max_views > 1
-        for j, o in enumerate(batch):
+        for j, o in zip(keep, batch):
             first = o.views[0]
             k = len(first.captions)
             for c, n in zip(first.captions, counts[offset : offset + k]):
@@ -367,8 +386,7 @@ class _ShardEncoder:
 
     def encode_shard(self, shard: int) -> ShardRecord:
         cfg = self.cfg
-        skipped: Counter[str] = Counter()
-        skipped_items: list[dict] = []
+        skips = _ShardSkips()
         notes: Counter[str] = Counter()  # kept but altered: counted in the record, like skips
         batch: list[_Outcome] = []
         in_batch = written = 0
@@ -381,24 +399,17 @@ class _ShardEncoder:
                 if self.bar is not None:
                     self.bar.update(1)
                 if o.skip is not None:
-                    if cfg.strict:
-                        raise StrictSkipError(
-                            f"--strict: {o.skip.reason}: {o.skip.detail} (shard {shard}, unit "
-                            f"{self.source.unit_name(shard)})"
-                        )
-                    skipped[o.skip.reason] += 1
-                    skipped_items.append({"source_id": o.source_id, "reason": o.skip.reason, "detail": o.skip.detail})
-                    self._warn("skip", "skipped %s (%s): %s", o.source_id, o.skip.reason, o.skip.detail)
+                    self._skip(shard, o, o.skip, skips)
                     continue
                 batch.append(o)
                 in_batch += len(o.views)
                 if in_batch >= cfg.batch_size:
-                    written += self._encode_batch(writer, shard, batch, notes)
+                    written += self._encode_batch(writer, shard, batch, notes, skips)
                     batch, in_batch = [], 0
             if batch:
-                written += self._encode_batch(writer, shard, batch, notes)
+                written += self._encode_batch(writer, shard, batch, notes, skips)
             t0 = time.perf_counter()
-            record = writer.commit(dict(skipped), skipped_items, dict(notes))
+            record = writer.commit(dict(skips.counts), skips.items, dict(notes))
             self.timings.commit += time.perf_counter() - t0
         self.shards_written += 1
         self.samples_written += written
@@ -433,43 +444,51 @@ def _open(cfg: PrecomputeConfig) -> Source:
     return source
 
 
-def _unit_sizes(source: Source, units: list[int], samples_per_shard: int) -> int | None:
+def _unit_sizes(source: Source, units: list[int]) -> int | None:
     """Items in these units when the source can say without reading them (for the progress bar)."""
-    total = source.num_items()
-    if total is None or not isinstance(source, FolderSource):
-        return None
-    return sum(max(0, min(samples_per_shard, total - i * samples_per_shard)) for i in units)
+    sizes = [source.unit_size(i) for i in units]
+    return None if any(n is None for n in sizes) else sum(sizes)
 
 
-def _check_identity(store: Store, identity: dict) -> None:
-    old = read_identity(store)
-    if old is None:
-        return
-    diff = identity_diff(old, identity)
-    if diff:
-        raise IdentityMismatchError(
-            f"cache {store.url} was written with different settings or encoders:\n  "
-            + "\n  ".join(diff)
-            + "\nuse a new --cache, or delete this one to rebuild it with the new settings"
-        )
+def _completed_records(store: Store, n: int) -> list[ShardRecord | None]:
+    """`completed_record` of shards 0..n-1 (None where a shard is not complete). Each costs a
+    record read and a size request: on a remote store those run concurrently."""
+    if isinstance(store, LocalStore) or n <= 1:
+        return [completed_record(store, i) for i in range(n)]
+    with ThreadPoolExecutor(min(REMOTE_CHECK_THREADS, n), thread_name_prefix="check") as pool:
+        return list(pool.map(lambda i: completed_record(store, i), range(n)))
+
+
+def _remove_leftovers(store: Store, tmp_dir: str | None, state) -> None:
+    """What a killed run left: rank 0 cleans the cache (temp files, unfinished multipart uploads)
+    and its machine's staging folder, the first process of every other machine that machine's.
+    Safe only before any writer of this run starts (two runs must never write one cache at once)."""
+    if state.is_main_process:
+        removed = store.cleanup_incomplete(tmp_dir=tmp_dir)
+    elif state.is_local_main_process:
+        removed = store.cleanup_staging(tmp_dir=tmp_dir)
+    else:
+        removed = []
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run", len(removed))
+        log.debug("removed: %s", ", ".join(removed))
 
 
 def _prepare_cache(cfg: PrecomputeConfig, store: Store, source: Source, prompt: PromptEncoder, identity: dict,
                    state) -> list[int]:
-    """Identity check, rank 0's one-time writes, and the plan. Returns the pending shard indices,
-    the same list on every process."""
-    # Every process checks before anyone writes, so a refusal stops all of them together.
-    _check_identity(store, identity)
+    """Identity check, the one-time writes and clean-up, and the plan. Returns the pending shard
+    indices, the same list on every process."""
+    # Every process checks (rank 0 also writes a missing identity) before anyone writes anything
+    # else, so a refusal stops all of them together instead of leaving some at a collective.
+    if state.is_main_process or read_identity(store) is not None:
+        ensure_identity(store, identity)
+    _remove_leftovers(store, cfg.tmp_dir, state)
     n = source.num_units()
     if state.is_main_process:
-        ensure_identity(store, identity)
-        stale = _remove_stale_temp_files(store)
-        if stale:
-            log.info("removed %d temporary file(s) left by an interrupted run", stale)
         if not store.exists(schema.EMPTY_PROMPT_FILE):
             pe, pooled = prompt([""])
             write_empty_prompt(store, pe, pooled, cfg.storage_dtype)
-        done = torch.tensor([completed_record(store, i) is not None for i in range(n)], dtype=torch.uint8)
+        done = torch.tensor([r is not None for r in _completed_records(store, n)], dtype=torch.uint8)
     else:
         done = torch.zeros(n, dtype=torch.uint8)
     if state.num_processes > 1:
@@ -488,7 +507,7 @@ def _encode(cfg: PrecomputeConfig, store: Store, source: Source, latent: LatentE
         from tqdm.auto import tqdm
 
         bar = tqdm(
-            total=_unit_sizes(source, mine, cfg.samples_per_shard), unit="img", dynamic_ncols=True,
+            total=_unit_sizes(source, mine), unit="img", dynamic_ncols=True,
             desc=f"precompute{' rank ' + str(rank) if world > 1 else ''}", position=rank if world > 1 else None,
             disable=None, smoothing=0.05,
         )
@@ -508,13 +527,10 @@ def _encode(cfg: PrecomputeConfig, store: Store, source: Source, latent: LatentE
 
 
 def _all_records(store: Store, n: int) -> list[ShardRecord]:
-    records, missing = [], []
-    for i in range(n):
-        rec = completed_record(store, i)
-        if rec is None:
-            missing.append(schema.shard_name(i))
-        else:
-            records.append(rec)
+    """Every shard's record, or an error naming the shards that are not complete."""
+    found = _completed_records(store, n)
+    records = [r for r in found if r is not None]
+    missing = [schema.shard_name(i) for i, r in enumerate(found) if r is None]
     if missing:
         raise PrecomputeError(
             f"{len(missing)} shard(s) are not complete after the run ({', '.join(missing[:5])}"
@@ -550,11 +566,10 @@ def run(cfg: PrecomputeConfig) -> Summary:
     f = latent.info.vae_scale_factor
     if cfg.resolution % f:
         raise ConfigError([f"--resolution {cfg.resolution} is not divisible by this VAE's scale factor {f}"])
-    if cfg.buckets is None and cfg.resolution % (4 * f):
-        # full_adapter_xl downsamples the conditioning image by 2f, then once more by 2, and must
-        # meet the UNet's second downsampler: sides must be multiples of 4f (32 for SDXL).
-        info("note: --resolution %d is not a multiple of %d; an SDXL T2I-Adapter (full_adapter_xl) needs "
-             "image sides that are, so train may refuse this cache", cfg.resolution, 4 * f)
+    # Validated against the config's hint already; again with the loaded VAE's factor.
+    problems = cfg.resolution_problems(f)
+    if problems:
+        raise ConfigError(problems)
     try:
         buckets = cfg.resolved_buckets(f)
     except ValueError as e:
@@ -585,25 +600,28 @@ def run(cfg: PrecomputeConfig) -> Summary:
     counts = counters.cpu().tolist()
     encode_seconds = time.perf_counter() - encode_started
 
-    manifest = Manifest.build(identity, _all_records(store, n), cfg.resolved(), created=_created())
-    if state.is_main_process:
+    totals = None
+    if state.is_main_process:  # the only reader of every record (2 requests per shard on a remote store)
+        manifest = Manifest.build(identity, _all_records(store, n), cfg.resolved(), created=CREATED)
         manifest.save(store)  # last: its presence says the cache is complete
+        totals = manifest.totals
     summary = Summary(
         cache=store.url,
         world_size=world,
         shards=n,
         shards_resumed=n - len(pending),
         shards_written=int(counts[0]),
-        samples=manifest.totals["samples"],
+        samples=totals["samples"] if totals else None,
         samples_written=int(counts[1]),
         items_read=int(counts[2]),
-        skipped=dict(manifest.totals["skipped"]),
+        skipped=dict(totals["skipped"]) if totals else None,
         captions_truncated=int(counts[3]),
-        bytes=manifest.totals["bytes"],
+        bytes=totals["bytes"] if totals else None,
         seconds=time.perf_counter() - started,
         encode_seconds=encode_seconds,
         timings=Timings.from_list(counts[4:]),
-        sources=manifest.totals.get("sources"),
+        sources=totals.get("sources") if totals else None,
     )
-    info("%s", summary.format())
+    if totals is not None:
+        log.info("%s", summary.format())
     return summary

@@ -43,12 +43,15 @@ from pathlib import Path
 
 import braceexpand  # ships with webdataset; the same brace syntax webdataset URLs use
 
+from shards.store import file_sha256
+
 METADATA_FILES = ("metadata.jsonl", "metadata.json", "metadata.csv")
 FILL50K_FILE = "prompt.json"
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 KINDS = ("auto", "folder", "fill50k", "webdataset")
 
-DEFAULT_SAMPLES_PER_SHARD = 1000
+# Source items per output shard (folder datasets): ~256 x 1024 px samples is a few hundred MB.
+DEFAULT_SAMPLES_PER_SHARD = 256
 # Folder defaults follow the diffusers reference script and HF imagefolder ("file_name").
 DEFAULT_IMAGE_COLUMNS = ("image", "file_name")
 DEFAULT_COND_COLUMN = "conditioning_image"
@@ -113,10 +116,9 @@ class Source(ABC):
         """Total number of items, when known without reading the data (None otherwise)."""
         return None
 
-    def iter_items(self) -> Iterator[RawItem]:
-        """Every item of every unit, in unit order."""
-        for i in range(self.num_units()):
-            yield from self.iter_unit(i)
+    def unit_size(self, i: int) -> int | None:
+        """Number of items in unit i, when known without reading it (None otherwise)."""
+        return None
 
     def _check_unit(self, i: int) -> None:
         if not 0 <= i < self.num_units():
@@ -126,19 +128,16 @@ class Source(ABC):
 # ----------------------------------------------------------------------------------- helpers
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _read_file(root: Path, rel: str, what: str, where: str) -> tuple[bytes | None, tuple[str, str] | None]:
+    """Read a file named by the metadata row at `where`; a failure becomes (None, (reason, detail)).
 
-
-def _read_file(root: Path, rel: str, what: str) -> tuple[bytes | None, tuple[str, str] | None]:
-    """Read a file named by the metadata; a failure becomes (None, (reason, detail))."""
-    path = Path(rel) if os.path.isabs(rel) else root / rel
+    Never raises for a bad row: a path the OS cannot even take (an embedded NUL byte) is the
+    row's `metadata_invalid`, not the end of the run."""
     try:
+        path = Path(rel) if os.path.isabs(rel) else root / rel
         return path.read_bytes(), None
+    except ValueError as e:  # "embedded null byte", or a path the platform rejects outright
+        return None, ("metadata_invalid", f"{where}: {what} path {rel!r:.120} is not a valid file path ({e})")
     except FileNotFoundError:
         return None, (f"{what}_missing", f"{path}: file not found")
     except OSError as e:  # a directory, no permission, an I/O error
@@ -234,7 +233,7 @@ class FolderSource(Source):
         self.max_samples = max_samples
         self._display = self.metadata.name
         self.format = self._detect_format()
-        self.sha256 = _sha256_file(self.metadata)
+        self.sha256 = file_sha256(self.metadata)
         self._rows: list | None = None  # the parsed document, JSON list format only
         self._header: list[str] = []  # CSV only
         self._units: list[_Unit] = []
@@ -421,6 +420,10 @@ class FolderSource(Source):
     def num_items(self) -> int:
         return sum(u.count for u in self._units)
 
+    def unit_size(self, i: int) -> int:
+        self._check_unit(i)
+        return self._units[i].count
+
     def unit_name(self, i: int) -> str:
         self._check_unit(i)
         u = self._units[i]
@@ -485,7 +488,7 @@ class FolderSource(Source):
         if not isinstance(image_rel, str) or not image_rel.strip():
             detail = f"{where}: no path in column {self.image_column!r} (got {image_rel!r:.80})"
             return RawItem(where, None, None, None, ("metadata_invalid", detail))
-        image, error = _read_file(self.root, image_rel, "image")
+        image, error = _read_file(self.root, image_rel, "image", where)
         if error:
             return RawItem(image_rel, None, None, None, error)
         captions, caption_error = _parse_captions(row.get(self.caption_column), where, from_csv=from_csv)
@@ -495,7 +498,7 @@ class FolderSource(Source):
         if not isinstance(cond_rel, str) or not cond_rel.strip():
             detail = f"{where} ({image_rel}): no path in column {self.cond_column!r} (got {cond_rel!r:.80})"
             return RawItem(image_rel, image, None, captions, ("cond_missing", detail))
-        cond, error = _read_file(self.root, cond_rel, "cond")
+        cond, error = _read_file(self.root, cond_rel, "cond", where)
         return RawItem(image_rel, image, cond, captions, error or caption_error, cond_id=cond_rel)
 
 
@@ -662,6 +665,10 @@ class WebDatasetSource(Source):
 
     def num_items(self) -> int | None:
         return None if self.max_samples is None else sum(n or 0 for n in self._limits)
+
+    def unit_size(self, i: int) -> int | None:
+        self._check_unit(i)
+        return self._limits[i]  # counted up front only with max_samples
 
     def unit_name(self, i: int) -> str:
         self._check_unit(i)

@@ -52,7 +52,7 @@ from typing import Any
 
 import click
 
-from precompute.fill import PALETTE
+from precompute.fill import PALETTE, make_readable
 
 # SDXL base 1.0's scheduler config (stabilityai/stable-diffusion-xl-base-1.0,
 # scheduler/scheduler_config.json). Copied as data so the builder works from a fresh clone with
@@ -271,11 +271,6 @@ def vae_config() -> dict[str, Any]:
     }
 
 
-def vae_scale_factor_of(vae_config: dict) -> int:
-    """Pixels per latent cell, as diffusers' pipelines compute it: one downsample per block but the last."""
-    return 2 ** (len(vae_config["block_out_channels"]) - 1)
-
-
 # A fixed, distinct seed offset per component: same --seed, same bytes; and no two components
 # share an RNG stream (the two text encoders would otherwise start from correlated weights).
 _SEED_OFFSETS = {"unet": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3}
@@ -347,7 +342,7 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _build_into(tmp, seed)
-        _make_readable(tmp)
+        make_readable(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -355,14 +350,6 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _make_readable(folder: Path) -> None:
-    """mkdtemp makes a private (0700) folder and some writers make 0600 files; the result is a
-    shareable artifact, so give it ordinary permissions."""
-    folder.chmod(0o755)
-    for path in folder.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 @click.command(help="Write a tiny random-weight SDXL (diffusers format, offline tokenizers) to OUT.")

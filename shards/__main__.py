@@ -1,4 +1,4 @@
-"""`python -m shards ls|stats|verify URL` (the commands live in shards.cli)."""
+"""`python -m shards ls|stats|verify|gc URL` (the commands live in shards.cli)."""
 
 from .cli import main
 

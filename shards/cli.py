@@ -1,12 +1,14 @@
-"""`python -m shards ls|stats|verify URL`: look inside a cache.
+"""`python -m shards ls|stats|verify|gc URL`: look inside a cache, and clean up after killed writers.
 
 - ls      one line per shard (name, samples, bytes, sha256 prefix, skipped) and the totals.
 - stats   totals, bytes per sample by member (and per tensor inside the safetensors member),
           tar framing overhead, tensor shapes, and skip reasons. Reads the shards' members.
 - verify  re-reads every shard and checks it against the manifest (see shards.verify); exits 1
           naming the first bad file and why, 0 with a summary line when everything holds.
-- gc      removes what killed writers left behind: unfinished multipart uploads (s3://, invisible
-          but billed) and temp files (local); with --orphans also shards that have no valid
+- gc      removes what killed writers left behind (`Store.cleanup_incomplete`): unfinished
+          multipart uploads (s3://, invisible but billed), temp files (local caches) and this
+          machine's staged temp files of the cache (in the system temp folder, or with --tmp-dir
+          in that folder's per-cache subfolder); with --orphans also shards that have no valid
           record and are not in the manifest. Run it only while no precompute writes the cache.
 
 ls, stats and verify need manifest.json (a cache whose precompute did not finish has none); gc
@@ -27,16 +29,9 @@ from . import schema
 from .manifest import Manifest, ManifestError
 from .reader import ShardError, iter_shard_members
 from .store import Store, open_store
+from .units import human_bytes
 from .verify import VerifyError, verify_cache
 from .views import stats_lines
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def _fail(message: str) -> None:
@@ -86,7 +81,7 @@ def ls_cmd(url: str) -> None:
     t = manifest.totals
     click.echo(
         f"total: {len(manifest.shards)} shards, {t['samples']} samples, {t['bytes']} bytes "
-        f"({_human(t['bytes'])}), {sum(t['skipped'].values())} skipped"
+        f"({human_bytes(t['bytes'])}), {sum(t['skipped'].values())} skipped"
     )
 
 
@@ -110,7 +105,7 @@ def stats_cmd(url: str, max_shards: int | None) -> None:
     click.echo(f"shards     {len(manifest.shards)}")
     click.echo(f"samples    {samples}")
     per = f", {t['bytes'] / samples:.1f} per sample" if samples else ""
-    click.echo(f"bytes      {t['bytes']} ({_human(t['bytes'])}){per}")
+    click.echo(f"bytes      {t['bytes']} ({human_bytes(t['bytes'])}){per}")
     for line in stats_lines(t):  # views per image and their storage cost; samples per bucket
         click.echo(line)
 
@@ -128,15 +123,17 @@ def stats_cmd(url: str, max_shards: int | None) -> None:
                 n += 1
                 for suffix, data in members.items():
                     member_bytes[suffix] += len(data)
-                hdr, layout = safetensors_layout(members[schema.TENSOR_MEMBER])
+                try:
+                    hdr, layout = safetensors_layout(members[schema.TENSOR_MEMBER])
+                except (ValueError, KeyError, TypeError) as e:
+                    _fail(f"{store.display(r.name)}: sample {key}: cannot parse the safetensors header of "
+                          f"{key}.{schema.TENSOR_MEMBER} ({type(e).__name__}: {e}); run `python -m shards verify {url}`")
                 header_bytes += hdr
                 for name, info in layout.items():
                     tensor_bytes[name] += info["nbytes"]
                     tensor_shapes[name].add(f"{info['dtype']} " + "x".join(map(str, info["shape"])))
     except ShardError as e:
         _fail(f"{e} (run `python -m shards verify {url}`)")
-    except (ValueError, KeyError) as e:
-        _fail(f"cannot parse a safetensors header: {e}")
 
     scope = "" if len(records) == len(manifest.shards) else f" (first {len(records)} of {len(manifest.shards)} shards)"
     click.echo(f"\nper sample by member{scope}: {n} samples read")
@@ -201,26 +198,39 @@ def _orphans(store: Store) -> list[str]:
 @cli.command("gc")
 @click.argument("url")
 @click.option("--orphans", is_flag=True, help="Also delete shards that have no valid record and are not in the manifest.")
+@click.option("--tmp-dir", metavar="DIR", default=None,
+              help="The --tmp-dir the killed precompute used: also empty this cache's staging folder in it "
+                   "(default: the staging folder in the system temp folder, for s3:// caches).")
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
-def gc_cmd(url: str, orphans: bool, dry_run: bool) -> None:
+def gc_cmd(url: str, orphans: bool, tmp_dir: str | None, dry_run: bool) -> None:
     """Remove leftovers of killed writers. Only while no precompute is writing to URL."""
     try:
         store = open_store(url)
-        removed = store.cleanup_incomplete(dry_run=dry_run)
+        removed = store.cleanup_incomplete(tmp_dir=tmp_dir, dry_run=dry_run)
         doomed = _orphans(store) if orphans else []
         if not dry_run:
             for rel in doomed:
                 store.delete(rel)
-    except (ShardError, ValueError) as e:
+    except (ShardError, ValueError, OSError) as e:
         _fail(str(e))
         raise AssertionError  # unreachable
     verb = "would remove" if dry_run else "removed"
-    kind = "unfinished upload" if store.url.startswith("s3://") else "temp file"
-    for rel in removed:
-        click.echo(f"{verb} {kind}: {rel}")
+    # cleanup_incomplete answers cache-relative paths for what is in the cache (uploads on S3,
+    # temp files in a local cache) and absolute paths for staged files outside it.
+    in_cache_kind = "unfinished upload" if store.url.startswith("s3://") else "temp file"
+    counts: dict[str, int] = {}
+    for item in removed:
+        kind = "staged temp file" if item.startswith("/") else in_cache_kind
+        counts[kind] = counts.get(kind, 0) + 1
+        click.echo(f"{verb} {kind}: {item}")
     for rel in doomed:
         click.echo(f"{verb} orphan shard: {rel}")
-    click.echo(f"gc {store.url}: {verb} {len(removed)} {kind}(s)" + (f" and {len(doomed)} orphan shard(s)" if orphans else ""))
+    parts = [f"{counts.get(in_cache_kind, 0)} {in_cache_kind}(s)"]
+    if counts.get("staged temp file"):
+        parts.append(f"{counts['staged temp file']} staged temp file(s)")
+    if orphans:
+        parts.append(f"{len(doomed)} orphan shard(s)")
+    click.echo(f"gc {store.url}: {verb} " + ", ".join(parts))
 
 
 def main() -> None:

@@ -255,16 +255,6 @@ def iter_shard(store: Store, record: ShardRecord, *, check: bool = True) -> Iter
 # dropout, so dropout is decided per step instead of frozen into the cache).
 
 
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype not in schema.DTYPES:
-            raise ValueError(f"unknown storage dtype {dtype!r}; expected one of {list(schema.DTYPES)}")
-        return schema.DTYPES[dtype]
-    if dtype not in schema.DTYPE_NAMES:
-        raise ValueError(f"unsupported storage dtype {dtype}; expected one of {list(schema.DTYPES)}")
-    return dtype
-
-
 def write_empty_prompt(
     store: Store, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, dtype: torch.dtype | str
 ) -> None:
@@ -274,7 +264,7 @@ def write_empty_prompt(
             f"empty prompt: expected prompt_embeds (1, L, D) and pooled_prompt_embeds (1, P), got "
             f"{tuple(prompt_embeds.shape)} and {tuple(pooled_prompt_embeds.shape)}"
         )
-    dt = resolve_dtype(dtype)
+    dt = schema.dtype_of(dtype)
     tensors = {
         schema.PROMPT_EMBEDS: prompt_embeds.detach().to("cpu", dt).contiguous(),
         schema.POOLED_PROMPT_EMBEDS: pooled_prompt_embeds.detach().to("cpu", dt).contiguous(),

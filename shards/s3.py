@@ -4,8 +4,8 @@ Configuration is boto3's own, nothing hard-coded: credentials, region and endpoi
 standard variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE,
 AWS_DEFAULT_REGION, AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3) and ~/.aws/config profiles. Our own
 knobs, all optional: the `SHARDS_*` retry and timeout variables (`shards.remote.RetryPolicy`),
-SHARDS_S3_MULTIPART_THRESHOLD and SHARDS_S3_PART_SIZE (bytes, or with a KiB/MiB/GiB suffix),
-SHARDS_S3_CONDITIONAL_WRITES=0 for servers that reject If-None-Match.
+SHARDS_S3_MULTIPART_THRESHOLD and SHARDS_S3_PART_SIZE (sizes such as 64MiB, read by
+`shards.units.parse_size`), SHARDS_S3_CONDITIONAL_WRITES=0 for servers that reject If-None-Match.
 
 How each Store promise is kept on S3:
 
@@ -31,19 +31,18 @@ How each Store promise is kept on S3:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
 import re
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 from .remote import Permanent, ResumableReader, RetryPolicy, StoreError, describe, is_network_error, retry_call
-from .store import Store, check_rel
+from .store import PublishConflictError, Store, check_rel, conflict_message, file_sha256
+from .units import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,6 @@ MiB = 1 << 20
 DEFAULT_MULTIPART_THRESHOLD = 64 * MiB  # single PUT up to this size (S3 allows 5 GiB)
 DEFAULT_PART_SIZE = 32 * MiB  # S3: >= 5 MiB except the last part, <= 10000 parts
 DEFAULT_CONCURRENCY = 4  # parts in flight per upload
-_HASH_CHUNK = 4 * MiB
 
 _TRANSIENT_CODES = {
     "SlowDown", "RequestTimeout", "RequestTimeoutException", "Throttling", "ThrottlingException",
@@ -68,22 +66,8 @@ _AUTH_HINT = (
 )
 
 
-def parse_size(text: str, what: str) -> int:
-    """'5242880', '5MiB', '64 MiB', '1GiB' -> bytes."""
-    m = re.fullmatch(r"\s*(\d+)\s*(|B|KiB|MiB|GiB|KB|MB|GB)\s*", text, flags=re.IGNORECASE)
-    if not m:
-        raise ValueError(f"{what}={text!r}: expected bytes, optionally with a KiB/MiB/GiB suffix (e.g. 64MiB)")
-    unit = m.group(2).lower()
-    scale = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}[unit]
-    return int(m.group(1)) * scale
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+class S3PublishConflictError(StoreError, PublishConflictError):
+    """put_file found another object, with other content, under the shard's name."""
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -422,12 +406,10 @@ class S3Store(Store):
         if int(head["ContentLength"]) == size and theirs == sha:
             log.info("%s: already present with the same content (sha256 %s...); kept", self.display(rel), sha[:12])
             return
-        raise StoreError(
-            f"{self.display(rel)}: already exists with other content ({head['ContentLength']} bytes, sha256 "
-            f"{theirs or 'unknown'}; this upload: {size} bytes, sha256 {sha}). Another process is writing this "
-            f"cache, or an earlier run left this shard without its record. Never run two precomputes on one cache; "
-            f"if none is running, delete the leftover with `python -m shards gc --orphans {self.url}` and re-run"
-        )
+        raise S3PublishConflictError(conflict_message(
+            self.display(rel), self.url, theirs=f"{head['ContentLength']} bytes, sha256 {theirs or 'unknown'}",
+            ours=f"{size} bytes, sha256 {sha}",
+        ))
 
     # -- unfinished uploads --------------------------------------------------------------------
     def list_uploads(self, prefix: str = "") -> list[tuple[str, str]]:
@@ -461,14 +443,12 @@ class S3Store(Store):
             log.warning("%s/%s: could not abort multipart upload %s (%s); `python -m shards gc %s` will",
                         self.url, self._rel(key), upload_id, describe(e), self.url)
 
-    def cleanup_incomplete(self, *, dry_run: bool = False) -> list[str]:
-        """Abort every unfinished multipart upload under this store. Only while no writer runs."""
+    def cleanup_incomplete(self, *, tmp_dir: str | Path | None = None, dry_run: bool = False) -> list[str]:
+        """Abort every unfinished multipart upload under this store (their cache-relative keys
+        come first in the answer), then empty this machine's staging folder for `tmp_dir`
+        (absolute paths). Only while no writer runs."""
         if dry_run:
-            return sorted(self._rel(k) for k, _ in self.list_uploads())
-        return sorted(self._abort_uploads("", exact=False))
-
-    def staging_dir(self, rel: str) -> Path:
-        # Per cache, so a writer's clean-up of stale temp files of "shard-000003.tar" never
-        # touches a temp file of another cache being written on the same machine.
-        digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / "shards-staging" / digest
+            uploads = sorted(self._rel(k) for k, _ in self.list_uploads())
+        else:
+            uploads = sorted(self._abort_uploads("", exact=False))
+        return uploads + self.cleanup_staging(tmp_dir=tmp_dir, dry_run=dry_run)

@@ -40,8 +40,20 @@ POOLED_PROMPT_EMBEDS = "pooled_prompt_embeds"
 # step, exactly as the reference's latent_dist.sample()); "mean" halves latent bytes.
 LATENT_STORES = ("mean_std", "mean")
 
+# The dtype names every flag, identity and manifest uses (and the only dtypes a cache stores).
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_of(dtype: str | torch.dtype) -> torch.dtype:
+    """'bf16' | 'fp16' | 'fp32' or one of those torch dtypes -> the torch dtype; ValueError otherwise."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {list(DTYPES)}")
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES:
+        return dtype
+    raise ValueError(f"unsupported dtype {dtype!r}; expected one of {list(DTYPES)} or the matching torch dtype")
 
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 MANIFEST_FILE = "manifest.json"

@@ -6,11 +6,23 @@ slots in later without touching the writer, reader or CLI. The calls are chosen 
 an atomic implementation on object storage too:
 
 - `write_bytes` and `put_file` publish a complete object or nothing (local: temp name in the same
-  folder, fsync, `os.replace`, fsync of the folder; S3: a single PUT or a completed multipart
-  upload). A reader never sees a partial file under a final name, whatever kills the writer.
+  folder, fsync, `os.replace` / `os.link`, fsync of the folder; S3: a single PUT or a completed
+  multipart upload). A reader never sees a partial file under a final name, whatever kills the
+  writer.
+- `put_file` (shards) is a create-if-absent: it never replaces a published file. If the name is
+  taken by the same bytes, it succeeds (a resumed, byte-reproducible writer re-publishing an
+  orphan shard); by other bytes, it raises PublishConflictError naming both. So two writers of
+  one cache can never publish a shard under another writer's record. `write_bytes` (records,
+  identity, manifest) replaces.
+- Staging: writers build files in `staging_dir(tmp_dir=...)`, a folder per cache (a hidden
+  `.staging` folder of a local cache's root without tmp_dir, else a per-cache subfolder of the
+  user's tmp_dir or of the system temp folder). Every temp file is named TEMP_PREFIX + ..., and `cleanup_incomplete(tmp_dir=...)`
+  is the one clean-up of what killed writers left: temp files in the cache and in its staging
+  folder, and (S3) unfinished multipart uploads.
 - `open_read` streams; nothing needs random access, so a plain HTTP GET body is enough.
-- `list` and `cleanup_incomplete` exist only for cleanup tools (`python -m shards gc`); training
-  and resume never list (the manifest and the per-shard records name every file).
+- `list` and `cleanup_incomplete` exist only for clean-up (`python -m shards gc`, and a precompute
+  at start); training and resume never list (the manifest and the per-shard records name every
+  file).
 
 Backends, chosen by `open_store(url)`:
 - a path or file:// URL -> LocalStore (here);
@@ -22,6 +34,9 @@ Remote failures that outlast the retry budget raise shards.remote.StoreError, a 
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import logging
 import os
 import secrets
 import shutil
@@ -34,6 +49,47 @@ from urllib.parse import unquote, urlparse
 # Prefix of every temporary file a LocalStore (or a writer staging beside it) creates. Hidden, so
 # globbing `shards/*.tar` never picks one up; `list()` skips them unless asked.
 TEMP_PREFIX = ".tmp-"
+# A local cache stages its shards in this hidden folder of its root (same filesystem: publishing
+# is a link, never a copy). With a tmp_dir, and for remote caches, the staging folder is
+# <tmp_dir or system temp>/STAGING_FOLDER/<16 hex digits of sha256(cache URL)>.
+LOCAL_STAGING = ".staging"
+STAGING_FOLDER = "shards-staging"
+_HASH_CHUNK = 4 << 20
+
+log = logging.getLogger(__name__)
+
+
+class PublishConflictError(FileExistsError):
+    """`put_file` found another file, with other content, already published under its name."""
+
+
+def conflict_message(where: str, cache_url: str, theirs: str, ours: str) -> str:
+    """The one wording of a publish conflict, for every backend: both sides, and the way out."""
+    return (
+        f"{where}: already exists with other content ({theirs}; this upload: {ours}). Another process is "
+        f"writing this cache, or an earlier run left this shard without its record. Never run two precomputes "
+        f"on one cache; if none is running, delete the leftover with `python -m shards gc --orphans {cache_url}` "
+        f"and re-run"
+    )
+
+
+def stream_sha256(f: BinaryIO) -> str:
+    """Hex sha256 of what is left to read in binary stream `f`, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    while chunk := f.read(_HASH_CHUNK):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a local file."""
+    with open(path, "rb") as f:
+        return stream_sha256(f)
+
+
+def cache_digest(url: str) -> str:
+    """16 hex digits naming a cache in shared local folders (staging): sha256 of its URL."""
+    return hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
 
 
 class Store(ABC):
@@ -54,9 +110,11 @@ class Store(ABC):
 
     @abstractmethod
     def put_file(self, rel: str, local_path: str | Path) -> None:
-        """Atomically publish a finished local file under `rel`, replacing any old one.
+        """Atomically publish a finished local file under `rel`, if `rel` does not exist yet.
 
-        Takes ownership of `local_path`: it no longer exists when this returns successfully.
+        If `rel` exists with the same bytes, this is a success that changes nothing (logged);
+        with other bytes, PublishConflictError naming both. Takes ownership of `local_path`: it
+        no longer exists when this returns successfully (after an error it is the caller's).
         """
 
     @abstractmethod
@@ -75,21 +133,43 @@ class Store(ABC):
     def list(self, prefix: str = "") -> list[str]:
         """Sorted relative paths of the files under folder `prefix` (for gc/cleanup only)."""
 
-    def cleanup_incomplete(self, *, dry_run: bool = False) -> list[str]:
-        """Remove what killed writers left behind that is not a file of the cache (temp files,
-        unfinished multipart uploads); return what was (or, with dry_run, would be) removed.
+    def staging_dir(self, *, tmp_dir: str | Path | None = None) -> Path:
+        """The local folder in which writers build this cache's files before publishing them.
 
-        Only safe while no writer is using this store: it removes in-flight writes too.
+        `<tmp_dir>/shards-staging/<cache_digest(url)>`, with the system temp folder when tmp_dir
+        is None (a local cache without tmp_dir overrides this: a hidden folder of its root). One
+        folder per cache, so cleaning it never touches another cache's (or anyone else's) files
+        in a shared temp folder. Not created here.
         """
-        return []
+        base = Path(tmp_dir).expanduser() if tmp_dir is not None else Path(tempfile.gettempdir())
+        return base.absolute() / STAGING_FOLDER / cache_digest(self.url)
 
-    def staging_dir(self, rel: str) -> Path:
-        """A local folder in which to build the file that will become `rel`.
+    def cleanup_staging(self, *, tmp_dir: str | Path | None = None, dry_run: bool = False) -> list[str]:
+        """Remove the temp files in `staging_dir(tmp_dir=tmp_dir)`; return their absolute paths.
 
-        Local stores answer the destination's own folder, so that publishing is a rename on
-        the same filesystem; remote stores answer the system temp folder.
+        The staging folder is per machine: on several machines, each one's first process calls
+        this (before any writer starts), while one process calls `cleanup_incomplete`.
         """
-        return Path(tempfile.gettempdir())
+        folder = self.staging_dir(tmp_dir=tmp_dir)
+        if not folder.is_dir():
+            return []
+        temps = sorted(p for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX) and not p.is_dir())
+        if not dry_run:
+            for p in temps:
+                p.unlink(missing_ok=True)
+        return [str(p) for p in temps]
+
+    def cleanup_incomplete(self, *, tmp_dir: str | Path | None = None, dry_run: bool = False) -> list[str]:
+        """Remove everything killed writers left behind that is not a file of the cache: temp files
+        in the cache and in its staging folder for `tmp_dir` (the same tmp_dir the writers were
+        given), and unfinished multipart uploads (S3). Returns what was (with dry_run: would be)
+        removed: cache-relative paths for what is in the cache (temp files of a local cache,
+        uploads on S3), absolute paths for staged files outside it.
+
+        Only safe while no writer is using this cache: it removes in-flight writes too. A
+        precompute calls it once, on its first process, before any writer starts.
+        """
+        return self.cleanup_staging(tmp_dir=tmp_dir, dry_run=dry_run)
 
     def display(self, rel: str) -> str:
         """`rel` as a full location, for messages."""
@@ -159,6 +239,7 @@ class LocalStore(Store):
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().absolute()
         self.url = str(self.root)
+        self._warned_no_links = False
 
     def path(self, rel: str) -> Path:
         return self.root / check_rel(rel)
@@ -187,26 +268,67 @@ class LocalStore(Store):
         dest = self.path(rel)
         src = Path(local_path)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        # The data must be on disk before the rename makes it visible, or a power loss could
-        # leave a complete-looking name over missing blocks. Cheap if the caller already did it.
+        # The data must be on disk before a link makes it visible, or a power loss could leave a
+        # complete-looking name over missing blocks. Cheap if the caller already did it.
         fsync_file(src)
+        staged = src
         if os.stat(src).st_dev != os.stat(dest.parent).st_dev:
-            # A rename cannot cross filesystems: copy beside the destination first.
-            tmp = new_temp_path(dest.parent, dest.name)
+            # A link cannot cross filesystems: copy beside the destination first.
+            staged = new_temp_path(dest.parent, dest.name)
             try:
-                shutil.copyfile(src, tmp)
-                fsync_file(tmp)
+                shutil.copyfile(src, staged)
+                fsync_file(staged)
             except BaseException:
-                tmp.unlink(missing_ok=True)
+                staged.unlink(missing_ok=True)
                 raise
-            src.unlink()
-            src = tmp
         try:
-            os.replace(src, dest)
-        except BaseException:
-            src.unlink(missing_ok=True)
-            raise
-        fsync_dir(dest.parent)
+            created = self._publish_if_absent(rel, staged, dest, origin=src)
+        finally:
+            if staged != src:
+                staged.unlink(missing_ok=True)
+        src.unlink(missing_ok=True)
+        if created:
+            fsync_dir(dest.parent)
+
+    def _publish_if_absent(self, rel: str, staged: Path, dest: Path, *, origin: Path) -> bool:
+        """Give `staged` the name `dest` unless that name exists: True if published, False if
+        `dest` already held the same bytes; PublishConflictError (naming `origin`, the caller's
+        file) if it held other bytes.
+
+        `os.link` is the create-if-absent primitive (atomic, fails with EEXIST); on a filesystem
+        without hard links (some FUSE/SMB mounts) an existence check then `os.replace` is the
+        fallback, whose window between the two lets a concurrent writer slip through (warned once).
+        """
+        try:
+            os.link(staged, dest)
+            return True
+        except FileExistsError:
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                raise
+            if not self._warned_no_links:
+                self._warned_no_links = True
+                log.warning("%s: the filesystem has no hard links (%s); publishing shards by check-then-rename, "
+                            "which cannot detect two writers racing for one shard", self.url, e)
+            if not dest.exists():
+                os.replace(staged, dest)
+                return True
+        self._check_same(rel, staged, dest, origin)
+        return False
+
+    def _check_same(self, rel: str, staged: Path, dest: Path, origin: Path) -> None:
+        ours_size, theirs_size = staged.stat().st_size, dest.stat().st_size
+        ours = file_sha256(staged)
+        theirs = file_sha256(dest) if theirs_size == ours_size else None
+        if theirs == ours:
+            log.info("%s: already present with the same content (sha256 %s...); kept", self.display(rel), ours[:12])
+            return
+        raise PublishConflictError(conflict_message(
+            self.display(rel), self.url,
+            theirs=f"{theirs_size} bytes, sha256 {theirs or file_sha256(dest)}",
+            ours=f"{origin} with {ours_size} bytes, sha256 {ours}",
+        ))
 
     def open_read(self, rel: str) -> BinaryIO:
         return open(self.path(rel), "rb")
@@ -230,15 +352,21 @@ class LocalStore(Store):
                 out.append(p.relative_to(self.root).as_posix())
         return sorted(out)
 
-    def staging_dir(self, rel: str) -> Path:
-        return self.path(rel).parent
+    def staging_dir(self, *, tmp_dir: str | Path | None = None) -> Path:
+        """Without tmp_dir: `<root>/.staging` (same filesystem, so publishing is a link)."""
+        if tmp_dir is None:
+            return self.root / LOCAL_STAGING
+        return super().staging_dir(tmp_dir=tmp_dir)
 
-    def cleanup_incomplete(self, *, dry_run: bool = False) -> list[str]:
+    def cleanup_incomplete(self, *, tmp_dir: str | Path | None = None, dry_run: bool = False) -> list[str]:
+        # Temp files anywhere in the cache: staged shards (<root>/.staging) and the temp names of
+        # write_bytes and cross-filesystem copies beside their destinations.
         temps = [rel for rel in self.list(include_temp=True) if rel.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)]
         if not dry_run:
             for rel in temps:
                 self.path(rel).unlink(missing_ok=True)
-        return temps
+        staged = self.cleanup_staging(tmp_dir=tmp_dir, dry_run=dry_run) if tmp_dir is not None else []
+        return temps + staged
 
 
 def open_store(url: str | Path) -> Store:

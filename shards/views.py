@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterable
 
 from . import schema
+from .units import human_bytes
 
 VIEW_SEPARATOR = "-v"
 _VIEW_SUFFIX = re.compile(r"^(?P<base>.+)-v(?P<view>[1-9][0-9]*)$")
@@ -71,14 +72,6 @@ def count_sources(keys: Iterable[str]) -> int:
     return len({split_view_key(k)[0] for k in keys})
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
 def stats_lines(totals: dict) -> list[str]:
     """What `shards stats` says about views and buckets, from the manifest's totals.
 
@@ -92,7 +85,7 @@ def stats_lines(totals: dict) -> list[str]:
         per_image = size / sources
         lines.append(
             f"views      {samples} samples of {sources} images ({samples / sources:.2f} views per image): "
-            f"{_human(per_image)} per image, {_human(size / max(samples, 1))} per view; one view per image is "
+            f"{human_bytes(per_image)} per image, {human_bytes(size / max(samples, 1))} per view; one view per image is "
             f"{100 * sources / max(samples, 1):.0f}% of the bytes train reads each epoch"
         )
     buckets = totals.get("buckets")

@@ -1,19 +1,23 @@
 """The shard writer: reproducible tars, published whole or not at all.
 
-A shard is built in a local temporary file (a hidden name beside its destination for local stores,
-so publishing is a rename), then on `commit()`:
+A shard is built in a hidden temporary file in the cache's staging folder,
+`store.staging_dir(tmp_dir=tmp_dir)` (for a local cache without tmp_dir a folder of its root, so
+publishing is a link), then on `commit()`:
 
     close the tar -> fsync -> re-read and decode every sample, check the count and keys
-    -> sha256 + size -> store.put_file (atomic publish) -> store.write_bytes(record)
+    -> sha256 + size -> store.put_file (atomic create-if-absent) -> store.write_bytes(record)
 
 The record is the shard's "done" marker and is written only after the shard is in place, so a
 process killed at any moment leaves either nothing under the shard's name, or a complete shard
 (with or without its record). `completed_record` treats a shard without a valid record as not
-done; a re-run simply rebuilds and overwrites it.
+done; a re-run rebuilds it, and since shards are byte-reproducible its publish finds the same
+bytes already there and succeeds (other bytes are a PublishConflictError, never an overwrite).
 
 An exception inside `with ShardWriter(...)` aborts: the temporary file is removed and nothing is
 published. (Ordinary tar sinks commit a short-but-valid tar when an exception unwinds through
-them; see REFERENCE.md section 3.)
+them; see REFERENCE.md section 3.) A writer only ever removes its own temp file; what a killed
+writer left is removed by `store.cleanup_incomplete(tmp_dir=...)` (a precompute at start,
+`python -m shards gc`), the one clean-up of temp files and unfinished uploads.
 
 Tars are byte-reproducible: USTAR headers with mtime 0, uid/gid 0, empty user/group names,
 mode 0444, and each sample's members in `schema.MEMBERS` order. We drive `tarfile` directly
@@ -34,8 +38,8 @@ import torch
 
 from . import schema
 from .manifest import ManifestError, ShardRecord, read_record
-from .reader import ShardError, TarSampleStream, resolve_dtype
-from .store import TEMP_PREFIX, Store, new_temp_path
+from .reader import ShardError, TarSampleStream
+from .store import Store, new_temp_path
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +57,13 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _remove_stale_temps(folder: Path, final_name: str) -> None:
-    """Remove temp files an earlier, killed writer of this same shard left beside it.
-
-    Each shard has one writer at a time (a run gives every process disjoint shards), so a temp
-    file for this shard's name is garbage from a dead run. Were a second run wrongly writing the
-    same cache at once, its commit would fail on the vanished file: an error, never a bad shard.
-    Only the staging folder beside the destination is cleaned, never a user's shared tmp_dir.
-    """
-    if not folder.is_dir():
-        return
-    for p in folder.glob(f"{TEMP_PREFIX}{final_name}.*"):
-        p.unlink(missing_ok=True)
-
-
 class ShardWriter:
-    """Write one shard; use as a context manager and finish with `commit()`."""
+    """Write one shard; use as a context manager and finish with `commit()`.
+
+    `tmp_dir`: a local folder to stage in instead of the default (the shard is built in this
+    cache's subfolder of it, `store.staging_dir(tmp_dir=tmp_dir)`); pass the same value to
+    `store.cleanup_incomplete(tmp_dir=...)`.
+    """
 
     def __init__(
         self,
@@ -84,13 +79,8 @@ class ShardWriter:
         self.store = store
         self.index = index
         self.name = schema.shard_name(index)
-        self.storage_dtype = resolve_dtype(storage_dtype)
-        if tmp_dir is None:
-            folder = store.staging_dir(self.name)
-            _remove_stale_temps(folder, Path(self.name).name)
-        else:
-            folder = Path(tmp_dir)
-        self.tmp_path = new_temp_path(folder, Path(self.name).name)
+        self.storage_dtype = schema.dtype_of(storage_dtype)
+        self.tmp_path = new_temp_path(store.staging_dir(tmp_dir=tmp_dir), Path(self.name).name)
         self._keys: list[str] = []
         self._key_set: set[str] = set()
         # Per-sample latent [h, w] for the record (bucketed caches; see ShardRecord.latent_shapes).
@@ -200,9 +190,16 @@ class ShardWriter:
             self._state = "failed"
             raise
         # The shard is visible now. If writing the record fails, the shard is an orphan without a
-        # "done" marker, which a re-run rebuilds and overwrites: nothing to clean up here.
+        # "done" marker, which a re-run rebuilds and re-publishes (same bytes): nothing to undo.
         self._state = "failed"
-        self.store.write_bytes(schema.record_name(self.index), record.to_json())
+        try:
+            self.store.write_bytes(schema.record_name(self.index), record.to_json())
+        except Exception as e:
+            raise ShardError(
+                f"{self.name}: published to {self.store.display(self.name)}, but writing its record "
+                f"{schema.record_name(self.index)} failed ({type(e).__name__}: {e}); the shard counts as not done "
+                "and a re-run rebuilds it"
+            ) from e
         self._state = "committed"
         return record
 

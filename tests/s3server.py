@@ -12,12 +12,22 @@ cold start, 13-22 s after a restart following SIGKILL, and a graceful SIGTERM ta
 `stop()` gives SIGTERM only a short grace period before SIGKILL.
 
 With `access_key`/`secret_key` the server is started with an `-s3.config` identity file and
-refuses other credentials; without them it accepts any credentials.
+refuses other credentials; without them it accepts any credentials and anonymous reads (the
+https:// tests read it as a public bucket).
+
+The server's configuration is its command line and nothing else: `weed` runs with an environment
+scrubbed of AWS_* and WEED_* variables. This matters because SeaweedFS turns authentication on by
+itself when it sees AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in its environment ("Added admin
+identity from AWS environment variables"): a restart from inside a test, whose fixtures point
+boto3 at the server through those very variables, used to come back as a private server that
+refused every anonymous read with HTTP 403 for the rest of the session. `wait_ready` checks the
+anonymous read as well, so a server in any other state than the one asked for fails its start.
 """
 
 from __future__ import annotations
 
 import atexit
+import http.client
 import json
 import os
 import shutil
@@ -152,13 +162,24 @@ class S3Server:
             f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
-            # Small volumes: the tests store megabytes, and a volume per collection is created eagerly.
-            "-master.volumeSizeLimitMB=64", "-volume.max=16", "-master.telemetry=false", "-master.electionTimeout=1s",
+            # Small volumes (64 MB): each bucket is a collection, and the master grows 7 volumes
+            # for it at its first write. The cap must leave room for every bucket of the session
+            # (the readiness probe's and one per test module, each holding up to ~200 MB): with 16,
+            # the third bucket got 2 volumes and failed writes with "No writable volumes" once they
+            # filled. Volumes are files created on demand; disk use is the data stored.
+            "-master.volumeSizeLimitMB=64", "-volume.max=128", "-master.telemetry=false", "-master.electionTimeout=1s",
             f"-filer.localSocket={self.root / 'filer.sock'}", f"-s3.localSocket={self.root / 's3.sock'}",
         ]
         if self.config_path is not None:
             cmd.append(f"-s3.config={self.config_path}")
         return cmd
+
+    @staticmethod
+    def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment `weed` runs with: `base` (default os.environ) without AWS_* and WEED_*
+        variables, which SeaweedFS would read as configuration (see the module docstring)."""
+        base = dict(os.environ if base is None else base)
+        return {k: v for k, v in base.items() if not k.upper().startswith(("AWS_", "WEED_"))}
 
     def start(self, timeout: float = START_TIMEOUT) -> "S3Server":
         if self.proc is not None and self.proc.poll() is None:
@@ -166,13 +187,24 @@ class S3Server:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=self.root, start_new_session=True,  # a Ctrl-C in pytest must not hit it mid-test
+            cwd=self.root, env=self.server_env(),
+            start_new_session=True,  # a Ctrl-C in pytest must not hit it mid-test
         )
         self.wait_ready(timeout)
         return self
 
+    def anonymous_status(self, bucket: str, key: str) -> int:
+        """HTTP status of an unsigned GET of bucket/key (200 on a public server, 403 on a private one)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.ports["s3"], timeout=5)  # no proxy from the env
+        try:
+            conn.request("GET", f"/{bucket}/{key}")
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
     def wait_ready(self, timeout: float = START_TIMEOUT) -> float:
-        """Block until a bucket can be created and an object written and read back; seconds waited."""
+        """Block until a bucket can be created and an object written and read back (and, without
+        an auth config, read back anonymously too); seconds waited."""
         t0 = time.monotonic()
         client = self.client()
         last: Exception | None = None
@@ -187,8 +219,14 @@ class S3Server:
                 except client.exceptions.BucketAlreadyExists:
                     pass
                 client.put_object(Bucket="readiness-probe", Key="probe", Body=b"ok")
-                if client.get_object(Bucket="readiness-probe", Key="probe")["Body"].read() == b"ok":
-                    return time.monotonic() - t0
+                if client.get_object(Bucket="readiness-probe", Key="probe")["Body"].read() != b"ok":
+                    raise RuntimeError("the probe object read back wrong")
+                if self.config_path is None:
+                    status = self.anonymous_status("readiness-probe", "probe")
+                    if status != 200:
+                        raise RuntimeError(f"anonymous GET answered HTTP {status}; started without -s3.config, "
+                                           "the server should be public (AWS_* in its environment?)")
+                return time.monotonic() - t0
             except Exception as e:  # not up yet: connection refused, 5xx, no writable volume...
                 last = e
             time.sleep(0.25)

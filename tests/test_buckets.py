@@ -33,12 +33,24 @@ from precompute.preprocess import (
     item_rng,
     plan_geometry,
     plan_views,
-    prepare,
     prepare_views,
-    resize_shortest_side,
 )
 from precompute.sources import RawItem
 
+
+
+def resize_shortest_side(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(h, w) after torchvision's Resize(resolution), as its `_compute_resized_output_size` does:
+    the short side becomes `resolution`, the long side int(resolution * long / short)."""
+    h, w = size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(resolution * long / short)
+    return (new_long, resolution) if w <= h else (resolution, new_long)
+
+
+def prepare(item: RawItem, **kwargs):
+    """The primary view alone (what a one-view cache stores)."""
+    return prepare_views(item, **kwargs)[0]
 
 def encode(im: Image.Image) -> bytes:
     buf = io.BytesIO()

@@ -15,10 +15,12 @@ from precompute.encoders import (
     EncoderError,
     LatentEncoder,
     ModelLoadError,
+    NonFiniteLatentError,
     PromptEncoder,
     check_model_sources,
     load_encoders,
     module_fingerprint,
+    tokenizer_fingerprint,
 )
 
 PROMPTS = [
@@ -71,31 +73,12 @@ def test_overlong_prompt_is_truncated_like_sdxl(pipe):
     long = PROMPTS[3]
     counts = enc.token_counts(PROMPTS)
     assert counts[3] > 77 and all(n <= 77 for n in counts[:3])
-    assert enc.truncated(PROMPTS) == [False, False, False, True]
+    assert [n > enc.info.max_length for n in counts] == [False, False, False, True]
     # What survives truncation is all the encoders see: cutting the text itself changes nothing.
     ids = pipe.tokenizer(long, truncation=True, max_length=77).input_ids[1:-1]
     cut = pipe.tokenizer.decode(ids)
     a, b = enc([long]), enc([cut])
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
-
-class _TupleOutput(torch.nn.Module):
-    """A text encoder that answers tuples (return_dict=False style), as older code paths do."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.config = inner.config
-
-    def forward(self, input_ids, output_hidden_states=False, return_dict=None):
-        return self.inner(input_ids, output_hidden_states=output_hidden_states, return_dict=False)
-
-
-def test_prompt_encoder_reads_tuple_outputs(pipe):
-    ref = _prompt_encoder(pipe)(PROMPTS[:2])
-    enc = PromptEncoder(pipe.tokenizer, pipe.tokenizer_2, _TupleOutput(pipe.text_encoder), _TupleOutput(pipe.text_encoder_2))
-    out = enc(PROMPTS[:2])
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
 
 
 def test_prompt_encoder_bf16_returns_fp32_close_to_fp32(tiny_model):
@@ -151,10 +134,19 @@ def test_non_finite_latents_raise_with_the_fix(pipe):
     vae = AutoencoderKL.from_config(pipe.vae.config)
     vae.load_state_dict(pipe.vae.state_dict())
     with torch.no_grad():
-        vae.encoder.conv_in.weight.mul_(1e6)  # activations beyond fp16's 65504, like SDXL's VAE
-    x = _pixels(1)
-    with pytest.raises(EncoderError) as err:
-        LatentEncoder(vae, dtype="fp16")(x)
+        # The weights stay below fp16's 65504, the activations of a textured image go beyond it (as
+        # SDXL's VAE does on some images); a flat mid-grey one (all 0: conv_in gives its bias) is fine.
+        vae.encoder.conv_in.weight.mul_(1e5)
+    x = torch.cat([torch.zeros_like(_pixels(1)), _pixels(1), torch.zeros_like(_pixels(1))])
+    enc = LatentEncoder(vae, dtype="fp16")
+    mean, std, finite = enc.encode(x)
+    assert finite.tolist() == [True, False, True] and finite.device.type == "cpu"
+    assert torch.isfinite(mean[[0, 2]]).all() and torch.isfinite(std[[0, 2]]).all()
+    assert not (torch.isfinite(mean[1]).all() and torch.isfinite(std[1]).all())
+    with pytest.raises(NonFiniteLatentError) as err:
+        enc(x)
+    assert isinstance(err.value, EncoderError) and err.value.bad == [1]
+    assert "image(s) [1] of a batch of 3" in str(err.value)
     assert "--vae-dtype fp32" in str(err.value) and "madebyollin/sdxl-vae-fp16-fix" in str(err.value)
 
 
@@ -170,6 +162,10 @@ def test_load_encoders_matches_pipeline_and_fingerprints(tiny_model, pipe):
     assert ident["text_encoder_fingerprint"] == module_fingerprint(pipe.text_encoder)
     assert ident["text_encoder_2_fingerprint"] == module_fingerprint(pipe.text_encoder_2)
     assert len({ident["vae_fingerprint"], ident["text_encoder_fingerprint"], ident["text_encoder_2_fingerprint"]}) == 3
+    assert ident["tokenizer_fingerprint"] == tokenizer_fingerprint(pipe.tokenizer)
+    assert ident["tokenizer_2_fingerprint"] == tokenizer_fingerprint(pipe.tokenizer_2)
+    # Same vocabulary and merges, another pad token (SDXL's tokenizer_2 pads with "!").
+    assert ident["tokenizer_fingerprint"] != ident["tokenizer_2_fingerprint"]
     assert (latent.info.channels, latent.info.vae_scale_factor, latent.info.shift_factor) == (4, 8, None)
     assert (prompt.info.max_length, prompt.info.prompt_dim, prompt.info.pooled_dim) == (77, 64, 32)
     ref = _reference(pipe, PROMPTS[:2])
@@ -221,6 +217,40 @@ def test_unreadable_model_folder_names_everything_missing(tiny_model, tmp_path):
     assert f"{tiny_model}/text_encoder: no weights for variant 'fp16' (files: model.safetensors)" in check_model_sources(
         str(tiny_model), variant="fp16"
     )
+
+
+def test_tokenizer_fingerprint_names_what_decides_the_ids(tiny_model, tmp_path):
+    """Re-saving a tokenizer elsewhere keeps its fingerprint; another pad token, special token,
+    model_max_length or one merge fewer each change it."""
+    from transformers import CLIPTokenizer
+
+    def load(folder=tiny_model / "tokenizer_2"):
+        return CLIPTokenizer.from_pretrained(folder)
+
+    tok = load()
+    base = tokenizer_fingerprint(tok)
+    tok(["a prompt"], padding="max_length", max_length=77, truncation=True)  # using it changes nothing
+    assert tokenizer_fingerprint(tok) == base
+    load().save_pretrained(tmp_path / "copy")
+    assert tokenizer_fingerprint(load(tmp_path / "copy")) == base
+    changed = []
+    for change in (
+        lambda t: setattr(t, "pad_token", t.eos_token),
+        lambda t: setattr(t, "model_max_length", 64),
+        lambda t: t.add_special_tokens({"additional_special_tokens": ["<extra>"]}),
+    ):
+        tok = load()
+        change(tok)
+        changed.append(tokenizer_fingerprint(tok))
+    assert len({base, *changed}) == 4
+    # One merge fewer (built from vocab.json + merges.txt, as a slow-tokenizer folder is).
+    merges = (tiny_model / "tokenizer_2" / "merges.txt").read_text().splitlines()
+    for name, kept in (("all", merges), ("fewer", merges[:-1])):
+        (tmp_path / name).mkdir()
+        for f in ("vocab.json", "tokenizer_config.json"):
+            shutil.copy(tiny_model / "tokenizer_2" / f, tmp_path / name / f)
+        (tmp_path / name / "merges.txt").write_text("\n".join(kept) + "\n")
+    assert tokenizer_fingerprint(load(tmp_path / "all")) != tokenizer_fingerprint(load(tmp_path / "fewer"))
 
 
 def test_fingerprint_ignores_load_bookkeeping(tiny_model, tmp_path):

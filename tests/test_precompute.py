@@ -27,9 +27,9 @@ from PIL import Image
 from precompute.config import ConfigError, PrecomputeConfig
 from precompute.encoders import LatentEncoder, PromptEncoder
 from precompute.preprocess import to_model_input
-from precompute.runner import IdentityMismatchError, StrictSkipError, run
+from precompute.runner import StrictSkipError, run
 from shards import schema
-from shards.manifest import Manifest
+from shards.manifest import Manifest, ManifestError
 from shards.reader import iter_shard, load_empty_prompt
 from shards.store import open_store
 from shards.verify import verify_cache
@@ -107,7 +107,10 @@ def test_fill_cache_contents_equal_the_encoders(tiny_model, fill_data, fill_cach
     assert manifest.text == {"max_length": 77, "prompt_dim": 64, "pooled_dim": 32}
     assert manifest.dtypes == {"storage": "bf16", "vae": "fp32", "text": "fp32"}
     assert manifest.config["resolution"] == RES and manifest.config["model"] == str(tiny_model)
-    assert not {"cache", "device", "batch_size", "num_workers", "strict"} & set(manifest.config)
+    assert not {"cache", "tmp_dir", "device", "num_workers", "strict"} & set(manifest.config)
+    # The batch size and the device kind change the bytes: recorded, and part of the identity.
+    assert manifest.config["batch_size"] == 4
+    assert manifest.identity["compute"] == {"batch_size": 4, "device": "cpu"}
     assert manifest.created == ""  # no wall-clock time in a reproducible cache
     verify_cache(open_store(cache), manifest)
 
@@ -145,8 +148,29 @@ def test_fill_cache_contents_equal_the_encoders(tiny_model, fill_data, fill_cach
 def test_rerun_of_a_complete_cache_changes_nothing(tiny_model, fill_data, fill_cache):
     cache, _ = fill_cache
     before = _files(cache)
-    summary = run(_cfg(tiny_model, fill_data, cache, batch_size=3, num_workers=0))  # run-only settings may differ
+    summary = run(_cfg(tiny_model, fill_data, cache, num_workers=0, strict=True))  # run-only settings may differ
     assert (summary.shards_resumed, summary.shards_written, summary.samples_written) == (3, 0, 0)
+    assert _files(cache) == before
+
+
+def test_resume_re_encodes_byte_identically_and_refuses_another_batch_size(tiny_model, fill_data, fill_cache,
+                                                                           tmp_path):
+    """A resume that must re-encode a shard: with another --batch-size the VAE batches (and so
+    the bf16-rounded latents) would differ from the kept shards': refused before anything is
+    written. With the same settings (workers and strictness may differ) the rebuilt shard is
+    byte-identical to the original."""
+    cache = tmp_path / "cache"
+    shutil.copytree(fill_cache[0], cache)
+    before = _files(cache)
+    for rel in (schema.record_name(1), schema.shard_name(1), schema.MANIFEST_FILE):
+        (cache / rel).unlink()
+    partial = _files(cache)
+    with pytest.raises(ManifestError) as err:
+        run(_cfg(tiny_model, fill_data, cache, batch_size=3))
+    assert "compute.batch_size: 4 != 3" in str(err.value) and str(cache) in str(err.value)
+    assert _files(cache) == partial  # refused before any write
+    summary = run(_cfg(tiny_model, fill_data, cache, num_workers=0, strict=True))
+    assert (summary.shards_resumed, summary.shards_written, summary.samples_written) == (2, 1, 6)
     assert _files(cache) == before
 
 
@@ -158,10 +182,10 @@ def test_changed_model_or_settings_are_refused(tiny_model, fill_data, fill_cache
     vae_config = json.loads((other / "vae" / "config.json").read_text())
     vae_config["scaling_factor"] = 0.2
     (other / "vae" / "config.json").write_text(json.dumps(vae_config))
-    with pytest.raises(IdentityMismatchError) as err:
+    with pytest.raises(ManifestError) as err:
         run(_cfg(other, fill_data, cache, resolution=32, latent_store="mean"))
     msg = str(err.value)
-    assert f"cache {cache}" in msg and "use a new --cache, or delete this one" in msg
+    assert f"{cache} was built with different settings or encoders" in msg and "delete this one" in msg
     for line in (
         f"encoder.model: '{tiny_model}' != '{other}'",
         "encoder.vae_fingerprint: ",
@@ -170,7 +194,37 @@ def test_changed_model_or_settings_are_refused(tiny_model, fill_data, fill_cache
         "geometry.resolution: 64 != 32",
     ):
         assert line in msg
-    assert "text_encoder_fingerprint" not in msg  # only what differs is listed
+    assert "text_encoder_fingerprint" not in msg and "tokenizer" not in msg  # only what differs is listed
+    assert _files(cache) == before
+
+
+def test_a_tokenizer_with_another_pad_token_is_refused(tiny_model, fill_data, fill_cache, tmp_path):
+    """Same weights, but tokenizer_2 pads with another token: every prompt embedding changes
+    (the padded positions feed hidden_states[-2]), so the cache must refuse the resume."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    cache, _ = fill_cache
+    before = _files(cache)
+    other = tmp_path / "other-pad"
+    shutil.copytree(tiny_model, other)
+    tok_2 = CLIPTokenizer.from_pretrained(other / "tokenizer_2")
+    assert tok_2.pad_token == "!"  # as SDXL's tokenizer_2; tokenizer pads with <|endoftext|>
+    tok_2.pad_token = tok_2.eos_token
+    tok_2.save_pretrained(other / "tokenizer_2")
+
+    def embeds(model):
+        prompt = PromptEncoder(
+            CLIPTokenizer.from_pretrained(model / "tokenizer"), CLIPTokenizer.from_pretrained(model / "tokenizer_2"),
+            CLIPTextModel.from_pretrained(model / "text_encoder"),
+            CLIPTextModelWithProjection.from_pretrained(model / "text_encoder_2"),
+        )
+        return prompt(["red circle"])[0]
+
+    assert not torch.equal(embeds(tiny_model), embeds(other))  # it matters...
+    with pytest.raises(ManifestError) as err:  # ...so it is refused
+        run(_cfg(other, fill_data, cache))
+    diff = [line.strip() for line in str(err.value).splitlines()[1:]]
+    assert [line.split(":")[0] for line in diff] == ["encoder.model", "encoder.tokenizer_2_fingerprint"], diff
     assert _files(cache) == before
 
 
@@ -262,6 +316,90 @@ def test_strict_fails_on_the_first_bad_item_naming_it(tiny_model, bad_data, tmp_
     assert not (cache / schema.MANIFEST_FILE).exists()
 
 
+@pytest.fixture
+def overflowing_vae(monkeypatch):
+    """The run's VAE returns an inf posterior mean for any all-white image (as an fp16 VAE
+    overflows on some images), and a correct one for everything else."""
+    import precompute.runner as runner
+
+    real_load = runner.load_encoders
+
+    def load(*args, **kwargs):
+        latent, prompt, identity = real_load(*args, **kwargs)
+        encode = latent.vae.encode
+
+        def overflowing(x, *a, **k):
+            out = encode(x, *a, **k)
+            white = x.flatten(1).min(1).values >= 1.0
+            out.latent_dist.mean[white] = float("inf")
+            return out
+
+        monkeypatch.setattr(latent.vae, "encode", overflowing)
+        return latent, prompt, identity
+
+    monkeypatch.setattr(runner, "load_encoders", load)
+
+
+@pytest.fixture(scope="module")
+def white_data(tmp_path_factory) -> Path:
+    """Five items; item 2 is all white (the overflowing VAE's victim)."""
+    root = tmp_path_factory.mktemp("white") / "data"
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for i in range(5):
+        rgb = np.full((RES, RES, 3), 255, np.uint8) if i == 2 else _image(RES, RES, 300 + i)
+        (root / "img" / f"{i}.png").write_bytes(_png(rgb))
+        (root / "img" / f"{i}.cond.png").write_bytes(_png(_image(RES, RES, 400 + i)))
+        rows.append({"image": f"img/{i}.png", "conditioning_image": f"img/{i}.cond.png", "text": f"item {i}"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_a_non_finite_latent_skips_that_image_and_keeps_its_batch(tiny_model, white_data, tmp_path, overflowing_vae,
+                                                                   caplog):
+    caplog.set_level("WARNING", logger="precompute.runner")
+    summary = run(_cfg(tiny_model, white_data, tmp_path / "cache", samples_per_shard=5, batch_size=5))
+    assert summary.skipped == {"latent_nonfinite": 1} and summary.samples == 4
+    manifest, samples = _samples(tmp_path / "cache")
+    assert [s.meta.source_id for s in samples] == ["img/0.png", "img/1.png", "img/3.png", "img/4.png"]
+    assert [s.key for s in samples] == [schema.sample_key(0, i) for i in (0, 1, 3, 4)]  # positions kept
+    assert all(torch.isfinite(s.latent_mean.float()).all() for s in samples)
+    [item] = manifest.shards[0].skipped_items
+    assert item["source_id"] == "img/2.png" and item["reason"] == "latent_nonfinite"
+    assert "img/2.png: the VAE encoded 1 of its 1 view(s) to inf/NaN in torch.float32" in item["detail"]
+    assert "skipped img/2.png (latent_nonfinite)" in caplog.text
+    # The other four are exactly what an unpoisoned run of the same batch stores.
+    from diffusers import AutoencoderKL
+
+    latent = LatentEncoder(AutoencoderKL.from_pretrained(tiny_model / "vae"))
+    images = [np.asarray(Image.open(white_data / "img" / f"{i}.png").convert("RGB")) for i in range(5)]
+    mean, _ = latent(torch.stack([to_model_input(im) for im in images]))
+    for s, i in zip(samples, (0, 1, 3, 4)):
+        assert torch.equal(s.latent_mean, mean[i].to(torch.bfloat16))
+
+
+def test_strict_fails_on_a_non_finite_latent_naming_the_image(tiny_model, white_data, tmp_path, overflowing_vae):
+    with pytest.raises(StrictSkipError) as err:
+        run(_cfg(tiny_model, white_data, tmp_path / "cache", samples_per_shard=5, strict=True))
+    assert "--strict: latent_nonfinite: img/2.png: the VAE encoded" in str(err.value)
+    assert not (tmp_path / "cache" / schema.record_name(0)).exists()
+
+
+def test_tmp_dir_stages_in_a_per_cache_subfolder_emptied_at_start(tiny_model, fill_data, tmp_path):
+    tmp, cache = tmp_path / "tmp", tmp_path / "cache"
+    tmp.mkdir()
+    cfg = _cfg(tiny_model, fill_data, cache, tmp_dir=str(tmp), max_samples=6)
+    staging = open_store(cache).staging_dir(tmp_dir=tmp)
+    assert staging.parent.parent == tmp and staging != open_store(tmp_path / "other").staging_dir(tmp_dir=tmp)
+    staging.mkdir(parents=True)
+    (staging / ".tmp-shard-000000.tar.123.abcd").write_bytes(b"left by a killed run")
+    (tmp / ".tmp-shard-000000.tar.456.ef01").write_bytes(b"another program's, or another cache's")
+    run(cfg)
+    assert list(staging.iterdir()) == []
+    assert (tmp / ".tmp-shard-000000.tar.456.ef01").exists()  # outside this cache's subfolder: untouched
+    assert sorted(p.name for p in (cache / "shards").iterdir()) == ["shard-000000.tar"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Start-time validation
 
@@ -295,6 +433,40 @@ def test_every_config_problem_is_listed_at_once(tiny_model, tmp_path):
     assert len(problems) == len(expected)
 
 
+@pytest.mark.parametrize("cache, problem", [
+    ("https://example.com/c", "--cache https://example.com/c: https:// caches are read-only"),
+    ("http://example.com/c", "--cache http://example.com/c: http:// caches are read-only"),
+    ("s3://a/x", "--cache s3://a/x: 'a' is not a valid bucket name"),
+    ("s3://", "--cache s3://: no bucket name"),
+    ("ftp://host/c", "--cache ftp://host/c: unknown URL scheme 'ftp'"),
+])
+def test_an_unwritable_cache_url_is_a_start_time_problem(tiny_model, fill_data, cache, problem):
+    with pytest.raises(ConfigError) as err:
+        run(_cfg(tiny_model, fill_data, cache))
+    assert [p for p in err.value.problems if p.startswith("--cache")] == [err.value.problems[0]]
+    assert err.value.problems[0].startswith(problem), err.value.problems
+
+
+def test_resolution_must_be_a_multiple_of_the_model_granularity(tiny_model, fill_data, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        run(_cfg(tiny_model, fill_data, tmp_path / "c", resolution=48))
+    assert err.value.problems == [
+        "--resolution 48 is not a multiple of 32 px, the model's granularity (VAE factor 8 x 2^(UNet down blocks - "
+        "1)): a T2I-Adapter's features would not meet the UNet's; try 64"
+    ]
+    assert not (tmp_path / "c").exists()
+
+
+def test_one_spelling_per_meaning_in_the_config():
+    """"--max-aspect 0" and "--buckets none" mean "no limit" and "square crops": the config
+    stores them as None, so the identity and the manifest do not depend on the spelling."""
+    spelled = PrecomputeConfig(max_aspect=0, buckets=" None ")
+    plain = PrecomputeConfig(max_aspect=None, buckets=None)
+    assert (spelled.max_aspect, spelled.buckets) == (None, None)
+    assert spelled.resolved() == plain.resolved()
+    assert PrecomputeConfig().max_aspect == 4.0 and PrecomputeConfig(max_aspect=2.5).max_aspect == 2.5
+
+
 def test_source_problems_join_config_problems(tiny_model, fill_data, tmp_path):
     with pytest.raises(ConfigError) as err:
         run(_cfg(tiny_model, fill_data, tmp_path / "c", image_column="nope", resolution=20))
@@ -314,6 +486,10 @@ def test_cli_reports_user_errors_without_traceback(tiny_model, tmp_path):
                  "resolution 100 is not divisible"):
         assert part in result.stderr
     assert not (tmp_path / "c").exists()
+    result = _cli(["--model", str(tiny_model), "--data", str(tmp_path), "--cache", "https://example.com/c",
+                   "--resolution", "64"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--cache https://example.com/c: https:// caches are read-only" in result.stderr
     from click.testing import CliRunner
 
     from precompute.__main__ import main
@@ -325,6 +501,8 @@ def test_cli_reports_user_errors_without_traceback(tiny_model, tmp_path):
                  "--text-dtype", "--device", "--strict", "--max-samples", "--allow-empty-captions",
                  "--num-workers", "--min-size", "--max-aspect", "--tmp-dir"):
         assert flag in help_text, flag
+    flat = " ".join(help_text.split())
+    assert "s3://bucket/prefix" in flat and "32 for SDXL" in flat and "per-cache subfolder" in flat
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,7 +560,8 @@ def test_kill_and_resume_gives_a_byte_identical_cache(tiny_model, crop_data, ref
         proc = subprocess.Popen([sys.executable, "-m", "precompute", *_args(tiny_model, crop_data, cache)],
                                 cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 240
-        while not ((cache / schema.record_name(1)).exists() and list((cache / "shards").glob(".tmp-shard-000002*"))):
+        staging = open_store(cache).staging_dir()  # where a local cache builds its shards
+        while not ((cache / schema.record_name(1)).exists() and list(staging.glob(".tmp-shard-000002*"))):
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "the run never reached shard 2"
             time.sleep(0.05)

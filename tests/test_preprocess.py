@@ -21,7 +21,7 @@ from precompute.preprocess import (
     item_rng,
     load_rgb,
     plan_geometry,
-    prepare,
+    prepare_views,
     to_model_input,
     to_rgb,
 )
@@ -29,6 +29,11 @@ from precompute.sources import RawItem
 
 RES = 64
 
+
+
+def prepare(item: RawItem, **kwargs):
+    """The primary view alone (what a one-view cache stores)."""
+    return prepare_views(item, **kwargs)[0]
 
 def encode(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()

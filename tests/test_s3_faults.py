@@ -5,8 +5,10 @@
 - The server frozen (SIGSTOP) past the retry budget: a ShardError naming the shard within the
   policy's bound, never a hang.
 - `python -m precompute`'s run() SIGKILLed at random points several times while writing to the
-  bucket: no partial object is ever visible, and the finished cache is byte-identical to an
-  uninterrupted one, with no unfinished upload left.
+  bucket (every shard a multipart upload of small parts, and at least one kill landing while an
+  upload is in progress): no partial object is ever visible, and the finished cache is
+  byte-identical to an uninterrupted one, with no unfinished upload left. The kill points come
+  from TEST_S3_KILL_SEED (default KILL_SEED, printed), so a failure can be replayed.
 - Precompute to s3:// then train from s3:// (DataLoader workers forked) gives the same adapter,
   bit for bit, as training from the same cache on local disk.
 """
@@ -40,6 +42,9 @@ from shards.synthetic import write_synthetic_cache
 from train.data import CacheStream
 
 BUCKET = "faults"
+# Default seed of the random kill points; override with TEST_S3_KILL_SEED (not a SHARDS_* name:
+# the fixtures clear those from the environment to isolate the tests from this machine's settings).
+KILL_SEED = 20240611
 
 
 @pytest.fixture(scope="module")
@@ -176,17 +181,34 @@ def test_precompute_sigkilled_at_random_points_never_shows_a_partial_object(
     from precompute.runner import run
 
     prefix = "killed"
-    # Every shard goes through a multipart upload here (a single part), so kills can also land
-    # between creating an upload and completing it.
+    # Every shard goes through a multipart upload. S3 (SeaweedFS included) refuses parts under
+    # 5 MiB but the last (EntityTooSmall), so each ~30 KB shard is a one-part upload: create, part,
+    # complete. The kill that must land inside that window freezes the writer (SIGSTOP) as soon as
+    # a new upload shows, checks it is still unfinished, and only then SIGKILLs it.
     monkeypatch.setenv("SHARDS_S3_MULTIPART_THRESHOLD", "0")
     cfg = _precompute_cfg(tiny_model, fill_data, f"s3://{BUCKET}/{prefix}")
     s3 = server.client()  # botocore clients are thread-safe; making one costs ~0.1 s
-    seed = random.randrange(1 << 16)
+    seed = int(os.environ.get("TEST_S3_KILL_SEED", KILL_SEED))
+    print(f"kill seed {seed} (replay with TEST_S3_KILL_SEED={seed})")
     rng = random.Random(seed)
     problems: list[str] = []
     checked: set[tuple[str, str]] = set()
     stop = threading.Event()
     fork_lock = threading.Lock()  # no S3 request of the checker is in flight at a fork
+
+    def uploads() -> set[str]:
+        """Ids of the multipart uploads begun and not completed (nor aborted) under the prefix."""
+        return {u["UploadId"] for u in s3.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix + "/").get("Uploads", [])}
+
+    def freeze_mid_upload(child, before: set[str], deadline: float) -> None:
+        """SIGSTOP `child` while an upload it began is unfinished (not one left by an earlier kill)."""
+        while child.is_alive() and time.monotonic() < deadline:
+            if uploads() - before:
+                os.kill(child.pid, signal.SIGSTOP)
+                if uploads() - before:
+                    return
+                os.kill(child.pid, signal.SIGCONT)  # it completed in between: try the next one
+            time.sleep(0.002)
 
     def check_visible() -> None:
         """Every object visible under shards/ is a complete shard; a record's shard matches it."""
@@ -222,8 +244,11 @@ def test_precompute_sigkilled_at_random_points_never_shows_a_partial_object(
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     kills = []
+    targets = sorted(rng.sample(range(1, 6), 3))  # kill once this many shards are out...
+    mid_upload = rng.randrange(len(targets))  # ...and this kill as soon as an upload is in progress
     try:
-        for target in sorted(rng.sample(range(1, 6), 3)):  # kill once this many shards are out
+        for i, target in enumerate(targets):
+            left_before = uploads()
             with fork_lock:
                 child = multiprocessing.get_context("fork").Process(target=_run_child, args=(cfg,))
                 child.start()
@@ -232,16 +257,21 @@ def test_precompute_sigkilled_at_random_points_never_shows_a_partial_object(
                 if sum(k.startswith(schema.SHARD_DIR + "/") for k in _objects(s3, prefix)) >= target:
                     break
                 time.sleep(0.01)
-            time.sleep(rng.uniform(0, 0.1))
+            if i == mid_upload:
+                freeze_mid_upload(child, left_before, deadline)
+            else:
+                time.sleep(rng.uniform(0, 0.1))
             os.kill(child.pid, signal.SIGKILL)
             child.join(30)
             visible = sum(k.startswith(schema.SHARD_DIR + "/") for k in _objects(s3, prefix))
-            kills.append((target, child.exitcode, visible))
+            kills.append((target, child.exitcode, visible, len(uploads())))
             check_visible()
         stop.set()
         watcher.join(10)
-        assert all(code == -signal.SIGKILL for _, code, _ in kills), f"kills {kills} (seed {seed})"
+        assert all(code == -signal.SIGKILL for _, code, _, _ in kills), f"kills {kills} (seed {seed})"
         assert not problems, f"{problems} (seed {seed}, kills {kills})"
+        # Not vacuous: at least one kill left an upload begun and never completed (invisible).
+        assert any(left > 0 for *_, left in kills), f"no kill landed mid-upload: kills {kills} (seed {seed})"
 
         with caplog.at_level(logging.INFO):
             summary = run(cfg)
@@ -255,7 +285,8 @@ def test_precompute_sigkilled_at_random_points_never_shows_a_partial_object(
     assert sorted(ours) == sorted(ref)
     different = [rel for rel in ref if _get(s3, f"{prefix}/{rel}") != _get(s3, f"fill/{rel}")]
     assert different == [], f"seed {seed}, kills {kills}"
-    print(f"kill seed {seed}: (shards targeted, exit code, shards visible) {kills}; resumed {summary.shards_resumed}")
+    print(f"kill seed {seed}: (shards targeted, exit code, shards visible, uploads in progress) {kills}; "
+          f"resumed {summary.shards_resumed}")
 
 
 def test_precompute_to_s3_then_train_from_s3_and_its_local_cache_is_the_local_run(server, tiny_model, s3_cache, tmp_path):

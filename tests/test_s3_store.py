@@ -28,12 +28,13 @@ from s3server import S3Server, free_ports, shared_server
 from shards import schema
 from shards.cli import cli as shards_cli
 from shards.http import HttpStore
-from shards.localcache import CachingStore, parse_bytes
+from shards.localcache import CachingStore
+from shards.units import parse_size
 from shards.manifest import Manifest
 from shards.reader import ShardError, iter_shard_members
 from shards.remote import ReadOnlyStoreError, ResumableReader, RetryPolicy, StoreError
 from shards.s3 import S3Store, parse_s3_url
-from shards.store import LocalStore, open_store
+from shards.store import TEMP_PREFIX, LocalStore, PublishConflictError, open_store
 from shards.synthetic import write_synthetic_cache
 from train.data import CacheStream, make_loader
 
@@ -127,7 +128,7 @@ def test_urls_and_settings_are_validated_with_every_problem_listed(monkeypatch):
     monkeypatch.setenv("SHARDS_S3_PART_SIZE", "5 parsecs")
     with pytest.raises(ValueError, match="SHARDS_S3_PART_SIZE"):
         S3Store("s3://bkt/p")
-    assert parse_bytes("1.5GiB") == 3 << 29 and parse_bytes("200GB") == 200 * 10**9 and parse_bytes("4096") == 4096
+    assert parse_size("1.5GiB") == 3 << 29 and parse_size("200GB") == 200 * 10**9 and parse_size("4096") == 4096
 
     from train.config import ConfigError, TrainConfig
 
@@ -236,12 +237,19 @@ def test_cache_on_s3_and_https_reads_exactly_like_local(server, caches):
 
 
 def _cut(reader: ResumableReader) -> None:
-    """Shut the reader's socket down under it, as a dropped connection does."""
+    """Drop the reader's connection under it, as a network failure does.
+
+    SHUT_RDWR, not SHUT_RD: Linux keeps accepting data on a socket shut for reading only, so a
+    reader slower than the server (a loaded machine) could still receive every byte and the
+    "cut" would be no cut at all (reopens == 0). After SHUT_RDWR the kernel answers the server's
+    next data with a reset, so everything beyond what is already buffered (a few MB, against the
+    ~23 MB still to come) is lost for certain and the reader must reopen at the byte it reached.
+    """
     body = reader._body
     if hasattr(body, "_raw_stream"):  # botocore StreamingBody over a urllib3 response
-        body._raw_stream.shutdown()
+        body._raw_stream._sock_shutdown(socket.SHUT_RDWR)
     else:  # shards.http's response
-        body.conn.sock.shutdown(socket.SHUT_RD)
+        body.conn.sock.shutdown(socket.SHUT_RDWR)
 
 
 def test_a_cut_connection_resumes_at_the_byte_reached_and_a_replaced_object_is_refused(server):
@@ -288,8 +296,9 @@ def test_multipart_publish_is_atomic_and_never_overwrites_other_content(server, 
     for size in (100, 6 << 20):  # single PUT and multipart
         other = tmp_path / "other"
         other.write_bytes(os.urandom(size))
-        with pytest.raises(StoreError, match=r"already exists with other content .*Never run two precomputes"):
+        with pytest.raises(PublishConflictError, match=r"already exists with other content .*Never run two precomputes") as e:
             store.put_file("shards/shard-000000.tar", other)
+        assert isinstance(e.value, StoreError)  # the same error as a local cache's, and a StoreError
         assert store.read_bytes("shards/shard-000000.tar") == payload
     assert store.list_uploads() == []  # the refused multipart upload was aborted
 
@@ -319,9 +328,18 @@ def test_writer_killed_mid_upload_leaves_nothing_visible_and_gc_cleans_up(server
     result = _cli("gc", url, "--dry-run")
     assert result.exit_code == 0 and "would remove unfinished upload: shards/shard-000007.tar" in result.stdout
     assert len(store.list_uploads()) == 1
-    result = _cli("gc", url)
+    # The killed writer's staged copy too, in this cache's subfolder of the --tmp-dir it was given.
+    staged = store.staging_dir(tmp_dir=tmp_path) / f"{TEMP_PREFIX}shard-000007.tar.4242.abcd"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"half a shard")
+    result = _cli("gc", url, "--tmp-dir", str(tmp_path))
     assert result.exit_code == 0, result.stderr
-    assert "removed 1 unfinished upload(s)" in result.stdout and store.list_uploads() == []
+    assert result.stdout.splitlines() == [
+        "removed unfinished upload: shards/shard-000007.tar",
+        f"removed staged temp file: {staged}",
+        f"gc {url}: removed 1 unfinished upload(s), 1 staged temp file(s)",
+    ]
+    assert store.list_uploads() == [] and not staged.exists()
 
     # A re-run's writer aborts what a killed run left under its own shard's name, then publishes.
     kill_mid_upload("second")

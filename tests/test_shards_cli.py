@@ -1,4 +1,4 @@
-"""`python -m shards ls|stats|verify`: right numbers, and verify names the first bad shard."""
+"""`python -m shards ls|stats|verify`: right numbers, and errors name the first bad shard (gc: test_shards_writer, test_s3_store)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -132,6 +133,26 @@ def test_safetensors_layout_parses_the_header_only():
     header, layout = safetensors_layout(blob)
     assert layout == {"a": {"dtype": "BF16", "shape": [2, 3], "nbytes": 12}, "b": {"dtype": "F32", "shape": [5], "nbytes": 20}}
     assert header + 12 + 20 == len(blob)
+
+
+def test_stats_names_the_shard_and_sample_of_an_unparsable_header(cache):
+    root, m = cache
+    rec = m.shards[1]
+    key = rec.keys[1]
+    path = root / rec.name
+    with tarfile.open(path) as tf:
+        info = tf.getmember(f"{key}.{schema.TENSOR_MEMBER}")
+    data = bytearray(path.read_bytes())
+    start = info.offset_data + 8  # the JSON header after its 8-byte length; same size, so only sha256 differs
+    (n,) = struct.unpack("<Q", data[info.offset_data : start])
+    data[start : start + n] = b"\xff" * n
+    path.write_bytes(bytes(data))
+    res = run("stats", root)
+    assert res.exit_code == 1
+    assert res.stderr.startswith(
+        f"error: {root}/{rec.name}: sample {key}: cannot parse the safetensors header of {key}.safetensors "
+        "(UnicodeDecodeError: "), res.stderr
+    assert f"run `python -m shards verify {root}`" in res.stderr
 
 
 def test_verify_ok(built):

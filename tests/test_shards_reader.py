@@ -237,7 +237,7 @@ def test_empty_prompt_round_trip(tmp_path):
     assert torch.equal(got_pooled, pooled.bfloat16())
     with pytest.raises(ValueError, match=r"expected prompt_embeds \(1, L, D\)"):
         write_empty_prompt(store, pe[0], pooled, "bf16")
-    with pytest.raises(ValueError, match="unknown storage dtype"):
+    with pytest.raises(ValueError, match=r"unknown dtype 'int8'; expected one of \['bf16', 'fp16', 'fp32'\]"):
         write_empty_prompt(store, pe, pooled, "int8")
     (tmp_path / schema.EMPTY_PROMPT_FILE).write_bytes(b"garbage!!")
     with pytest.raises(ShardError, match=r"^empty_prompt.safetensors: cannot parse"):

@@ -1,8 +1,11 @@
-"""ShardWriter and LocalStore: round trip, reproducible bytes, atomic publish, resume markers."""
+"""ShardWriter and LocalStore: round trip, reproducible bytes, atomic create-if-absent publish,
+resume markers, staging and the one clean-up of what killed writers leave."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import os
 import signal
 import subprocess
@@ -14,11 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from shards import schema
+from shards.cli import cli as shards_cli
 from shards.manifest import ShardRecord
-from shards.reader import TarSampleStream, iter_shard
-from shards.store import LocalStore, TEMP_PREFIX, open_store
+from shards.reader import ShardError, TarSampleStream, iter_shard
+from shards.store import LocalStore, PublishConflictError, TEMP_PREFIX, open_store
 from shards.synthetic import synthetic_identity, synthetic_sample
 from shards.writer import ShardWriter, completed_record, is_complete
 
@@ -102,7 +107,7 @@ def test_exception_inside_with_publishes_nothing(tmp_path):
         with ShardWriter(store, 0) as w:
             w.write(samples[0])
             w.write(samples[1])
-            assert any(p.name.startswith(TEMP_PREFIX) for p in (tmp_path / "shards").iterdir())
+            assert [p.parent for p in tmp_path.rglob(f"{TEMP_PREFIX}*")] == [store.staging_dir()]
             raise RuntimeError("boom")
     assert visible_files(tmp_path) == []  # no shard, no record, no temp file left behind
     assert completed_record(store, 0) is None
@@ -168,12 +173,20 @@ def test_empty_shard_is_committed(tmp_path):
     assert completed_record(store, 7) == record
 
 
-def test_tmp_dir_elsewhere(tmp_path):
+def test_tmp_dir_stages_in_a_per_cache_subfolder(tmp_path):
     store = open_store(tmp_path / "cache")
-    staging = tmp_path / "staging"
-    record = write_shard(store, 0, make_samples(0, 1), tmp_dir=staging)
-    assert list(staging.iterdir()) == []  # the temp file was moved into place
+    user_tmp = tmp_path / "tmp"
+    staging = store.staging_dir(tmp_dir=user_tmp)
+    assert staging.parent == user_tmp / "shards-staging" and len(staging.name) == 16
+    assert staging != open_store(tmp_path / "other").staging_dir(tmp_dir=user_tmp)  # one folder per cache
+    assert store.staging_dir() == tmp_path / "cache" / ".staging"  # default: inside the cache, same filesystem
+    with ShardWriter(store, 0, tmp_dir=user_tmp) as w:
+        assert w.tmp_path.parent == staging and w.tmp_path.name.startswith(f"{TEMP_PREFIX}shard-000000.tar.")
+        w.write(make_samples(0, 1)[0])
+        record = w.commit()
+    assert list(staging.iterdir()) == []  # the temp file was published (linked into place, then removed)
     assert is_complete(store, 0) and (tmp_path / "cache" / record.name).stat().st_size == record.bytes
+    assert visible_files(tmp_path / "cache") == sorted([record.name, schema.record_name(0)])
 
 
 def test_completed_record_and_resume_overwrite(tmp_path):
@@ -244,8 +257,8 @@ def test_sigkill_never_leaves_a_partial_shard(tmp_path):
         from shards.writer import ShardWriter
         store = open_store({str(cache)!r})
         identity = synthetic_identity(resolution=128)
-        g = torch.Generator().manual_seed(0)
         for index in itertools.count():
+            g = torch.Generator().manual_seed(index % 6)  # reproducible: a 2nd round re-publishes the same bytes
             with ShardWriter(store, index % 6) as w:
                 for pos in range(8):
                     w.write(synthetic_sample(schema.sample_key(index % 6, pos), identity, g, captions=2))
@@ -276,17 +289,120 @@ def test_sigkill_never_leaves_a_partial_shard(tmp_path):
             assert hashlib.sha256((cache / record.name).read_bytes()).hexdigest() == record.sha256
 
 
-def test_stale_temps_of_the_same_shard_are_removed(tmp_path):
+def test_cleanup_incomplete_removes_every_temp_file_of_this_cache_and_nothing_else(tmp_path):
+    store = open_store(tmp_path / "cache")
+    record = write_shard(store, 0, make_samples(0, 1))
+    user_tmp = tmp_path / "tmp"
+    ours = store.staging_dir(tmp_dir=user_tmp)
+    theirs = open_store(tmp_path / "other").staging_dir(tmp_dir=user_tmp)
+    left = {  # what killed writers of this cache leave
+        store.staging_dir() / f"{TEMP_PREFIX}shard-000001.tar.77.abcd": "cache",
+        tmp_path / "cache" / "records" / f"{TEMP_PREFIX}shard-000000.json.77.abcd": "cache",
+        tmp_path / "cache" / f"{TEMP_PREFIX}manifest.json.77.abcd": "cache",
+        ours / f"{TEMP_PREFIX}shard-000002.tar.77.abcd": "tmp_dir",
+    }
+    kept = [  # not ours: another cache's staging folder, other programs' files in a shared tmp dir
+        theirs / f"{TEMP_PREFIX}shard-000002.tar.77.abcd",
+        user_tmp / f"{TEMP_PREFIX}shard-000002.tar.77.abcd",
+        user_tmp / "notes.txt",
+    ]
+    for p in [*left, *kept]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"partial")
+    in_cache = sorted(p.relative_to(tmp_path / "cache").as_posix() for p, where in left.items() if where == "cache")
+    want = in_cache + [str(ours / f"{TEMP_PREFIX}shard-000002.tar.77.abcd")]
+
+    assert store.cleanup_incomplete(tmp_dir=user_tmp, dry_run=True) == want
+    assert all(p.exists() for p in left)
+    assert store.cleanup_incomplete() == in_cache  # without tmp_dir: the cache (and its .staging) only
+    assert store.cleanup_incomplete(tmp_dir=user_tmp) == want[len(in_cache):]
+    assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
+    assert visible_files(tmp_path / "cache") == sorted([record.name, schema.record_name(0)])
+    assert store.cleanup_incomplete(tmp_dir=user_tmp) == []
+
+    # `shards gc --tmp-dir` is the same clean-up, from the command line.
+    (ours / f"{TEMP_PREFIX}shard-000003.tar.9.ff").write_bytes(b"")
+    (store.staging_dir() / f"{TEMP_PREFIX}shard-000004.tar.9.ff").write_bytes(b"")
+    result = CliRunner().invoke(shards_cli, ["gc", str(tmp_path / "cache"), "--tmp-dir", str(user_tmp)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        f"removed temp file: .staging/{TEMP_PREFIX}shard-000004.tar.9.ff",
+        f"removed staged temp file: {ours}/{TEMP_PREFIX}shard-000003.tar.9.ff",
+        f"gc {tmp_path / 'cache'}: removed 1 temp file(s), 1 staged temp file(s)",
+    ]
+
+
+def test_a_published_shard_is_never_replaced_by_other_bytes(tmp_path, caplog):
+    """Two writers of one shard (two runs wrongly sharing a cache): the first publish wins; the
+    second fails naming both files and writes no record; the same bytes again are a resume."""
     store = open_store(tmp_path)
-    shard_dir = tmp_path / "shards"
-    shard_dir.mkdir()
-    stale_0 = shard_dir / f"{TEMP_PREFIX}shard-000000.tar.123.abcd"
-    other_1 = shard_dir / f"{TEMP_PREFIX}shard-000001.tar.123.abcd"
-    stale_0.write_bytes(b"partial")
-    other_1.write_bytes(b"partial")
-    write_shard(store, 0, make_samples(0, 1))
-    assert not stale_0.exists() and other_1.exists()
-    assert store.list("shards") == ["shards/shard-000000.tar"]
+    a = ShardWriter(store, 4)
+    b = ShardWriter(store, 4)
+    for s in make_samples(4, 2, seed=1):
+        a.write(s)
+    for s in make_samples(4, 2, seed=2):
+        b.write(s)
+    record = a.commit()
+    published = (tmp_path / record.name).read_bytes()
+    b_tmp = b.tmp_path
+    with pytest.raises(PublishConflictError) as e:
+        b.commit()
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / record.name}: already exists with other content ({record.bytes} bytes, sha256 {record.sha256}; ")
+    assert f"this upload: {b_tmp} with " in msg and "Never run two precomputes" in msg
+    assert f"python -m shards gc --orphans {tmp_path}" in msg
+    assert (tmp_path / record.name).read_bytes() == published and completed_record(store, 4) == record
+    assert not b_tmp.exists() and visible_files(tmp_path) == sorted([record.name, schema.record_name(4)])
+
+    # The same bytes again (a resumed run re-encoding an orphan shard): success, nothing replaced.
+    inode = (tmp_path / record.name).stat().st_ino
+    (tmp_path / schema.record_name(4)).unlink()
+    with caplog.at_level(logging.INFO, logger="shards.store"):
+        assert write_shard(store, 4, make_samples(4, 2, seed=1)) == record
+    assert "already present with the same content" in caplog.text
+    assert (tmp_path / record.name).stat().st_ino == inode and completed_record(store, 4) == record
+
+
+def test_publish_without_hard_links_still_refuses_other_bytes(tmp_path, monkeypatch):
+    """Filesystems without hard links (some FUSE/SMB mounts): check, then rename."""
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted", str(src))
+
+    monkeypatch.setattr(os, "link", no_links)
+    store = open_store(tmp_path)
+    record = write_shard(store, 1, make_samples(1, 2, seed=1))
+    assert completed_record(store, 1) == record and list(store.staging_dir().iterdir()) == []
+    assert write_shard(store, 1, make_samples(1, 2, seed=1)) == record
+    with pytest.raises(PublishConflictError, match="already exists with other content"):
+        write_shard(store, 1, make_samples(1, 2, seed=3))
+    assert hashlib.sha256((tmp_path / record.name).read_bytes()).hexdigest() == record.sha256
+
+
+def test_a_failed_record_write_names_the_shard(tmp_path):
+    class FullDisk(LocalStore):
+        def write_bytes(self, rel, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    store = FullDisk(tmp_path)
+    with pytest.raises(ShardError) as e:
+        write_shard(store, 3, make_samples(3, 1))
+    assert str(e.value) == (
+        f"shards/shard-000003.tar: published to {tmp_path}/shards/shard-000003.tar, but writing its record "
+        "records/shard-000003.json failed (OSError: [Errno 28] No space left on device); the shard counts as "
+        "not done and a re-run rebuilds it"
+    )
+    assert isinstance(e.value.__cause__, OSError) and completed_record(LocalStore(tmp_path), 3) is None
+
+
+def test_storage_dtype_comes_from_the_schema(tmp_path):
+    store = open_store(tmp_path)
+    for bad in ("fp8", torch.int8, "float32"):
+        with pytest.raises(ValueError, match=r"expected one of \['bf16', 'fp16', 'fp32'\]"):
+            ShardWriter(store, 0, storage_dtype=bad)
+    assert not store.staging_dir().exists()  # refused before anything was created
+    with ShardWriter(store, 0, storage_dtype=torch.float16) as w:
+        assert w.storage_dtype is torch.float16
+        w.abort()
 
 
 def test_latent_shapes_for_bucketed_caches(tmp_path):

@@ -14,9 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from precompute.preprocess import SKIP_REASONS, Skip, prepare
+from precompute.preprocess import SKIP_REASONS, Skip, prepare_views
 from precompute.sources import FolderSource, RawItem, SourceError, WebDatasetSource, open_source
 
+
+
+def prepare(item: RawItem, **kwargs):
+    """The primary view alone (what a one-view cache stores)."""
+    return prepare_views(item, **kwargs)[0]
 
 def png(seed: int, size=(8, 8)) -> bytes:
     rgb = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
@@ -39,7 +44,7 @@ def write_jsonl(path: Path, rows: list) -> None:
 
 
 def items(source) -> list[RawItem]:
-    out = list(source.iter_items())
+    out = [it for i in range(source.num_units()) for it in source.iter_unit(i)]
     for it in out:
         if it.error:
             assert it.error[0] in SKIP_REASONS, it.error
@@ -153,6 +158,24 @@ def test_missing_files_and_bad_rows_become_error_items(tmp_path):
         with pytest.raises(Skip) as ei:
             prepare(it, resolution=8)
         assert ei.value.reason == it.error[0]
+
+
+def test_a_path_the_os_rejects_is_one_invalid_row_not_a_crash(tmp_path):
+    """A NUL byte in a path makes open() raise ValueError, not OSError: that row is
+    metadata_invalid (naming the row and the path) and the rows after it are read as usual."""
+    make_images(tmp_path, 4)
+    data = rows(4)
+    data[1]["file_name"] = "img/1\u0000.png"
+    data[2]["conditioning_image"] = "cond/\u00002.png"
+    write_jsonl(tmp_path / "metadata.jsonl", data)
+    got = items(open_source(tmp_path, samples_per_shard=3))
+    assert [i.error and i.error[0] for i in got] == [None, "metadata_invalid", "metadata_invalid", None]
+    assert "row 2 (line 2)" in got[1].error[1] and "image path 'img/1\\x00.png'" in got[1].error[1]
+    assert "row 3 (line 3)" in got[2].error[1] and "cond path 'cond/\\x002.png'" in got[2].error[1]
+    assert got[2].image == png(2) and got[3].image == png(3) and got[3].cond is not None
+    with pytest.raises(Skip) as ei:
+        prepare(got[1], resolution=8)
+    assert ei.value.reason == "metadata_invalid"
 
 
 def test_csv_rows_with_wrong_field_counts(tmp_path):
@@ -428,7 +451,7 @@ def test_the_project_fill_generator_reads_as_fill50k(fill_data):
     """The generator's output (conftest's fill_data) goes through source and preprocess cleanly."""
     src = open_source(fill_data, samples_per_shard=5)
     assert src.kind == "fill50k" and src.num_items() == 16 and src.num_units() == 4
-    for it in src.iter_items():
+    for it in items(src):
         p = prepare(it, resolution=64)
         assert p.captions and " circle with " in p.captions[0]
         assert p.pixels.shape == (3, 64, 64) and p.cond.shape == (64, 64, 3) and not p.cond_resized

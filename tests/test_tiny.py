@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from precompute.fill import PALETTE
-from precompute.tiny import build_tiny_sdxl, main, vae_scale_factor_of
+from precompute.buckets import model_granularity, vae_scale_factor
+from precompute.tiny import build_tiny_sdxl, main
 from train.step import adapter_kwargs_for
 
 SDXL = Path(__file__).parent / "assets" / "sdxl-base-1.0"  # SDXL base 1.0's real configs
@@ -89,9 +89,9 @@ def test_configs_follow_sdxl_conventions(tiny_model):
     assert unet["cross_attention_dim"] != 2048 and te2["projection_dim"] != 1280
 
     assert vae["scaling_factor"] == 0.13025
-    assert vae_scale_factor_of(vae) == 8 and len(vae["block_out_channels"]) == 4
+    assert vae_scale_factor(vae["block_out_channels"]) == 8 and len(vae["block_out_channels"]) == 4
     assert vae["force_upcast"] is True
-    assert unet["sample_size"] * vae_scale_factor_of(vae) == 64  # pipelines default to 64 px
+    assert unet["sample_size"] * vae_scale_factor(vae["block_out_channels"]) == 64  # pipelines default to 64 px
 
     vocab = json.loads((tiny_model / "tokenizer" / "vocab.json").read_text())
     for cfg in (te, te2):
@@ -230,14 +230,14 @@ def test_adapter_kwargs_for_sdxl_gives_sdxl_adapter():
     real_vae = json.loads((SDXL / "vae" / "config.json").read_text())
     real_adapter = json.loads((SDXL / "adapter" / "config.json").read_text())
     real_adapter.pop("_class_name")
-    assert adapter_kwargs_for(real_unet, vae_scale_factor_of(real_vae)) == real_adapter == SDXL_ADAPTER
+    assert adapter_kwargs_for(real_unet, vae_scale_factor(real_vae["block_out_channels"])) == real_adapter == SDXL_ADAPTER
 
 
 def test_adapter_features_all_reach_the_tiny_unet(pipe):
     """All four adapter maps are consumed (diffusers silently drops a mid-block map of the wrong shape)."""
     from diffusers import T2IAdapter
 
-    kwargs = adapter_kwargs_for(dict(pipe.unet.config), vae_scale_factor_of(dict(pipe.vae.config)))
+    kwargs = adapter_kwargs_for(dict(pipe.unet.config), vae_scale_factor(pipe.vae.config.block_out_channels))
     assert kwargs == {
         "in_channels": 3, "channels": [32, 64, 64, 64], "num_res_blocks": 2,
         "downscale_factor": 16, "adapter_type": "full_adapter_xl",
@@ -270,7 +270,7 @@ def test_adapter_pipeline_renders(tiny_model):
     unet = _config(tiny_model, "unet")
     vae = _config(tiny_model, "vae")
     torch.manual_seed(0)
-    adapter = T2IAdapter(**adapter_kwargs_for(unet, vae_scale_factor_of(vae)))
+    adapter = T2IAdapter(**adapter_kwargs_for(unet, vae_scale_factor(vae["block_out_channels"])))
     pipe = StableDiffusionXLAdapterPipeline.from_pretrained(tiny_model, adapter=adapter)
     cond = Image.new("RGB", (64, 64))
     out = pipe(
@@ -285,9 +285,18 @@ def test_adapter_pipeline_renders(tiny_model):
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
 
 
-def test_module_docstring_documents_adapter_derivation():
-    import precompute.tiny as tiny
+def test_precompute_granularity_is_the_adapters_coarsest_stride(pipe):
+    """The derivation the module docstring gives, as behaviour: downscale_factor = 2 x the VAE
+    factor, and the side granularity precompute validates --resolution and buckets against is
+    the coarsest stride at which train's UNet takes adapter features, 2 x downscale_factor
+    (32 px for SDXL and for the tiny model alike)."""
+    from train.step import unet_residual_shapes
 
-    doc = tiny.__doc__ or ""
-    assert re.search(r"downscale_factor = 2 \* vae_scale_factor", doc)
-    assert "(320, 640, 1280, 1280)" in doc
+    for unet, vae_blocks in ((dict(pipe.unet.config), pipe.vae.config.block_out_channels),
+                             (SDXL_UNET_CONFIG, [128, 256, 512, 512])):
+        f = vae_scale_factor(vae_blocks)
+        kwargs = adapter_kwargs_for(unet, f)
+        down, mid = unet_residual_shapes(unet, f)
+        coarsest = max(s.stride for s in down + ([mid] if mid else []))
+        assert (f, kwargs["downscale_factor"]) == (8, 16)
+        assert model_granularity(f, len(unet["down_block_types"])) == coarsest == 2 * kwargs["downscale_factor"] == 32
