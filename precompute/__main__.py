@@ -21,11 +21,14 @@ from precompute.sources import SourceError
 from shards import schema
 from shards.manifest import ManifestError
 from shards.reader import ShardError
+from shards.store import PublishConflictError
 
 # Errors that mean "the input, the settings or the storage is wrong", not "the code is": one
 # message, no traceback. ShardError covers StoreError (a remote store failing past its retries,
 # wrong credentials, a read-only store) and ManifestError is a ValueError listing differences.
-USER_ERRORS = (PrecomputeError, ModelLoadError, EncoderError, SourceError, ManifestError, ShardError)
+# PublishConflictError: another writer published other bytes under a shard's name.
+USER_ERRORS = (PrecomputeError, ModelLoadError, EncoderError, SourceError, ManifestError, ShardError,
+               PublishConflictError)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 D = PrecomputeConfig()  # the defaults, shown in --help

@@ -41,7 +41,6 @@ from typing import BinaryIO, Iterable
 
 from .manifest import ShardRecord
 from .store import TEMP_PREFIX, Store, new_temp_path, stream_sha256
-from .units import parse_size as parse_bytes  # noqa: F401  (train's name for it; one parser, in units)
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,9 @@
 - `identity.json` (written first) holds what makes this cache this cache; a re-run with another
   model or other byte-changing settings is refused with `identity_diff`'s list of differences.
 
-All files are JSON with sorted keys and nothing time-dependent except the manifest's `created`
-(which honours SOURCE_DATE_EPOCH for reproducible builds).
+All files are JSON with sorted keys and nothing time-dependent. The manifest's `created` is
+whatever the writer passes: precompute passes "" so a resumed or multi-process run gives a
+byte-identical manifest; other callers get the current time (or SOURCE_DATE_EPOCH's).
 """
 
 from __future__ import annotations

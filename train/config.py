@@ -216,12 +216,12 @@ class TrainConfig:
         if self.local_cache and Path(self.local_cache).exists() and not Path(self.local_cache).is_dir():
             problems.append(f"--local-cache {self.local_cache!r} exists and is not a folder")
         if self.local_cache_max is not None:
-            from shards.localcache import parse_bytes
+            from shards.units import parse_size
 
             if not self.local_cache:
                 problems.append("--local-cache-max needs --local-cache")
             try:
-                parse_bytes(self.local_cache_max)
+                parse_size(self.local_cache_max)
             except ValueError as e:
                 problems.append(f"--local-cache-max: {e}")
         for name in ("adapter", "vae"):

@@ -218,9 +218,10 @@ def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
     log.info("cache %s: %d samples in %d shards, manifest id %s", cfg.cache, plan.manifest.num_samples,
              len(plan.manifest.shards), plan.manifest_id[:16])
     if cfg.local_cache:
-        from shards.localcache import CachingStore, parse_bytes
+        from shards.localcache import CachingStore
+        from shards.units import parse_size
 
-        max_bytes = parse_bytes(cfg.local_cache_max) if cfg.local_cache_max else None
+        max_bytes = parse_size(cfg.local_cache_max) if cfg.local_cache_max else None
         store = CachingStore(store, cfg.local_cache, max_bytes=max_bytes, records=plan.manifest.shards)
         log.info("local cache %s: %d shard(s) already there", cfg.local_cache,
                  sum(store.path_for(r.sha256).is_file() for r in plan.manifest.shards))
