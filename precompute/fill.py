@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -129,9 +130,8 @@ def make_fill_dataset(out_dir: str | Path, n: int, resolution: int, seed: int = 
             f"{out} exists and is not a fill dataset (no {PROMPT_FILE}); refusing to overwrite it. "
             "Choose another OUT or remove it."
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         (tmp / "source").mkdir()
         (tmp / "target").mkdir()
         lines = []
@@ -143,6 +143,18 @@ def make_fill_dataset(out_dir: str | Path, n: int, resolution: int, seed: int = 
             record = {"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": prompt}
             lines.append(json.dumps(record) + "\n")
         (tmp / PROMPT_FILE).write_text("".join(lines), encoding="utf-8")
+
+    return write_folder_atomically(out, build)
+
+
+def write_folder_atomically(out: Path, build: Callable[[Path], None]) -> Path:
+    """Run `build(tmp)` on a temporary sibling of `out`, then swap it into place, so `out` is
+    either absent, the previous version, or complete: a killed build leaves no half-written
+    dataset or model (also used by `tiny`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        build(tmp)
         make_readable(tmp)
         if out.exists():
             shutil.rmtree(out)

@@ -44,15 +44,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import click
 
-from precompute.fill import PALETTE, make_readable
+from precompute.fill import PALETTE, write_folder_atomically
 
 # SDXL base 1.0's scheduler config (stabilityai/stable-diffusion-xl-base-1.0,
 # scheduler/scheduler_config.json). Copied as data so the builder works from a fresh clone with
@@ -338,18 +336,7 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
             f"{out} exists and is not a diffusers model folder; refusing to overwrite it. "
             "Choose another OUT or remove it."
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        _build_into(tmp, seed)
-        make_readable(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_folder_atomically(out, lambda tmp: _build_into(tmp, seed))
 
 
 @click.command(help="Write a tiny random-weight SDXL (diffusers format, offline tokenizers) to OUT.")
