@@ -11,18 +11,16 @@ modules and fingerprinting their weights for the cache identity.
   `clip_skip=None`: both tokenizers padded/truncated to 77, `hidden_states[-2]` of each text
   encoder concatenated on the last dim, the pooled embedding from `text_encoder_2`.
 - `load_encoders`: VAE (or a `--vae` override), tokenizers and text encoders from a hub id or a
-  local diffusers folder, with an identity dict: `module_fingerprint` of each module (the
-  definition lives in `shards.fingerprint` so that train checks the very same thing) and
+  local diffusers folder, with an identity dict: `module_fingerprint` of each module and
   `tokenizer_fingerprint` of each tokenizer (vocabulary, merges, special tokens, length: another
-  pad token changes every prompt embedding as surely as other weights do).
+  pad token changes every prompt embedding as surely as other weights do). Both are defined in
+  `shards.fingerprint`, so that train checks the very same thing.
 
 The encoder classes are compute only: tensors or strings in, fp32 tensors out; no files.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -31,9 +29,9 @@ from typing import Any
 
 import torch
 
-# One definition of a fingerprint, shared with train (which checks what precompute wrote).
 from shards import schema
-from shards.fingerprint import module_fingerprint
+# One definition of each fingerprint, shared with train (which checks what precompute wrote).
+from shards.fingerprint import module_fingerprint, tokenizer_fingerprint
 
 from precompute.buckets import vae_scale_factor
 
@@ -244,37 +242,6 @@ class PromptEncoder:
             raise TypeError("text_encoder_2 returned no pooled embedding (text_embeds); is it a CLIPTextModelWithProjection?")
         prompt_embeds = torch.cat(embeds, dim=-1).float()
         return prompt_embeds, pooled.float()
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizers
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of everything in a tokenizer that decides the ids it produces: the full vocabulary
-    (added tokens included), the BPE merges in rank order (or a fast tokenizer's whole serialised
-    pipeline), the special tokens with their ids (pad among them), `model_max_length` and the
-    padding side. File names, paths and hub revisions play no part."""
-    state: dict[str, Any] = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special_tokens": sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items()),
-        "special_ids": {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "pad")},
-        "model_max_length": int(tokenizer.model_max_length),
-        "padding_side": tokenizer.padding_side,
-    }
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        state["backend"] = json.loads(backend.to_str())
-        # Call-time state: every call with padding= / truncation= rewrites these two.
-        state["backend"].pop("truncation", None)
-        state["backend"].pop("padding", None)
-    else:
-        ranks = getattr(tokenizer, "bpe_ranks", None)
-        if ranks is None:
-            raise TypeError(f"cannot fingerprint a {type(tokenizer).__name__}: it has neither BPE merges nor a backend")
-        state["merges"] = [" ".join(pair) for pair, _ in sorted(ranks.items(), key=lambda kv: kv[1])]
-    blob = json.dumps(state, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_cli_user_error_is_a_message_not_a_traceback(tmp_path):
 def test_every_lr_scheduler_builds_and_steps(tmp_path, name):
     import torch
 
-    from train.loop import make_lr_scheduler, make_optimizer
+    from train.optim import make_lr_scheduler, make_optimizer
 
     cfg = _cfg(tmp_path, lr_scheduler=name, lr_warmup_steps=2, lr_num_cycles=2, lr_power=2.0,
                lr_step_rules="1:3,0.1" if name == "piecewise_constant" else None, learning_rate=1.0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data._utils.worker import ExceptionWrapper
 
-from shards.fingerprint import module_fingerprint
+from shards.fingerprint import module_fingerprint, tokenizer_fingerprint
 from shards.reader import ShardError
 from train.__main__ import user_message
 from train.checks import compare_fingerprints
@@ -51,3 +51,41 @@ def test_fingerprint_mismatch_names_a_variant_difference_as_the_likely_cause():
     assert len(report.differences) == 2
     same_variant = compare_fingerprints(identity, {"vae": ours}, variant="fp16")
     assert len(same_variant.differences) == 1  # the variants agree: no hint
+
+
+class _Tokenizer:
+    """The attributes tokenizer_fingerprint reads, as a slow CLIPTokenizer has them."""
+
+    def __init__(self, pad: str):
+        self.vocab = {"!": 0, "a": 1, "b": 2, "ab": 3, "<|startoftext|>": 4, "<|endoftext|>": 5}
+        self.special_tokens_map = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": pad}
+        self.bos_token_id, self.eos_token_id, self.unk_token_id = 4, 5, 5
+        self.pad_token_id = self.vocab[pad]
+        self.model_max_length, self.padding_side = 77, "right"
+        self.bpe_ranks = {("a", "b"): 0}
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.vocab)
+
+
+def test_tokenizer_fingerprints_are_compared_when_the_cache_recorded_them():
+    ours = torch.nn.Linear(2, 2)
+    modules = {"vae": ours, "text_encoder": ours, "text_encoder_2": ours}
+    tokenizers = {"tokenizer": _Tokenizer("<|endoftext|>"), "tokenizer_2": _Tokenizer("<|endoftext|>")}
+    encoder = {"model": "m", "variant": "fp16", **{f"{n}_fingerprint": module_fingerprint(ours) for n in modules},
+               "tokenizer_fingerprint": tokenizer_fingerprint(_Tokenizer("<|endoftext|>")),
+               "tokenizer_2_fingerprint": tokenizer_fingerprint(_Tokenizer("!"))}
+
+    report = compare_fingerprints({"encoder": encoder}, modules, tokenizers=tokenizers, variant=None)
+    assert len(report.differences) == 1  # no weight-variant hint: the weights are the cache's
+    assert report.differences[0].startswith("tokenizer_2 fingerprint: cache ")
+    assert report.differences[0].endswith(f"model's {tokenizer_fingerprint(tokenizers['tokenizer_2'])[:16]}...")
+
+    older = {k: v for k, v in encoder.items() if not k.startswith("tokenizer")}
+    report = compare_fingerprints({"encoder": older}, modules, tokenizers=tokenizers, variant=None)
+    assert report.differences == []  # a cache from before tokenizer fingerprints is not refused for it
+    assert report.notes == [f"{n}: the cache recorded no fingerprint; cannot check it" for n in tokenizers]
+
+    no_tokenizers = compare_fingerprints({"encoder": encoder}, modules, tokenizers={"tokenizer": None}, variant=None)
+    assert no_tokenizers.differences == []
+    assert no_tokenizers.notes == [f"{n}: MODEL has none; cannot check it against the cache" for n in tokenizers]

@@ -371,6 +371,31 @@ def test_refuses_other_encoders_unless_accepted(cache, tmp_path):
     assert result.global_step == 1 and (tmp_path / "accepted/diffusion_pytorch_model.safetensors").is_file()
 
 
+def test_refuses_another_tokenizer_unless_accepted(tiny_model, cache, tmp_path):
+    """Same weights, but tokenizer_2 pads with <|endoftext|> instead of "!": every prompt embedding
+    the cache holds would differ from this model's, so train refuses it, naming tokenizer_2 only."""
+    from transformers import CLIPTokenizer
+
+    other = tmp_path / "other-pad"
+    shutil.copytree(tiny_model, other)
+    tok_2 = CLIPTokenizer.from_pretrained(other / "tokenizer_2")
+    assert tok_2.pad_token == "!"
+    tok_2.pad_token = "<|endoftext|>"
+    tok_2.save_pretrained(other / "tokenizer_2")
+
+    with pytest.raises(CacheMismatchError) as err:
+        train(_cfg(_copy_model(other, tmp_path / "unreadable-unet"), cache, tmp_path / "refused", max_steps=1))
+    message = str(err.value)
+    assert "- tokenizer_2 fingerprint: cache " in message
+    for name in ("vae", "text_encoder", "text_encoder_2", "tokenizer"):
+        assert f"- {name} fingerprint:" not in message  # only what differs is listed
+    assert "likely cause" not in message  # a tokenizer is no weight variant
+    assert "--accept-encoder-mismatch" in message
+    assert not (tmp_path / "refused" / "checkpoints").exists()
+    result = train(_cfg(other, cache, tmp_path / "accepted", max_steps=1, accept_encoder_mismatch=True))
+    assert result.global_step == 1 and (tmp_path / "accepted/diffusion_pytorch_model.safetensors").is_file()
+
+
 def test_refuses_more_loader_streams_than_shards(tiny_model, cache, tmp_path):
     with pytest.raises(CacheMismatchError, match=r"4 non-empty shard\(s\).*5 streams"):
         train(_cfg(tiny_model, cache, tmp_path / "out", max_steps=1, num_workers=5))

@@ -9,10 +9,14 @@ Two kinds of facts, checked in this order and reported together:
    cache's latent channels, scaling factor and downsampling; an `--adapter` to continue against the
    UNet. Only `config.json` files are read (`load_config`), no weights.
 2. Encoder identity (refused unless `--accept-encoder-mismatch`): the fingerprints the cache
-   recorded for its VAE and text encoders against those of the VAE and text encoders train would
+   recorded for its VAE, text encoders and tokenizers against those of the ones train would
    use (MODEL's, or `--vae`). They are computed as precompute computes them
-   (`shards.fingerprint.module_fingerprint` over the module loaded in fp32), which means loading
-   each encoder once on the CPU. That is the correct choice over hashing weight files: a model
+   (`shards.fingerprint.module_fingerprint` over the module loaded in fp32,
+   `shards.fingerprint.tokenizer_fingerprint` over the tokenizer), which means loading each
+   encoder once on the CPU; the tokenizers are loaded with the text encoders (another pad token
+   changes every prompt embedding as surely as other weights do). A cache from before tokenizer
+   fingerprints were recorded is not refused for lacking them (the log says so). Fingerprinting
+   loaded modules is the correct choice over hashing weight files: a model
    copied to another folder, re-saved in another file layout or shard size, or given as a hub id
    instead of a path still matches, and only different weights or architecture do not. It costs
    one load (seconds for SDXL; the text encoders are then reused to embed the validation prompts,
@@ -27,18 +31,19 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from shards import schema
-from shards.fingerprint import module_fingerprint
+from shards.fingerprint import module_fingerprint, tokenizer_fingerprint
 from shards.manifest import Manifest
 from shards.store import Store
 
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 FINGERPRINTED = ("vae", "text_encoder", "text_encoder_2")
+TOKENIZERS = ("tokenizer", "tokenizer_2")
 
 
 class StartupError(ValueError):
@@ -259,29 +264,43 @@ class FingerprintReport:
 
 
 def compare_fingerprints(identity: dict, modules: dict[str, torch.nn.Module | None], *,
+                         tokenizers: dict[str, Any] | None = None,
                          variant: str | None = None) -> FingerprintReport:
-    """Cache-recorded fingerprints vs. those of `modules` (name -> module, None when absent).
+    """Cache-recorded fingerprints vs. those of `modules` (name -> module, None when absent) and
+    of `tokenizers` ("tokenizer"/"tokenizer_2" -> tokenizer, None when absent; not compared at
+    all when `tokenizers` is None). A fingerprint the cache did not record (an older cache) is
+    noted, not a difference.
     `variant`: the --variant the modules were loaded with (named when it is not the cache's)."""
     report = FingerprintReport()
     encoder = identity.get("encoder") or {}
     cache_model = encoder.get("model", "?")
     cache_variant = encoder.get("variant")
-    for name in FINGERPRINTED:
+
+    def compare(name: str, obj: Any, fingerprint: Callable[[Any], str]) -> bool:
+        """Record `name`'s difference, if any; True when it differs."""
         recorded = encoder.get(f"{name}_fingerprint")
-        module = modules.get(name)
-        if module is None:
+        if obj is None:
             report.notes.append(f"{name}: MODEL has none; cannot check it against the cache")
-            continue
+            return False
         if not recorded:
             report.notes.append(f"{name}: the cache recorded no fingerprint; cannot check it")
-            continue
-        ours = module_fingerprint(module)
-        if ours != recorded:
-            report.differences.append(
-                f"{name} fingerprint: cache {recorded[:16]}... (encoded with {cache_model!r}) != this "
-                f"model's {ours[:16]}..."
-            )
-    if report.differences and cache_variant != variant:
+            return False
+        ours = fingerprint(obj)
+        if ours == recorded:
+            return False
+        report.differences.append(
+            f"{name} fingerprint: cache {recorded[:16]}... (encoded with {cache_model!r}) != this "
+            f"model's {ours[:16]}..."
+        )
+        return True
+
+    weights_differ = False
+    for name in FINGERPRINTED:
+        weights_differ |= compare(name, modules.get(name), module_fingerprint)
+    if tokenizers is not None:
+        for name in TOKENIZERS:
+            compare(name, tokenizers.get(name), tokenizer_fingerprint)
+    if weights_differ and cache_variant != variant:
         # e.g. fp16 weight files are rounded copies: other bytes, other fingerprint, same model.
         report.differences.append(
             f"likely cause: the cache was encoded from weight variant {cache_variant!r} and this run loads "
@@ -294,7 +313,7 @@ def refusal_message(cache_url: str, model: str, problems: list[str], differences
     lines = [f"cannot train {model} on the cache {cache_url}:"]
     lines += [f"  - {p}" for p in problems + differences]
     if differences:
-        lines.append("The cache was encoded with other encoder weights than this model's. Re-run precompute "
-                     "with this model, or pass --accept-encoder-mismatch if that is intended (e.g. a fine-tuned "
-                     "text encoder of the same widths).")
+        lines.append("The cache was encoded with other encoder weights or tokenizers than this model's. Re-run "
+                     "precompute with this model, or pass --accept-encoder-mismatch if that is intended (e.g. a "
+                     "fine-tuned text encoder of the same widths).")
     return "\n".join(lines)

@@ -47,8 +47,8 @@ def _f(default: Any, help: str, group: str, **extra: Any) -> Any:
 class TrainConfig:
     # --- what to train on ------------------------------------------------------------------
     model: str = _f("", "Base SDXL model: a diffusers folder or hub id. Only its UNet and scheduler config are "
-                        "loaded for training; its VAE and text encoders (when present) are fingerprinted against "
-                        "the cache and used for validation images.", "model", required=True)
+                        "loaded for training; its VAE, text encoders and tokenizers (when present) are fingerprinted "
+                        "against the cache and used for validation images.", "model", required=True)
     cache: str = _f("", "Cache made by `python -m precompute`: a folder, s3://bucket/prefix or https:// URL. Its manifest is checked against the "
                         "model before any weights are loaded.", "model", required=True)
     output_dir: str = _f("", "Run folder: final adapter (diffusers format), README.md, config, checkpoints/, "
@@ -62,8 +62,9 @@ class TrainConfig:
     adapter: str | None = _f(None, "Continue training this T2IAdapter instead of a new one: a save_pretrained folder "
                                    "or a hub id (safetensors weights; checked to fit the UNet before it loads).",
                              "model")
-    accept_encoder_mismatch: bool = _f(False, "Train even though the cache was encoded by a VAE or text encoders "
-                                              "whose fingerprints differ from MODEL's (shapes must still fit).", "model")
+    accept_encoder_mismatch: bool = _f(False, "Train even though the cache was encoded by a VAE, text encoders or "
+                                              "tokenizers whose fingerprints differ from MODEL's (shapes must still "
+                                              "fit).", "model")
 
     # --- data ------------------------------------------------------------------------------
     batch_size: int = _f(4, "Samples per process per micro-batch.", "data")

@@ -2,7 +2,8 @@
 
 Roles: `train.startup` decides and refuses before any weight is loaded; this module loads the
 frozen UNet (mixed-precision dtype) and the fp32 adapter, runs the loop and checkpoints;
-`train.metrics` records each step; `train.outputs` writes OUT's deliverables.
+`train.optim` builds the optimizer and LR schedule; `train.metrics` records each step;
+`train.outputs` writes OUT's deliverables.
 
 The loop: accelerate for devices, DDP and mixed precision; the data loader is built here per
 epoch from `train.data` (never passed through `accelerator.prepare`, REFERENCE.md §3) and every
@@ -40,6 +41,7 @@ import torch
 from train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from train.config import TrainConfig
 from train.metrics import METRICS_FILE, Metrics, reset_peak_memory, truncate_jsonl
+from train.optim import make_lr_scheduler, make_optimizer
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _NOISE_STREAM = 7  # tag separating the noise generator's seed from other uses of cfg.seed
@@ -80,27 +82,6 @@ def make_accelerator(cfg: TrainConfig) -> Any:
         project_config=ProjectConfiguration(project_dir=str(cfg.output_dir), logging_dir=str(cfg.logging_path)),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.ddp_timeout_minutes))],
     )
-
-
-def make_optimizer(cfg: TrainConfig, params: Any, learning_rate: float) -> torch.optim.Optimizer:
-    """AdamW with the configured hyper-parameters (bitsandbytes' 8-bit AdamW with --use-8bit-adam)."""
-    if cfg.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
-    return optimizer_cls(params, lr=learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                         weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-
-
-def make_lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
-    """diffusers' schedule `cfg.lr_scheduler`, stepped once per optimizer step for `total_steps`."""
-    from diffusers.optimization import get_scheduler
-
-    return get_scheduler(cfg.lr_scheduler, optimizer, step_rules=cfg.lr_step_rules,
-                         num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=total_steps,
-                         num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -310,4 +291,4 @@ def train(cfg: TrainConfig) -> TrainResult:
                        seconds=seconds, samples_per_second=rate, validation_images=validation_images)
 
 
-__all__ = ["TrainError", "TrainResult", "make_accelerator", "make_lr_scheduler", "make_optimizer", "train"]
+__all__ = ["TrainError", "TrainResult", "make_accelerator", "train"]

@@ -3,9 +3,10 @@
 In this order, so that every refusal comes before the UNet is read:
 config -> cache manifest -> UNet/VAE/adapter configs against the cache's shapes -> data plan
 (steps per epoch, shards per rank x worker) -> checkpoint to resume (settings that must match)
--> encoder fingerprints (main process; its text encoders are then reused once to embed the
-validation prompts and freed). All processes then agree through one tensor all-reduce: if any
-of them found a problem, every one of them stops (none waits forever in a collective).
+-> encoder and tokenizer fingerprints (main process; its text encoders are then reused once to
+embed the validation prompts and freed). All processes then agree through one tensor
+all-reduce: if any of them found a problem, every one of them stops (none waits forever in a
+collective).
 
 `start()` returns a `Startup`: the plan the loop and the outputs follow, the store to read, the
 checkpoint to resume (if any) with the metadata new checkpoints record, and the validator.
@@ -154,15 +155,18 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
 
 def check_encoders_and_prepare_validation(cfg: TrainConfig, plan: Plan, device: torch.device, log: Any,
                                           refuse: bool) -> tuple[list[str], Any]:
-    """(fingerprint differences, Validator or None). Loads MODEL's text encoders and the VAE once
-    on the CPU, compares their fingerprints with the cache's, embeds the validation prompts with
-    the text encoders unless the run is refused anyway, and frees them all."""
+    """(fingerprint differences, Validator or None). Loads MODEL's tokenizers, text encoders and
+    the VAE once on the CPU, compares their fingerprints with the cache's, embeds the validation
+    prompts with the text encoders unless the run is refused anyway, and frees them all."""
     text_stack = checks.load_text_stack(cfg.model, cfg.revision, cfg.variant)
     vae = checks.load_vae(plan.vae_location, revision=cfg.revision, variant=cfg.variant) if plan.vae_location else None
     report = checks.compare_fingerprints(plan.manifest.identity, {
         "vae": vae,
         "text_encoder": text_stack.text_encoder if text_stack else None,
         "text_encoder_2": text_stack.text_encoder_2 if text_stack else None,
+    }, tokenizers={
+        "tokenizer": text_stack.tokenizer if text_stack else None,
+        "tokenizer_2": text_stack.tokenizer_2 if text_stack else None,
     }, variant=cfg.variant)
     del vae
     for note in report.notes:
