@@ -47,7 +47,7 @@ LAUNCH = $(if $(filter 1,$(NPROC)),$(PY) -m,\
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: MODEL DATA CACHE OUT RESOLUTION NPROC STEPS BATCH LR RESUME CKPT_EVERY ARGS"
+	@echo "  variables: MODEL DATA CACHE OUT RESOLUTION NPROC PORT STEPS BATCH LR RESUME CKPT_EVERY ARGS"
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -71,9 +71,11 @@ tiny: $(TINY)/model_index.json ## build the tiny offline SDXL (random weights) i
 
 fill: $(FILL)/prompt.json ## generate the synthetic fill dataset into cache/fill-data
 
+# The fill data (no DATA) is 128 images: 16 per shard gives 8 shards, enough for train's
+# NPROC x --num-workers loader streams (each needs a whole shard). ARGS can override it.
 precompute: install $(DEPS) ## encode DATA with MODEL into CACHE (defaults: tiny model, fill data)
 	$(LAUNCH) precompute --model $(MODEL_ARG) --data $(DATA_ARG) --cache $(CACHE) \
-		--resolution $(RESOLUTION) $(ARGS)
+		--resolution $(RESOLUTION) $(if $(DATA),,--samples-per-shard 16) $(ARGS)
 
 train: install $(if $(MODEL),,$(TINY)/model_index.json) ## train an adapter on CACHE into OUT
 	$(LAUNCH) train --model $(MODEL_ARG) --cache $(CACHE) --output-dir $(OUT) \

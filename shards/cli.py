@@ -43,7 +43,7 @@ def _open(url: str) -> tuple[Store, Manifest]:
     try:
         store = open_store(url)
         return store, Manifest.load(store)
-    except (ManifestError, ShardError, ValueError) as e:  # ShardError: also remote StoreErrors
+    except (ManifestError, ShardError, ValueError, OSError) as e:  # ShardError: also remote StoreErrors
         _fail(str(e))
         raise AssertionError  # unreachable: _fail exits
 
@@ -96,7 +96,7 @@ def stats_cmd(url: str, max_shards: int | None) -> None:
     samples = t["samples"]
     lat, txt, geo = manifest.latent, manifest.text, manifest.geometry
     click.echo(f"cache      {store.url}")
-    click.echo(f"format     {manifest.format} v{manifest.format_version}, code {manifest.code_version}, created {manifest.created}")
+    click.echo(f"format     {manifest.format} v{manifest.format_version}, code {manifest.code_version}" + (f", created {manifest.created}" if manifest.created else ""))
     click.echo(
         f"contents   latent {lat['channels']} ch ({lat['store']}, x{lat['scaling_factor']}), text "
         f"{txt['max_length']}x{txt['prompt_dim']} + {txt['pooled_dim']}, resolution {geo['resolution']}"
