@@ -141,14 +141,17 @@ class PrecomputeConfig:
                 p.append(f"--tmp-dir {self.tmp_dir}: no such folder")
             elif not os.access(t, os.W_OK | os.X_OK):
                 p.append(f"--tmp-dir {self.tmp_dir}: not writable")
-        p += geometry_problems(
+        granularity = self.resolution_problems()
+        geometry = geometry_problems(
             resolution=self.resolution,
             crop=self.crop,
             vae_scale_factor=self.vae_scale_factor_hint(),
             min_size=self.min_size,
             max_aspect=self.max_aspect,
         )
-        p += self.resolution_problems()
+        # The granularity check is the stricter one, and its suggestion passes both: say only it.
+        p += [q for q in geometry if not (granularity and q.startswith("resolution "))]
+        p += granularity
         p += self._bucket_problems()
         p += self.view_spec().problems()
         p += self._condition_problems()
@@ -205,8 +208,8 @@ class PrecomputeConfig:
         """Square crops: the side must be a multiple of the model's granularity (32 for SDXL), or
         the adapter's features would not meet the UNet's. Buckets are checked by bucket_problems."""
         f = self.vae_scale_factor_hint() if vae_scale_factor is None else vae_scale_factor
-        if self.buckets is not None or not isinstance(self.resolution, int) or self.resolution < 1 or self.resolution % f:
-            return []  # buckets: checked per size; otherwise reported by geometry_problems
+        if self.buckets is not None or not isinstance(self.resolution, int) or self.resolution < 1:
+            return []  # buckets: checked per size; a non-positive one by geometry_problems
         g = self.granularity_hint(f)
         if self.resolution % g:
             return [f"--resolution {self.resolution} is not a multiple of {g} px, the model's granularity (VAE "

@@ -142,7 +142,7 @@ class Summary:
             f"skipped {skipped} ({reasons})"
             + (f"; {self.sources} images x {self.samples / self.sources:.2f} views" if self.sources else ""),
             f"  shards    {self.shards} ({self.shards_written} written, {self.shards_resumed} already complete)",
-            f"  bytes     {self.bytes:,} ({self.bytes / max(self.samples, 1) / 1024:.1f} KiB/sample)",
+            f"  bytes     {self.bytes:,}" + (f" ({self.bytes / self.samples / 1024:.1f} KiB/sample)" if self.samples else ""),
             f"  time      {self.seconds:.1f}s on {self.world_size} process(es) ({self.encode_seconds:.1f}s "
             f"encoding), {self.images_per_second:.1f} images/s",
             f"  phases    {split} of the encoding loop; decode+preprocess {t.prepare:.1f}s in worker threads",
@@ -624,4 +624,10 @@ def run(cfg: PrecomputeConfig) -> Summary:
     )
     if totals is not None:
         log.info("%s", summary.format())
+        if totals["samples"] == 0:  # a complete but empty cache is never what the user wanted
+            reasons = ", ".join(f"{r} {k}" for r, k in sorted(totals["skipped"].items())) or "no source items"
+            raise PrecomputeError(
+                f"{store.url}: no samples in the cache: every item was skipped ({reasons}). The counts and "
+                "examples are in its manifest.json; check --resolution, --min-size, --max-aspect and the columns."
+            )
     return summary

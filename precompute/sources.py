@@ -375,24 +375,23 @@ class FolderSource(Source):
             if image_column is None:
                 problems.append(
                     f"no image column: looked for {' or '.join(repr(c) for c in candidates)} "
-                    f"(columns found: {have}); pass image_column"
+                    f"(columns found: {have}); pass --image-column"
                 )
         elif image_column not in columns:
-            problems.append(f"no image column {image_column!r} (columns found: {have})")
+            problems.append(f"no image column {image_column!r} (columns found: {have}); pass --image-column")
         if not self.require_conditioning:
             cond_column = None
         else:
             cond_column = cond_column or (defaults["conditioning_image"] if defaults else DEFAULT_COND_COLUMN)
         if cond_column is not None and cond_column not in columns:
             problems.append(
-                f"no conditioning image column {cond_column!r} (columns found: {have}); pass conditioning_image_column"
+                f"no conditioning image column {cond_column!r} (columns found: {have}); pass --conditioning-image-column"
             )
         caption_column = caption_column or (defaults["caption"] if defaults else DEFAULT_CAPTION_COLUMN)
         if caption_column not in columns:
-            problems.append(f"no caption column {caption_column!r} (columns found: {have}); pass caption_column")
+            problems.append(f"no caption column {caption_column!r} (columns found: {have}); pass --caption-column")
         if problems:
-            hint = " (metadata.json must be a JSON list of objects or JSON lines)" if self.format != "csv" else ""
-            raise SourceError(f"{self.metadata}{hint}:\n  - " + "\n  - ".join(problems))
+            raise SourceError(f"{self.metadata}:\n  - " + "\n  - ".join(problems))
         assert image_column is not None
         return image_column, cond_column, caption_column
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from precompute.config import ConfigError, PrecomputeConfig
+from precompute.config import ConfigError, PrecomputeConfig, PrecomputeError
 from precompute.encoders import LatentEncoder, PromptEncoder
 from precompute.preprocess import to_model_input
 from precompute.runner import StrictSkipError, run
@@ -420,7 +420,7 @@ def test_every_config_problem_is_listed_at_once(tiny_model, tmp_path):
         f"--data {tmp_path / 'missing'}: no such file or folder",
         "--image-column and --caption-column are both 'img'",
         f"--cache {not_a_dir}: exists and is not a folder",
-        "resolution 60 is not divisible by the VAE scale factor 8",
+        "--resolution 60 is not a multiple of 32 px",
         "crop must be one of",
         "max_aspect must be a number >= 1",
         "--batch-size must be an integer >= 1",
@@ -471,7 +471,7 @@ def test_source_problems_join_config_problems(tiny_model, fill_data, tmp_path):
     with pytest.raises(ConfigError) as err:
         run(_cfg(tiny_model, fill_data, tmp_path / "c", image_column="nope", resolution=20))
     msg = str(err.value)
-    assert "no image column 'nope'" in msg and "resolution 20 is not divisible" in msg
+    assert "no image column 'nope'" in msg and "--resolution 20 is not a multiple of 32" in msg
 
 
 def test_cli_reports_user_errors_without_traceback(tiny_model, tmp_path):
@@ -483,7 +483,7 @@ def test_cli_reports_user_errors_without_traceback(tiny_model, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     for part in (f"{broken}/text_encoder_2: no config.json", f"--data {tmp_path / 'nodata'}: no such file",
-                 "resolution 100 is not divisible"):
+                 "--resolution 100 is not a multiple of 32"):
         assert part in result.stderr
     assert not (tmp_path / "c").exists()
     result = _cli(["--model", str(tiny_model), "--data", str(tmp_path), "--cache", "https://example.com/c",
@@ -603,3 +603,22 @@ def test_two_processes_give_the_same_cache_as_one(tiny_model, crop_data, referen
     ours, ref = _files(cache), _files(reference_cache)
     assert sorted(ours) == sorted(ref)
     assert [name for name in ref if ours[name] != ref[name]] == []
+
+
+def test_a_cache_where_every_item_was_skipped_is_an_error(tiny_model, fill_data, tmp_path):
+    # The fill images are 64 px; a minimum side of 128 px skips every one of them. The run must
+    # not report success, yet keep the manifest that says why.
+    cache = tmp_path / "cache"
+    with pytest.raises(PrecomputeError, match="no samples in the cache") as err:
+        run(_cfg(tiny_model, fill_data, cache, min_size=128))
+    assert "image_too_small 16" in str(err.value)
+    manifest = Manifest.load(open_store(cache))  # the record of why stays inspectable
+    assert manifest.totals["samples"] == 0 and manifest.totals["skipped"] == {"image_too_small": 16}
+
+
+def test_a_resolution_off_the_model_granularity_suggests_one_that_fits(tiny_model, fill_data, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _cfg(tiny_model, fill_data, tmp_path / "c", resolution=60).validate()
+    message = str(err.value)
+    assert "not a multiple of 32" in message and "try 64" in message
+    assert "try 56" not in message  # 56 passes the VAE factor but not the adapter's granularity

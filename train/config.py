@@ -210,7 +210,9 @@ class TrainConfig:
                 problems.append(f"--{name.replace('_', '-')} is required")
         if self.model and _looks_local(self.model) and not Path(self.model).is_dir():
             problems.append(f"model folder {self.model!r} does not exist")
-        if self.cache and "://" not in self.cache and not Path(self.cache).is_dir():
+        if self.cache and "://" not in self.cache and Path(self.cache).exists() and not Path(self.cache).is_dir():
+            problems.append(f"cache {self.cache!r} exists and is not a folder")
+        elif self.cache and "://" not in self.cache and not Path(self.cache).is_dir():
             problems.append(f"cache folder {self.cache!r} does not exist (run `python -m precompute` first)")
         if self.output_dir and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             problems.append(f"output dir {self.output_dir!r} exists and is not a folder")

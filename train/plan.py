@@ -329,10 +329,13 @@ def plan_streams(
     slices = _limit(as_records(records), max_samples, seed=seed, epoch=epoch)
     roles = max(1, num_workers)
     n_streams = world_size * roles
+    if not slices:
+        raise ValueError("the cache has no samples (every shard is empty, or --max-samples is 0): "
+                         "see the skip reasons with `python -m shards stats CACHE`")
     if len(slices) < n_streams:
         fit = len(slices) // world_size
         hint = (
-            f"use at most {fit if fit > 1 else 0} DataLoader worker(s) per rank"
+            f"use at most {fit} DataLoader worker(s) per rank"
             if fit >= 1
             else f"use at most {len(slices)} rank(s)"
         )
