@@ -338,11 +338,18 @@ def load_encoders(
     vae_dtype, text_dtype = schema.dtype_of(vae_dtype), schema.dtype_of(text_dtype)
     root = str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
 
-    def load(what: str, fn, *args, **kwargs):
+    def load(what: str, fn, repo: str, *args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            return fn(repo, *args, **kwargs)
         except Exception as e:  # from_pretrained raises OSError, ValueError, EnvironmentError...
-            raise ModelLoadError(f"cannot load {what}: {type(e).__name__}: {e}") from e
+            # Not a local folder: the libraries looked it up on the hub, and their message
+            # ("does not appear to have a file named ...") hides that the hub may be unreachable.
+            hint = "" if Path(repo).exists() else (
+                f"\n  {repo!r} is not a local folder, so it was looked up as a hub id: check the id, the network "
+                "and HF_TOKEN, or download it once and pass the folder (HF_HUB_OFFLINE=1 uses the local hub "
+                "cache without retrying the network)"
+            )
+            raise ModelLoadError(f"cannot load {what}: {type(e).__name__}: {e}{hint}") from e
 
     if vae:
         vae_repo, vae_sub = _vae_location(vae)

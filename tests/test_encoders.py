@@ -219,6 +219,15 @@ def test_unreadable_model_folder_names_everything_missing(tiny_model, tmp_path):
     )
 
 
+def test_a_hub_id_that_cannot_be_fetched_says_it_was_looked_up_on_the_hub():
+    # The suite runs with HF_HUB_OFFLINE=1, so this fails at once, as an unreachable hub would.
+    with pytest.raises(ModelLoadError) as err:
+        load_encoders("no-such-org/no-such-sdxl")
+    message = str(err.value)
+    assert message.startswith("cannot load no-such-org/no-such-sdxl/vae")
+    assert "'no-such-org/no-such-sdxl' is not a local folder, so it was looked up as a hub id" in message
+
+
 def test_tokenizer_fingerprint_names_what_decides_the_ids(tiny_model, tmp_path):
     """Re-saving a tokenizer elsewhere keeps its fingerprint; another pad token, special token,
     model_max_length or one merge fewer each change it."""
