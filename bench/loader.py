@@ -86,10 +86,11 @@ def epoch(store, manifest, *, workers: int, batch_size: int) -> tuple[float, int
     The epoch time includes starting the workers and filling the first batch; the steady rate
     counts from the first batch on, which is what a long epoch sees."""
     from train.data import make_loader
+    from train.plan import DataSpec
 
     t0 = time.perf_counter()
-    loader, steps = make_loader(store, manifest, batch_size=batch_size, seed=0, epoch=0, num_workers=workers,
-                                shuffle_buffer=64, pin_memory=False)
+    spec = DataSpec(batch_size=batch_size, seed=0, num_workers=workers, shuffle_buffer=64)
+    loader, steps = make_loader(store, manifest, spec, epoch=0, pin_memory=False)
     n, first, t_first = 0, 0, None
     for batch in loader:
         n += len(batch.keys)

@@ -39,7 +39,8 @@ from shards.verify import verify_cache
 from shards.views import split_view_key
 from train.checks import CacheMismatchError
 from train.config import ConfigError, TrainConfig
-from train.data import make_loader
+from streams import cache_loader
+from train.augment import soft_threshold_range_for
 from train.loop import train
 
 RES = 64
@@ -216,7 +217,8 @@ def test_train_on_a_bucketed_soft_cache_one_shape_per_batch_and_bitwise_resume(t
     manifest = Manifest.load(open_store(cache))
     shapes = {k: tuple(s) for r in manifest.shards for k, s in zip(r.keys, r.latent_shapes)}
     # The soft maps reach the loop binarised.
-    loader, steps = make_loader(open_store(cache), manifest, batch_size=2, seed=0, epoch=0, shuffle_buffer=0)
+    loader, steps = cache_loader(open_store(cache), manifest, batch_size=2, seed=0, epoch=0, shuffle_buffer=0,
+                                 soft_threshold=soft_threshold_range_for(manifest.identity, None))
     assert all(set(b.cond.unique().tolist()) <= {0.0, 1.0} for b in loader)
 
     def cfg(out, **kw) -> TrainConfig:

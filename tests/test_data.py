@@ -25,10 +25,11 @@ from shards.reader import ShardError, iter_shard, load_empty_prompt, write_empty
 from shards.store import open_store
 from shards.synthetic import synthetic_identity
 from shards.writer import ShardWriter
-from train.data import CacheStream, HostBatch, make_loader, stream_identity, stream_resume_problems
+from streams import cache_loader, cache_stream, epoch_plan_of, identity_of, stats_of
+from train.data import HostBatch, stream_resume_problems
 import train.data
-from train.augment import soft_threshold
-from train.plan import Draw, data_summary, epoch_plan, epoch_stats, key_rng, sample_choice, steps_per_epoch
+from train.augment import soft_threshold, soft_threshold_range_for
+from train.plan import Draw, data_summary, key_rng, sample_choice
 
 FACTOR = 8  # VAE scale factor of the fake latents
 DIM, POOLED = 8, 4
@@ -99,88 +100,115 @@ def _same_batches(a, b) -> None:
 # The plan
 
 
-@pytest.mark.parametrize("world_size,num_workers", [(1, 0), (2, 0), (2, 2), (1, 3), (3, 2)])
-def test_plan_covers_every_nonempty_shard_once_and_is_reproducible(cache, world_size, num_workers):
+def _stream_keys(records, *, rank, role, **kw) -> list[list[str]]:
+    """Keys of each batch stream (rank, role) hands out, from the plan alone."""
+    sp = epoch_plan_of(records, **kw).stream(rank, role)
+    keys = [k for sl in sp.slices for k in sl.keys]
+    return [[keys[j] for j in batch] for batch in sp.batches]
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(1, 0), (2, 0), (2, 2), (1, 3), (3, 2), (2, 4)])
+def test_plan_takes_every_sample_at_most_once_and_is_reproducible(cache, world_size, num_workers):
     _, records, _ = cache
     roles = max(1, num_workers)
+    kw = dict(batch_size=2, seed=3, world_size=world_size, num_workers=num_workers, shuffle_buffer=4)
 
     def plan(epoch):
-        return [
-            [sl.name for sl in epoch_plan(records, seed=3, epoch=epoch, world_size=world_size, rank=r,
-                                          num_workers=num_workers, worker=w)]
-            for r in range(world_size) for w in range(roles)
-        ]
+        return [_stream_keys(records, rank=r, role=w, epoch=epoch, **kw) for r in range(world_size) for w in range(roles)]
 
     p0 = plan(0)
-    names = [n for stream in p0 for n in stream]
-    assert sorted(names) == sorted(r.name for r in records if r.samples > 0)
-    assert all(stream for stream in p0)
+    taken = [k for stream in p0 for batch in stream for k in batch]
+    stats = stats_of(records, epoch=0, **kw)
+    assert len(taken) == len(set(taken)) == stats.samples_used == stats.steps * 2 * world_size
+    assert set(taken) <= {k for r in records for k in r.keys}
+    # Every rank takes the same number of batches: role w of a rank holds its positions = w mod W.
+    for r in range(world_size):
+        assert sum(len(p0[r * roles + w]) for w in range(roles)) == stats.steps
     assert plan(0) == p0
     assert any(plan(e) != p0 for e in (1, 2, 3))
 
 
 def test_shard_order_changes_with_epoch_and_seed(cache):
     _, records, _ = cache
-    order = lambda seed, epoch: [sl.name for sl in epoch_plan(records, seed=seed, epoch=epoch, world_size=1, rank=0,
-                                                             num_workers=0, worker=0)]
+    order = lambda seed, epoch: [sl.name for sl in epoch_plan_of(records, batch_size=1, seed=seed, epoch=epoch).read_order]
     orders = {tuple(order(0, e)) for e in range(4)}
     assert len(orders) == 4
     assert order(0, 0) == order(0, 0) and order(0, 0) != order(1, 0)
 
 
-def test_greedy_balance_and_step_count(cache):
-    _, records, _ = cache
-    # Two streams (2 ranks x 1 role). Largest first to the lighter stream:
-    # 7->a, 6->b, 5->b (11), 5->a (12), 4->b (15), 3->a (15), 2->a (17, tie goes to the first).
-    # Loads 17 and 15 -> 8 and 7 full batches of 2 -> 7 steps, 28 samples used, 4 dropped.
+def test_step_count_and_what_an_epoch_drops(cache):
+    _, records, _ = cache  # 32 samples in 7 non-empty shards of uneven sizes
+    # 32 samples make 16 batches of 2: 8 per rank, nothing dropped, whatever the shard sizes.
     for epoch in range(3):
-        loads = sorted(
-            sum(sl.count for sl in epoch_plan(records, seed=0, epoch=epoch, world_size=2, rank=r, num_workers=0, worker=0))
-            for r in range(2)
-        )
-        assert loads == [15, 17]
-    stats = epoch_stats(records, batch_size=2, world_size=2, num_workers=0, seed=0, epoch=0)
-    assert (stats.steps, stats.samples, stats.samples_used, stats.samples_dropped) == (7, 32, 28, 4)
-    # Why: each stream's odd sample (17 and 15) is a partial batch; the 17-stream's 8th full
-    # batch is cut so both ranks take 7 steps.
-    assert (stats.samples_in_partial_batches, stats.samples_cut_for_equal_steps) == (2, 2)
+        stats = stats_of(records, batch_size=2, world_size=2, num_workers=0, seed=0, epoch=epoch)
+        assert (stats.steps, stats.samples, stats.samples_used, stats.samples_dropped) == (8, 32, 32, 0)
+    # Batches of 3 on 3 ranks: 10 batches (2 samples left over), 3 steps each, the 10th batch cut.
+    stats = stats_of(records, batch_size=3, world_size=3, num_workers=2, seed=0, epoch=0)
+    assert (stats.steps, stats.samples_used, stats.samples_in_partial_batches, stats.samples_cut_for_equal_steps) == (
+        3, 27, 2, 3)
     assert stats.describe() == (
-        "epoch 0: 7 batches of 2 per rank x 2 rank(s) from 32 samples in 7 shards (1 stream(s) per rank): "
-        "28 used, 4 dropped this epoch (12.5%: 2 in partial batches, 2 cut so every rank takes the same steps)"
+        "epoch 0: 3 batches of 3 per rank x 3 rank(s) from 32 samples in 7 shards (2 stream(s) per rank): "
+        "27 used, 5 dropped this epoch (15.6%: 2 in partial batches, 3 cut so every rank takes the same steps)"
     )
     assert json.loads(json.dumps(stats.to_dict())) == {
-        "epoch": 0, "steps": 7, "batch_size": 2, "world_size": 2, "num_workers": 0, "shards": 7, "samples": 32,
-        "samples_in_partial_batches": 2, "samples_used": 28, "samples_dropped": 4, "samples_cut_for_equal_steps": 2,
+        "epoch": 0, "steps": 3, "batch_size": 3, "world_size": 3, "num_workers": 2, "shards": 7, "samples": 32,
+        "samples_in_partial_batches": 2, "samples_used": 27, "samples_dropped": 5, "samples_cut_for_equal_steps": 3,
     }
     # A run's totals for train_config.json and the model card.
-    three = [epoch_stats(records, batch_size=2, world_size=2, num_workers=0, seed=0, epoch=e) for e in range(3)]
+    three = [stats_of(records, batch_size=3, world_size=3, num_workers=2, seed=0, epoch=e) for e in range(3)]
     assert data_summary(three) == {
-        "epochs_planned": 3, "samples_per_epoch": 32, "samples_dropped": 12, "samples_dropped_in_partial_batches": 6,
-        "samples_dropped_for_equal_steps": 6, "samples_dropped_fraction": 0.125,
+        "epochs_planned": 3, "samples_per_epoch": 32, "samples_dropped": 15, "samples_dropped_in_partial_batches": 6,
+        "samples_dropped_for_equal_steps": 9, "samples_dropped_fraction": 0.15625,
     }
-    # Nothing dropped: one stream, an even count (max_samples=12 -> shards 0 to 2 hold 5 + 3 + 4).
-    whole = epoch_stats(records, batch_size=2, world_size=1, num_workers=0, seed=0, epoch=0, max_samples=12)
+    whole = stats_of(records, batch_size=2, world_size=1, num_workers=0, seed=0, epoch=0, max_samples=12)
     assert whole.samples_dropped == 0 and whole.describe().endswith("12 used, 0 dropped this epoch")
+    # One-shape caches never drop a whole global batch (batch_size x world_size samples) in an epoch.
+    for b in range(1, 9):
+        for world in range(1, 5):
+            for workers in (0, 1, 3):
+                try:
+                    s = stats_of(records, batch_size=b, world_size=world, num_workers=workers, seed=0, epoch=0)
+                except ValueError:
+                    assert 32 // b < world  # fewer complete batches than ranks
+                    continue
+                assert 0 <= s.samples_dropped < b * world, (b, world, workers)
 
 
-def test_fewer_shards_than_streams_is_a_clear_error(cache):
-    root, records, _ = cache  # 7 non-empty shards
-    with pytest.raises(ValueError, match=r"7 non-empty shard.*2 rank\(s\) x 4 loader worker.*= 8 streams.*at most 3 DataLoader"):
-        make_loader(open_store(root), records, batch_size=1, seed=0, epoch=0, world_size=2, rank=0, num_workers=4)
-    with pytest.raises(ValueError, match=r"2 non-empty shard"):  # max_samples=6 keeps shards 0 and 1 only
-        steps_per_epoch(records, batch_size=1, world_size=1, num_workers=3, seed=0, epoch=0, max_samples=6)
-    with pytest.raises(ValueError, match=r"not one full batch per rank.*batch of 20"):
-        steps_per_epoch(records, batch_size=20, world_size=2, num_workers=0, seed=0, epoch=0)
+def test_few_or_uneven_shards_train_on_any_topology(cache, tmp_path):
+    root, records, _ = cache
+    # 7 shards, 2 ranks x 4 loader workers = 8 streams: every stream still gets batches.
+    store = open_store(root)
+    seen = []
+    for rank in range(2):
+        ds = cache_stream(store, records, batch_size=1, seed=0, epoch=0, world_size=2, rank=rank, num_workers=4)
+        assert len(ds) == 16
+        seen += [k for b in ds for k in b.keys]
+    assert sorted(seen) == sorted(k for r in records for k in r.keys)
+    # 8 + 2 samples: one global batch of 4 at most is dropped, not the small shard's share of streams.
+    small = _write_cache(tmp_path / "uneven", [8, 2])
+    s = stats_of(small, batch_size=2, world_size=1, num_workers=2, seed=0, epoch=0)
+    assert (s.steps, s.samples_dropped) == (5, 0)
+    s = stats_of(small, batch_size=3, world_size=2, num_workers=2, seed=0, epoch=0)
+    assert (s.steps, s.samples_used, s.samples_dropped) == (1, 6, 4) and s.samples_dropped < 3 * 2
+    # A single 14-sample shard on 2 ranks x 2 workers: 7 batches of 2, 3 per rank, one batch cut.
+    single = _write_cache(tmp_path / "single", [14])
+    s = stats_of(single, batch_size=2, world_size=2, num_workers=2, seed=0, epoch=0)
+    assert (s.steps, s.samples_used, s.samples_cut_for_equal_steps, s.samples_in_partial_batches) == (3, 12, 2, 0)
+    with pytest.raises(ValueError, match=r"not one full batch per rank in epoch 0: 32 sample\(s\) make 1 batch\(es\) of 20 "
+                                         r"for 2 rank\(s\)"):
+        stats_of(records, batch_size=20, world_size=2, num_workers=0, seed=0, epoch=0)
 
 
 def test_invalid_settings_list_every_problem(cache):
     root, records, _ = cache
-    with pytest.raises(ValueError) as e:
-        CacheStream(open_store(root), records, batch_size=0, seed=0, epoch=0, world_size=2, rank=2, caption_dropout=1.5)
+    with pytest.raises(ValueError) as e:  # the settings: every problem at once
+        cache_stream(open_store(root), records, batch_size=0, seed=-1, epoch=0, world_size=2, caption_dropout=1.5)
     msg = str(e.value)
-    assert "batch_size" in msg and "rank must be < world_size" in msg and "caption_dropout" in msg
-    with pytest.raises(ValueError, match="past the end of epoch 0, which has 7 batches"):
-        CacheStream(open_store(root), records, batch_size=2, seed=0, epoch=0, world_size=2, rank=0, start_batch=8)
+    assert "batch_size" in msg and "seed" in msg and "caption_dropout" in msg
+    with pytest.raises(ValueError, match=r"rank must be an integer in \[0, world_size=2\), got 2"):
+        cache_stream(open_store(root), records, batch_size=1, seed=0, epoch=0, world_size=2, rank=2)
+    with pytest.raises(ValueError, match="past the end of epoch 0, which has 8 batches"):
+        cache_stream(open_store(root), records, batch_size=2, seed=0, epoch=0, world_size=2, rank=0, start_batch=9)
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +221,7 @@ def test_ranks_take_equal_steps_on_disjoint_samples(cache, num_workers):
     store = open_store(root)
     seen = []
     for rank in range(2):
-        ds = CacheStream(store, records, batch_size=2, seed=5, epoch=1, world_size=2, rank=rank,
+        ds = cache_stream(store, records, batch_size=2, seed=5, epoch=1, world_size=2, rank=rank,
                          num_workers=num_workers, shuffle_buffer=4)
         batches = _all(ds)  # in-process: reproduces DataLoader's round-robin itself
         assert len(batches) == len(ds) == ds.steps_per_epoch == ds.stats.steps
@@ -206,7 +234,7 @@ def test_ranks_take_equal_steps_on_disjoint_samples(cache, num_workers):
 
 def test_batch_contents_match_the_shards(cache):
     root, records, truth = cache
-    batches = _all(CacheStream(open_store(root), records, batch_size=3, seed=1, epoch=0, shuffle_buffer=5))
+    batches = _all(cache_stream(open_store(root), records, batch_size=3, seed=1, epoch=0, shuffle_buffer=5))
     assert len(batches) == 32 // 3
     for b in batches:
         assert isinstance(b, HostBatch) and len(b) == 3
@@ -241,10 +269,10 @@ def test_batch_contents_match_the_shards(cache):
 def test_shuffle_buffer_mixes_and_zero_keeps_shard_order(cache):
     root, records, _ = cache
     store = open_store(root)
-    flat = lambda buf: [k for b in CacheStream(store, records, batch_size=1, seed=0, epoch=0, shuffle_buffer=buf) for k in b.keys]
+    flat = lambda buf: [k for b in cache_stream(store, records, batch_size=1, seed=0, epoch=0, shuffle_buffer=buf) for k in b.keys]
     plain = flat(0)
-    plan = epoch_plan(records, seed=0, epoch=0, world_size=1, rank=0, num_workers=0, worker=0)
-    assert plain == [k for sl in plan for k in sl.keys]
+    plan = epoch_plan_of(records, batch_size=1, seed=0, epoch=0)
+    assert plain == [k for sl in plan.read_order for k in sl.keys]
     mixed = flat(8)
     assert sorted(mixed) == sorted(plain) and mixed != plain
     assert flat(8) == mixed
@@ -256,7 +284,7 @@ def test_max_samples_takes_the_same_first_samples_every_epoch(cache):
     first10 = [k for r in sorted(records, key=lambda r: r.index) for k in r.keys][:10]
     runs = []
     for epoch in (0, 1):
-        ds = CacheStream(store, records, batch_size=2, seed=0, epoch=epoch, max_samples=10, shuffle_buffer=4)
+        ds = cache_stream(store, records, batch_size=2, seed=0, epoch=epoch, max_samples=10, shuffle_buffer=4)
         assert ds.stats.samples == 10 and ds.steps_per_epoch == 5
         runs.append([k for b in ds for k in b.keys])
     assert sorted(runs[0]) == sorted(runs[1]) == sorted(first10)
@@ -274,10 +302,10 @@ def test_resume_yields_exactly_the_tail_in_process(cache, num_workers):
     kw = dict(batch_size=2, seed=11, epoch=2, world_size=2, rank=1, num_workers=num_workers, shuffle_buffer=6)
     if num_workers == 3:  # 2 ranks x 3 workers = 6 streams over 7 shards
         kw["world_size"], kw["rank"] = 2, 0
-    full = _all(CacheStream(store, records, **kw))
+    full = _all(cache_stream(store, records, **kw))
     assert len(full) >= 3
     for b in range(len(full) + 1):
-        tail = _all(CacheStream(store, records, start_batch=b, **kw))
+        tail = _all(cache_stream(store, records, start_batch=b, **kw))
         _same_batches(tail, full[b:])
 
 
@@ -285,30 +313,30 @@ def test_resume_through_dataloader_with_two_workers(cache):
     root, records, _ = cache
     store = open_store(root)
     kw = dict(batch_size=2, seed=4, epoch=0, world_size=1, rank=0, num_workers=2, shuffle_buffer=4, caption_dropout=0.3)
-    emulated = _all(CacheStream(store, records, **kw))
-    loader, steps = make_loader(store, records, **kw)
+    emulated = _all(cache_stream(store, records, **kw))
+    loader, steps = cache_loader(store, records, **kw)
     full = list(loader)
     assert len(full) == steps == len(loader) == len(emulated)
     _same_batches(full, emulated)
     for b in (1, 4):  # odd and even: worker roles rotate
-        loader, _ = make_loader(store, records, start_batch=b, **kw)
+        loader, _ = cache_loader(store, records, start_batch=b, **kw)
         _same_batches(list(loader), full[b:])
 
 
 def test_stream_identity_names_what_a_resume_would_change(cache):
     _, records, _ = cache
     kw = dict(batch_size=2, seed=0, world_size=2, num_workers=2, shuffle_buffer=4, max_samples=None, caption_dropout=0.1)
-    saved = json.loads(json.dumps(stream_identity(records, **kw)))  # as a checkpoint stores it
-    assert saved["stream_version"] == 1 and saved["soft_threshold"] is None
-    assert identity_diff(saved, stream_identity(records, **kw)) == []
-    assert stream_resume_problems(saved, stream_identity(records, **kw)) == []
-    assert identity_diff(saved, stream_identity(records, **{**kw, "world_size": 4, "num_workers": 1})) == [
+    saved = json.loads(json.dumps(identity_of(records, **kw)))  # as a checkpoint stores it
+    assert saved["stream_version"] == 2 and saved["soft_threshold"] is None
+    assert identity_diff(saved, identity_of(records, **kw)) == []
+    assert stream_resume_problems(saved, identity_of(records, **kw)) == []
+    assert identity_diff(saved, identity_of(records, **{**kw, "world_size": 4, "num_workers": 1})) == [
         "num_workers: 2 != 1", "world_size: 2 != 4",
     ]
     # Every setting the stream depends on is in it, and each change is named by its flag.
     changes = {"batch_size": 3, "seed": 1, "world_size": 4, "num_workers": 1, "shuffle_buffer": 8, "max_samples": 20,
                "caption_dropout": 0.2, "soft_threshold": (0.3, 0.8)}
-    problems = stream_resume_problems(saved, stream_identity(records, **{**kw, **changes}))
+    problems = stream_resume_problems(saved, identity_of(records, **{**kw, **changes}))
     assert problems == [
         "--batch-size: checkpoint 2, now 3",
         "--caption-dropout: checkpoint 0.1, now 0.2",
@@ -319,19 +347,21 @@ def test_stream_identity_names_what_a_resume_would_change(cache):
         "soft threshold range (--soft-threshold-range, or the cache's default): checkpoint None, now [0.3, 0.8]",
         "number of processes: checkpoint 2, now 4",
     ]
-    changed_cache = stream_resume_problems(saved, stream_identity(records[:-1], **kw))
+    changed_cache = stream_resume_problems(saved, identity_of(records[:-1], **kw))
     assert len(changed_cache) == 1 and changed_cache[0].startswith("cache shards (samples or contents changed)")
     assert stream_resume_problems({**saved, "stream_version": 0}, saved) == [
-        "data stream version (the code changed how samples are ordered): checkpoint 0, now 1"]
+        "data stream version (the code changed how samples are ordered): checkpoint 0, now 2"]
     assert stream_resume_problems(None, saved) == [
         "the checkpoint records no data stream identity (saved by an older version)"]
-    # "auto" resolves the threshold range from the manifest, exactly as make_loader does.
+    # The range is resolved once from the manifest (train start-up does it) and recorded as such.
     soft = Manifest.build({**synthetic_identity(prompt_dim=DIM, pooled_dim=POOLED),
                            "condition": {"method": "sketch", "soft": True}}, records, {}, code_version="t", created="")
-    assert stream_identity(soft, **kw)["soft_threshold"] == [0.3, 0.8]
-    assert stream_identity(soft, **kw, soft_threshold=(0.4, 0.6))["soft_threshold"] == [0.4, 0.6]
+    default = soft_threshold_range_for(soft.identity, None)
+    assert default == (0.3, 0.8)
+    assert identity_of(soft, **kw, soft_threshold=default)["soft_threshold"] == [0.3, 0.8]
+    assert identity_of(soft, **kw, soft_threshold=(0.4, 0.6))["soft_threshold"] == [0.4, 0.6]
     with pytest.raises(ValueError, match="low <= high"):
-        stream_identity(records, **kw, soft_threshold=(0.9, 0.1))
+        identity_of(records, **kw, soft_threshold=(0.9, 0.1))
 
 
 class _CountingStore:
@@ -355,15 +385,15 @@ def test_resume_skips_whole_shards_and_decodes_only_what_it_yields(cache, monkey
     monkeypatch.setattr(schema, "decode_sample", lambda key, members: decoded.append(key) or real_decode(key, members))
     kw = dict(batch_size=2, seed=0, epoch=0, shuffle_buffer=0)
     full_store = _CountingStore(open_store(root))
-    full = _all(CacheStream(full_store, records, **kw))
+    full = _all(cache_stream(full_store, records, **kw))
     assert len(decoded) == 2 * len(full) == 32
     decoded.clear()
     store = _CountingStore(open_store(root))
-    tail = _all(CacheStream(store, records, start_batch=len(full) - 2, **kw))
+    tail = _all(cache_stream(store, records, start_batch=len(full) - 2, **kw))
     assert len(decoded) == 4 and _keys(tail) == _keys(full[-2:])
     last_keys = set(tail[0].keys + tail[1].keys)
-    plan = epoch_plan(records, seed=0, epoch=0, world_size=1, rank=0, num_workers=0, worker=0)
-    assert store.opened == [sl.name for sl in plan if set(sl.keys) & last_keys]
+    plan = epoch_plan_of(records, batch_size=2, seed=0, epoch=0)
+    assert store.opened == [sl.name for sl in plan.read_order if set(sl.keys) & last_keys]
     assert len(store.opened) < len(full_store.opened)
 
 
@@ -414,7 +444,7 @@ def test_stream_swaps_in_the_stored_empty_prompt(cache):
     runs = {}
     for epoch in (0, 1):
         dropped = {}
-        for b in CacheStream(store, records, batch_size=4, seed=9, epoch=epoch, caption_dropout=0.5, shuffle_buffer=3):
+        for b in cache_stream(store, records, batch_size=4, seed=9, epoch=epoch, caption_dropout=0.5, shuffle_buffer=3):
             for i, key in enumerate(b.keys):
                 s = truth[key]
                 c, drop = sample_choice(seed=9, epoch=epoch, key=key, num_captions=s.prompt_embeds.shape[0], caption_dropout=0.5)
@@ -436,7 +466,7 @@ def _copy(cache, tmp_path) -> tuple[Path, str]:
     root, records, _ = cache
     dst = tmp_path / "cache"
     shutil.copytree(root, dst)
-    first = epoch_plan(records, seed=0, epoch=0, world_size=1, rank=0, num_workers=0, worker=0)[0].name
+    first = epoch_plan_of(records, batch_size=1, seed=0, epoch=0).read_order[0].name
     return dst, first
 
 
@@ -449,8 +479,8 @@ def test_truncated_shard_is_an_error_naming_it(cache, tmp_path):
         f.truncate(second.offset)
     records = cache[1]
     with pytest.raises(ShardError, match=re.escape(first)):
-        _all(CacheStream(open_store(root), records, batch_size=1, seed=0, epoch=0))
-    loader, _ = make_loader(open_store(root), records, batch_size=1, seed=0, epoch=0, num_workers=2)
+        _all(cache_stream(open_store(root), records, batch_size=1, seed=0, epoch=0))
+    loader, _ = cache_loader(open_store(root), records, batch_size=1, seed=0, epoch=0, num_workers=2)
     with pytest.raises(ShardError, match=re.escape(first)):
         list(loader)
 
@@ -464,7 +494,7 @@ def test_sha256_mismatch_is_an_error_naming_it(cache, tmp_path):
         f.seek(member.offset_data + member.size)  # zero padding: only the sha256 can notice
         f.write(b"\x01")
     with pytest.raises(ShardError, match=re.escape(first) + ".*sha256"):
-        _all(CacheStream(open_store(root), cache[1], batch_size=1, seed=0, epoch=0))
+        _all(cache_stream(open_store(root), cache[1], batch_size=1, seed=0, epoch=0))
 
 
 def test_an_incomplete_plan_names_its_stream_and_shards(cache, monkeypatch):
@@ -479,16 +509,22 @@ def test_an_incomplete_plan_names_its_stream_and_shards(cache, monkeypatch):
                 yield item
 
     monkeypatch.setattr(train.data, "iter_shard_members", short)
-    ds = CacheStream(open_store(root), records, batch_size=2, seed=0, epoch=1, world_size=2, rank=1, num_workers=2,
+    ds = cache_stream(open_store(root), records, batch_size=2, seed=0, epoch=1, world_size=2, rank=1, num_workers=2,
                      start_batch=1, shuffle_buffer=0)
-    streams = {w: epoch_plan(records, seed=0, epoch=1, world_size=2, rank=1, num_workers=2, worker=w) for w in range(2)}
+    plan = epoch_plan_of(records, batch_size=2, seed=0, epoch=1, world_size=2, num_workers=2, shuffle_buffer=0)
+    streams = {w: [sl.name for sl in plan.stream(1, w).slices] for w in range(2)}
     with pytest.raises(RuntimeError) as e:
         _all(ds)
     msg = str(e.value)
-    # start_batch 1: physical worker 0 plays role 1 from its batch 0; the in-process rotation starts with it.
-    assert msg.startswith("internal: epoch 1, rank 1, loader worker 0 (stream role 1, from its batch 0): ")
+    # start_batch 1: physical worker 0 plays role 1 from its batch 0, worker 1 role 0 from its batch 1.
+    m = re.match(r"internal: epoch 1, rank 1, loader worker (\d) \(stream role (\d), from its batch (\d)\): ", msg)
+    assert m is not None, msg
+    worker, role, first = (int(g) for g in m.groups())
+    assert (role, first) == ((1, 0) if worker == 0 else (0, 1))
     assert "planned batch(es) never completed after reading shard(s) " in msg
-    assert all(sl.name in msg for sl in streams[1]) and not any(sl.name in msg for sl in streams[0])
+    read = msg.split("after reading shard(s) ")[1].split(";")[0].split(", ")
+    # The shards that stream reads from its start batch on, in its reading order.
+    assert read and read == [name for name in streams[role] if name in read]
 
 
 def test_the_last_batch_waits_for_its_shard_to_verify(cache, tmp_path):
@@ -503,11 +539,11 @@ def test_the_last_batch_waits_for_its_shard_to_verify(cache, tmp_path):
     with open(path, "r+b") as f:
         f.seek(last.offset_data + last.size)
         f.write(b"\x01")
-    ds = CacheStream(open_store(root), cache[1], batch_size=2, seed=0, epoch=0, max_samples=2)
+    ds = cache_stream(open_store(root), cache[1], batch_size=2, seed=0, epoch=0, max_samples=2)
     assert len(ds) == 1
     with pytest.raises(ShardError, match=re.escape(name) + ".*sha256"):
         next(iter(ds))
-    intact = CacheStream(open_store(cache[0]), cache[1], batch_size=2, seed=0, epoch=0, max_samples=2)
+    intact = cache_stream(open_store(cache[0]), cache[1], batch_size=2, seed=0, epoch=0, max_samples=2)
     assert sorted(next(iter(intact)).keys) == cache[1][0].keys[:2]
 
 
@@ -523,24 +559,23 @@ def test_batches_have_one_shape_and_resume_exactly_with_buckets(tmp_path):
     store = open_store(tmp_path)
     plain = [dataclasses.replace(r, latent_shapes=None) for r in records]
     kw = dict(batch_size=2, seed=1, epoch=0, world_size=2, rank=0, num_workers=2, shuffle_buffer=3)
-    ds = CacheStream(store, records, **kw)
+    ds = cache_stream(store, records, **kw)
     full = _all(ds)
     assert len(full) == ds.steps_per_epoch
     for b in full:
         assert {shape(int(k[:6]), int(k[7:])) for k in b.keys} == {tuple(b.latent_mean.shape[2:])}
         assert b.cond.shape[2:] == tuple(FACTOR * v for v in b.latent_mean.shape[2:])
-    # The step count counts full batches per shape in each stream.
-    per_stream = []
-    for rank in range(2):
-        for role in range(2):
-            counts = {}
-            for sl in epoch_plan(records, seed=1, epoch=0, world_size=2, rank=rank, num_workers=2, worker=role):
-                for p in range(sl.count):
-                    counts[shape(sl.record.index, p)] = counts.get(shape(sl.record.index, p), 0) + 1
-            per_stream.append(2 * sum(n // 2 for n in counts.values()) + role)
-    assert ds.steps_per_epoch == min(per_stream)
+    # The step count counts full batches per shape over the whole epoch: 22 samples, 15 of shape
+    # 2x2 (7 batches, 1 left over) and 7 of 2x3 (3 batches, 1 left over): 10 batches, 5 per rank.
+    counts = {}
+    for r in records:
+        for p in range(r.samples):
+            counts[shape(r.index, p)] = counts.get(shape(r.index, p), 0) + 1
+    assert counts == {(2, 2): 15, (2, 3): 7}
+    assert ds.steps_per_epoch == sum(n // 2 for n in counts.values()) // 2 == 5
+    assert ds.stats.samples_in_partial_batches == 2 and ds.stats.samples_cut_for_equal_steps == 0
     for b in range(len(full) + 1):
-        _same_batches(_all(CacheStream(store, records, start_batch=b, **kw)), full[b:])
+        _same_batches(_all(cache_stream(store, records, start_batch=b, **kw)), full[b:])
     # Without per-sample shapes the same cache is refused as soon as a batch would mix shapes.
     with pytest.raises(ShardError, match="latent_shapes"):
-        _all(CacheStream(store, plain, batch_size=4, seed=1, epoch=0, shuffle_buffer=0))
+        _all(cache_stream(store, plain, batch_size=4, seed=1, epoch=0, shuffle_buffer=0))

@@ -39,7 +39,7 @@ from shards.remote import RetryPolicy
 from shards.s3 import S3Store
 from shards.store import LocalStore
 from shards.synthetic import write_synthetic_cache
-from train.data import CacheStream
+from streams import cache_stream
 
 BUCKET = "faults"
 # Default seed of the random kill points; override with TEST_S3_KILL_SEED (not a SHARDS_* name:
@@ -73,7 +73,7 @@ def big_cache(server) -> Manifest:
 def _epoch(store, manifest, **kw):
     args = dict(batch_size=4, seed=3, epoch=0, num_workers=0, shuffle_buffer=8)
     args.update(kw)
-    return CacheStream(store, manifest, **args)
+    return cache_stream(store, manifest, **args)
 
 
 def _digest(batch) -> tuple[list[str], str]:

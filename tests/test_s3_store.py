@@ -36,7 +36,7 @@ from shards.remote import ReadOnlyStoreError, ResumableReader, RetryPolicy, Stor
 from shards.s3 import S3Store, parse_s3_url
 from shards.store import TEMP_PREFIX, LocalStore, PublishConflictError, open_store
 from shards.synthetic import write_synthetic_cache
-from train.data import CacheStream, make_loader
+from streams import cache_loader, cache_stream
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "caches"
@@ -73,7 +73,7 @@ def _batches(store, manifest, **kw) -> list[tuple[list[str], str]]:
     args = dict(batch_size=3, seed=1, epoch=0, num_workers=0, shuffle_buffer=4)
     args.update(kw)
     out = []
-    for batch in CacheStream(store, manifest, **args):
+    for batch in cache_stream(store, manifest, **args):
         h = hashlib.sha256()
         for t in (batch.latent_mean, batch.latent_std, batch.prompt_embeds, batch.pooled_prompt_embeds,
                   batch.add_time_ids, batch.cond):
@@ -214,8 +214,8 @@ def test_cache_on_s3_and_https_reads_exactly_like_local(server, caches):
     n = manifest.totals["samples"]
     assert _batches(remote, manifest) == want and len(want) == n // 3 and n == 18
     # Through DataLoader worker processes, forked after this process used its own S3 client.
-    loader, _ = make_loader(remote, manifest, batch_size=3, seed=1, epoch=0, num_workers=2, shuffle_buffer=4)
-    local_loader, _ = make_loader(local, manifest, batch_size=3, seed=1, epoch=0, num_workers=2, shuffle_buffer=4)
+    loader, _ = cache_loader(remote, manifest, batch_size=3, seed=1, epoch=0, num_workers=2, shuffle_buffer=4)
+    local_loader, _ = cache_loader(local, manifest, batch_size=3, seed=1, epoch=0, num_workers=2, shuffle_buffer=4)
     assert [b.keys for b in loader] == [b.keys for b in local_loader]
 
     env = server.isolated_env()

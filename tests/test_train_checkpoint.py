@@ -159,14 +159,14 @@ def test_a_leftover_temp_folder_of_the_same_step_is_replaced(tmp_path, accelerat
 def test_resume_problems_list_every_difference(tmp_path):
     """Each difference once, the data stream's (train.data.stream_identity) among them."""
     from shards.manifest import ShardRecord
-    from train.data import stream_identity
+    from streams import identity_of
 
     records = [ShardRecord(index=i, name=f"shard-{i:06d}.tar", samples=4, bytes=100, sha256=f"{i}" * 64,
                            keys=[f"{i:04d}-{j:04d}" for j in range(4)]) for i in range(4)]
 
     def stream(**kw):
         base = dict(batch_size=4, seed=0, world_size=2, num_workers=2)
-        return stream_identity(records, **{**base, **kw})
+        return identity_of(records, **{**base, **kw})
 
     saved = {"world_size": 2, "manifest_id": "a" * 64, "learning_rate": 1e-5, "total_steps": 100,
              "stream": stream(), "config": {"batch_size": 4, "num_workers": 2, "seed": 0, "max_steps": 100}}

@@ -396,9 +396,10 @@ def test_refuses_another_tokenizer_unless_accepted(tiny_model, cache, tmp_path):
     assert result.global_step == 1 and (tmp_path / "accepted/diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_refuses_more_loader_streams_than_shards(tiny_model, cache, tmp_path):
-    with pytest.raises(CacheMismatchError, match=r"4 non-empty shard\(s\).*5 streams"):
-        train(_cfg(tiny_model, cache, tmp_path / "out", max_steps=1, num_workers=5))
+def test_refuses_a_batch_larger_than_the_cache(tiny_model, cache, tmp_path):
+    with pytest.raises(CacheMismatchError, match=r"not one full batch per rank in epoch 0: 16 sample\(s\) make 0 "
+                                                 r"batch\(es\) of 32 for 1 rank"):
+        train(_cfg(tiny_model, cache, tmp_path / "out", max_steps=1, batch_size=32))
 
 
 def test_refuses_to_overwrite_a_run_without_resume(tiny_model, cache, run_a):
@@ -465,22 +466,40 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tiny_model, cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "out"
+def one_shard_cache(tiny_model, fill_data, tmp_path_factory) -> Path:
+    """14 samples in a single shard: fewer shards than the 2 ranks x 2 loader workers reading it."""
+    out = tmp_path_factory.mktemp("one-shard") / "cache"
+    subprocess.run(
+        [sys.executable, "-m", "precompute", "--model", str(tiny_model), "--data", str(fill_data), "--cache", str(out),
+         "--resolution", "64", "--samples-per-shard", "14", "--max-samples", "14", "--num-workers", "0",
+         "--device", "cpu"],
+        cwd=REPO, check=True, capture_output=True,
+    )
+    return out
+
+
+def _launch(model, cache, out, *extra, env=None, check=True) -> subprocess.CompletedProcess:
+    """`accelerate launch` of 2 gloo processes on the CPU: 4 steps of batch 2, 2 loader workers each."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
-           DEBUG_REPLICA_DIR: str(out.parent / "replicas")}
+           DEBUG_REPLICA_DIR: str(out.parent / "replicas"), **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          "--main_process_port", str(_free_port()),
-         "-m", "train", "--model", str(tiny_model), "--cache", str(cache), "--output-dir", str(out),
-         # 14 samples: shards of 4, 4, 4 and 2, so the ranks hold 8 and 6 samples (uneven)
-         "--max-samples", "14", "--max-steps", "4", "--batch-size", "2", "--num-workers", "1",
-         "--checkpointing-steps", "2",
-         "--log-samples", "--log-every", "1", "--learning-rate", "1e-3"],
+         "-m", "train", "--model", str(model), "--cache", str(cache), "--output-dir", str(out),
+         "--max-steps", "4", "--batch-size", "2", "--num-workers", "2", "--checkpointing-steps", "2",
+         "--log-samples", "--log-every", "1", "--learning-rate", "1e-3", *extra],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_model, one_shard_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "out"
+    _launch(tiny_model, one_shard_cache, out)
     return out
 
 
@@ -496,11 +515,11 @@ def test_two_processes_agree(ddp_run):
         assert len(set(keys[0])) == len(keys[0]) and len(set(keys[1])) == len(keys[1])
         assert not set(keys[0]) & set(keys[1])
     used = {k for rank in ranks for s in rank for k in s["keys"]}
-    assert all(int(k.split("-")[0]) * 4 + int(k.split("-")[1]) < 14 for k in used)  # --max-samples held
+    assert {k.split("-")[0] for k in used} == {"000000"}  # one shard, split between 4 loader streams
     resolved = json.loads((out / "train_config.json").read_text())["resolved"]
     assert resolved["world_size"] == 2 and resolved["batches_per_epoch_per_rank"] == [3, 3]
-    # 3 batches of 2 on each rank use 12 of the 14 samples: rank 0's last 2 are cut so both ranks
-    # take the same steps, in each of the 2 planned epochs; said in the card, not silently.
+    # The 14 samples make 7 batches of 2: 3 per rank, the 7th cut so both ranks take the same
+    # steps, in each of the 2 planned epochs; said in the card, not silently.
     assert resolved["data"]["samples_dropped"] == 4 and resolved["data"]["samples_dropped_for_equal_steps"] == 4
     assert "- samples dropped by the epoch plans: 4 over 2 planned epoch(s) of 14 samples (14.3%: 0 in partial " \
            "batches, 4 for equal steps per rank)" in (out / "README.md").read_text()
@@ -519,14 +538,27 @@ def test_two_processes_agree(ddp_run):
     assert (ckpt / "rng-rank00000.json").is_file() and (ckpt / "rng-rank00001.json").is_file()
 
 
-def test_resume_with_another_world_size_or_worker_count_is_refused(tiny_model, cache, ddp_run, tmp_path):
+def test_two_processes_resume_bitwise_after_a_kill(tiny_model, one_shard_cache, ddp_run, tmp_path):
+    out = tmp_path / "out"
+    killed = _launch(tiny_model, one_shard_cache, out, env={DEBUG_EXIT_AFTER_CHECKPOINT: "2"}, check=False)
+    assert killed.returncode != 0 and (out / "checkpoints/step-000002/COMPLETE").is_file()
+    assert not (out / "diffusion_pytorch_model.safetensors").exists()
+    _launch(tiny_model, one_shard_cache, out, "--resume", "latest")
+    assert _sha(out / "diffusion_pytorch_model.safetensors") == _sha(ddp_run / "diffusion_pytorch_model.safetensors")
+    for r in (0, 1):
+        name = f"logs/samples-rank0000{r}.jsonl"
+        assert _jsonl(out / name) == _jsonl(ddp_run / name)
+    assert [m["loss"] for m in _jsonl(out / "logs/metrics.jsonl")] == [m["loss"] for m in _jsonl(ddp_run / "logs/metrics.jsonl")]
+
+
+def test_resume_with_another_world_size_or_worker_count_is_refused(tiny_model, one_shard_cache, ddp_run, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(ddp_run, out)
     with pytest.raises(CheckpointError) as err:
-        train(_cfg(tiny_model, cache, out, max_steps=8, num_workers=0, resume="latest"))
+        train(_cfg(tiny_model, one_shard_cache, out, max_steps=8, num_workers=0, resume="latest"))
     message = str(err.value)
     assert "number of processes: checkpoint 2, now 1" in message
-    assert "--num-workers: checkpoint 1, now 0" in message
+    assert "--num-workers: checkpoint 2, now 0" in message
     assert "--lr-scheduler: checkpoint 'constant', now 'constant_with_warmup'" in message
 
 

@@ -22,9 +22,9 @@ from shards.store import open_store
 from shards.synthetic import synthetic_identity
 from shards.views import count_sources, group_views, split_view_key, view_key
 from shards.writer import ShardWriter
-from train.augment import binarize, prepare_cond, soft_threshold, threshold_level
-from train.data import CacheStream, make_loader
-from train.plan import epoch_plan, epoch_stats, view_choice
+from train.augment import binarize, prepare_cond, soft_threshold, soft_threshold_range_for, threshold_level
+from streams import cache_loader, cache_stream, epoch_plan_of, stats_of
+from train.plan import view_choice
 
 FACTOR = 8
 DIM, POOLED = 8, 4
@@ -113,9 +113,8 @@ def test_the_plan_takes_one_view_per_image_and_rotates_them(cache, world_size, n
     images = _images(records)
     seen: dict[str, list[int]] = {b: [] for b in images}
     for epoch in range(4):
-        keys = [k for rank in range(world_size) for w in range(max(1, num_workers))
-                for sl in epoch_plan(records, seed=3, epoch=epoch, world_size=world_size, rank=rank,
-                                     num_workers=num_workers, worker=w) for k in sl.keys]
+        keys = [k for sl in epoch_plan_of(records, batch_size=1, seed=3, epoch=epoch, world_size=world_size,
+                                          num_workers=num_workers).read_order for k in sl.keys]
         bases = [split_view_key(k) for k in keys]
         assert sorted(b for b, _ in bases) == sorted(images)  # every image exactly once
         for b, v in bases:
@@ -140,7 +139,7 @@ def test_batches_have_one_shape_ranks_take_equal_steps_and_resume_is_bitwise(cac
         per_rank = []
         kw = dict(batch_size=2, seed=5, epoch=epoch, world_size=2, num_workers=2, shuffle_buffer=3)
         for rank in range(2):
-            ds = CacheStream(store, records, rank=rank, **kw)
+            ds = cache_stream(store, records, rank=rank, **kw)
             full = list(ds)
             assert len(full) == ds.steps_per_epoch
             for b in full:
@@ -148,7 +147,7 @@ def test_batches_have_one_shape_ranks_take_equal_steps_and_resume_is_bitwise(cac
                 assert tuple(b.latent_mean.shape[2:]) == shapes[b.keys[0]]
                 assert tuple(b.cond.shape[2:]) == tuple(FACTOR * v for v in shapes[b.keys[0]])
             for start in range(len(full) + 1):
-                _same_batches(list(CacheStream(store, records, rank=rank, start_batch=start, **kw)), full[start:])
+                _same_batches(list(cache_stream(store, records, rank=rank, start_batch=start, **kw)), full[start:])
             per_rank.append(full)
         assert len(per_rank[0]) == len(per_rank[1])  # equal steps on every rank
         keys = [split_view_key(k)[0] for full in per_rank for b in full for k in b.keys]
@@ -158,28 +157,28 @@ def test_batches_have_one_shape_ranks_take_equal_steps_and_resume_is_bitwise(cac
 def test_small_buckets_are_dropped_and_counted_never_repeated(cache):
     root, records = cache
     store = open_store(root)
-    stats = epoch_stats(records, batch_size=2, world_size=1, num_workers=0, seed=0, epoch=0)
-    batches = list(CacheStream(store, records, batch_size=2, seed=0, epoch=0, shuffle_buffer=0))
+    stats = stats_of(records, batch_size=2, world_size=1, num_workers=0, seed=0, epoch=0)
+    batches = list(cache_stream(store, records, batch_size=2, seed=0, epoch=0, shuffle_buffer=0))
     used = [k for b in batches for k in b.keys]
     assert stats.samples == 30 and stats.samples_used == len(used) == 2 * len(batches)
     assert stats.samples_dropped == 30 - len(used)
     shapes = {k: tuple(s) for r in records for k, s in zip(r.keys, r.latent_shapes)}
     counts = {}
-    for sl in epoch_plan(records, seed=0, epoch=0, world_size=1, rank=0, num_workers=0, worker=0):
+    for sl in epoch_plan_of(records, batch_size=2, seed=0, epoch=0).read_order:
         for k in sl.keys:
             counts[shapes[k]] = counts.get(shapes[k], 0) + 1
-    # One stream: each bucket loses its count mod the batch size, nothing else.
+    # Each bucket loses its count mod the batch size, nothing else.
     assert stats.samples_dropped == sum(n % 2 for n in counts.values())
     assert counts[RARE] == 2 and sum(shapes[k] == RARE for k in used) == 2  # exactly a batch: kept
     assert len(used) == len(set(used))
-    with_three = epoch_stats(records, batch_size=3, world_size=1, num_workers=0, seed=0, epoch=0)
+    with_three = stats_of(records, batch_size=3, world_size=1, num_workers=0, seed=0, epoch=0)
     assert with_three.samples_dropped == sum(n % 3 for n in counts.values())  # the 2 rare ones among them
 
 
 def test_max_samples_counts_images(cache):
     _, records = cache
-    plan = epoch_plan(records, seed=0, epoch=2, world_size=1, rank=0, num_workers=0, worker=0, max_samples=8)
-    keys = [k for sl in plan for k in sl.keys]
+    plan = epoch_plan_of(records, batch_size=1, seed=0, epoch=2, max_samples=8)
+    keys = [k for sl in plan.read_order for k in sl.keys]
     assert len(keys) == 8
     assert sorted(split_view_key(k)[0] for k in keys) == [schema.sample_key(0, p) for p in range(5)] + \
         [schema.sample_key(1, p) for p in range(3)]
@@ -192,7 +191,7 @@ def test_soft_conditions_are_thresholded_per_sample_and_epoch(cache, tmp_path):
     kw = dict(batch_size=2, seed=5, world_size=1, num_workers=0, shuffle_buffer=0)
     thresholds: dict[str, set[float]] = {}
     for epoch in (0, 1):
-        batches = list(CacheStream(store, records, epoch=epoch, soft_threshold=(0.3, 0.8), **kw))
+        batches = list(cache_stream(store, records, epoch=epoch, soft_threshold=(0.3, 0.8), **kw))
         for b in batches:
             # Shipped raw (uint8) with one threshold level per sample; binarised by prepare_cond.
             assert b.cond_u8.dtype == b.cond_levels.dtype == torch.uint8 and b.cond_levels.shape == (len(b),)
@@ -206,23 +205,25 @@ def test_soft_conditions_are_thresholded_per_sample_and_epoch(cache, tmp_path):
                 assert torch.equal(b.cond[i], binarize(raw, t))
                 thresholds.setdefault(split_view_key(k)[0], set()).add(t)
         # resume reproduces the thresholds
-        _same_batches(list(CacheStream(store, records, epoch=epoch, start_batch=3, soft_threshold=(0.3, 0.8), **kw)),
+        _same_batches(list(cache_stream(store, records, epoch=epoch, start_batch=3, soft_threshold=(0.3, 0.8), **kw)),
                       batches[3:])
     # An image drawn in both epochs got two thresholds.
     assert any(len(ts) == 2 for ts in thresholds.values())
-    # make_loader takes the range from a manifest that says its conditions are soft.
+    # The range comes from a manifest that says its conditions are soft (resolved once, at start-up).
     identity = {**synthetic_identity(prompt_dim=DIM, pooled_dim=POOLED), "condition": {"method": "sketch", "soft": True}}
     manifest = Manifest.build(identity, records, {}, code_version="test", created="")
-    loader, _ = make_loader(store, manifest, epoch=0, **kw)
+    loader, _ = cache_loader(store, manifest, epoch=0, soft_threshold=soft_threshold_range_for(manifest.identity, None),
+                             **kw)
     auto = list(loader)
-    _same_batches(auto, list(CacheStream(store, records, epoch=0, soft_threshold=(0.3, 0.8), **kw)))
+    _same_batches(auto, list(cache_stream(store, records, epoch=0, soft_threshold=(0.3, 0.8), **kw)))
     plain = Manifest.build(synthetic_identity(prompt_dim=DIM, pooled_dim=POOLED), records, {}, code_version="test",
                            created="")
-    assert not set(next(iter(make_loader(store, plain, epoch=0, **kw)[0])).cond.unique().tolist()) <= {0.0, 1.0}
+    assert soft_threshold_range_for(plain.identity, None) is None
+    assert not set(next(iter(cache_loader(store, plain, epoch=0, **kw)[0])).cond.unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="does not store soft"):
-        make_loader(store, plain, epoch=0, soft_threshold=(0.3, 0.8), **kw)
+        soft_threshold_range_for(plain.identity, (0.3, 0.8))
     with pytest.raises(ValueError, match="low <= high"):
-        CacheStream(store, records, epoch=0, soft_threshold=(0.9, 0.1), **kw)
+        cache_stream(store, records, epoch=0, soft_threshold=(0.9, 0.1), **kw)
 
 
 def test_prepare_cond_binarises_the_8_bit_image_exactly():
@@ -253,10 +254,10 @@ def test_loader_workers_read_views_like_the_in_process_stream(cache):
     root, records = cache
     store = open_store(root)
     kw = dict(batch_size=2, seed=1, epoch=1, world_size=1, num_workers=2, shuffle_buffer=4)
-    loader, steps = make_loader(store, records, start_batch=1, **kw)
+    loader, steps = cache_loader(store, records, start_batch=1, **kw)
     got = list(loader)
     assert len(got) == steps - 1
-    _same_batches(got, list(CacheStream(store, records, **kw))[1:])
+    _same_batches(got, list(cache_stream(store, records, **kw))[1:])
     assert np.all([len(b.keys) == 2 for b in got])
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import sys
 from typing import Any
 
 import click
@@ -108,12 +107,12 @@ def main(**options: Any) -> None:
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    from shards.runtime import run_command
+
     cfg = TrainConfig(**options)
-    try:
-        train(cfg)
-    except (ConfigError, StartupError, CheckpointError, TrainError, ManifestError, ShardError) as e:
-        click.echo(f"error: {user_message(e)}", err=True)
-        sys.exit(1)
+    run_command(lambda: train(cfg), user_errors=(ConfigError, StartupError, CheckpointError, TrainError,
+                                                 ManifestError, ShardError),
+                message=user_message, continue_hint="continue with --resume latest (the newest complete checkpoint)")
 
 
 if __name__ == "__main__":

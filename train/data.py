@@ -7,8 +7,8 @@ randomness (caption pick, caption dropout, soft-threshold level) and collates `H
 with exact mid-epoch resume.
 
 The whole batch sequence of a rank is a pure function of the shard records, (epoch, rank,
-start_batch) and the settings `stream_identity` lists, which checkpoints save: a resume must
-match it exactly.
+start_batch) and the `train.plan.DataSpec`, which checkpoints save (`stream_identity`): a resume
+must match it exactly.
 
 The wire format
 ---------------
@@ -24,6 +24,8 @@ Reading
   `(start_batch + w) % W` from that role's batch `(start_batch + w) // W` (`train.plan`). The
   resumed stream yields exactly the remaining batches, in order. Skipped batches are not decoded,
   and a shard none of whose samples is still needed is not opened at all.
+* A stream may take only some samples of a shard (`train.plan`: streams split the epoch at
+  sample granularity); it still reads the whole shard, so its count and sha256 are checked.
 * Views: of an image's stored views only the one the plan picks is decoded (the others' bytes are
   still read: views multiply an epoch's I/O, not its decode work).
 * Soft conditions: for a cache stored with precompute's --condition-soft, each conditioning image
@@ -49,68 +51,37 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shards import schema
 from shards.manifest import Manifest, ShardRecord, identity_diff
 from shards.reader import ShardError, iter_shard_members, load_empty_prompt
+from shards.runtime import worker_init
 from shards.store import Store
-from train.augment import prepare_cond, range_problems, soft_threshold_range_for, threshold_level
+from train.augment import prepare_cond, threshold_level
 from train.augment import soft_threshold as draw_soft_threshold
-from train.plan import ShardSlice, as_records, check_settings, plan_streams, sample_choice, stats_of, stream_batches
+from train.plan import DataSpec, EpochPlan, ShardSlice, as_records, sample_choice
 
 if TYPE_CHECKING:
     from train.step import Batch
 
-# A shuffle buffer holds raw sample bytes: about 0.6 MB per sample at 1024 px (REFERENCE.md §2),
-# so 256 samples cost about 150 MB per loader worker.
-DEFAULT_SHUFFLE_BUFFER = 256
-
 # Bump when the plan or the stream changes which samples come in which order for the same
 # settings: a checkpoint saved under another version cannot be resumed exactly.
-STREAM_VERSION = 1
+# 2: streams split the epoch at sample granularity (one global shuffle buffer and batch order).
+STREAM_VERSION = 2
 
 
 # --------------------------------------------------------------------------------------------
 # What a resume must match
 
 
-def resolve_soft_threshold(
-    records: Manifest | Sequence[ShardRecord], requested: tuple[float, float] | None | str = "auto",
-) -> tuple[float, float] | None:
-    """The threshold range a stream over `records` uses. "auto": for a Manifest of a cache with
-    soft conditions (precompute --condition-soft) the default range of `train.augment`, else None.
-    A range given for a Manifest without soft conditions is a ValueError; bare records take a
-    given range as is (after the range check)."""
-    if isinstance(records, Manifest):
-        return soft_threshold_range_for(records.identity, None if requested == "auto" else requested)
-    if requested == "auto" or requested is None:
-        return None
-    problems = range_problems(requested)
-    if problems:
-        raise ValueError(problems[0])
-    return (float(requested[0]), float(requested[1]))
-
-
-def stream_identity(
-    records: Manifest | Sequence[ShardRecord], *, batch_size: int, seed: int, world_size: int, num_workers: int,
-    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, max_samples: int | None = None, caption_dropout: float = 0.0,
-    soft_threshold: tuple[float, float] | None | str = "auto",
-) -> dict:
+def stream_identity(records: Manifest | Sequence[ShardRecord], spec: DataSpec) -> dict:
     """Everything besides (epoch, rank, start_batch) that decides every rank's batches, as plain
-    JSON; the arguments are `make_loader`'s, resolved the same way.
+    JSON: the spec, the shards (index, count, sha256) and the stream version.
 
     The single source of what a resume must match for the data: a checkpoint saves it, and
     `stream_resume_problems(saved, now)` lists what changed (world size, loader workers, cache
     contents, ...); any difference means the resumed run would not continue the same sample sequence.
     """
-    check_settings(batch_size=batch_size, seed=seed, world_size=world_size, num_workers=num_workers,
-                   shuffle_buffer=shuffle_buffer, max_samples=max_samples, caption_dropout=caption_dropout)
-    threshold = resolve_soft_threshold(records, soft_threshold)
     digest = hashlib.sha256()
     for r in sorted(as_records(records), key=lambda r: r.index):
         digest.update(f"{r.index} {r.samples} {r.sha256}\n".encode())
-    return {
-        "stream_version": STREAM_VERSION, "shards_sha256": digest.hexdigest(), "batch_size": batch_size,
-        "seed": seed, "world_size": world_size, "num_workers": num_workers, "shuffle_buffer": shuffle_buffer,
-        "max_samples": max_samples, "caption_dropout": float(caption_dropout),
-        "soft_threshold": None if threshold is None else [float(v) for v in threshold],
-    }
+    return {"stream_version": STREAM_VERSION, "shards_sha256": digest.hexdigest(), **spec.to_dict()}
 
 
 _IDENTITY_LABELS = {
@@ -215,33 +186,25 @@ class CacheStream(IterableDataset):
     """Collated `HostBatch`es (CPU) of one rank for one epoch, from `start_batch` on.
 
     Build one per epoch (and per resume). Iterate it through `make_loader` (batch_size=None,
-    `num_workers` workers), or directly: with num_workers > 1 outside a DataLoader it reproduces
-    DataLoader's round-robin over the worker streams itself. `len()` is the number of batches
-    still to come, `steps_per_epoch - start_batch`.
+    `spec.num_workers` workers), or directly: with num_workers > 1 outside a DataLoader it
+    reproduces DataLoader's round-robin over the worker streams itself. `len()` is the number of
+    batches still to come, `steps_per_epoch - start_batch`.
     """
 
-    def __init__(
-        self, store: Store, records: Manifest | Sequence[ShardRecord], *, batch_size: int, seed: int, epoch: int,
-        world_size: int = 1, rank: int = 0, num_workers: int = 0, start_batch: int = 0,
-        caption_dropout: float = 0.0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, max_samples: int | None = None,
-        soft_threshold: tuple[float, float] | None = None,
-    ) -> None:
+    def __init__(self, store: Store, records: Manifest | Sequence[ShardRecord], spec: DataSpec, *, epoch: int,
+                 rank: int = 0, start_batch: int = 0) -> None:
         super().__init__()
-        check_settings(batch_size=batch_size, seed=seed, epoch=epoch, world_size=world_size, rank=rank,
-                       num_workers=num_workers, start_batch=start_batch, caption_dropout=caption_dropout,
-                       shuffle_buffer=shuffle_buffer, max_samples=max_samples,
-                       extra_problems=[] if soft_threshold is None else range_problems(soft_threshold))
-        # (low, high): binarise every conditioning image at a per-(seed, epoch, key) threshold.
-        self.soft_threshold = None if soft_threshold is None else (float(soft_threshold[0]), float(soft_threshold[1]))
-        self.store = store
-        self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
-        self.world_size, self.rank, self.num_workers = world_size, rank, num_workers
-        self.start_batch, self.shuffle_buffer = start_batch, shuffle_buffer
-        self.caption_dropout = float(caption_dropout)
-        self._streams = plan_streams(records, seed=seed, epoch=epoch, world_size=world_size,
-                                     num_workers=num_workers, max_samples=max_samples)
-        self.stats = stats_of(self._streams, epoch=epoch, batch_size=batch_size, world_size=world_size,
-                              num_workers=num_workers)
+        problems = []
+        if not isinstance(rank, int) or not 0 <= rank < spec.world_size:
+            problems.append(f"rank must be an integer in [0, world_size={spec.world_size}), got {rank!r}")
+        if not isinstance(start_batch, int) or start_batch < 0:
+            problems.append(f"start_batch must be an integer >= 0, got {start_batch!r}")
+        if problems:
+            raise ValueError("invalid data settings:\n  - " + "\n  - ".join(problems))
+        self.store, self.spec = store, spec
+        self.epoch, self.rank, self.start_batch = epoch, rank, start_batch
+        self.plan = EpochPlan(records, spec, epoch)
+        self.stats = self.plan.stats
         self.steps_per_epoch = self.stats.steps
         if start_batch > self.steps_per_epoch:
             raise ValueError(
@@ -249,18 +212,18 @@ class CacheStream(IterableDataset):
                 f"batches per rank; the checkpoint does not belong to this cache and settings"
             )
         # Loaded up front so that a cache without its empty-prompt file fails at start.
-        self._empty = load_empty_prompt(store) if self.caption_dropout > 0 else None
+        self._empty = load_empty_prompt(store) if spec.caption_dropout > 0 else None
 
     def __len__(self) -> int:
         return self.steps_per_epoch - self.start_batch
 
     def __iter__(self) -> Iterator[HostBatch]:
-        roles = max(1, self.num_workers)
+        roles = self.spec.roles
         info = get_worker_info()
         if info is not None:
             if info.num_workers != roles:
                 raise ValueError(
-                    f"CacheStream was planned for {self.num_workers} loader workers but runs in a DataLoader "
+                    f"CacheStream was planned for {self.spec.num_workers} loader workers but runs in a DataLoader "
                     f"with {info.num_workers}; build the DataLoader with make_loader"
                 )
             yield from self._worker(info.id)
@@ -275,16 +238,13 @@ class CacheStream(IterableDataset):
                     live.remove(it)
 
     def _worker(self, worker: int) -> Iterator[HostBatch]:
-        roles = max(1, self.num_workers)
+        roles = self.spec.roles
         role = (self.start_batch + worker) % roles
         first = (self.start_batch + worker) // roles
-        quota = max(0, -(-(self.steps_per_epoch - role) // roles))  # positions < steps that are == role
-        stream = self._streams[self.rank * roles + role]
-        batches = stream_batches(stream, batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer,
-                                 seed=self.seed, epoch=self.epoch, rank=self.rank, role=role, quota=quota)
+        stream = self.plan.stream(self.rank, role)
         where = (f"epoch {self.epoch}, rank {self.rank}, loader worker {worker} (stream role {role}, from its "
                  f"batch {first})")
-        yield from self._read(stream, batches[first:], where)
+        yield from self._read(list(stream.slices), [list(b) for b in stream.batches[first:]], where)
 
     def _read(self, stream: list[ShardSlice], batches: list[list[int]], where: str) -> Iterator[HostBatch]:
         """Read just the shards holding samples of `batches` and hand out the batches in order.
@@ -337,8 +297,8 @@ class CacheStream(IterableDataset):
                 raise ShardError(f"{shard}: {e}") from e
             self._check_sample(shard, shape, sample, cond, first=(means[0], conds[0], keys[0]) if means else None)
             k = sample.prompt_embeds.shape[0]
-            c, dropped = sample_choice(seed=self.seed, epoch=self.epoch, key=key, num_captions=k,
-                                       caption_dropout=self.caption_dropout)
+            c, dropped = sample_choice(seed=self.spec.seed, epoch=self.epoch, key=key, num_captions=k,
+                                       caption_dropout=self.spec.caption_dropout)
             if dropped:
                 e, p = self._empty_like(shard, sample)
             else:
@@ -348,9 +308,9 @@ class CacheStream(IterableDataset):
             embeds.append(e)
             pooled.append(p)
             time_ids.append(sample.meta.add_time_ids)
-            if self.soft_threshold is not None:
-                t = draw_soft_threshold(seed=self.seed, epoch=self.epoch, key=key, low=self.soft_threshold[0],
-                                        high=self.soft_threshold[1])
+            if self.spec.soft_threshold is not None:
+                low, high = self.spec.soft_threshold
+                t = draw_soft_threshold(seed=self.spec.seed, epoch=self.epoch, key=key, low=low, high=high)
                 levels.append(threshold_level(t))
             conds.append(cond)
             keys.append(key)
@@ -366,7 +326,7 @@ class CacheStream(IterableDataset):
             add_time_ids=torch.tensor(time_ids, dtype=torch.float32),
             # uint8 until the device (train.augment.prepare_cond); soft maps: one level per sample.
             cond_u8=torch.from_numpy(np.stack(conds)).permute(0, 3, 1, 2).contiguous(),
-            cond_levels=torch.tensor(levels, dtype=torch.uint8) if self.soft_threshold is not None else None,
+            cond_levels=torch.tensor(levels, dtype=torch.uint8) if self.spec.soft_threshold is not None else None,
             keys=keys,
         )
 
@@ -398,34 +358,27 @@ class CacheStream(IterableDataset):
 
 
 def make_loader(
-    store: Store, records: Manifest | Sequence[ShardRecord], *, batch_size: int, seed: int, epoch: int,
-    world_size: int = 1, rank: int = 0, num_workers: int = 0, start_batch: int = 0, caption_dropout: float = 0.0,
-    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, max_samples: int | None = None, pin_memory: bool | None = None,
-    prefetch_factor: int = 2, soft_threshold: tuple[float, float] | None | str = "auto",
+    store: Store, records: Manifest | Sequence[ShardRecord], spec: DataSpec, *, epoch: int, rank: int = 0,
+    start_batch: int = 0, pin_memory: bool | None = None, prefetch_factor: int = 2,
 ) -> tuple[DataLoader, int]:
     """(DataLoader over this rank's `HostBatch`es of `epoch` from `start_batch` on, steps_per_epoch).
 
-    `soft_threshold`: see `resolve_soft_threshold` ("auto" follows the cache's manifest).
     `loader.dataset.stats` is the epoch's `train.plan.EpochStats` (what it uses and drops).
 
     Build a new one every epoch and after every resume. Never pass it to `accelerator.prepare`
-    (that dispatches from rank 0 and drops data, REFERENCE.md §3): ranks already hold disjoint
-    streams of equal length. `batch.to(device, non_blocking=True)` turns each into the
-    `train.step.Batch` the step takes, converting the uint8 conditioning images on the device.
+    (that dispatches from rank 0 and drops data): ranks already hold disjoint streams of equal
+    length. `batch.to(device, non_blocking=True)` turns each into the `train.step.Batch` the step
+    takes, converting the uint8 conditioning images on the device.
     """
-    dataset = CacheStream(
-        store, records, batch_size=batch_size, seed=seed, epoch=epoch, world_size=world_size, rank=rank,
-        num_workers=num_workers, start_batch=start_batch, caption_dropout=caption_dropout,
-        shuffle_buffer=shuffle_buffer, max_samples=max_samples,
-        soft_threshold=resolve_soft_threshold(records, soft_threshold),
-    )
+    dataset = CacheStream(store, records, spec, epoch=epoch, rank=rank, start_batch=start_batch)
     loader = DataLoader(
         dataset,
         batch_size=None,  # batches are made inside the workers, one shape each
-        num_workers=num_workers,
+        num_workers=spec.num_workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=False,  # the epoch and start position are baked into the dataset
-        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        prefetch_factor=prefetch_factor if spec.num_workers > 0 else None,
+        worker_init_fn=worker_init,  # a worker dies quietly on SIGTERM; its rank reports why
         # DataLoader hands out worker batches round-robin, in order (its default; in_order=True
         # on torch >= 2.6): the rank's batch sequence, and so exact resume, rests on that.
     )

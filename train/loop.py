@@ -198,11 +198,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     try:
         while state.global_step < total:
             batches = plan.batches_per_epoch[state.epoch]
-            loader, steps = make_loader(run.store, plan.manifest, batch_size=cfg.batch_size, seed=cfg.seed,
-                                        epoch=state.epoch, world_size=world, rank=rank, num_workers=cfg.num_workers,
-                                        start_batch=state.batches_done, caption_dropout=cfg.caption_dropout,
-                                        shuffle_buffer=cfg.shuffle_buffer, max_samples=cfg.max_samples,
-                                        soft_threshold=cfg.soft_threshold())
+            loader, steps = make_loader(run.store, plan.manifest, plan.data, epoch=state.epoch, rank=rank,
+                                        start_batch=state.batches_done)
             if steps != batches:
                 raise TrainError(f"internal: epoch {state.epoch} has {steps} batches, planned {batches}")
             log.info(plan.epoch_stats[state.epoch].describe())  # what the epoch uses and drops, and why

@@ -1,43 +1,40 @@
 """The epoch plan: which samples every rank and loader worker takes, in which order, and why.
 
-Pure functions of the shard records and the settings; nothing here reads a shard, depends on
+Pure functions of the shard records and a `DataSpec`; nothing here reads a shard, depends on
 timing, process start order or global RNG state. That is what makes resume exact and lets ranks
 agree on their step count without talking to each other. `train.data` reads and batches what
 this module plans.
 
 How an epoch is laid out
 ------------------------
-* Streams. Each rank runs `max(1, num_workers)` *roles* (one per DataLoader worker); every
-  (rank, role) pair is one shard stream. Shards are shuffled with a generator seeded from
-  (seed, epoch) and then dealt to the streams greedily by sample count: largest shard first, to
-  the stream holding the fewest samples so far (ties: lowest stream). A stream reads its shards
-  in the shuffled order. Shards with no samples are never opened.
-* Samples. A stream passes its samples through a seeded shuffle buffer (seed from
-  (seed, epoch, rank, role)) and groups them into batches of one latent shape.
-* Ranks. DataLoader takes batches from its workers round-robin, so rank batch `p` comes from role
-  `p % W`. Every rank takes the same number of batches, `steps_per_epoch`: the largest S such that
-  each role of each rank has enough full batches for its share of positions `< S`. The rest of
-  an epoch's samples is dropped, and `EpochStats` reports how many and why: leftover partial
-  batches (per stream and shape), and full batches cut so every rank takes the same step count.
-  With equal shards, the cut is up to about one shard per stream when the shard count is not a
-  multiple of world_size * W (3000 shards of 1000 over 64 streams: 1.9%), else under one batch per
-  stream. The shuffle differs every epoch, so different samples are dropped each time. Whole
-  shards per stream keep reads sequential and each shard read once; many more shards than
-  streams keeps the loss small.
+* Read order. The epoch's shards are shuffled with a generator seeded from (seed, epoch); their
+  used samples, in tar order, make one global read sequence of N samples.
+* Batches. That sequence passes through one seeded shuffle buffer of `shuffle_buffer` samples
+  (a pure simulation), and global batches are formed in emission order, one latent shape each:
+  a batch is complete when its shape has `batch_size` samples. A shape's last, partial batch is
+  dropped (counted in `EpochStats.samples_in_partial_batches`).
+* Equal steps. With T complete batches, every rank takes `steps = T // world_size`; the last
+  `T mod world_size` batches are cut (`samples_cut_for_equal_steps`). So a one-shape cache drops
+  less than one global batch (`batch_size * world_size` samples) per epoch, whatever the shard
+  sizes and however few shards there are (a single 14-sample shard trains on 2 ranks x 2
+  workers). A bucketed cache drops at most that plus one partial batch per bucket.
+* Streams. Each rank runs `max(1, num_workers)` *roles* (one per DataLoader worker); DataLoader
+  takes batches from its workers round-robin, so rank position `p` comes from role `p % W`.
+  Stream (rank, role) takes a contiguous run of the global batches, as many as its positions
+  `< steps` that are `== role mod W`, runs in (rank, role) order. A contiguous run of batches is
+  a contiguous stretch of the read sequence (plus the few samples the buffer held back from just
+  before it), so a stream reads about N / streams samples of neighbouring shards: reads stay
+  sequential, and a shard is split between streams only at run boundaries. A stream reads every
+  shard it touches to its end, so the reader's count and sha256 checks cover it.
 * Resume. After `start_batch` batches of an epoch a new DataLoader starts again at worker 0, so
   physical worker `w` plays role `(start_batch + w) % W` and starts at that role's batch
   `(start_batch + w) // W`. The plan is computed on sample *identities* (record keys), not contents.
 
 Policies
 --------
-* Uneven shards: greedy balancing by sample count, then truncation to the common step count
-  (above). Samples are disjoint across ranks and workers within an epoch.
-* Partial batches: a stream's leftover partial batch of each shape at the end of the epoch is
-  dropped (counted in `EpochStats.samples_in_partial_batches`); never padded, never repeated.
 * Buckets: batches never mix latent shapes. When shard records carry per-sample latent shapes
   (`ShardRecord.latent_shapes`, written for bucketed caches), samples are grouped by shape in the
-  plan itself, so steps and resume stay exact. A bucket's leftover samples in a stream (fewer
-  than a batch) are dropped for the epoch like any partial batch.
+  plan itself, so steps and resume stay exact.
 * Views: a cache made with precompute's --flip / --crops stores several views of an image, under
   keys `<sample key>-v<n>` (`shards.views`). The plan takes exactly one view per image per epoch,
   chosen from the keys alone (`view_choice`): views rotate, epoch e taking view (o + e) mod n with
@@ -45,6 +42,8 @@ Policies
   max_samples are in images.
 * max_samples: the first `max_samples` images in manifest order (shard index, then tar order), the
   same subset every epoch, as the reference's `max_train_samples`.
+* Partial batches are never padded or repeated; the shuffle differs every epoch, so different
+  samples are dropped each time.
 
 Randomness
 ----------
@@ -57,17 +56,79 @@ record key, so they do not depend on where the sample lands in the stream.
 from __future__ import annotations
 
 import hashlib
-import heapq
 from collections.abc import Hashable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from enum import IntEnum
-from typing import Any
 
 import numpy as np
 
 from shards.manifest import Manifest, ShardRecord
 from shards.reader import ShardError
 from shards.views import group_views, has_views
+
+# A shuffle buffer holds raw sample bytes: about 0.6 MB per sample at 1024 px in bf16, so 256
+# samples cost about 150 MB per loader worker.
+DEFAULT_SHUFFLE_BUFFER = 256
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Every setting that decides which samples each rank takes, in which order, with which
+    per-sample randomness: with (the shard records, epoch, rank, start_batch) the whole batch
+    sequence. Validated once, here; `train.data.stream_identity` saves it in checkpoints.
+
+    `soft_threshold`: the binarisation range of a cache with soft conditioning maps (resolved from
+    the manifest by `train.augment.soft_threshold_range_for`), None otherwise.
+    """
+
+    batch_size: int
+    seed: int
+    world_size: int = 1
+    num_workers: int = 0
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+    max_samples: int | None = None
+    caption_dropout: float = 0.0
+    soft_threshold: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name, low in (("batch_size", 1), ("seed", 0), ("world_size", 1), ("num_workers", 0),
+                          ("shuffle_buffer", 0)):
+            v = getattr(self, name)
+            if not _is_int(v) or v < low:
+                problems.append(f"{name} must be an integer >= {low}, got {v!r}")
+        if self.max_samples is not None and (not _is_int(self.max_samples) or self.max_samples < 1):
+            problems.append(f"max_samples must be None or an integer >= 1, got {self.max_samples!r}")
+        p = self.caption_dropout
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+            problems.append(f"caption_dropout must be a probability in [0, 1], got {p!r}")
+        if self.soft_threshold is not None:
+            from train.augment import range_problems
+
+            problems += range_problems(self.soft_threshold)
+        if problems:
+            raise ValueError("invalid data settings:\n  - " + "\n  - ".join(problems))
+        if self.soft_threshold is not None:  # plain floats, as the JSON of a checkpoint gives them back
+            object.__setattr__(self, "soft_threshold", tuple(float(v) for v in self.soft_threshold))
+        object.__setattr__(self, "caption_dropout", float(self.caption_dropout))
+
+    @property
+    def roles(self) -> int:
+        """Loader streams per rank: one per DataLoader worker, one when reading in-process."""
+        return max(1, self.num_workers)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["soft_threshold"] = None if self.soft_threshold is None else list(self.soft_threshold)
+        return d
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 class Draw(IntEnum):
@@ -222,42 +283,6 @@ def data_summary(stats: Sequence[EpochStats]) -> dict[str, int | float]:
 
 
 # --------------------------------------------------------------------------------------------
-# Arguments
-
-
-def check_settings(*, extra_problems: Sequence[str] = (), **kw: Any) -> None:
-    """Every problem with the plan/stream arguments given, plus `extra_problems`, in one message."""
-    problems = []
-
-    def need_int(name: str, lo: int) -> bool:
-        v = kw[name]
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
-            problems.append(f"{name} must be an integer >= {lo}, got {v!r}")
-            return False
-        return True
-
-    for name, lo in (("seed", 0), ("epoch", 0), ("world_size", 1), ("num_workers", 0), ("batch_size", 1),
-                     ("start_batch", 0), ("shuffle_buffer", 0)):
-        if name in kw:
-            need_int(name, lo)
-    if "rank" in kw and need_int("rank", 0) and isinstance(kw.get("world_size"), int):
-        if kw["rank"] >= kw["world_size"]:
-            problems.append(f"rank must be < world_size ({kw['world_size']}), got {kw['rank']}")
-    if "worker" in kw and need_int("worker", 0) and isinstance(kw.get("num_workers"), int):
-        if kw["worker"] >= max(1, kw["num_workers"]):
-            problems.append(f"worker must be < max(1, num_workers) = {max(1, kw['num_workers'])}, got {kw['worker']}")
-    if kw.get("max_samples") is not None:
-        need_int("max_samples", 1)
-    if "caption_dropout" in kw:
-        p = kw["caption_dropout"]
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
-            problems.append(f"caption_dropout must be a probability in [0, 1], got {p!r}")
-    problems += extra_problems
-    if problems:
-        raise ValueError("invalid data settings:\n  - " + "\n  - ".join(problems))
-
-
-# --------------------------------------------------------------------------------------------
 # Views and max_samples
 
 
@@ -318,137 +343,123 @@ def _limit(records: list[ShardRecord], max_samples: int | None, *, seed: int, ep
 
 
 # --------------------------------------------------------------------------------------------
-# Streams and steps
+# The plan of one epoch
 
 
-def plan_streams(
-    records: Manifest | Sequence[ShardRecord], *, seed: int, epoch: int, world_size: int, num_workers: int,
-    max_samples: int | None,
-) -> list[list[ShardSlice]]:
-    """Shard slices of every stream of the epoch; stream `rank * W + role`, W = max(1, num_workers)."""
-    slices = _limit(as_records(records), max_samples, seed=seed, epoch=epoch)
-    roles = max(1, num_workers)
-    n_streams = world_size * roles
-    if not slices:
-        raise ValueError("the cache has no samples (every shard is empty, or --max-samples is 0): "
-                         "see the skip reasons with `python -m shards stats CACHE`")
-    if len(slices) < n_streams:
-        fit = len(slices) // world_size
-        hint = (
-            f"use at most {fit} DataLoader worker(s) per rank"
-            if fit >= 1
-            else f"use at most {len(slices)} rank(s)"
-        )
-        raise ValueError(
-            f"the cache has {len(slices)} non-empty shard(s) (after max_samples) but {world_size} rank(s) x "
-            f"{roles} loader worker stream(s) = {n_streams} streams, and each stream needs at least one "
-            f"whole shard: {hint}, or precompute with a smaller samples-per-shard to get more shards"
-        )
-    rng = np.random.default_rng([seed, epoch, int(Draw.SHARD_SHUFFLE)])
-    shuffled = [slices[i] for i in rng.permutation(len(slices))]
-    # Largest first to the least-loaded stream. sorted() is stable, so equal-sized shards keep
-    # their shuffled order, and the loads (hence the step count) do not depend on the shuffle.
-    order = sorted(range(len(shuffled)), key=lambda i: -shuffled[i].count)
-    heap = [(0, s) for s in range(n_streams)]
-    owned: list[list[int]] = [[] for _ in range(n_streams)]
-    for i in order:
-        load, s = heapq.heappop(heap)
-        owned[s].append(i)
-        heapq.heappush(heap, (load + shuffled[i].count, s))
-    return [[shuffled[i] for i in sorted(idx)] for idx in owned]
+@dataclass(frozen=True)
+class StreamPlan:
+    """What one (rank, role) stream reads and hands out in an epoch.
 
-
-def _group_counts(stream: list[ShardSlice]) -> dict[Hashable, int]:
-    """Samples of a stream per batching group (latent shape; None for a one-shape cache)."""
-    counts: dict[Hashable, int] = {}
-    for sl in stream:
-        if sl.record.latent_shapes is None:  # the common one-shape cache: no per-sample walk
-            counts[None] = counts.get(None, 0) + sl.count
-            continue
-        for g in sl.groups():
-            counts[g] = counts.get(g, 0) + 1
-    return counts
-
-
-def _steps(full_batches: list[int], *, world_size: int, num_workers: int) -> int:
-    # Rank position p comes from role p % W; role r of a rank must fill the positions < S that
-    # are congruent to r, i.e. ceil((S - r) / W) <= full, i.e. S <= W * full + r.
-    roles = max(1, num_workers)
-    return min(
-        roles * full_batches[rank * roles + role] + role
-        for rank in range(world_size)
-        for role in range(roles)
-    )
-
-
-def stats_of(
-    streams: list[list[ShardSlice]], *, epoch: int, batch_size: int, world_size: int, num_workers: int,
-) -> EpochStats:
-    """EpochStats of planned streams; ValueError when a stream cannot make one full batch."""
-    counts = [_group_counts(s) for s in streams]
-    full = [sum(n // batch_size for n in c.values()) for c in counts]
-    steps = _steps(full, world_size=world_size, num_workers=num_workers)
-    if steps < 1:
-        smallest = min(sum(sl.count for sl in s) for s in streams)
-        raise ValueError(
-            f"not one full batch per rank: the smallest of the {len(streams)} shard streams "
-            f"({world_size} rank(s) x {max(1, num_workers)} loader stream(s)) holds {smallest} sample(s) for a "
-            f"batch of {batch_size}; use a smaller batch size, fewer loader workers or ranks, or more data"
-        )
-    return EpochStats(
-        epoch=epoch, steps=steps, batch_size=batch_size, world_size=world_size, num_workers=num_workers,
-        shards=sum(len(s) for s in streams), samples=sum(sl.count for s in streams for sl in s),
-        samples_in_partial_batches=sum(n % batch_size for c in counts for n in c.values()),
-    )
-
-
-def epoch_plan(
-    records: Manifest | Sequence[ShardRecord], *, seed: int, epoch: int, world_size: int, rank: int,
-    num_workers: int, worker: int, max_samples: int | None = None,
-) -> list[ShardSlice]:
-    """The shard slices that loader role `worker` of `rank` reads in `epoch`, in reading order.
-
-    `worker` is the role, in `range(max(1, num_workers))`; after a resume DataLoader worker `w`
-    plays role `(start_batch + w) % max(1, num_workers)`. Across all (rank, worker) pairs every
-    used shard appears exactly once. Raises ValueError when there are fewer non-empty shards than
-    `world_size * max(1, num_workers)`.
+    `slices`: the shards it reads, in reading order (each read to its end). `batches`: its
+    batches in order, each a tuple of indices into the concatenated used samples of `slices`.
     """
-    check_settings(seed=seed, epoch=epoch, world_size=world_size, rank=rank, num_workers=num_workers,
-                   worker=worker, max_samples=max_samples)
-    streams = plan_streams(records, seed=seed, epoch=epoch, world_size=world_size, num_workers=num_workers,
-                           max_samples=max_samples)
-    return streams[rank * max(1, num_workers) + worker]
+
+    slices: tuple[ShardSlice, ...]
+    batches: tuple[tuple[int, ...], ...]
 
 
-def epoch_stats(
-    records: Manifest | Sequence[ShardRecord], *, batch_size: int, world_size: int, num_workers: int,
-    seed: int, epoch: int, max_samples: int | None = None,
-) -> EpochStats:
-    """Step count and sample accounting of one epoch (identical on every rank).
+class EpochPlan:
+    """The plan of epoch `epoch` for `records` under `spec` (see the module docstring).
 
-    Raises ValueError when a stream cannot make even one full batch.
+    `stats` (counts only) is cheap; `stream(rank, role)` simulates the shuffle buffer over the
+    read sequence up to the end of that stream's run (O(N) at most, once per plan object).
+    Raises ValueError when the epoch cannot give every rank one full batch.
     """
-    check_settings(batch_size=batch_size, world_size=world_size, num_workers=num_workers, seed=seed,
-                   epoch=epoch, max_samples=max_samples)
-    streams = plan_streams(records, seed=seed, epoch=epoch, world_size=world_size, num_workers=num_workers,
-                           max_samples=max_samples)
-    return stats_of(streams, epoch=epoch, batch_size=batch_size, world_size=world_size, num_workers=num_workers)
+
+    def __init__(self, records: Manifest | Sequence[ShardRecord], spec: DataSpec, epoch: int):
+        if not _is_int(epoch) or epoch < 0:
+            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        self.spec, self.epoch = spec, int(epoch)
+        slices = _limit(as_records(records), spec.max_samples, seed=spec.seed, epoch=self.epoch)
+        if not slices:
+            raise ValueError("the cache has no samples (every shard is empty, or --max-samples is 0): "
+                             "see the skip reasons with `python -m shards stats CACHE`")
+        rng = np.random.default_rng([spec.seed, self.epoch, int(Draw.SHARD_SHUFFLE)])
+        self.read_order: list[ShardSlice] = [slices[i] for i in rng.permutation(len(slices))]
+        counts: dict[Hashable, int] = {}
+        for sl in slices:
+            if sl.record.latent_shapes is None:  # the common one-shape cache: no per-sample walk
+                counts[None] = counts.get(None, 0) + sl.count
+            else:
+                for g in sl.groups():
+                    counts[g] = counts.get(g, 0) + 1
+        b, world, roles = spec.batch_size, spec.world_size, spec.roles
+        complete = sum(n // b for n in counts.values())
+        steps = complete // world
+        samples = sum(counts.values())
+        if steps < 1:
+            shapes = "" if list(counts) == [None] else " (per latent shape: " + ", ".join(
+                f"{h}x{w} {n}" for (h, w), n in sorted(counts.items())) + ")"
+            raise ValueError(
+                f"not one full batch per rank in epoch {self.epoch}: {samples} sample(s){shapes} make {complete} "
+                f"batch(es) of {b} for {world} rank(s); use a smaller batch size, fewer ranks, or more data"
+            )
+        self.stats = EpochStats(
+            epoch=self.epoch, steps=steps, batch_size=b, world_size=world, num_workers=spec.num_workers,
+            shards=len(slices), samples=samples, samples_in_partial_batches=sum(n % b for n in counts.values()),
+        )
+        # Stream s = rank * W + role takes the global batches [starts[s], starts[s + 1]).
+        quotas = [max(0, -(-(steps - s % roles) // roles)) for s in range(world * roles)]
+        self._starts = [0]
+        for q in quotas:
+            self._starts.append(self._starts[-1] + q)
+        self._batches: list[list[int]] | None = None
+
+    @property
+    def steps(self) -> int:
+        return self.stats.steps
+
+    def stream(self, rank: int, role: int) -> StreamPlan:
+        spec = self.spec
+        if not (_is_int(rank) and 0 <= rank < spec.world_size and _is_int(role) and 0 <= role < spec.roles):
+            raise ValueError(f"no stream (rank {rank!r}, role {role!r}) with world_size {spec.world_size} and "
+                             f"{spec.roles} loader stream(s) per rank")
+        s = rank * spec.roles + role
+        lo, hi = self._starts[s], self._starts[s + 1]
+        batches = self._global_batches(hi)[lo:hi]
+        offsets = [0]
+        for sl in self.read_order:
+            offsets.append(offsets[-1] + sl.count)
+        owner = np.searchsorted(np.asarray(offsets), [j for batch in batches for j in batch], side="right") - 1
+        needed = sorted(set(owner.tolist()))
+        local_start, n = {}, 0
+        for si in needed:
+            local_start[si] = n
+            n += self.read_order[si].count
+        flat = iter(owner.tolist())
+        local = tuple(tuple(local_start[si] + j - offsets[si] for j, si in zip(batch, flat)) for batch in batches)
+        return StreamPlan(slices=tuple(self.read_order[si] for si in needed), batches=local)
+
+    def _global_batches(self, limit: int) -> list[list[int]]:
+        """The first `limit` global batches in completion order, as read positions (indices into
+        the concatenated used samples of `read_order`)."""
+        if self._batches is None or len(self._batches) < limit:
+            self._batches = self._form_batches(limit)
+        return self._batches
+
+    def _form_batches(self, limit: int) -> list[list[int]]:
+        spec = self.spec
+        if limit <= 0:
+            return []
+        groups = [g for sl in self.read_order for g in sl.groups()]
+        rng = np.random.default_rng([spec.seed, self.epoch, int(Draw.SAMPLE_BUFFER)])
+        pending: dict[Hashable, list[int]] = {}
+        batches: list[list[int]] = []
+        for j in _buffer_order(len(groups), spec.shuffle_buffer, rng):
+            part = pending.setdefault(groups[j], [])
+            part.append(j)
+            if len(part) == spec.batch_size:
+                batches.append(part)
+                pending[groups[j]] = []
+                if len(batches) == limit:
+                    return batches
+        raise RuntimeError(f"internal: epoch {self.epoch} forms {len(batches)} batches of {spec.batch_size}, the plan "
+                           f"needs {limit}")
 
 
-def steps_per_epoch(
-    records: Manifest | Sequence[ShardRecord], *, batch_size: int, world_size: int, num_workers: int,
-    seed: int, epoch: int, max_samples: int | None = None,
-) -> int:
-    """Batches every rank takes in `epoch`. Computed from the records alone, so all ranks agree.
-
-    Independent of (seed, epoch) unless records carry several latent shapes (buckets).
-    """
-    return epoch_stats(records, batch_size=batch_size, world_size=world_size, num_workers=num_workers,
-                       seed=seed, epoch=epoch, max_samples=max_samples).steps
-
-
-# --------------------------------------------------------------------------------------------
-# Within a stream
+def epoch_stats(records: Manifest | Sequence[ShardRecord], spec: DataSpec, epoch: int) -> EpochStats:
+    """Step count and sample accounting of one epoch (identical on every rank; counts only)."""
+    return EpochPlan(records, spec, epoch).stats
 
 
 def _buffer_order(n: int, size: int, rng: np.random.Generator) -> list[int]:
@@ -458,35 +469,10 @@ def _buffer_order(n: int, size: int, rng: np.random.Generator) -> list[int]:
     buf = list(range(min(n, size)))
     draws = rng.integers(0, size, size=max(0, n - size)).tolist()
     out = []
+    append = out.append
     for j in range(len(buf), n):
         i = draws[j - size]
-        out.append(buf[i])
+        append(buf[i])
         buf[i] = j
     out.extend(buf[i] for i in rng.permutation(len(buf)).tolist())
     return out
-
-
-def stream_batches(
-    stream: list[ShardSlice], *, batch_size: int, shuffle_buffer: int, seed: int, epoch: int, rank: int,
-    role: int, quota: int,
-) -> list[list[int]]:
-    """The first `quota` batches of one stream, as lists of read positions (index into the
-    concatenated used samples of the stream's slices, in reading order)."""
-    if quota <= 0:
-        return []
-    groups = [g for sl in stream for g in sl.groups()]
-    rng = np.random.default_rng([seed, epoch, int(Draw.SAMPLE_BUFFER), rank, role])
-    pending: dict[Hashable, list[int]] = {}
-    batches: list[list[int]] = []
-    for j in _buffer_order(len(groups), shuffle_buffer, rng):
-        part = pending.setdefault(groups[j], [])
-        part.append(j)
-        if len(part) == batch_size:
-            batches.append(part)
-            pending[groups[j]] = []
-            if len(batches) == quota:
-                return batches
-    raise RuntimeError(
-        f"internal: epoch {epoch} stream of rank {rank} loader role {role} (shards "
-        f"{', '.join(sl.name for sl in stream)}) makes {len(batches)} batches of {batch_size}, the plan needs {quota}"
-    )

@@ -35,7 +35,7 @@ from train.checkpoint import (
 )
 from train.checks import CacheMismatchError, StartupError
 from train.config import TrainConfig
-from train.plan import EpochStats
+from train.plan import DataSpec, EpochStats
 
 
 @dataclass
@@ -49,6 +49,7 @@ class Plan:
     vae_location: tuple[str, str | None] | None
     adapter_config: dict | None  # --adapter's config.json (read from a folder or the hub)
     world_size: int
+    data: DataSpec | None  # None only when the settings are refused (problems say why)
     learning_rate: float  # effective (after --scale-lr)
     epoch_stats: list[EpochStats]  # index = epoch, for the epochs the run will touch: steps, dropped samples
     total_steps: int  # optimizer steps of the whole run (shapes decaying LR schedules)
@@ -86,6 +87,7 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
     """Everything checkable from configs and the manifest; returns (plan, problems)."""
     from diffusers import T2IAdapter
 
+    from train.augment import soft_threshold_range_for
     from train.plan import epoch_stats
 
     manifest = Manifest.load(store)
@@ -108,13 +110,12 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
     if cfg.validation_resolution is not None:
         problems.other += checks.validation_resolution_problems(cfg.validation_resolution, unet_config,
                                                                 int(manifest.latent["vae_scale_factor"]))
-    if cfg.soft_threshold_range is not None:
-        from train.augment import soft_threshold_range_for
-
-        try:
-            soft_threshold_range_for(manifest.identity, cfg.soft_threshold())
-        except ValueError as e:
-            problems.cache.append(f"--soft-threshold-range: {e}")
+    soft = None
+    try:
+        soft = soft_threshold_range_for(manifest.identity, None if cfg.soft_threshold_range is None
+                                        else cfg.soft_threshold())
+    except ValueError as e:
+        problems.cache.append(f"--soft-threshold-range: {e}")
 
     if cfg.validation_enabled:
         if not all(checks.load_component_config(cfg.model, sub, cfg.revision) for sub in checks.TEXT_COMPONENTS):
@@ -130,26 +131,27 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
     # Steps per epoch come from the manifest alone, so every rank computes the same numbers.
     stats: list[EpochStats] = []
     total = 0
+    spec = None
     try:
-        def stats_of(epoch: int) -> EpochStats:
-            return epoch_stats(manifest, batch_size=cfg.batch_size, world_size=world_size,
-                               num_workers=cfg.num_workers, seed=cfg.seed, epoch=epoch, max_samples=cfg.max_samples)
-
+        spec = DataSpec(batch_size=cfg.batch_size, seed=cfg.seed, world_size=world_size, num_workers=cfg.num_workers,
+                        shuffle_buffer=cfg.shuffle_buffer, max_samples=cfg.max_samples,
+                        caption_dropout=cfg.caption_dropout, soft_threshold=soft)
         if cfg.max_steps is not None:
             while total < cfg.max_steps:
-                stats.append(stats_of(len(stats)))
+                stats.append(epoch_stats(manifest, spec, len(stats)))
                 total += optimizer_steps(stats[-1].steps, cfg.gradient_accumulation_steps)
             total = cfg.max_steps
         else:
             for epoch in range(cfg.num_epochs):
-                stats.append(stats_of(epoch))
+                stats.append(epoch_stats(manifest, spec, epoch))
                 total += optimizer_steps(stats[-1].steps, cfg.gradient_accumulation_steps)
     except ValueError as e:
         problems.cache.append(str(e))
+        spec = None
 
     plan = Plan(manifest=manifest, manifest_id=checks.manifest_id(store), unet_config=unet_config,
                 scheduler_config=scheduler_config, vae_location=vae_location, adapter_config=adapter_config,
-                world_size=world_size, learning_rate=learning_rate, epoch_stats=stats, total_steps=total)
+                world_size=world_size, data=spec, learning_rate=learning_rate, epoch_stats=stats, total_steps=total)
     return plan, problems
 
 
@@ -232,12 +234,7 @@ def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
 
     from train.data import stream_identity
 
-    stream = None
-    if not problems:  # its arguments are known good
-        stream = stream_identity(plan.manifest, batch_size=cfg.batch_size, seed=cfg.seed,
-                                 world_size=accelerator.num_processes, num_workers=cfg.num_workers,
-                                 shuffle_buffer=cfg.shuffle_buffer, max_samples=cfg.max_samples,
-                                 caption_dropout=cfg.caption_dropout, soft_threshold=cfg.soft_threshold())
+    stream = stream_identity(plan.manifest, plan.data) if plan.data is not None else None
     meta = {"world_size": accelerator.num_processes, "manifest_id": plan.manifest_id,
             "learning_rate": plan.learning_rate, "total_steps": plan.total_steps, "stream": stream,
             "config": cfg.to_dict()}

@@ -1,0 +1,164 @@
+"""What every command of the tool does the same way as a process: exit codes, signals, orphans.
+
+The three entry points (`python -m precompute`, `python -m train`, `python -m shards`) run their
+work through `run_command`, which gives them one policy:
+
+- exit 0: done. Exit 1 (`EXIT_USER_ERROR`): a problem the user can act on (settings, inputs, a
+  cache or checkpoint that does not fit, storage that refuses or fails past its retries, a lost
+  peer process); one message on stderr starting with "error:", no traceback. Exit 2: the command
+  line itself is wrong (click's usage errors). Exit 128 + N: stopped by signal N (SIGTERM,
+  SIGHUP) or 130 for Ctrl-C, with a message saying what was kept and how to continue.
+- SIGTERM and SIGHUP raise `Terminated` in the main thread, so the work unwinds through its
+  `finally` blocks and context managers (a shard being written is discarded, never published
+  half; a checkpoint is either complete or not there) instead of dying mid-write.
+- A process started by a launcher (`accelerate launch`, `torchrun`: RANK / LOCAL_RANK set) asks
+  the kernel for SIGTERM when its parent dies (Linux `PR_SET_PDEATHSIG`), so killing the
+  launcher, even with SIGKILL, stops every rank instead of leaving orphans that keep writing
+  checkpoints or shards.
+- A collective that fails because another process died or its machine went away (gloo's
+  "Connection closed by peer", NCCL errors, timeouts) is reported as such, naming this rank.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+EXIT_USER_ERROR = 1
+_PR_SET_PDEATHSIG = 1
+_HANDLED = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Terminated(BaseException):
+    """The process received SIGTERM or SIGHUP (a BaseException: nothing catches it by accident)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def rank_tag() -> str:
+    """'[rank R] ' in a multi-process run (from the launcher's RANK), else ''."""
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    return f"[rank {rank}] " if rank is not None and world not in (None, "1") else ""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+def die_with_parent() -> bool:
+    """Ask the kernel to send SIGTERM to this process when its parent exits (Linux only).
+    Returns True when set. Called by ranks of a launcher, whose parent is the launcher."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    # The parent may have died before the request: then we were re-parented already.
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
+def install_process_guards() -> None:
+    """SIGTERM/SIGHUP -> `Terminated`; under a launcher, die with it. Call once, first thing."""
+    for sig in _HANDLED:
+        signal.signal(sig, _raise_terminated)
+    if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """A collective failed because another process of the run is gone (or unreachable)."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    if names & {"DistBackendError", "DistNetworkError", "DistStoreError"}:
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "[c10d]", "gloo/transport", "NCCL error",
+        "ProcessGroupGloo", "ProcessGroupNCCL", "Socket Timeout"))
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
+    """Print `error: <message>` (with the rank in a multi-process run) and exit with `code`."""
+    sys.stderr.write(f"error: {rank_tag()}{message.rstrip()}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error` and the exceptions it was raised from or while handling, outermost first."""
+    out, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        out.append(error)
+        error = error.__cause__ or error.__context__
+    return out
+
+
+def _loader_worker_killed(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and "DataLoader worker" in str(error) and "killed by signal" in str(error)
+
+
+def explain(error: BaseException, *, user_errors: tuple[type[BaseException], ...],
+            message: Callable[[BaseException], str], continue_hint: str) -> tuple[str, int] | None:
+    """(message, exit code) for an error the policy explains, or None for a bug (a traceback).
+
+    The whole chain counts: a rank whose collective fails because a peer died is then usually
+    sent SIGTERM by its launcher while handling that failure; the lost peer is the cause to name.
+    """
+    chain = _chain(error)
+    peer = next((e for e in chain if isinstance(e, Exception) and is_peer_failure(e)), None)
+    if peer is not None:
+        first = str(peer).strip().splitlines()[0] if str(peer).strip() else type(peer).__name__
+        return (f"lost contact with another process of this run (it died, was killed, or its machine is "
+                f"unreachable): {first[:300]}. Once every process can run again, {continue_hint}.", EXIT_USER_ERROR)
+    term = next((e for e in chain if isinstance(e, Terminated)), None)
+    if term is not None:
+        return (f"stopped by {signal.Signals(term.signum).name}: another process of this run failed, its launcher "
+                f"was stopped, or the job was cancelled. Nothing partial was published; {continue_hint}.",
+                128 + term.signum)
+    if any(isinstance(e, KeyboardInterrupt) for e in chain):
+        return f"interrupted. Nothing partial was published; {continue_hint}.", 130
+    user = next((e for e in chain if isinstance(e, user_errors)), None)
+    if user is not None and user is chain[0]:
+        return message(user), EXIT_USER_ERROR
+    if _loader_worker_killed(chain[0]):
+        return (f"{chain[0]}: a data loader worker was killed (out of memory? see the system log). Nothing partial "
+                f"was published; {continue_hint}.", EXIT_USER_ERROR)
+    return None
+
+
+def run_command(work: Callable[[], Any], *, user_errors: tuple[type[BaseException], ...],
+                message: Callable[[BaseException], str] = str, continue_hint: str) -> Any:
+    """Run `work()` under the policy above. `user_errors` become exit 1 with `message(error)`;
+    `continue_hint` says how to pick up after an interruption (e.g. "re-run the same command")."""
+    install_process_guards()
+    try:
+        return work()
+    except SystemExit:
+        raise
+    except BaseException as e:
+        explained = explain(e, user_errors=user_errors, message=message, continue_hint=continue_hint)
+        if explained is None:
+            raise
+        fail(*explained)
+
+
+def worker_init(_worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a loader worker dies quietly on SIGTERM (its parent, the rank,
+    reports what happened) instead of raising `Terminated` in its own Python."""
+    for sig in _HANDLED:
+        signal.signal(sig, signal.SIG_DFL)
+
+
+__all__ = ["EXIT_USER_ERROR", "Terminated", "die_with_parent", "explain", "fail", "install_process_guards",
+           "is_peer_failure", "rank_tag", "run_command", "worker_init"]

@@ -1,0 +1,49 @@
+"""Test shorthand for building a rank's stream from keyword settings.
+
+`cache_stream(store, records, batch_size=2, seed=0, epoch=0, rank=1, ...)` splits the keywords into a
+`train.plan.DataSpec` (the settings) and the stream's own position (epoch, rank, start_batch), so
+tests read as one call while the code keeps the spec as the one validated object.
+"""
+
+from __future__ import annotations
+
+from train.data import CacheStream, make_loader, stream_identity
+from train.plan import DataSpec, EpochPlan, epoch_stats
+
+_POSITION = ("epoch", "rank", "start_batch")
+_LOADER = ("pin_memory", "prefetch_factor")
+
+
+def _split(kw: dict) -> tuple[DataSpec, dict, dict]:
+    spec = {k: v for k, v in kw.items() if k in DataSpec.field_names()}
+    position = {k: v for k, v in kw.items() if k in _POSITION}
+    loader = {k: v for k, v in kw.items() if k in _LOADER}
+    unknown = set(kw) - set(spec) - set(position) - set(loader)
+    if unknown:
+        raise TypeError(f"unknown stream settings {sorted(unknown)}")
+    return DataSpec(**spec), position, loader
+
+
+def cache_stream(store, records, **kw) -> CacheStream:
+    spec, position, _ = _split(kw)
+    return CacheStream(store, records, spec, **position)
+
+
+def cache_loader(store, records, **kw):
+    spec, position, extra = _split(kw)
+    return make_loader(store, records, spec, **position, **extra)
+
+
+def epoch_plan_of(records, **kw) -> EpochPlan:
+    spec, position, _ = _split(kw)
+    return EpochPlan(records, spec, position["epoch"])
+
+
+def stats_of(records, **kw):
+    spec, position, _ = _split(kw)
+    return epoch_stats(records, spec, position["epoch"])
+
+
+def identity_of(records, **kw) -> dict:
+    spec, _, _ = _split(kw)
+    return stream_identity(records, spec)
