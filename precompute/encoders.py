@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from shards import schema
+from shards.hub import locate, vae_location
 # One definition of each fingerprint, shared with train (which checks what precompute wrote).
 from shards.fingerprint import module_fingerprint, tokenizer_fingerprint
 
@@ -251,11 +252,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.ind
 _COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
-def _looks_like_path(name: str) -> bool:
-    """A string that can only mean a local folder (a hub id is 'name' or 'org/name')."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-
-
 def _check_component(folder: Path, label: str, kind: str, variant: str | None) -> list[str]:
     if not folder.is_dir():
         return [f"{label}: folder missing"]
@@ -275,14 +271,6 @@ def _check_component(folder: Path, label: str, kind: str, variant: str | None) -
     return problems
 
 
-def _vae_location(vae: str) -> tuple[str, str | None]:
-    """(repo or folder, subfolder) of a --vae override: a VAE folder/repo, or a model with vae/."""
-    p = Path(vae).expanduser()
-    if p.is_dir() and not (p / "config.json").is_file() and (p / "vae" / "config.json").is_file():
-        return str(p), "vae"
-    return (str(p) if p.exists() else vae), None
-
-
 def check_model_sources(model: str | None, vae: str | None = None, variant: str | None = None) -> list[str]:
     """Every problem with a local model folder (and --vae folder) found without loading anything.
 
@@ -290,26 +278,23 @@ def check_model_sources(model: str | None, vae: str | None = None, variant: str 
     """
     problems: list[str] = []
     if model:
-        root = Path(model).expanduser()
-        if root.is_dir():
+        loc = locate(model)
+        if loc.kind == "folder":
             for comp in _COMPONENTS:
                 if comp == "vae" and vae:
                     continue
                 kind = "tokenizer" if comp.startswith("tokenizer") else "module"
-                problems += _check_component(root / comp, f"{model}/{comp}", kind, variant)
-        elif root.exists():
-            problems.append(f"--model {model}: is a file, not a diffusers model folder")
-        elif _looks_like_path(model):
-            problems.append(f"--model {model}: no such folder")
+                problems += _check_component(loc.path / comp, f"{model}/{comp}", kind, variant)
+        elif loc.problem("--model"):
+            problems.append(loc.problem("--model"))
     if vae:
-        repo, sub = _vae_location(vae)
-        p = Path(repo)
-        if p.is_dir():
+        loc = locate(vae)
+        if loc.kind == "folder":
+            repo, sub = vae_location(vae)
+            p = Path(repo)
             problems += _check_component(p / sub if sub else p, f"{vae}/{sub}" if sub else vae, "module", None)
-        elif p.exists():
-            problems.append(f"--vae {vae}: is a file, not a VAE folder")
-        elif _looks_like_path(vae):
-            problems.append(f"--vae {vae}: no such folder")
+        elif loc.problem("--vae"):
+            problems.append(loc.problem("--vae"))
     return problems
 
 
@@ -336,7 +321,7 @@ def load_encoders(
     if problems:
         raise ModelLoadError("cannot load the model:\n  - " + "\n  - ".join(problems))
     vae_dtype, text_dtype = schema.dtype_of(vae_dtype), schema.dtype_of(text_dtype)
-    root = str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
+    root = locate(model).ref
 
     def load(what: str, fn, repo: str, *args, **kwargs):
         try:
@@ -352,7 +337,7 @@ def load_encoders(
             raise ModelLoadError(f"cannot load {what}: {type(e).__name__}: {e}{hint}") from e
 
     if vae:
-        vae_repo, vae_sub = _vae_location(vae)
+        vae_repo, vae_sub = vae_location(vae)
         vae_module = load(f"--vae {vae}", AutoencoderKL.from_pretrained, vae_repo, subfolder=vae_sub, torch_dtype=torch.float32)
     else:
         vae_module = load(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 
 import pytest
 from click.testing import CliRunner
@@ -156,7 +157,7 @@ def test_cli_user_error_is_a_message_not_a_traceback(tmp_path):
     ])
     assert result.exit_code == 1
     assert "Traceback" not in result.output
-    for text in ("model folder", "cache folder", "--batch-size must be >= 1", "without --validation-image"):
+    for text in (f"--model {tmp_path / 'm'}: no such folder", "cache folder", "--batch-size must be >= 1", "without --validation-image"):
         assert text in result.output
 
 
@@ -184,3 +185,63 @@ def test_every_lr_scheduler_builds_and_steps(tmp_path, name):
         assert lrs[-1] < lrs[2]  # decays after warm-up
     if name == "piecewise_constant":
         assert lrs == [1.0] * 3 + [0.1] * 7
+
+
+def test_mixed_precision_comes_from_accelerate_when_unset(tmp_path):
+    from train.config import resolve_mixed_precision
+
+    assert resolve_mixed_precision("bf16", {"ACCELERATE_MIXED_PRECISION": "fp16"}) == ("bf16", "--mixed-precision")
+    assert resolve_mixed_precision(None, {"ACCELERATE_MIXED_PRECISION": "BF16"}) == (
+        "bf16", "accelerate launch (its --mixed_precision flag or config file)")
+    config = tmp_path / "hf" / "accelerate" / "default_config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("compute_environment: LOCAL_MACHINE\nmixed_precision: bf16\n")
+    assert resolve_mixed_precision(None, {"HF_HOME": str(tmp_path / "hf")}) == (
+        "bf16", f"the accelerate config file {config}")
+    other = tmp_path / "other.yaml"
+    other.write_text("mixed_precision: fp16\n")
+    assert resolve_mixed_precision(None, {"ACCELERATE_CONFIG_FILE": str(other)})[0] == "fp16"
+    assert resolve_mixed_precision(None, {"HF_HOME": str(tmp_path / "none")}) == (
+        "no", "default (no --mixed-precision and no accelerate setting)")
+
+
+def test_the_reference_scripts_command_line_parses(tmp_path):
+    """Its spellings, names and multi-value forms give the same config as ours."""
+    args = ["--pretrained_model_name_or_path=m", "--cache", "c", "--output_dir=o", "--train_batch_size=1",
+            "--gradient_accumulation_steps=4", "--max_train_steps=15000", "--learning_rate=1e-5",
+            "--validation_image", "a.png", "b.png", "--validation_prompt", "red circle", "cyan circle",
+            "--validation_steps=100", "--report_to=tensorboard", "--seed=42", "--mixed_precision=bf16",
+            "--proportion_empty_prompts", "0.1", "--dataloader_num_workers", "3", "--resume_from_checkpoint", "latest",
+            "--enable_xformers_memory_efficient_attention", "--set_grads_to_none", "--tokenizer_name", "t"]
+    ctx = main.make_context("train", args)
+    p = ctx.params
+    assert (p["model"], p["output_dir"], p["batch_size"], p["gradient_accumulation_steps"], p["max_steps"]) == (
+        "m", "o", 1, 4, 15000)
+    assert p["validation_image"] == ("a.png", "b.png") and p["validation_prompt"] == ("red circle", "cyan circle")
+    assert (p["caption_dropout"], p["num_workers"], p["resume"], p["seed"], p["mixed_precision"]) == (
+        0.1, 3, "latest", 42, "bf16")
+    ours = main.make_context("train", ["--model", "m", "--cache", "c", "--output-dir", "o", "--batch-size", "1",
+                                       "--validation-image", "a.png", "--validation-image", "b.png"]).params
+    assert ours["validation_image"] == p["validation_image"] and ours["batch_size"] == 1
+
+
+def test_precompute_options_given_to_train_name_precompute():
+    result = CliRunner().invoke(main, ["--model", "m", "--cache", "c", "--output-dir", "o", "--resolution=1024",
+                                       "--dataset_name", "fusing/fill50k", "--flip", "--buckets", "sdxl"])
+    assert result.exit_code == 2
+    out = result.output
+    assert "--resolution=1024" not in out and "--resolution is fixed at precompute" in out
+    assert "--dataset_name belongs to precompute, which reads the dataset once into the cache" in out
+    assert "--flip is fixed at precompute" in out and "--buckets is fixed at precompute" in out
+
+
+def test_a_saved_config_repeats_the_run(tmp_path):
+    """train_config.json, as a run writes it, is a --config file; command-line flags override it."""
+    cfg = _cfg(tmp_path, max_steps=7, validation_prompt=("p",), validation_image=("a.png",))
+    saved = tmp_path / "train_config.json"
+    saved.write_text(json.dumps({**cfg.to_dict(), "resolved": {"world_size": 1}}))
+    params = main.make_context("train", ["--config", str(saved)]).params
+    params.pop("config")
+    assert TrainConfig(**params) == cfg
+    params = main.make_context("train", ["--config", str(saved), "--max-steps", "9"]).params
+    assert params["max_steps"] == 9 and params["validation_prompt"] == ("p",)

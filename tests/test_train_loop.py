@@ -408,7 +408,8 @@ def test_refuses_to_overwrite_a_run_without_resume(tiny_model, cache, run_a):
         train(_cfg(tiny_model, cache, out, max_steps=8))
     assert not isinstance(err.value, CacheMismatchError)  # nothing is wrong with the cache
     assert str(err.value) == (f"cannot start training:\n  - {out} already holds checkpoints of a run: continue it "
-                              "with --resume latest, or choose another --output-dir")
+                              "with --resume latest, start it over with --resume none, or choose another "
+                              "--output-dir")
 
 
 def test_refuses_a_validation_resolution_the_adapter_cannot_render(tiny_model, fill_data, cache, tmp_path):
@@ -604,3 +605,21 @@ def test_loss_falls_clearly_on_8_fixed_samples(louder_tiny_model, cache, tmp_pat
     assert first > 2.0  # starts well above the ~1 floor of a UNet that cannot predict the noise
     assert last < 0.7 * first, trained
     assert last < 0.7 * frozen[-10:].mean(), (trained, frozen)
+
+
+def test_accelerate_launch_mixed_precision_is_honoured(tiny_model, cache, tmp_path):
+    """`accelerate launch --mixed_precision bf16 -m train` without --mixed-precision trains in
+    bf16: the start-up log says so and where it came from, and the UNet runs in bf16."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}  # no accelerate config here
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--mixed_precision",
+         "bf16", "--dynamo_backend", "no", "-m", "train", "--model", str(tiny_model), "--cache", str(cache),
+         "--output-dir", str(out), "--max-steps", "1", "--batch-size", "2", "--num-workers", "0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mixed precision: bf16 (from accelerate launch (its --mixed_precision flag or config file))" in proc.stderr
+    assert "frozen (UNet, bfloat16)" in proc.stderr
+    resolved = json.loads((out / "train_config.json").read_text())
+    assert resolved["mixed_precision"] == "bf16" and resolved["resolved"]["weight_dtype"] == "bf16"

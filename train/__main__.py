@@ -1,40 +1,54 @@
 """`python -m train`: the command line over TrainConfig.
 
-Every option is generated from a TrainConfig field (its name, type, default, choices and help), so
-`--help` documents every knob and cannot drift from the config. The reference script's option
-names (diffusers' train_t2i_adapter_sdxl.py) are accepted as aliases where ours differ. Launch
-several processes with `accelerate launch` or `torchrun`; the options are the same.
+Every option is generated from a TrainConfig field (`shards.options`), so `--help` documents every
+knob and cannot drift from the config; `--config FILE` reads them from TOML/YAML/JSON. The
+reference script's options (diffusers' train_t2i_adapter_sdxl.py) work as it spells them:
+underscores, its names where ours differ, `--validation_image a.png b.png`. Its options that
+belong to precompute are refused naming precompute; the few with no effect here are accepted with
+a line saying why. Launch several processes with `accelerate launch` or `torchrun`; the options
+are the same.
 
 User errors (bad settings, a cache that does not fit the model, an unusable checkpoint, a damaged
-shard) print one message and exit with status 1, without a traceback.
+shard) print one message and exit with status 1, without a traceback (`shards.runtime`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from typing import Any
 
-import click
-
+from shards.options import Foreign, config_command
 from train.config import ConfigError, TrainConfig
 
-# Where our name differs from the reference script's, its name works too.
-REFERENCE_ALIASES = {
-    "model": ["--pretrained-model-name-or-path"],
-    "vae": ["--pretrained-vae-model-name-or-path"],
-    "adapter": ["--adapter-model-name-or-path"],
-    "batch_size": ["--train-batch-size"],
-    "num_epochs": ["--num-train-epochs"],
-    "max_steps": ["--max-train-steps"],
-    "max_samples": ["--max-train-samples"],
-    "caption_dropout": ["--proportion-empty-prompts"],
-    "num_workers": ["--dataloader-num-workers"],
-    "resume": ["--resume-from-checkpoint"],
-}
+_FIXED_AT_PRECOMPUTE = ("is fixed at precompute: the cache holds what precompute encoded (see `python -m shards "
+                        "stats CACHE`); pass it to `python -m precompute`, and train reads the result from the "
+                        "cache's manifest")
+_DATASET = ("belongs to precompute, which reads the dataset once into the cache; train reads only the cache "
+            "(--cache). Pass it to `python -m precompute`")
 
-_TYPES = {"int": int, "float": float, "str": str}
+# Options of the reference script and of precompute that train does not take, with why.
+FOREIGN = {
+    **{name: Foreign(_FIXED_AT_PRECOMPUTE) for name in ("resolution", "detection_resolution")},
+    **{name: Foreign(f"{_FIXED_AT_PRECOMPUTE} (each sample records its own crop_top_left)")
+       for name in ("crops_coords_top_left_h", "crops_coords_top_left_w")},
+    **{name: Foreign(_DATASET) for name in (
+        "dataset_name", "dataset_config_name", "dataset_revision", "dataset_split", "train_data_dir", "data",
+        "data_kind", "image_column", "conditioning_image_column", "caption_column")},
+    **{name: Foreign(_FIXED_AT_PRECOMPUTE) for name in (
+        "buckets", "bucket_step", "crop", "crops", "min_size", "max_aspect", "condition", "canny_low", "canny_high",
+        "samples_per_shard", "latent_store", "storage_dtype", "vae_dtype", "text_dtype", "tmp_dir")},
+    **{name: Foreign(_FIXED_AT_PRECOMPUTE, takes_value=False) for name in (
+        "flip", "condition_soft", "allow_empty_captions", "follow_symlinks", "strict")},
+    "trust_remote_code": Foreign(_DATASET, takes_value=False),
+    "enable_xformers_memory_efficient_attention": Foreign(
+        "attention runs through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels), which "
+        "is what xformers gave the reference", takes_value=False, accepted=True),
+    "set_grads_to_none": Foreign("gradients are always set to None between steps (optimizer.zero_grad(set_to_none="
+                                 "True))", takes_value=False, accepted=True),
+    "tokenizer_name": Foreign("train uses MODEL's tokenizers (to embed the validation prompts) and checks them "
+                              "against the ones the cache was encoded with", accepted=True),
+}
 
 
 def user_message(error: BaseException) -> str:
@@ -53,41 +67,14 @@ def user_message(error: BaseException) -> str:
     return text[found[-1].end():].strip() if found else text
 
 
-def _option(f: dataclasses.Field) -> Any:
-    meta = f.metadata
-    names = [f"--{f.name.replace('_', '-')}", *REFERENCE_ALIASES.get(f.name, [])]
-    kwargs: dict[str, Any] = {"help": meta["help"], "show_default": True}
-    type_name = str(f.type).split("|")[0].strip()
-    if type_name == "bool":
-        kwargs.update(is_flag=True, default=f.default)
-    elif meta.get("multiple"):
-        kwargs.update(multiple=True, type=str, default=())
-        kwargs["show_default"] = False
-    else:
-        kwargs["type"] = click.Choice(meta["choices"]) if "choices" in meta else _TYPES[type_name]
-        if meta.get("required"):
-            kwargs["required"] = True
-            kwargs["show_default"] = False
-        else:
-            kwargs["default"] = f.default
-    return click.option(*names, f.name, **kwargs)
-
-
-def _with_config_options(fn):
-    for f in reversed(dataclasses.fields(TrainConfig)):
-        fn = _option(f)(fn)
-    return fn
-
-
-@click.command(
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+@config_command(
+    TrainConfig, name="train", foreign=FOREIGN, sections={"resolved": None},
     epilog="Example: python -m train --model stabilityai/stable-diffusion-xl-base-1.0 --cache cache/mine "
            "--output-dir runs/canny-1 --max-steps 20000 --batch-size 16 --learning-rate 1e-5 "
            "--mixed-precision bf16 --validation-image a.png --validation-prompt 'a house'. "
-           "Continue a run: the same command with --resume latest.",
+           "Continue a run: the same command with --resume latest. Repeat one: --config runs/canny-1/train_config.json.",
 )
-@_with_config_options
-def main(**options: Any) -> None:
+def main(config: str | None = None, **options: Any) -> None:
     """Train a T2I-Adapter for SDXL from a precomputed cache (see `python -m precompute`).
 
     Loads only the frozen UNet and the adapter; the cache supplies latents and prompt
@@ -95,6 +82,7 @@ def main(**options: Any) -> None:
     """
     from shards.manifest import ManifestError
     from shards.reader import ShardError
+    from shards.runtime import run_command
     from train.checkpoint import CheckpointError
     from train.checks import StartupError
     from train.loop import TrainError, train
@@ -107,8 +95,6 @@ def main(**options: Any) -> None:
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    from shards.runtime import run_command
-
     cfg = TrainConfig(**options)
     run_command(lambda: train(cfg), user_errors=(ConfigError, StartupError, CheckpointError, TrainError,
                                                  ManifestError, ShardError),

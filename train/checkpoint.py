@@ -221,7 +221,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     """--resume value -> checkpoint folder (None: start fresh). Raises CheckpointError if unusable."""
-    if resume is None:
+    if resume is None or resume == "none":
         return None
     if resume == "latest":
         return latest_checkpoint(output_dir)

@@ -37,6 +37,8 @@ import torch
 
 from shards import schema
 from shards.fingerprint import module_fingerprint, tokenizer_fingerprint
+from shards.hub import locate
+from shards.hub import vae_location as shared_vae_location
 from shards.manifest import Manifest
 from shards.store import Store
 
@@ -61,11 +63,12 @@ def manifest_id(store: Store) -> str:
 
 
 def model_root(model: str) -> str:
-    p = Path(model).expanduser()
-    return str(p) if p.exists() else model
+    """A local folder's path, or the hub id as given (`shards.hub.locate`)."""
+    return locate(model).ref
 
 
-def load_component_config(model: str, subfolder: str | None, revision: str | None = None) -> dict | None:
+def load_component_config(model: str, subfolder: str | None, revision: str | None = None, *,
+                          cache_dir: str | None = None) -> dict | None:
     """`MODEL/subfolder/config.json` as a dict, or None when the model has no such component."""
     from diffusers import ConfigMixin
 
@@ -80,32 +83,33 @@ def load_component_config(model: str, subfolder: str | None, revision: str | Non
         config_name = "config.json"
 
     try:
-        return dict(_AnyConfig.load_config(root, subfolder=subfolder, revision=revision))
+        return dict(_AnyConfig.load_config(root, subfolder=subfolder, revision=revision, cache_dir=cache_dir))
     except (OSError, ValueError) as e:
         if local.is_dir():
             raise CacheMismatchError(f"cannot read {path}: {e}") from e
         return None  # a hub model without this component (or not in the local hub cache)
 
 
-def read_scheduler_config(model: str, revision: str | None = None) -> dict:
+def read_scheduler_config(model: str, revision: str | None = None, *, cache_dir: str | None = None) -> dict:
     """MODEL/scheduler/scheduler_config.json (the training noise schedule and the validation sampler)."""
     from diffusers import EulerDiscreteScheduler
 
     try:
-        return dict(EulerDiscreteScheduler.load_config(model_root(model), subfolder="scheduler", revision=revision))
+        return dict(EulerDiscreteScheduler.load_config(model_root(model), subfolder="scheduler", revision=revision,
+                                                       cache_dir=cache_dir))
     except (OSError, ValueError) as e:
         raise CacheMismatchError(f"{model}: cannot read scheduler/scheduler_config.json: {e}") from e
 
 
-def read_unet_config(model: str, revision: str | None = None) -> dict:
-    config = load_component_config(model, "unet", revision)
+def read_unet_config(model: str, revision: str | None = None, *, cache_dir: str | None = None) -> dict:
+    config = load_component_config(model, "unet", revision, cache_dir=cache_dir)
     if config is None:
         raise CacheMismatchError(f"{model}: no unet/config.json (MODEL must be a diffusers SDXL folder or hub id)")
     return config
 
 
-def vae_location(cfg_vae: str | None, manifest: Manifest, model: str,
-                 revision: str | None = None) -> tuple[str, str | None] | None:
+def vae_location(cfg_vae: str | None, manifest: Manifest, model: str, revision: str | None = None, *,
+                 cache_dir: str | None = None) -> tuple[str, str | None] | None:
     """(repo or folder, subfolder) of the VAE for validation decoding and the fingerprint check.
 
     --vae wins; else the VAE the cache was encoded with when precompute was given one; else
@@ -113,11 +117,8 @@ def vae_location(cfg_vae: str | None, manifest: Manifest, model: str,
     """
     override = cfg_vae or (manifest.identity.get("encoder") or {}).get("vae")
     if override:
-        p = Path(override).expanduser()
-        if p.is_dir() and not (p / "config.json").is_file() and (p / "vae" / "config.json").is_file():
-            return str(p), "vae"
-        return (str(p) if p.exists() else override), None
-    if load_component_config(model, "vae", revision) is None:
+        return shared_vae_location(override)
+    if load_component_config(model, "vae", revision, cache_dir=cache_dir) is None:
         return None
     return model_root(model), "vae"
 
@@ -223,35 +224,38 @@ class TextStack:
     text_encoder_2: torch.nn.Module
 
 
-def load_text_stack(model: str, revision: str | None, variant: str | None) -> TextStack | None:
+def load_text_stack(model: str, revision: str | None, variant: str | None, *,
+                    cache_dir: str | None = None) -> TextStack | None:
     """Both tokenizers and text encoders in fp32 on the CPU, or None when MODEL lacks them."""
-    if any(load_component_config(model, sub, revision) is None for sub in TEXT_COMPONENTS):
+    if any(load_component_config(model, sub, revision, cache_dir=cache_dir) is None for sub in TEXT_COMPONENTS):
         return None
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     root = model_root(model)
     try:
         return TextStack(
-            tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", revision=revision),
-            tokenizer_2=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2", revision=revision),
+            tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", revision=revision, cache_dir=cache_dir),
+            tokenizer_2=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2", revision=revision,
+                                                      cache_dir=cache_dir),
             # fp32, as precompute loads them before fingerprinting: the fingerprint names the weights.
             text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", revision=revision,
-                                                       variant=variant, dtype=torch.float32),
+                                                       variant=variant, dtype=torch.float32, cache_dir=cache_dir),
             text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                root, subfolder="text_encoder_2", revision=revision, variant=variant, dtype=torch.float32),
+                root, subfolder="text_encoder_2", revision=revision, variant=variant, dtype=torch.float32,
+                cache_dir=cache_dir),
         )
     except (OSError, ValueError) as e:
         raise CacheMismatchError(f"cannot load the text encoders of {model}: {e}") from e
 
 
 def load_vae(location: tuple[str, str | None], *, revision: str | None, variant: str | None,
-             dtype: torch.dtype = torch.float32):
+             dtype: torch.dtype = torch.float32, cache_dir: str | None = None):
     from diffusers import AutoencoderKL
 
     repo, subfolder = location
     kwargs = {"revision": revision, "variant": variant} if subfolder == "vae" else {}
     try:
-        return AutoencoderKL.from_pretrained(repo, subfolder=subfolder, torch_dtype=dtype, **kwargs)
+        return AutoencoderKL.from_pretrained(repo, subfolder=subfolder, torch_dtype=dtype, cache_dir=cache_dir, **kwargs)
     except (OSError, ValueError) as e:
         where = f"{repo}/{subfolder}" if subfolder else repo
         raise CacheMismatchError(f"cannot load the VAE {where}: {e}") from e

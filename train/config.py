@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from shards.options import setting
 
 LR_SCHEDULERS = (
     "constant",
@@ -38,9 +40,7 @@ class ConfigError(ValueError):
         super().__init__(f"invalid training config ({len(self.problems)} problem(s)):\n{lines}")
 
 
-def _f(default: Any, help: str, group: str, **extra: Any) -> Any:
-    """A dataclass field carrying its CLI help text and --help group."""
-    return field(default=default, metadata={"help": help, "group": group, **extra})
+_f = setting  # a field with its option's help text, --help group, choices and aliases (shards.options)
 
 
 @dataclass
@@ -48,48 +48,57 @@ class TrainConfig:
     # --- what to train on ------------------------------------------------------------------
     model: str = _f("", "Base SDXL model: a diffusers folder or hub id. Only its UNet and scheduler config are "
                         "loaded for training; its VAE, text encoders and tokenizers (when present) are fingerprinted "
-                        "against the cache and used for validation images.", "model", required=True)
-    cache: str = _f("", "Cache made by `python -m precompute`: a folder, s3://bucket/prefix or https:// URL. Its manifest is checked against the "
-                        "model before any weights are loaded.", "model", required=True)
+                        "against the cache and used for validation images.", "model", required=True,
+                    aliases=["--pretrained-model-name-or-path"], metavar="ID|DIR")
+    cache: str = _f("", "Cache made by `python -m precompute`: a folder, s3://bucket/prefix or https:// URL. Its "
+                        "manifest is checked against the model before any weights are loaded.", "model",
+                    required=True, metavar="DIR|URL")
     output_dir: str = _f("", "Run folder: final adapter (diffusers format), README.md, config, checkpoints/, "
-                             "validation/, logs/.", "model", required=True)
+                             "validation/, logs/.", "model", required=True, metavar="DIR")
     revision: str | None = _f(None, "Model revision (branch, tag or commit) for hub models.", "model")
     variant: str | None = _f(None, "Model weight variant, e.g. fp16 (loads diffusion_pytorch_model.fp16.safetensors).",
                              "model")
+    cache_dir: str | None = _f(None, "Where hub downloads of MODEL, --vae and --adapter are kept (default: the "
+                                     "Hugging Face cache, HF_HOME).", "model", metavar="DIR")
     vae: str | None = _f(None, "VAE folder or hub id used to decode validation images (and checked against the cache). "
                                "Default: the VAE the cache was encoded with if precompute was given one, else MODEL's.",
-                         "model")
+                         "model", aliases=["--pretrained-vae-model-name-or-path"], metavar="ID|DIR")
     adapter: str | None = _f(None, "Continue training this T2IAdapter instead of a new one: a save_pretrained folder "
                                    "or a hub id (safetensors weights; checked to fit the UNet before it loads).",
-                             "model")
+                             "model", aliases=["--adapter-model-name-or-path"], metavar="ID|DIR")
     accept_encoder_mismatch: bool = _f(False, "Train even though the cache was encoded by a VAE, text encoders or "
                                               "tokenizers whose fingerprints differ from MODEL's (shapes must still "
                                               "fit).", "model")
 
     # --- data ------------------------------------------------------------------------------
-    batch_size: int = _f(4, "Samples per process per micro-batch.", "data")
-    num_workers: int = _f(2, "DataLoader worker processes per rank (0 = read in the training process). The cache "
-                             "needs at least world_size * max(1, workers) shards.", "data")
+    batch_size: int = _f(4, "Samples per process per micro-batch.", "data", aliases=["--train-batch-size"])
+    num_workers: int = _f(2, "DataLoader worker processes per rank (0 = read in the training process). Any cache "
+                             "works with any count: streams split shards by sample.", "data",
+                          aliases=["--dataloader-num-workers"])
     max_samples: int | None = _f(None, "Use only the first N samples of the cache (for quick runs and debugging).",
-                                 "data")
+                                 "data", aliases=["--max-train-samples"])
     caption_dropout: float = _f(0.0, "Probability of replacing a sample's prompt with the empty prompt each step "
-                                     "(the reference's proportion_empty_prompts; drawn anew every step).", "data")
-    # 256 raw samples is about 150 MB per loader worker at 1024 px (train.data.DEFAULT_SHUFFLE_BUFFER).
-    shuffle_buffer: int = _f(256, "Samples in each loader worker's seeded shuffle buffer (0 or 1: shard order only).",
-                             "data")
+                                     "(the reference's proportion_empty_prompts; drawn anew every step).", "data",
+                                aliases=["--proportion-empty-prompts"])
+    # 256 raw samples is about 150 MB per loader worker at 1024 px (train.plan.DEFAULT_SHUFFLE_BUFFER).
+    shuffle_buffer: int = _f(256, "Samples in the epoch's seeded shuffle buffer (0 or 1: shard order only); a loader "
+                                  "worker holds about this many raw samples.", "data")
     local_cache: str | None = _f(None, "Local folder where shards streamed from a remote --cache (s3://, https://) are "
                                        "kept, named by content hash and verified before reuse, so later runs on this "
-                                       "node read local disk. Runs and ranks on one node may share it.", "data")
+                                       "node read local disk. Runs and ranks on one node may share it.", "data",
+                                 metavar="DIR")
     local_cache_max: str | None = _f(None, "Size limit of --local-cache, e.g. 500GB or 1.5TiB; least recently used "
-                                           "shards are evicted. Default: no limit.", "data")
+                                           "shards are evicted. Default: no limit.", "data", metavar="SIZE")
     soft_threshold_range: str | None = _f(None, "LOW,HIGH: for a cache precomputed with --condition-soft, each "
                                                 "conditioning image is binarised at a threshold drawn from this range "
                                                 "every time it is used (the authors' sketch augmentation). Default for "
-                                                "such caches: 0.3,0.8.", "data")
+                                                "such caches: 0.3,0.8.", "data", metavar="LOW,HIGH")
 
     # --- optimisation ------------------------------------------------------------------------
-    num_epochs: int = _f(1, "Passes over the cache; ignored when --max-steps is given.", "optimization")
-    max_steps: int | None = _f(None, "Optimizer steps to train for; overrides --num-epochs.", "optimization")
+    num_epochs: int = _f(1, "Passes over the cache; ignored when --max-steps is given.", "optimization",
+                         aliases=["--num-train-epochs"])
+    max_steps: int | None = _f(None, "Optimizer steps to train for; overrides --num-epochs.", "optimization",
+                               aliases=["--max-train-steps"])
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", "optimization")
     gradient_checkpointing: bool = _f(False, "Recompute UNet activations in the backward pass: less memory, "
                                              "about 30% more compute.", "optimization")
@@ -109,8 +118,10 @@ class TrainConfig:
     adam_weight_decay: float = _f(1e-2, "AdamW decoupled weight decay.", "optimization")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.", "optimization")
     max_grad_norm: float = _f(1.0, "Clip the adapter's gradient norm to this value.", "optimization")
-    mixed_precision: str = _f("no", "no | fp16 | bf16: UNet weights in this dtype, adapter fp32 under autocast. "
-                                    "fp16 needs a GPU.", "optimization", choices=MIXED_PRECISION)
+    mixed_precision: str | None = _f(None, "no | fp16 | bf16: UNet weights in this dtype, adapter fp32 under "
+                                           "autocast; fp16 needs a GPU. Default: accelerate's setting (accelerate "
+                                           "launch --mixed_precision, or the accelerate config file), else no.",
+                                     "optimization", choices=MIXED_PRECISION)
     allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs (faster fp32, slightly less exact).",
                           "optimization")
     seed: int = _f(0, "Seed of everything random: adapter init, data order, caption choice and dropout, noise, "
@@ -122,13 +133,17 @@ class TrainConfig:
     checkpoints_total_limit: int | None = _f(3, "Keep the newest K complete checkpoints (K >= 2; smaller values are "
                                                 "raised to 2). Default keeps 3.", "checkpoints")
     resume: str | None = _f(None, "'latest' (newest complete checkpoint in OUT/checkpoints, or a fresh start when "
-                                  "there is none) or a checkpoint folder.", "checkpoints")
+                                  "there is none), a checkpoint folder, or 'none' (start over although OUT holds "
+                                  "checkpoints).", "checkpoints", aliases=["--resume-from-checkpoint"],
+                            metavar="latest|none|DIR")
 
     # --- validation -----------------------------------------------------------------------------
-    validation_image: tuple[str, ...] = _f((), "Conditioning image for validation (repeatable). Pairs with "
-                                               "--validation-prompt 1:N, N:1 or N:N.", "validation", multiple=True)
-    validation_prompt: tuple[str, ...] = _f((), "Validation prompt (repeatable); embedded once at start with MODEL's "
-                                                "text encoders.", "validation", multiple=True)
+    validation_image: tuple[str, ...] = _f((), "Conditioning image for validation (repeatable, or several after one "
+                                               "flag). Pairs with --validation-prompt 1:N, N:1 or N:N.", "validation",
+                                           multiple=True, metavar="PNG")
+    validation_prompt: tuple[str, ...] = _f((), "Validation prompt (repeatable, or several after one flag); embedded "
+                                                "once at start with MODEL's text encoders.", "validation",
+                                            multiple=True, metavar="TEXT")
     num_validation_images: int = _f(4, "Images rendered per (image, prompt) pair.", "validation")
     validation_steps: int = _f(100, "Render validation images every N optimizer steps (and at the end).", "validation")
     validation_inference_steps: int = _f(20, "Denoising steps per validation image.", "validation")
@@ -155,9 +170,12 @@ class TrainConfig:
 
     # --- hub ------------------------------------------------------------------------------------
     push_to_hub: bool = _f(False, "Upload OUT's adapter, model card, config, loss curve and validation grids (not "
-                                  "checkpoints/ nor logs/) to the hub at the end; needs a login (HF_TOKEN or `hf auth "
-                                  "login`), checked at start.", "hub")
+                                  "checkpoints/ nor logs/) to the hub at the end. The repository is created (private "
+                                  "unless --hub-public) at start, so a bad login fails before training.", "hub")
     hub_model_id: str | None = _f(None, "Hub repository for --push-to-hub (default: OUT's folder name).", "hub")
+    hub_token: str | None = _f(None, "Hub token for --push-to-hub (default: HF_TOKEN or the saved `hf auth login`). "
+                                     "Never written to OUT or logs.", "hub")
+    hub_public: bool = _f(False, "Create the --push-to-hub repository public instead of private.", "hub")
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -208,8 +226,12 @@ class TrainConfig:
         for name in ("model", "cache", "output_dir"):
             if not getattr(self, name):
                 problems.append(f"--{name.replace('_', '-')} is required")
-        if self.model and _looks_local(self.model) and not Path(self.model).is_dir():
-            problems.append(f"model folder {self.model!r} does not exist")
+        from shards.hub import locate
+
+        for flag, value in (("--model", self.model), ("--adapter", self.adapter), ("--vae", self.vae)):
+            problem = locate(value).problem(flag) if value else None
+            if problem:
+                problems.append(problem)
         if self.cache and "://" not in self.cache and Path(self.cache).exists() and not Path(self.cache).is_dir():
             problems.append(f"cache {self.cache!r} exists and is not a folder")
         elif self.cache and "://" not in self.cache and not Path(self.cache).is_dir():
@@ -227,10 +249,6 @@ class TrainConfig:
                 parse_size(self.local_cache_max)
             except ValueError as e:
                 problems.append(f"--local-cache-max: {e}")
-        for name in ("adapter", "vae"):
-            value = getattr(self, name)
-            if value and _looks_local(value) and not Path(value).is_dir():
-                problems.append(f"--{name} folder {value!r} does not exist")
 
         def positive(name: str, minimum: float = 1) -> None:
             value = getattr(self, name)
@@ -261,10 +279,11 @@ class TrainConfig:
             problems.append(f"--lr-scheduler {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
         if self.lr_scheduler == "piecewise_constant" and not self.lr_step_rules:
             problems.append("--lr-scheduler piecewise_constant needs --lr-step-rules")
-        if self.mixed_precision not in MIXED_PRECISION:
-            problems.append(f"--mixed-precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
-        elif self.mixed_precision == "fp16" and not cuda_available:
-            problems.append("--mixed-precision fp16 needs a CUDA GPU (use bf16 or no on CPU)")
+        precision, source = resolve_mixed_precision(self.mixed_precision)
+        if precision not in MIXED_PRECISION:
+            problems.append(f"mixed precision {precision!r} (from {source}) is not one of {', '.join(MIXED_PRECISION)}")
+        elif precision == "fp16" and not cuda_available:
+            problems.append(f"mixed precision fp16 needs a CUDA GPU (set by {source}); use bf16 or no on CPU")
         if self.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
             problems.append("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes")
         elif self.use_8bit_adam and not cuda_available:
@@ -283,8 +302,8 @@ class TrainConfig:
             notes.append(f"--checkpoints-total-limit {self.checkpoints_total_limit} raised to "
                          f"{MIN_CHECKPOINTS_KEPT}: the newest checkpoint may be the one a crash interrupts")
             self.checkpoints_total_limit = MIN_CHECKPOINTS_KEPT
-        if self.resume not in (None, "latest") and not Path(self.resume).is_dir():
-            problems.append(f"--resume {self.resume!r} is neither 'latest' nor a checkpoint folder")
+        if self.resume not in (None, "latest", "none") and not Path(self.resume).is_dir():
+            problems.append(f"--resume {self.resume!r} is neither 'latest', 'none' nor a checkpoint folder")
 
         n_img, n_prompt = len(self.validation_image), len(self.validation_prompt)
         if n_img and not n_prompt:
@@ -307,6 +326,45 @@ class TrainConfig:
         return notes
 
 
+def resolve_mixed_precision(requested: str | None, environ: dict | None = None) -> tuple[str, str]:
+    """(precision, where it came from) for --mixed-precision `requested` (None: unset).
+
+    Unset, accelerate decides as it does for its own scripts: `accelerate launch` passes its
+    --mixed_precision flag or its config file's value to every process as ACCELERATE_MIXED_PRECISION;
+    a plain `python -m train` reads accelerate's default config file itself (the one `accelerate
+    config` writes). Neither: "no" (fp32).
+    """
+    environ = os.environ if environ is None else environ
+    if requested is not None:
+        return requested, "--mixed-precision"
+    launched = environ.get("ACCELERATE_MIXED_PRECISION")
+    if launched:
+        return launched.lower(), "accelerate launch (its --mixed_precision flag or config file)"
+    path = _accelerate_config_file(environ)
+    if path is not None:
+        try:
+            import yaml
+
+            value = (yaml.safe_load(path.read_text()) or {}).get("mixed_precision")
+        except (OSError, ValueError, AttributeError) as e:
+            return "no", f"default (the accelerate config file {path} is unreadable: {e})"
+        if value:
+            return str(value).lower(), f"the accelerate config file {path}"
+    return "no", "default (no --mixed-precision and no accelerate setting)"
+
+
+def _accelerate_config_file(environ: dict) -> Path | None:
+    """accelerate's default config file, if it exists: $HF_HOME/accelerate/default_config.yaml
+    (HF_HOME defaulting to ~/.cache/huggingface), or ACCELERATE_CONFIG_FILE when set."""
+    explicit = environ.get("ACCELERATE_CONFIG_FILE")
+    if explicit:
+        p = Path(explicit).expanduser()
+        return p if p.is_file() else None
+    home = environ.get("HF_HOME") or os.path.join(environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    p = Path(home).expanduser() / "accelerate" / "default_config.yaml"
+    return p if p.is_file() else None
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -321,8 +379,3 @@ def _hub_token_available() -> bool:
     from huggingface_hub import get_token
 
     return get_token() is not None
-
-
-def _looks_local(name: str) -> bool:
-    """A hub id is 'org/name' (or 'name'); anything path-like or present on disk is a local folder."""
-    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1

@@ -27,6 +27,7 @@ adapter weights to `DIR/adapter-rank<R>.safetensors`, so that replicas are compa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 
 from train.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from train.config import TrainConfig
+from train.config import TrainConfig, resolve_mixed_precision
 from train.metrics import METRICS_FILE, Metrics, reset_peak_memory, truncate_jsonl
 from train.optim import make_lr_scheduler, make_optimizer
 
@@ -93,12 +94,15 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     from train import outputs, startup
 
+    precision, precision_source = resolve_mixed_precision(cfg.mixed_precision)
     notes = cfg.validate()
+    cfg = dataclasses.replace(cfg, mixed_precision=precision)
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
     log = _get_logger()
     for note in notes:
         log.warning(note)
+    log.info("mixed precision: %s (from %s)", precision, precision_source)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     if cfg.allow_tf32 and torch.cuda.is_available():
@@ -116,8 +120,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     from train.step import Objective, build_adapter, count_parameters, freeze_unet
 
     weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
-    unet = UNet2DConditionModel.from_pretrained(checks.model_root(cfg.model), subfolder="unet",
-                                                revision=cfg.revision, variant=cfg.variant, torch_dtype=weight_dtype)
+    unet = UNet2DConditionModel.from_pretrained(checks.model_root(cfg.model), subfolder="unet", revision=cfg.revision,
+                                                variant=cfg.variant, torch_dtype=weight_dtype, cache_dir=cfg.cache_dir)
     freeze_unet(unet, weight_dtype)
     unet.to(device)
     if cfg.gradient_checkpointing:
@@ -126,7 +130,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     # Seeded right here: the new adapter's weights depend on the seed alone, not on what loading
     # the encoders or the UNet may have drawn (DDP also broadcasts rank 0's weights at wrap time).
     set_seed(cfg.seed)
-    adapter = build_adapter(plan.unet_config, vae_factor, path=cfg.adapter, config=plan.adapter_config)
+    adapter = build_adapter(plan.unet_config, vae_factor, path=cfg.adapter, config=plan.adapter_config,
+                            cache_dir=cfg.cache_dir)
     adapter.train()
     trainable, _ = count_parameters(adapter)
     _, frozen = count_parameters(unet)

@@ -92,18 +92,19 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
 
     manifest = Manifest.load(store)
     problems = _Problems([], [])
-    unet_config = checks.read_unet_config(cfg.model, cfg.revision)
-    scheduler_config = checks.read_scheduler_config(cfg.model, cfg.revision)
-    vae_location = checks.vae_location(cfg.vae, manifest, cfg.model, cfg.revision)
+    hub = {"cache_dir": cfg.cache_dir}
+    unet_config = checks.read_unet_config(cfg.model, cfg.revision, **hub)
+    scheduler_config = checks.read_scheduler_config(cfg.model, cfg.revision, **hub)
+    vae_location = checks.vae_location(cfg.vae, manifest, cfg.model, cfg.revision, **hub)
     vae_config = None
     if vae_location is not None:
         repo, subfolder = vae_location
-        vae_config = checks.load_component_config(repo, subfolder, cfg.revision if subfolder == "vae" else None)
+        vae_config = checks.load_component_config(repo, subfolder, cfg.revision if subfolder == "vae" else None, **hub)
     adapter_config = None
     if cfg.adapter:
         # load_config resolves a folder or a hub id (from the hub cache when offline).
         try:
-            adapter_config = dict(T2IAdapter.load_config(checks.model_root(cfg.adapter)))
+            adapter_config = dict(T2IAdapter.load_config(checks.model_root(cfg.adapter), cache_dir=cfg.cache_dir))
         except (OSError, ValueError) as e:
             problems.other.append(f"--adapter {cfg.adapter}: cannot read its config.json ({e})")
     problems.cache += checks.shape_problems(manifest, unet_config, vae_config, adapter_config=adapter_config)
@@ -118,7 +119,7 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
         problems.cache.append(f"--soft-threshold-range: {e}")
 
     if cfg.validation_enabled:
-        if not all(checks.load_component_config(cfg.model, sub, cfg.revision) for sub in checks.TEXT_COMPONENTS):
+        if not all(checks.load_component_config(cfg.model, sub, cfg.revision, **hub) for sub in checks.TEXT_COMPONENTS):
             problems.other.append(f"validation prompts need text encoders, and {cfg.model} has no text_encoder and "
                                   "text_encoder_2: drop --validation-prompt/--validation-image or use the full model")
         if vae_location is None:
@@ -160,8 +161,9 @@ def check_encoders_and_prepare_validation(cfg: TrainConfig, plan: Plan, device: 
     """(fingerprint differences, Validator or None). Loads MODEL's tokenizers, text encoders and
     the VAE once on the CPU, compares their fingerprints with the cache's, embeds the validation
     prompts with the text encoders unless the run is refused anyway, and frees them all."""
-    text_stack = checks.load_text_stack(cfg.model, cfg.revision, cfg.variant)
-    vae = checks.load_vae(plan.vae_location, revision=cfg.revision, variant=cfg.variant) if plan.vae_location else None
+    text_stack = checks.load_text_stack(cfg.model, cfg.revision, cfg.variant, cache_dir=cfg.cache_dir)
+    vae = (checks.load_vae(plan.vae_location, revision=cfg.revision, variant=cfg.variant, cache_dir=cfg.cache_dir)
+           if plan.vae_location else None)
     report = checks.compare_fingerprints(plan.manifest.identity, {
         "vae": vae,
         "text_encoder": text_stack.text_encoder if text_stack else None,
@@ -180,11 +182,11 @@ def check_encoders_and_prepare_validation(cfg: TrainConfig, plan: Plan, device: 
     if cfg.validation_enabled and text_stack is not None and not refused:
         from train.validation import Validator, embed_validation_prompts, force_zeros_for_empty_prompt
 
-        force_zeros = force_zeros_for_empty_prompt(cfg.model)
+        force_zeros = force_zeros_for_empty_prompt(cfg.model, cache_dir=cfg.cache_dir)
         prompts = embed_validation_prompts(text_stack, cfg.validation_pairs(), force_zeros=force_zeros, device=device)
         validator = Validator(
             prompts, output_dir=cfg.output_dir, vae_location=plan.vae_location,
-            vae_kwargs={"revision": cfg.revision, "variant": cfg.variant},
+            vae_kwargs={"revision": cfg.revision, "variant": cfg.variant, "cache_dir": cfg.cache_dir},
             scheduler_config=plan.scheduler_config, force_zeros=force_zeros,
             resolution=cfg.validation_resolution or int(plan.manifest.geometry["resolution"]),
             num_images=cfg.num_validation_images, inference_steps=cfg.validation_inference_steps,
@@ -250,8 +252,8 @@ def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
             problems.other.append(f"checkpoint {ckpt.path} is at step {ckpt.state.global_step}, past the "
                                   f"{plan.total_steps} steps asked for: raise --max-steps or --num-epochs")
     elif cfg.resume is None and list_checkpoints(out):
-        problems.other.append(f"{out} already holds checkpoints of a run: continue it with --resume latest, or "
-                              "choose another --output-dir")
+        problems.other.append(f"{out} already holds checkpoints of a run: continue it with --resume latest, start "
+                              "it over with --resume none, or choose another --output-dir")
     if cfg.resume == "latest" and ckpt is None:
         log.info("--resume latest: no checkpoint in %s yet, starting a new run", out)
 

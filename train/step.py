@@ -299,6 +299,7 @@ def build_adapter(
     config: Mapping[str, Any] | None = None,
     adapter_type: str | None = None,
     num_res_blocks: int | None = None,
+    cache_dir: str | None = None,
 ) -> T2IAdapter:
     """A new fp32 T2IAdapter shaped for the UNet, or the one saved at `path` (checked to fit), in fp32.
 
@@ -318,7 +319,7 @@ def build_adapter(
     if config is None:
         # The shapes are checked from the config before any weight is read.
         try:
-            config = T2IAdapter.load_config(source)
+            config = T2IAdapter.load_config(source, cache_dir=cache_dir)
         except (OSError, ValueError) as e:
             raise FileNotFoundError(
                 f"adapter {path}: no config.json there (expected a T2IAdapter.save_pretrained folder or a hub "
@@ -328,7 +329,7 @@ def build_adapter(
     if adapter_type is not None and config.get("adapter_type") != adapter_type:
         raise ValueError(f"adapter {path} is a {config.get('adapter_type')!r}, not the requested {adapter_type!r}")
     try:
-        adapter = T2IAdapter.from_pretrained(source, use_safetensors=True)
+        adapter = T2IAdapter.from_pretrained(source, use_safetensors=True, cache_dir=cache_dir)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"adapter {path}: cannot load safetensors weights: {e}") from e
     return adapter.to(torch.float32)

@@ -42,12 +42,15 @@ class ValidationPrompts:
     negative_pooled_prompt_embeds: torch.Tensor
 
 
-def force_zeros_for_empty_prompt(model: str) -> bool:
+def force_zeros_for_empty_prompt(model: str, *, cache_dir: str | None = None) -> bool:
     """The pipeline's negative-prompt convention from model_index.json (SDXL base: True)."""
     from diffusers import DiffusionPipeline
 
+    from train.checks import model_root
+
     try:
-        return bool(DiffusionPipeline.load_config(model).get("force_zeros_for_empty_prompt", True))
+        config = DiffusionPipeline.load_config(model_root(model), cache_dir=cache_dir)
+        return bool(config.get("force_zeros_for_empty_prompt", True))
     except (OSError, ValueError):
         return True
 

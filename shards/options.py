@@ -1,0 +1,277 @@
+"""Command lines from typed configs: one option per field, config files, the reference's spellings.
+
+Both stages declare their settings once, as dataclass fields made with `setting(...)` (default,
+help text, --help group, choices, aliases); `config_command(cls, ...)` turns them into a click
+command, so `--help` documents every setting and cannot drift from the config. Every command made
+here also:
+
+- takes `--config FILE` (TOML, YAML or JSON; keys are the option names with `_` or `-`), whose
+  values become the defaults that flags on the command line then override. The resolved config
+  a run saves (train's `OUT/train_config.json`, a cache's `manifest.json` `config` section) is
+  itself a valid config file, so a run can be repeated from it.
+- accepts every option in its underscore spelling (`--train_batch_size` as `--train-batch-size`),
+  as diffusers' `train_t2i_adapter_sdxl.py` spells them, and that script's multi-value forms
+  (`--validation_image a.png b.png` for `--validation-image a.png --validation-image b.png`).
+- refuses an option of the *other* stage with a message naming that stage and why
+  (`train --resolution` -> "resolution is fixed at precompute: ..."), and accepts the reference's
+  options that have no effect here with one line saying why.
+
+This module is only about command lines; what a setting means is the stage's business.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+import click
+
+CONFIG_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
+
+
+def setting(default: Any, help: str, group: str, *, choices: Iterable[str] | None = None, aliases: Iterable[str] = (),
+            multiple: bool = False, required: bool = False, metavar: str | None = None, cli: bool = True) -> Any:
+    """A dataclass field with what its command-line option needs. `aliases` are extra option
+    names (`--train-batch-size`); `multiple` makes a repeatable option holding a tuple;
+    `cli=False` keeps a field out of the command line (set only from config files or code)."""
+    meta = {"help": help, "group": group, "aliases": tuple(aliases), "multiple": multiple, "required": required,
+            "metavar": metavar, "cli": cli}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if multiple and default == ():
+        return field(default=(), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _base_type(annotation: Any) -> type:
+    """int | None -> int; 'tuple[str, ...]' -> str; the type click converts a value to."""
+    if isinstance(annotation, str):
+        name = annotation.split("|")[0].strip()
+        if name.startswith("tuple["):
+            name = name[len("tuple["):].split(",")[0].strip()
+        return {"int": int, "float": float, "str": str, "bool": bool}[name]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is tuple:
+        return _base_type(typing.get_args(annotation)[0])
+    return annotation
+
+
+def option_names(f: dataclasses.Field) -> list[str]:
+    return [f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ())]
+
+
+def cli_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and "help" in f.metadata]
+
+
+def _option(f: dataclasses.Field) -> Callable:
+    meta = f.metadata
+    kind = _base_type(f.type)
+    kwargs: dict[str, Any] = {"help": meta["help"], "show_default": True}
+    if meta.get("metavar"):
+        kwargs["metavar"] = meta["metavar"]
+    if kind is bool:
+        kwargs.update(is_flag=True, default=f.default)
+    elif meta.get("multiple"):
+        kwargs.update(multiple=True, type=kind, default=(), show_default=False)
+    else:
+        kwargs["type"] = click.Choice(meta["choices"]) if "choices" in meta else kind
+        if meta.get("required"):
+            kwargs.update(required=True, show_default=False)
+        else:
+            kwargs["default"] = f.default
+    return click.option(*option_names(f), f.name, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files
+
+
+class ConfigFileError(click.BadParameter):
+    pass
+
+
+def _read_mapping(path: Path) -> dict:
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise ConfigFileError(f"{path}: {e.strerror or e}") from None
+    try:
+        if suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover - Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text.decode("utf-8"))
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text.decode("utf-8"))
+        elif suffix == ".json":
+            data = json.loads(text.decode("utf-8"))
+        else:
+            raise ConfigFileError(f"{path}: unknown config format {suffix!r}; use {', '.join(CONFIG_SUFFIXES)}")
+    except ConfigFileError:
+        raise
+    except Exception as e:  # tomllib, yaml and json raise their own error types
+        raise ConfigFileError(f"{path}: cannot parse: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
+    return data
+
+
+def load_config_file(path: str | Path, cls: type, *, sections: Mapping[str, str | None] | None = None) -> dict:
+    """{field name: value} from a config file for `cls`. Keys may use `-` or `_`; unknown keys
+    are an error listing each. `sections` maps a top-level key of files the tool itself writes to
+    what to do with it: a key name to read the settings from (a manifest's "config"), or None to
+    ignore it (a run's "resolved" facts)."""
+    path = Path(path).expanduser()
+    data = _read_mapping(path)
+    for key, use in (sections or {}).items():
+        if key in data:
+            if use is None:
+                data = {k: v for k, v in data.items() if k != key}
+            elif isinstance(data[key], dict) and key == use:
+                data = data[key]
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    out, unknown = {}, []
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            unknown.append(str(key))
+            continue
+        if names[name].metadata.get("multiple") and isinstance(value, (list, tuple)):
+            value = tuple(value)
+        out[name] = value
+    if unknown:
+        raise ConfigFileError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    return out
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    cmd = ctx.command
+    settings = load_config_file(value, cmd.config_class, sections=cmd.config_sections)
+    ctx.default_map = {**(ctx.default_map or {}), **settings}
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference's spellings
+
+
+@dataclasses.dataclass(frozen=True)
+class Foreign:
+    """An option of the other stage (or of the reference only): refused, or accepted without effect.
+    `message` follows the option's name: "is fixed at precompute: ..." / "belongs to train: ..."."""
+
+    message: str
+    takes_value: bool = True
+    accepted: bool = False  # True: no effect here, said in one line; False: refused
+
+
+def _long(token: str) -> str | None:
+    """'--foo_bar=1' -> 'foo-bar'; None for anything that is not a long option."""
+    if not token.startswith("--") or token == "--":
+        return None
+    return token[2:].split("=", 1)[0].replace("_", "-")
+
+
+class ConfigCommand(click.Command):
+    """A click command over a config class: `--config FILE`, underscore spellings, the
+    reference's multi-value options, and the other stage's options named as such."""
+
+    config_class: type
+    config_sections: Mapping[str, str | None]
+    foreign: Mapping[str, Foreign]
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, self.normalise(list(args)))
+
+    def normalise(self, args: list[str]) -> list[str]:
+        """Rewrite the reference's forms into ours; refuse or note the foreign ones."""
+        multiple = {n.lstrip("-"): f for f in cli_fields(self.config_class) if f.metadata.get("multiple")
+                    for n in option_names(f)}
+        known = {n.lstrip("-") for p in self.params for n in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])}
+        out: list[str] = []
+        refused: list[str] = []
+        i = 0
+        while i < len(args):
+            token = args[i]
+            name = _long(token)
+            if name is None:
+                out.append(token)
+                i += 1
+                continue
+            if token == "--":
+                out += args[i:]
+                break
+            foreign = self.foreign.get(name)
+            if foreign is not None and name not in known:
+                takes = foreign.takes_value and "=" not in token
+                value = args[i + 1] if takes and i + 1 < len(args) else None
+                typed = token.split("=", 1)[0]
+                if foreign.accepted:
+                    click.echo(f"note: {typed} has no effect here: {foreign.message}", err=True)
+                else:
+                    refused.append(f"{typed} {foreign.message}")
+                i += 2 if takes and value is not None else 1
+                continue
+            if name in multiple and "=" not in token:
+                values = []
+                j = i + 1
+                while j < len(args) and not (args[j].startswith("-") and len(args[j]) > 1 and
+                                             not args[j][1:2].isdigit()):
+                    values.append(args[j])
+                    j += 1
+                flag = option_names(multiple[name])[0]
+                if not values:
+                    out.append(token)  # click reports the missing value
+                for v in values:
+                    out += [flag, v]
+                i = j
+                continue
+            out.append(token)
+            i += 1
+        if refused:
+            raise click.UsageError("\n".join(refused))
+        return out
+
+
+def config_command(cls: type, *, name: str | None = None, foreign: Mapping[str, Foreign] | None = None,
+                   sections: Mapping[str, str | None] | None = None, **command_kwargs: Any) -> Callable:
+    """Decorator: a ConfigCommand whose options are `cls`'s `setting` fields plus `--config`.
+    The decorated function receives the field values as keyword arguments (and `config`)."""
+    def decorate(fn: Callable) -> click.Command:
+        for f in reversed(cli_fields(cls)):
+            fn = _option(f)(fn)
+        fn = click.option("--config", "config", type=click.Path(dir_okay=False), is_eager=True, expose_value=True,
+                          callback=_load_config, metavar="FILE",
+                          help="Read settings from a TOML, YAML or JSON file (keys are the option names); options "
+                               "given on the command line override it. A run's saved config is a valid file.")(fn)
+        context = {"help_option_names": ["-h", "--help"], "max_content_width": 110,
+                   "token_normalize_func": lambda s: s.replace("_", "-"),
+                   **command_kwargs.pop("context_settings", {})}
+        cmd = click.command(name=name, cls=ConfigCommand, context_settings=context, **command_kwargs)(fn)
+        cmd.config_class = cls
+        cmd.config_sections = dict(sections or {})
+        cmd.foreign = {k.replace("_", "-"): v for k, v in (foreign or {}).items()}
+        return cmd
+
+    return decorate
+
+
+__all__ = ["CONFIG_SUFFIXES", "ConfigCommand", "ConfigFileError", "Foreign", "cli_fields", "config_command",
+           "load_config_file", "option_names", "setting"]

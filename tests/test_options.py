@@ -1,0 +1,138 @@
+"""shards.options and shards.hub: generated options, config files, the reference's spellings; folder or hub id.
+
+A toy config class stands in for the stages' (their own CLIs are tested in their test files),
+so each rule is seen on its own: underscore spellings, multi-value options, --config precedence
+and unknown keys, the other stage's options refused by name, no-effect options noted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from shards.hub import locate, vae_location
+from shards.options import Foreign, config_command, load_config_file, setting
+
+
+@dataclass
+class Toy:
+    model: str = setting("", "The model.", "g", required=True, aliases=["--pretrained-model-name-or-path"])
+    batch_size: int = setting(4, "Batch.", "g", aliases=["--train-batch-size"])
+    rate: float = setting(1e-5, "Rate.", "g")
+    mode: str = setting("a", "Mode.", "g", choices=("a", "b"))
+    flag: bool = setting(False, "A flag.", "g")
+    image: tuple[str, ...] = setting((), "Images.", "g", multiple=True)
+    maybe: int | None = setting(None, "Optional.", "g")
+
+
+FOREIGN = {
+    "resolution": Foreign("is fixed at precompute: the cache holds one resolution"),
+    "xformers": Foreign("SDPA is used", takes_value=False, accepted=True),
+    "tokenizer_name": Foreign("MODEL's tokenizers are used", accepted=True),
+}
+
+
+@config_command(Toy, name="toy", foreign=FOREIGN, sections={"resolved": None})
+def toy(config, **kw):
+    click.echo(json.dumps(kw, sort_keys=True))
+
+
+def run(*args):
+    result = CliRunner().invoke(toy, list(args))
+    return result
+
+
+def values(result) -> dict:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output.strip().splitlines()[-1])
+
+
+def test_underscore_spellings_aliases_and_multi_value_forms():
+    got = values(run("--pretrained_model_name_or_path=m", "--train_batch_size", "8", "--flag", "--image", "a.png",
+                     "b.png", "--rate=0.5", "--image=c.png"))
+    assert got == {"model": "m", "batch_size": 8, "rate": 0.5, "mode": "a", "flag": True,
+                   "image": ["a.png", "b.png", "c.png"], "maybe": None}
+    # A negative number after a multi-value option is a value, not an option.
+    assert values(run("--model", "m", "--image", "-1", "x"))["image"] == ["-1", "x"]
+    assert values(run("--model", "m", "--batch-size", "2"))["batch_size"] == 2
+
+
+def test_the_other_stages_options_are_refused_by_name_and_no_effect_ones_noted():
+    result = run("--model", "m", "--resolution", "1024")
+    assert result.exit_code == 2
+    assert "--resolution is fixed at precompute: the cache holds one resolution" in result.output
+    result = run("--model", "m", "--resolution=512")
+    assert result.exit_code == 2 and "--resolution is fixed at precompute" in result.output
+    result = CliRunner().invoke(toy, ["--model", "m", "--xformers", "--tokenizer_name", "t", "--batch-size", "3"])
+    assert result.exit_code == 0, result.output
+    assert "note: --xformers has no effect here: SDPA is used" in result.output
+    assert "note: --tokenizer_name has no effect here: MODEL's tokenizers are used" in result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["batch_size"] == 3  # its value was consumed
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml", ".json"])
+def test_config_files_give_defaults_the_command_line_overrides(tmp_path, suffix):
+    data = {"model": "from-file", "batch-size": 16, "image": ["x.png", "y.png"], "flag": True, "maybe": 3}
+    path = tmp_path / f"c{suffix}"
+    if suffix == ".toml":
+        path.write_text('model = "from-file"\nbatch-size = 16\nimage = ["x.png", "y.png"]\nflag = true\nmaybe = 3\n')
+    elif suffix == ".yaml":
+        path.write_text("model: from-file\nbatch-size: 16\nimage: [x.png, y.png]\nflag: true\nmaybe: 3\n")
+    else:
+        path.write_text(json.dumps(data))
+    got = values(run("--config", str(path)))
+    assert got == {"model": "from-file", "batch_size": 16, "rate": 1e-5, "mode": "a", "flag": True,
+                   "image": ["x.png", "y.png"], "maybe": 3}
+    got = values(run("--config", str(path), "--batch_size", "2", "--model", "cli"))
+    assert (got["batch_size"], got["model"], got["image"]) == (2, "cli", ["x.png", "y.png"])
+
+
+def test_config_file_errors_name_the_file_and_every_unknown_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\nbogus: 1\nalso_bogus: 2\n")
+    result = run("--config", str(bad))
+    assert result.exit_code == 2
+    assert str(bad) in result.output and "also_bogus, bogus" in result.output
+    broken = tmp_path / "broken.toml"
+    broken.write_text("model = [\n")
+    result = run("--config", str(broken))
+    assert result.exit_code == 2 and "cannot parse" in result.output
+    result = run("--config", str(tmp_path / "missing.json"))
+    assert result.exit_code == 2 and "missing.json" in result.output
+    wrong = tmp_path / "c.ini"
+    wrong.write_text("x")
+    assert "unknown config format" in run("--config", str(wrong)).output
+    # A run's saved file: its `resolved` facts are not settings and are skipped.
+    saved = tmp_path / "train_config.json"
+    saved.write_text(json.dumps({"model": "m", "batch_size": 5, "resolved": {"world_size": 2}}))
+    assert load_config_file(saved, Toy, sections={"resolved": None}) == {"model": "m", "batch_size": 5}
+    assert values(run("--config", str(saved)))["batch_size"] == 5
+
+
+def test_a_name_is_a_folder_or_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "file.bin").write_bytes(b"x")
+    assert locate("models/tiny").kind == "folder" and locate("models/tiny").ref == str(tmp_path / "models/tiny")
+    assert locate("stabilityai/stable-diffusion-xl-base-1.0").kind == "hub"
+    assert locate("sdxl").kind == "hub"
+    # org/name where a local folder `org` exists: a missing folder, never a hub lookup.
+    loc = locate("models/tinny")
+    assert loc.kind == "missing"
+    assert loc.problem("--model") == (f"--model models/tinny: no such folder ({tmp_path / 'models'} is a local "
+                                      "folder, so this names a folder in it, not a hub id)")
+    for name in ("./x", "/abs/x", "~/x", "a/b/c"):
+        assert locate(name).kind == "missing" and locate(name).problem("--vae").endswith("no such folder")
+    assert locate("file.bin").problem("--model") == "--model file.bin: is a file, not a folder"
+    # A VAE folder on its own, or a model folder holding vae/.
+    (tmp_path / "vae-only").mkdir()
+    (tmp_path / "vae-only" / "config.json").write_text("{}")
+    (tmp_path / "models" / "tiny" / "vae").mkdir()
+    (tmp_path / "models" / "tiny" / "vae" / "config.json").write_text("{}")
+    assert vae_location("vae-only") == (str(tmp_path / "vae-only"), None)
+    assert vae_location("models/tiny") == (str(tmp_path / "models/tiny"), "vae")
+    assert vae_location("madebyollin/sdxl-vae-fp16-fix") == ("madebyollin/sdxl-vae-fp16-fix", None)
