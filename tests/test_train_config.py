@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -245,3 +246,29 @@ def test_a_saved_config_repeats_the_run(tmp_path):
     assert TrainConfig(**params) == cfg
     params = main.make_context("train", ["--config", str(saved), "--max-steps", "9"]).params
     assert params["max_steps"] == 9 and params["validation_prompt"] == ("p",)
+
+
+def test_secrets_never_reach_what_a_run_writes(tmp_path):
+    from shards.secrets import redact
+
+    assert redact("https://host.example/c/fill?sv=2024&sig=abc%2Bdef") == "https://host.example/c/fill?sv=REDACTED&sig=REDACTED"
+    assert redact("https://alice:pw@host.example/c") == "https://alice:REDACTED@host.example/c"
+    assert redact("https://token@host.example/c") == "https://REDACTED@host.example/c"
+    for plain in ("cache/fill", "/abs/path", "s3://bucket/prefix", "stabilityai/sdxl", None):
+        assert redact(plain) == plain
+    cfg = _cfg(tmp_path, cache="https://host.example/c?sig=s3cr3t", hub_token="hf_abc")
+    d = cfg.to_dict()
+    assert d["cache"] == "https://host.example/c?sig=REDACTED" and d["hub_token"] is None
+    assert "s3cr3t" not in json.dumps(d) and "hf_abc" not in json.dumps(d)
+
+
+def test_an_unwritable_output_dir_is_refused_before_anything_loads(tmp_path):
+    """As root, permission bits do not stop a write; a read-only filesystem does (/sys here)."""
+    out = Path("/sys/kernel/t2i-adapter-test-out")
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, output_dir=str(out)).validate(cuda_available=False)
+    assert f"--output-dir {out}: cannot write there" in str(err.value)
+    assert "Operation not permitted" in str(err.value) or "Read-only file system" in str(err.value)
+    fine = tmp_path / "new" / "run"
+    _cfg(tmp_path, output_dir=str(fine)).validate(cuda_available=False)
+    assert fine.is_dir() and list(fine.iterdir()) == []  # created, the probe file removed

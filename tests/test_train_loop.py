@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,25 @@ def test_resume_refuses_a_decaying_schedule_with_another_length_or_changed_adam(
     assert "--adam-beta2: checkpoint 0.999, now 0.99" in message
     assert "--adam-weight-decay: checkpoint 0.01, now 0.0" in message
     assert len([line for line in message.splitlines() if line.startswith("  - ")]) == 3
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(tiny_model, fill_data, cache, run_a, tmp_path, caplog):
+    out = tmp_path / "copy"
+    shutil.copytree(run_a[0], out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with caplog.at_level("INFO"):
+        result = train(_run_a_cfg(tiny_model, fill_data, cache, out, resume="latest"))
+    assert result.global_step == 4 and result.samples_seen == run_a[1].samples_seen
+    assert any("nothing to do" in r.getMessage() and "finished all 4 steps" in r.getMessage() for r in caplog.records)
+    assert not any("parameters:" in r.getMessage() for r in caplog.records)  # no weights were loaded
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # nothing rewritten
+
+
+def test_a_warm_up_longer_than_the_run_is_warned(tiny_model, cache, tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        train(_cfg(tiny_model, cache, tmp_path / "out", max_steps=2, lr_scheduler="cosine", lr_warmup_steps=500))
+    assert any("--lr-warmup-steps 500 is not shorter than the run's 2 optimizer steps" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_resume_is_bitwise_identical_with_two_loader_workers(tiny_model, cache, tmp_path):
@@ -623,3 +643,40 @@ def test_accelerate_launch_mixed_precision_is_honoured(tiny_model, cache, tmp_pa
     assert "frozen (UNet, bfloat16)" in proc.stderr
     resolved = json.loads((out / "train_config.json").read_text())
     assert resolved["mixed_precision"] == "bf16" and resolved["resolved"]["weight_dtype"] == "bf16"
+
+
+def test_push_to_hub_creates_a_private_repo_at_start_and_never_writes_the_token(tiny_model, cache, tmp_path,
+                                                                                  monkeypatch):
+    """No hub here: huggingface_hub's two calls are replaced by recorders. A refused token fails
+    before any weight is loaded; an accepted one gets a private repository at start, the upload
+    at the end, and appears in nothing the run writes."""
+    import huggingface_hub
+
+    calls = []
+
+    def refuse(name, **kw):
+        calls.append(("create", name, kw))
+        raise RuntimeError("401 Client Error: Invalid credentials")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", refuse)
+    out = tmp_path / "refused"
+    with pytest.raises(StartupError, match=r"--push-to-hub: cannot create the hub repository 'me/tiny' "
+                                           r"\(RuntimeError: 401 Client Error: Invalid credentials\)"):
+        train(_cfg(tiny_model, cache, out, max_steps=1, push_to_hub=True, hub_model_id="me/tiny",
+                   hub_token="hf_SECRET123"))
+    assert not (out / "diffusion_pytorch_model.safetensors").exists() and not (out / "checkpoints").exists()
+    assert calls == [("create", "me/tiny", {"exist_ok": True, "private": True, "token": "hf_SECRET123"})]
+
+    calls.clear()
+    monkeypatch.setattr(huggingface_hub, "create_repo",
+                        lambda name, **kw: calls.append(("create", name, kw)) or types.SimpleNamespace(repo_id=name))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw["repo_id"], kw)))
+    out = tmp_path / "pushed"
+    train(_cfg(tiny_model, cache, out, max_steps=1, push_to_hub=True, hub_model_id="me/tiny", hub_token="hf_SECRET123",
+               hub_public=True))
+    assert [c[:2] for c in calls] == [("create", "me/tiny"), ("upload", "me/tiny")]
+    assert calls[0][2]["private"] is False and calls[1][2]["token"] == "hf_SECRET123"
+    assert calls[1][2]["ignore_patterns"] == ["checkpoints/**", "logs/**"]
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert b"hf_SECRET123" not in path.read_bytes(), path

@@ -204,7 +204,14 @@ class TrainConfig:
         return Path(self.output_dir) / self.logging_dir
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON of every setting, as OUT and checkpoints record it: secrets are left out
+        (--hub-token is None, URLs lose their query values and passwords: `shards.secrets`)."""
+        from shards.secrets import redact
+
         d = dataclasses.asdict(self)
+        d["hub_token"] = None
+        for name in ("model", "cache", "vae", "adapter"):
+            d[name] = redact(d[name])
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
@@ -238,6 +245,10 @@ class TrainConfig:
             problems.append(f"cache folder {self.cache!r} does not exist (run `python -m precompute` first)")
         if self.output_dir and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             problems.append(f"output dir {self.output_dir!r} exists and is not a folder")
+        elif self.output_dir:
+            problem = writable_folder_problem(Path(self.output_dir))
+            if problem:
+                problems.append(f"--output-dir {self.output_dir}: {problem}")
         if self.local_cache and Path(self.local_cache).exists() and not Path(self.local_cache).is_dir():
             problems.append(f"--local-cache {self.local_cache!r} exists and is not a folder")
         if self.local_cache_max is not None:
@@ -289,7 +300,7 @@ class TrainConfig:
         elif self.use_8bit_adam and not cuda_available:
             problems.append("--use-8bit-adam needs a CUDA GPU (bitsandbytes' 8-bit AdamW has no CPU kernels here): "
                             "drop it on CPU")
-        if self.push_to_hub and not _hub_token_available():
+        if self.push_to_hub and not (self.hub_token or _hub_token_available()):
             problems.append("--push-to-hub needs a hub login (the upload would fail only after training): set "
                             "HF_TOKEN or run `hf auth login`")
         if self.report_to not in REPORT_TO:
@@ -324,6 +335,22 @@ class TrainConfig:
         if problems:
             raise ConfigError(problems)
         return notes
+
+
+def writable_folder_problem(folder: Path) -> str | None:
+    """Why files cannot be created in `folder` (which may not exist yet), or None. Found by
+    trying: the folder is created and a probe file written and removed (permission bits say
+    nothing for root, nor for read-only mounts). A folder created here is kept (train writes it)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) and str(e.filename) != str(folder) else ""
+        return f"cannot write there{where}: {e.strerror or e}"
+    return None
 
 
 def resolve_mixed_precision(requested: str | None, environ: dict | None = None) -> tuple[str, str]:

@@ -111,6 +111,12 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     run = startup.start(cfg, accelerator, log)  # every refusal, before any weight
     plan, ckpt, validator = run.plan, run.checkpoint, run.validator
+    if run.finished:
+        log.info("nothing to do: %s finished all %d steps (checkpoint %s) and its adapter is in %s; raise --max-steps "
+                 "or --num-epochs to train further", out, plan.total_steps, ckpt.path.name, out)
+        accelerator.end_training()
+        return TrainResult(output_dir=out, global_step=ckpt.state.global_step, samples_seen=ckpt.state.samples_seen,
+                           seconds=0.0, samples_per_second=0.0, validation_images=[])
 
     # --- weights -------------------------------------------------------------------------------
     from diffusers import UNet2DConditionModel
@@ -137,6 +143,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     _, frozen = count_parameters(unet)
     log.info("parameters: %s trainable (adapter, fp32), %s frozen (UNet, %s)", f"{trainable:,}", f"{frozen:,}",
              str(weight_dtype).removeprefix("torch."))
+    if device.type == "cpu":
+        from shards.runtime import choose_cpu_threads
+
+        # LOCAL_WORLD_SIZE: the processes of this machine (set by accelerate launch / torchrun).
+        threads, why = choose_cpu_threads(trainable + frozen, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        log.info("CPU threads per process: %d (%s)", threads, why)
 
     optimizer = make_optimizer(cfg, adapter.parameters(), plan.learning_rate)
     lr_scheduler = make_lr_scheduler(cfg, optimizer, plan.total_steps)
@@ -286,7 +298,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     if main:
         outputs.write_outputs(cfg, plan, state, final_adapter, world=world, seconds=seconds, rate=rate,
                               validation_images=validation_images, replica_digests=digests,
-                              parameters={"trainable_parameters": trainable, "frozen_parameters": frozen})
+                              parameters={"trainable_parameters": trainable, "frozen_parameters": frozen},
+                              hub_repo=run.hub_repo)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(output_dir=out, global_step=state.global_step, samples_seen=state.samples_seen,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from shards.fingerprint import module_fingerprint
+from shards.secrets import redact
 from train import card
 from train.checkpoint import TrainState
 from train.config import TrainConfig
@@ -46,7 +47,7 @@ def epochs_done(state: TrainState, batches_per_epoch: list[int]) -> float:
 
 def write_outputs(cfg: TrainConfig, plan: Plan, state: TrainState, adapter: torch.nn.Module, *, world: int,
                   seconds: float, rate: float, validation_images: list[Path], replica_digests: list[str],
-                  parameters: dict[str, int]) -> None:
+                  parameters: dict[str, int], hub_repo: str | None = None) -> None:
     """OUT's deliverables: the adapter (diffusers format), resolved config, loss curve, model card."""
     out = Path(cfg.output_dir)
     adapter.save_pretrained(out, safe_serialization=True)
@@ -79,7 +80,7 @@ def write_outputs(cfg: TrainConfig, plan: Plan, state: TrainState, adapter: torc
         "samples_per_s_this_session": round(rate, 2),
     }
     (out / card.README_FILE).write_text(card.model_card(
-        base_model=cfg.model, cache_url=cfg.cache, manifest_id=plan.manifest_id, config=resolved, summary=summary,
+        base_model=cfg.model, cache_url=redact(cfg.cache), manifest_id=plan.manifest_id, config=resolved, summary=summary,
         validation_grids=[p.relative_to(out).as_posix() for p in validation_images],
         prompts=[prompt for _, prompt in cfg.validation_pairs()],
         loss_curve=card.LOSS_CURVE_FILE if curve else None,
@@ -87,7 +88,7 @@ def write_outputs(cfg: TrainConfig, plan: Plan, state: TrainState, adapter: torc
     logger.info("done: %d steps, %d samples, %.1f s this session, %.2f samples/s. Adapter in %s", state.global_step,
                 state.samples_seen, seconds, rate, out)
     if cfg.push_to_hub:
-        push_to_hub(cfg, out)
+        push_to_hub(cfg, out, hub_repo)
 
 
 # What the hub gets: the adapter, card, config, loss curve and validation grids; not the
@@ -95,13 +96,21 @@ def write_outputs(cfg: TrainConfig, plan: Plan, state: TrainState, adapter: torc
 HUB_IGNORE = ["checkpoints/**", "logs/**"]
 
 
-def push_to_hub(cfg: TrainConfig, out: Path) -> None:
-    from huggingface_hub import create_repo, upload_folder
+def create_hub_repo(cfg: TrainConfig) -> str:
+    """Create (or find) the --push-to-hub repository at start, private unless --hub-public, so a
+    bad token or a name taken by someone else fails before training. Returns its id."""
+    from huggingface_hub import create_repo
 
-    repo_id = create_repo(cfg.hub_model_id or out.name, exist_ok=True).repo_id
+    name = cfg.hub_model_id or Path(cfg.output_dir).name
+    return create_repo(name, exist_ok=True, private=not cfg.hub_public, token=cfg.hub_token).repo_id
+
+
+def push_to_hub(cfg: TrainConfig, out: Path, repo_id: str) -> None:
+    from huggingface_hub import upload_folder
+
     upload_folder(repo_id=repo_id, folder_path=out, commit_message="T2I-Adapter training run",
-                  ignore_patterns=HUB_IGNORE)
+                  ignore_patterns=HUB_IGNORE, token=cfg.hub_token)
     logger.info("pushed %s to https://huggingface.co/%s", out, repo_id)
 
 
-__all__ = ["TRAIN_CONFIG_FILE", "epochs_done", "push_to_hub", "replica_digests", "write_outputs"]
+__all__ = ["TRAIN_CONFIG_FILE", "create_hub_repo", "epochs_done", "push_to_hub", "replica_digests", "write_outputs"]

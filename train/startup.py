@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from shards.manifest import Manifest
+from shards.secrets import redact
 from shards.store import Store, open_store
 from train import checks
 from train.checkpoint import (
@@ -66,6 +67,8 @@ class Startup:
     checkpoint: Checkpoint | None  # to resume from
     meta: dict[str, Any]  # what every checkpoint of this run records and a resume compares
     validator: Any  # train.validation.Validator on the main process when validation is on, else None
+    hub_repo: str | None = None  # --push-to-hub: the repository created at start (main process)
+    finished: bool = False  # resumed at the last step with the outputs written: nothing to do
 
 
 @dataclass
@@ -211,7 +214,7 @@ def refusal(cfg: TrainConfig, problems: _Problems, differences: list[str]) -> St
     """One error listing every problem: CacheMismatchError when the cache does not fit the model
     (with the other problems listed too), else StartupError."""
     if problems.cache or differences:
-        return CacheMismatchError(checks.refusal_message(cfg.cache, cfg.model, problems.cache + problems.other,
+        return CacheMismatchError(checks.refusal_message(redact(cfg.cache), cfg.model, problems.cache + problems.other,
                                                          differences))
     return StartupError("cannot start training:\n" + "\n".join(f"  - {p}" for p in problems.other))
 
@@ -223,7 +226,7 @@ def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
     main = accelerator.is_main_process
     store = open_store(cfg.cache)
     plan, problems = make_plan(cfg, accelerator.num_processes, store)
-    log.info("cache %s: %d samples in %d shards, manifest id %s", cfg.cache, plan.manifest.num_samples,
+    log.info("cache %s: %d samples in %d shards, manifest id %s", store.url, plan.manifest.num_samples,
              len(plan.manifest.shards), plan.manifest_id[:16])
     if cfg.local_cache:
         from shards.localcache import CachingStore
@@ -256,6 +259,11 @@ def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
                               "it over with --resume none, or choose another --output-dir")
     if cfg.resume == "latest" and ckpt is None:
         log.info("--resume latest: no checkpoint in %s yet, starting a new run", out)
+    warm = cfg.lr_scheduler not in ("constant", "piecewise_constant")
+    if warm and plan.total_steps and cfg.lr_warmup_steps >= plan.total_steps:
+        log.warning("--lr-warmup-steps %d is not shorter than the run's %d optimizer steps: the learning rate never "
+                    "reaches --learning-rate %g with the %s schedule; lower --lr-warmup-steps", cfg.lr_warmup_steps,
+                    plan.total_steps, plan.learning_rate, cfg.lr_scheduler)
 
     # Main process only: the encoders are loaded once, fingerprinted, used to embed the
     # validation prompts and freed. Its failures become problems, so that every process learns
@@ -268,6 +276,17 @@ def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
                                                                           refuse=bool(problems))
         except (CacheMismatchError, OSError, ValueError) as e:
             problems.cache.append(str(e))
+    hub_repo = None
+    if main and cfg.push_to_hub and not problems:
+        from train.outputs import create_hub_repo
+
+        try:
+            hub_repo = create_hub_repo(cfg)
+            log.info("--push-to-hub: %s repository %s ready", "public" if cfg.hub_public else "private", hub_repo)
+        except Exception as e:  # huggingface_hub raises HTTP, auth and validation errors of its own
+            problems.other.append(f"--push-to-hub: cannot create the hub repository "
+                                  f"{cfg.hub_model_id or out.name!r} ({type(e).__name__}: {e}); check the token "
+                                  "(--hub-token, HF_TOKEN or `hf auth login`) and --hub-model-id")
     refused_here = bool(problems) or (bool(differences) and not cfg.accept_encoder_mismatch)
     if agree(accelerator, refused_here):
         if refused_here:
@@ -276,7 +295,10 @@ def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
     if differences:
         log.warning("--accept-encoder-mismatch: training on a cache encoded with other encoders:\n%s",
                     "\n".join(f"  - {d}" for d in differences))
-    return Startup(plan=plan, store=store, checkpoint=ckpt, meta=meta, validator=validator)
+    finished = (ckpt is not None and ckpt.state.global_step == plan.total_steps
+                and (out / "diffusion_pytorch_model.safetensors").is_file())
+    return Startup(plan=plan, store=store, checkpoint=ckpt, meta=meta, validator=validator, hub_repo=hub_repo,
+                   finished=finished)
 
 
 __all__ = ["Plan", "Startup", "agree", "make_plan", "optimizer_steps", "refusal", "start"]
