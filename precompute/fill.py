@@ -17,6 +17,7 @@ R x R, R x 1.5R, 1.5R x R and R x 2R (height x width, R the resolution).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -167,10 +168,13 @@ def write_folder_atomically(out: Path, build: Callable[[Path], None]) -> Path:
 
 def make_readable(folder: Path) -> None:
     """mkdtemp makes a private (0700) folder and some writers make 0600 files; a generated dataset
-    or model is a shareable artifact, so give it ordinary permissions (also used by `tiny`)."""
-    folder.chmod(0o755)
+    or model is an ordinary artifact, so give it the permissions any new file gets under the
+    user's umask (0755 / 0644 with the usual 022; also used by `tiny`)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
     for path in folder.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 @click.command(help="Write a synthetic fill dataset (fill50k layout) to OUT.")

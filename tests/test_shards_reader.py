@@ -251,3 +251,22 @@ def test_member_claiming_a_huge_size_is_refused_before_buffering(shard):
     path.write_bytes(info.tobuf(tarfile.USTAR_FORMAT) + bytes(4096))  # valid checksum, tiny file
     with pytest.raises(ShardError, match=rf"^{NAME}: member '000003-000000.safetensors' at byte 0 claims"):
         read_all(store, record)
+
+
+def test_webdataset_reads_a_cache_as_documented(shard):
+    """The cache is a plain WebDataset: webdataset's own reader yields each sample as its key and
+    the three documented members, with the very bytes our verifying reader yields; decoding them
+    with the project's schema (safetensors, PNG, JSON: no pickle) gives the same sample."""
+    import webdataset as wds
+
+    store, record, path = shard
+    ours = list(iter_shard_members(store, record))
+    theirs = list(wds.WebDataset(str(path), shardshuffle=False))
+    assert [s["__key__"] for s in theirs] == record.keys == [k for k, _ in ours]
+    for sample, (key, members) in zip(theirs, ours):
+        assert set(sample) - {"__key__", "__url__", "__local_path__"} == {"safetensors", "cond.png", "json"}
+        for member in schema.MEMBERS:
+            assert sample[member] == members[member]
+        decoded = schema.decode_sample(sample["__key__"], {m: sample[m] for m in schema.MEMBERS})
+        assert decoded.key == key and decoded.latent_mean.dtype == torch.bfloat16
+        assert decoded.cond_image().shape[2] == 3
