@@ -25,6 +25,11 @@ bytes it hands out:
 - Shared safely: several processes (loader workers, ranks, concurrent runs) may use one DIR. Temp
   names are unique, publishing is an atomic rename of identical content, and a copy deleted by a
   concurrent eviction after we opened it stays readable through our open file.
+- Never led outside DIR: symbolic links inside it (a folder `objects/ab` or a copy planted as a
+  link by someone else sharing the folder) are never followed: eviction, publishing and
+  verification skip them, and a copy is opened with O_NOFOLLOW | O_NONBLOCK and used only if it
+  is a regular file (a FIFO or device never blocks or streams forever). DIR itself may be a link
+  (the user's choice of disk).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import io
 import logging
 import os
 import re
+import stat
 import time
 from collections import deque
 from pathlib import Path
@@ -64,6 +70,9 @@ class CachingStore(Store):
         self._shards: dict[str, tuple[str, int]] = {}
         self.register(records)
         self.objects.mkdir(parents=True, exist_ok=True)
+        if self.objects.is_symlink():
+            raise PermissionError(f"local cache {self.dir}: {self.objects} is a symbolic link; refusing to follow it "
+                                  "(it could point anywhere). Remove it, or use another --local-cache")
         if not os.access(self.objects, os.W_OK | os.X_OK):
             raise PermissionError(f"local cache {self.dir}: {self.objects} is not writable")
         self._remove_stale_temps()
@@ -100,15 +109,34 @@ class CachingStore(Store):
         self.events.append((rel, "fetched"))
         return _TeeReader(src, self, rel, path, sha, size)
 
-    def _open_verified(self, rel: str, path: Path, sha: str, size: int) -> BinaryIO | None:
+    def _bucket_ok(self, folder: Path) -> bool:
+        """`objects/ab`: a real folder directly in `objects`, never a link to somewhere else."""
         try:
-            f = open(path, "rb")
+            st = os.lstat(folder)
+        except FileNotFoundError:
+            return True  # not there yet: created as a real folder when needed
+        return stat.S_ISDIR(st.st_mode)
+
+    def _open_verified(self, rel: str, path: Path, sha: str, size: int) -> BinaryIO | None:
+        if not self._bucket_ok(path.parent):
+            log.warning("local cache %s: %s is not a plain folder (a symbolic link?); not used", self.dir, path.parent)
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             return None
+        except OSError as e:  # ELOOP: a symbolic link planted under a copy's name
+            log.warning("local cache %s: %s cannot be opened as a plain file (%s); ignored", self.dir, path,
+                        e.strerror or e)
+            self.events.append((rel, "corrupt"))
+            return None
+        f = os.fdopen(fd, "rb")
         try:
             st = os.fstat(f.fileno())
             problem = None
-            if st.st_size != size:
+            if not stat.S_ISREG(st.st_mode):
+                problem = "not a regular file"
+            elif st.st_size != size:
                 problem = f"{st.st_size} bytes, the record says {size}"
             else:
                 got = stream_sha256(f)
@@ -133,20 +161,34 @@ class CachingStore(Store):
             raise
 
     def _publish(self, tmp: Path, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._bucket_ok(path.parent):
+            raise OSError(f"{path.parent} is not a plain folder (a symbolic link?)")
         os.replace(tmp, path)
         self._evict(keep=path)
+
+    def _buckets(self) -> list[Path]:
+        """The real `objects/ab` folders (links skipped)."""
+        out = []
+        with os.scandir(self.objects) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    out.append(Path(e.path))
+        return out
 
     # -- size bound ------------------------------------------------------------------------------
     def entries(self) -> list[tuple[float, int, Path]]:
         """(mtime, bytes, path) of every complete local copy, least recently used first."""
         out = []
-        for p in self.objects.glob("*/*.tar"):
-            try:
-                st = p.stat()
-            except FileNotFoundError:
-                continue
-            out.append((st.st_mtime, st.st_size, p))
+        for bucket in self._buckets():
+            with os.scandir(bucket) as it:
+                for e in it:
+                    if not e.name.endswith(".tar") or not e.is_file(follow_symlinks=False):
+                        continue
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    out.append((st.st_mtime, st.st_size, Path(e.path)))
         return sorted(out)
 
     def total_bytes(self) -> int:
@@ -169,12 +211,14 @@ class CachingStore(Store):
 
     def _remove_stale_temps(self) -> None:
         cutoff = time.time() - STALE_TEMP_SECONDS
-        for p in self.objects.glob(f"*/{TEMP_PREFIX}*"):
-            try:
-                if p.stat().st_mtime < cutoff:
-                    p.unlink(missing_ok=True)
-            except FileNotFoundError:
-                pass
+        for bucket in self._buckets():
+            with os.scandir(bucket) as it:
+                for e in it:
+                    try:
+                        if e.name.startswith(TEMP_PREFIX) and e.stat(follow_symlinks=False).st_mtime < cutoff:
+                            os.unlink(e.path)
+                    except FileNotFoundError:
+                        pass
 
     # -- everything else is the remote's --------------------------------------------------------
     def exists(self, rel: str) -> bool:
@@ -227,6 +271,8 @@ class _TeeReader(io.RawIOBase):
         self._tmp: Path | None = None
         self._file = None
         try:
+            if not owner._bucket_ok(path.parent):
+                raise OSError(f"{path.parent} is not a plain folder (a symbolic link?)")
             self._tmp = new_temp_path(path.parent, path.name)
             self._file = open(self._tmp, "wb")
         except OSError as e:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from . import schema
+from . import limits, schema
 
 if TYPE_CHECKING:
     from .store import Store
@@ -151,7 +151,9 @@ class ShardRecord:
     @classmethod
     def from_json(cls, data: bytes, where: str = "shard record") -> "ShardRecord":
         try:
-            d = json.loads(data.decode("utf-8"))
+            d = limits.loads(data, where, "SHARDS_MAX_RECORD_BYTES")
+        except limits.LimitError as e:
+            raise ManifestError(str(e)) from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ManifestError(f"{where}: not valid JSON ({e})") from e
         return cls.from_dict(d, where)
@@ -405,13 +407,16 @@ class Manifest:
             store = open_store(store)
         where = store.display(schema.MANIFEST_FILE)
         try:
+            # The size first: a hostile or damaged manifest must not be read into memory whole.
+            limits.check_size(store.size(schema.MANIFEST_FILE), "SHARDS_MAX_MANIFEST_BYTES", where)
             data = store.read_bytes(schema.MANIFEST_FILE)
+            d = limits.loads(data, where, "SHARDS_MAX_MANIFEST_BYTES")
         except FileNotFoundError:
             raise ManifestError(
                 f"no {schema.MANIFEST_FILE} in {store.url}: run precompute first, or it did not finish"
             ) from None
-        try:
-            d = json.loads(data.decode("utf-8"))
+        except limits.LimitError as e:
+            raise ManifestError(str(e)) from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ManifestError(f"{where} is not valid JSON ({e}): the file is damaged; re-run precompute") from e
         return cls.from_dict(d, where)
@@ -456,14 +461,17 @@ def identity_diff(old: dict, new: dict) -> list[str]:
 
 def read_identity(store: "Store") -> dict | None:
     """The cache's identity.json, or None if there is none yet."""
+    where = store.display(schema.IDENTITY_FILE)
     try:
         data = store.read_bytes(schema.IDENTITY_FILE)
     except FileNotFoundError:
         return None
     try:
-        d = json.loads(data.decode("utf-8"))
+        d = limits.loads(data, where, "SHARDS_MAX_RECORD_BYTES")
+    except limits.LimitError as e:
+        raise ManifestError(str(e)) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{store.display(schema.IDENTITY_FILE)} is not valid JSON ({e})") from e
+        raise ManifestError(f"{where} is not valid JSON ({e})") from e
     if not isinstance(d, dict):
         raise ManifestError(f"{store.display(schema.IDENTITY_FILE)}: expected a JSON object")
     return d

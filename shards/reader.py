@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from . import schema
+from . import limits, schema
 from .manifest import ShardRecord
 from .store import Store
 
@@ -38,6 +38,11 @@ _READ_CHUNK = 1 << 20  # raw read size: few syscalls locally, few round trips fr
 # A 1024 px sample is about 0.5 MB; a member claiming more than this is a damaged or hostile header,
 # refused before anything tries to buffer it.
 MAX_MEMBER_BYTES = 1 << 30
+
+
+# Each member kind's size cap (shards.limits), checked from the tar header before its bytes are read.
+_MEMBER_CAPS = {schema.TENSOR_MEMBER: "SHARDS_MAX_TENSOR_MEMBER_BYTES", schema.COND_MEMBER: "SHARDS_MAX_PNG_MEMBER_BYTES",
+                schema.META_MEMBER: "SHARDS_MAX_JSON_MEMBER_BYTES"}
 
 
 class ShardError(Exception):
@@ -112,6 +117,12 @@ def _iter_tar(reader: _HashingReader) -> Iterator[tuple[str, bytes]]:
             raise _TarFormatError(
                 f"member {info.name!r} at byte {at} claims {info.size} bytes (limit {MAX_MEMBER_BYTES}): corrupt or hostile"
             )
+        variable = _MEMBER_CAPS.get(info.name.partition(".")[2])
+        if variable is not None:
+            try:
+                limits.check_size(info.size, variable, f"member {info.name!r} at byte {at}")
+            except limits.LimitError as e:
+                raise _TarFormatError(str(e)) from None
         if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
             raise _TarFormatError(
                 f"member {info.name!r} at byte {at} has tar type {info.type!r}; shards hold only plain "

@@ -23,6 +23,8 @@ from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from . import limits
+
 FORMAT = "sdxl-adapter-cache"
 FORMAT_VERSION = 1
 
@@ -106,7 +108,7 @@ class SampleMeta:
     @classmethod
     def from_json(cls, data: bytes, key: str) -> "SampleMeta":
         try:
-            d = json.loads(data.decode("utf-8"))
+            d = limits.loads(data, f"sample {key}: {META_MEMBER} member", "SHARDS_MAX_JSON_MEMBER_BYTES")
             return cls(
                 key=str(d["key"]),
                 source_id=str(d["source_id"]),
@@ -139,9 +141,9 @@ class Sample:
     def key(self) -> str:
         return self.meta.key
 
-    def cond_image(self) -> np.ndarray:
-        """Decode the conditioning image to uint8 (H, W, 3)."""
-        return decode_png(self.cond_png, self.key)
+    def cond_image(self, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+        """Decode the conditioning image to uint8 (H, W, 3) (see `decode_png` for `expected_size`)."""
+        return decode_png(self.cond_png, self.key, expected_size=expected_size)
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
@@ -153,11 +155,16 @@ def encode_png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_png(data: bytes, key: str = "?") -> np.ndarray:
+def decode_png(data: bytes, key: str = "?", *, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+    """PNG bytes -> uint8 (H, W, 3). With `expected_size` (h, w) the size in the PNG header is
+    checked before any pixel is decoded, so a hostile 13000 x 13000 image costs nothing."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.format != "PNG":
                 raise SampleError(f"sample {key}: {COND_MEMBER} is {im.format}, not PNG")
+            if expected_size is not None and (im.height, im.width) != tuple(expected_size):
+                raise SampleError(f"sample {key}: {COND_MEMBER} is {im.height}x{im.width}, the latent needs "
+                                  f"{expected_size[0]}x{expected_size[1]}")
             return np.asarray(im.convert("RGB"))
     except SampleError:
         raise

@@ -48,8 +48,12 @@ class VerifySummary:
         )
 
 
-def sample_problems(sample: schema.Sample, manifest: Manifest, index: int) -> list[str]:
-    """Everything wrong with one decoded sample relative to the manifest (empty list if fine)."""
+def sample_problems(sample: schema.Sample, manifest: Manifest, index: int, cond=None) -> list[str]:
+    """Everything wrong with one decoded sample relative to the manifest (empty list if fine).
+
+    `cond`: the conditioning image already decoded (uint8 H x W x 3), so a reader that needs it
+    anyway does not decode it twice; else it is decoded here, its size checked from the PNG header
+    first. Train's loader runs this on every sample before it reaches a batch."""
     p: list[str] = []
     storage = manifest.storage_dtype
     prefix = schema.sample_key(index, 0).split("-")[0] + "-"
@@ -91,11 +95,12 @@ def sample_problems(sample: schema.Sample, manifest: Manifest, index: int) -> li
     f = manifest.latent["vae_scale_factor"]
     pixel_size = (sample.latent_mean.shape[1] * f, sample.latent_mean.shape[2] * f)
     try:
-        cond = sample.cond_image()
+        if cond is None:
+            cond = schema.decode_png(sample.cond_png, sample.key, expected_size=pixel_size)
         if cond.shape[:2] != pixel_size:
             p.append(f"cond.png is {cond.shape[0]}x{cond.shape[1]}, the latent needs {pixel_size[0]}x{pixel_size[1]}")
     except schema.SampleError as e:
-        p.append(str(e))
+        p.append(str(e).removeprefix(f"sample {sample.key}: "))
     target = tuple(sample.meta.target_size)
     if target != pixel_size:
         p.append(f"target_size {target} != latent size x {f} = {pixel_size}")

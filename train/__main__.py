@@ -85,7 +85,8 @@ def main(config: str | None = None, **options: Any) -> None:
     from shards.runtime import run_command
     from train.checkpoint import CheckpointError
     from train.checks import StartupError
-    from train.loop import TrainError, train
+    from train.errors import TrainError
+    from train.loop import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

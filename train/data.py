@@ -52,6 +52,7 @@ from shards import schema
 from shards.manifest import Manifest, ShardRecord, identity_diff
 from shards.reader import ShardError, iter_shard_members, load_empty_prompt
 from shards.runtime import worker_init
+from shards.verify import sample_problems
 from shards.store import Store
 from train.augment import prepare_cond, threshold_level
 from train.augment import soft_threshold as draw_soft_threshold
@@ -59,6 +60,8 @@ from train.plan import DataSpec, EpochPlan, ShardSlice, as_records, sample_choic
 
 if TYPE_CHECKING:
     from train.step import Batch
+
+_VERIFY_HINT = "(the cache is damaged or was not written by precompute: `python -m shards verify CACHE` checks all of it)"
 
 # Bump when the plan or the stream changes which samples come in which order for the same
 # settings: a checkpoint saved under another version cannot be resumed exactly.
@@ -177,6 +180,7 @@ class _Raw(NamedTuple):
     """One sample's undecoded members, held until its batch is complete."""
 
     shard: str
+    index: int  # the shard's index (its keys start with it)
     key: str
     members: dict[str, bytes]
     shape: Hashable  # planned latent (h, w), or None for a one-shape cache
@@ -202,6 +206,9 @@ class CacheStream(IterableDataset):
         if problems:
             raise ValueError("invalid data settings:\n  - " + "\n  - ".join(problems))
         self.store, self.spec = store, spec
+        # Every sample is held to the manifest (dtypes, sizes, widths, finite values) before it
+        # joins a batch; bare records (tests of the plan) get the structural checks only.
+        self.manifest = records if isinstance(records, Manifest) else None
         self.epoch, self.rank, self.start_batch = epoch, rank, start_batch
         self.plan = EpochPlan(records, spec, epoch)
         self.stats = self.plan.stats
@@ -268,7 +275,7 @@ class CacheStream(IterableDataset):
                 i = local.get(pos)
                 j = None if i is None else starts[si] + i
                 if j is not None and j in batch_of:
-                    pending[j] = _Raw(sl.name, key, members, shapes[i])
+                    pending[j] = _Raw(sl.name, sl.record.index, key, members, shapes[i])
                     missing[batch_of[j]] -= 1
                 # The last batch waits for the end of the shard, so the reader's count and sha256
                 # checks run before this worker's stream can end.
@@ -289,12 +296,20 @@ class CacheStream(IterableDataset):
     def _collate(self, items: list[_Raw]) -> HostBatch:
         means, stds, embeds, pooled, time_ids, conds, keys = [], [], [], [], [], [], []
         levels: list[int] = []
-        for shard, key, members, shape in items:
+        for shard, index, key, members, shape in items:
             try:
                 sample = schema.decode_sample(key, members)
-                cond = sample.cond_image()
+                expected = None
+                if self.manifest is not None:
+                    f = int(self.manifest.latent["vae_scale_factor"])
+                    expected = (sample.latent_mean.shape[1] * f, sample.latent_mean.shape[2] * f)
+                cond = sample.cond_image(expected_size=expected)
             except schema.SampleError as e:
-                raise ShardError(f"{shard}: {e}") from e
+                raise ShardError(f"{shard}: {e} {_VERIFY_HINT}") from e
+            if self.manifest is not None:
+                problems = sample_problems(sample, self.manifest, index, cond=cond)
+                if problems:
+                    raise ShardError(f"{shard}: sample {key}: " + "; ".join(problems) + f" {_VERIFY_HINT}")
             self._check_sample(shard, shape, sample, cond, first=(means[0], conds[0], keys[0]) if means else None)
             k = sample.prompt_embeds.shape[0]
             c, dropped = sample_choice(seed=self.spec.seed, epoch=self.epoch, key=key, num_captions=k,

@@ -41,6 +41,7 @@ import torch
 
 from train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from train.config import TrainConfig, resolve_mixed_precision
+from train.errors import TrainError
 from train.metrics import METRICS_FILE, Metrics, reset_peak_memory, truncate_jsonl
 from train.optim import make_lr_scheduler, make_optimizer
 
@@ -48,10 +49,6 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 _NOISE_STREAM = 7  # tag separating the noise generator's seed from other uses of cfg.seed
 DEBUG_EXIT_AFTER_CHECKPOINT = "T2I_TRAIN_DEBUG_EXIT_AFTER_CHECKPOINT"
 DEBUG_REPLICA_DIR = "T2I_TRAIN_DEBUG_REPLICA_DIR"
-
-
-class TrainError(RuntimeError):
-    """A run that cannot continue; the message says why and what to do."""
 
 
 @dataclass
@@ -225,10 +222,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                 group = min(cfg.gradient_accumulation_steps, batches - state.batches_done)
                 loss_sum = torch.zeros((), device=device)
                 data_wait = 0.0
+                step_keys: list[str] = []
                 for j in range(group):
                     t0 = time.perf_counter()
                     batch = next(batch_iter)
                     data_wait += time.perf_counter() - t0
+                    step_keys += batch.keys
                     if samples_file is not None:
                         samples_file.write(json.dumps({"step": state.global_step + 1, "epoch": state.epoch,
                                                        "batch": state.batches_done, "keys": batch.keys}) + "\n")
@@ -255,7 +254,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 session_samples += step_samples
                 if state.batches_done == batches:  # epoch done: a checkpoint here resumes at the next one
                     state.epoch, state.batches_done = state.epoch + 1, 0
-                metrics.add(state.global_step, loss_sum / group, grad_norm, lr, data_wait, step_samples)
+                metrics.add(state.global_step, loss_sum / group, grad_norm, lr, data_wait, step_samples, step_keys,
+                            scaler_skipped=accelerator.optimizer_step_was_skipped)
                 progress.update(1)
 
                 if state.global_step % cfg.checkpointing_steps == 0:

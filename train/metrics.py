@@ -12,11 +12,14 @@ process. Losses are averaged over processes with one all-reduce per window: the 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from train.errors import NonFiniteError
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -32,15 +35,33 @@ class Metrics:
 
     def __init__(self, accelerator: Any, path: Path, progress: Any, every: int):
         self.accelerator, self.path, self.progress, self.every = accelerator, path, progress, every
-        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float, float, int]] = []
+        self.pending: list[tuple] = []  # (step, loss, grad_norm, lr, data_wait, samples, keys, skipped)
         self.window_start = time.perf_counter()
         reset_peak_memory()
 
     def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, data_wait: float,
-            samples: int) -> None:
-        self.pending.append((step, loss.detach().float(), grad_norm.detach().float(), lr, data_wait, samples))
+            samples: int, keys: list[str] | None = None, scaler_skipped: bool = False) -> None:
+        """One optimizer step. `scaler_skipped`: fp16's loss scaler found inf gradients and skipped
+        the step (normal while it finds its scale): an inf gradient norm is then not an error."""
+        self.pending.append((step, loss.detach().float(), grad_norm.detach().float(), lr, data_wait, samples,
+                             list(keys or []), scaler_skipped))
         if len(self.pending) >= self.every:
             self.flush()
+
+    def _stop_if_not_finite(self, values: list[list[float]]) -> None:
+        """A NaN/inf loss or gradient norm (mean over ranks, so every rank sees it) stops the run
+        here, before the checkpoint or output this flush precedes: nothing non-finite is saved."""
+        for (step, _, _, _, _, _, keys, skipped), (loss, grad_norm) in zip(self.pending, values):
+            if math.isfinite(loss) and (math.isfinite(grad_norm) or skipped):
+                continue
+            shown = ", ".join(keys[:16]) + (f" and {len(keys) - 16} more" if len(keys) > 16 else "")
+            raise NonFiniteError(
+                f"step {step}: the loss is {loss} and the gradient norm {grad_norm}; nothing of this step or later "
+                f"was saved. Batch keys on this rank: {shown or '(not recorded)'}. A cache with non-finite or "
+                "out-of-range values is the usual cause: `python -m shards verify CACHE`; else lower "
+                "--learning-rate or use --mixed-precision bf16 instead of fp16. Continue from the last good "
+                "checkpoint with --resume latest."
+            )
 
     def restart_window(self) -> None:
         """After a pause (checkpoint, validation): samples/s and peak memory measure training only."""
@@ -53,6 +74,7 @@ class Metrics:
         acc = self.accelerator
         values = torch.stack([torch.stack([p[1], p[2]]) for p in self.pending])  # (n, 2)
         values = acc.reduce(values, reduction="mean").cpu().tolist()  # the one sync per window
+        self._stop_if_not_finite(values)
         now = time.perf_counter()
         rate = sum(p[5] for p in self.pending) / max(now - self.window_start, 1e-9)
         self.window_start = now
@@ -61,7 +83,7 @@ class Metrics:
             peak = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.reset_peak_memory_stats()
         records = []
-        for (step, _, _, lr, wait, _), (loss, grad_norm) in zip(self.pending, values):
+        for (step, _, _, lr, wait, _, _, _), (loss, grad_norm) in zip(self.pending, values):
             record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "samples_per_s": rate,
                       "data_wait_s": wait}
             if peak is not None:

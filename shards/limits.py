@@ -1,0 +1,99 @@
+"""Caps on what a reader accepts from a cache: no input may cost unbounded memory or time.
+
+A cache may come from a shared bucket written by someone else, or be damaged. Every size and
+nesting the readers meet is capped before it is read or parsed; a value past its cap is an error
+naming the file (and member), never a gigabyte allocation or a RecursionError. The defaults are
+far above what precompute writes (a 3M-sample manifest is ~100 MB; a sample's JSON a few KB);
+each can be raised with an environment variable (a size like `512MiB`, see `shards.units`):
+
+| variable | default | what |
+|---|---|---|
+| SHARDS_MAX_MANIFEST_BYTES | 512MiB | manifest.json |
+| SHARDS_MAX_RECORD_BYTES | 64MiB | records/shard-*.json, identity.json |
+| SHARDS_MAX_TENSOR_MEMBER_BYTES | 256MiB | a sample's .safetensors member |
+| SHARDS_MAX_PNG_MEMBER_BYTES | 64MiB | a sample's .cond.png member (its pixel size is checked from the header) |
+| SHARDS_MAX_JSON_MEMBER_BYTES | 1MiB | a sample's .json member |
+| SHARDS_MAX_JSON_DEPTH | 64 | nesting of any JSON document the tool reads |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from .units import parse_size
+
+_DEFAULTS = {
+    "SHARDS_MAX_MANIFEST_BYTES": "512MiB",
+    "SHARDS_MAX_RECORD_BYTES": "64MiB",
+    "SHARDS_MAX_TENSOR_MEMBER_BYTES": "256MiB",
+    "SHARDS_MAX_PNG_MEMBER_BYTES": "64MiB",
+    "SHARDS_MAX_JSON_MEMBER_BYTES": "1MiB",
+}
+DEFAULT_MAX_JSON_DEPTH = 64
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_CHUNK = 16 << 20  # bytes scanned per numpy pass: bounded memory for any document
+
+
+class LimitError(ValueError):
+    """Something is larger or deeper than its cap; the message names it, the cap and the variable."""
+
+
+def cap(variable: str) -> int:
+    """The byte cap named by `variable` (environment, else the default)."""
+    raw = os.environ.get(variable) or _DEFAULTS[variable]
+    return parse_size(raw, variable)
+
+
+def max_json_depth() -> int:
+    raw = os.environ.get("SHARDS_MAX_JSON_DEPTH")
+    if not raw:
+        return DEFAULT_MAX_JSON_DEPTH
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"SHARDS_MAX_JSON_DEPTH={raw!r} is not a whole number") from None
+    if value < 1:
+        raise ValueError(f"SHARDS_MAX_JSON_DEPTH must be >= 1, got {value}")
+    return value
+
+
+def check_size(size: int, variable: str, what: str) -> None:
+    limit = cap(variable)
+    if size > limit:
+        raise LimitError(f"{what} is {size} bytes, over the {limit}-byte limit ({variable}): damaged or hostile; "
+                         f"raise {variable} if it is genuine")
+
+
+def json_depth(data: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text, found without parsing it
+    (strings, which may hold brackets, are skipped first), in linear time and memory."""
+    bare = _STRING.sub(b'""', data)
+    deepest = level = 0
+    for start in range(0, len(bare), _CHUNK):
+        arr = np.frombuffer(bare, dtype=np.uint8, count=min(_CHUNK, len(bare) - start), offset=start)
+        step = ((arr == 91) | (arr == 123)).astype(np.int32) - ((arr == 93) | (arr == 125)).astype(np.int32)  # [{ ]}
+        running = np.cumsum(step) + level
+        if running.size:
+            deepest = max(deepest, int(running.max()))
+            level = int(running[-1])
+    return deepest
+
+
+def loads(data: bytes, what: str, variable: str | None = None) -> Any:
+    """json.loads with the size cap `variable` (if given) and the depth cap checked first.
+    Raises LimitError for a cap, ValueError (json.JSONDecodeError, UnicodeDecodeError) for bad JSON."""
+    if variable is not None:
+        check_size(len(data), variable, what)
+    depth, limit = json_depth(data), max_json_depth()
+    if depth > limit:
+        raise LimitError(f"{what} nests {depth} levels deep, over the limit of {limit} (SHARDS_MAX_JSON_DEPTH): "
+                         "damaged or hostile")
+    return json.loads(data.decode("utf-8"))
+
+
+__all__ = ["DEFAULT_MAX_JSON_DEPTH", "LimitError", "cap", "check_size", "json_depth", "loads", "max_json_depth"]

@@ -1,0 +1,21 @@
+"""The errors train raises for a user to act on; `python -m train` prints them without a traceback.
+
+- `TrainError`: the run cannot continue (the message says why and what to do);
+  `NonFiniteError`: a loss or gradient went NaN/inf, named with the step and the batch's keys.
+- `train.config.ConfigError`: settings (every problem at once); `train.checks.StartupError` and its
+  `CacheMismatchError`: the run cannot start; `train.checkpoint.CheckpointError`: a checkpoint
+  that cannot be used. `shards`' ManifestError and ShardError: a cache that is missing or damaged.
+"""
+
+from __future__ import annotations
+
+
+class TrainError(RuntimeError):
+    """A run that cannot continue; the message says why and what to do."""
+
+
+class NonFiniteError(TrainError):
+    """A non-finite loss or gradient norm: training stops before anything non-finite is saved."""
+
+
+__all__ = ["NonFiniteError", "TrainError"]
