@@ -6,20 +6,21 @@ the cache is made from unit i, so units must be deterministic and independent of
 process can read any unit without reading the others). Decoding and geometry live in
 `precompute.preprocess`.
 
-Two kinds:
+The readers, each in its own module beside this one (their shared contract is
+`precompute.source_base`):
 
-- **folder**: a folder with a metadata file (HF imagefolder convention) — `metadata.jsonl`,
+- **folder** (here): a folder with a metadata file (HF imagefolder convention) — `metadata.jsonl`,
   `metadata.json` (a JSON list of objects, or JSON lines) or `metadata.csv` — whose image /
   conditioning image / caption columns are configurable (defaults `image` then `file_name`,
   `conditioning_image`, `text`); paths are relative to the folder or absolute. A folder with the
   fill50k `prompt.json` (JSON lines of `source`/`target`/`prompt`) is the **fill50k** preset:
   image = target, conditioning image = source, caption = prompt. Units are consecutive chunks of
   `samples_per_shard` rows in file order.
-- **webdataset**: local tar shards (a folder of them, one tar, or a brace pattern such as
-  `data/{00000..00009}.tar`), e.g. as img2dataset writes them: members grouped by key, an image
-  member (`jpg`, `jpeg`, `png`, `webp`), a caption from `txt` or a `json` member's `caption` /
-  `text`, a conditioning member by suffix (`cond.png`...). One unit per input tar, sorted by path.
-  Tars are read with `tarfile` as plain bytes: nothing is ever unpickled or decoded here.
+- **webdataset** (`precompute.wds_source`): tar shards (a folder of them, one tar, or a brace
+  pattern such as `data/{00000..00009}.tar`), e.g. as img2dataset writes them. One unit per input
+  tar, sorted by path.
+
+`open_source` (here) decides which reader a path is for and opens it.
 
 Every row / tar sample yields exactly one RawItem, even a broken one (its `error` says why), so
 an item's position in its unit — and therefore its cache key — never depends on which items are
@@ -29,148 +30,49 @@ bad. A corrupt tar yields the items before the damage, then one error item namin
 from __future__ import annotations
 
 import csv
-import gzip
-import hashlib
 import json
 import os
-import posixpath
-import tarfile
-import zlib
-from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import braceexpand  # ships with webdataset; the same brace syntax webdataset URLs use
 
+from precompute.source_base import (
+    DEFAULT_SAMPLES_PER_SHARD,
+    RawItem,
+    Source,
+    SourceError,
+    is_utf8_clean,
+    parse_captions,
+    read_file,
+)
+from precompute.wds_source import (
+    DEFAULT_CAPTION_KEYS,
+    DEFAULT_COND_SUFFIXES,
+    DEFAULT_IMAGE_EXTS,
+    TAR_SUFFIXES,
+    WebDatasetSource,
+)
 from shards.store import file_sha256
+
+__all__ = [
+    "DEFAULT_SAMPLES_PER_SHARD", "KINDS", "FolderSource", "RawItem", "Source", "SourceError", "WebDatasetSource",
+    "open_source",
+]
 
 METADATA_FILES = ("metadata.jsonl", "metadata.json", "metadata.csv")
 FILL50K_FILE = "prompt.json"
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 KINDS = ("auto", "folder", "fill50k", "webdataset")
 
-# Source items per output shard (folder datasets): ~256 x 1024 px samples is a few hundred MB.
-DEFAULT_SAMPLES_PER_SHARD = 256
 # Folder defaults follow the diffusers reference script and HF imagefolder ("file_name").
 DEFAULT_IMAGE_COLUMNS = ("image", "file_name")
 DEFAULT_COND_COLUMN = "conditioning_image"
 DEFAULT_CAPTION_COLUMN = "text"
 FILL50K_COLUMNS = {"image": "target", "conditioning_image": "source", "caption": "prompt"}
-# WebDataset defaults: member suffixes (everything after the key's first dot), lower case.
-DEFAULT_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-DEFAULT_COND_SUFFIXES = (
-    "cond.png",
-    "cond.jpg",
-    "conditioning.png",
-    "conditioning.jpg",
-    "conditioning_image.png",
-    "conditioning_image.jpg",
-    "source.png",
-    "source.jpg",
-    "control.png",
-    "control.jpg",
-)
-# Tried in order: a member with this suffix, else this key of the sample's .json member.
-DEFAULT_CAPTION_KEYS = ("txt", "caption", "text")
 # Columns are discovered from the first rows of a JSON metadata file (CSV has a header).
 _SCHEMA_ROWS = 100
-
-
-@dataclass
-class RawItem:
-    source_id: str  # human name: the image path as the metadata gives it, or "<tar>:<key>"
-    image: bytes | None  # raw encoded bytes (None when missing)
-    cond: bytes | None
-    captions: list[str] | None
-    error: tuple[str, str] | None = None  # (reason slug, detail) when the source knows it is bad
-    cond_id: str | None = None  # human name of the conditioning image, for messages
-
-
-class SourceError(ValueError):
-    """The dataset cannot be read at all (missing, unrecognised, wrong columns). Lists every problem."""
-
-
-class Source(ABC):
-    """A dataset split into deterministic units; output shard i of the cache comes from unit i."""
-
-    kind: str
-
-    @abstractmethod
-    def describe(self) -> dict:
-        """What identifies this input in the cache identity: kind, resolved path, columns, counts,
-        a content fingerprint where one is cheap. Never modification times."""
-
-    @abstractmethod
-    def num_units(self) -> int: ...
-
-    @abstractmethod
-    def iter_unit(self, i: int) -> Iterator[RawItem]:
-        """The items of unit i, always in the same order, one per row / tar sample."""
-
-    @abstractmethod
-    def unit_name(self, i: int) -> str:
-        """A human name for unit i (for logs and errors)."""
-
-    def num_items(self) -> int | None:
-        """Total number of items, when known without reading the data (None otherwise)."""
-        return None
-
-    def unit_size(self, i: int) -> int | None:
-        """Number of items in unit i, when known without reading it (None otherwise)."""
-        return None
-
-    def _check_unit(self, i: int) -> None:
-        if not 0 <= i < self.num_units():
-            raise IndexError(f"unit {i} out of range: {self.describe()['path']} has {self.num_units()} units")
-
-
-# ----------------------------------------------------------------------------------- helpers
-
-
-def _read_file(root: Path, rel: str, what: str, where: str) -> tuple[bytes | None, tuple[str, str] | None]:
-    """Read a file named by the metadata row at `where`; a failure becomes (None, (reason, detail)).
-
-    Never raises for a bad row: a path the OS cannot even take (an embedded NUL byte) is the
-    row's `metadata_invalid`, not the end of the run."""
-    try:
-        path = Path(rel) if os.path.isabs(rel) else root / rel
-        return path.read_bytes(), None
-    except ValueError as e:  # "embedded null byte", or a path the platform rejects outright
-        return None, ("metadata_invalid", f"{where}: {what} path {rel!r:.120} is not a valid file path ({e})")
-    except FileNotFoundError:
-        return None, (f"{what}_missing", f"{path}: file not found")
-    except OSError as e:  # a directory, no permission, an I/O error
-        return None, (f"{what}_unreadable", f"{path}: {e.strerror or e}")
-
-
-def _parse_captions(value: object, where: str, *, from_csv: bool) -> tuple[list[str] | None, tuple[str, str] | None]:
-    """A caption cell -> list of captions. A string is one caption; a list is several (kept in
-    order, None entries dropped). In CSV a cell holding a JSON list of strings is a list."""
-    if value is None:
-        return None, None
-    if isinstance(value, str):
-        if from_csv and value.lstrip().startswith("["):
-            try:
-                parsed = json.loads(value)
-            except ValueError:
-                parsed = None  # a caption that merely starts with "[" stays a string
-            if isinstance(parsed, list) and all(isinstance(c, str) for c in parsed):
-                return parsed, None
-        return [value], None
-    if isinstance(value, list) and all(c is None or isinstance(c, str) for c in value):
-        return [c for c in value if c is not None], None
-    return None, ("caption_invalid", f"{where}: caption must be a string or a list of strings, got {value!r:.80}")
-
-
-def _is_utf8_clean(values: Sequence[str]) -> bool:
-    """False when a value carries undecodable bytes (kept as lone surrogates by surrogateescape)."""
-    try:
-        for v in values:
-            v.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class _Lines:
@@ -343,7 +245,7 @@ class FolderSource(Source):
             if header is None:
                 raise SourceError(f"{self.metadata}: empty CSV (no header row)")
             self._header = header[2]
-            if not _is_utf8_clean(self._header):
+            if not is_utf8_clean(self._header):
                 raise SourceError(f"{self.metadata}: the header row is not valid UTF-8")
             dupes = sorted({c for c in self._header if self._header.count(c) > 1})
             if dupes:
@@ -469,7 +371,7 @@ class FolderSource(Source):
                 if len(fields) != len(self._header):
                     detail = f"{where}: {len(fields)} fields, the header has {len(self._header)}"
                     yield RawItem(where, None, None, None, ("metadata_invalid", detail))
-                elif not _is_utf8_clean(fields):
+                elif not is_utf8_clean(fields):
                     yield RawItem(where, None, None, None, ("metadata_invalid", f"{where}: not valid UTF-8"))
                 else:
                     yield self._item(dict(zip(self._header, fields)), where, from_csv=True)
@@ -487,203 +389,19 @@ class FolderSource(Source):
         if not isinstance(image_rel, str) or not image_rel.strip():
             detail = f"{where}: no path in column {self.image_column!r} (got {image_rel!r:.80})"
             return RawItem(where, None, None, None, ("metadata_invalid", detail))
-        image, error = _read_file(self.root, image_rel, "image", where)
+        image, error = read_file(self.root, image_rel, "image", where)
         if error:
             return RawItem(image_rel, None, None, None, error)
-        captions, caption_error = _parse_captions(row.get(self.caption_column), where, from_csv=from_csv)
+        captions, caption_error = parse_captions(row.get(self.caption_column), where, from_csv=from_csv)
         if self.cond_column is None:  # conditioning images are computed, not read
             return RawItem(image_rel, image, None, captions, caption_error)
         cond_rel = row.get(self.cond_column)
         if not isinstance(cond_rel, str) or not cond_rel.strip():
             detail = f"{where} ({image_rel}): no path in column {self.cond_column!r} (got {cond_rel!r:.80})"
             return RawItem(image_rel, image, None, captions, ("cond_missing", detail))
-        cond, error = _read_file(self.root, cond_rel, "cond", where)
+        cond, error = read_file(self.root, cond_rel, "cond", where)
         return RawItem(image_rel, image, cond, captions, error or caption_error, cond_id=cond_rel)
 
-
-# ----------------------------------------------------------------------------------- webdataset
-
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
-
-
-def _split_member(name: str) -> tuple[str, str] | None:
-    """WebDataset's rule: key = path up to the first dot of the file name, suffix = the rest
-    ('a/000001.cond.png' -> ('a/000001', 'cond.png')). Hidden files (macOS '._x') have no key."""
-    base = posixpath.basename(name)
-    if base.startswith(".") or "." not in base:
-        return None
-    dot = name.rfind("/") + 1 + base.index(".")
-    return name[:dot], name[dot + 1 :].lower()
-
-
-class WebDatasetSource(Source):
-    """Local WebDataset tars; unit i is the i-th tar in sorted path order."""
-
-    kind = "webdataset"
-
-    def __init__(
-        self,
-        tars: list[Path],
-        names: list[str],
-        path: str,
-        *,
-        image_exts: Sequence[str] = DEFAULT_IMAGE_EXTS,
-        cond_suffixes: Sequence[str] = DEFAULT_COND_SUFFIXES,
-        caption_keys: Sequence[str] = DEFAULT_CAPTION_KEYS,
-        max_samples: int | None = None,
-    ):
-        # An empty cond_suffixes means conditioning images are computed (--condition): none is read.
-        self.tars, self.names, self.path = tars, names, path
-        self.image_exts = tuple(e.lower().lstrip(".") for e in image_exts)
-        self.cond_suffixes = tuple(s.lower().lstrip(".") for s in cond_suffixes)
-        self.caption_keys = tuple(caption_keys)
-        self.max_samples = max_samples
-        listing = "".join(f"{n}\t{p.stat().st_size}\n" for n, p in zip(names, tars))
-        self.listing_sha256 = hashlib.sha256(listing.encode()).hexdigest()
-        # Items to take from each tar. Without max_samples every tar is read whole; with it, the
-        # tars are counted up front (cheap for the small subsets max_samples is meant for).
-        self._limits: list[int | None] = [None] * len(tars)
-        if max_samples is not None:
-            self._limits, left = [], max_samples
-            for i in range(len(tars)):
-                n = sum(1 for _ in self._groups(i, load=False))
-                self._limits.append(min(n, left))
-                left -= self._limits[-1]
-                if left == 0:
-                    break
-
-    def _wanted(self, suffix: str) -> bool:
-        if suffix == "json" or suffix in self.image_exts:
-            return True
-        return suffix in self.cond_suffixes or suffix in self.caption_keys
-
-    def _groups(self, i: int, *, load: bool = True) -> Iterator[tuple[str, dict[str, bytes]] | RawItem]:
-        """(key, {suffix: bytes}) per sample of tar i, adjacent members grouped as webdataset
-        does; a failure ends the tar with one error RawItem."""
-        path, name = self.tars[i], self.names[i]
-        key, members = None, {}
-        try:
-            with open(path, "rb") as f:
-                plain = not f.read(6).startswith(_COMPRESSED_MAGIC)
-                f.seek(0)
-                with tarfile.open(fileobj=f, mode="r|*") as tf:
-                    for m in tf:
-                        split = _split_member(m.name) if m.isfile() else None
-                        if split is None:
-                            continue
-                        if split[0] != key:
-                            if key is not None:
-                                yield key, members
-                            key, members = split[0], {}
-                        suffix = split[1]
-                        if suffix not in members and self._wanted(suffix):
-                            members[suffix] = tf.extractfile(m).read() if load else b""  # type: ignore[union-attr]
-                    end = tf.offset
-                if plain:
-                    # tarfile stops quietly at a damaged header or a file cut at a member
-                    # boundary, as if the archive had ended there. A complete tar has only its
-                    # zero end-of-archive blocks after the last member; check that it does.
-                    # The last sample may have lost members to the damage, so it is dropped
-                    # with the rest (the error item stands in for it).
-                    self._check_tail(f, end)
-                if key is not None:
-                    yield key, members
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, _TruncatedTar) as e:
-            detail = f"{path}: {e or type(e).__name__}; items after this point are lost"
-            yield RawItem(name, None, None, None, ("tar_corrupt", detail))
-            return
-        except OSError as e:
-            yield RawItem(name, None, None, None, ("tar_unreadable", f"{path}: {e.strerror or e}"))
-
-    @staticmethod
-    def _check_tail(f, end: int) -> None:
-        f.seek(end)
-        tail = f.read()
-        if len(tail) < tarfile.BLOCKSIZE:
-            raise _TruncatedTar(f"no end-of-archive marker after byte {end}: the file looks truncated")
-        if tail.strip(b"\0"):
-            raise _TruncatedTar(f"unreadable tar header at byte {end} (damaged member or garbage)")
-
-    def _item(self, i: int, key: str, members: dict[str, bytes]) -> RawItem:
-        sid = f"{self.names[i]}:{key}"
-        found = ", ".join("." + s for s in members) or "nothing we read"
-        image_ext = next((e for e in self.image_exts if e in members), None)
-        if image_ext is None:
-            looked = ", ".join("." + e for e in self.image_exts)
-            detail = f"{sid}: no image member (looked for {looked}; found {found})"
-            return RawItem(sid, None, None, None, ("image_missing", detail))
-        image = members[image_ext]
-        captions, error = self._captions(sid, members)
-        if not self.cond_suffixes:
-            return RawItem(sid, image, None, captions, error)
-        cond_suffix = next((s for s in self.cond_suffixes if s in members), None)
-        if cond_suffix is None:
-            looked = ", ".join("." + s for s in self.cond_suffixes)
-            detail = f"{sid}: no conditioning member (looked for {looked}; found {found})"
-            return RawItem(sid, image, None, captions, ("cond_missing", detail))
-        return RawItem(sid, image, members[cond_suffix], captions, error, cond_id=f"{sid}.{cond_suffix}")
-
-    def _captions(self, sid: str, members: dict[str, bytes]) -> tuple[list[str] | None, tuple[str, str] | None]:
-        """For each caption key in order: a member with that suffix, else that key of the .json."""
-        meta: object = None
-        json_error = None
-        if "json" in members:
-            try:
-                meta = json.loads(members["json"])
-            except ValueError as e:
-                json_error = ("metadata_invalid", f"{sid}.json: not valid JSON: {e}")
-        for k in self.caption_keys:
-            if k in members and k != "json":
-                try:
-                    return [members[k].decode("utf-8")], None
-                except UnicodeDecodeError:
-                    return None, ("caption_invalid", f"{sid}.{k}: not valid UTF-8")
-            if isinstance(meta, dict) and k in meta:
-                return _parse_captions(meta[k], f"{sid}.json", from_csv=False)
-        # No caption found: a broken .json is the likelier cause than a missing one.
-        return None, json_error
-
-    # --- Source API
-
-    def describe(self) -> dict:
-        return {
-            "kind": self.kind,
-            "path": self.path,
-            "tars": len(self.tars),
-            "tar_listing_sha256": self.listing_sha256,  # names and sizes of the tars
-            "columns": {
-                "image": list(self.image_exts),
-                "conditioning_image": list(self.cond_suffixes) or None,
-                "caption": list(self.caption_keys),
-            },
-            "max_samples": self.max_samples,
-        }
-
-    def num_units(self) -> int:
-        return len(self._limits)
-
-    def num_items(self) -> int | None:
-        return None if self.max_samples is None else sum(n or 0 for n in self._limits)
-
-    def unit_size(self, i: int) -> int | None:
-        self._check_unit(i)
-        return self._limits[i]  # counted up front only with max_samples
-
-    def unit_name(self, i: int) -> str:
-        self._check_unit(i)
-        return self.names[i]
-
-    def iter_unit(self, i: int) -> Iterator[RawItem]:
-        self._check_unit(i)
-        limit = self._limits[i]
-        for n, group in enumerate(self._groups(i)):
-            if limit is not None and n >= limit:
-                return
-            yield group if isinstance(group, RawItem) else self._item(i, *group)
-
-
-class _TruncatedTar(Exception):
-    pass
 
 
 # ----------------------------------------------------------------------------------- opening
