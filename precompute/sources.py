@@ -287,7 +287,9 @@ class FolderSource(Source):
             cond_column = cond_column or (defaults["conditioning_image"] if defaults else DEFAULT_COND_COLUMN)
         if cond_column is not None and cond_column not in columns:
             problems.append(
-                f"no conditioning image column {cond_column!r} (columns found: {have}); pass --conditioning-image-column"
+                f"no conditioning image column {cond_column!r} (columns found: {have}); pass "
+                "--conditioning-image-column, or compute the conditioning image from the image with "
+                "--condition canny|gray|sketch"
             )
         caption_column = caption_column or (defaults["caption"] if defaults else DEFAULT_CAPTION_COLUMN)
         if caption_column not in columns:

@@ -92,11 +92,12 @@ class WebDatasetSource(Source):
             return True
         return suffix in self.cond_suffixes or suffix in self.caption_keys
 
-    def _groups(self, i: int, *, load: bool = True) -> Iterator[tuple[str, dict[str, bytes]] | RawItem]:
-        """(key, {suffix: bytes}) per sample of tar i, adjacent members grouped as webdataset
-        does; a failure ends the tar with one error RawItem."""
+    def _groups(self, i: int, *, load: bool = True) -> Iterator[tuple[str, dict[str, bytes], list[str]] | RawItem]:
+        """(key, {suffix: bytes}, every suffix found) per sample of tar i, adjacent members grouped
+        as webdataset does; a failure ends the tar with one error RawItem. Only the wanted
+        members are read; the full list of suffixes is kept for messages."""
         path, name = self.tars[i], self.names[i]
-        key, members = None, {}
+        key, members, found = None, {}, []
         try:
             with open(path, "rb") as f:
                 plain = not f.read(6).startswith(_COMPRESSED_MAGIC)
@@ -108,9 +109,10 @@ class WebDatasetSource(Source):
                             continue
                         if split[0] != key:
                             if key is not None:
-                                yield key, members
-                            key, members = split[0], {}
+                                yield key, members, found
+                            key, members, found = split[0], {}, []
                         suffix = split[1]
+                        found.append(suffix)
                         if suffix not in members and self._wanted(suffix):
                             members[suffix] = tf.extractfile(m).read() if load else b""  # type: ignore[union-attr]
                     end = tf.offset
@@ -122,7 +124,7 @@ class WebDatasetSource(Source):
                     # with the rest (the error item stands in for it).
                     self._check_tail(f, end)
                 if key is not None:
-                    yield key, members
+                    yield key, members, found
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, _TruncatedTar) as e:
             detail = f"{path}: {e or type(e).__name__}; items after this point are lost"
             yield RawItem(name, None, None, None, ("tar_corrupt", detail))
@@ -139,13 +141,15 @@ class WebDatasetSource(Source):
         if tail.strip(b"\0"):
             raise _TruncatedTar(f"unreadable tar header at byte {end} (damaged member or garbage)")
 
-    def _item(self, i: int, key: str, members: dict[str, bytes]) -> RawItem:
+    def _item(self, i: int, key: str, members: dict[str, bytes], suffixes: list[str]) -> RawItem:
         sid = f"{self.names[i]}:{key}"
-        found = ", ".join("." + s for s in members) or "nothing we read"
+        # Every member of the sample, read or not: a conditioning image under an unexpected
+        # suffix (key.hint.png) is then visible in the message, with the flag that picks it.
+        found = ", ".join("." + s for s in dict.fromkeys(suffixes)) or "no members"
         image_ext = next((e for e in self.image_exts if e in members), None)
         if image_ext is None:
             looked = ", ".join("." + e for e in self.image_exts)
-            detail = f"{sid}: no image member (looked for {looked}; found {found})"
+            detail = f"{sid}: no image member (looked for {looked}; found {found}); pass --image-column"
             return RawItem(sid, None, None, None, ("image_missing", detail))
         image = members[image_ext]
         captions, error = self._captions(sid, members)
@@ -154,7 +158,8 @@ class WebDatasetSource(Source):
         cond_suffix = next((s for s in self.cond_suffixes if s in members), None)
         if cond_suffix is None:
             looked = ", ".join("." + s for s in self.cond_suffixes)
-            detail = f"{sid}: no conditioning member (looked for {looked}; found {found})"
+            detail = (f"{sid}: no conditioning member (looked for {looked}; found {found}); pass "
+                      "--conditioning-image-column, or compute it with --condition canny|gray|sketch")
             return RawItem(sid, image, None, captions, ("cond_missing", detail))
         return RawItem(sid, image, members[cond_suffix], captions, error, cond_id=f"{sid}.{cond_suffix}")
 
