@@ -427,7 +427,7 @@ def _open(cfg: PrecomputeConfig) -> Source:
     if not cfg.source_problems():
         try:
             source = open_source(
-                cfg.data,
+                cfg.data or None,
                 kind=cfg.data_kind,
                 image_column=cfg.image_column,
                 conditioning_image_column=cfg.conditioning_image_column,
@@ -435,9 +435,14 @@ def _open(cfg: PrecomputeConfig) -> Source:
                 samples_per_shard=cfg.samples_per_shard,
                 max_samples=cfg.max_samples,
                 require_conditioning=cfg.condition is None,
+                dataset_name=cfg.dataset_name,
+                dataset_config_name=cfg.dataset_config_name,
+                dataset_revision=cfg.dataset_revision,
+                dataset_split=cfg.dataset_split,
+                cache_dir=cfg.cache_dir,
             )
         except SourceError as e:
-            problems.append(f"--data {cfg.data}: {e}")
+            problems.append(f"--data {cfg.data}: {e}" if cfg.data else f"--dataset-name {cfg.dataset_name}: {e}")
     if problems:
         raise ConfigError(problems)
     assert source is not None
@@ -584,7 +589,7 @@ def run(cfg: PrecomputeConfig) -> Summary:
     pending = _prepare_cache(cfg, store, source, prompt, identity, state)
     n = source.num_units()
     info("%s: %d shard(s) planned from %s, %d already complete, %d to encode", store.url, n,
-         source.describe().get("path", cfg.data), n - len(pending), len(pending))
+         source.describe().get("path") or source.describe().get("dataset"), n - len(pending), len(pending))
     encode_started = time.perf_counter()
     # Pending shards dealt round-robin: after a resume every process still gets its share.
     worker = _encode(cfg, store, source, latent, prompt, pending[state.process_index :: world], state, buckets)

@@ -67,7 +67,8 @@ class Source(ABC):
 
     def _check_unit(self, i: int) -> None:
         if not 0 <= i < self.num_units():
-            raise IndexError(f"unit {i} out of range: {self.describe()['path']} has {self.num_units()} units")
+            d = self.describe()
+            raise IndexError(f"unit {i} out of range: {d.get('path') or d.get('dataset')} has {self.num_units()} units")
 
 
 

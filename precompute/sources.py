@@ -15,7 +15,11 @@ The readers, each in its own module beside this one (their shared contract is
   `conditioning_image`, `text`); paths are relative to the folder or absolute. A folder with the
   fill50k `prompt.json` (JSON lines of `source`/`target`/`prompt`) is the **fill50k** preset:
   image = target, conditioning image = source, caption = prompt. Units are consecutive chunks of
-  `samples_per_shard` rows in file order.
+  `samples_per_shard` rows in file order. A folder with fusing/fill50k's downloaded `train.jsonl`
+  (`image` / `conditioning_image` / `text` paths) is a folder dataset with the default columns.
+- **hf** (`precompute.hf_source`): a Hugging Face dataset read through `datasets`: a hub id or
+  local folder by name (`--dataset-name`), a `save_to_disk` folder, or .parquet / .arrow files.
+  Units are fixed row ranges, as for folders.
 - **webdataset** (`precompute.wds_source`): tar shards (a folder of them, one tar, or a brace
   pattern such as `data/{00000..00009}.tar`), e.g. as img2dataset writes them. One unit per input
   tar, sorted by path.
@@ -48,6 +52,14 @@ from precompute.source_base import (
     parse_captions,
     read_file,
 )
+from precompute.hf_source import (
+    DEFAULT_SPLIT,
+    TABLE_SUFFIXES,
+    HFSource,
+    is_saved_dataset,
+    looks_like_hf,
+    open_hf_source,
+)
 from precompute.wds_source import (
     DEFAULT_CAPTION_KEYS,
     DEFAULT_COND_SUFFIXES,
@@ -58,13 +70,15 @@ from precompute.wds_source import (
 from shards.store import file_sha256
 
 __all__ = [
-    "DEFAULT_SAMPLES_PER_SHARD", "KINDS", "FolderSource", "RawItem", "Source", "SourceError", "WebDatasetSource",
+    "DEFAULT_SAMPLES_PER_SHARD", "KINDS", "FolderSource", "HFSource", "RawItem", "Source", "SourceError", "WebDatasetSource",
     "open_source",
 ]
 
 METADATA_FILES = ("metadata.jsonl", "metadata.json", "metadata.csv")
 FILL50K_FILE = "prompt.json"
-KINDS = ("auto", "folder", "fill50k", "webdataset")
+# fusing/fill50k's own download layout: train.jsonl beside images/ and conditioning_images/.
+FILL50K_DOWNLOAD_FILE = "train.jsonl"
+KINDS = ("auto", "folder", "fill50k", "webdataset", "hf")
 
 # Folder defaults follow the diffusers reference script and HF imagefolder ("file_name").
 DEFAULT_IMAGE_COLUMNS = ("image", "file_name")
@@ -457,15 +471,40 @@ def _folder_metadata(folder: Path, kind: str, problems: list[str]) -> tuple[Path
         return found[0], None
     if fill.is_file():
         return fill, "fill50k"
+    if (folder / FILL50K_DOWNLOAD_FILE).is_file():
+        # fusing/fill50k as downloaded: train.jsonl rows with image / conditioning_image / text
+        # paths (images/, conditioning_images/): the default columns, nothing to rename.
+        return folder / FILL50K_DOWNLOAD_FILE, None
     problems.append(
         f"{folder}: no metadata file: expected one of {', '.join(METADATA_FILES)}, "
-        f"{FILL50K_FILE} (fill50k) or .tar shards"
+        f"{FILL50K_FILE} (fill50k), {FILL50K_DOWNLOAD_FILE} (fill50k as downloaded), .tar shards, "
+        "or a Hugging Face dataset (save_to_disk folder, .parquet / .arrow files)"
     )
     return None
 
 
+def _detect_kind(path: Path) -> str:
+    """What kind="auto" reads `path` as: a metadata file wins, then a save_to_disk folder, then
+    tars, then parquet / arrow tables (a folder may hold several of these side by side)."""
+    if path.is_file():
+        if path.name.lower().endswith(TAR_SUFFIXES):
+            return "webdataset"
+        return "hf" if path.name.lower().endswith(TABLE_SUFFIXES) else "folder"
+    if any((path / n).is_file() for n in (*METADATA_FILES, FILL50K_FILE, FILL50K_DOWNLOAD_FILE)):
+        return "folder"
+    if is_saved_dataset(path):
+        return "hf"
+    if _find_tars(path):
+        return "webdataset"
+    return "hf" if looks_like_hf(path) else "folder"  # folder: its error lists what was expected
+
+
+def _fail(problems: list[str]) -> SourceError:
+    return SourceError("cannot open dataset:\n  - " + "\n  - ".join(problems))
+
+
 def open_source(
-    path_or_url: str | Path,
+    path_or_url: str | Path | None,
     *,
     kind: str = "auto",
     image_column: str | Sequence[str] | None = None,
@@ -474,18 +513,27 @@ def open_source(
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
     max_samples: int | None = None,
     require_conditioning: bool = True,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    dataset_revision: str | None = None,
+    dataset_split: str = DEFAULT_SPLIT,
+    cache_dir: str | None = None,
 ) -> Source:
     """Open a dataset; raise SourceError listing every problem when it cannot be read.
 
-    `path_or_url`: a dataset folder, a metadata file inside one, a .tar, a folder of .tar files, or
-    a brace pattern (`data/{00000..00009}.tar`). `kind` "auto" decides from what is there.
-    Columns left None take the format's defaults. For a folder they are column names; for
-    webdataset they are member suffixes / .json keys, and may be lists (or comma-separated)
-    tried in order: image_column the image extensions, conditioning_image_column the
-    conditioning member suffixes, caption_column the caption suffixes / json keys.
-    `samples_per_shard` sizes folder units (a tar is always one unit); `max_samples` keeps only
-    the first N items in unit order. `require_conditioning=False` (conditioning images computed by
-    precompute) neither requires nor reads a conditioning column or member.
+    `path_or_url`: a dataset folder, a metadata file inside one, a .tar, a folder of .tar files, a
+    brace pattern (`data/{00000..00009}.tar`), a `save_to_disk` folder, or .parquet / .arrow files
+    (or a folder of them). Or None with `dataset_name`: a hub id or local folder loaded with
+    `datasets.load_dataset(dataset_name, dataset_config_name, revision=, split=, cache_dir=)`.
+    `kind` "auto" decides from what is there. Columns left None take the format's defaults. For
+    a folder or a Hugging Face dataset they are column names; for webdataset they are member
+    suffixes / .json keys, and may be lists (or comma-separated) tried in order: image_column the
+    image extensions, conditioning_image_column the conditioning member suffixes, caption_column
+    the caption suffixes / json keys. `samples_per_shard` sizes folder and dataset units (a tar is
+    always one unit); `max_samples` keeps only the first N items in unit order.
+    `require_conditioning=False` (conditioning images computed by precompute) neither requires nor
+    reads a conditioning column or member. `dataset_split` picks the split of a DatasetDict or of
+    a folder in the hub layout; `cache_dir` is the datasets download / conversion cache.
     """
     problems = []
     if kind not in KINDS:
@@ -494,22 +542,47 @@ def open_source(
         problems.append(f"samples_per_shard must be an integer >= 1, got {samples_per_shard!r}")
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
         problems.append(f"max_samples must be an integer >= 1 or None, got {max_samples!r}")
-    spec = str(path_or_url)
+    if (path_or_url is None) == (dataset_name is None):
+        problems.append("pass exactly one of a dataset path (--data) and a dataset name (--dataset-name)")
+    if dataset_name is not None and kind not in ("auto", "hf"):
+        problems.append(f"--dataset-name is a Hugging Face dataset, but kind={kind!r}")
+    columns = {
+        "image_column": image_column,
+        "conditioning_image_column": conditioning_image_column,
+        "caption_column": caption_column,
+    }
+    spec = "" if path_or_url is None else str(path_or_url)
     if spec.startswith("file://"):
         spec = spec[len("file://") :]
     if "://" in spec:
         problems.append(f"{spec}: remote datasets are not supported yet; copy them to a local folder")
     if problems:
-        raise SourceError("cannot open dataset:\n  - " + "\n  - ".join(problems))
+        raise _fail(problems)
+
+    if dataset_name is not None or kind == "hf" or (kind == "auto" and os.path.exists(spec)
+                                                    and _detect_kind(Path(spec)) == "hf"):
+        if dataset_name is None and not os.path.exists(spec):
+            raise _fail([f"{spec} does not exist"])
+        for what, value in columns.items():
+            if value is not None and not isinstance(value, str):
+                problems.append(f"{what} must be a single column name for a Hugging Face dataset, got {value!r}")
+        if problems:
+            raise _fail(problems)
+        return open_hf_source(
+            spec or None, dataset_name=dataset_name, dataset_config_name=dataset_config_name,
+            dataset_revision=dataset_revision, dataset_split=dataset_split, cache_dir=cache_dir,
+            image_column=image_column, conditioning_image_column=conditioning_image_column,  # type: ignore[arg-type]
+            caption_column=caption_column, samples_per_shard=samples_per_shard,  # type: ignore[arg-type]
+            max_samples=max_samples, require_conditioning=require_conditioning,
+        )
 
     is_pattern = "{" in spec and "}" in spec and not os.path.exists(spec)
     path = None if is_pattern else Path(spec)
-    tarlike = is_pattern or (path is not None and path.is_file() and path.name.lower().endswith(TAR_SUFFIXES))
     if path is not None and not path.exists():
         raise SourceError(f"cannot open dataset: {spec} does not exist")
-    if path is not None and path.is_dir() and kind in ("auto", "webdataset"):
-        has_meta = any((path / n).is_file() for n in (*METADATA_FILES, FILL50K_FILE))
-        tarlike = kind == "webdataset" or (not has_meta and bool(_find_tars(path)))
+    tarlike = is_pattern or (path is not None and _detect_kind(path) == "webdataset")
+    if path is not None and path.is_dir() and kind == "webdataset":
+        tarlike = True
     if kind == "webdataset" or (kind == "auto" and tarlike):
         if path is not None and path.is_file() and not tarlike:
             raise SourceError(f"cannot open dataset: {spec} is not a .tar file")
@@ -526,18 +599,13 @@ def open_source(
                 problems.append(f"{what} is empty")
         source = None if problems else _open_webdataset(spec, path, problems, **wds_kw)
         if source is None:
-            raise SourceError("cannot open dataset:\n  - " + "\n  - ".join(problems))
+            raise _fail(problems)
         return source
 
     if tarlike:
         raise SourceError(f"cannot open dataset: {spec} is a tar shard, but kind={kind!r}")
     assert path is not None
-    folder_columns = {
-        "image_column": image_column,
-        "conditioning_image_column": conditioning_image_column,
-        "caption_column": caption_column,
-    }
-    for what, value in folder_columns.items():
+    for what, value in columns.items():
         if value is not None and not isinstance(value, str):
             problems.append(f"{what} must be a single column name for a folder dataset, got {value!r}")
     if path.is_dir():
@@ -546,7 +614,7 @@ def open_source(
     else:
         metadata, preset = path, "fill50k" if (kind == "fill50k" or path.name == FILL50K_FILE) else None
     if problems or metadata is None:
-        raise SourceError("cannot open dataset:\n  - " + "\n  - ".join(problems))
+        raise _fail(problems)
     return FolderSource(
         metadata,
         preset=preset,
