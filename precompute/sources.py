@@ -41,8 +41,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
-import braceexpand  # ships with webdataset; the same brace syntax webdataset URLs use
-
 from precompute.source_base import (
     DEFAULT_SAMPLES_PER_SHARD,
     RawItem,
@@ -66,6 +64,8 @@ from precompute.wds_source import (
     DEFAULT_IMAGE_EXTS,
     TAR_SUFFIXES,
     WebDatasetSource,
+    find_tars,
+    is_remote,
 )
 from shards.store import file_sha256
 
@@ -436,23 +436,8 @@ def _find_tars(folder: Path) -> list[Path]:
 
 
 def _open_webdataset(spec: str, path: Path | None, problems: list[str], **kw) -> WebDatasetSource | None:
-    if path is None:  # a brace pattern
-        expanded = sorted(braceexpand.braceexpand(spec))
-        missing = [p for p in expanded if not os.path.isfile(p)]
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            problems.append(f"{spec}: {len(missing)} of {len(expanded)} tars do not exist: {shown}")
-            return None
-        tars, names, where = [Path(p).resolve() for p in expanded], expanded, os.path.abspath(spec)
-    elif path.is_dir():
-        tars = [p.resolve() for p in _find_tars(path)]
-        names, where = [p.name for p in tars], str(path.resolve())
-    else:
-        tars, names, where = [path.resolve()], [path.name], str(path.resolve())
-    if not tars:
-        problems.append(f"{spec}: no .tar files found")
-        return None
-    return WebDatasetSource(tars, names, where, **kw)
+    tars, where = find_tars(spec, path, problems)
+    return WebDatasetSource(tars, where, **kw) if tars and not problems else None
 
 
 def _folder_metadata(folder: Path, kind: str, problems: list[str]) -> tuple[Path, str | None] | None:
@@ -554,8 +539,12 @@ def open_source(
     spec = "" if path_or_url is None else str(path_or_url)
     if spec.startswith("file://"):
         spec = spec[len("file://") :]
-    if "://" in spec:
-        problems.append(f"{spec}: remote datasets are not supported yet; copy them to a local folder")
+    remote = is_remote(spec)
+    if "://" in spec and not remote:
+        problems.append(f"{spec}: unknown URL scheme; remote inputs are WebDataset tars on s3:// or http(s)://")
+    elif remote and kind not in ("auto", "webdataset"):
+        problems.append(f"{spec}: remote inputs are WebDataset tars (s3://, http(s)://), but kind={kind!r}; copy "
+                        "other datasets to a local folder")
     if problems:
         raise _fail(problems)
 
@@ -576,7 +565,7 @@ def open_source(
             max_samples=max_samples, require_conditioning=require_conditioning,
         )
 
-    is_pattern = "{" in spec and "}" in spec and not os.path.exists(spec)
+    is_pattern = remote or ("{" in spec and "}" in spec and not os.path.exists(spec))
     path = None if is_pattern else Path(spec)
     if path is not None and not path.exists():
         raise SourceError(f"cannot open dataset: {spec} does not exist")

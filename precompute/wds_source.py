@@ -5,20 +5,44 @@ it is ever unpickled or decoded here. Members are grouped by key as webdataset d
 member (`jpg`, `jpeg`, `png`, `webp`), a caption from `txt` or a `json` member's `caption` /
 `text`, a conditioning member by suffix (`cond.png`...). A corrupt tar yields the items before the
 damage, then one error item naming the tar.
+
+Where the tars are (`find_tars`): local files (a folder of them, one tar, a brace pattern), or
+remote objects — `s3://bucket/prefix/` (every .tar / .tar.gz / .tgz under the prefix), one
+`s3://.../x.tar`, `s3://bucket/data/{00000..00009}.tar`, and over http(s) a single URL or a brace
+pattern (http has no listing). Remote tars are read through the cache's own stores
+(`shards.store.open_store`): timeouts, bounded retries and a dropped connection resumed at the
+byte reached (Range, pinned to the object's ETag), so a server restart mid-tar loses and repeats
+nothing. Credentials and endpoint come from the standard AWS variables, as for caches.
+
+Every tar, local or remote, is read as a non-seekable stream through `_TailStream`, which counts
+the bytes handed to tarfile and keeps the last few of them: tarfile stops quietly at a damaged
+header or a file cut at a member boundary, as if the archive had ended there, so after it stops
+the bytes past its offset (recovered from that buffer plus the rest of the stream) must be the
+zero end-of-archive blocks, at least one 512-byte block, or the tar is reported as corrupt.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
+import os
 import posixpath
 import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlparse
+
+import braceexpand  # ships with webdataset; the same brace syntax webdataset URLs use
 
 from precompute.source_base import RawItem, Source, parse_captions
+from shards.remote import StoreError
+from shards.store import Store, open_store
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # WebDataset defaults: member suffixes (everything after the key's first dot), lower case.
@@ -37,6 +61,14 @@ DEFAULT_COND_SUFFIXES = (
 )
 # Tried in order: a member with this suffix, else this key of the sample's .json member.
 DEFAULT_CAPTION_KEYS = ("txt", "caption", "text")
+REMOTE_SCHEMES = ("s3", "http", "https")
+# Bytes of a tar stream kept behind tarfile's position: tarfile reads ahead in records of
+# 10 KiB, so the end-of-archive check needs at most that much of what it already consumed.
+TAIL_KEEP = 64 << 10
+# Read buffer over a remote stream (tarfile asks for 10 KiB at a time).
+REMOTE_BUFFER = 1 << 20
+# Concurrent HEAD requests when sizing remote tars.
+SIZE_THREADS = 16
 
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 
@@ -58,8 +90,7 @@ class WebDatasetSource(Source):
 
     def __init__(
         self,
-        tars: list[Path],
-        names: list[str],
+        tars: list[TarRef],
         path: str,
         *,
         image_exts: Sequence[str] = DEFAULT_IMAGE_EXTS,
@@ -68,15 +99,17 @@ class WebDatasetSource(Source):
         max_samples: int | None = None,
     ):
         # An empty cond_suffixes means conditioning images are computed (--condition): none is read.
-        self.tars, self.names, self.path = tars, names, path
+        self.tars, self.path = tars, path
+        self.names = [t.name for t in tars]
         self.image_exts = tuple(e.lower().lstrip(".") for e in image_exts)
         self.cond_suffixes = tuple(s.lower().lstrip(".") for s in cond_suffixes)
         self.caption_keys = tuple(caption_keys)
         self.max_samples = max_samples
-        listing = "".join(f"{n}\t{p.stat().st_size}\n" for n, p in zip(names, tars))
+        listing = "".join(f"{t.name}\t{t.size}\n" for t in tars)
         self.listing_sha256 = hashlib.sha256(listing.encode()).hexdigest()
         # Items to take from each tar. Without max_samples every tar is read whole; with it, the
-        # tars are counted up front (cheap for the small subsets max_samples is meant for).
+        # tars are counted up front (cheap for the small subsets max_samples is meant for; a
+        # remote tar is streamed once for it, and only the tars needed are).
         self._limits: list[int | None] = [None] * len(tars)
         if max_samples is not None:
             self._limits, left = [], max_samples
@@ -96,13 +129,14 @@ class WebDatasetSource(Source):
         """(key, {suffix: bytes}, every suffix found) per sample of tar i, adjacent members grouped
         as webdataset does; a failure ends the tar with one error RawItem. Only the wanted
         members are read; the full list of suffixes is kept for messages."""
-        path, name = self.tars[i], self.names[i]
+        ref = self.tars[i]
+        path, name = ref.location, ref.name
         key, members, found = None, {}, []
         try:
-            with open(path, "rb") as f:
-                plain = not f.read(6).startswith(_COMPRESSED_MAGIC)
-                f.seek(0)
-                with tarfile.open(fileobj=f, mode="r|*") as tf:
+            with ref.open() as raw:
+                f = _TailStream(raw)
+                plain = not f.peek(6).startswith(_COMPRESSED_MAGIC)
+                with tarfile.open(fileobj=f, mode="r|*") as tf:  # type: ignore[call-overload]
                     for m in tf:
                         split = _split_member(m.name) if m.isfile() else None
                         if split is None:
@@ -117,29 +151,22 @@ class WebDatasetSource(Source):
                             members[suffix] = tf.extractfile(m).read() if load else b""  # type: ignore[union-attr]
                     end = tf.offset
                 if plain:
-                    # tarfile stops quietly at a damaged header or a file cut at a member
-                    # boundary, as if the archive had ended there. A complete tar has only its
-                    # zero end-of-archive blocks after the last member; check that it does.
-                    # The last sample may have lost members to the damage, so it is dropped
-                    # with the rest (the error item stands in for it).
-                    self._check_tail(f, end)
+                    # A complete tar has only its zero end-of-archive blocks after the last
+                    # member (module docstring). The last sample may have lost members to the
+                    # damage, so it is dropped with the rest (the error item stands in for it).
+                    f.check_end(end)
                 if key is not None:
                     yield key, members, found
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, _TruncatedTar) as e:
             detail = f"{path}: {e or type(e).__name__}; items after this point are lost"
             yield RawItem(name, None, None, None, ("tar_corrupt", detail))
             return
+        except StoreError:
+            # A remote store that failed past its retry budget: the run stops with the store's
+            # message (a re-run resumes), rather than caching a shard that silently lacks a tar.
+            raise
         except OSError as e:
             yield RawItem(name, None, None, None, ("tar_unreadable", f"{path}: {e.strerror or e}"))
-
-    @staticmethod
-    def _check_tail(f, end: int) -> None:
-        f.seek(end)
-        tail = f.read()
-        if len(tail) < tarfile.BLOCKSIZE:
-            raise _TruncatedTar(f"no end-of-archive marker after byte {end}: the file looks truncated")
-        if tail.strip(b"\0"):
-            raise _TruncatedTar(f"unreadable tar header at byte {end} (damaged member or garbage)")
 
     def _item(self, i: int, key: str, members: dict[str, bytes], suffixes: list[str]) -> RawItem:
         sid = f"{self.names[i]}:{key}"
@@ -224,3 +251,160 @@ class WebDatasetSource(Source):
 
 class _TruncatedTar(Exception):
     pass
+
+
+class _TailStream:
+    """A read-only stream over `raw` that counts the bytes it hands out and keeps the last
+    TAIL_KEEP of them, so that the bytes after a position tarfile has already read past can be
+    recovered without seeking (remote bodies cannot seek)."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw = raw
+        self.pos = 0  # bytes handed out so far
+        self._ahead = b""  # peeked, not handed out yet
+        self._tail = bytearray()
+
+    def peek(self, n: int) -> bytes:
+        while len(self._ahead) < n:
+            chunk = self.raw.read(n - len(self._ahead))
+            if not chunk:
+                break
+            self._ahead += chunk
+        return self._ahead[:n]
+
+    def read(self, n: int = -1) -> bytes:
+        if self._ahead:
+            data = self._ahead if n < 0 else self._ahead[:n]
+            self._ahead = self._ahead[len(data):]
+        else:
+            data = self.raw.read() if n < 0 else self.raw.read(n)
+        self.pos += len(data)
+        self._tail += data
+        if len(self._tail) > TAIL_KEEP:
+            del self._tail[: len(self._tail) - TAIL_KEEP]
+        return data
+
+    def check_end(self, end: int) -> None:
+        """Everything from byte `end` to the end of the stream must be zeros, one block at least."""
+        kept_from = self.pos - len(self._tail)
+        if end < kept_from:  # tarfile read further ahead than we keep: a programming error
+            raise RuntimeError(f"tar end check: byte {end} is no longer buffered (kept from {kept_from})")
+        zeros = 0
+        chunk = bytes(self._tail[end - kept_from :])
+        while chunk:
+            if chunk.strip(b"\0"):
+                raise _TruncatedTar(f"unreadable tar header at byte {end} (damaged member or garbage)")
+            zeros += len(chunk)
+            chunk = self.read(TAIL_KEEP)
+        if zeros < tarfile.BLOCKSIZE:
+            raise _TruncatedTar(f"no end-of-archive marker after byte {end}: the file looks truncated")
+
+
+@dataclass(frozen=True)
+class TarRef:
+    """One input tar: a local file (`store` None, `rel` its path) or an object of a remote store."""
+
+    name: str  # unit name and item id prefix ("00000.tar", or the tar's path / URL for a brace pattern)
+    location: str  # full path or URL, for messages
+    size: int
+    rel: str
+    store: Store | None = None
+
+    def open(self) -> BinaryIO:
+        if self.store is None:
+            return open(self.rel, "rb")
+        return io.BufferedReader(self.store.open_read(self.rel), REMOTE_BUFFER)  # type: ignore[arg-type]
+
+
+def _local_tars(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(TAR_SUFFIXES))
+
+
+def _local_ref(path: Path, name: str) -> TarRef:
+    path = path.resolve()
+    return TarRef(name, str(path), path.stat().st_size, str(path))
+
+
+def _missing(spec: str, missing: list[str], total: int) -> str:
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return f"{spec}: {len(missing)} of {total} tars do not exist: {shown}"
+
+
+def is_remote(spec: str) -> bool:
+    return urlparse(spec).scheme.lower() in REMOTE_SCHEMES
+
+
+def _sized(pairs: list[tuple[Store, str]], urls: list[str], names: list[str], spec: str,
+           problems: list[str]) -> list[TarRef]:
+    """TarRefs for (store, rel) objects, sized by concurrent HEAD requests; a missing one is a problem."""
+
+    def size(pair: tuple[Store, str]) -> int | None:
+        try:
+            return pair[0].size(pair[1])
+        except FileNotFoundError:
+            return None
+
+    with ThreadPoolExecutor(min(SIZE_THREADS, max(1, len(pairs)))) as pool:
+        sizes = list(pool.map(size, pairs))
+    missing = [u for u, n in zip(urls, sizes) if n is None]
+    if missing:
+        problems.append(_missing(spec, missing, len(urls)))
+        return []
+    return [TarRef(n, u, sz, rel, store) for n, u, sz, (store, rel) in zip(names, urls, sizes, pairs)]  # type: ignore[misc]
+
+
+def _remote_refs(spec: str, problems: list[str]) -> tuple[list[TarRef], str]:
+    """The tars of a remote spec (listing, one URL, or a brace pattern); problems appended."""
+    parsed = urlparse(spec)
+    where = parsed._replace(query="", fragment="").geturl()  # no access tokens in the identity
+    stores: dict[str, Store] = {}
+
+    def split(url: str) -> tuple[Store, str]:
+        parent, base = url.rsplit("/", 1)
+        if parent not in stores:
+            stores[parent] = open_store(parent)
+        return stores[parent], base
+
+    try:
+        if "{" in parsed.path and "}" in parsed.path:
+            urls = sorted(braceexpand.braceexpand(spec))
+            names = [urlparse(u)._replace(query="").geturl() for u in urls]
+            return _sized([split(u) for u in urls], urls, names, spec, problems), where
+        if parsed.path.lower().endswith(TAR_SUFFIXES):
+            return _sized([split(spec)], [where], [posixpath.basename(parsed.path)], spec, problems), where
+        if parsed.scheme.lower() != "s3":
+            problems.append(f"{spec}: http(s) has no listing: name the tars, one URL or a brace pattern such as "
+                            f"{where.rstrip('/')}/{{00000..00003}}.tar")
+            return [], where
+        store = open_store(spec.rstrip("/"))
+        rels = [r for r in store.list() if r.lower().endswith(TAR_SUFFIXES)]
+        urls = [store.display(r) for r in rels]
+        return _sized([(store, r) for r in rels], urls, rels, spec, problems), where
+    except StoreError as e:  # unreachable, refused: the message starts with the location
+        problems.append(str(e))
+        return [], where
+    except ValueError as e:  # a malformed URL
+        problems.append(f"{spec}: {e}")
+        return [], where
+
+
+def find_tars(spec: str, path: Path | None, problems: list[str]) -> tuple[list[TarRef], str]:
+    """The input tars of `spec` in unit order and the location recorded in describe()["path"]:
+    a local folder (its tars, sorted), one tar, a local brace pattern (`path` None), or a remote
+    spec (module docstring). Problems (missing tars, none found) are appended to `problems`."""
+    if is_remote(spec):
+        refs, where = _remote_refs(spec, problems)
+    elif path is None:  # a local brace pattern
+        expanded = sorted(braceexpand.braceexpand(spec))
+        missing = [p for p in expanded if not os.path.isfile(p)]
+        if missing:
+            problems.append(_missing(spec, missing, len(expanded)))
+            return [], spec
+        refs, where = [_local_ref(Path(p), p) for p in expanded], os.path.abspath(spec)
+    elif path.is_dir():
+        refs, where = [_local_ref(p, p.name) for p in _local_tars(path)], str(path.resolve())
+    else:
+        refs, where = [_local_ref(path, path.name)], str(path.resolve())
+    if not refs and not problems:
+        problems.append(f"{spec}: no .tar files found")
+    return refs, where

@@ -293,8 +293,12 @@ def test_open_errors_list_every_problem(tmp_path):
         open_source(tmp_path)
     with pytest.raises(SourceError, match="no rows"):
         open_source(tmp_path / "metadata.csv")
-    with pytest.raises(SourceError, match="not supported yet"):
-        open_source("s3://bucket/data")
+    with pytest.raises(SourceError, match="unknown URL scheme"):
+        open_source("ftp://host/data")
+    with pytest.raises(SourceError, match="remote inputs are WebDataset tars.*kind='folder'"):
+        open_source("s3://bucket/data", kind="folder")
+    with pytest.raises(SourceError, match="http\\(s\\) has no listing"):
+        open_source("https://host/data/")
     (tmp_path / "metadata.json").write_text('[{"a": 1}')
     with pytest.raises(SourceError, match="not valid JSON"):
         open_source(tmp_path / "metadata.json")
