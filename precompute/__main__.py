@@ -19,6 +19,7 @@ from precompute.conditions import METHODS
 from precompute.preprocess import CROP_MODES
 from precompute.sources import SourceError
 from shards import schema
+from shards.units import human_bytes, parse_size
 from shards.manifest import ManifestError
 from shards.reader import ShardError
 from shards.store import PublishConflictError
@@ -29,6 +30,20 @@ from shards.store import PublishConflictError
 # PublishConflictError: another writer published other bytes under a shard's name.
 USER_ERRORS = (PrecomputeError, ModelLoadError, EncoderError, SourceError, ManifestError, ShardError,
                PublishConflictError)
+
+class _Size(click.ParamType):
+    """A byte count: 268435456, 256MiB, 1GB."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value, f"--{param.name.replace('_', '-')}" if param else None)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 D = PrecomputeConfig()  # the defaults, shown in --help
@@ -86,6 +101,15 @@ written with another model or other byte-changing settings is refused.
 @click.option("--max-samples", type=int, default=D.max_samples, help="Use only the first N source items.")
 @click.option("--allow-empty-captions", is_flag=True, default=D.allow_empty_captions,
               help="Keep items without a caption (captioned \"\") instead of skipping them.")
+@click.option("--max-input-bytes", type=_Size(), default=D.max_input_bytes,
+              help=f"Largest input file or tar member read (e.g. 256MiB, 1GB); bigger ones are skipped as "
+                   f"image_too_large / cond_too_large without being read whole [default: {human_bytes(D.max_input_bytes)}].")
+@click.option("--max-image-pixels", type=int, default=D.max_image_pixels, show_default=True,
+              help="Largest image (width x height), checked from the file header before decoding; bigger ones are "
+                   "skipped as image_too_large / cond_too_large.")
+@click.option("--follow-symlinks", is_flag=True, default=D.follow_symlinks,
+              help="Read files whose real path is outside the dataset folder (symlinks pointing out, ../ paths, "
+                   "absolute paths elsewhere); without it they are skipped as image_outside_root / cond_outside_root.")
 @click.option("--resolution", type=int, default=D.resolution, show_default=True,
               help="Shortest side is resized to this, then a square crop of this size; a multiple of the model's "
                    "granularity (VAE factor x 2^(UNet down blocks - 1): 32 for SDXL), so adapter features meet the "

@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from precompute.preprocess import DEFAULT_MAX_ASPECT
+from precompute.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from precompute.sources import DEFAULT_SAMPLES_PER_SHARD
+from precompute.source_base import DEFAULT_MAX_FILE_BYTES
 from precompute.sources import KINDS as DATA_KINDS
 from shards import schema
 
@@ -87,6 +89,10 @@ class PrecomputeConfig:
     caption_column: str | None = None
     max_samples: int | None = None  # first N source items (in source order); None = all
     allow_empty_captions: bool = False  # keep items without a caption, captioned ""
+    # -- what may be read (bounds on untrusted inputs; they decide which items are skipped) -----
+    max_input_bytes: int = DEFAULT_MAX_FILE_BYTES  # per input file and per tar member
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # per image, checked from its header
+    follow_symlinks: bool = False  # read files whose real path is outside the dataset folder
     # -- where ------------------------------------------------------------------------------------
     cache: str | None = None  # output folder, file:// or s3://bucket/prefix
     # Local folder in which shards are staged before publishing, in a per-cache subfolder
@@ -217,6 +223,9 @@ class PrecomputeConfig:
             p.append(f"--samples-per-shard must be an integer >= 1, got {self.samples_per_shard!r}")
         if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
             p.append(f"--max-samples must be an integer >= 1, got {self.max_samples!r}")
+        for flag, value in (("--max-input-bytes", self.max_input_bytes), ("--max-image-pixels", self.max_image_pixels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                p.append(f"{flag} must be an integer >= 1, got {value!r}")
         if self.condition is not None and self.conditioning_image_column is not None:
             p.append(f"--conditioning-image-column has no effect with --condition {self.condition}: the "
                      "conditioning image is computed from the image; drop one of them")
@@ -409,6 +418,9 @@ class PrecomputeConfig:
             "compute": {"batch_size": self.batch_size, "device": self.device_kind()},
             "source": dict(source),
             "captions": {"allow_empty": self.allow_empty_captions},
+            # Which inputs are read at all (and so which items are skipped).
+            "input_limits": {"max_input_bytes": self.max_input_bytes, "max_image_pixels": self.max_image_pixels,
+                             "follow_symlinks": self.follow_symlinks},
             "max_samples": self.max_samples,
             "samples_per_shard": self.samples_per_shard,
             # The seed only draws random crops: with centre crops (and one crop per image) it

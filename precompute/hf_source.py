@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from precompute.source_base import RawItem, Source, SourceError, parse_captions, read_file
+from precompute.source_base import RawItem, ReadLimits, Source, SourceError, parse_captions, read_file, too_large
 
 # Markers of a `save_to_disk` folder: a Dataset, or a DatasetDict (one subfolder per split).
 DATASET_MARKERS = ("dataset_info.json", "state.json")
@@ -190,9 +190,11 @@ class HFSource(Source):
         samples_per_shard: int,
         max_samples: int | None = None,
         require_conditioning: bool = True,
+        limits: ReadLimits = ReadLimits(),
     ):
         import datasets
 
+        self.limits = limits
         self.label, self.root, self.ident = label, root, ident
         self.samples_per_shard, self.max_samples = samples_per_shard, max_samples
         self.image_column = image_column or DEFAULT_IMAGE_COLUMN
@@ -235,11 +237,11 @@ class HFSource(Source):
         if isinstance(value, dict):
             data, path = value.get("bytes"), value.get("path")
             if isinstance(data, (bytes, bytearray, memoryview)):
-                return bytes(data), None
+                return self._capped(bytes(data), what, where, column)
             if data is not None:
                 return None, ("metadata_invalid", f"{where}: column {column!r} holds {type(data).__name__} bytes")
         elif isinstance(value, (bytes, bytearray, memoryview)):
-            return bytes(value), None
+            return self._capped(bytes(value), what, where, column)
         elif isinstance(value, str):
             path = value
         elif value is not None:
@@ -250,7 +252,14 @@ class HFSource(Source):
         if not os.path.isabs(path) and self.root is None:
             return None, (f"{what}_missing", f"{where}: column {column!r} has no bytes, only the relative path "
                                              f"{path!r:.120}, and the dataset has no local folder to resolve it in")
-        return read_file(self.root or Path("/"), path, what, where)
+        # A hub dataset has no folder of its own: an absolute path is taken as it is.
+        limits = self.limits if self.root is not None else ReadLimits(self.limits.max_file_bytes, True)
+        return read_file(self.root or Path("/"), path, what, where, limits)
+
+    def _capped(self, data: bytes, what: str, where: str, column: str) -> tuple[bytes | None, tuple[str, str] | None]:
+        if len(data) > self.limits.max_file_bytes:
+            return None, too_large(what, f"{where} ({column})", len(data), self.limits.max_file_bytes)
+        return data, None
 
     def _item(self, row: dict, index: int) -> RawItem:
         where = f"{self._prefix} row {index}"

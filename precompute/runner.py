@@ -50,8 +50,8 @@ import torch
 
 from precompute.config import ConfigError, PrecomputeConfig, PrecomputeError
 from precompute.encoders import FP16_VAE_HINT, LatentEncoder, PromptEncoder, load_encoders
-from precompute.preprocess import Prepared, Skip, item_rng, prepare_views
-from precompute.sources import RawItem, Source, SourceError, open_source
+from precompute.preprocess import MAX_CAPTION_CHARS, MAX_CAPTIONS_PER_ITEM, Prepared, Skip, item_rng, prepare_views
+from precompute.sources import RawItem, ReadLimits, Source, SourceError, open_source
 from shards import schema
 from shards.manifest import Manifest, ShardRecord, ensure_identity, read_identity
 from shards.reader import write_empty_prompt
@@ -230,6 +230,7 @@ class _ShardEncoder:
                 buckets=self.buckets,
                 views=self.view_spec,
                 condition=self.condition,
+                max_image_pixels=cfg.max_image_pixels,
             )
             pngs = [schema.encode_png(v.cond) for v in views]
             return _Outcome(position, item.source_id, views, pngs, None, time.perf_counter() - t0)
@@ -346,12 +347,22 @@ class _ShardEncoder:
         for j, o in zip(keep, batch):
             first = o.views[0]
             k = len(first.captions)
-            for c, n in zip(first.captions, counts[offset : offset + k]):
-                if n > self.prompt.info.max_length:
+            cut = first.captions_cut or [False] * k
+            for c, n, chars in zip(first.captions, counts[offset : offset + k], cut):
+                if chars:  # cut to MAX_CAPTION_CHARS by preprocess: one note, whatever its tokens
+                    self.truncated += 1
+                    notes["caption_truncated"] += 1
+                    self._warn("note", "%s: caption longer than %d characters; kept its first %d: %.60r",
+                               o.source_id, MAX_CAPTION_CHARS, MAX_CAPTION_CHARS, c)
+                elif n > self.prompt.info.max_length:
                     self.truncated += 1
                     notes["caption_truncated"] += 1
                     self._warn("note", "%s: caption has %d tokens; the text encoders see the first %d (truncated as "
                                "SDXL does): %.60r", o.source_id, n, self.prompt.info.max_length, c)
+            if first.captions_dropped:
+                notes["captions_dropped"] += first.captions_dropped
+                self._warn("note", "%s: %d captions over the %d kept per item were dropped", o.source_id,
+                           first.captions_dropped, MAX_CAPTIONS_PER_ITEM)
             if first.cond_resized:
                 notes["cond_resized"] += 1
                 self._warn("note", "%s: conditioning image has another pixel size than the image (same aspect "
@@ -440,6 +451,7 @@ def _open(cfg: PrecomputeConfig) -> Source:
                 dataset_revision=cfg.dataset_revision,
                 dataset_split=cfg.dataset_split,
                 cache_dir=cfg.cache_dir,
+                limits=ReadLimits(max_file_bytes=cfg.max_input_bytes, follow_symlinks=cfg.follow_symlinks),
             )
         except SourceError as e:
             problems.append(f"--data {cfg.data}: {e}" if cfg.data else f"--dataset-name {cfg.dataset_name}: {e}")

@@ -43,10 +43,13 @@ from typing import Iterator
 
 from precompute.source_base import (
     DEFAULT_SAMPLES_PER_SHARD,
+    MAX_JSON_DEPTH,
     RawItem,
+    ReadLimits,
     Source,
     SourceError,
     is_utf8_clean,
+    json_problem,
     parse_captions,
     read_file,
 )
@@ -70,7 +73,7 @@ from precompute.wds_source import (
 from shards.store import file_sha256
 
 __all__ = [
-    "DEFAULT_SAMPLES_PER_SHARD", "KINDS", "FolderSource", "HFSource", "RawItem", "Source", "SourceError", "WebDatasetSource",
+    "DEFAULT_SAMPLES_PER_SHARD", "KINDS", "FolderSource", "HFSource", "ReadLimits", "RawItem", "Source", "SourceError", "WebDatasetSource",
     "open_source",
 ]
 
@@ -138,8 +141,10 @@ class FolderSource(Source):
         samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
         max_samples: int | None = None,
         require_conditioning: bool = True,
+        limits: ReadLimits = ReadLimits(),
     ):
         self.kind = "fill50k" if preset == "fill50k" else "folder"
+        self.limits = limits
         # False when precompute computes the conditioning images (--condition): the column is
         # then neither required nor read.
         self.require_conditioning = require_conditioning
@@ -205,7 +210,7 @@ class FolderSource(Source):
                     n += 1
                     if seen < _SCHEMA_ROWS:
                         try:
-                            row = json.loads(raw)
+                            row = None if json_problem(raw) else json.loads(raw)
                         except ValueError:
                             row = None
                         if isinstance(row, dict):
@@ -217,8 +222,14 @@ class FolderSource(Source):
         return list(columns)
 
     def _index_json_list(self) -> list[str]:
+        raw = self.metadata.read_bytes()
+        # A JSON list is parsed whole, so one pathological row stops the file: say which way out.
+        problem = json_problem(raw, max_bytes=None, max_depth=MAX_JSON_DEPTH + 1)
+        if problem:
+            raise SourceError(f"{self.metadata}: {problem}; write the metadata as JSON lines (metadata.jsonl), "
+                              "where such a row is skipped alone")
         try:
-            doc = json.loads(self.metadata.read_bytes())
+            doc = json.loads(raw)
         except ValueError as e:
             raise SourceError(f"{self.metadata}: not valid JSON: {e}") from None
         if not isinstance(doc, list):
@@ -367,7 +378,10 @@ class FolderSource(Source):
                 if not raw.strip():
                     continue
                 where = f"{self._display} row {u.first_row + n + 1} (line {lineno})"
+                problem = json_problem(raw)
                 try:
+                    if problem:
+                        raise ValueError(f"{problem} (checked before parsing)")
                     row = json.loads(raw.decode("utf-8").lstrip("\ufeff"))
                 except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
                     yield RawItem(where, None, None, None, ("metadata_invalid", f"{where}: not valid JSON: {e}"))
@@ -405,7 +419,7 @@ class FolderSource(Source):
         if not isinstance(image_rel, str) or not image_rel.strip():
             detail = f"{where}: no path in column {self.image_column!r} (got {image_rel!r:.80})"
             return RawItem(where, None, None, None, ("metadata_invalid", detail))
-        image, error = read_file(self.root, image_rel, "image", where)
+        image, error = read_file(self.root, image_rel, "image", where, self.limits)
         if error:
             return RawItem(image_rel, None, None, None, error)
         captions, caption_error = parse_captions(row.get(self.caption_column), where, from_csv=from_csv)
@@ -415,7 +429,7 @@ class FolderSource(Source):
         if not isinstance(cond_rel, str) or not cond_rel.strip():
             detail = f"{where} ({image_rel}): no path in column {self.cond_column!r} (got {cond_rel!r:.80})"
             return RawItem(image_rel, image, None, captions, ("cond_missing", detail))
-        cond, error = read_file(self.root, cond_rel, "cond", where)
+        cond, error = read_file(self.root, cond_rel, "cond", where, self.limits)
         return RawItem(image_rel, image, cond, captions, error or caption_error, cond_id=cond_rel)
 
 
@@ -503,6 +517,7 @@ def open_source(
     dataset_revision: str | None = None,
     dataset_split: str = DEFAULT_SPLIT,
     cache_dir: str | None = None,
+    limits: ReadLimits = ReadLimits(),
 ) -> Source:
     """Open a dataset; raise SourceError listing every problem when it cannot be read.
 
@@ -517,7 +532,8 @@ def open_source(
     the caption suffixes / json keys. `samples_per_shard` sizes folder and dataset units (a tar is
     always one unit); `max_samples` keeps only the first N items in unit order.
     `require_conditioning=False` (conditioning images computed by precompute) neither requires nor
-    reads a conditioning column or member. `dataset_split` picks the split of a DatasetDict or of
+    reads a conditioning column or member. `limits` bounds what is read from one file or tar
+    member (`source_base.ReadLimits`). `dataset_split` picks the split of a DatasetDict or of
     a folder in the hub layout; `cache_dir` is the datasets download / conversion cache.
     """
     problems = []
@@ -527,6 +543,7 @@ def open_source(
         problems.append(f"samples_per_shard must be an integer >= 1, got {samples_per_shard!r}")
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
         problems.append(f"max_samples must be an integer >= 1 or None, got {max_samples!r}")
+    problems += limits.problems()
     if (path_or_url is None) == (dataset_name is None):
         problems.append("pass exactly one of a dataset path (--data) and a dataset name (--dataset-name)")
     if dataset_name is not None and kind not in ("auto", "hf"):
@@ -562,7 +579,7 @@ def open_source(
             dataset_revision=dataset_revision, dataset_split=dataset_split, cache_dir=cache_dir,
             image_column=image_column, conditioning_image_column=conditioning_image_column,  # type: ignore[arg-type]
             caption_column=caption_column, samples_per_shard=samples_per_shard,  # type: ignore[arg-type]
-            max_samples=max_samples, require_conditioning=require_conditioning,
+            max_samples=max_samples, require_conditioning=require_conditioning, limits=limits,
         )
 
     is_pattern = remote or ("{" in spec and "}" in spec and not os.path.exists(spec))
@@ -580,9 +597,10 @@ def open_source(
             cond_suffixes=_as_list(conditioning_image_column, DEFAULT_COND_SUFFIXES) if require_conditioning else (),
             caption_keys=_as_list(caption_column, DEFAULT_CAPTION_KEYS),
             max_samples=max_samples,
+            limits=limits,
         )
         for what, value in wds_kw.items():
-            if what not in ("max_samples", "cond_suffixes") and not value:
+            if what not in ("max_samples", "cond_suffixes", "limits") and not value:
                 problems.append(f"{what} is empty")
             if what == "cond_suffixes" and require_conditioning and not value:
                 problems.append(f"{what} is empty")
@@ -613,4 +631,5 @@ def open_source(
         samples_per_shard=samples_per_shard,
         max_samples=max_samples,
         require_conditioning=require_conditioning,
+        limits=limits,
     )

@@ -40,7 +40,7 @@ from urllib.parse import urlparse
 
 import braceexpand  # ships with webdataset; the same brace syntax webdataset URLs use
 
-from precompute.source_base import RawItem, Source, parse_captions
+from precompute.source_base import MAX_JSON_BYTES, RawItem, ReadLimits, Source, json_problem, parse_captions, too_large
 from shards.remote import StoreError
 from shards.store import Store, open_store
 
@@ -97,7 +97,9 @@ class WebDatasetSource(Source):
         cond_suffixes: Sequence[str] = DEFAULT_COND_SUFFIXES,
         caption_keys: Sequence[str] = DEFAULT_CAPTION_KEYS,
         max_samples: int | None = None,
+        limits: ReadLimits = ReadLimits(),
     ):
+        self.limits = limits
         # An empty cond_suffixes means conditioning images are computed (--condition): none is read.
         self.tars, self.path = tars, path
         self.names = [t.name for t in tars]
@@ -148,7 +150,15 @@ class WebDatasetSource(Source):
                         suffix = split[1]
                         found.append(suffix)
                         if suffix not in members and self._wanted(suffix):
-                            members[suffix] = tf.extractfile(m).read() if load else b""  # type: ignore[union-attr]
+                            # Text members (json, captions) are small; images get the file cap.
+                            text = suffix == "json" or suffix in self.caption_keys
+                            cap = MAX_JSON_BYTES if text else self.limits.max_file_bytes
+                            if m.size > cap:  # never read: noted by its size (tarfile skips the data)
+                                members[suffix] = _Oversize(m.size, cap)
+                            elif load:
+                                members[suffix] = tf.extractfile(m).read()  # type: ignore[union-attr]
+                            else:
+                                members[suffix] = b""
                     end = tf.offset
                 if plain:
                     # A complete tar has only its zero end-of-archive blocks after the last
@@ -168,7 +178,7 @@ class WebDatasetSource(Source):
         except OSError as e:
             yield RawItem(name, None, None, None, ("tar_unreadable", f"{path}: {e.strerror or e}"))
 
-    def _item(self, i: int, key: str, members: dict[str, bytes], suffixes: list[str]) -> RawItem:
+    def _item(self, i: int, key: str, members: dict[str, bytes | _Oversize], suffixes: list[str]) -> RawItem:
         sid = f"{self.names[i]}:{key}"
         # Every member of the sample, read or not: a conditioning image under an unexpected
         # suffix (key.hint.png) is then visible in the message, with the flag that picks it.
@@ -179,6 +189,8 @@ class WebDatasetSource(Source):
             detail = f"{sid}: no image member (looked for {looked}; found {found}); pass --image-column"
             return RawItem(sid, None, None, None, ("image_missing", detail))
         image = members[image_ext]
+        if isinstance(image, _Oversize):
+            return RawItem(sid, None, None, None, too_large("image", f"{sid}.{image_ext}", image.size, image.cap))
         captions, error = self._captions(sid, members)
         if not self.cond_suffixes:
             return RawItem(sid, image, None, captions, error)
@@ -188,21 +200,35 @@ class WebDatasetSource(Source):
             detail = (f"{sid}: no conditioning member (looked for {looked}; found {found}); pass "
                       "--conditioning-image-column, or compute it with --condition canny|gray|sketch")
             return RawItem(sid, image, None, captions, ("cond_missing", detail))
-        return RawItem(sid, image, members[cond_suffix], captions, error, cond_id=f"{sid}.{cond_suffix}")
+        cond = members[cond_suffix]
+        if isinstance(cond, _Oversize):
+            detail = too_large("cond", f"{sid}.{cond_suffix}", cond.size, cond.cap)
+            return RawItem(sid, image, None, captions, detail, cond_id=f"{sid}.{cond_suffix}")
+        return RawItem(sid, image, cond, captions, error, cond_id=f"{sid}.{cond_suffix}")
 
-    def _captions(self, sid: str, members: dict[str, bytes]) -> tuple[list[str] | None, tuple[str, str] | None]:
+    def _captions(self, sid: str, members: dict[str, bytes | _Oversize]) -> tuple[list[str] | None, tuple[str, str] | None]:
         """For each caption key in order: a member with that suffix, else that key of the .json."""
         meta: object = None
         json_error = None
         if "json" in members:
+            raw = members["json"]
+            # Size and depth checked before parsing: a huge or 200,000-deep member is one invalid
+            # sample, never a RecursionError or a memory blow-up.
+            problem = (f"{raw.size:,} bytes of JSON, over the {raw.cap:,}-byte cap" if isinstance(raw, _Oversize)
+                       else json_problem(raw))
             try:
-                meta = json.loads(members["json"])
+                if problem:
+                    raise ValueError(f"{problem} (checked before parsing)")
+                meta = json.loads(raw)  # type: ignore[arg-type]
             except ValueError as e:
                 json_error = ("metadata_invalid", f"{sid}.json: not valid JSON: {e}")
         for k in self.caption_keys:
             if k in members and k != "json":
+                value = members[k]
+                if isinstance(value, _Oversize):
+                    return None, ("caption_invalid", f"{sid}.{k}: {value.size:,} bytes, over the {value.cap:,}-byte cap")
                 try:
-                    return [members[k].decode("utf-8")], None
+                    return [value.decode("utf-8")], None
                 except UnicodeDecodeError:
                     return None, ("caption_invalid", f"{sid}.{k}: not valid UTF-8")
             if isinstance(meta, dict) and k in meta:
@@ -251,6 +277,13 @@ class WebDatasetSource(Source):
 
 class _TruncatedTar(Exception):
     pass
+
+
+class _Oversize:
+    """Stands in for a member over the size cap (its bytes are never read)."""
+
+    def __init__(self, size: int, cap: int):
+        self.size, self.cap = size, cap
 
 
 class _TailStream:
