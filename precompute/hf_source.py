@@ -18,6 +18,8 @@ This module owns turning a `datasets.Dataset` into units of `RawItem`s:
 - **identity** (`describe`): kind, dataset name or resolved local path, config, split, revision,
   columns, row count, features, and for local inputs the names and sizes of the data files. Never
   modification times or the download cache's absolute paths, which differ between machines.
+- **fingerprints**: always content fingerprints (`source_base`), whatever fingerprint_mode says:
+  rows have no file of their own to stat; `describe()["fingerprint_mode"]` says so.
 
 Every row yields exactly one RawItem; a bad row (no bytes, no caption, an unreadable path) is an
 error item named like `fusing/fill50k[train] row 17` (the row's index in the split), never an
@@ -32,7 +34,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from precompute.source_base import RawItem, ReadLimits, Source, SourceError, parse_captions, read_file, too_large
+from precompute.source_base import (
+    RawItem,
+    ReadLimits,
+    Source,
+    SourceError,
+    parse_captions,
+    read_file,
+    too_large,
+    with_content_fingerprint,
+)
 
 # Markers of a `save_to_disk` folder: a Dataset, or a DatasetDict (one subfolder per split).
 DATASET_MARKERS = ("dataset_info.json", "state.json")
@@ -282,6 +293,7 @@ class HFSource(Source):
                         "caption": self.caption_column},
             "rows": self.rows,
             "features": self.features,
+            "fingerprint_mode": "content",  # always, for Hugging Face datasets
             "max_samples": self.max_samples,
         }
 
@@ -308,7 +320,7 @@ class HFSource(Source):
             stop = min(end, start + READ_ROWS)
             batch = self.dataset[start:stop]  # a dict of columns; Arrow is memory-mapped
             for k in range(stop - start):
-                yield self._item({c: v[k] for c, v in batch.items()}, start + k)
+                yield with_content_fingerprint(self._item({c: v[k] for c, v in batch.items()}, start + k))
 
 
 def open_hf_source(

@@ -19,10 +19,21 @@ socket or a folder is refused without a byte read), only inside the dataset fold
 read whole; `*_too_large`). JSON from rows and tar members is size- and depth-checked before
 `json.loads` (`json_problem`), so a 200,000-deep `[[[[...` is one invalid row, never a
 RecursionError.
+
+Fingerprints: every item carries `fingerprint`, for noticing later which inputs were edited.
+"content" mode (the default) is `"sha256:" + hex` over the image bytes, the conditioning bytes and
+the captions (canonical JSON of the list), in that order, each with a length prefix (and, for an
+error item, its reason). "stat" mode (`"stat:..."`) is, for file-backed items, the size and
+mtime_ns of the image and conditioning files plus a hash of the captions, computed from the
+metadata and os.stat alone: `Source.unit_fingerprints(i)` then lists a unit's fingerprints
+without reading a single image. Tars in stat mode use the tar's size and mtime plus each
+member's offset and size; Hugging Face datasets (and remote tars, which have no mtime) always
+use content mode.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -45,6 +56,7 @@ MAX_JSON_BYTES = 1 << 20
 # per level and dies near 1000 (RecursionError), so the cap sits far below that.
 MAX_JSON_DEPTH = 64
 _READ_CHUNK = 1 << 20
+FINGERPRINT_MODES = ("content", "stat")
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
 
 
@@ -69,6 +81,47 @@ class RawItem:
     captions: list[str] | None
     error: tuple[str, str] | None = None  # (reason slug, detail) when the source knows it is bad
     cond_id: str | None = None  # human name of the conditioning image, for messages
+    # "sha256:<hex>" of the item's content, or "stat:..." (module docstring). Sources fill it.
+    fingerprint: str | None = None
+
+
+def captions_json(captions: list[str] | None) -> bytes:
+    """The canonical encoding of a caption list that fingerprints hash."""
+    return json.dumps(captions, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+
+
+def content_fingerprint(item: RawItem) -> str:
+    """"sha256:" + hex over image, conditioning image and captions, each length-prefixed (8 bytes,
+    big-endian; all ones for a missing part), then an error item's reason slug."""
+    h = hashlib.sha256()
+    for part in (item.image, item.cond, captions_json(item.captions),
+                 item.error[0].encode() if item.error else None):
+        if part is None:
+            h.update(b"\xff" * 8)
+        else:
+            h.update(len(part).to_bytes(8, "big"))
+            h.update(part)
+    return "sha256:" + h.hexdigest()
+
+
+def with_content_fingerprint(item: RawItem) -> RawItem:
+    item.fingerprint = content_fingerprint(item)
+    return item
+
+
+def captions_hash(captions: list[str] | None) -> str:
+    return hashlib.sha256(captions_json(captions)).hexdigest()[:16]
+
+
+def stat_part(path: str | Path | None) -> str:
+    """"size:mtime_ns" of a file (symlinks followed), "-" when there is none or it cannot be stat'ed."""
+    if path is None:
+        return "-"
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return "-"
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 class SourceError(ValueError):
@@ -103,6 +156,12 @@ class Source(ABC):
     def unit_size(self, i: int) -> int | None:
         """Number of items in unit i, when known without reading it (None otherwise)."""
         return None
+
+    def unit_fingerprints(self, i: int) -> list[str]:
+        """The fingerprint of every position of unit i (error items included), equal to those the
+        items of `iter_unit(i)` carry. This default reads the unit; sources in stat mode override
+        it with a metadata-and-stat-only listing."""
+        return [it.fingerprint or content_fingerprint(it) for it in self.iter_unit(i)]
 
     def _check_unit(self, i: int) -> None:
         if not 0 <= i < self.num_units():

@@ -43,15 +43,19 @@ from typing import Iterator
 
 from precompute.source_base import (
     DEFAULT_SAMPLES_PER_SHARD,
+    FINGERPRINT_MODES,
     MAX_JSON_DEPTH,
     RawItem,
     ReadLimits,
     Source,
     SourceError,
+    captions_hash,
     is_utf8_clean,
     json_problem,
     parse_captions,
     read_file,
+    stat_part,
+    with_content_fingerprint,
 )
 from precompute.hf_source import (
     DEFAULT_SPLIT,
@@ -142,9 +146,11 @@ class FolderSource(Source):
         max_samples: int | None = None,
         require_conditioning: bool = True,
         limits: ReadLimits = ReadLimits(),
+        fingerprint_mode: str = "content",
     ):
         self.kind = "fill50k" if preset == "fill50k" else "folder"
         self.limits = limits
+        self.fingerprint_mode = fingerprint_mode
         # False when precompute computes the conditioning images (--condition): the column is
         # then neither required nor read.
         self.require_conditioning = require_conditioning
@@ -359,17 +365,49 @@ class FolderSource(Source):
 
     def iter_unit(self, i: int) -> Iterator[RawItem]:
         self._check_unit(i)
-        u = self._units[i]
+        for row, where, from_csv, bad in self._unit_rows(self._units[i]):
+            item = bad if bad is not None else self._item(row, where, from_csv=from_csv)
+            if self.fingerprint_mode == "stat":
+                item.fingerprint = self._stat_fingerprint(row, where, from_csv)
+            else:
+                with_content_fingerprint(item)
+            yield item
+
+    def unit_fingerprints(self, i: int) -> list[str]:
+        self._check_unit(i)
+        if self.fingerprint_mode != "stat":
+            return super().unit_fingerprints(i)
+        # The metadata rows and os.stat only: not one image file is opened.
+        return [self._stat_fingerprint(row, where, from_csv) for row, where, from_csv, _ in
+                self._unit_rows(self._units[i])]
+
+    def _stat_fingerprint(self, row: object, where: str, from_csv: bool) -> str:
+        """"stat:" + size:mtime_ns of the image and the conditioning image + a hash of the captions."""
+        if not isinstance(row, dict):
+            return f"stat:-/-/{captions_hash(None)}"
+
+        def part(column: str | None) -> str:
+            rel = row.get(column) if column is not None else None
+            if not isinstance(rel, str) or not rel.strip():
+                return "-"
+            return stat_part(rel if os.path.isabs(rel) else self.root / rel)
+
+        captions, _ = parse_captions(row.get(self.caption_column), where, from_csv=from_csv)
+        return f"stat:{part(self.image_column)}/{part(self.cond_column)}/{captions_hash(captions)}"
+
+    def _unit_rows(self, u: _Unit) -> Iterator[tuple[object, str, bool, RawItem | None]]:
+        """(row, where, from_csv, None) per row of unit u, or (None, where, from_csv, error item)
+        for a row that is not even a record (bad JSON, wrong field count, not UTF-8)."""
         if self.format == "json":
             assert self._rows is not None
             for k, row in enumerate(self._rows[u.first_row : u.first_row + u.count]):
-                yield self._item(row, f"{self._display} row {u.first_row + k + 1}", from_csv=False)
+                yield row, f"{self._display} row {u.first_row + k + 1}", False, None
         elif self.format == "jsonl":
             yield from self._iter_jsonl(u)
         else:
             yield from self._iter_csv(u)
 
-    def _iter_jsonl(self, u: _Unit) -> Iterator[RawItem]:
+    def _iter_jsonl(self, u: _Unit) -> Iterator[tuple[object, str, bool, RawItem | None]]:
         with open(self.metadata, "rb") as f:
             f.seek(u.offset)
             n, lineno = 0, u.lineno
@@ -384,15 +422,16 @@ class FolderSource(Source):
                         raise ValueError(f"{problem} (checked before parsing)")
                     row = json.loads(raw.decode("utf-8").lstrip("\ufeff"))
                 except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-                    yield RawItem(where, None, None, None, ("metadata_invalid", f"{where}: not valid JSON: {e}"))
+                    yield None, where, False, RawItem(where, None, None, None,
+                                                      ("metadata_invalid", f"{where}: not valid JSON: {e}"))
                 else:
-                    yield self._item(row, where, from_csv=False)
+                    yield row, where, False, None
                 n += 1
                 if n == u.count:
                     return
         raise SourceError(f"{self.metadata}: changed while reading (expected {u.count} rows from line {u.lineno + 1})")
 
-    def _iter_csv(self, u: _Unit) -> Iterator[RawItem]:
+    def _iter_csv(self, u: _Unit) -> Iterator[tuple[object, str, bool, RawItem | None]]:
         with open(self.metadata, "rb") as f:
             f.seek(u.offset)
             n = 0
@@ -400,11 +439,12 @@ class FolderSource(Source):
                 where = f"{self._display} row {u.first_row + n + 1} (line {lineno + 1})"
                 if len(fields) != len(self._header):
                     detail = f"{where}: {len(fields)} fields, the header has {len(self._header)}"
-                    yield RawItem(where, None, None, None, ("metadata_invalid", detail))
+                    yield None, where, True, RawItem(where, None, None, None, ("metadata_invalid", detail))
                 elif not is_utf8_clean(fields):
-                    yield RawItem(where, None, None, None, ("metadata_invalid", f"{where}: not valid UTF-8"))
+                    yield None, where, True, RawItem(where, None, None, None,
+                                                     ("metadata_invalid", f"{where}: not valid UTF-8"))
                 else:
-                    yield self._item(dict(zip(self._header, fields)), where, from_csv=True)
+                    yield dict(zip(self._header, fields)), where, True, None
                 n += 1
                 if n == u.count:
                     return
@@ -518,6 +558,7 @@ def open_source(
     dataset_split: str = DEFAULT_SPLIT,
     cache_dir: str | None = None,
     limits: ReadLimits = ReadLimits(),
+    fingerprint_mode: str = "content",
 ) -> Source:
     """Open a dataset; raise SourceError listing every problem when it cannot be read.
 
@@ -533,7 +574,8 @@ def open_source(
     always one unit); `max_samples` keeps only the first N items in unit order.
     `require_conditioning=False` (conditioning images computed by precompute) neither requires nor
     reads a conditioning column or member. `limits` bounds what is read from one file or tar
-    member (`source_base.ReadLimits`). `dataset_split` picks the split of a DatasetDict or of
+    member (`source_base.ReadLimits`). `fingerprint_mode` ("content" or "stat") is how items are
+    fingerprinted (`source_base`; Hugging Face datasets always use content). `dataset_split` picks the split of a DatasetDict or of
     a folder in the hub layout; `cache_dir` is the datasets download / conversion cache.
     """
     problems = []
@@ -544,6 +586,8 @@ def open_source(
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
         problems.append(f"max_samples must be an integer >= 1 or None, got {max_samples!r}")
     problems += limits.problems()
+    if fingerprint_mode not in FINGERPRINT_MODES:
+        problems.append(f"fingerprint_mode must be one of {list(FINGERPRINT_MODES)}, got {fingerprint_mode!r}")
     if (path_or_url is None) == (dataset_name is None):
         problems.append("pass exactly one of a dataset path (--data) and a dataset name (--dataset-name)")
     if dataset_name is not None and kind not in ("auto", "hf"):
@@ -598,9 +642,10 @@ def open_source(
             caption_keys=_as_list(caption_column, DEFAULT_CAPTION_KEYS),
             max_samples=max_samples,
             limits=limits,
+            fingerprint_mode=fingerprint_mode,
         )
         for what, value in wds_kw.items():
-            if what not in ("max_samples", "cond_suffixes", "limits") and not value:
+            if what not in ("max_samples", "cond_suffixes", "limits", "fingerprint_mode") and not value:
                 problems.append(f"{what} is empty")
             if what == "cond_suffixes" and require_conditioning and not value:
                 problems.append(f"{what} is empty")
@@ -632,4 +677,5 @@ def open_source(
         max_samples=max_samples,
         require_conditioning=require_conditioning,
         limits=limits,
+        fingerprint_mode=fingerprint_mode,
     )

@@ -40,7 +40,17 @@ from urllib.parse import urlparse
 
 import braceexpand  # ships with webdataset; the same brace syntax webdataset URLs use
 
-from precompute.source_base import MAX_JSON_BYTES, RawItem, ReadLimits, Source, json_problem, parse_captions, too_large
+from precompute.source_base import (
+    MAX_JSON_BYTES,
+    RawItem,
+    ReadLimits,
+    Source,
+    captions_hash,
+    json_problem,
+    parse_captions,
+    too_large,
+    with_content_fingerprint,
+)
 from shards.remote import StoreError
 from shards.store import Store, open_store
 
@@ -98,8 +108,11 @@ class WebDatasetSource(Source):
         caption_keys: Sequence[str] = DEFAULT_CAPTION_KEYS,
         max_samples: int | None = None,
         limits: ReadLimits = ReadLimits(),
+        fingerprint_mode: str = "content",
     ):
         self.limits = limits
+        # Stat fingerprints need an mtime: remote tars have none and are fingerprinted by content.
+        self.fingerprint_mode = fingerprint_mode
         # An empty cond_suffixes means conditioning images are computed (--condition): none is read.
         self.tars, self.path = tars, path
         self.names = [t.name for t in tars]
@@ -116,7 +129,7 @@ class WebDatasetSource(Source):
         if max_samples is not None:
             self._limits, left = [], max_samples
             for i in range(len(tars)):
-                n = sum(1 for _ in self._groups(i, load=False))
+                n = sum(1 for _ in self._groups(i, load="none"))
                 self._limits.append(min(n, left))
                 left -= self._limits[-1]
                 if left == 0:
@@ -127,13 +140,15 @@ class WebDatasetSource(Source):
             return True
         return suffix in self.cond_suffixes or suffix in self.caption_keys
 
-    def _groups(self, i: int, *, load: bool = True) -> Iterator[tuple[str, dict[str, bytes], list[str]] | RawItem]:
-        """(key, {suffix: bytes}, every suffix found) per sample of tar i, adjacent members grouped
-        as webdataset does; a failure ends the tar with one error RawItem. Only the wanted
-        members are read; the full list of suffixes is kept for messages."""
+    def _groups(self, i: int, *, load: str = "all") -> Iterator[tuple | RawItem]:
+        """(key, {suffix: bytes}, every suffix found, {suffix: (data offset, size)}) per sample of
+        tar i, adjacent members grouped as webdataset does; a failure ends the tar with one error
+        RawItem. Only the wanted members are read ("all"), or only the caption / .json members
+        ("text", for stat fingerprints), or none ("none", for counting); the full list of
+        suffixes is kept for messages."""
         ref = self.tars[i]
         path, name = ref.location, ref.name
-        key, members, found = None, {}, []
+        key, members, found, spans = None, {}, [], {}
         try:
             with ref.open() as raw:
                 f = _TailStream(raw)
@@ -145,17 +160,18 @@ class WebDatasetSource(Source):
                             continue
                         if split[0] != key:
                             if key is not None:
-                                yield key, members, found
-                            key, members, found = split[0], {}, []
+                                yield key, members, found, spans
+                            key, members, found, spans = split[0], {}, [], {}
                         suffix = split[1]
                         found.append(suffix)
                         if suffix not in members and self._wanted(suffix):
                             # Text members (json, captions) are small; images get the file cap.
                             text = suffix == "json" or suffix in self.caption_keys
                             cap = MAX_JSON_BYTES if text else self.limits.max_file_bytes
+                            spans[suffix] = (m.offset_data, m.size)
                             if m.size > cap:  # never read: noted by its size (tarfile skips the data)
                                 members[suffix] = _Oversize(m.size, cap)
-                            elif load:
+                            elif load == "all" or (load == "text" and text):
                                 members[suffix] = tf.extractfile(m).read()  # type: ignore[union-attr]
                             else:
                                 members[suffix] = b""
@@ -166,7 +182,7 @@ class WebDatasetSource(Source):
                     # damage, so it is dropped with the rest (the error item stands in for it).
                     f.check_end(end)
                 if key is not None:
-                    yield key, members, found
+                    yield key, members, found, spans
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, _TruncatedTar) as e:
             detail = f"{path}: {e or type(e).__name__}; items after this point are lost"
             yield RawItem(name, None, None, None, ("tar_corrupt", detail))
@@ -178,7 +194,8 @@ class WebDatasetSource(Source):
         except OSError as e:
             yield RawItem(name, None, None, None, ("tar_unreadable", f"{path}: {e.strerror or e}"))
 
-    def _item(self, i: int, key: str, members: dict[str, bytes | _Oversize], suffixes: list[str]) -> RawItem:
+    def _item(self, i: int, key: str, members: dict[str, bytes | _Oversize], suffixes: list[str],
+              spans: dict[str, tuple[int, int]] | None = None) -> RawItem:
         sid = f"{self.names[i]}:{key}"
         # Every member of the sample, read or not: a conditioning image under an unexpected
         # suffix (key.hint.png) is then visible in the message, with the flag that picks it.
@@ -272,7 +289,42 @@ class WebDatasetSource(Source):
         for n, group in enumerate(self._groups(i)):
             if limit is not None and n >= limit:
                 return
-            yield group if isinstance(group, RawItem) else self._item(i, *group)
+            item = group if isinstance(group, RawItem) else self._item(i, *group)
+            yield self._fingerprinted(i, item, None if isinstance(group, RawItem) else group[3])
+
+    def unit_fingerprints(self, i: int) -> list[str]:
+        self._check_unit(i)
+        if not self._stat(i):
+            return super().unit_fingerprints(i)
+        # Member headers and the small text members only: image members are skipped unread.
+        limit, out = self._limits[i], []
+        for n, group in enumerate(self._groups(i, load="text")):
+            if limit is not None and n >= limit:
+                break
+            item = group if isinstance(group, RawItem) else self._item(i, *group)
+            out.append(self._fingerprinted(i, item, None if isinstance(group, RawItem) else group[3]).fingerprint)
+        return out  # type: ignore[return-value]
+
+    def _stat(self, i: int) -> bool:
+        return self.fingerprint_mode == "stat" and self.tars[i].mtime_ns is not None
+
+    def _fingerprinted(self, i: int, item: RawItem, spans: dict[str, tuple[int, int]] | None) -> RawItem:
+        """The item with its fingerprint: content, or in stat mode "stat:tar:<size>:<mtime_ns>:"
+        + the image and conditioning members' offset:size + a hash of the captions."""
+        if not self._stat(i):
+            return with_content_fingerprint(item)
+        ref = self.tars[i]
+        head = f"stat:tar:{ref.size}:{ref.mtime_ns}"
+        if spans is None:  # the tar's own error item
+            item.fingerprint = f"{head}:{item.error[0] if item.error else '-'}"
+            return item
+
+        def span(suffixes: Sequence[str]) -> str:
+            found = next((s for s in suffixes if s in spans), None)
+            return "-" if found is None else "{}:{}".format(*spans[found])
+
+        item.fingerprint = f"{head}:{span(self.image_exts)}/{span(self.cond_suffixes)}/{captions_hash(item.captions)}"
+        return item
 
 
 class _TruncatedTar(Exception):
@@ -342,6 +394,7 @@ class TarRef:
     size: int
     rel: str
     store: Store | None = None
+    mtime_ns: int | None = None  # local tars only (stat fingerprints)
 
     def open(self) -> BinaryIO:
         if self.store is None:
@@ -355,7 +408,8 @@ def _local_tars(folder: Path) -> list[Path]:
 
 def _local_ref(path: Path, name: str) -> TarRef:
     path = path.resolve()
-    return TarRef(name, str(path), path.stat().st_size, str(path))
+    st = path.stat()
+    return TarRef(name, str(path), st.st_size, str(path), mtime_ns=st.st_mtime_ns)
 
 
 def _missing(spec: str, missing: list[str], total: int) -> str:
