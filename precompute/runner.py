@@ -118,7 +118,7 @@ class Summary:
     samples_written: int  # by this run
     items_read: int  # source items processed by this run (written + skipped)
     skipped: dict[str, int] | None  # in the cache, by reason
-    captions_truncated: int  # by this run: captions longer than the text encoders' 77 tokens
+    captions_truncated: int  # by this run: captions over the text encoders' 77 tokens or MAX_CAPTION_CHARS
     bytes: int | None  # shard bytes in the cache
     seconds: float  # the whole run, model loading included
     encode_seconds: float  # from the plan until every process finished its shards
@@ -148,7 +148,8 @@ class Summary:
             f"  phases    {split} of the encoding loop; decode+preprocess {t.prepare:.1f}s in worker threads",
         ]
         if self.captions_truncated:
-            lines.append(f"  captions  {self.captions_truncated} truncated to the text encoders' 77 tokens (as SDXL does)")
+            lines.append(f"  captions  {self.captions_truncated} truncated to the text encoders' 77 tokens (as SDXL does) "
+                         f"or to {MAX_CAPTION_CHARS} characters")
         return "\n".join(lines)
 
 
