@@ -6,6 +6,15 @@ Not a test. Builds what it needs in a temporary folder and runs the real runner 
     python bench/precompute.py --model sdxl --device cuda   # full-size SDXL encoders, random
                                                             # weights, 64 images at 1024 px
     python bench/precompute.py --model PATH_OR_HUB_ID --resolution 1024 --n 256
+    python bench/precompute.py --formats --n 2048 --resolution 256   # reading speed per dataset format
+    python bench/precompute.py --formats --with-precompute          # ...and precompute images/s per format
+
+`--formats` writes the same N fill images as a parquet dataset (the hub layout, `datasets.Image`
+columns), a metadata folder (metadata.jsonl + PNG files) and WebDataset tars (one per
+--samples-per-shard images), then times *reading* each: the source's iteration over every unit
+(raw bytes and captions, no decoding, no encoding), best of --repeats passes after one warm-up
+pass, so the page cache holds the files for every format alike. Opening is timed apart: for
+parquet it includes datasets' one-time conversion into its Arrow cache on the first open.
 
 `--model sdxl` builds the VAE and both text encoders at SDXL base 1.0's real sizes from the
 configs in shared/sdxl-base-1.0 (random weights: the speed is the same), with the tiny offline
@@ -80,14 +89,21 @@ def _find_sdxl_configs(given: str | None) -> Path:
 @click.option("--text-dtype", default="fp32", show_default=True)
 @click.option("--sdxl-configs", default=None, help="Folder with SDXL's component configs [default: shared/sdxl-base-1.0].")
 @click.option("--workdir", default=None, help="Build here and keep it (default: a temp folder, removed).")
+@click.option("--formats", is_flag=True, help="Compare reading speed of parquet / metadata folder / WebDataset.")
+@click.option("--with-precompute", is_flag=True, help="With --formats: also the full precompute images/s per format.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="With --formats: timed reading passes.")
 def main(model, n, resolution, batch_size, num_workers, samples_per_shard, device, vae_dtype, text_dtype,
-         sdxl_configs, workdir) -> None:
+         sdxl_configs, workdir, formats, with_precompute, repeats) -> None:
     from precompute.config import PrecomputeConfig
     from precompute.fill import make_fill_dataset
     from precompute.runner import run
     from precompute.tiny import build_tiny_sdxl
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if formats:
+        compare_formats(n or 1024, resolution or 64, samples_per_shard, repeats, with_precompute, workdir,
+                        dict(batch_size=batch_size, num_workers=num_workers, device=device))
+        return
     tiny = model == "tiny"
     n = n or (256 if tiny else 64)
     resolution = resolution or (64 if tiny else 1024)
@@ -135,6 +151,92 @@ def main(model, n, resolution, batch_size, num_workers, samples_per_shard, devic
         for label, secs, main_part in rows:
             share = f"{100 * main_part / main_thread:5.1f}%" if main_part is not None else "   -  "
             print(f"    {label:<46} {secs:8.3f}  {share}  {secs * per_img:8.2f} ms")
+    finally:
+        if not workdir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def write_formats(root: Path, n: int, resolution: int, samples_per_shard: int) -> dict[str, Path]:
+    """The same n fill images as a metadata folder, a hub-layout parquet dataset and WebDataset tars."""
+    import io
+    import json
+    import tarfile
+
+    import datasets
+
+    from precompute.fill import make_fill_dataset
+
+    fill = make_fill_dataset(root / "folder", n=n, resolution=resolution, seed=0)
+    rows = [json.loads(line) for line in (fill / "prompt.json").read_text().splitlines()]
+    meta = [{"image": r["target"], "conditioning_image": r["source"], "text": r["prompt"]} for r in rows]
+    (fill / "metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))  # wins over prompt.json
+    image = lambda rel: (fill / rel).read_bytes()  # noqa: E731
+    features = datasets.Features({"image": datasets.Image(), "conditioning_image": datasets.Image(),
+                                  "text": datasets.Value("string")})
+    table = {"image": [{"bytes": image(m["image"]), "path": None} for m in meta],
+             "conditioning_image": [{"bytes": image(m["conditioning_image"]), "path": None} for m in meta],
+             "text": [m["text"] for m in meta]}
+    (root / "parquet" / "data").mkdir(parents=True)
+    datasets.disable_progress_bars()
+    datasets.Dataset.from_dict(table, features=features).to_parquet(
+        str(root / "parquet" / "data" / "train-00000-of-00001.parquet"))
+    tars = root / "webdataset"
+    tars.mkdir()
+    for t, start in enumerate(range(0, n, samples_per_shard)):
+        with tarfile.open(tars / f"{t:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
+            for i in range(start, min(n, start + samples_per_shard)):
+                m = meta[i]
+                for suffix, data in (("png", image(m["image"])), ("cond.png", image(m["conditioning_image"])),
+                                     ("txt", m["text"].encode())):
+                    info = tarfile.TarInfo(f"{i:08d}.{suffix}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    return {"parquet": root / "parquet", "folder": fill, "webdataset": tars}
+
+
+def compare_formats(n: int, resolution: int, samples_per_shard: int, repeats: int, with_precompute: bool,
+                    workdir: str | None, run_kw: dict) -> None:
+    from precompute.config import PrecomputeConfig
+    from precompute.runner import run
+    from precompute.sources import open_source
+    from precompute.tiny import build_tiny_sdxl
+
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bench-formats-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        specs = write_formats(root, n, resolution, samples_per_shard)
+        hf_cache = str(root / "hf-cache")
+        model = str(build_tiny_sdxl(root / "model")) if with_precompute else None
+        print(f"dataset formats: {n} fill images at {resolution} px, {samples_per_shard} per unit; reading = source "
+              f"iteration (raw bytes + captions, no decoding), best of {repeats}")
+        head = f"{'format':<11} {'files':>6} {'MB':>8} {'open s':>7} {'read s':>7} {'rows/s':>9} {'MB/s':>7}"
+        print(head + (f" {'precompute img/s':>17}" if with_precompute else ""))
+        for fmt, path in specs.items():
+            files = [p for p in path.rglob("*") if p.is_file()]
+            mb = sum(p.stat().st_size for p in files) / 1e6
+            t0 = time.perf_counter()
+            src = open_source(path, samples_per_shard=samples_per_shard, cache_dir=hf_cache)
+            opened = time.perf_counter() - t0
+            best, count, nbytes = float("inf"), 0, 0
+            for rep in range(repeats + 1):  # pass 0 warms the page cache
+                t0 = time.perf_counter()
+                count = nbytes = 0
+                for u in range(src.num_units()):
+                    for it in src.iter_unit(u):
+                        count += 1
+                        nbytes += len(it.image or b"") + len(it.cond or b"")
+                if rep:
+                    best = min(best, time.perf_counter() - t0)
+            assert count == n, (fmt, count)
+            line = (f"{fmt:<11} {len(files):>6} {mb:>8.2f} {opened:>7.3f} {best:>7.3f} {count / best:>9.0f} "
+                    f"{nbytes / 1e6 / best:>7.1f}")
+            if with_precompute:
+                cache = root / f"cache-{fmt}"
+                shutil.rmtree(cache, ignore_errors=True)
+                s = run(PrecomputeConfig(model=model, data=str(path), cache=str(cache), resolution=resolution,
+                                         samples_per_shard=samples_per_shard, cache_dir=hf_cache, **run_kw))
+                line += f" {s.images_per_second:>17.1f}"
+            print(line)
     finally:
         if not workdir:
             shutil.rmtree(root, ignore_errors=True)

@@ -19,6 +19,7 @@ from precompute.conditions import METHODS
 from precompute.preprocess import CROP_MODES
 from precompute.sources import SourceError
 from shards import schema
+from shards.units import human_bytes, parse_size
 from shards.manifest import ManifestError
 from shards.reader import ShardError
 from shards.store import PublishConflictError
@@ -29,6 +30,20 @@ from shards.store import PublishConflictError
 # PublishConflictError: another writer published other bytes under a shard's name.
 USER_ERRORS = (PrecomputeError, ModelLoadError, EncoderError, SourceError, ManifestError, ShardError,
                PublishConflictError)
+
+class _Size(click.ParamType):
+    """A byte count: 268435456, 256MiB, 1GB."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value, f"--{param.name.replace('_', '-')}" if param else None)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 D = PrecomputeConfig()  # the defaults, shown in --help
@@ -52,8 +67,19 @@ written with another model or other byte-changing settings is refused.
 @click.option("--revision", default=D.revision, help="Hub revision (branch, tag or commit) of --model.")
 @click.option("--variant", default=D.variant, help="Weight file variant of --model, e.g. fp16 (model.fp16.safetensors).")
 @click.option("--data", default=D.data, metavar="PATH",
-              help="Dataset: a folder with metadata.jsonl/.json/.csv or fill50k's prompt.json, a metadata file, a "
-                   ".tar, a folder of .tar shards, or a brace pattern like 'data/{00000..00009}.tar'.")
+              help="Dataset: a folder with metadata.jsonl/.json/.csv, fill50k's prompt.json or train.jsonl, a metadata "
+                   "file, a .tar, a folder of .tar shards, a brace pattern like 'data/{00000..00009}.tar', or a Hugging "
+                   "Face dataset: a save_to_disk folder, .parquet / .arrow files or a folder of them (data/train-*.parquet).")
+@click.option("--dataset-name", default=D.dataset_name, metavar="ID|DIR",
+              help="A Hugging Face dataset instead of --data: a hub id (e.g. fusing/fill50k) or a local dataset "
+                   "folder, loaded with datasets.load_dataset. Columns default to image, conditioning_image, text.")
+@click.option("--dataset-config-name", default=D.dataset_config_name, help="The dataset's configuration (subset).")
+@click.option("--dataset-revision", default=D.dataset_revision, help="Hub revision (branch, tag or commit) of --dataset-name.")
+@click.option("--dataset-split", default=D.dataset_split, show_default=True,
+              help="Split of --dataset-name, of a DatasetDict save_to_disk folder or of a hub-layout folder in --data.")
+@click.option("--cache-dir", default=D.cache_dir, metavar="DIR",
+              help="The datasets / hub download cache for --dataset-name (and parquet conversion) [default: datasets' "
+                   "own, ~/.cache/huggingface].")
 @click.option("--cache", default=D.cache, metavar="DIR|s3://BUCKET/PREFIX",
               help="Where the cache is written: a local folder (created if needed), file://, or s3://bucket/prefix "
                    "(endpoint and credentials from the standard AWS variables or profile). https:// caches are "
@@ -62,17 +88,28 @@ written with another model or other byte-changing settings is refused.
               help="Dataset format; auto decides from what --data holds.")
 @click.option("--image-column", default=D.image_column, metavar="NAME",
               help="Folder: metadata column with the image path [default: image, else file_name; fill50k: target]. "
-                   "WebDataset: image member suffixes, comma-separated [default: jpg,jpeg,png,webp].")
+                   "WebDataset: image member suffixes, comma-separated [default: jpg,jpeg,png,webp]. Hugging Face "
+                   "dataset: an Image, binary or path column [default: image].")
 @click.option("--conditioning-image-column", default=D.conditioning_image_column, metavar="NAME",
               help="Folder: column with the conditioning image path [default: conditioning_image; fill50k: source]. "
                    "WebDataset: conditioning member suffixes [default: cond.png, conditioning.png, source.png, "
-                   "control.png and their .jpg].")
+                   "control.png and their .jpg]. Hugging Face dataset: as --image-column [default: conditioning_image].")
 @click.option("--caption-column", default=D.caption_column, metavar="NAME",
               help="Folder: caption column, a string or a list of strings [default: text; fill50k: prompt]. "
-                   "WebDataset: caption member suffix or .json key [default: txt,caption,text].")
+                   "WebDataset: caption member suffix or .json key [default: txt,caption,text]. Hugging Face dataset: "
+                   "a string or list-of-strings column [default: text].")
 @click.option("--max-samples", type=int, default=D.max_samples, help="Use only the first N source items.")
 @click.option("--allow-empty-captions", is_flag=True, default=D.allow_empty_captions,
               help="Keep items without a caption (captioned \"\") instead of skipping them.")
+@click.option("--max-input-bytes", type=_Size(), default=D.max_input_bytes,
+              help=f"Largest input file or tar member read (e.g. 256MiB, 1GB); bigger ones are skipped as "
+                   f"image_too_large / cond_too_large without being read whole [default: {human_bytes(D.max_input_bytes)}].")
+@click.option("--max-image-pixels", type=int, default=D.max_image_pixels, show_default=True,
+              help="Largest image (width x height), checked from the file header before decoding; bigger ones are "
+                   "skipped as image_too_large / cond_too_large.")
+@click.option("--follow-symlinks", is_flag=True, default=D.follow_symlinks,
+              help="Read files whose real path is outside the dataset folder (symlinks pointing out, ../ paths, "
+                   "absolute paths elsewhere); without it they are skipped as image_outside_root / cond_outside_root.")
 @click.option("--resolution", type=int, default=D.resolution, show_default=True,
               help="Shortest side is resized to this, then a square crop of this size; a multiple of the model's "
                    "granularity (VAE factor x 2^(UNet down blocks - 1): 32 for SDXL), so adapter features meet the "
@@ -148,7 +185,7 @@ def main(verbose: bool, **options) -> None:
     )
     if not verbose:
         # Library chatter (weight loading bars, processor notices) drowns our own log.
-        for noisy in ("transformers", "diffusers", "accelerate", "urllib3", "filelock", "PIL"):
+        for noisy in ("transformers", "diffusers", "accelerate", "urllib3", "filelock", "PIL", "datasets"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         try:
             from transformers.utils import logging as hf_logging
@@ -159,6 +196,9 @@ def main(verbose: bool, **options) -> None:
 
             df_logging.disable_progress_bar()
             df_logging.set_verbosity_error()
+            import datasets
+
+            datasets.disable_progress_bars()
         except Exception:  # pragma: no cover - optional niceties
             pass
 

@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from precompute.preprocess import DEFAULT_MAX_ASPECT
+from precompute.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from precompute.sources import DEFAULT_SAMPLES_PER_SHARD
+from precompute.source_base import DEFAULT_MAX_FILE_BYTES
 from precompute.sources import KINDS as DATA_KINDS
 from shards import schema
 
@@ -28,7 +30,8 @@ ENCODE_DTYPES = ("fp32", "bf16", "fp16")
 # Settings left out of the manifest's config (see `resolved`): where the cache and its temp files
 # live and how one run went. `device` is not byte-neutral, but its spelling is ("auto" and "cpu"
 # can mean the same device): the identity records the resolved kind instead.
-RUN_ONLY = ("cache", "tmp_dir", "device", "num_workers", "strict")
+# `cache_dir` (the datasets download cache) is where inputs are kept, not what they are.
+RUN_ONLY = ("cache", "tmp_dir", "device", "num_workers", "strict", "cache_dir")
 # Cache URL schemes precompute can write to (http(s):// caches are read-only).
 WRITABLE_SCHEMES = ("", "file", "s3")
 MISSING_MODEL_HINT = (
@@ -70,8 +73,15 @@ class PrecomputeConfig:
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16": load model.fp16.safetensors files
     # -- what to encode -------------------------------------------------------------------------
-    data: str | None = None  # dataset folder, or WebDataset tar shards
-    data_kind: str = "auto"  # auto | folder | fill50k | webdataset
+    data: str | None = None  # dataset folder, WebDataset tar shards, or a local Hugging Face dataset
+    data_kind: str = "auto"  # auto | folder | fill50k | webdataset | hf
+    # A Hugging Face dataset by name (hub id or local folder; instead of `data`), read through
+    # `datasets.load_dataset(name, config, revision=..., split=..., cache_dir=...)`.
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    dataset_revision: str | None = None
+    dataset_split: str = "train"  # also picks the split of a DatasetDict / hub-layout folder in `data`
+    cache_dir: str | None = None  # the datasets / hub download cache (None: datasets' default)
     # Columns (folder) or member suffixes / json keys (webdataset; comma-separated, tried in
     # order). None: the format's defaults (folder: image|file_name, conditioning_image, text).
     image_column: str | None = None
@@ -79,6 +89,10 @@ class PrecomputeConfig:
     caption_column: str | None = None
     max_samples: int | None = None  # first N source items (in source order); None = all
     allow_empty_captions: bool = False  # keep items without a caption, captioned ""
+    # -- what may be read (bounds on untrusted inputs; they decide which items are skipped) -----
+    max_input_bytes: int = DEFAULT_MAX_FILE_BYTES  # per input file and per tar member
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # per image, checked from its header
+    follow_symlinks: bool = False  # read files whose real path is outside the dataset folder
     # -- where ------------------------------------------------------------------------------------
     cache: str | None = None  # output folder, file:// or s3://bucket/prefix
     # Local folder in which shards are staged before publishing, in a per-cache subfolder
@@ -176,10 +190,21 @@ class PrecomputeConfig:
     def source_problems(self) -> list[str]:
         """Problems with the settings that `sources.open_source` needs (checked before opening it)."""
         p: list[str] = []
-        if not self.data:
-            p.append("--data is required: a dataset folder (metadata file + images) or WebDataset tar shards")
-        elif not _is_url(self.data) and "{" not in self.data and not Path(self.data).expanduser().exists():
+        if self.data and self.dataset_name:
+            p.append(f"--data {self.data} and --dataset-name {self.dataset_name} are mutually exclusive: pass one "
+                     "(--data for files on this machine, --dataset-name for a hub id or a dataset folder by name)")
+        elif not self.data and not self.dataset_name:
+            p.append("--data or --dataset-name is required: a dataset folder (metadata file + images), WebDataset tar "
+                     "shards, a Hugging Face dataset (save_to_disk folder, parquet / arrow files), or a hub id")
+        elif self.data and not _is_url(self.data) and "{" not in self.data and not Path(self.data).expanduser().exists():
             p.append(f"--data {self.data}: no such file or folder")
+        if not self.dataset_name:
+            for flag, value in (("--dataset-config-name", self.dataset_config_name),
+                                ("--dataset-revision", self.dataset_revision)):
+                if value is not None:
+                    p.append(f"{flag} only applies to --dataset-name")
+        if not isinstance(self.dataset_split, str) or not self.dataset_split:
+            p.append(f"--dataset-split must be a split name such as 'train', got {self.dataset_split!r}")
         if self.data_kind not in DATA_KINDS:
             p.append(f"--data-kind must be one of {list(DATA_KINDS)}, got {self.data_kind!r}")
         columns = {
@@ -198,6 +223,9 @@ class PrecomputeConfig:
             p.append(f"--samples-per-shard must be an integer >= 1, got {self.samples_per_shard!r}")
         if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
             p.append(f"--max-samples must be an integer >= 1, got {self.max_samples!r}")
+        for flag, value in (("--max-input-bytes", self.max_input_bytes), ("--max-image-pixels", self.max_image_pixels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                p.append(f"{flag} must be an integer >= 1, got {value!r}")
         if self.condition is not None and self.conditioning_image_column is not None:
             p.append(f"--conditioning-image-column has no effect with --condition {self.condition}: the "
                      "conditioning image is computed from the image; drop one of them")
@@ -390,6 +418,9 @@ class PrecomputeConfig:
             "compute": {"batch_size": self.batch_size, "device": self.device_kind()},
             "source": dict(source),
             "captions": {"allow_empty": self.allow_empty_captions},
+            # Which inputs are read at all (and so which items are skipped).
+            "input_limits": {"max_input_bytes": self.max_input_bytes, "max_image_pixels": self.max_image_pixels,
+                             "follow_symlinks": self.follow_symlinks},
             "max_samples": self.max_samples,
             "samples_per_shard": self.samples_per_shard,
             # The seed only draws random crops: with centre crops (and one crop per image) it

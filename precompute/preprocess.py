@@ -45,17 +45,24 @@ from precompute.sources import RawItem
 SKIP_REASONS: dict[str, str] = {
     "metadata_invalid": "a metadata row (or a tar sample's .json member) could not be parsed or has no image path",
     "image_missing": "the image file or tar member does not exist",
-    "image_unreadable": "the image file exists but could not be read (permissions, I/O error)",
+    "image_unreadable": "the image file exists but could not be read (permissions, I/O error), or is not a regular "
+                        "file (a FIFO, a device, a socket, a folder)",
+    "image_outside_root": "the image file's real path is outside the dataset folder (a symlink pointing out, a ../ "
+                          "escape, an absolute path elsewhere) and --follow-symlinks was not given",
     "image_empty": "the image file has zero bytes",
     "image_corrupt": "the image could not be decoded: not an image, truncated, or broken EXIF",
-    "image_too_large": "the image exceeds PIL's decompression-bomb pixel limit",
+    "image_too_large": "the image is over --max-input-bytes, over --max-image-pixels (checked from its header, "
+                       "before decoding), or over PIL's decompression-bomb pixel limit",
     "image_too_small": "the image's shortest side is below min_size",
     "aspect_extreme": "the image's long/short side ratio exceeds max_aspect",
     "cond_missing": "the conditioning image file or tar member does not exist",
-    "cond_unreadable": "the conditioning image exists but could not be read",
+    "cond_unreadable": "the conditioning image exists but could not be read, or is not a regular file",
+    "cond_outside_root": "the conditioning image's real path is outside the dataset folder and --follow-symlinks was "
+                         "not given",
     "cond_empty": "the conditioning image has zero bytes",
     "cond_corrupt": "the conditioning image could not be decoded",
-    "cond_too_large": "the conditioning image exceeds PIL's decompression-bomb pixel limit",
+    "cond_too_large": "the conditioning image is over --max-input-bytes, --max-image-pixels or PIL's "
+                      "decompression-bomb limit",
     "cond_size_mismatch": "the conditioning image's aspect ratio differs from the image's",
     "caption_missing": "no caption, or only empty / whitespace-only captions",
     "caption_invalid": "the caption is neither a string nor a list of strings, or not UTF-8",
@@ -78,6 +85,16 @@ DEFAULT_MIN_SIZE_DIVISOR = 4
 # rounding of its own pixel dimensions) is the same picture at another scale and is resampled
 # straight to the image's resized size; anything else would misalign condition and target.
 COND_ASPECT_TOLERANCE = 0.02
+# Pixels an image (or conditioning image) may have, checked from its header before any pixel is
+# decoded: 64 MP is over 8000 x 8000, far above what any crop of it keeps, and a decoded RGB
+# copy of it is ~190 MB per worker thread. (PIL's own bomb limit, ~179 MP, still applies above.)
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+# Captions: characters kept per caption (SDXL's text encoders see 77 tokens, a few hundred
+# characters; the rest only costs tokenizer time) and captions kept per item (each is encoded
+# and stored). Over these, captions are cut or dropped and the item is kept, counted as the
+# shard record's caption_truncated / captions_dropped notes.
+MAX_CAPTION_CHARS = 4096
+MAX_CAPTIONS_PER_ITEM = 64
 
 
 class Skip(Exception):
@@ -134,17 +151,22 @@ class Prepared:
     # and was resampled to the image's geometry; worth a warning, not a skip.
     cond_resized: bool = False
     view: int = 0  # index among the item's stored views (0: the primary view)
+    # Per caption: True when it was cut to MAX_CAPTION_CHARS; and captions dropped over the
+    # per-item cap. Kept-but-altered, counted as notes in the shard record.
+    captions_cut: list[bool] = field(default_factory=list)
+    captions_dropped: int = 0
     view_info: dict = field(default_factory=lambda: {"crop": 0, "flip": False})
 
 
 # --------------------------------------------------------------------------------------- decoding
 
 
-def load_rgb(data: bytes | None, what: str, name: str) -> Image.Image:
+def load_rgb(data: bytes | None, what: str, name: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Encoded bytes -> fully decoded RGB image, EXIF orientation applied.
 
     `what` is "image" or "cond" and prefixes the skip reason (image_corrupt / cond_corrupt...);
-    `name` (a file path or tar key) goes into every skip detail.
+    `name` (a file path or tar key) goes into every skip detail. An image of more than
+    `max_pixels` pixels (None: no cap) is skipped from its header, before decoding.
     """
     if what not in ("image", "cond"):
         raise ValueError(f"what must be 'image' or 'cond', got {what!r}")
@@ -154,10 +176,17 @@ def load_rgb(data: bytes | None, what: str, name: str) -> Image.Image:
         raise Skip(f"{what}_empty", f"{name}: file is empty (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as im:
+            # Image.open parsed only the header: refuse a huge image before a pixel is decoded.
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise Skip(f"{what}_too_large", f"{name}: {w}x{h} px = {w * h:,} pixels, over --max-image-pixels "
+                                                f"{max_pixels:,} (checked before decoding)")
             # Decode every pixel now: Image.open only parses the header, and a truncated file
             # otherwise fails later (or, with LOAD_TRUNCATED_IMAGES, silently grey-fills).
             im.load()
             oriented = ImageOps.exif_transpose(im)
+    except Skip:
+        raise
     except Image.DecompressionBombError as e:
         raise Skip(f"{what}_too_large", f"{name}: {e}") from None
     except UnidentifiedImageError:
@@ -412,12 +441,20 @@ def item_rng(seed: int, shard_index: int, position: int) -> np.random.Generator:
 # --------------------------------------------------------------------------------------- captions
 
 
+def bound_captions(
+    captions: list[str], *, max_chars: int = MAX_CAPTION_CHARS, max_captions: int = MAX_CAPTIONS_PER_ITEM
+) -> tuple[list[str], list[bool], int]:
+    """(captions cut to max_chars and at most max_captions of them, which were cut, how many dropped)."""
+    kept = captions[:max_captions]
+    return [c[:max_chars] for c in kept], [len(c) > max_chars for c in kept], len(captions) - len(kept)
+
+
 def clean_captions(captions: list[str] | None, *, allow_empty: bool = False, name: str = "item") -> list[str]:
     """Drop empty / whitespace-only captions (order kept); Skip("caption_missing") when none is
     left, unless `allow_empty`, which keeps the item with the single caption "".
 
-    Captions are otherwise returned untouched: over-long ones are the tokenizer's business (it
-    truncates at 77 tokens as SDXL does).
+    Captions are otherwise returned untouched (`bound_captions` caps their length and number);
+    over-long ones are also the tokenizer's business (it truncates at 77 tokens as SDXL does).
     """
     if captions is not None and (not isinstance(captions, list) or not all(isinstance(c, str) for c in captions)):
         raise Skip("caption_invalid", f"{name}: captions must be a list of strings, got {captions!r:.80}")
@@ -455,6 +492,7 @@ def prepare_views(
     buckets: Sequence[tuple[int, int]] | None = None,
     views: ViewSpec = ViewSpec(),
     condition: ConditionSpec | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> list[Prepared]:
     """RawItem -> one Prepared per view (`plan_views` order), or Skip. Checks run cheapest first
     (source error, captions, decode); the image is decoded once for all views.
@@ -464,17 +502,20 @@ def prepare_views(
     resized size (one resampling, not two) and `cond_resized` is set; a different aspect ratio is
     Skip("cond_size_mismatch"), since no resize could align it with the image. With `condition`,
     the dataset's conditioning image is not used: each view's is computed from its own pixels.
+    Images over `max_image_pixels` are skipped before decoding; captions are bounded by
+    `bound_captions` (the item is kept, `captions_cut` / `captions_dropped` say what changed).
     """
     if item.error is not None:
         raise Skip(*item.error)
     name = item.source_id
     captions = clean_captions(item.captions, allow_empty=allow_empty_captions, name=name)
+    captions, captions_cut, captions_dropped = bound_captions(captions)
     if item.image is None:
         raise Skip("image_missing", f"{name}: no image")
     cond_name = item.cond_id or f"{name} (conditioning image)"
     if condition is None and item.cond is None:
         raise Skip("cond_missing", f"{cond_name}: no conditioning image")
-    img = load_rgb(item.image, "image", name)
+    img = load_rgb(item.image, "image", name, max_image_pixels)
     geometry = plan_geometry(
         (img.height, img.width),
         resolution,
@@ -489,7 +530,7 @@ def prepare_views(
     cond = None
     cond_resized = False
     if condition is None:
-        cond = load_rgb(item.cond, "cond", cond_name)
+        cond = load_rgb(item.cond, "cond", cond_name, max_image_pixels)
         cond_resized = cond.size != img.size
         if cond_resized and not _cond_aspect_matches((img.height, img.width), (cond.height, cond.width)):
             raise Skip(
@@ -514,5 +555,7 @@ def prepare_views(
             cond_resized=cond_resized,
             view=index,
             view_info=info,
+            captions_cut=captions_cut,
+            captions_dropped=captions_dropped,
         ))
     return out

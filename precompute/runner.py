@@ -50,8 +50,8 @@ import torch
 
 from precompute.config import ConfigError, PrecomputeConfig, PrecomputeError
 from precompute.encoders import FP16_VAE_HINT, LatentEncoder, PromptEncoder, load_encoders
-from precompute.preprocess import Prepared, Skip, item_rng, prepare_views
-from precompute.sources import RawItem, Source, SourceError, open_source
+from precompute.preprocess import MAX_CAPTION_CHARS, MAX_CAPTIONS_PER_ITEM, Prepared, Skip, item_rng, prepare_views
+from precompute.sources import RawItem, ReadLimits, Source, SourceError, open_source
 from shards import schema
 from shards.manifest import Manifest, ShardRecord, ensure_identity, read_identity
 from shards.reader import write_empty_prompt
@@ -118,7 +118,7 @@ class Summary:
     samples_written: int  # by this run
     items_read: int  # source items processed by this run (written + skipped)
     skipped: dict[str, int] | None  # in the cache, by reason
-    captions_truncated: int  # by this run: captions longer than the text encoders' 77 tokens
+    captions_truncated: int  # by this run: captions over the text encoders' 77 tokens or MAX_CAPTION_CHARS
     bytes: int | None  # shard bytes in the cache
     seconds: float  # the whole run, model loading included
     encode_seconds: float  # from the plan until every process finished its shards
@@ -148,7 +148,8 @@ class Summary:
             f"  phases    {split} of the encoding loop; decode+preprocess {t.prepare:.1f}s in worker threads",
         ]
         if self.captions_truncated:
-            lines.append(f"  captions  {self.captions_truncated} truncated to the text encoders' 77 tokens (as SDXL does)")
+            lines.append(f"  captions  {self.captions_truncated} truncated to the text encoders' 77 tokens (as SDXL does) "
+                         f"or to {MAX_CAPTION_CHARS} characters")
         return "\n".join(lines)
 
 
@@ -230,6 +231,7 @@ class _ShardEncoder:
                 buckets=self.buckets,
                 views=self.view_spec,
                 condition=self.condition,
+                max_image_pixels=cfg.max_image_pixels,
             )
             pngs = [schema.encode_png(v.cond) for v in views]
             return _Outcome(position, item.source_id, views, pngs, None, time.perf_counter() - t0)
@@ -346,12 +348,22 @@ class _ShardEncoder:
         for j, o in zip(keep, batch):
             first = o.views[0]
             k = len(first.captions)
-            for c, n in zip(first.captions, counts[offset : offset + k]):
-                if n > self.prompt.info.max_length:
+            cut = first.captions_cut or [False] * k
+            for c, n, chars in zip(first.captions, counts[offset : offset + k], cut):
+                if chars:  # cut to MAX_CAPTION_CHARS by preprocess: one note, whatever its tokens
+                    self.truncated += 1
+                    notes["caption_truncated"] += 1
+                    self._warn("note", "%s: caption longer than %d characters; kept its first %d: %.60r",
+                               o.source_id, MAX_CAPTION_CHARS, MAX_CAPTION_CHARS, c)
+                elif n > self.prompt.info.max_length:
                     self.truncated += 1
                     notes["caption_truncated"] += 1
                     self._warn("note", "%s: caption has %d tokens; the text encoders see the first %d (truncated as "
                                "SDXL does): %.60r", o.source_id, n, self.prompt.info.max_length, c)
+            if first.captions_dropped:
+                notes["captions_dropped"] += first.captions_dropped
+                self._warn("note", "%s: %d captions over the %d kept per item were dropped", o.source_id,
+                           first.captions_dropped, MAX_CAPTIONS_PER_ITEM)
             if first.cond_resized:
                 notes["cond_resized"] += 1
                 self._warn("note", "%s: conditioning image has another pixel size than the image (same aspect "
@@ -427,7 +439,7 @@ def _open(cfg: PrecomputeConfig) -> Source:
     if not cfg.source_problems():
         try:
             source = open_source(
-                cfg.data,
+                cfg.data or None,
                 kind=cfg.data_kind,
                 image_column=cfg.image_column,
                 conditioning_image_column=cfg.conditioning_image_column,
@@ -435,9 +447,15 @@ def _open(cfg: PrecomputeConfig) -> Source:
                 samples_per_shard=cfg.samples_per_shard,
                 max_samples=cfg.max_samples,
                 require_conditioning=cfg.condition is None,
+                dataset_name=cfg.dataset_name,
+                dataset_config_name=cfg.dataset_config_name,
+                dataset_revision=cfg.dataset_revision,
+                dataset_split=cfg.dataset_split,
+                cache_dir=cfg.cache_dir,
+                limits=ReadLimits(max_file_bytes=cfg.max_input_bytes, follow_symlinks=cfg.follow_symlinks),
             )
         except SourceError as e:
-            problems.append(f"--data {cfg.data}: {e}")
+            problems.append(f"--data {cfg.data}: {e}" if cfg.data else f"--dataset-name {cfg.dataset_name}: {e}")
     if problems:
         raise ConfigError(problems)
     assert source is not None
@@ -584,7 +602,7 @@ def run(cfg: PrecomputeConfig) -> Summary:
     pending = _prepare_cache(cfg, store, source, prompt, identity, state)
     n = source.num_units()
     info("%s: %d shard(s) planned from %s, %d already complete, %d to encode", store.url, n,
-         source.describe().get("path", cfg.data), n - len(pending), len(pending))
+         source.describe().get("path") or source.describe().get("dataset"), n - len(pending), len(pending))
     encode_started = time.perf_counter()
     # Pending shards dealt round-robin: after a resume every process still gets its share.
     worker = _encode(cfg, store, source, latent, prompt, pending[state.process_index :: world], state, buckets)

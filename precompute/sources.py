@@ -6,20 +6,25 @@ the cache is made from unit i, so units must be deterministic and independent of
 process can read any unit without reading the others). Decoding and geometry live in
 `precompute.preprocess`.
 
-Two kinds:
+The readers, each in its own module beside this one (their shared contract is
+`precompute.source_base`):
 
-- **folder**: a folder with a metadata file (HF imagefolder convention) — `metadata.jsonl`,
+- **folder** (here): a folder with a metadata file (HF imagefolder convention) — `metadata.jsonl`,
   `metadata.json` (a JSON list of objects, or JSON lines) or `metadata.csv` — whose image /
   conditioning image / caption columns are configurable (defaults `image` then `file_name`,
   `conditioning_image`, `text`); paths are relative to the folder or absolute. A folder with the
   fill50k `prompt.json` (JSON lines of `source`/`target`/`prompt`) is the **fill50k** preset:
   image = target, conditioning image = source, caption = prompt. Units are consecutive chunks of
-  `samples_per_shard` rows in file order.
-- **webdataset**: local tar shards (a folder of them, one tar, or a brace pattern such as
-  `data/{00000..00009}.tar`), e.g. as img2dataset writes them: members grouped by key, an image
-  member (`jpg`, `jpeg`, `png`, `webp`), a caption from `txt` or a `json` member's `caption` /
-  `text`, a conditioning member by suffix (`cond.png`...). One unit per input tar, sorted by path.
-  Tars are read with `tarfile` as plain bytes: nothing is ever unpickled or decoded here.
+  `samples_per_shard` rows in file order. A folder with fusing/fill50k's downloaded `train.jsonl`
+  (`image` / `conditioning_image` / `text` paths) is a folder dataset with the default columns.
+- **hf** (`precompute.hf_source`): a Hugging Face dataset read through `datasets`: a hub id or
+  local folder by name (`--dataset-name`), a `save_to_disk` folder, or .parquet / .arrow files.
+  Units are fixed row ranges, as for folders.
+- **webdataset** (`precompute.wds_source`): tar shards (a folder of them, one tar, or a brace
+  pattern such as `data/{00000..00009}.tar`), e.g. as img2dataset writes them. One unit per input
+  tar, sorted by path.
+
+`open_source` (here) decides which reader a path is for and opens it.
 
 Every row / tar sample yields exactly one RawItem, even a broken one (its `error` says why), so
 an item's position in its unit — and therefore its cache key — never depends on which items are
@@ -29,148 +34,66 @@ bad. A corrupt tar yields the items before the damage, then one error item namin
 from __future__ import annotations
 
 import csv
-import gzip
-import hashlib
 import json
 import os
-import posixpath
-import tarfile
-import zlib
-from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
-import braceexpand  # ships with webdataset; the same brace syntax webdataset URLs use
-
+from precompute.source_base import (
+    DEFAULT_SAMPLES_PER_SHARD,
+    FINGERPRINT_MODES,
+    MAX_JSON_DEPTH,
+    RawItem,
+    ReadLimits,
+    Source,
+    SourceError,
+    captions_hash,
+    is_utf8_clean,
+    json_problem,
+    parse_captions,
+    read_file,
+    stat_part,
+    with_content_fingerprint,
+)
+from precompute.hf_source import (
+    DEFAULT_SPLIT,
+    TABLE_SUFFIXES,
+    HFSource,
+    is_saved_dataset,
+    looks_like_hf,
+    open_hf_source,
+)
+from precompute.wds_source import (
+    DEFAULT_CAPTION_KEYS,
+    DEFAULT_COND_SUFFIXES,
+    DEFAULT_IMAGE_EXTS,
+    TAR_SUFFIXES,
+    WebDatasetSource,
+    find_tars,
+    is_remote,
+)
 from shards.store import file_sha256
+
+__all__ = [
+    "DEFAULT_SAMPLES_PER_SHARD", "KINDS", "FolderSource", "HFSource", "ReadLimits", "RawItem", "Source", "SourceError", "WebDatasetSource",
+    "open_source",
+]
 
 METADATA_FILES = ("metadata.jsonl", "metadata.json", "metadata.csv")
 FILL50K_FILE = "prompt.json"
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-KINDS = ("auto", "folder", "fill50k", "webdataset")
+# fusing/fill50k's own download layout: train.jsonl beside images/ and conditioning_images/.
+FILL50K_DOWNLOAD_FILE = "train.jsonl"
+KINDS = ("auto", "folder", "fill50k", "webdataset", "hf")
 
-# Source items per output shard (folder datasets): ~256 x 1024 px samples is a few hundred MB.
-DEFAULT_SAMPLES_PER_SHARD = 256
 # Folder defaults follow the diffusers reference script and HF imagefolder ("file_name").
 DEFAULT_IMAGE_COLUMNS = ("image", "file_name")
 DEFAULT_COND_COLUMN = "conditioning_image"
 DEFAULT_CAPTION_COLUMN = "text"
 FILL50K_COLUMNS = {"image": "target", "conditioning_image": "source", "caption": "prompt"}
-# WebDataset defaults: member suffixes (everything after the key's first dot), lower case.
-DEFAULT_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-DEFAULT_COND_SUFFIXES = (
-    "cond.png",
-    "cond.jpg",
-    "conditioning.png",
-    "conditioning.jpg",
-    "conditioning_image.png",
-    "conditioning_image.jpg",
-    "source.png",
-    "source.jpg",
-    "control.png",
-    "control.jpg",
-)
-# Tried in order: a member with this suffix, else this key of the sample's .json member.
-DEFAULT_CAPTION_KEYS = ("txt", "caption", "text")
 # Columns are discovered from the first rows of a JSON metadata file (CSV has a header).
 _SCHEMA_ROWS = 100
-
-
-@dataclass
-class RawItem:
-    source_id: str  # human name: the image path as the metadata gives it, or "<tar>:<key>"
-    image: bytes | None  # raw encoded bytes (None when missing)
-    cond: bytes | None
-    captions: list[str] | None
-    error: tuple[str, str] | None = None  # (reason slug, detail) when the source knows it is bad
-    cond_id: str | None = None  # human name of the conditioning image, for messages
-
-
-class SourceError(ValueError):
-    """The dataset cannot be read at all (missing, unrecognised, wrong columns). Lists every problem."""
-
-
-class Source(ABC):
-    """A dataset split into deterministic units; output shard i of the cache comes from unit i."""
-
-    kind: str
-
-    @abstractmethod
-    def describe(self) -> dict:
-        """What identifies this input in the cache identity: kind, resolved path, columns, counts,
-        a content fingerprint where one is cheap. Never modification times."""
-
-    @abstractmethod
-    def num_units(self) -> int: ...
-
-    @abstractmethod
-    def iter_unit(self, i: int) -> Iterator[RawItem]:
-        """The items of unit i, always in the same order, one per row / tar sample."""
-
-    @abstractmethod
-    def unit_name(self, i: int) -> str:
-        """A human name for unit i (for logs and errors)."""
-
-    def num_items(self) -> int | None:
-        """Total number of items, when known without reading the data (None otherwise)."""
-        return None
-
-    def unit_size(self, i: int) -> int | None:
-        """Number of items in unit i, when known without reading it (None otherwise)."""
-        return None
-
-    def _check_unit(self, i: int) -> None:
-        if not 0 <= i < self.num_units():
-            raise IndexError(f"unit {i} out of range: {self.describe()['path']} has {self.num_units()} units")
-
-
-# ----------------------------------------------------------------------------------- helpers
-
-
-def _read_file(root: Path, rel: str, what: str, where: str) -> tuple[bytes | None, tuple[str, str] | None]:
-    """Read a file named by the metadata row at `where`; a failure becomes (None, (reason, detail)).
-
-    Never raises for a bad row: a path the OS cannot even take (an embedded NUL byte) is the
-    row's `metadata_invalid`, not the end of the run."""
-    try:
-        path = Path(rel) if os.path.isabs(rel) else root / rel
-        return path.read_bytes(), None
-    except ValueError as e:  # "embedded null byte", or a path the platform rejects outright
-        return None, ("metadata_invalid", f"{where}: {what} path {rel!r:.120} is not a valid file path ({e})")
-    except FileNotFoundError:
-        return None, (f"{what}_missing", f"{path}: file not found")
-    except OSError as e:  # a directory, no permission, an I/O error
-        return None, (f"{what}_unreadable", f"{path}: {e.strerror or e}")
-
-
-def _parse_captions(value: object, where: str, *, from_csv: bool) -> tuple[list[str] | None, tuple[str, str] | None]:
-    """A caption cell -> list of captions. A string is one caption; a list is several (kept in
-    order, None entries dropped). In CSV a cell holding a JSON list of strings is a list."""
-    if value is None:
-        return None, None
-    if isinstance(value, str):
-        if from_csv and value.lstrip().startswith("["):
-            try:
-                parsed = json.loads(value)
-            except ValueError:
-                parsed = None  # a caption that merely starts with "[" stays a string
-            if isinstance(parsed, list) and all(isinstance(c, str) for c in parsed):
-                return parsed, None
-        return [value], None
-    if isinstance(value, list) and all(c is None or isinstance(c, str) for c in value):
-        return [c for c in value if c is not None], None
-    return None, ("caption_invalid", f"{where}: caption must be a string or a list of strings, got {value!r:.80}")
-
-
-def _is_utf8_clean(values: Sequence[str]) -> bool:
-    """False when a value carries undecodable bytes (kept as lone surrogates by surrogateescape)."""
-    try:
-        for v in values:
-            v.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class _Lines:
@@ -222,8 +145,12 @@ class FolderSource(Source):
         samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
         max_samples: int | None = None,
         require_conditioning: bool = True,
+        limits: ReadLimits = ReadLimits(),
+        fingerprint_mode: str = "content",
     ):
         self.kind = "fill50k" if preset == "fill50k" else "folder"
+        self.limits = limits
+        self.fingerprint_mode = fingerprint_mode
         # False when precompute computes the conditioning images (--condition): the column is
         # then neither required nor read.
         self.require_conditioning = require_conditioning
@@ -289,7 +216,7 @@ class FolderSource(Source):
                     n += 1
                     if seen < _SCHEMA_ROWS:
                         try:
-                            row = json.loads(raw)
+                            row = None if json_problem(raw) else json.loads(raw)
                         except ValueError:
                             row = None
                         if isinstance(row, dict):
@@ -301,8 +228,14 @@ class FolderSource(Source):
         return list(columns)
 
     def _index_json_list(self) -> list[str]:
+        raw = self.metadata.read_bytes()
+        # A JSON list is parsed whole, so one pathological row stops the file: say which way out.
+        problem = json_problem(raw, max_bytes=None, max_depth=MAX_JSON_DEPTH + 1)
+        if problem:
+            raise SourceError(f"{self.metadata}: {problem}; write the metadata as JSON lines (metadata.jsonl), "
+                              "where such a row is skipped alone")
         try:
-            doc = json.loads(self.metadata.read_bytes())
+            doc = json.loads(raw)
         except ValueError as e:
             raise SourceError(f"{self.metadata}: not valid JSON: {e}") from None
         if not isinstance(doc, list):
@@ -343,7 +276,7 @@ class FolderSource(Source):
             if header is None:
                 raise SourceError(f"{self.metadata}: empty CSV (no header row)")
             self._header = header[2]
-            if not _is_utf8_clean(self._header):
+            if not is_utf8_clean(self._header):
                 raise SourceError(f"{self.metadata}: the header row is not valid UTF-8")
             dupes = sorted({c for c in self._header if self._header.count(c) > 1})
             if dupes:
@@ -385,7 +318,9 @@ class FolderSource(Source):
             cond_column = cond_column or (defaults["conditioning_image"] if defaults else DEFAULT_COND_COLUMN)
         if cond_column is not None and cond_column not in columns:
             problems.append(
-                f"no conditioning image column {cond_column!r} (columns found: {have}); pass --conditioning-image-column"
+                f"no conditioning image column {cond_column!r} (columns found: {have}); pass "
+                "--conditioning-image-column, or compute the conditioning image from the image with "
+                "--condition canny|gray|sketch"
             )
         caption_column = caption_column or (defaults["caption"] if defaults else DEFAULT_CAPTION_COLUMN)
         if caption_column not in columns:
@@ -430,17 +365,49 @@ class FolderSource(Source):
 
     def iter_unit(self, i: int) -> Iterator[RawItem]:
         self._check_unit(i)
-        u = self._units[i]
+        for row, where, from_csv, bad in self._unit_rows(self._units[i]):
+            item = bad if bad is not None else self._item(row, where, from_csv=from_csv)
+            if self.fingerprint_mode == "stat":
+                item.fingerprint = self._stat_fingerprint(row, where, from_csv)
+            else:
+                with_content_fingerprint(item)
+            yield item
+
+    def unit_fingerprints(self, i: int) -> list[str]:
+        self._check_unit(i)
+        if self.fingerprint_mode != "stat":
+            return super().unit_fingerprints(i)
+        # The metadata rows and os.stat only: not one image file is opened.
+        return [self._stat_fingerprint(row, where, from_csv) for row, where, from_csv, _ in
+                self._unit_rows(self._units[i])]
+
+    def _stat_fingerprint(self, row: object, where: str, from_csv: bool) -> str:
+        """"stat:" + size:mtime_ns of the image and the conditioning image + a hash of the captions."""
+        if not isinstance(row, dict):
+            return f"stat:-/-/{captions_hash(None)}"
+
+        def part(column: str | None) -> str:
+            rel = row.get(column) if column is not None else None
+            if not isinstance(rel, str) or not rel.strip():
+                return "-"
+            return stat_part(rel if os.path.isabs(rel) else self.root / rel)
+
+        captions, _ = parse_captions(row.get(self.caption_column), where, from_csv=from_csv)
+        return f"stat:{part(self.image_column)}/{part(self.cond_column)}/{captions_hash(captions)}"
+
+    def _unit_rows(self, u: _Unit) -> Iterator[tuple[object, str, bool, RawItem | None]]:
+        """(row, where, from_csv, None) per row of unit u, or (None, where, from_csv, error item)
+        for a row that is not even a record (bad JSON, wrong field count, not UTF-8)."""
         if self.format == "json":
             assert self._rows is not None
             for k, row in enumerate(self._rows[u.first_row : u.first_row + u.count]):
-                yield self._item(row, f"{self._display} row {u.first_row + k + 1}", from_csv=False)
+                yield row, f"{self._display} row {u.first_row + k + 1}", False, None
         elif self.format == "jsonl":
             yield from self._iter_jsonl(u)
         else:
             yield from self._iter_csv(u)
 
-    def _iter_jsonl(self, u: _Unit) -> Iterator[RawItem]:
+    def _iter_jsonl(self, u: _Unit) -> Iterator[tuple[object, str, bool, RawItem | None]]:
         with open(self.metadata, "rb") as f:
             f.seek(u.offset)
             n, lineno = 0, u.lineno
@@ -449,18 +416,22 @@ class FolderSource(Source):
                 if not raw.strip():
                     continue
                 where = f"{self._display} row {u.first_row + n + 1} (line {lineno})"
+                problem = json_problem(raw)
                 try:
+                    if problem:
+                        raise ValueError(f"{problem} (checked before parsing)")
                     row = json.loads(raw.decode("utf-8").lstrip("\ufeff"))
                 except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-                    yield RawItem(where, None, None, None, ("metadata_invalid", f"{where}: not valid JSON: {e}"))
+                    yield None, where, False, RawItem(where, None, None, None,
+                                                      ("metadata_invalid", f"{where}: not valid JSON: {e}"))
                 else:
-                    yield self._item(row, where, from_csv=False)
+                    yield row, where, False, None
                 n += 1
                 if n == u.count:
                     return
         raise SourceError(f"{self.metadata}: changed while reading (expected {u.count} rows from line {u.lineno + 1})")
 
-    def _iter_csv(self, u: _Unit) -> Iterator[RawItem]:
+    def _iter_csv(self, u: _Unit) -> Iterator[tuple[object, str, bool, RawItem | None]]:
         with open(self.metadata, "rb") as f:
             f.seek(u.offset)
             n = 0
@@ -468,11 +439,12 @@ class FolderSource(Source):
                 where = f"{self._display} row {u.first_row + n + 1} (line {lineno + 1})"
                 if len(fields) != len(self._header):
                     detail = f"{where}: {len(fields)} fields, the header has {len(self._header)}"
-                    yield RawItem(where, None, None, None, ("metadata_invalid", detail))
-                elif not _is_utf8_clean(fields):
-                    yield RawItem(where, None, None, None, ("metadata_invalid", f"{where}: not valid UTF-8"))
+                    yield None, where, True, RawItem(where, None, None, None, ("metadata_invalid", detail))
+                elif not is_utf8_clean(fields):
+                    yield None, where, True, RawItem(where, None, None, None,
+                                                     ("metadata_invalid", f"{where}: not valid UTF-8"))
                 else:
-                    yield self._item(dict(zip(self._header, fields)), where, from_csv=True)
+                    yield dict(zip(self._header, fields)), where, True, None
                 n += 1
                 if n == u.count:
                     return
@@ -487,203 +459,19 @@ class FolderSource(Source):
         if not isinstance(image_rel, str) or not image_rel.strip():
             detail = f"{where}: no path in column {self.image_column!r} (got {image_rel!r:.80})"
             return RawItem(where, None, None, None, ("metadata_invalid", detail))
-        image, error = _read_file(self.root, image_rel, "image", where)
+        image, error = read_file(self.root, image_rel, "image", where, self.limits)
         if error:
             return RawItem(image_rel, None, None, None, error)
-        captions, caption_error = _parse_captions(row.get(self.caption_column), where, from_csv=from_csv)
+        captions, caption_error = parse_captions(row.get(self.caption_column), where, from_csv=from_csv)
         if self.cond_column is None:  # conditioning images are computed, not read
             return RawItem(image_rel, image, None, captions, caption_error)
         cond_rel = row.get(self.cond_column)
         if not isinstance(cond_rel, str) or not cond_rel.strip():
             detail = f"{where} ({image_rel}): no path in column {self.cond_column!r} (got {cond_rel!r:.80})"
             return RawItem(image_rel, image, None, captions, ("cond_missing", detail))
-        cond, error = _read_file(self.root, cond_rel, "cond", where)
+        cond, error = read_file(self.root, cond_rel, "cond", where, self.limits)
         return RawItem(image_rel, image, cond, captions, error or caption_error, cond_id=cond_rel)
 
-
-# ----------------------------------------------------------------------------------- webdataset
-
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
-
-
-def _split_member(name: str) -> tuple[str, str] | None:
-    """WebDataset's rule: key = path up to the first dot of the file name, suffix = the rest
-    ('a/000001.cond.png' -> ('a/000001', 'cond.png')). Hidden files (macOS '._x') have no key."""
-    base = posixpath.basename(name)
-    if base.startswith(".") or "." not in base:
-        return None
-    dot = name.rfind("/") + 1 + base.index(".")
-    return name[:dot], name[dot + 1 :].lower()
-
-
-class WebDatasetSource(Source):
-    """Local WebDataset tars; unit i is the i-th tar in sorted path order."""
-
-    kind = "webdataset"
-
-    def __init__(
-        self,
-        tars: list[Path],
-        names: list[str],
-        path: str,
-        *,
-        image_exts: Sequence[str] = DEFAULT_IMAGE_EXTS,
-        cond_suffixes: Sequence[str] = DEFAULT_COND_SUFFIXES,
-        caption_keys: Sequence[str] = DEFAULT_CAPTION_KEYS,
-        max_samples: int | None = None,
-    ):
-        # An empty cond_suffixes means conditioning images are computed (--condition): none is read.
-        self.tars, self.names, self.path = tars, names, path
-        self.image_exts = tuple(e.lower().lstrip(".") for e in image_exts)
-        self.cond_suffixes = tuple(s.lower().lstrip(".") for s in cond_suffixes)
-        self.caption_keys = tuple(caption_keys)
-        self.max_samples = max_samples
-        listing = "".join(f"{n}\t{p.stat().st_size}\n" for n, p in zip(names, tars))
-        self.listing_sha256 = hashlib.sha256(listing.encode()).hexdigest()
-        # Items to take from each tar. Without max_samples every tar is read whole; with it, the
-        # tars are counted up front (cheap for the small subsets max_samples is meant for).
-        self._limits: list[int | None] = [None] * len(tars)
-        if max_samples is not None:
-            self._limits, left = [], max_samples
-            for i in range(len(tars)):
-                n = sum(1 for _ in self._groups(i, load=False))
-                self._limits.append(min(n, left))
-                left -= self._limits[-1]
-                if left == 0:
-                    break
-
-    def _wanted(self, suffix: str) -> bool:
-        if suffix == "json" or suffix in self.image_exts:
-            return True
-        return suffix in self.cond_suffixes or suffix in self.caption_keys
-
-    def _groups(self, i: int, *, load: bool = True) -> Iterator[tuple[str, dict[str, bytes]] | RawItem]:
-        """(key, {suffix: bytes}) per sample of tar i, adjacent members grouped as webdataset
-        does; a failure ends the tar with one error RawItem."""
-        path, name = self.tars[i], self.names[i]
-        key, members = None, {}
-        try:
-            with open(path, "rb") as f:
-                plain = not f.read(6).startswith(_COMPRESSED_MAGIC)
-                f.seek(0)
-                with tarfile.open(fileobj=f, mode="r|*") as tf:
-                    for m in tf:
-                        split = _split_member(m.name) if m.isfile() else None
-                        if split is None:
-                            continue
-                        if split[0] != key:
-                            if key is not None:
-                                yield key, members
-                            key, members = split[0], {}
-                        suffix = split[1]
-                        if suffix not in members and self._wanted(suffix):
-                            members[suffix] = tf.extractfile(m).read() if load else b""  # type: ignore[union-attr]
-                    end = tf.offset
-                if plain:
-                    # tarfile stops quietly at a damaged header or a file cut at a member
-                    # boundary, as if the archive had ended there. A complete tar has only its
-                    # zero end-of-archive blocks after the last member; check that it does.
-                    # The last sample may have lost members to the damage, so it is dropped
-                    # with the rest (the error item stands in for it).
-                    self._check_tail(f, end)
-                if key is not None:
-                    yield key, members
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, _TruncatedTar) as e:
-            detail = f"{path}: {e or type(e).__name__}; items after this point are lost"
-            yield RawItem(name, None, None, None, ("tar_corrupt", detail))
-            return
-        except OSError as e:
-            yield RawItem(name, None, None, None, ("tar_unreadable", f"{path}: {e.strerror or e}"))
-
-    @staticmethod
-    def _check_tail(f, end: int) -> None:
-        f.seek(end)
-        tail = f.read()
-        if len(tail) < tarfile.BLOCKSIZE:
-            raise _TruncatedTar(f"no end-of-archive marker after byte {end}: the file looks truncated")
-        if tail.strip(b"\0"):
-            raise _TruncatedTar(f"unreadable tar header at byte {end} (damaged member or garbage)")
-
-    def _item(self, i: int, key: str, members: dict[str, bytes]) -> RawItem:
-        sid = f"{self.names[i]}:{key}"
-        found = ", ".join("." + s for s in members) or "nothing we read"
-        image_ext = next((e for e in self.image_exts if e in members), None)
-        if image_ext is None:
-            looked = ", ".join("." + e for e in self.image_exts)
-            detail = f"{sid}: no image member (looked for {looked}; found {found})"
-            return RawItem(sid, None, None, None, ("image_missing", detail))
-        image = members[image_ext]
-        captions, error = self._captions(sid, members)
-        if not self.cond_suffixes:
-            return RawItem(sid, image, None, captions, error)
-        cond_suffix = next((s for s in self.cond_suffixes if s in members), None)
-        if cond_suffix is None:
-            looked = ", ".join("." + s for s in self.cond_suffixes)
-            detail = f"{sid}: no conditioning member (looked for {looked}; found {found})"
-            return RawItem(sid, image, None, captions, ("cond_missing", detail))
-        return RawItem(sid, image, members[cond_suffix], captions, error, cond_id=f"{sid}.{cond_suffix}")
-
-    def _captions(self, sid: str, members: dict[str, bytes]) -> tuple[list[str] | None, tuple[str, str] | None]:
-        """For each caption key in order: a member with that suffix, else that key of the .json."""
-        meta: object = None
-        json_error = None
-        if "json" in members:
-            try:
-                meta = json.loads(members["json"])
-            except ValueError as e:
-                json_error = ("metadata_invalid", f"{sid}.json: not valid JSON: {e}")
-        for k in self.caption_keys:
-            if k in members and k != "json":
-                try:
-                    return [members[k].decode("utf-8")], None
-                except UnicodeDecodeError:
-                    return None, ("caption_invalid", f"{sid}.{k}: not valid UTF-8")
-            if isinstance(meta, dict) and k in meta:
-                return _parse_captions(meta[k], f"{sid}.json", from_csv=False)
-        # No caption found: a broken .json is the likelier cause than a missing one.
-        return None, json_error
-
-    # --- Source API
-
-    def describe(self) -> dict:
-        return {
-            "kind": self.kind,
-            "path": self.path,
-            "tars": len(self.tars),
-            "tar_listing_sha256": self.listing_sha256,  # names and sizes of the tars
-            "columns": {
-                "image": list(self.image_exts),
-                "conditioning_image": list(self.cond_suffixes) or None,
-                "caption": list(self.caption_keys),
-            },
-            "max_samples": self.max_samples,
-        }
-
-    def num_units(self) -> int:
-        return len(self._limits)
-
-    def num_items(self) -> int | None:
-        return None if self.max_samples is None else sum(n or 0 for n in self._limits)
-
-    def unit_size(self, i: int) -> int | None:
-        self._check_unit(i)
-        return self._limits[i]  # counted up front only with max_samples
-
-    def unit_name(self, i: int) -> str:
-        self._check_unit(i)
-        return self.names[i]
-
-    def iter_unit(self, i: int) -> Iterator[RawItem]:
-        self._check_unit(i)
-        limit = self._limits[i]
-        for n, group in enumerate(self._groups(i)):
-            if limit is not None and n >= limit:
-                return
-            yield group if isinstance(group, RawItem) else self._item(i, *group)
-
-
-class _TruncatedTar(Exception):
-    pass
 
 
 # ----------------------------------------------------------------------------------- opening
@@ -702,23 +490,8 @@ def _find_tars(folder: Path) -> list[Path]:
 
 
 def _open_webdataset(spec: str, path: Path | None, problems: list[str], **kw) -> WebDatasetSource | None:
-    if path is None:  # a brace pattern
-        expanded = sorted(braceexpand.braceexpand(spec))
-        missing = [p for p in expanded if not os.path.isfile(p)]
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            problems.append(f"{spec}: {len(missing)} of {len(expanded)} tars do not exist: {shown}")
-            return None
-        tars, names, where = [Path(p).resolve() for p in expanded], expanded, os.path.abspath(spec)
-    elif path.is_dir():
-        tars = [p.resolve() for p in _find_tars(path)]
-        names, where = [p.name for p in tars], str(path.resolve())
-    else:
-        tars, names, where = [path.resolve()], [path.name], str(path.resolve())
-    if not tars:
-        problems.append(f"{spec}: no .tar files found")
-        return None
-    return WebDatasetSource(tars, names, where, **kw)
+    tars, where = find_tars(spec, path, problems)
+    return WebDatasetSource(tars, where, **kw) if tars and not problems else None
 
 
 def _folder_metadata(folder: Path, kind: str, problems: list[str]) -> tuple[Path, str | None] | None:
@@ -737,15 +510,40 @@ def _folder_metadata(folder: Path, kind: str, problems: list[str]) -> tuple[Path
         return found[0], None
     if fill.is_file():
         return fill, "fill50k"
+    if (folder / FILL50K_DOWNLOAD_FILE).is_file():
+        # fusing/fill50k as downloaded: train.jsonl rows with image / conditioning_image / text
+        # paths (images/, conditioning_images/): the default columns, nothing to rename.
+        return folder / FILL50K_DOWNLOAD_FILE, None
     problems.append(
         f"{folder}: no metadata file: expected one of {', '.join(METADATA_FILES)}, "
-        f"{FILL50K_FILE} (fill50k) or .tar shards"
+        f"{FILL50K_FILE} (fill50k), {FILL50K_DOWNLOAD_FILE} (fill50k as downloaded), .tar shards, "
+        "or a Hugging Face dataset (save_to_disk folder, .parquet / .arrow files)"
     )
     return None
 
 
+def _detect_kind(path: Path) -> str:
+    """What kind="auto" reads `path` as: a metadata file wins, then a save_to_disk folder, then
+    tars, then parquet / arrow tables (a folder may hold several of these side by side)."""
+    if path.is_file():
+        if path.name.lower().endswith(TAR_SUFFIXES):
+            return "webdataset"
+        return "hf" if path.name.lower().endswith(TABLE_SUFFIXES) else "folder"
+    if any((path / n).is_file() for n in (*METADATA_FILES, FILL50K_FILE, FILL50K_DOWNLOAD_FILE)):
+        return "folder"
+    if is_saved_dataset(path):
+        return "hf"
+    if _find_tars(path):
+        return "webdataset"
+    return "hf" if looks_like_hf(path) else "folder"  # folder: its error lists what was expected
+
+
+def _fail(problems: list[str]) -> SourceError:
+    return SourceError("cannot open dataset:\n  - " + "\n  - ".join(problems))
+
+
 def open_source(
-    path_or_url: str | Path,
+    path_or_url: str | Path | None,
     *,
     kind: str = "auto",
     image_column: str | Sequence[str] | None = None,
@@ -754,18 +552,31 @@ def open_source(
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
     max_samples: int | None = None,
     require_conditioning: bool = True,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    dataset_revision: str | None = None,
+    dataset_split: str = DEFAULT_SPLIT,
+    cache_dir: str | None = None,
+    limits: ReadLimits = ReadLimits(),
+    fingerprint_mode: str = "content",
 ) -> Source:
     """Open a dataset; raise SourceError listing every problem when it cannot be read.
 
-    `path_or_url`: a dataset folder, a metadata file inside one, a .tar, a folder of .tar files, or
-    a brace pattern (`data/{00000..00009}.tar`). `kind` "auto" decides from what is there.
-    Columns left None take the format's defaults. For a folder they are column names; for
-    webdataset they are member suffixes / .json keys, and may be lists (or comma-separated)
-    tried in order: image_column the image extensions, conditioning_image_column the
-    conditioning member suffixes, caption_column the caption suffixes / json keys.
-    `samples_per_shard` sizes folder units (a tar is always one unit); `max_samples` keeps only
-    the first N items in unit order. `require_conditioning=False` (conditioning images computed by
-    precompute) neither requires nor reads a conditioning column or member.
+    `path_or_url`: a dataset folder, a metadata file inside one, a .tar, a folder of .tar files, a
+    brace pattern (`data/{00000..00009}.tar`), a `save_to_disk` folder, or .parquet / .arrow files
+    (or a folder of them). Or None with `dataset_name`: a hub id or local folder loaded with
+    `datasets.load_dataset(dataset_name, dataset_config_name, revision=, split=, cache_dir=)`.
+    `kind` "auto" decides from what is there. Columns left None take the format's defaults. For
+    a folder or a Hugging Face dataset they are column names; for webdataset they are member
+    suffixes / .json keys, and may be lists (or comma-separated) tried in order: image_column the
+    image extensions, conditioning_image_column the conditioning member suffixes, caption_column
+    the caption suffixes / json keys. `samples_per_shard` sizes folder and dataset units (a tar is
+    always one unit); `max_samples` keeps only the first N items in unit order.
+    `require_conditioning=False` (conditioning images computed by precompute) neither requires nor
+    reads a conditioning column or member. `limits` bounds what is read from one file or tar
+    member (`source_base.ReadLimits`). `fingerprint_mode` ("content" or "stat") is how items are
+    fingerprinted (`source_base`; Hugging Face datasets always use content). `dataset_split` picks the split of a DatasetDict or of
+    a folder in the hub layout; `cache_dir` is the datasets download / conversion cache.
     """
     problems = []
     if kind not in KINDS:
@@ -774,22 +585,54 @@ def open_source(
         problems.append(f"samples_per_shard must be an integer >= 1, got {samples_per_shard!r}")
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
         problems.append(f"max_samples must be an integer >= 1 or None, got {max_samples!r}")
-    spec = str(path_or_url)
+    problems += limits.problems()
+    if fingerprint_mode not in FINGERPRINT_MODES:
+        problems.append(f"fingerprint_mode must be one of {list(FINGERPRINT_MODES)}, got {fingerprint_mode!r}")
+    if (path_or_url is None) == (dataset_name is None):
+        problems.append("pass exactly one of a dataset path (--data) and a dataset name (--dataset-name)")
+    if dataset_name is not None and kind not in ("auto", "hf"):
+        problems.append(f"--dataset-name is a Hugging Face dataset, but kind={kind!r}")
+    columns = {
+        "image_column": image_column,
+        "conditioning_image_column": conditioning_image_column,
+        "caption_column": caption_column,
+    }
+    spec = "" if path_or_url is None else str(path_or_url)
     if spec.startswith("file://"):
         spec = spec[len("file://") :]
-    if "://" in spec:
-        problems.append(f"{spec}: remote datasets are not supported yet; copy them to a local folder")
+    remote = is_remote(spec)
+    if "://" in spec and not remote:
+        problems.append(f"{spec}: unknown URL scheme; remote inputs are WebDataset tars on s3:// or http(s)://")
+    elif remote and kind not in ("auto", "webdataset"):
+        problems.append(f"{spec}: remote inputs are WebDataset tars (s3://, http(s)://), but kind={kind!r}; copy "
+                        "other datasets to a local folder")
     if problems:
-        raise SourceError("cannot open dataset:\n  - " + "\n  - ".join(problems))
+        raise _fail(problems)
 
-    is_pattern = "{" in spec and "}" in spec and not os.path.exists(spec)
+    if dataset_name is not None or kind == "hf" or (kind == "auto" and os.path.exists(spec)
+                                                    and _detect_kind(Path(spec)) == "hf"):
+        if dataset_name is None and not os.path.exists(spec):
+            raise _fail([f"{spec} does not exist"])
+        for what, value in columns.items():
+            if value is not None and not isinstance(value, str):
+                problems.append(f"{what} must be a single column name for a Hugging Face dataset, got {value!r}")
+        if problems:
+            raise _fail(problems)
+        return open_hf_source(
+            spec or None, dataset_name=dataset_name, dataset_config_name=dataset_config_name,
+            dataset_revision=dataset_revision, dataset_split=dataset_split, cache_dir=cache_dir,
+            image_column=image_column, conditioning_image_column=conditioning_image_column,  # type: ignore[arg-type]
+            caption_column=caption_column, samples_per_shard=samples_per_shard,  # type: ignore[arg-type]
+            max_samples=max_samples, require_conditioning=require_conditioning, limits=limits,
+        )
+
+    is_pattern = remote or ("{" in spec and "}" in spec and not os.path.exists(spec))
     path = None if is_pattern else Path(spec)
-    tarlike = is_pattern or (path is not None and path.is_file() and path.name.lower().endswith(TAR_SUFFIXES))
     if path is not None and not path.exists():
         raise SourceError(f"cannot open dataset: {spec} does not exist")
-    if path is not None and path.is_dir() and kind in ("auto", "webdataset"):
-        has_meta = any((path / n).is_file() for n in (*METADATA_FILES, FILL50K_FILE))
-        tarlike = kind == "webdataset" or (not has_meta and bool(_find_tars(path)))
+    tarlike = is_pattern or (path is not None and _detect_kind(path) == "webdataset")
+    if path is not None and path.is_dir() and kind == "webdataset":
+        tarlike = True
     if kind == "webdataset" or (kind == "auto" and tarlike):
         if path is not None and path.is_file() and not tarlike:
             raise SourceError(f"cannot open dataset: {spec} is not a .tar file")
@@ -798,26 +641,23 @@ def open_source(
             cond_suffixes=_as_list(conditioning_image_column, DEFAULT_COND_SUFFIXES) if require_conditioning else (),
             caption_keys=_as_list(caption_column, DEFAULT_CAPTION_KEYS),
             max_samples=max_samples,
+            limits=limits,
+            fingerprint_mode=fingerprint_mode,
         )
         for what, value in wds_kw.items():
-            if what not in ("max_samples", "cond_suffixes") and not value:
+            if what not in ("max_samples", "cond_suffixes", "limits", "fingerprint_mode") and not value:
                 problems.append(f"{what} is empty")
             if what == "cond_suffixes" and require_conditioning and not value:
                 problems.append(f"{what} is empty")
         source = None if problems else _open_webdataset(spec, path, problems, **wds_kw)
         if source is None:
-            raise SourceError("cannot open dataset:\n  - " + "\n  - ".join(problems))
+            raise _fail(problems)
         return source
 
     if tarlike:
         raise SourceError(f"cannot open dataset: {spec} is a tar shard, but kind={kind!r}")
     assert path is not None
-    folder_columns = {
-        "image_column": image_column,
-        "conditioning_image_column": conditioning_image_column,
-        "caption_column": caption_column,
-    }
-    for what, value in folder_columns.items():
+    for what, value in columns.items():
         if value is not None and not isinstance(value, str):
             problems.append(f"{what} must be a single column name for a folder dataset, got {value!r}")
     if path.is_dir():
@@ -826,7 +666,7 @@ def open_source(
     else:
         metadata, preset = path, "fill50k" if (kind == "fill50k" or path.name == FILL50K_FILE) else None
     if problems or metadata is None:
-        raise SourceError("cannot open dataset:\n  - " + "\n  - ".join(problems))
+        raise _fail(problems)
     return FolderSource(
         metadata,
         preset=preset,
@@ -836,4 +676,6 @@ def open_source(
         samples_per_shard=samples_per_shard,
         max_samples=max_samples,
         require_conditioning=require_conditioning,
+        limits=limits,
+        fingerprint_mode=fingerprint_mode,
     )

@@ -550,27 +550,39 @@ def test_reference_cache_has_seeded_random_crops(reference_cache):
 
 def test_kill_and_resume_gives_a_byte_identical_cache(tiny_model, crop_data, reference_cache, tmp_path):
     cache = tmp_path / "cache"
-    # Item 9 (shard 2, position 1) becomes a FIFO: the run blocks reading it after committing
-    # shards 0 and 1, with shard 2 half written, so the kill lands mid-shard every time.
-    blocker = crop_data / "img" / "9.png"
-    data = blocker.read_bytes()
-    blocker.unlink()
-    os.mkfifo(blocker)
+    # Items 9-11 (shard 2, positions 1-3) become slow: 62 MP images (just under --max-image-pixels,
+    # so they are decoded) take a few tenths of a second each to decode and resize, so the run sits
+    # in shard 2 with shards 0 and 1 committed long enough for the kill to land mid-shard. (A FIFO
+    # used to block the run here; precompute now refuses non-regular files without reading them.)
+    # The process is frozen (SIGSTOP) first and the state checked, so the kill is mid-shard for sure.
+    slow = io.BytesIO()
+    Image.new("1", (8640, 7200)).save(slow, format="PNG")  # 80x96's aspect ratio, a few KB
+    blockers = [crop_data / "img" / f"{i}.png" for i in (9, 10, 11)]
+    originals = [b.read_bytes() for b in blockers]
+    for b in blockers:
+        b.write_bytes(slow.getvalue())
     try:
         proc = subprocess.Popen([sys.executable, "-m", "precompute", *_args(tiny_model, crop_data, cache)],
                                 cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 240
         staging = open_store(cache).staging_dir()  # where a local cache builds its shards
-        while not ((cache / schema.record_name(1)).exists() and list(staging.glob(".tmp-shard-000002*"))):
+
+        def mid_shard_2() -> bool:
+            return ((cache / schema.record_name(1)).exists() and not (cache / schema.record_name(2)).exists()
+                    and bool(list(staging.glob(".tmp-shard-000002*"))))
+
+        while not mid_shard_2():
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "the run never reached shard 2"
-            time.sleep(0.05)
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGSTOP)
+        assert mid_shard_2(), "shard 2 finished before the run could be stopped"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         proc.stderr.close()
     finally:
-        blocker.unlink()
-        blocker.write_bytes(data)
+        for b, data in zip(blockers, originals):
+            b.write_bytes(data)
     assert proc.returncode == -signal.SIGKILL
     assert sorted(p.name for p in (cache / "records").iterdir()) == ["shard-000000.json", "shard-000001.json"]
     assert not (cache / schema.MANIFEST_FILE).exists()

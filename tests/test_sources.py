@@ -293,8 +293,12 @@ def test_open_errors_list_every_problem(tmp_path):
         open_source(tmp_path)
     with pytest.raises(SourceError, match="no rows"):
         open_source(tmp_path / "metadata.csv")
-    with pytest.raises(SourceError, match="not supported yet"):
-        open_source("s3://bucket/data")
+    with pytest.raises(SourceError, match="unknown URL scheme"):
+        open_source("ftp://host/data")
+    with pytest.raises(SourceError, match="remote inputs are WebDataset tars.*kind='folder'"):
+        open_source("s3://bucket/data", kind="folder")
+    with pytest.raises(SourceError, match="http\\(s\\) has no listing"):
+        open_source("https://host/data/")
     (tmp_path / "metadata.json").write_text('[{"a": 1}')
     with pytest.raises(SourceError, match="not valid JSON"):
         open_source(tmp_path / "metadata.json")
@@ -456,3 +460,27 @@ def test_the_project_fill_generator_reads_as_fill50k(fill_data):
         assert p.captions and " circle with " in p.captions[0]
         assert p.pixels.shape == (3, 64, 64) and p.cond.shape == (64, 64, 3) and not p.cond_resized
         assert p.cond[0, 0].tolist() == [0, 0, 0]  # outline on black
+
+
+def test_missing_member_messages_list_every_member_of_the_sample(tmp_path):
+    """The members a sample has but we do not read (.hint.png, .depth.png) are named too, so the
+    flag to pass is obvious from the message."""
+    no_cond = {"__key__": "a", "jpg": png(1), "txt": b"x", "hint.png": png(2), "depth.png": png(3), "json": b"{}"}
+    no_image = {"__key__": "b", "tif": png(4), "txt": b"y", "cond.png": png(5)}
+    write_tar(tmp_path / "x.tar", [no_cond, no_image])
+    a, b = items(open_source(tmp_path / "x.tar"))
+    assert a.error[0] == "cond_missing"
+    assert "found .jpg, .txt, .hint.png, .depth.png, .json)" in a.error[1]
+    assert "--conditioning-image-column" in a.error[1] and "--condition canny|gray|sketch" in a.error[1]
+    assert b.error[0] == "image_missing" and "found .tif, .txt, .cond.png)" in b.error[1]
+    assert "--image-column" in b.error[1]
+
+
+def test_missing_conditioning_column_suggests_computing_it(tmp_path):
+    make_images(tmp_path, 1)
+    write_jsonl(tmp_path / "metadata.jsonl", [{"file_name": "img/0.png", "text": "a"}])
+    with pytest.raises(SourceError) as ei:
+        open_source(tmp_path)
+    assert "no conditioning image column 'conditioning_image'" in str(ei.value)
+    assert "--condition canny|gray|sketch" in str(ei.value)
+    assert items(open_source(tmp_path, require_conditioning=False))[0].cond is None

@@ -1,0 +1,217 @@
+"""Bounded input reading: nothing a dataset names may block, read forever, escape its folder or
+blow the stack. FIFOs, devices and folders, symlinks out of the root, over-size files and tar
+members, huge image headers, long and many captions, and pathological JSON rows."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from precompute.config import PrecomputeConfig
+from precompute.preprocess import SKIP_REASONS, Skip, load_rgb, prepare_views
+from precompute.runner import run
+from precompute.source_base import MAX_JSON_DEPTH, ReadLimits, json_problem
+from precompute.sources import SourceError, open_source
+from shards.manifest import Manifest
+from shards.store import open_store
+from test_sources import img2dataset_sample, items, make_images, png, rows, write_jsonl, write_tar
+
+
+def _read_with_timeout(fn, seconds: float = 20.0):
+    """Run fn in a thread; fail (instead of hanging the suite) if it blocks."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # re-raised in the test thread
+            out["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"reading blocked for more than {seconds}s"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_only_regular_files_are_read_and_nothing_blocks(tmp_path):
+    make_images(tmp_path, 4)
+    os.mkfifo(tmp_path / "img" / "fifo.png")  # opening it for reading would wait for a writer
+    (tmp_path / "img" / "folder.png").mkdir()
+    data = rows(4)
+    data[0]["file_name"] = "img/fifo.png"
+    data[1]["file_name"] = "img/folder.png"
+    data[2]["conditioning_image"] = "/dev/zero"  # endless: refused by type, never read
+    write_jsonl(tmp_path / "metadata.jsonl", data)
+    got = _read_with_timeout(lambda: items(open_source(tmp_path, limits=ReadLimits(follow_symlinks=True))))
+    assert [i.error and i.error[0] for i in got] == ["image_unreadable", "image_unreadable", "cond_unreadable", None]
+    assert got[0].error[1].endswith("fifo.png: not a regular file (a FIFO)")
+    assert got[1].error[1].endswith("folder.png: not a regular file (a folder)")
+    assert got[2].error[1] == "/dev/zero: not a regular file (a character device)" and got[2].image == png(2)
+    # Without --follow-symlinks, /dev/zero is first of all outside the dataset folder.
+    got = _read_with_timeout(lambda: items(open_source(tmp_path)))
+    assert got[2].error[0] == "cond_outside_root"
+
+
+def test_files_outside_the_root_are_skipped_unless_following_symlinks(tmp_path):
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    make_images(root, 5)
+    elsewhere.mkdir()
+    (elsewhere / "secret.png").write_bytes(png(99))
+    (root / "img" / "link-out.png").symlink_to(elsewhere / "secret.png")
+    (root / "img" / "link-in.png").symlink_to(root / "img" / "0.png")  # inside: fine
+    data = rows(5)
+    data[0]["file_name"] = "img/link-out.png"
+    data[1]["file_name"] = "../elsewhere/secret.png"
+    data[2]["file_name"] = str(elsewhere / "secret.png")
+    data[3]["file_name"] = "img/link-in.png"
+    data[4]["conditioning_image"] = "img/../../elsewhere/secret.png"
+    write_jsonl(root / "metadata.jsonl", data)
+    got = items(open_source(root))
+    reasons = [i.error and i.error[0] for i in got]
+    assert reasons == ["image_outside_root"] * 3 + [None, "cond_outside_root"]
+    assert f"resolves to {elsewhere / 'secret.png'}, outside the dataset folder {root}" in got[0].error[1]
+    assert "--follow-symlinks" in got[0].error[1]
+    assert got[3].image == png(0)
+    followed = items(open_source(root, limits=ReadLimits(follow_symlinks=True)))
+    assert [i.error for i in followed] == [None] * 5
+    assert [i.image for i in followed[:3]] == [png(99)] * 3 and followed[4].cond == png(99)
+    for reason in ("image_outside_root", "cond_outside_root", "image_too_large", "cond_too_large"):
+        assert reason in SKIP_REASONS
+
+
+def test_over_size_files_are_skipped_without_being_read(tmp_path, monkeypatch):
+    make_images(tmp_path, 3)
+    (tmp_path / "img" / "big.png").write_bytes(b"\x89PNG" + bytes(5000))
+    data = rows(3)
+    data[0]["file_name"] = "img/big.png"
+    data[1]["conditioning_image"] = "img/big.png"
+    write_jsonl(tmp_path / "metadata.jsonl", data)
+    opened: dict[int, str] = {}  # fd -> the path it was last opened for
+    all_opened: list[str] = []
+    read_from: list[str] = []
+    real_open, real_read = os.open, os.read
+
+    def open_(path, *a, **kw):
+        fd = real_open(path, *a, **kw)
+        opened[fd] = str(path)
+        all_opened.append(str(path))
+        return fd
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "read", lambda fd, n: read_from.append(opened.get(fd, "?")) or real_read(fd, n))
+    got = items(open_source(tmp_path, limits=ReadLimits(max_file_bytes=1000)))
+    assert [i.error and i.error[0] for i in got] == ["image_too_large", "cond_too_large", None]
+    assert "big.png: 5,004 bytes, over the 1,000-byte cap" in got[0].error[1]
+    assert "--max-input-bytes" in got[0].error[1]
+    assert got[1].image == png(1) and got[2].cond == png(1002)
+    # The big file was opened (to fstat it) but not one byte of it was read.
+    assert sum(p.endswith("big.png") for p in all_opened) == 2
+    assert read_from and not any(p.endswith("big.png") for p in read_from)
+    with pytest.raises(SourceError, match="max_file_bytes must be an integer >= 1"):
+        open_source(tmp_path, limits=ReadLimits(max_file_bytes=0))
+
+
+def test_over_size_tar_members_and_deep_json_members(tmp_path):
+    big = img2dataset_sample("a", 1, jpg=bytes(20000))
+    big_cond = img2dataset_sample("b", 2, **{"cond.png": bytes(20000)})
+    deep = img2dataset_sample("c", 3, json=b"[" * 200_000)
+    del deep["txt"]
+    ok = img2dataset_sample("d", 4)
+    write_tar(tmp_path / "x.tar", [big, big_cond, deep, ok])
+    got = items(open_source(tmp_path / "x.tar", limits=ReadLimits(max_file_bytes=10000)))
+    assert [i.error and i.error[0] for i in got] == ["image_too_large", "cond_too_large", "metadata_invalid", None]
+    assert "x.tar:a.jpg: 20,000 bytes, over the 10,000-byte cap" in got[0].error[1]
+    assert "x.tar:b.cond.png" in got[1].error[1] and got[1].image == png(2)
+    assert "nested 200000 levels deep" in got[2].error[1]
+    assert got[3].image == png(4)
+
+
+def test_huge_image_headers_are_skipped_before_decoding(tmp_path):
+    buf = io.BytesIO()
+    Image.new("1", (13000, 13000)).save(buf, format="PNG")  # 169 MP, a few KB compressed
+    data = buf.getvalue()
+    assert len(data) < 200_000
+    with pytest.raises(Skip) as ei:
+        load_rgb(data, "cond", "huge.png")
+    assert ei.value.reason == "cond_too_large"
+    assert ei.value.detail == (
+        "huge.png: 13000x13000 px = 169,000,000 pixels, over --max-image-pixels 64,000,000 (checked before decoding)")
+    item = items_from_bytes(tmp_path, data)
+    with pytest.raises(Skip) as ei:
+        prepare_views(item, resolution=8, min_size=0)
+    assert ei.value.reason == "image_too_large"
+    with pytest.raises(Skip, match="image_too_large: x.png: 8x8 px = 64 pixels, over --max-image-pixels 63 "):
+        prepare_views(items_from_bytes(tmp_path, png(0)), resolution=8, min_size=0, max_image_pixels=63)
+
+
+def items_from_bytes(tmp_path: Path, image: bytes):
+    from precompute.source_base import RawItem
+
+    return RawItem("x.png", image, png(1000), ["a caption"])
+
+
+def test_long_and_many_captions_are_bounded(tmp_path):
+    from precompute.preprocess import MAX_CAPTION_CHARS, MAX_CAPTIONS_PER_ITEM
+    from precompute.source_base import RawItem
+
+    long = "a" * (MAX_CAPTION_CHARS + 500)
+    view = prepare_views(RawItem("x", png(0), png(1), [long, "short"]), resolution=8, min_size=0)[0]
+    assert [len(c) for c in view.captions] == [MAX_CAPTION_CHARS, 5] and view.captions_cut == [True, False]
+    many = [f"caption {k}" for k in range(MAX_CAPTIONS_PER_ITEM + 36)]
+    view = prepare_views(RawItem("x", png(0), png(1), many), resolution=8, min_size=0)[0]
+    assert view.captions == many[:MAX_CAPTIONS_PER_ITEM] and view.captions_dropped == 36
+
+
+def test_pathological_json_rows_are_skipped_rows_never_recursion_errors(tmp_path):
+    make_images(tmp_path, 3)
+    lines = [json.dumps(r) for r in rows(3)]
+    lines.insert(1, "[" * 200_000)
+    lines.insert(2, json.dumps({"file_name": "img/1.png", "text": "x" * (1 << 20)}))  # over 1 MiB
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    got = items(open_source(tmp_path, samples_per_shard=2))
+    assert [i.error and i.error[0] for i in got] == [None, "metadata_invalid", "metadata_invalid", None, None]
+    assert "row 2 (line 2): not valid JSON: JSON nested 200000 levels deep, over the cap of 64" in got[1].error[1]
+    assert "over the 1,048,576-byte cap" in got[2].error[1]
+    assert got[3].image == png(1)
+    # A JSON list is parsed whole: a deep one stops the file with a message saying what to do.
+    (tmp_path / "metadata.jsonl").unlink()
+    (tmp_path / "metadata.json").write_text(json.dumps(rows(3))[:-1] + ", " + "[" * 5000 + "]" * 5000 + "]")
+    with pytest.raises(SourceError, match="nested 5001 levels deep.*JSON lines"):
+        open_source(tmp_path)
+    # The depth check counts brackets inside strings as text, not nesting.
+    assert json_problem(json.dumps({"text": "[" * 1000}).encode()) is None
+    assert json_problem(b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1)) is not None
+
+
+def test_precompute_counts_the_new_skips_and_caption_notes(tiny_model, fill_data, tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    rows_ = [json.loads(line) for line in (fill_data / "prompt.json").read_text().splitlines()][:4]
+    for r in rows_:
+        for k in ("source", "target"):
+            (root / r[k]).parent.mkdir(exist_ok=True)
+            (root / r[k]).write_bytes((fill_data / r[k]).read_bytes())
+    os.mkfifo(root / "fifo.png")
+    (root / "out.png").symlink_to(fill_data / rows_[0]["target"])
+    meta = [{"image": r["target"], "conditioning_image": r["source"], "text": r["prompt"]} for r in rows_]
+    meta[1]["text"] = "long " * 1000  # 5000 characters
+    meta.append({"image": "fifo.png", "conditioning_image": rows_[0]["source"], "text": "x"})
+    meta.append({"image": "out.png", "conditioning_image": rows_[0]["source"], "text": "x"})
+    write_jsonl(root / "metadata.jsonl", meta)
+    cfg = PrecomputeConfig(model=str(tiny_model), data=str(root), cache=str(tmp_path / "cache"), resolution=64,
+                           samples_per_shard=3, batch_size=2, num_workers=0, device="cpu")
+    summary = _read_with_timeout(lambda: run(cfg), 300)
+    assert summary.samples == 4 and summary.skipped == {"image_unreadable": 1, "image_outside_root": 1}
+    manifest = Manifest.load(open_store(tmp_path / "cache"))
+    assert sum(r.notes.get("caption_truncated", 0) for r in manifest.shards) == 1
+    assert manifest.identity["input_limits"] == {"max_input_bytes": 256 << 20, "max_image_pixels": 64_000_000,
+                                                 "follow_symlinks": False}
