@@ -14,18 +14,28 @@ TORCH   ?= torch==2.13.0
 # MODEL empty = build the tiny offline SDXL (random weights) into $(TINY) and use it.
 MODEL      ?=
 DATA       ?=
+# A Hugging Face dataset by name (hub id or dataset folder), instead of DATA.
+DATASET    ?=
 CACHE      ?= cache/fill
 OUT        ?= runs/fill
-RESOLUTION ?= $(if $(MODEL),1024,64)
-NPROC      ?= 1
-PORT       ?= 29511
-ARGS       ?=
-# train (demo-sized for the tiny model; the reference's defaults once MODEL is set)
-STEPS      ?= $(if $(MODEL),20000,40)
-BATCH      ?= $(if $(MODEL),4,8)
-LR         ?= $(if $(MODEL),1e-5,1e-4)
+# The settings of each stage come from configs/$(PRESET)/{precompute,train}.toml: tiny (the
+# offline demo model) without MODEL, sdxl with it. The variables below override single settings.
+PRESET     ?= $(if $(MODEL),sdxl,tiny)
+RESOLUTION ?=
+STEPS      ?=
+BATCH      ?=
+LR         ?=
+CKPT_EVERY ?=
 RESUME     ?=
-CKPT_EVERY ?= $(if $(MODEL),500,20)
+ARGS       ?=
+PRECOMPUTE_ARGS ?=
+# --- processes: NPROC per machine, NNODES machines (run the same command on each, NODE_RANK 0..N-1)
+NPROC       ?= 1
+NNODES      ?= 1
+NODE_RANK   ?= 0
+MASTER_ADDR ?= 127.0.0.1
+PORT        ?= 29511
+MASTER_PORT ?= $(PORT)
 
 # --- the offline demo assets --------------------------------------------------------------------
 TINY      := cache/tiny-sdxl
@@ -33,21 +43,27 @@ FILL      := cache/fill-data
 FILL_N    ?= 128
 
 MODEL_ARG := $(if $(MODEL),$(MODEL),$(TINY))
-DATA_ARG  := $(if $(DATA),$(DATA),$(FILL))
-DEPS      := $(if $(MODEL),,$(TINY)/model_index.json) $(if $(DATA),,$(FILL)/prompt.json)
+DATA_ARG  := $(if $(DATASET),--dataset-name $(DATASET),--data $(if $(DATA),$(DATA),$(FILL)))
+DEPS      := $(if $(MODEL),,$(TINY)/model_index.json) $(if $(DATA)$(DATASET),,$(FILL)/prompt.json)
 
-# One process: plain python. Several: accelerate launch (NCCL on GPUs; gloo on a CPU-only
-# machine, where accelerate needs ACCELERATE_USE_CPU to start real separate processes).
+# One process: plain python. Several (NPROC x NNODES): accelerate launch (NCCL on GPUs; gloo on a
+# CPU-only machine, where accelerate needs ACCELERATE_USE_CPU to start real separate processes).
 HAS_GPU = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
-LAUNCH = $(if $(filter 1,$(NPROC)),$(PY) -m,\
-	$(if $(filter 1,$(HAS_GPU)),,ACCELERATE_USE_CPU=true) $(VENV)/bin/accelerate launch \
-	--multi_gpu --num_processes $(NPROC) --num_machines 1 --main_process_port $(PORT) -m)
+WORLD   = $(shell echo $$(( $(NPROC) * $(NNODES) )))
+LAUNCH  = $(if $(filter 1,$(WORLD)),$(PY) -m,\
+	$(if $(filter 1,$(HAS_GPU)),,ACCELERATE_USE_CPU=true) $(VENV)/bin/accelerate launch --multi_gpu \
+	--num_processes $(WORLD) --num_machines $(NNODES) --machine_rank $(NODE_RANK) \
+	--main_process_ip $(MASTER_ADDR) --main_process_port $(MASTER_PORT) -m)
 
-.PHONY: help install test demo precompute train tiny fill verify bench clean
+PRECOMPUTE = $(LAUNCH) precompute --config configs/$(PRESET)/precompute.toml --model $(MODEL_ARG) \
+	$(DATA_ARG) --cache $(CACHE) $(if $(RESOLUTION),--resolution $(RESOLUTION)) $(PRECOMPUTE_ARGS)
+
+.PHONY: help install install-check test demo precompute train tiny fill verify bench clean
 
 help: ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: MODEL DATA CACHE OUT RESOLUTION NPROC PORT STEPS BATCH LR RESUME CKPT_EVERY ARGS"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@echo "  variables: MODEL DATA DATASET CACHE OUT PRESET RESOLUTION STEPS BATCH LR CKPT_EVERY RESUME ARGS PRECOMPUTE_ARGS"
+	@echo "             NPROC NNODES NODE_RANK MASTER_ADDR MASTER_PORT"
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -61,26 +77,48 @@ install: $(VENV)/.installed ## create the venv and install the project with test
 test: install ## run the test suite (offline, CPU)
 	$(PY) -m pytest -q
 
+# A second venv with nothing but `pip install .` (torch chosen as above): the tool must run in it,
+# model card and loss curve included, without any test extra.
+PLAIN := /tmp/sdxl-adapter-cache-plain-venv
+install-check: ## prove a plain `pip install .` runs precompute, train and validation
+	rm -rf $(PLAIN) && python3 -m venv $(PLAIN)
+	$(PLAIN)/bin/pip install -q --upgrade pip
+	$(PLAIN)/bin/pip install -q "$(TORCH)"
+	$(PLAIN)/bin/pip install -q .
+	cd /tmp && rm -rf plain-check && mkdir plain-check && cd plain-check && \
+	$(PLAIN)/bin/python -m precompute.tiny tiny >/dev/null && \
+	$(PLAIN)/bin/python -m precompute.fill fill --n 16 --resolution 64 >/dev/null && \
+	$(PLAIN)/bin/python -m precompute --model tiny --data fill --cache cache --resolution 64 --samples-per-shard 8 && \
+	$(PLAIN)/bin/python -m train --model tiny --cache cache --output-dir out --max-steps 2 --batch-size 2 \
+		--num-workers 0 --validation-image fill/source/0.png --validation-prompt "red circle" \
+		--validation-steps 2 --num-validation-images 1 --validation-inference-steps 2 && \
+	test -s out/README.md && test -s out/loss_curve.png && test -s out/diffusion_pytorch_model.safetensors && \
+	ls out/validation/*.png >/dev/null && echo "install-check: plain pip install . runs precompute, train, validation"
+
 $(TINY)/model_index.json: | install
 	$(PY) -m precompute.tiny $(TINY)
 
 $(FILL)/prompt.json: | install
-	$(PY) -m precompute.fill $(FILL) --n $(FILL_N) --resolution $(RESOLUTION)
+	$(PY) -m precompute.fill $(FILL) --n $(FILL_N) --resolution 64
 
 tiny: $(TINY)/model_index.json ## build the tiny offline SDXL (random weights) into cache/tiny-sdxl
 
 fill: $(FILL)/prompt.json ## generate the synthetic fill dataset into cache/fill-data
 
-# The fill data (no DATA) is 128 images: 16 per shard gives 8 shards, enough for train's
-# NPROC x --num-workers loader streams (each needs a whole shard). ARGS can override it.
 precompute: install $(DEPS) ## encode DATA with MODEL into CACHE (defaults: tiny model, fill data)
-	$(LAUNCH) precompute --model $(MODEL_ARG) --data $(DATA_ARG) --cache $(CACHE) \
-		--resolution $(RESOLUTION) $(if $(DATA),,--samples-per-shard 16) $(ARGS)
+	$(PRECOMPUTE)
 
-train: install $(if $(MODEL),,$(TINY)/model_index.json) ## train an adapter on CACHE into OUT
-	$(LAUNCH) train --model $(MODEL_ARG) --cache $(CACHE) --output-dir $(OUT) \
-		--max-steps $(STEPS) --batch-size $(BATCH) --learning-rate $(LR) \
-		--checkpointing-steps $(CKPT_EVERY) $(if $(RESUME),--resume $(RESUME)) $(ARGS)
+# train runs precompute first when CACHE has no manifest yet (so `make train DATA=... CACHE=...`
+# is one command); an existing cache is never re-encoded, whatever the train settings.
+train: install $(if $(MODEL),,$(TINY)/model_index.json) ## train an adapter on CACHE into OUT (precomputes a missing CACHE first)
+	@if ! $(PY) -m shards ls $(CACHE) >/dev/null 2>&1; then \
+		echo "make train: $(CACHE) has no manifest yet: running precompute first"; \
+		$(MAKE) --no-print-directory precompute; \
+	fi
+	$(LAUNCH) train --config configs/$(PRESET)/train.toml --model $(MODEL_ARG) --cache $(CACHE) \
+		--output-dir $(OUT) $(if $(STEPS),--max-steps $(STEPS)) $(if $(BATCH),--batch-size $(BATCH)) \
+		$(if $(LR),--learning-rate $(LR)) $(if $(CKPT_EVERY),--checkpointing-steps $(CKPT_EVERY)) \
+		$(if $(RESUME),--resume $(RESUME)) $(ARGS)
 
 verify: install ## re-read every shard of CACHE and check it against the manifest
 	$(PY) -m shards verify $(CACHE)
@@ -94,19 +132,12 @@ $(DEMO_DATA)/prompt.json: | install
 	$(PY) -m precompute.fill $(DEMO_DATA) --n $(FILL_N) --resolution 64 --aspect mixed
 
 # The demo exercises aspect buckets and flipped views (mixed 64x64, 64x96, 96x64, 64x128 images).
-# Tiny-model ops take microseconds: a second OpenMP thread only adds spin-waits (several times
-# slower on a busy 2-core machine). An explicit OMP_NUM_THREADS in the environment wins.
-demo: export OMP_NUM_THREADS ?= 1
 demo: install $(TINY)/model_index.json $(DEMO_DATA)/prompt.json ## tiny model + fill data -> precompute -> train -> validation grid (offline, CPU)
-	$(PY) -m precompute --model $(TINY) --data $(DEMO_DATA) --cache $(DEMO_CACHE) --resolution 64 \
-		--samples-per-shard 16 --buckets sdxl --flip
+	$(PY) -m precompute --config configs/demo/precompute.toml --model $(TINY) --data $(DEMO_DATA) --cache $(DEMO_CACHE)
 	$(PY) -m shards stats $(DEMO_CACHE)
 	rm -rf $(DEMO_OUT)
-	$(PY) -m train --model $(TINY) --cache $(DEMO_CACHE) --output-dir $(DEMO_OUT) \
-		--max-steps 40 --batch-size 8 --learning-rate 1e-3 --lr-warmup-steps 0 --num-workers 1 \
-		--checkpointing-steps 20 --validation-steps 20 --num-validation-images 2 \
-		--validation-inference-steps 10 --validation-image $(DEMO_DATA)/source/0.png \
-		--validation-prompt "$(DEMO_PROMPT)"
+	$(PY) -m train --config configs/demo/train.toml --model $(TINY) --cache $(DEMO_CACHE) --output-dir $(DEMO_OUT) \
+		--validation-image $(DEMO_DATA)/source/0.png --validation-prompt "$(DEMO_PROMPT)"
 	@echo
 	@echo "demo done:"
 	@echo "  tiny SDXL model       $(TINY)"

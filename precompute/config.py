@@ -23,7 +23,10 @@ from precompute.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from precompute.sources import DEFAULT_SAMPLES_PER_SHARD
 from precompute.source_base import DEFAULT_MAX_FILE_BYTES
 from precompute.sources import KINDS as DATA_KINDS
+from precompute.conditions import METHODS
+from precompute.preprocess import CROP_MODES
 from shards import schema
+from shards.options import SIZE, setting
 
 DEVICES = ("auto", "cpu", "cuda")
 ENCODE_DTYPES = ("fp32", "bf16", "fp16")
@@ -63,71 +66,132 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
+_s = setting  # a field with its option's help text, --help group, choices and aliases (shards.options)
+
+
 @dataclass
 class PrecomputeConfig:
-    """Every setting of one precompute run. Defaults match the reference training script."""
+    """Every setting of one precompute run. Defaults match the reference training script. The
+    command line is generated from these fields (`shards.options`): each one's help is its --help."""
 
     # -- what to encode with ------------------------------------------------------------------
-    model: str | None = None  # hub id or local diffusers SDXL folder
-    vae: str | None = None  # VAE override: hub id or folder (e.g. madebyollin/sdxl-vae-fp16-fix)
-    revision: str | None = None
-    variant: str | None = None  # e.g. "fp16": load model.fp16.safetensors files
+    model: str | None = _s(None, "SDXL base model: a hub id or a local diffusers folder (vae, text_encoder(_2), "
+                                 "tokenizer(_2)). `make precompute` without MODEL builds and uses a tiny offline "
+                                 "model.", "model", aliases=["--pretrained-model-name-or-path"], metavar="ID|DIR")
+    vae: str | None = _s(None, "Use this VAE instead of MODEL/vae, e.g. madebyollin/sdxl-vae-fp16-fix (needed for "
+                               "--vae-dtype fp16).", "model", aliases=["--pretrained-vae-model-name-or-path"],
+                         metavar="ID|DIR")
+    revision: str | None = _s(None, "Hub revision (branch, tag or commit) of --model.", "model")
+    variant: str | None = _s(None, "Weight file variant of --model, e.g. fp16 (model.fp16.safetensors).", "model")
     # -- what to encode -------------------------------------------------------------------------
-    data: str | None = None  # dataset folder, WebDataset tar shards, or a local Hugging Face dataset
-    data_kind: str = "auto"  # auto | folder | fill50k | webdataset | hf
-    # A Hugging Face dataset by name (hub id or local folder; instead of `data`), read through
-    # `datasets.load_dataset(name, config, revision=..., split=..., cache_dir=...)`.
-    dataset_name: str | None = None
-    dataset_config_name: str | None = None
-    dataset_revision: str | None = None
-    dataset_split: str = "train"  # also picks the split of a DatasetDict / hub-layout folder in `data`
-    cache_dir: str | None = None  # the datasets / hub download cache (None: datasets' default)
-    # Columns (folder) or member suffixes / json keys (webdataset; comma-separated, tried in
-    # order). None: the format's defaults (folder: image|file_name, conditioning_image, text).
-    image_column: str | None = None
-    conditioning_image_column: str | None = None
-    caption_column: str | None = None
-    max_samples: int | None = None  # first N source items (in source order); None = all
-    allow_empty_captions: bool = False  # keep items without a caption, captioned ""
+    data: str | None = _s(None, "Dataset: a folder with metadata.jsonl/.json/.csv, fill50k's prompt.json or "
+                                "train.jsonl, a metadata file, a .tar, a folder of .tar shards, a brace pattern like "
+                                "'data/{00000..00009}.tar' (also s3:// and https://), or a Hugging Face dataset: a "
+                                "save_to_disk folder, .parquet / .arrow files or a folder of them "
+                                "(data/train-*.parquet).", "data", aliases=["--train-data-dir"], metavar="PATH|URL")
+    data_kind: str = _s("auto", "Dataset format; auto decides from what --data holds.", "data", choices=DATA_KINDS)
+    dataset_name: str | None = _s(None, "A Hugging Face dataset instead of --data: a hub id (e.g. fusing/fill50k) or a "
+                                        "local dataset folder, loaded with datasets.load_dataset. Columns default to "
+                                        "image, conditioning_image, text.", "data", metavar="ID|DIR")
+    dataset_config_name: str | None = _s(None, "The dataset's configuration (subset).", "data")
+    dataset_revision: str | None = _s(None, "Hub revision (branch, tag or commit) of --dataset-name.", "data")
+    dataset_split: str = _s("train", "Split of --dataset-name, of a DatasetDict save_to_disk folder or of a "
+                                     "hub-layout folder in --data.", "data")
+    cache_dir: str | None = _s(None, "The datasets / hub download cache for --dataset-name and --model (and parquet "
+                                     "conversion) [default: the Hugging Face cache, ~/.cache/huggingface].", "data",
+                               metavar="DIR")
+    image_column: str | None = _s(None, "Folder: metadata column with the image path [default: image, else "
+                                        "file_name; fill50k: target]. WebDataset: image member suffixes, "
+                                        "comma-separated [default: jpg,jpeg,png,webp]. Hugging Face dataset: an "
+                                        "Image, binary or path column [default: image].", "data", metavar="NAME")
+    conditioning_image_column: str | None = _s(
+        None, "Folder: column with the conditioning image path [default: conditioning_image; fill50k: source]. "
+              "WebDataset: conditioning member suffixes [default: cond.png, conditioning.png, source.png, control.png "
+              "and their .jpg]. Hugging Face dataset: as --image-column [default: conditioning_image].", "data",
+        metavar="NAME")
+    caption_column: str | None = _s(None, "Folder: caption column, a string or a list of strings [default: text; "
+                                          "fill50k: prompt]. WebDataset: caption member suffix or .json key [default: "
+                                          "txt,caption,text]. Hugging Face dataset: a string or list-of-strings "
+                                          "column [default: text].", "data", metavar="NAME")
+    max_samples: int | None = _s(None, "Use only the first N source items.", "data", aliases=["--max-train-samples"])
+    allow_empty_captions: bool = _s(False, "Keep items without a caption (captioned \"\") instead of skipping them.",
+                                    "data")
     # -- what may be read (bounds on untrusted inputs; they decide which items are skipped) -----
-    max_input_bytes: int = DEFAULT_MAX_FILE_BYTES  # per input file and per tar member
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # per image, checked from its header
-    follow_symlinks: bool = False  # read files whose real path is outside the dataset folder
+    max_input_bytes: int = _s(DEFAULT_MAX_FILE_BYTES, "Largest input file or tar member read (e.g. 256MiB, 1GB); "
+                                                      "bigger ones are skipped as image_too_large / cond_too_large "
+                                                      "without being read whole.", "limits", click_type=SIZE)
+    max_image_pixels: int = _s(DEFAULT_MAX_IMAGE_PIXELS, "Largest image (width x height), checked from the file "
+                                                         "header before decoding; bigger ones are skipped as "
+                                                         "image_too_large / cond_too_large.", "limits")
+    follow_symlinks: bool = _s(False, "Read files whose real path is outside the dataset folder (symlinks pointing "
+                                      "out, ../ paths, absolute paths elsewhere); without it they are skipped as "
+                                      "image_outside_root / cond_outside_root.", "limits")
     # -- where ------------------------------------------------------------------------------------
-    cache: str | None = None  # output folder, file:// or s3://bucket/prefix
-    # Local folder in which shards are staged before publishing, in a per-cache subfolder
-    # (`Store.staging_dir`; None: a hidden folder of a local cache, the system temp folder for s3://).
-    tmp_dir: str | None = None
+    cache: str | None = _s(None, "Where the cache is written: a local folder (created if needed), file://, or "
+                                 "s3://bucket/prefix (endpoint and credentials from the standard AWS variables or "
+                                 "profile). https:// caches are read-only: write to S3 and serve that.", "output",
+                           metavar="DIR|s3://BUCKET/PREFIX")
+    tmp_dir: str | None = _s(None, "Local folder in which shards are staged before they are published, in a "
+                                   "per-cache subfolder (shards-staging/<hash of --cache>) that each run empties at "
+                                   "start [default: a hidden .staging folder of a local cache; the system temp folder "
+                                   "for s3://].", "output", metavar="DIR")
     # -- geometry ---------------------------------------------------------------------------------
-    resolution: int = 1024
-    crop: str = "center"  # center | random (seeded per item)
-    seed: int = 0
-    min_size: int | None = None  # skip images whose short side is below this (None: resolution // 4)
-    max_aspect: float | None = DEFAULT_MAX_ASPECT  # skip images more elongated than their target (None or 0: no limit)
-    # Aspect-ratio buckets: none (square crops), sdxl, sdxl-full, or "HxW,HxW,..." (precompute.buckets).
-    buckets: str | None = None
-    bucket_step: int | None = None  # side granularity of scaled presets (None: 64 * resolution / 1024, model-valid)
+    resolution: int = _s(1024, "Shortest side is resized to this, then a square crop of this size; a multiple of "
+                               "the model's granularity (VAE factor x 2^(UNet down blocks - 1): 32 for SDXL), so "
+                               "adapter features meet the UNet's. With --buckets: the side of the square bucket, "
+                               "others keep about its area.", "geometry")
+    crop: str = _s("center", "Crop position; random is seeded per item by --seed (same crops on any number of "
+                             "processes).", "geometry", choices=CROP_MODES)
+    seed: int = _s(0, "Seed of random crops (--crop random, --crops).", "geometry")
+    min_size: int | None = _s(None, "Skip images whose shortest side is below this many pixels [default: "
+                                    "resolution/4; 0 keeps all].", "geometry")
+    max_aspect: float | None = _s(DEFAULT_MAX_ASPECT, "Skip images more elongated than their crop target by more "
+                                                      "than this factor (square crops: the long/short side ratio; "
+                                                      "with --buckets: relative to the nearest bucket). 0: no limit.",
+                                  "geometry")
+    buckets: str | None = _s(None, "Aspect-ratio buckets instead of square crops: each image goes to the bucket "
+                                   "nearest its aspect ratio, is resized to cover it and cropped to it. sdxl: "
+                                   "1024x1024, 1152x896, 1216x832, 1344x768, 1536x640 and transposes; sdxl-full: the "
+                                   "SDXL paper's 41 sizes (to 4:1); both scaled to --resolution. Or explicit "
+                                   "HEIGHTxWIDTH sizes. [default: none]", "geometry",
+                             metavar="none|sdxl|sdxl-full|HxW,...")
+    bucket_step: int | None = _s(None, "Side granularity of scaled bucket presets, a multiple of the model's (VAE "
+                                       "factor x 2^(UNet down blocks - 1): 32 for SDXL) [default: 64 x "
+                                       "resolution/1024, rounded up to that].", "geometry")
     # -- views: extra stored versions of each image ------------------------------------------------
-    crops: int = 1  # crops per image: the planned one plus crops - 1 other random positions
-    flip: bool = False  # also store each crop mirrored left-right
+    crops: int = _s(1, "Views per image: the planned crop plus CROPS-1 other seeded random crops of the same "
+                       "target (positions already stored are not repeated). Each view is a full sample; train uses "
+                       "one view per image per epoch.", "views")
+    flip: bool = _s(False, "Also store every crop mirrored left-right as another view (crop_top_left follows the "
+                           "flip). Not for conditions with a left/right meaning (e.g. colour-coded poses).", "views")
     # -- conditioning images computed from the image (precompute.conditions) ----------------------
-    condition: str | None = None  # canny | gray | sketch; None: the dataset's conditioning images
-    canny_low: int | None = None  # None: 100 (with --condition canny)
-    canny_high: int | None = None  # None: 200
-    condition_soft: bool = False  # the stored condition is a soft map: train thresholds it per draw
+    condition: str | None = _s(None, "Compute the conditioning image from each view's pixels instead of reading the "
+                                     "dataset's: canny (OpenCV), gray, or sketch (a soft edge map).", "condition",
+                               choices=METHODS)
+    canny_low: int | None = _s(None, "Canny's lower hysteresis threshold [default: 100].", "condition")
+    canny_high: int | None = _s(None, "Canny's upper hysteresis threshold [default: 200].", "condition")
+    condition_soft: bool = _s(False, "The stored conditioning images are soft maps (e.g. --condition sketch): train "
+                                     "binarises each with a random threshold every time it is drawn (train's "
+                                     "--soft-threshold-range).", "condition")
     # -- what is stored ---------------------------------------------------------------------------
-    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD
-    latent_store: str = "mean_std"  # mean_std | mean
-    storage_dtype: str = "bf16"
-    vae_dtype: str = "fp32"  # SDXL's VAE overflows in fp16; see --vae
-    text_dtype: str = "fp32"
+    samples_per_shard: int = _s(DEFAULT_SAMPLES_PER_SHARD, "Source items per output shard (folder and Hugging Face "
+                                                           "datasets; a WebDataset input tar is one shard).", "storage")
+    latent_store: str = _s("mean_std", "mean_std keeps the VAE posterior (train samples it each step, as the "
+                                       "reference); mean halves latent bytes.", "storage", choices=schema.LATENT_STORES)
+    storage_dtype: str = _s("bf16", "dtype of the tensors stored in the cache.", "storage", choices=tuple(schema.DTYPES))
+    vae_dtype: str = _s("fp32", "dtype the VAE encodes in. SDXL's own VAE overflows in fp16: use fp32, or fp16 with "
+                                "an fp16-fixed --vae.", "storage", choices=ENCODE_DTYPES)
+    text_dtype: str = _s("fp32", "dtype the text encoders run in.", "storage", choices=ENCODE_DTYPES)
     # -- how it runs ------------------------------------------------------------------------------
     # device (its kind: cpu or cuda) and batch_size change the bytes (kernels and batching round
     # differently) and are part of the identity; the rest never change what is written.
-    device: str = "auto"  # auto | cpu | cuda (each process uses its local GPU)
-    batch_size: int = 8  # images per VAE call
-    num_workers: int = 4  # threads decoding and preprocessing images ahead of the encoders
-    strict: bool = False  # any skipped item is an error
+    device: str = _s("auto", "Where to encode: auto = the process's GPU if there is one, else cpu.", "run",
+                     metavar="|".join(DEVICES))
+    batch_size: int = _s(8, "Images per VAE call. Batching changes the rounding of the stored latents, so a resumed "
+                            "cache must keep its batch size (and its device kind, cpu or cuda).", "run")
+    num_workers: int = _s(4, "Threads decoding and preprocessing images ahead of the encoders (0: inline).", "run")
+    strict: bool = _s(False, "Fail on the first item that would be skipped (bad image, missing caption...), naming "
+                             "it.", "run")
 
     def __post_init__(self) -> None:
         # One spelling per meaning, so the identity and the manifest do not depend on the spelling.

@@ -39,6 +39,7 @@ another GPU model or thread count; that is outside what a cache can pin.)
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -581,6 +582,12 @@ def run(cfg: PrecomputeConfig) -> Summary:
             cfg.model, vae=cfg.vae, revision=cfg.revision, variant=cfg.variant, device=device,
             vae_dtype=cfg.vae_dtype, text_dtype=cfg.text_dtype,
         )
+    if torch.device(device).type == "cpu":
+        from shards.runtime import choose_cpu_threads
+
+        size = sum(p.numel() for m in (latent.vae, *prompt.text_encoders) for p in m.parameters())
+        threads, why = choose_cpu_threads(size, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        info("CPU threads per process: %d (%s)", threads, why)
     f = latent.info.vae_scale_factor
     if cfg.resolution % f:
         raise ConfigError([f"--resolution {cfg.resolution} is not divisible by this VAE's scale factor {f}"])

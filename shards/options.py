@@ -36,13 +36,34 @@ import click
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
 
 
+class _Size(click.ParamType):
+    """A byte count as users type it: 268435456, 256MiB, 1GB (`shards.units.parse_size`)."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        from .units import parse_size
+
+        try:
+            return parse_size(value, f"--{param.name.replace('_', '-')}" if param else None)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE = _Size()
+
+
 def setting(default: Any, help: str, group: str, *, choices: Iterable[str] | None = None, aliases: Iterable[str] = (),
-            multiple: bool = False, required: bool = False, metavar: str | None = None, cli: bool = True) -> Any:
+            multiple: bool = False, required: bool = False, metavar: str | None = None, cli: bool = True,
+            click_type: click.ParamType | None = None) -> Any:
     """A dataclass field with what its command-line option needs. `aliases` are extra option
     names (`--train-batch-size`); `multiple` makes a repeatable option holding a tuple;
-    `cli=False` keeps a field out of the command line (set only from config files or code)."""
+    `click_type` a value type other than the annotation's (e.g. SIZE); `cli=False` keeps a field
+    out of the command line (set only from config files or code)."""
     meta = {"help": help, "group": group, "aliases": tuple(aliases), "multiple": multiple, "required": required,
-            "metavar": metavar, "cli": cli}
+            "metavar": metavar, "cli": cli, "click_type": click_type}
     if choices is not None:
         meta["choices"] = tuple(choices)
     if multiple and default == ():
@@ -85,7 +106,7 @@ def _option(f: dataclasses.Field) -> Callable:
     elif meta.get("multiple"):
         kwargs.update(multiple=True, type=kind, default=(), show_default=False)
     else:
-        kwargs["type"] = click.Choice(meta["choices"]) if "choices" in meta else kind
+        kwargs["type"] = (click.Choice(meta["choices"]) if "choices" in meta else meta.get("click_type") or kind)
         if meta.get("required"):
             kwargs.update(required=True, show_default=False)
         else:
@@ -273,5 +294,5 @@ def config_command(cls: type, *, name: str | None = None, foreign: Mapping[str, 
     return decorate
 
 
-__all__ = ["CONFIG_SUFFIXES", "ConfigCommand", "ConfigFileError", "Foreign", "cli_fields", "config_command",
+__all__ = ["CONFIG_SUFFIXES", "SIZE", "ConfigCommand", "ConfigFileError", "Foreign", "cli_fields", "config_command",
            "load_config_file", "option_names", "setting"]

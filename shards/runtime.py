@@ -25,6 +25,8 @@ import ctypes
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -68,10 +70,43 @@ def die_with_parent() -> bool:
     return True
 
 
+# Seconds a process that received SIGTERM/SIGHUP is given to unwind through `Terminated` before
+# the watchdog ends it: Python runs signal handlers only between bytecodes of the main thread, and
+# a rank blocked in a collective (waiting for a peer that is also stopping) never gets there.
+STOP_GRACE_SECONDS = 10.0
+
+
+def _watchdog(fd: int) -> None:
+    """Reads the signal numbers Python's C-level handler writes to the wakeup fd (it does so even
+    while the main thread is blocked in C); after a stop signal, gives the main thread
+    STOP_GRACE_SECONDS to unwind, then exits the process itself."""
+    while True:
+        try:
+            data = os.read(fd, 64)
+        except OSError:
+            return
+        if not data:
+            return
+        stops = [b for b in data if b in _HANDLED]
+        if not stops:
+            continue
+        time.sleep(STOP_GRACE_SECONDS)
+        name = signal.Signals(stops[0]).name
+        sys.stderr.write(f"error: {rank_tag()}stopped by {name} while blocked (e.g. waiting in a collective for "
+                         "another process that is gone): exiting without unwinding. Nothing partial was published.\n")
+        sys.stderr.flush()
+        os._exit(128 + stops[0])
+
+
 def install_process_guards() -> None:
-    """SIGTERM/SIGHUP -> `Terminated`; under a launcher, die with it. Call once, first thing."""
+    """SIGTERM/SIGHUP -> `Terminated` (and, if the main thread cannot take it, the watchdog);
+    under a launcher, die with it. Call once, from the main thread, first thing."""
     for sig in _HANDLED:
         signal.signal(sig, _raise_terminated)
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    threading.Thread(target=_watchdog, args=(read,), name="signal-watchdog", daemon=True).start()
     if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
         die_with_parent()
 
@@ -183,6 +218,7 @@ def choose_cpu_threads(num_parameters: int, local_processes: int = 1) -> tuple[i
 def worker_init(_worker_id: int) -> None:
     """DataLoader `worker_init_fn`: a loader worker dies quietly on SIGTERM (its parent, the rank,
     reports what happened) instead of raising `Terminated` in its own Python."""
+    signal.set_wakeup_fd(-1)  # the pipe is the parent's: its watchdog must not see our signals
     for sig in _HANDLED:
         signal.signal(sig, signal.SIG_DFL)
 

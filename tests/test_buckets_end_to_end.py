@@ -30,7 +30,7 @@ from precompute.fill import make_fill_dataset, mixed_size
 from precompute.preprocess import ViewSpec, apply_geometry, item_rng, plan_geometry, plan_views, to_model_input
 from precompute.runner import run
 from shards.manifest import ManifestError
-from precompute.sources import open_source
+from precompute.sources import ReadLimits, open_source
 from shards.cli import cli as shards_cli
 from shards.manifest import Manifest
 from shards.reader import iter_shard
@@ -178,20 +178,21 @@ def test_other_condition_settings_are_refused_for_the_same_cache(tiny_model, mix
 @pytest.fixture(scope="module")
 def soft_cache(tiny_model, mixed, tmp_path_factory):
     """A folder dataset with images and captions only (no conditioning column): sketch maps,
-    stored soft, 3 shards of 4 images, 2 views each (flip)."""
+    stored soft, 3 shards of 4 images, 2 views each (flip). Its metadata names the images by
+    absolute paths into another folder, which precompute reads only with --follow-symlinks."""
     data = tmp_path_factory.mktemp("nocond") / "data"
     data.mkdir()
     rows = [json.loads(line) for line in (mixed / "prompt.json").read_text().splitlines()]
     (data / "metadata.jsonl").write_text("".join(
         json.dumps({"image": str(mixed / r["target"]), "text": r["prompt"]}) + "\n" for r in rows))
     cache = tmp_path_factory.mktemp("soft") / "cache"
-    run(_cfg(tiny_model, data, cache, condition="sketch", condition_soft=True, num_workers=2))
+    run(_cfg(tiny_model, data, cache, condition="sketch", condition_soft=True, num_workers=2, follow_symlinks=True))
     return data, cache
 
 
 def test_computed_conditions_read_no_conditioning_images(soft_cache, mixed, tmp_path):
     data, cache = soft_cache
-    source = open_source(data, require_conditioning=False)
+    source = open_source(data, require_conditioning=False, limits=ReadLimits(follow_symlinks=True))
     assert source.describe()["columns"]["conditioning_image"] is None
     item = next(source.iter_unit(0))
     assert item.cond is None and item.error is None

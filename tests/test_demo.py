@@ -52,3 +52,23 @@ def test_make_demo_runs_end_to_end(tmp_path):
     losses = [json.loads(line)["loss"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert len(losses) >= 1 and all(np.isfinite(losses))
+
+
+def test_make_train_precomputes_a_missing_cache_once(tiny_model, fill_data, tmp_path):
+    """`make train DATA=... CACHE=...` is one command: it precomputes when CACHE has no manifest,
+    and never again for a change of train settings."""
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    base = ["make", "-C", str(REPO), "-o", "install", "--no-print-directory", "train", f"VENV={sys.prefix}",
+            f"MODEL={tiny_model}", "PRESET=tiny", f"DATA={fill_data}", f"CACHE={cache}", "STEPS=2", "BATCH=2",
+            "PRECOMPUTE_ARGS=--samples-per-shard 8 --num-workers 0", "ARGS=--num-workers 0"]
+    first = subprocess.run([*base, f"OUT={out}/a"], capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "has no manifest yet: running precompute first" in first.stdout
+    manifest = cache / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    second = subprocess.run([*base, f"OUT={out}/b", "LR=3e-4", "STEPS=3"], capture_output=True, text=True,
+                            timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "running precompute" not in second.stdout and manifest.stat().st_mtime_ns == stamp
+    config = json.loads((out / "b" / "train_config.json").read_text())
+    assert (config["learning_rate"], config["max_steps"], config["batch_size"]) == (3e-4, 3, 2)

@@ -480,7 +480,7 @@ def test_cli_reports_user_errors_without_traceback(tiny_model, tmp_path):
     (broken / "text_encoder_2" / "config.json").unlink()
     result = _cli(["--model", str(broken), "--data", str(tmp_path / "nodata"), "--cache", str(tmp_path / "c"),
                    "--resolution", "100"])
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 1, result.stderr  # user errors exit 1 in every command (shards.runtime)
     assert "Traceback" not in result.stderr
     for part in (f"{broken}/text_encoder_2: no config.json", f"--data {tmp_path / 'nodata'}: no such file",
                  "--resolution 100 is not a multiple of 32"):
@@ -488,7 +488,7 @@ def test_cli_reports_user_errors_without_traceback(tiny_model, tmp_path):
     assert not (tmp_path / "c").exists()
     result = _cli(["--model", str(tiny_model), "--data", str(tmp_path), "--cache", "https://example.com/c",
                    "--resolution", "64"])
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "--cache https://example.com/c: https:// caches are read-only" in result.stderr
     from click.testing import CliRunner
 

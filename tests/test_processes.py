@@ -23,14 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def cache(tiny_model, fill_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("proc-cache") / "cache"
-    subprocess.run(
-        [sys.executable, "-m", "precompute", "--model", str(tiny_model), "--data", str(fill_data), "--cache", str(out),
-         "--resolution", "64", "--samples-per-shard", "8", "--num-workers", "0", "--device", "cpu"],
-        cwd=REPO, check=True, capture_output=True,
-    )
-    return out
+def cache(fill_cache) -> Path:
+    return fill_cache
 
 
 def _free_port() -> int:
@@ -105,6 +99,8 @@ def test_a_killed_rank_ends_the_other_with_a_clear_error(tiny_model, cache, tmp_
     finally:
         if launcher.poll() is None:
             launcher.kill()
+        for r in _children(launcher.pid):
+            os.kill(r, signal.SIGKILL)
     text = log.read_text()
     _no_crash(text)
     survivor = [line for line in text.splitlines() if line.startswith("error: [rank 0] ")]
@@ -118,6 +114,7 @@ def test_a_killed_rank_ends_the_other_with_a_clear_error(tiny_model, cache, tmp_
 def test_killing_the_launcher_stops_every_rank(tiny_model, cache, tmp_path):
     out, log = tmp_path / "out", tmp_path / "log.txt"
     launcher = _start(tiny_model, cache, out, log)
+    ranks: list[int] = []
     try:
         ranks = _ranks_training(launcher, out)
         launcher.kill()  # SIGKILL: the launcher cannot pass anything on to its ranks
@@ -127,8 +124,11 @@ def test_killing_the_launcher_stops_every_rank(tiny_model, cache, tmp_path):
             time.sleep(0.2)
         assert not any(_alive(r) for r in ranks), "ranks kept running after their launcher died"
     finally:
-        for r in _children(launcher.pid):
-            os.kill(r, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+        for r in ranks:  # never leave orphans behind, whatever failed
+            if _alive(r):
+                os.kill(r, signal.SIGKILL)
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir()) if (out / "checkpoints").is_dir() else []
     time.sleep(2)
     after = sorted(p.name for p in (out / "checkpoints").iterdir()) if (out / "checkpoints").is_dir() else []

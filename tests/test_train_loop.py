@@ -37,15 +37,9 @@ PROMPTS = ("red circle with blue background", "green circle with yellow backgrou
 
 
 @pytest.fixture(scope="module")
-def cache(tiny_model, fill_data, tmp_path_factory) -> Path:
-    """16 samples at 64 px in 4 shards of 4, encoded by the real precompute CLI."""
-    out = tmp_path_factory.mktemp("train-cache") / "cache"
-    subprocess.run(
-        [sys.executable, "-m", "precompute", "--model", str(tiny_model), "--data", str(fill_data), "--cache", str(out),
-         "--resolution", "64", "--samples-per-shard", "4", "--num-workers", "0", "--device", "cpu"],
-        cwd=REPO, check=True, capture_output=True,
-    )
-    return out
+def cache(fill_cache) -> Path:
+    """16 samples at 64 px in 4 shards of 4, encoded by the real precompute CLI (conftest)."""
+    return fill_cache
 
 
 def _cfg(model, cache, out, **kw) -> TrainConfig:

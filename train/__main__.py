@@ -37,7 +37,8 @@ FOREIGN = {
         "data_kind", "image_column", "conditioning_image_column", "caption_column")},
     **{name: Foreign(_FIXED_AT_PRECOMPUTE) for name in (
         "buckets", "bucket_step", "crop", "crops", "min_size", "max_aspect", "condition", "canny_low", "canny_high",
-        "samples_per_shard", "latent_store", "storage_dtype", "vae_dtype", "text_dtype", "tmp_dir")},
+        "samples_per_shard", "latent_store", "storage_dtype", "vae_dtype", "text_dtype", "tmp_dir", "device",
+        "max_input_bytes", "max_image_pixels")},
     **{name: Foreign(_FIXED_AT_PRECOMPUTE, takes_value=False) for name in (
         "flip", "condition_soft", "allow_empty_captions", "follow_symlinks", "strict")},
     "trust_remote_code": Foreign(_DATASET, takes_value=False),

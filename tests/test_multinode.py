@@ -1,0 +1,70 @@
+"""Several nodes, as `make` runs them: two launches on loopback, one gloo process each.
+
+`make precompute` and `make train` with NNODES=2, NODE_RANK=0|1, MASTER_ADDR, MASTER_PORT, run
+side by side as two machines would run them (here sharing one folder, as nodes share a
+filesystem or a bucket). The two-node cache equals the one-process cache (conftest's
+`fill_cache`, same settings) sample by sample, and both ranks end with identical adapters.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from shards.manifest import Manifest
+from shards.reader import iter_shard
+from shards.store import open_store
+from train.loop import DEBUG_REPLICA_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(target: str, variables: dict[str, str], env: dict[str, str] | None = None) -> None:
+    port = str(_port())
+    procs = [
+        subprocess.Popen(["make", "--no-print-directory", target, "NNODES=2", f"NODE_RANK={rank}",
+                          "MASTER_ADDR=127.0.0.1", f"MASTER_PORT={port}",
+                          *(f"{k}={v}" for k, v in variables.items())],
+                         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for rank, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"node {rank}:\n{out[-4000:]}"
+
+
+def test_two_nodes_precompute_the_one_process_cache_and_train_identical_replicas(tiny_model, fill_data, fill_cache,
+                                                                                 tmp_path):
+    cache = tmp_path / "cache"
+    common = {"MODEL": str(tiny_model), "PRESET": "tiny", "CACHE": str(cache)}
+    _two_nodes("precompute", {**common, "DATA": str(fill_data),
+                              "PRECOMPUTE_ARGS": "--samples-per-shard 4 --num-workers 0 --device cpu"})
+    one, two = Manifest.load(open_store(fill_cache)), Manifest.load(open_store(cache))
+    assert [r.keys for r in two.shards] == [r.keys for r in one.shards] and two.num_samples == 16
+    for a, b in zip(one.shards, two.shards):
+        for x, y in zip(iter_shard(open_store(fill_cache), a), iter_shard(open_store(cache), b)):
+            assert x.meta == y.meta and x.cond_png == y.cond_png
+            for name in ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds"):
+                # bf16 storage: equal up to its rounding (different processes may round differently)
+                torch.testing.assert_close(getattr(x, name).float(), getattr(y, name).float(), atol=1e-2, rtol=1e-2)
+
+    out, replicas = tmp_path / "out", tmp_path / "replicas"
+    _two_nodes("train", {**common, "OUT": str(out), "STEPS": "4", "BATCH": "2", "CKPT_EVERY": "2",
+                         "ARGS": "--num-workers 1"}, env={DEBUG_REPLICA_DIR: str(replicas)})
+    weights = [load_file(replicas / f"adapter-rank{r:05d}.safetensors") for r in (0, 1)]
+    final = load_file(out / "diffusion_pytorch_model.safetensors")
+    assert weights[0].keys() == weights[1].keys() == final.keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) and torch.equal(weights[0][k], final[k]) for k in final)
+    assert (out / "checkpoints/step-000004/rng-rank00001.json").is_file()  # a checkpoint of both ranks
