@@ -169,10 +169,32 @@ def _get(s3, key: str) -> bytes:
     return s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
 
 
-def _run_child(cfg) -> None:
+def _run_child(cfg, stop_before_complete: int | None = None) -> None:
+    """precompute in a forked child. `stop_before_complete=n`: the child freezes itself (SIGSTOP)
+    right before completing its n-th multipart upload, a deterministic point inside the window
+    between 'upload begun' and 'object visible' (no polling race with a fast writer)."""
+    import shards.s3
     from precompute.runner import run
 
+    if stop_before_complete is not None:
+        real, completes = shards.s3.retry_call, [0]
+
+        def retry_call(fn, **kw):
+            if getattr(fn, "__name__", "") == "complete":
+                completes[0] += 1
+                if completes[0] == stop_before_complete:
+                    os.kill(os.getpid(), signal.SIGSTOP)
+            return real(fn, **kw)
+
+        shards.s3.retry_call = retry_call
     run(cfg)
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False
 
 
 def test_precompute_sigkilled_at_random_points_never_shows_a_partial_object(
@@ -200,15 +222,6 @@ def test_precompute_sigkilled_at_random_points_never_shows_a_partial_object(
         """Ids of the multipart uploads begun and not completed (nor aborted) under the prefix."""
         return {u["UploadId"] for u in s3.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix + "/").get("Uploads", [])}
 
-    def freeze_mid_upload(child, before: set[str], deadline: float) -> None:
-        """SIGSTOP `child` while an upload it began is unfinished (not one left by an earlier kill)."""
-        while child.is_alive() and time.monotonic() < deadline:
-            if uploads() - before:
-                os.kill(child.pid, signal.SIGSTOP)
-                if uploads() - before:
-                    return
-                os.kill(child.pid, signal.SIGCONT)  # it completed in between: try the next one
-            time.sleep(0.002)
 
     def check_visible() -> None:
         """Every object visible under shards/ is a complete shard; a record's shard matches it."""
@@ -250,16 +263,20 @@ def test_precompute_sigkilled_at_random_points_never_shows_a_partial_object(
         for i, target in enumerate(targets):
             left_before = uploads()
             with fork_lock:
-                child = multiprocessing.get_context("fork").Process(target=_run_child, args=(cfg,))
+                child = multiprocessing.get_context("fork").Process(
+                    target=_run_child, args=(cfg, target if i == mid_upload else None))
                 child.start()
             deadline = time.monotonic() + 120
-            while child.is_alive() and time.monotonic() < deadline:
-                if sum(k.startswith(schema.SHARD_DIR + "/") for k in _objects(s3, prefix)) >= target:
-                    break
-                time.sleep(0.01)
-            if i == mid_upload:
-                freeze_mid_upload(child, left_before, deadline)
+            if i == mid_upload:  # it stops itself inside an upload: wait for that, then check it is one
+                while child.is_alive() and not _stopped(child.pid) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert _stopped(child.pid), f"the writer never reached its upload #{target} (seed {seed})"
+                assert uploads() - left_before, f"stopped, but no upload of its in progress (seed {seed})"
             else:
+                while child.is_alive() and time.monotonic() < deadline:
+                    if sum(k.startswith(schema.SHARD_DIR + "/") for k in _objects(s3, prefix)) >= target:
+                        break
+                    time.sleep(0.01)
                 time.sleep(rng.uniform(0, 0.1))
             os.kill(child.pid, signal.SIGKILL)
             child.join(30)

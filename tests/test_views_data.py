@@ -47,7 +47,8 @@ def _sample(key: str, hw: tuple[int, int], seed: int) -> schema.Sample:
     h, w = hw
     cond = torch.randint(0, 256, (h * FACTOR, w * FACTOR, 3), generator=g, dtype=torch.uint8).numpy()
     meta = schema.SampleMeta(key=key, source_id=f"img/{split_view_key(key)[0]}.png", captions=[f"caption of {key}"],
-                             original_size=(100, 150), crop_top_left=(0, seed % 7), target_size=(h * FACTOR, w * FACTOR))
+                             original_size=(100, 150), crop_top_left=(0, seed % 7), target_size=(h * FACTOR, w * FACTOR),
+                             extra={"view": {"index": split_view_key(key)[1]}})
     return schema.Sample(meta=meta, latent_mean=torch.randn(4, h, w, generator=g),
                          latent_std=torch.rand(4, h, w, generator=g) + 0.1,
                          prompt_embeds=torch.randn(1, 77, DIM, generator=g),
@@ -73,6 +74,14 @@ def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("views-cache")
     records = _write_cache(root, SIZES)
     return root, records
+
+
+def _identity(**kw) -> dict:
+    """The synthetic identity of this cache: its widths, and its three buckets as geometry."""
+    identity = synthetic_identity(prompt_dim=DIM, pooled_dim=POOLED, **kw)
+    identity["geometry"] = {**identity["geometry"], "resolution": 16,
+                            "buckets": [[FACTOR * h, FACTOR * w] for h, w in (SQUARE, WIDE, RARE)]}
+    return identity
 
 
 def _images(records) -> dict[str, int]:
@@ -210,13 +219,13 @@ def test_soft_conditions_are_thresholded_per_sample_and_epoch(cache, tmp_path):
     # An image drawn in both epochs got two thresholds.
     assert any(len(ts) == 2 for ts in thresholds.values())
     # The range comes from a manifest that says its conditions are soft (resolved once, at start-up).
-    identity = {**synthetic_identity(prompt_dim=DIM, pooled_dim=POOLED), "condition": {"method": "sketch", "soft": True}}
+    identity = {**_identity(), "condition": {"method": "sketch", "soft": True}}
     manifest = Manifest.build(identity, records, {}, code_version="test", created="")
     loader, _ = cache_loader(store, manifest, epoch=0, soft_threshold=soft_threshold_range_for(manifest.identity, None),
                              **kw)
     auto = list(loader)
     _same_batches(auto, list(cache_stream(store, records, epoch=0, soft_threshold=(0.3, 0.8), **kw)))
-    plain = Manifest.build(synthetic_identity(prompt_dim=DIM, pooled_dim=POOLED), records, {}, code_version="test",
+    plain = Manifest.build(_identity(), records, {}, code_version="test",
                            created="")
     assert soft_threshold_range_for(plain.identity, None) is None
     assert not set(next(iter(cache_loader(store, plain, epoch=0, **kw)[0])).cond.unique().tolist()) <= {0.0, 1.0}

@@ -1,0 +1,115 @@
+"""One writer at a time: an advisory lock file naming its holder.
+
+Two trainings into one OUT, or two precomputes into one cache, each believe they own what they
+write: one silently overwrites the other's checkpoints, or deletes its staged shards as "left
+over". `WriterLock(folder / LOCK_FILE, what)` is taken by the writer at start and held until it
+exits; a second writer fails at once with a message naming the holder (pid, host, since when,
+its command line).
+
+It is an flock(2) on the file, so the kernel releases it when the holder dies, however it dies:
+there are no stale locks to clean up by hand. The file also records who held it; a lock found
+free but still naming a holder means that holder died without releasing it, which is said (the
+writer then takes over, and its own start-up cleans what the dead one left). On filesystems
+without working flock (some network mounts), taking the lock fails with a message saying so
+instead of pretending.
+
+What the lock promises, and what not: it serialises writers that use it, on filesystems where
+flock works across the machines involved (local disks; NFSv4 and most cluster filesystems).
+Readers never take it: any number of trainings may read a cache while it is written.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+LOCK_FILE = ".lock"
+
+
+class LockError(Exception):
+    """Another writer holds the lock (or the filesystem cannot lock); the message names it."""
+
+
+def _holder_text(info: dict) -> str:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0)))
+    return (f"pid {info.get('pid', '?')} on {info.get('host', '?')} since {since}"
+            + (f" ({info['command']})" if info.get("command") else ""))
+
+
+class WriterLock:
+    """An exclusive, non-blocking lock on `path` (created if needed). Use as a context manager
+    or call `acquire()` / `release()`; `what` names the locked thing in messages."""
+
+    def __init__(self, path: str | Path, what: str):
+        self.path = Path(path)
+        self.what = what
+        self._fd: int | None = None
+        self.previous: dict | None = None  # holder info a dead holder left behind, if any
+
+    def acquire(self) -> "WriterLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            info = _read(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                holder = _holder_text(info) if info else "another process"
+                raise LockError(f"{self.what} is in use by {holder}: only one writer at a time. Wait for it "
+                                f"to finish or stop it (the lock is {self.path}; it is released when its holder "
+                                "exits, however it exits)") from None
+            raise LockError(f"cannot lock {self.path} for {self.what}: {e.strerror or e} (this filesystem "
+                            "may not support file locks; use a local folder)") from None
+        self.previous = _read(fd) or None
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                  "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)  # released cleanly: the next holder finds no dead predecessor
+        except OSError:
+            pass
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def describe_previous(self) -> str | None:
+        """A line about a holder that died without releasing the lock, or None."""
+        return None if not self.previous else (f"{self.what}: the previous writer ({_holder_text(self.previous)}) "
+                                                "ended without releasing its lock; taking over")
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read(fd: int) -> dict:
+    try:
+        data = os.pread(fd, 4096, 0)
+        info = json.loads(data.decode("utf-8")) if data.strip() else {}
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+__all__ = ["LOCK_FILE", "LockError", "WriterLock"]
