@@ -145,7 +145,7 @@ def run_variant(variant: str, opts: dict[str, Any]) -> dict[str, Any]:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler
 
     from precompute.tiny import SDXL_SCHEDULER_CONFIG
-    from train.step import Batch, Objective, build_adapter, count_parameters, freeze_unet, sample_timesteps
+    from train.step import Batch, Objective, build_adapter, count_parameters, freeze_unet
 
     device = torch.device(opts["device"])
     weight_dtype = DTYPES[opts["dtype"]]

@@ -22,7 +22,6 @@ The encoder classes are compute only: tensors or strings in, fp32 tensors out; n
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -56,6 +56,7 @@ from precompute.sources import RawItem, ReadLimits, Source, SourceError, open_so
 from shards import schema
 from shards.manifest import Manifest, ShardRecord, ensure_identity, read_identity
 from shards.reader import write_empty_prompt
+from shards.lock import LOCK_FILE, LockError, WriterLock
 from shards.store import LocalStore, Store, open_store
 from shards.views import view_key
 from shards.writer import ShardWriter, completed_record
@@ -558,6 +559,30 @@ def _all_records(store: Store, n: int) -> list[ShardRecord]:
     return records
 
 
+def _take_writer_lock(cfg: PrecomputeConfig, store: Store, state) -> WriterLock | None:
+    """Rank 0 locks this cache's staging folder (`.staging/.lock` for a local cache) for the
+    whole run, so a second precompute into the same cache fails at start naming the holder,
+    instead of deleting this run's staged shards as leftovers. Every process learns the outcome
+    through one tensor broadcast, so none waits in a collective for a rank 0 that gave up."""
+    lock, problem = None, ""
+    if state.is_main_process:
+        lock = WriterLock(store.staging_dir(tmp_dir=cfg.tmp_dir) / LOCK_FILE, f"the cache {store.url}")
+        try:
+            lock.acquire()
+            if lock.describe_previous():
+                log.warning("%s", lock.describe_previous())
+        except (LockError, OSError) as e:
+            lock, problem = None, str(e)
+    if state.num_processes > 1:
+        flag = torch.tensor([1 if problem else 0], dtype=torch.uint8, device=state.device)
+        torch.distributed.broadcast(flag, src=0)
+        if flag.item() and not problem:
+            problem = "the main process could not take the cache's writer lock (its message says why)"
+    if problem:
+        raise PrecomputeError(problem)
+    return lock
+
+
 def run(cfg: PrecomputeConfig) -> Summary:
     """Encode cfg.data into the cache at cfg.cache (resuming if it is partly there)."""
     from accelerate import PartialState
@@ -574,85 +599,90 @@ def run(cfg: PrecomputeConfig) -> Summary:
     if device.startswith("cuda") and (world > 1 or device == "cuda"):
         device = state.device
     info = log.info if state.is_main_process else log.debug
-
-    info("loading encoders from %s%s on %s (%d process%s)", cfg.model, f" (vae: {cfg.vae})" if cfg.vae else "",
-         device, world, "es" if world > 1 else "")
-    with state.local_main_process_first():
-        latent, prompt, encoder_identity = load_encoders(
-            cfg.model, vae=cfg.vae, revision=cfg.revision, variant=cfg.variant, device=device,
-            vae_dtype=cfg.vae_dtype, text_dtype=cfg.text_dtype,
-        )
-    if torch.device(device).type == "cpu":
-        from shards.runtime import choose_cpu_threads
-
-        size = sum(p.numel() for m in (latent.vae, *prompt.text_encoders) for p in m.parameters())
-        threads, why = choose_cpu_threads(size, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        info("CPU threads per process: %d (%s)", threads, why)
-    f = latent.info.vae_scale_factor
-    if cfg.resolution % f:
-        raise ConfigError([f"--resolution {cfg.resolution} is not divisible by this VAE's scale factor {f}"])
-    # Validated against the config's hint already; again with the loaded VAE's factor.
-    problems = cfg.resolution_problems(f)
-    if problems:
-        raise ConfigError(problems)
+    lock = _take_writer_lock(cfg, store, state)  # before anything is loaded or touched
     try:
-        buckets = cfg.resolved_buckets(f)
-    except ValueError as e:
-        raise ConfigError([str(e)]) from None
-    if buckets is not None:
-        info("buckets (h x w): %s", ", ".join(f"{h}x{w}" for h, w in buckets))
-    identity = cfg.identity(
-        encoder=encoder_identity, latent=asdict(latent.info), text=asdict(prompt.info), source=source.describe(),
-        buckets=buckets,
-    )
 
-    pending = _prepare_cache(cfg, store, source, prompt, identity, state)
-    n = source.num_units()
-    info("%s: %d shard(s) planned from %s, %d already complete, %d to encode", store.url, n,
-         source.describe().get("path") or source.describe().get("dataset"), n - len(pending), len(pending))
-    encode_started = time.perf_counter()
-    # Pending shards dealt round-robin: after a resume every process still gets its share.
-    worker = _encode(cfg, store, source, latent, prompt, pending[state.process_index :: world], state, buckets)
-
-    counters = torch.tensor(
-        [worker.shards_written, worker.samples_written, worker.items_read, worker.truncated,
-         *worker.timings.as_list()],
-        dtype=torch.float64,
-    )
-    if world > 1:
-        counters = counters.to(state.device)
-        torch.distributed.all_reduce(counters)  # also the barrier: every shard is committed after this
-    counts = counters.cpu().tolist()
-    encode_seconds = time.perf_counter() - encode_started
-
-    totals = None
-    if state.is_main_process:  # the only reader of every record (2 requests per shard on a remote store)
-        manifest = Manifest.build(identity, _all_records(store, n), cfg.resolved(), created=CREATED)
-        manifest.save(store)  # last: its presence says the cache is complete
-        totals = manifest.totals
-    summary = Summary(
-        cache=store.url,
-        world_size=world,
-        shards=n,
-        shards_resumed=n - len(pending),
-        shards_written=int(counts[0]),
-        samples=totals["samples"] if totals else None,
-        samples_written=int(counts[1]),
-        items_read=int(counts[2]),
-        skipped=dict(totals["skipped"]) if totals else None,
-        captions_truncated=int(counts[3]),
-        bytes=totals["bytes"] if totals else None,
-        seconds=time.perf_counter() - started,
-        encode_seconds=encode_seconds,
-        timings=Timings.from_list(counts[4:]),
-        sources=totals.get("sources") if totals else None,
-    )
-    if totals is not None:
-        log.info("%s", summary.format())
-        if totals["samples"] == 0:  # a complete but empty cache is never what the user wanted
-            reasons = ", ".join(f"{r} {k}" for r, k in sorted(totals["skipped"].items())) or "no source items"
-            raise PrecomputeError(
-                f"{store.url}: no samples in the cache: every item was skipped ({reasons}). The counts and "
-                "examples are in its manifest.json; check --resolution, --min-size, --max-aspect and the columns."
+        info("loading encoders from %s%s on %s (%d process%s)", cfg.model, f" (vae: {cfg.vae})" if cfg.vae else "",
+             device, world, "es" if world > 1 else "")
+        with state.local_main_process_first():
+            latent, prompt, encoder_identity = load_encoders(
+                cfg.model, vae=cfg.vae, revision=cfg.revision, variant=cfg.variant, device=device,
+                vae_dtype=cfg.vae_dtype, text_dtype=cfg.text_dtype,
             )
-    return summary
+        if torch.device(device).type == "cpu":
+            from shards.runtime import choose_cpu_threads
+
+            size = sum(p.numel() for m in (latent.vae, *prompt.text_encoders) for p in m.parameters())
+            threads, why = choose_cpu_threads(size, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            info("CPU threads per process: %d (%s)", threads, why)
+        f = latent.info.vae_scale_factor
+        if cfg.resolution % f:
+            raise ConfigError([f"--resolution {cfg.resolution} is not divisible by this VAE's scale factor {f}"])
+        # Validated against the config's hint already; again with the loaded VAE's factor.
+        problems = cfg.resolution_problems(f)
+        if problems:
+            raise ConfigError(problems)
+        try:
+            buckets = cfg.resolved_buckets(f)
+        except ValueError as e:
+            raise ConfigError([str(e)]) from None
+        if buckets is not None:
+            info("buckets (h x w): %s", ", ".join(f"{h}x{w}" for h, w in buckets))
+        identity = cfg.identity(
+            encoder=encoder_identity, latent=asdict(latent.info), text=asdict(prompt.info), source=source.describe(),
+            buckets=buckets,
+        )
+
+        pending = _prepare_cache(cfg, store, source, prompt, identity, state)
+        n = source.num_units()
+        info("%s: %d shard(s) planned from %s, %d already complete, %d to encode", store.url, n,
+             source.describe().get("path") or source.describe().get("dataset"), n - len(pending), len(pending))
+        encode_started = time.perf_counter()
+        # Pending shards dealt round-robin: after a resume every process still gets its share.
+        worker = _encode(cfg, store, source, latent, prompt, pending[state.process_index :: world], state, buckets)
+
+        counters = torch.tensor(
+            [worker.shards_written, worker.samples_written, worker.items_read, worker.truncated,
+             *worker.timings.as_list()],
+            dtype=torch.float64,
+        )
+        if world > 1:
+            counters = counters.to(state.device)
+            torch.distributed.all_reduce(counters)  # also the barrier: every shard is committed after this
+        counts = counters.cpu().tolist()
+        encode_seconds = time.perf_counter() - encode_started
+
+        totals = None
+        if state.is_main_process:  # the only reader of every record (2 requests per shard on a remote store)
+            manifest = Manifest.build(identity, _all_records(store, n), cfg.resolved(), created=CREATED)
+            manifest.save(store)  # last: its presence says the cache is complete
+            totals = manifest.totals
+        summary = Summary(
+            cache=store.url,
+            world_size=world,
+            shards=n,
+            shards_resumed=n - len(pending),
+            shards_written=int(counts[0]),
+            samples=totals["samples"] if totals else None,
+            samples_written=int(counts[1]),
+            items_read=int(counts[2]),
+            skipped=dict(totals["skipped"]) if totals else None,
+            captions_truncated=int(counts[3]),
+            bytes=totals["bytes"] if totals else None,
+            seconds=time.perf_counter() - started,
+            encode_seconds=encode_seconds,
+            timings=Timings.from_list(counts[4:]),
+            sources=totals.get("sources") if totals else None,
+        )
+        if totals is not None:
+            log.info("%s", summary.format())
+            if totals["samples"] == 0:  # a complete but empty cache is never what the user wanted
+                reasons = ", ".join(f"{r} {k}" for r, k in sorted(totals["skipped"].items())) or "no source items"
+                raise PrecomputeError(
+                    f"{store.url}: no samples in the cache: every item was skipped ({reasons}). The counts and "
+                    "examples are in its manifest.json; check --resolution, --min-size, --max-aspect and the columns."
+                )
+        return summary
+    finally:
+        if lock is not None:
+            lock.release()

@@ -68,8 +68,7 @@ class WriterLock:
             raise LockError(f"cannot lock {self.path} for {self.what}: {e.strerror or e} (this filesystem "
                             "may not support file locks; use a local folder)") from None
         self.previous = _read(fd) or None
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-                  "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]}
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": _command()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         self._fd = fd
@@ -101,6 +100,29 @@ class WriterLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _command() -> str:
+    """This process's command line for the holder record, without secrets: token values and
+    URL credentials redacted (`shards.secrets`)."""
+    from .secrets import REDACTED, redact
+
+    out, hide = [], False
+    for i, arg in enumerate(sys.argv):
+        if hide:
+            out.append(REDACTED)
+            hide = False
+            continue
+        name = arg.split("=", 1)[0].lower().replace("_", "-")
+        if "token" in name and arg.startswith("--"):
+            if "=" in arg:
+                out.append(f"{arg.split('=', 1)[0]}={REDACTED}")
+            else:
+                out.append(arg)
+                hide = True
+            continue
+        out.append(os.path.basename(arg) if i == 0 else redact(arg))
+    return " ".join(out)[:300]
 
 
 def _read(fd: int) -> dict:

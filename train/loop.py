@@ -87,9 +87,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     errors train.config.ConfigError, train.checks.StartupError (CacheMismatchError for a cache
     that does not fit), CheckpointError, TrainError (and shards' ManifestError/ShardError for a
     damaged cache)."""
-    from accelerate.utils import set_seed
-
-    from train import outputs, startup
+    from train import startup
 
     precision, precision_source = resolve_mixed_precision(cfg.mixed_precision)
     notes = cfg.validate()
@@ -107,6 +105,19 @@ def train(cfg: TrainConfig) -> TrainResult:
         torch.backends.cudnn.allow_tf32 = True
 
     run = startup.start(cfg, accelerator, log)  # every refusal, before any weight
+    try:
+        return _run(cfg, accelerator, log, run, out, rank, world, main, device, precision)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _run(cfg: TrainConfig, accelerator: Any, log: Any, run: Any, out: Path, rank: int, world: int, main: bool,
+         device: torch.device, precision: str) -> TrainResult:
+    """The run after start-up: weights, the loop, the outputs (the main process holds OUT's lock)."""
+    from accelerate.utils import set_seed
+
+    from train import outputs
     plan, ckpt, validator = run.plan, run.checkpoint, run.validator
     if run.finished:
         log.info("nothing to do: %s finished all %d steps (checkpoint %s) and its adapter is in %s; raise --max-steps "

@@ -69,6 +69,7 @@ class Startup:
     validator: Any  # train.validation.Validator on the main process when validation is on, else None
     hub_repo: str | None = None  # --push-to-hub: the repository created at start (main process)
     finished: bool = False  # resumed at the last step with the outputs written: nothing to do
+    lock: Any = None  # the main process's shards.lock.WriterLock on OUT, held until the run ends
 
 
 @dataclass
@@ -243,62 +244,79 @@ def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
     meta = {"world_size": accelerator.num_processes, "manifest_id": plan.manifest_id,
             "learning_rate": plan.learning_rate, "total_steps": plan.total_steps, "stream": stream,
             "config": cfg.to_dict()}
-    resume_path = resolve_resume(cfg.resume, out)
-    ckpt = read_checkpoint(resume_path) if resume_path else None
-    if ckpt is not None and not problems:
-        differences = resume_problems(ckpt, meta)
-        if differences:
-            raise CheckpointError(f"cannot resume from {ckpt.path}: these settings differ from the checkpoint's "
-                                  "(resume needs them equal to continue the same run):\n"
-                                  + "\n".join(f"  - {d}" for d in differences))
-        if ckpt.state.global_step > plan.total_steps:
-            problems.other.append(f"checkpoint {ckpt.path} is at step {ckpt.state.global_step}, past the "
-                                  f"{plan.total_steps} steps asked for: raise --max-steps or --num-epochs")
-    elif cfg.resume is None and list_checkpoints(out):
-        problems.other.append(f"{out} already holds checkpoints of a run: continue it with --resume latest, start "
-                              "it over with --resume none, or choose another --output-dir")
-    if cfg.resume == "latest" and ckpt is None:
-        log.info("--resume latest: no checkpoint in %s yet, starting a new run", out)
-    warm = cfg.lr_scheduler not in ("constant", "piecewise_constant")
-    if warm and plan.total_steps and cfg.lr_warmup_steps >= plan.total_steps:
-        log.warning("--lr-warmup-steps %d is not shorter than the run's %d optimizer steps: the learning rate never "
-                    "reaches --learning-rate %g with the %s schedule; lower --lr-warmup-steps", cfg.lr_warmup_steps,
-                    plan.total_steps, plan.learning_rate, cfg.lr_scheduler)
-
-    # Main process only: the encoders are loaded once, fingerprinted, used to embed the
-    # validation prompts and freed. Its failures become problems, so that every process learns
-    # of them through agree() instead of waiting in a collective.
-    differences: list[str] = []
-    validator = None
+    # One training per OUT: the main process holds OUT/.lock for the whole run (released by the
+    # kernel however the process ends). Taken before anything reads or writes OUT's checkpoints.
+    lock = None
     if main:
-        try:
-            differences, validator = check_encoders_and_prepare_validation(cfg, plan, accelerator.device, log,
-                                                                          refuse=bool(problems))
-        except (CacheMismatchError, OSError, ValueError) as e:
-            problems.cache.append(str(e))
-    hub_repo = None
-    if main and cfg.push_to_hub and not problems:
-        from train.outputs import create_hub_repo
+        from shards.lock import LOCK_FILE, LockError, WriterLock
 
         try:
-            hub_repo = create_hub_repo(cfg)
-            log.info("--push-to-hub: %s repository %s ready", "public" if cfg.hub_public else "private", hub_repo)
-        except Exception as e:  # huggingface_hub raises HTTP, auth and validation errors of its own
-            problems.other.append(f"--push-to-hub: cannot create the hub repository "
-                                  f"{cfg.hub_model_id or out.name!r} ({type(e).__name__}: {e}); check the token "
-                                  "(--hub-token, HF_TOKEN or `hf auth login`) and --hub-model-id")
-    refused_here = bool(problems) or (bool(differences) and not cfg.accept_encoder_mismatch)
-    if agree(accelerator, refused_here):
-        if refused_here:
-            raise refusal(cfg, problems, differences)
-        raise StartupError("cannot start training: the main process refused to start; its message says why")
-    if differences:
-        log.warning("--accept-encoder-mismatch: training on a cache encoded with other encoders:\n%s",
-                    "\n".join(f"  - {d}" for d in differences))
-    finished = (ckpt is not None and ckpt.state.global_step == plan.total_steps
-                and (out / "diffusion_pytorch_model.safetensors").is_file())
-    return Startup(plan=plan, store=store, checkpoint=ckpt, meta=meta, validator=validator, hub_repo=hub_repo,
-                   finished=finished)
+            lock = WriterLock(out / LOCK_FILE, f"the output folder {out}").acquire()
+            if lock.describe_previous():
+                log.warning("%s", lock.describe_previous())
+        except (LockError, OSError) as e:
+            problems.other.append(str(e))
+    try:
+        resume_path = resolve_resume(cfg.resume, out)
+        ckpt = read_checkpoint(resume_path) if resume_path else None
+        if ckpt is not None and not problems:
+            differences = resume_problems(ckpt, meta)
+            if differences:
+                raise CheckpointError(f"cannot resume from {ckpt.path}: these settings differ from the checkpoint's "
+                                      "(resume needs them equal to continue the same run):\n"
+                                      + "\n".join(f"  - {d}" for d in differences))
+            if ckpt.state.global_step > plan.total_steps:
+                problems.other.append(f"checkpoint {ckpt.path} is at step {ckpt.state.global_step}, past the "
+                                      f"{plan.total_steps} steps asked for: raise --max-steps or --num-epochs")
+        elif cfg.resume is None and list_checkpoints(out):
+            problems.other.append(f"{out} already holds checkpoints of a run: continue it with --resume latest, start "
+                                  "it over with --resume none, or choose another --output-dir")
+        if cfg.resume == "latest" and ckpt is None:
+            log.info("--resume latest: no checkpoint in %s yet, starting a new run", out)
+        warm = cfg.lr_scheduler not in ("constant", "piecewise_constant")
+        if warm and plan.total_steps and cfg.lr_warmup_steps >= plan.total_steps:
+            log.warning("--lr-warmup-steps %d is not shorter than the run's %d optimizer steps: the learning rate never "
+                        "reaches --learning-rate %g with the %s schedule; lower --lr-warmup-steps", cfg.lr_warmup_steps,
+                        plan.total_steps, plan.learning_rate, cfg.lr_scheduler)
+
+        # Main process only: the encoders are loaded once, fingerprinted, used to embed the
+        # validation prompts and freed. Its failures become problems, so that every process learns
+        # of them through agree() instead of waiting in a collective.
+        differences: list[str] = []
+        validator = None
+        if main:
+            try:
+                differences, validator = check_encoders_and_prepare_validation(cfg, plan, accelerator.device, log,
+                                                                              refuse=bool(problems))
+            except (CacheMismatchError, OSError, ValueError) as e:
+                problems.cache.append(str(e))
+        hub_repo = None
+        if main and cfg.push_to_hub and not problems:
+            from train.outputs import create_hub_repo
+
+            try:
+                hub_repo = create_hub_repo(cfg)
+                log.info("--push-to-hub: %s repository %s ready", "public" if cfg.hub_public else "private", hub_repo)
+            except Exception as e:  # huggingface_hub raises HTTP, auth and validation errors of its own
+                problems.other.append(f"--push-to-hub: cannot create the hub repository "
+                                      f"{cfg.hub_model_id or out.name!r} ({type(e).__name__}: {e}); check the token "
+                                      "(--hub-token, HF_TOKEN or `hf auth login`) and --hub-model-id")
+        refused_here = bool(problems) or (bool(differences) and not cfg.accept_encoder_mismatch)
+        if agree(accelerator, refused_here):
+            if refused_here:
+                raise refusal(cfg, problems, differences)
+            raise StartupError("cannot start training: the main process refused to start; its message says why")
+        if differences:
+            log.warning("--accept-encoder-mismatch: training on a cache encoded with other encoders:\n%s",
+                        "\n".join(f"  - {d}" for d in differences))
+        finished = (ckpt is not None and ckpt.state.global_step == plan.total_steps
+                    and (out / "diffusion_pytorch_model.safetensors").is_file())
+        return Startup(plan=plan, store=store, checkpoint=ckpt, meta=meta, validator=validator, hub_repo=hub_repo,
+                       finished=finished, lock=lock)
+    except BaseException:
+        if lock is not None:  # a refusal, or any failure: the next attempt must find OUT free
+            lock.release()
+        raise
 
 
 __all__ = ["Plan", "Startup", "agree", "make_plan", "optimizer_steps", "refusal", "start"]

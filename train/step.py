@@ -44,7 +44,6 @@ reproducible; its `get_state()` belongs in a checkpoint for exact resume.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path

@@ -1,0 +1,112 @@
+"""One writer per output: a second training into one OUT, or a second precompute into one cache,
+fails at start naming the holder, and touches nothing of the first; a dead holder's lock is free.
+
+Real processes: the first writer is a real `python -m train` / `python -m precompute`, frozen
+with SIGSTOP once it holds its lock (so the test does not race its speed), the second one runs
+meanwhile; then the first is let go and must finish as if nothing happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shards.lock import LockError, WriterLock
+from shards.manifest import Manifest
+from shards.store import open_store
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _wait_for_holder(lock: Path, pid: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-3000:] if proc.stdout else "ended"
+        try:
+            if json.loads(lock.read_text()).get("pid") == pid:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{lock} never named pid {pid}")
+
+
+def test_a_second_training_into_one_output_folder_is_refused(tiny_model, fill_cache, tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "train", "--model", str(tiny_model), "--cache", str(fill_cache), "--output-dir",
+            str(out), "--batch-size", "2", "--num-workers", "0", "--checkpointing-steps", "2"]
+    first = subprocess.Popen([*args, "--max-steps", "6"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_holder(out / ".lock", first.pid, first)
+        os.kill(first.pid, signal.SIGSTOP)
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        second = subprocess.run([*args, "--max-steps", "3", "--resume", "none"], cwd=REPO, env=ENV,
+                                capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert f"the output folder {out} is in use by pid {first.pid} on " in second.stderr
+        assert "python -m train" in second.stderr or "__main__.py" in second.stderr or "train" in second.stderr
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # it touched nothing
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, first.stdout.read()[-3000:]
+    assert (out / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((out / "train_config.json").read_text())["max_steps"] == 6  # the first run's, intact
+    assert (out / ".lock").read_text() == ""  # released cleanly
+
+
+def test_a_second_precompute_into_one_cache_is_refused_and_the_first_finishes(tiny_model, fill_data, tmp_path):
+    cache = tmp_path / "cache"
+    args = [sys.executable, "-m", "precompute", "--model", str(tiny_model), "--data", str(fill_data), "--cache",
+            str(cache), "--resolution", "64", "--samples-per-shard", "2", "--num-workers", "0", "--device", "cpu"]
+    first = subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_holder(cache / ".staging" / ".lock", first.pid, first)
+        os.kill(first.pid, signal.SIGSTOP)
+        second = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert f"the cache {cache} is in use by pid {first.pid} on " in second.stderr
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, first.stdout.read()[-3000:]
+    manifest = Manifest.load(open_store(cache))  # complete: nothing of it was cleaned away
+    assert manifest.num_samples == 16 and len(manifest.shards) == 8
+    verify = subprocess.run([sys.executable, "-m", "shards", "verify", str(cache)], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert verify.returncode == 0, verify.stderr
+
+
+def test_a_dead_holders_lock_is_free_and_said_so(tmp_path):
+    lock = tmp_path / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[2]); from shards.lock import WriterLock; "
+        "WriterLock(sys.argv[1], 'x').acquire(); print('held', flush=True); time.sleep(60)"), str(lock), str(REPO)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(LockError, match=rf"x is in use by pid {holder.pid} on "):
+        WriterLock(lock, "x").acquire()
+    holder.kill()  # SIGKILL: no chance to release
+    holder.wait()
+    taken = WriterLock(lock, "x").acquire()
+    assert taken.describe_previous().startswith(f"x: the previous writer (pid {holder.pid} on ")
+    taken.release()
+    again = WriterLock(lock, "x").acquire()
+    assert again.describe_previous() is None  # a clean release leaves no predecessor behind
+    again.release()
+
+
+def test_the_holder_record_never_carries_a_token(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train", "--hub-token", "hf_SECRET", "--hub_token=hf_OTHER",
+                                      "--cache", "https://h/c?sig=s3cr3t"])
+    with WriterLock(tmp_path / ".lock", "x"):
+        text = (tmp_path / ".lock").read_text()
+    assert "hf_SECRET" not in text and "hf_OTHER" not in text and "s3cr3t" not in text
+    assert "--hub-token REDACTED" in text and "sig=REDACTED" in text
