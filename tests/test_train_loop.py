@@ -674,3 +674,60 @@ def test_push_to_hub_creates_a_private_repo_at_start_and_never_writes_the_token(
     for path in out.rglob("*"):
         if path.is_file():
             assert b"hf_SECRET123" not in path.read_bytes(), path
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))  # same size: only the sha256 can tell
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_model, fill_data, cache, run_a, tmp_path,
+                                                                    caplog):
+    out = tmp_path / "copy"
+    shutil.copytree(run_a[0], out)
+    (out / "diffusion_pytorch_model.safetensors").unlink()  # not finished: resume must train
+    _flip_a_byte(out / "checkpoints/step-000004/optimizer.safetensors")
+    with caplog.at_level("WARNING"):
+        result = train(_run_a_cfg(tiny_model, fill_data, cache, out, resume="latest"))
+    warned = [r.getMessage() for r in caplog.records if "step-000004 is incomplete or damaged" in r.getMessage()]
+    assert len(warned) == 1 and "optimizer.safetensors does not match its sha256" in warned[0]
+    assert "resuming from step-000003 instead" in warned[0]
+    # Step 4 trained again from step 3's state: the very adapter the uninterrupted run made.
+    assert result.global_step == 4
+    assert _sha(out / "diffusion_pytorch_model.safetensors") == _sha(run_a[0] / "diffusion_pytorch_model.safetensors")
+
+
+def test_no_good_checkpoint_is_refused_unless_starting_over_knowingly(tiny_model, fill_data, cache, run_a, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(run_a[0], out)
+    for step in ("step-000003", "step-000004"):
+        _flip_a_byte(out / "checkpoints" / step / "adapter/diffusion_pytorch_model.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        train(_run_a_cfg(tiny_model, fill_data, cache, out, resume="latest"))
+    message = str(err.value)
+    assert "no checkpoint in" in message and "proves good" in message and "--resume none" in message
+    assert message.count("does not match its sha256") == 2
+    (out / "checkpoints/step-000003/COMPLETE").unlink()  # an interrupted save: still not a fresh start
+    with pytest.raises(CheckpointError, match="no COMPLETE"):
+        train(_run_a_cfg(tiny_model, fill_data, cache, out, resume="latest"))
+    with pytest.raises(StartupError, match="already holds checkpoints"):
+        train(_run_a_cfg(tiny_model, fill_data, cache, out))  # no --resume: refused, never overwritten
+    result = train(_run_a_cfg(tiny_model, fill_data, cache, out, resume="none"))
+    assert result.global_step == 4 and (out / "checkpoints/step-000004/COMPLETE").is_file()
+
+
+def test_a_tampered_checkpoint_with_a_matching_listing_is_a_message(tiny_model, fill_data, cache, run_a, tmp_path):
+    """Rewritten together with COMPLETE (so the hashes match), the optimizer state parses but does
+    not fit: a CheckpointError naming the file, not a KeyError from torch."""
+    from train.checkpoint import COMPLETE_FILE, _fsync_tree
+
+    out = tmp_path / "copy"
+    shutil.copytree(run_a[0], out)
+    (out / "diffusion_pytorch_model.safetensors").unlink()
+    step = out / "checkpoints/step-000004"
+    (step / "optimizer.json").write_text(json.dumps({"state": {}, "param_groups": [{"params": [99]}]}))
+    (step / COMPLETE_FILE).unlink()
+    (step / COMPLETE_FILE).write_text(json.dumps({"files": _fsync_tree(step)}))
+    with pytest.raises(CheckpointError, match=r"step-000004: optimizer.json/.safetensors does not restore \("):
+        train(_run_a_cfg(tiny_model, fill_data, cache, out, resume="latest"))

@@ -10,12 +10,16 @@ Layout of `OUT/checkpoints/step-000500/`:
     rng-rank00000.json/.safetensors   every RNG of that rank (torch, cuda, numpy, python, noise)
     state.json                    data position (epoch, batches done), step, world size, workers,
                                   batch size, cache manifest id, resolved config
-    COMPLETE                      written last: names every file with its size
+    COMPLETE                      written last: names every file with its size and sha256
 
 A checkpoint is built in `.tmp-step-000500/` (every rank writes its own RNG file into it), each
 file fsynced, `COMPLETE` written last, then the folder is renamed into place. Only then are old
 checkpoints beyond the newest K deleted, so a crash at any moment leaves at least one complete
 checkpoint. A folder without a valid `COMPLETE` (or with a missing or resized file) is ignored.
+A checkpoint is proven before it is resumed: every file's sha256 against `COMPLETE`. `--resume
+latest` takes the newest checkpoint that proves good, warning about each newer one that does
+not and why; when step folders exist and none proves good, it refuses (`--resume none` starts
+over knowingly) rather than silently starting from step 0.
 
 Nothing here uses pickle: tensors go through safetensors and everything else through JSON, via a
 small tagged encoding that round-trips dicts with int keys, tuples and numpy arrays exactly.
@@ -36,13 +40,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from shards.store import fsync_dir, fsync_file
+from shards.store import file_sha256, fsync_dir, fsync_file
 
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE_FILE = "COMPLETE"
 STATE_FILE = "state.json"
 ADAPTER_DIR = "adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: COMPLETE records each file's sha256
 _NAME = re.compile(r"^step-(\d{6,})$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
@@ -192,13 +196,59 @@ def set_rng_state(state: dict[str, Any], noise_generator: torch.Generator) -> No
 # Finding checkpoints
 
 
+def _listing(folder: Path) -> dict[str, dict]:
+    """COMPLETE's {relative path: {"bytes", "sha256"}}; ValueError/OSError when unusable."""
+    data = json.loads((folder / COMPLETE_FILE).read_text())
+    files = data["files"]
+    if not isinstance(files, dict) or not all(isinstance(v, dict) and {"bytes", "sha256"} <= set(v)
+                                              for v in files.values()):
+        raise ValueError("COMPLETE does not list files with bytes and sha256 (written by an older version?)")
+    return files
+
+
 def is_complete(folder: Path) -> bool:
-    """COMPLETE present, parseable, and every file it names present with its recorded size."""
+    """COMPLETE present, parseable, and every file it names present with its recorded size (cheap:
+    no hashing; `proof_problems` proves a checkpoint before it is resumed)."""
     try:
-        listing = json.loads((folder / COMPLETE_FILE).read_text())
-        return all((folder / rel).stat().st_size == size for rel, size in listing["files"].items())
+        return all((folder / rel).stat().st_size == f["bytes"] for rel, f in _listing(folder).items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+
+
+def proof_problems(folder: Path) -> list[str]:
+    """Why `folder` is not a checkpoint to resume from (empty when every file it lists is there
+    with its size and sha256, and nothing is missing)."""
+    try:
+        files = _listing(folder)
+    except FileNotFoundError:
+        return [f"no {COMPLETE_FILE} (its save was interrupted)"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return [f"{COMPLETE_FILE} is unreadable: {e}"]
+    problems = []
+    for rel, f in sorted(files.items()):
+        path = folder / rel
+        try:
+            size = path.stat().st_size
+        except OSError:
+            problems.append(f"{rel} is missing")
+            continue
+        if size != f["bytes"]:
+            problems.append(f"{rel} has {size} bytes, {COMPLETE_FILE} says {f['bytes']}")
+        elif file_sha256(path) != f["sha256"]:
+            problems.append(f"{rel} does not match its sha256 (damaged or changed after it was saved)")
+    for required in (STATE_FILE, "optimizer.json", "lr_scheduler.json"):
+        if required not in files:
+            problems.append(f"{required} is not listed")
+    return problems
+
+
+def step_folders(output_dir: str | Path) -> list[Path]:
+    """Every step-NNNNNN folder, complete or not, oldest first."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -219,18 +269,35 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """--resume value -> checkpoint folder (None: start fresh). Raises CheckpointError if unusable."""
+def resolve_resume(resume: str | None, output_dir: str | Path, warn: Any = None) -> Path | None:
+    """--resume value -> a proven checkpoint folder (None: start fresh). `warn(message)` hears
+    about each damaged checkpoint `latest` passes over. Raises CheckpointError if unusable."""
     if resume is None or resume == "none":
         return None
     if resume == "latest":
-        return latest_checkpoint(output_dir)
+        skipped = []
+        for folder in reversed(step_folders(output_dir)):
+            problems = proof_problems(folder)
+            if not problems:
+                for message in skipped:
+                    if warn is not None:
+                        warn(f"{message}; resuming from {folder.name} instead")
+                return folder
+            skipped.append(f"checkpoint {folder} is incomplete or damaged: " + "; ".join(problems))
+        if skipped:
+            raise CheckpointError(
+                f"--resume latest: no checkpoint in {checkpoints_dir(output_dir)} proves good, so the run cannot "
+                "continue where it stopped:\n" + "\n".join(f"  - {m}" for m in reversed(skipped)) +
+                "\nStart over knowingly with --resume none (the damaged folders are kept for you to look at), or "
+                "pass a checkpoint folder you trust")
+        return None
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    if not is_complete(path):
-        raise CheckpointError(f"checkpoint {path} is incomplete (no valid {COMPLETE_FILE}: its save was "
-                              f"interrupted); use another one or --resume latest")
+    problems = proof_problems(path)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is incomplete or damaged: " + "; ".join(problems) + "; use another one or "
+                              "--resume latest")
     return path
 
 
@@ -238,12 +305,13 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
 # Save
 
 
-def _fsync_tree(folder: Path) -> dict[str, int]:
+def _fsync_tree(folder: Path) -> dict[str, dict]:
+    """fsync every file and folder; {relative path: {"bytes", "sha256"}} for COMPLETE."""
     sizes = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file():
             fsync_file(p)
-            sizes[p.relative_to(folder).as_posix()] = p.stat().st_size
+            sizes[p.relative_to(folder).as_posix()] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
     for d in sorted({p.parent for p in folder.rglob("*")} | {folder}):
         fsync_dir(d)
     return sizes
@@ -402,20 +470,34 @@ def load_checkpoint(
     lr_scheduler: Any,
     noise_generator: torch.Generator,
 ) -> TrainState:
-    """Restore every piece of state in place (adapter = the unwrapped model); return the position."""
+    """Restore every piece of state in place (adapter = the unwrapped model); return the position.
+    A file that parses but does not fit (its files were rewritten together with COMPLETE) is a
+    CheckpointError naming the file, never a raw KeyError from deep inside torch."""
     path = ckpt.path
+    part = f"{ADAPTER_DIR}/"
     try:
-        weights = load_file(str(next((path / ADAPTER_DIR).glob("*.safetensors"))))
-    except StopIteration:
-        raise CheckpointError(f"checkpoint {path}: no adapter weights in {ADAPTER_DIR}/") from None
-    adapter.load_state_dict(weights, strict=True)
-    optimizer.load_state_dict(load_tree(path, "optimizer"))
-    lr_scheduler.load_state_dict(load_tree(path, "lr_scheduler"))
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is not None and (path / "grad_scaler.json").exists():
-        scaler.load_state_dict(load_tree(path, "grad_scaler"))
-    rank_file = f"rng-rank{accelerator.process_index:05d}"
-    if not (path / f"{rank_file}.json").exists():
-        raise CheckpointError(f"checkpoint {path}: no RNG state for rank {accelerator.process_index}")
-    set_rng_state(load_tree(path, rank_file), noise_generator)
+        try:
+            weights = load_file(str(next((path / ADAPTER_DIR).glob("*.safetensors"))))
+        except StopIteration:
+            raise CheckpointError(f"checkpoint {path}: no adapter weights in {ADAPTER_DIR}/") from None
+        adapter.load_state_dict(weights, strict=True)
+        part = "optimizer.json/.safetensors"
+        optimizer.load_state_dict(load_tree(path, "optimizer"))
+        part = "lr_scheduler.json"
+        lr_scheduler.load_state_dict(load_tree(path, "lr_scheduler"))
+        scaler = getattr(accelerator, "scaler", None)
+        if scaler is not None and (path / "grad_scaler.json").exists():
+            part = "grad_scaler.json"
+            scaler.load_state_dict(load_tree(path, "grad_scaler"))
+        rank_file = f"rng-rank{accelerator.process_index:05d}"
+        if not (path / f"{rank_file}.json").exists():
+            raise CheckpointError(f"checkpoint {path}: no RNG state for rank {accelerator.process_index}")
+        part = f"{rank_file}.json"
+        set_rng_state(load_tree(path, rank_file), noise_generator)
+    except CheckpointError:
+        raise
+    except Exception as e:  # torch, safetensors and json raise many types for a tampered file
+        raise CheckpointError(f"checkpoint {path}: {part} does not restore ({type(e).__name__}: {str(e)[:300]}); it "
+                              "was changed after it was saved. Resume from another checkpoint, or start over with "
+                              "--resume none") from None
     return ckpt.state

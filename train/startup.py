@@ -30,6 +30,7 @@ from train.checkpoint import (
     Checkpoint,
     CheckpointError,
     list_checkpoints,
+    step_folders,
     read_checkpoint,
     resolve_resume,
     resume_problems,
@@ -257,7 +258,7 @@ def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
         except (LockError, OSError) as e:
             problems.other.append(str(e))
     try:
-        resume_path = resolve_resume(cfg.resume, out)
+        resume_path = resolve_resume(cfg.resume, out, warn=log.warning)
         ckpt = read_checkpoint(resume_path) if resume_path else None
         if ckpt is not None and not problems:
             differences = resume_problems(ckpt, meta)
@@ -268,7 +269,7 @@ def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
             if ckpt.state.global_step > plan.total_steps:
                 problems.other.append(f"checkpoint {ckpt.path} is at step {ckpt.state.global_step}, past the "
                                       f"{plan.total_steps} steps asked for: raise --max-steps or --num-epochs")
-        elif cfg.resume is None and list_checkpoints(out):
+        elif cfg.resume is None and step_folders(out):
             problems.other.append(f"{out} already holds checkpoints of a run: continue it with --resume latest, start "
                                   "it over with --resume none, or choose another --output-dir")
         if cfg.resume == "latest" and ckpt is None:
