@@ -14,7 +14,6 @@ config is built, so the identity and the manifest never depend on how a setting 
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from precompute.conditions import METHODS
 from precompute.preprocess import CROP_MODES
 from shards import schema
 from shards.options import SIZE, setting
+from shards.store import writable_problem
 
 DEVICES = ("auto", "cpu", "cuda")
 ENCODE_DTYPES = ("fp32", "bf16", "fp16")
@@ -217,8 +217,8 @@ class PrecomputeConfig:
             t = Path(self.tmp_dir).expanduser()
             if not t.is_dir():
                 p.append(f"--tmp-dir {self.tmp_dir}: no such folder")
-            elif not os.access(t, os.W_OK | os.X_OK):
-                p.append(f"--tmp-dir {self.tmp_dir}: not writable")
+            elif writable_problem(t):
+                p.append(f"--tmp-dir {self.tmp_dir}: {writable_problem(t)}")
         granularity = self.resolution_problems()
         geometry = geometry_problems(
             resolution=self.resolution,
@@ -406,8 +406,9 @@ class PrecomputeConfig:
         base = _nearest_existing(path)
         if not base.is_dir():
             return [f"--cache {self.cache}: {base} is not a folder"]
-        if not os.access(base, os.W_OK | os.X_OK):
-            return [f"--cache {self.cache}: {base} is not writable"]
+        problem = writable_problem(base)
+        if problem:
+            return [f"--cache {self.cache}: {base}: {problem}"]
         return []
 
     def _device_problems(self) -> list[str]:

@@ -55,8 +55,10 @@ from precompute.preprocess import MAX_CAPTION_CHARS, MAX_CAPTIONS_PER_ITEM, Prep
 from precompute.sources import RawItem, ReadLimits, Source, SourceError, open_source
 from shards import schema
 from shards.manifest import Manifest, ShardRecord, ensure_identity, read_identity
+from shards.reader import ShardError
 from shards.reader import write_empty_prompt
 from shards.lock import LOCK_FILE, LockError, WriterLock
+from shards.runtime import io_reason, is_io_failure
 from shards.store import LocalStore, Store, open_store
 from shards.views import view_key
 from shards.writer import ShardWriter, completed_record
@@ -535,7 +537,19 @@ def _encode(cfg: PrecomputeConfig, store: Store, source: Source, latent: LatentE
     worker = _ShardEncoder(cfg, store, source, latent, prompt, rank_tag=rank_tag, bar=bar, buckets=buckets)
     try:
         for i in mine:
-            record = worker.encode_shard(i)
+            try:
+                record = worker.encode_shard(i)
+            except Exception as e:
+                # A full or read-only disk (safetensors says "IoError"): the shard's writer has
+                # already discarded its temp file, so nothing of it is visible; say where and why.
+                if isinstance(e, ShardError) or not is_io_failure(e):
+                    raise
+                reason = io_reason(e)
+                where = getattr(e, "filename", None) or store.staging_dir(tmp_dir=cfg.tmp_dir)
+                raise PrecomputeError(
+                    f"{schema.shard_name(i)}: cannot be written ({reason}: {where}). Nothing of it was published; "
+                    f"the shards already complete are kept. Free space (or fix the permissions), then re-run the "
+                    "same command to finish") from None
             if bar is not None:
                 bar.set_postfix_str(f"shard {i + 1}/{source.num_units()}", refresh=False)
             log.debug("%s%s: %d samples, skipped %s", rank_tag, record.name, record.samples, record.skipped or "none")

@@ -22,7 +22,9 @@ work through `run_command`, which gives them one policy:
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import re
 import signal
 import sys
 import threading
@@ -31,6 +33,9 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 EXIT_USER_ERROR = 1
+# OSErrors that mean "the storage refuses" (full, read-only, over quota, too large, not allowed),
+# not "the code is wrong": reported as a message, like any other user error.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM}
 _PR_SET_PDEATHSIG = 1
 _HANDLED = (signal.SIGTERM, signal.SIGHUP)
 
@@ -111,6 +116,23 @@ def install_process_guards() -> None:
         die_with_parent()
 
 
+def is_io_failure(error: BaseException) -> bool:
+    """An I/O failure of the storage: an OSError, or safetensors' own error type wrapping one
+    ("I/O error: No space left on device (os error 28)")."""
+    if isinstance(error, OSError):
+        return True
+    text = str(error)
+    return type(error).__name__ == "SafetensorError" and ("I/O error" in text or "IoError" in text or "os error" in text)
+
+
+def io_reason(error: BaseException) -> str:
+    """The human part of an I/O failure: 'No space left on device'."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    m = re.search(r"(?:I/O error: |IoError\(Os \{[^}]*message: \")([^\"(]+)", str(error))
+    return m.group(1).strip() if m else str(error)[:200]
+
+
 def is_peer_failure(error: BaseException) -> bool:
     """A collective failed because another process of the run is gone (or unreachable)."""
     names = {cls.__name__ for cls in type(error).__mro__}
@@ -163,6 +185,11 @@ def explain(error: BaseException, *, user_errors: tuple[type[BaseException], ...
                 128 + term.signum)
     if any(isinstance(e, KeyboardInterrupt) for e in chain):
         return f"interrupted. Nothing partial was published; {continue_hint}.", 130
+    storage = chain[0] if isinstance(chain[0], OSError) and chain[0].errno in _STORAGE_ERRNOS else None
+    if storage is not None:
+        where = f"{storage.filename}: " if storage.filename else ""
+        return (f"{where}{storage.strerror or storage}. Nothing partial was published; free space (or fix the "
+                f"permissions / mount), then {continue_hint}.", EXIT_USER_ERROR)
     user = next((e for e in chain if isinstance(e, user_errors)), None)
     if user is not None and user is chain[0]:
         return message(user), EXIT_USER_ERROR

@@ -210,6 +210,22 @@ def new_temp_path(folder: Path, final_name: str) -> Path:
         return path
 
 
+def writable_problem(folder: str | Path, *, create: bool = False) -> str | None:
+    """Why files cannot be created in `folder`, or None; found by trying (a probe file written and
+    removed), because permission bits say nothing for root or for read-only mounts. With
+    `create` a missing folder is created (and kept)."""
+    folder = Path(folder)
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=TEMP_PREFIX + "write-test-"):
+            pass
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) and str(e.filename) != str(folder) else ""
+        return f"cannot write there{where}: {e.strerror or e}"
+    return None
+
+
 def fsync_file(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

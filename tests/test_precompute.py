@@ -395,7 +395,8 @@ def test_tmp_dir_stages_in_a_per_cache_subfolder_emptied_at_start(tiny_model, fi
     (staging / ".tmp-shard-000000.tar.123.abcd").write_bytes(b"left by a killed run")
     (tmp / ".tmp-shard-000000.tar.456.ef01").write_bytes(b"another program's, or another cache's")
     run(cfg)
-    assert list(staging.iterdir()) == []
+    assert [p.name for p in staging.iterdir()] == [".lock"]  # the leftover is gone; the writer lock, released, stays
+    assert (staging / ".lock").read_text() == ""
     assert (tmp / ".tmp-shard-000000.tar.456.ef01").exists()  # outside this cache's subfolder: untouched
     assert sorted(p.name for p in (cache / "shards").iterdir()) == ["shard-000000.tar"]
 

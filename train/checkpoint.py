@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from shards.runtime import io_reason, is_io_failure
 from safetensors.torch import load_file, save_file
 
 from shards.store import file_sha256, fsync_dir, fsync_file
@@ -339,6 +341,27 @@ def save_checkpoint(
     name = checkpoint_name(state.global_step)
     tmp = root / f"{_TMP_PREFIX}{name}"
     final = root / name
+    try:
+        return _save(accelerator, output_dir, root, tmp, final, state=state, adapter=adapter, optimizer=optimizer,
+                     lr_scheduler=lr_scheduler, noise_generator=noise_generator, meta=meta, keep=keep)
+    except Exception as e:
+        # safetensors reports I/O failures as SafetensorError("...IoError(Os { code: 28 ...")
+        if not is_io_failure(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        newest = latest_checkpoint(output_dir)
+        kept = f"{newest.name}, the newest complete checkpoint, is intact" if newest else "no earlier checkpoint exists"
+        reason = io_reason(e)
+        raise CheckpointError(
+            f"cannot save checkpoint {final}: {reason}" + (f" ({e.filename})" if getattr(e, "filename", None) else "")
+            + f". Nothing of it was published and {kept}; free space (or fix the folder's permissions), then "
+            "continue with --resume latest") from None
+
+
+def _save(accelerator: Any, output_dir: str | Path, root: Path, tmp: Path, final: Path, *, state: TrainState,
+          adapter: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any,
+          noise_generator: torch.Generator, meta: dict[str, Any], keep: int | None) -> Path:
+    name = final.name
     if accelerator.is_main_process:
         if tmp.exists():  # left by a run that died while saving this very step
             shutil.rmtree(tmp)

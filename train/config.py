@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.options import setting
+from shards.store import writable_problem
 
 LR_SCHEDULERS = (
     "constant",
@@ -246,7 +247,7 @@ class TrainConfig:
         if self.output_dir and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             problems.append(f"output dir {self.output_dir!r} exists and is not a folder")
         elif self.output_dir:
-            problem = writable_folder_problem(Path(self.output_dir))
+            problem = writable_problem(Path(self.output_dir), create=True)
             if problem:
                 problems.append(f"--output-dir {self.output_dir}: {problem}")
         if self.local_cache and Path(self.local_cache).exists() and not Path(self.local_cache).is_dir():
@@ -335,22 +336,6 @@ class TrainConfig:
         if problems:
             raise ConfigError(problems)
         return notes
-
-
-def writable_folder_problem(folder: Path) -> str | None:
-    """Why files cannot be created in `folder` (which may not exist yet), or None. Found by
-    trying: the folder is created and a probe file written and removed (permission bits say
-    nothing for root, nor for read-only mounts). A folder created here is kept (train writes it)."""
-    import tempfile
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        where = f" ({e.filename})" if getattr(e, "filename", None) and str(e.filename) != str(folder) else ""
-        return f"cannot write there{where}: {e.strerror or e}"
-    return None
 
 
 def resolve_mixed_precision(requested: str | None, environ: dict | None = None) -> tuple[str, str]:

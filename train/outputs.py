@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from shards.runtime import io_reason, is_io_failure
+
 from shards.fingerprint import module_fingerprint
 from shards.secrets import redact
 from train import card
-from train.checkpoint import TrainState
+from train.checkpoint import TrainState, checkpoint_name
+from train.errors import TrainError
 from train.config import TrainConfig
 from train.metrics import METRICS_FILE
 from train.plan import data_summary
@@ -48,9 +53,40 @@ def epochs_done(state: TrainState, batches_per_epoch: list[int]) -> float:
 def write_outputs(cfg: TrainConfig, plan: Plan, state: TrainState, adapter: torch.nn.Module, *, world: int,
                   seconds: float, rate: float, validation_images: list[Path], replica_digests: list[str],
                   parameters: dict[str, int], hub_repo: str | None = None) -> None:
-    """OUT's deliverables: the adapter (diffusers format), resolved config, loss curve, model card."""
+    """OUT's deliverables: the adapter (diffusers format), resolved config, loss curve, model card.
+
+    Built in OUT/.tmp-outputs and moved into OUT file by file (each an atomic rename) once all
+    are written, so a full disk leaves the previous outputs (or none), never a truncated adapter.
+    """
     out = Path(cfg.output_dir)
-    adapter.save_pretrained(out, safe_serialization=True)
+    stage = out / ".tmp-outputs"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        _write(cfg, plan, state, adapter, stage, out, world=world, seconds=seconds, rate=rate,
+               validation_images=validation_images, replica_digests=replica_digests, parameters=parameters)
+        for path in sorted(stage.iterdir()):
+            os.replace(path, out / path.name)
+    except Exception as e:
+        if not is_io_failure(e):
+            raise
+        reason = io_reason(e)
+        raise TrainError(f"cannot write the outputs in {out}: {reason}"
+                         + (f" ({e.filename})" if getattr(e, "filename", None) else "")
+                         + f". Training finished: the adapter of step {state.global_step} is in "
+                         f"{out}/checkpoints/{checkpoint_name(state.global_step)}/adapter. Free space, then run the "
+                         "same command with --resume latest to write the outputs") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    logger.info("done: %d steps, %d samples, %.1f s this session, %.2f samples/s. Adapter in %s", state.global_step,
+                state.samples_seen, seconds, rate, out)
+    if cfg.push_to_hub:
+        push_to_hub(cfg, out, hub_repo)
+
+
+def _write(cfg: TrainConfig, plan: Plan, state: TrainState, adapter: torch.nn.Module, stage: Path, out: Path, *,
+           world: int, seconds: float, rate: float, validation_images: list[Path], replica_digests: list[str],
+           parameters: dict[str, int]) -> None:
+    adapter.save_pretrained(stage, safe_serialization=True)
     data = data_summary(plan.epoch_stats)  # what the epoch plans used and dropped (never silently)
     resolved = {
         **cfg.to_dict(),
@@ -62,9 +98,9 @@ def write_outputs(cfg: TrainConfig, plan: Plan, state: TrainState, adapter: torc
             "adapter_fingerprint_per_rank": replica_digests, "data": data, **parameters,
         },
     }
-    (out / TRAIN_CONFIG_FILE).write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str) + "\n")
+    (stage / TRAIN_CONFIG_FILE).write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str) + "\n")
     metrics = card.read_metrics(out / "logs" / METRICS_FILE)
-    curve = card.plot_loss_curve(metrics, out / card.LOSS_CURVE_FILE)
+    curve = card.plot_loss_curve(metrics, stage / card.LOSS_CURVE_FILE)
     summary = {
         "optimizer_steps": state.global_step,
         "samples_seen": state.samples_seen,
@@ -79,21 +115,17 @@ def write_outputs(cfg: TrainConfig, plan: Plan, state: TrainState, adapter: torc
         "time_this_session_s": round(seconds, 1),
         "samples_per_s_this_session": round(rate, 2),
     }
-    (out / card.README_FILE).write_text(card.model_card(
+    (stage / card.README_FILE).write_text(card.model_card(
         base_model=cfg.model, cache_url=redact(cfg.cache), manifest_id=plan.manifest_id, config=resolved, summary=summary,
         validation_grids=[p.relative_to(out).as_posix() for p in validation_images],
         prompts=[prompt for _, prompt in cfg.validation_pairs()],
         loss_curve=card.LOSS_CURVE_FILE if curve else None,
     ))
-    logger.info("done: %d steps, %d samples, %.1f s this session, %.2f samples/s. Adapter in %s", state.global_step,
-                state.samples_seen, seconds, rate, out)
-    if cfg.push_to_hub:
-        push_to_hub(cfg, out, hub_repo)
 
 
 # What the hub gets: the adapter, card, config, loss curve and validation grids; not the
 # resumable checkpoints (large, optimizer state) nor the logs.
-HUB_IGNORE = ["checkpoints/**", "logs/**"]
+HUB_IGNORE = ["checkpoints/**", "logs/**", ".lock", ".tmp-*"]
 
 
 def create_hub_repo(cfg: TrainConfig) -> str:

@@ -29,7 +29,6 @@ from train import checks
 from train.checkpoint import (
     Checkpoint,
     CheckpointError,
-    list_checkpoints,
     step_folders,
     read_checkpoint,
     resolve_resume,
