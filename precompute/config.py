@@ -34,7 +34,7 @@ ENCODE_DTYPES = ("fp32", "bf16", "fp16")
 # live and how one run went. `device` is not byte-neutral, but its spelling is ("auto" and "cpu"
 # can mean the same device): the identity records the resolved kind instead.
 # `cache_dir` (the datasets download cache) is where inputs are kept, not what they are.
-RUN_ONLY = ("cache", "tmp_dir", "device", "num_workers", "strict", "cache_dir")
+RUN_ONLY = ("cache", "tmp_dir", "device", "num_workers", "strict", "cache_dir", "rebuild_stale")
 # Cache URL schemes precompute can write to (http(s):// caches are read-only).
 WRITABLE_SCHEMES = ("", "file", "s3")
 MISSING_MODEL_HINT = (
@@ -126,6 +126,19 @@ class PrecomputeConfig:
     follow_symlinks: bool = _s(False, "Read files whose real path is outside the dataset folder (symlinks pointing "
                                       "out, ../ paths, absolute paths elsewhere); without it they are skipped as "
                                       "image_outside_root / cond_outside_root.", "limits")
+    # -- noticing edited and repeated inputs ----------------------------------------------------------
+    source_fingerprint: str = _s("content", "How each item's inputs are fingerprinted in its shard record, so a re-run "
+                                            "notices edited inputs: content (sha256 of image, conditioning image and "
+                                            "captions; a re-run re-reads every input of complete shards) or stat "
+                                            "(file size and mtime, no reads: much faster on big folders; Hugging "
+                                            "Face datasets and remote tars always use content).", "inputs",
+                                 choices=("content", "stat"))
+    rebuild_stale: bool = _s(False, "Rebuild the shards whose inputs changed since they were made (without it a "
+                                    "re-run over edited inputs lists them and refuses to call the cache complete).",
+                             "inputs")
+    dedupe: bool = _s(False, "Drop every item that repeats an earlier one (the same image, conditioning image and "
+                             "captions, or the same file / tar key again), instead of only counting them. Reads every "
+                             "input once more before encoding.", "inputs")
     # -- where ------------------------------------------------------------------------------------
     cache: str | None = _s(None, "Where the cache is written: a local folder (created if needed), file://, or "
                                  "s3://bucket/prefix (endpoint and credentials from the standard AWS variables or "
@@ -488,6 +501,9 @@ class PrecomputeConfig:
                              "follow_symlinks": self.follow_symlinks},
             "max_samples": self.max_samples,
             "samples_per_shard": self.samples_per_shard,
+            # How records fingerprint the inputs (records are compared across runs) and whether
+            # repeated items are dropped (which items a shard holds).
+            "inputs": {"fingerprint": self.source_fingerprint, "dedupe": self.dedupe},
             # The seed only draws random crops: with centre crops (and one crop per image) it
             # changes nothing, and a resume with another --seed must not be refused for it.
             "seed": self.seed if self.crop == "random" or self.crops > 1 else None,

@@ -28,7 +28,6 @@ exception.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,13 +108,6 @@ def _pick_split(loaded: Any, split: str, what: str) -> Any:
     return loaded
 
 
-def _listing_sha256(root: Path, files: list[Path]) -> str:
-    """sha256 of the data files' names (relative to `root`) and sizes: changes when a file is
-    replaced by another of other size, never with modification times or where the copy lives."""
-    listing = "".join(f"{p.relative_to(root).as_posix()}\t{p.stat().st_size}\n" for p in files)
-    return hashlib.sha256(listing.encode()).hexdigest()
-
-
 def _load(
     data: str | None, name: str | None, config: str | None, revision: str | None, split: str, cache_dir: str | None
 ) -> tuple[Any, str, Path | None, dict]:
@@ -137,8 +129,6 @@ def _load(
         except Exception as e:  # ConnectionError (offline, not found), FileNotFoundError, DatasetNotFoundError...
             raise _load_error(what, e, cache_dir) from None
         ident = {"dataset": label, "config": config, "revision": revision, "split": split}
-        if local.is_dir():
-            ident["files_sha256"] = _listing_sha256(local, table_files(local))
         return _pick_split(loaded, split, what), label, (local.resolve() if local.is_dir() else None), ident
 
     assert data is not None
@@ -150,20 +140,14 @@ def _load(
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
                 ds = _pick_split(loaded, split, what)
-                files = sorted(p for p in (path / split).iterdir() if p.is_file())
-                return ds, path.name, root, {"dataset": str(path), "format": "save_to_disk", "split": split,
-                                             "files_sha256": _listing_sha256(path, files)}
-            files = sorted(p for p in path.iterdir() if p.is_file())
-            return loaded, path.name, root, {"dataset": str(path), "format": "save_to_disk", "split": None,
-                                             "files_sha256": _listing_sha256(path, files)}
+                return ds, path.name, root, {"dataset": str(path), "format": "save_to_disk", "split": split}
+            return loaded, path.name, root, {"dataset": str(path), "format": "save_to_disk", "split": None}
         if path.is_file() and path.name.lower().endswith(".arrow"):
             ds = datasets.Dataset.from_file(str(path))  # memory-mapped in place, nothing copied
-            return ds, path.name, root, {"dataset": str(path), "format": "arrow", "split": None,
-                                         "files_sha256": _listing_sha256(root, [path])}
+            return ds, path.name, root, {"dataset": str(path), "format": "arrow", "split": None}
         if path.is_file():
             loaded = datasets.load_dataset("parquet", data_files=[str(path)], split="train", cache_dir=cache_dir)
-            return loaded, path.name, root, {"dataset": str(path), "format": "parquet", "split": None,
-                                             "files_sha256": _listing_sha256(root, [path])}
+            return loaded, path.name, root, {"dataset": str(path), "format": "parquet", "split": None}
         files = table_files(path)
         if not files:
             raise SourceError(f"{what}: no .parquet or .arrow files and no save_to_disk folder")
@@ -171,8 +155,7 @@ def _load(
         # data/train-00000-of-00001.parquet), everything else is one "train" split.
         loaded = datasets.load_dataset(str(path), split=split, cache_dir=cache_dir)
         fmt = "parquet" if all(p.suffix.lower() == ".parquet" for p in files) else "tables"
-        return loaded, path.name, root, {"dataset": str(path), "format": fmt, "split": split,
-                                         "files_sha256": _listing_sha256(path, files)}
+        return loaded, path.name, root, {"dataset": str(path), "format": fmt, "split": split}
     except SourceError:
         raise
     except ValueError as e:
@@ -291,7 +274,6 @@ class HFSource(Source):
             **self.ident,
             "columns": {"image": self.image_column, "conditioning_image": self.cond_column,
                         "caption": self.caption_column},
-            "rows": self.rows,
             "features": self.features,
             "fingerprint_mode": "content",  # always, for Hugging Face datasets
             "max_samples": self.max_samples,

@@ -69,6 +69,7 @@ SKIP_REASONS: dict[str, str] = {
     "tar_corrupt": "an input tar is malformed or truncated (items after the damage are lost)",
     "tar_unreadable": "an input tar could not be opened or read",
     "latent_nonfinite": "the VAE encoded the image (one of its views) to inf/NaN (e.g. fp16 overflow)",
+    "duplicate": "the item repeats an earlier one (the same inputs, or the same file / tar key) and --dedupe drops it",
 }
 
 CROP_MODES = ("center", "random")

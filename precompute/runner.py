@@ -52,6 +52,8 @@ import torch
 from precompute.config import ConfigError, PrecomputeConfig, PrecomputeError
 from precompute.encoders import FP16_VAE_HINT, LatentEncoder, PromptEncoder, load_encoders
 from precompute.preprocess import MAX_CAPTION_CHARS, MAX_CAPTIONS_PER_ITEM, Prepared, Skip, item_rng, prepare_views
+from precompute.inputs import Drops, check_inputs, repeated_items, source_key
+from precompute.source_base import content_fingerprint
 from precompute.sources import RawItem, ReadLimits, Source, SourceError, open_source
 from shards import schema
 from shards.manifest import Manifest, ShardRecord, ensure_identity, read_identity
@@ -169,6 +171,8 @@ class _Outcome:
     cond_pngs: list[bytes]  # the views' conditioning images, PNG-encoded by the worker
     skip: Skip | None
     seconds: float
+    fingerprint: str = ""  # the item's input fingerprint (ShardRecord.sources)
+    source_key: str = ""  # 16 hex digits of sha256(source id) (ShardRecord.source_keys)
 
 
 class _Done:
@@ -213,6 +217,7 @@ class _ShardEncoder:
         self.shards_written = self.samples_written = self.items_read = self.truncated = 0
         self._skip_warnings = self._note_warnings = 0
         self.pool = ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="prepare") if cfg.num_workers else None
+        self.drops: dict[tuple[int, int], tuple[int, int]] = {}  # --dedupe: (unit, position) -> first occurrence
 
     def close(self) -> None:
         if self.pool is not None:
@@ -222,6 +227,12 @@ class _ShardEncoder:
     def _prepare(self, shard: int, position: int, item: RawItem) -> _Outcome:
         t0 = time.perf_counter()
         cfg = self.cfg
+        marks = dict(fingerprint=item.fingerprint or content_fingerprint(item), source_key=source_key(item.source_id))
+        first = self.drops.get((shard, position))
+        if first is not None:  # --dedupe: it repeats an earlier item; not even decoded
+            detail = (f"{item.source_id}: repeats {schema.sample_key(*first)} (the same inputs, or the same file / tar "
+                      "key)")
+            return _Outcome(position, item.source_id, [], [], Skip("duplicate", detail), 0.0, **marks)
         try:
             views = prepare_views(
                 item,
@@ -238,9 +249,9 @@ class _ShardEncoder:
                 max_image_pixels=cfg.max_image_pixels,
             )
             pngs = [schema.encode_png(v.cond) for v in views]
-            return _Outcome(position, item.source_id, views, pngs, None, time.perf_counter() - t0)
+            return _Outcome(position, item.source_id, views, pngs, None, time.perf_counter() - t0, **marks)
         except Skip as s:
-            return _Outcome(position, item.source_id, [], [], s, time.perf_counter() - t0)
+            return _Outcome(position, item.source_id, [], [], s, time.perf_counter() - t0, **marks)
 
     def _prepared(self, shard: int) -> Iterator[_Outcome]:
         """The unit's items, prepared by the pool with bounded look-ahead, in source order."""
@@ -295,7 +306,10 @@ class _ShardEncoder:
                 f"--strict: {skip.reason}: {skip.detail} (shard {shard}, unit {self.source.unit_name(shard)})"
             )
         skips.counts[skip.reason] += 1
-        skips.items.append({"source_id": o.source_id, "reason": skip.reason, "detail": skip.detail})
+        entry = {"source_id": o.source_id, "reason": skip.reason, "detail": skip.detail}
+        if skip.reason == "duplicate":  # which item it repeats: a re-run checks the same ones still do
+            entry.update(position=o.position, repeats=schema.sample_key(*self.drops[(shard, o.position)]))
+        skips.items.append(entry)
         self._warn("skip", "skipped %s (%s): %s", o.source_id, skip.reason, skip.detail)
 
     def _encode_batch(self, writer: ShardWriter, shard: int, batch: list[_Outcome], notes: Counter[str],
@@ -405,12 +419,16 @@ class _ShardEncoder:
         skips = _ShardSkips()
         notes: Counter[str] = Counter()  # kept but altered: counted in the record, like skips
         batch: list[_Outcome] = []
+        sources: list[str] = []
+        source_keys: list[str] = []
         in_batch = written = 0
         # Bucketed caches list each sample's latent shape in the record: train plans one-shape
         # batches from the records alone.
         with ShardWriter(self.store, shard, storage_dtype=cfg.storage_dtype, tmp_dir=cfg.tmp_dir,
                          record_latent_shapes=self.buckets is not None) as writer:
             for o in self._prepared(shard):
+                sources.append(o.fingerprint)
+                source_keys.append(o.source_key)
                 self.items_read += 1
                 if self.bar is not None:
                     self.bar.update(1)
@@ -425,7 +443,8 @@ class _ShardEncoder:
             if batch:
                 written += self._encode_batch(writer, shard, batch, notes, skips)
             t0 = time.perf_counter()
-            record = writer.commit(dict(skips.counts), skips.items, dict(notes))
+            record = writer.commit(dict(skips.counts), skips.items, dict(notes), sources=sources,
+                                   source_keys=source_keys)
             self.timings.commit += time.perf_counter() - t0
         self.shards_written += 1
         self.samples_written += written
@@ -457,6 +476,7 @@ def _open(cfg: PrecomputeConfig) -> Source:
                 dataset_split=cfg.dataset_split,
                 cache_dir=cfg.cache_dir,
                 limits=ReadLimits(max_file_bytes=cfg.max_input_bytes, follow_symlinks=cfg.follow_symlinks),
+                fingerprint_mode=cfg.source_fingerprint,
             )
         except SourceError as e:
             problems.append(f"--data {cfg.data}: {e}" if cfg.data else f"--dataset-name {cfg.dataset_name}: {e}")
@@ -496,32 +516,74 @@ def _remove_leftovers(store: Store, tmp_dir: str | None, state) -> None:
         log.debug("removed: %s", ", ".join(removed))
 
 
+def _broadcast_ints(state, values: list[int] | None) -> list[int]:
+    """Rank 0's list of ints on every process (its length first): tensors, never pickled objects."""
+    if state.num_processes == 1:
+        return list(values or [])
+    n = torch.tensor([len(values) if values is not None else 0], dtype=torch.int64, device=state.device)
+    torch.distributed.broadcast(n, src=0)
+    data = torch.tensor(values if state.is_main_process else [0] * int(n.item()), dtype=torch.int64,
+                        device=state.device)
+    if data.numel():
+        torch.distributed.broadcast(data, src=0)
+    return data.cpu().tolist()
+
+
+def _withdraw_stale(cfg: PrecomputeConfig, store: Store, stale: dict[int, str]) -> None:
+    """Stale shards without --rebuild-stale: the cache is not complete (its manifest, if any, is
+    withdrawn so train refuses it), and the message lists each shard and what changed."""
+    shown = "\n".join(f"  - {schema.shard_name(i)}: {why}" for i, why in sorted(stale.items())[:20])
+    more = f"\n  - ... and {len(stale) - 20} more" if len(stale) > 20 else ""
+    withdrawn = ""
+    if store.exists(schema.MANIFEST_FILE):
+        store.delete(schema.MANIFEST_FILE)
+        withdrawn = f" Its {schema.MANIFEST_FILE} was withdrawn, so nothing trains on the stale shards meanwhile."
+    raise PrecomputeError(
+        f"{store.url}: {len(stale)} shard(s) were made from inputs that changed since:\n{shown}{more}\nThe cache is "
+        f"not complete until they are rebuilt: re-run the same command with --rebuild-stale.{withdrawn}")
+
+
 def _prepare_cache(cfg: PrecomputeConfig, store: Store, source: Source, prompt: PromptEncoder, identity: dict,
-                   state) -> list[int]:
-    """Identity check, the one-time writes and clean-up, and the plan. Returns the pending shard
-    indices, the same list on every process."""
+                   state) -> tuple[list[int], Drops]:
+    """Identity check, the one-time writes and clean-up, the input checks and the plan. Returns
+    the pending shard indices and the items --dedupe drops, the same on every process."""
     # Every process checks (rank 0 also writes a missing identity) before anyone writes anything
     # else, so a refusal stops all of them together instead of leaving some at a collective.
     if state.is_main_process or read_identity(store) is not None:
         ensure_identity(store, identity)
     _remove_leftovers(store, cfg.tmp_dir, state)
     n = source.num_units()
+    status, plan = 0, None  # rank 0: 1 = refused (stale inputs); plan = done flags + drops
+    problem = None
     if state.is_main_process:
         if not store.exists(schema.EMPTY_PROMPT_FILE):
             pe, pooled = prompt([""])
             write_empty_prompt(store, pe, pooled, cfg.storage_dtype)
-        done = torch.tensor([r is not None for r in _completed_records(store, n)], dtype=torch.uint8)
-    else:
-        done = torch.zeros(n, dtype=torch.uint8)
-    if state.num_processes > 1:
-        # A tensor collective, not broadcast_object_list: nothing is pickled, even between ranks.
-        done = done.to(state.device)
-        torch.distributed.broadcast(done, src=0)  # also the barrier after identity + empty prompt
-    return [i for i, d in enumerate(done.cpu().tolist()) if not d]
+        found = _completed_records(store, n)
+        complete = {i: r for i, r in enumerate(found) if r is not None}
+        stale, drops = check_inputs(source, complete, dedupe=cfg.dedupe)
+        if stale and not cfg.rebuild_stale:
+            try:
+                _withdraw_stale(cfg, store, stale)
+            except PrecomputeError as e:
+                status, problem = 1, e
+        for i in sorted(stale) if cfg.rebuild_stale else ():
+            log.warning("%s: rebuilding it: %s", schema.shard_name(i), stale[i])
+            store.delete(schema.record_name(i))  # the record first: a shard without one is "not done"
+            store.delete(schema.shard_name(i))
+            complete.pop(i)
+        plan = [status] + [1 if i in complete else 0 for i in range(n)]
+        plan += [v for (u, p_), (fu, fp) in sorted(drops.items()) for v in (u, p_, fu, fp)]
+    plan = _broadcast_ints(state, plan)  # also the barrier after identity, empty prompt and checks
+    if plan[0]:
+        raise problem or PrecomputeError("the main process refused to continue (its message says why)")
+    done, flat = plan[1 : n + 1], plan[n + 1 :]
+    drops = {(flat[k], flat[k + 1]): (flat[k + 2], flat[k + 3]) for k in range(0, len(flat), 4)}
+    return [i for i, d in enumerate(done) if not d], drops
 
 
 def _encode(cfg: PrecomputeConfig, store: Store, source: Source, latent: LatentEncoder, prompt: PromptEncoder,
-            mine: list[int], state, buckets: list[tuple[int, int]] | None) -> _ShardEncoder:
+            mine: list[int], state, buckets: list[tuple[int, int]] | None, drops: Drops) -> _ShardEncoder:
     """Encode this process's shards, with a progress bar (images/s) on a terminal."""
     rank, world = state.process_index, state.num_processes
     bar = None
@@ -535,6 +597,7 @@ def _encode(cfg: PrecomputeConfig, store: Store, source: Source, latent: LatentE
         )
     rank_tag = f"[rank {rank}] " if world > 1 else ""
     worker = _ShardEncoder(cfg, store, source, latent, prompt, rank_tag=rank_tag, bar=bar, buckets=buckets)
+    worker.drops = drops
     try:
         for i in mine:
             try:
@@ -647,13 +710,14 @@ def run(cfg: PrecomputeConfig) -> Summary:
             buckets=buckets,
         )
 
-        pending = _prepare_cache(cfg, store, source, prompt, identity, state)
+        pending, drops = _prepare_cache(cfg, store, source, prompt, identity, state)
         n = source.num_units()
         info("%s: %d shard(s) planned from %s, %d already complete, %d to encode", store.url, n,
              source.describe().get("path") or source.describe().get("dataset"), n - len(pending), len(pending))
         encode_started = time.perf_counter()
         # Pending shards dealt round-robin: after a resume every process still gets its share.
-        worker = _encode(cfg, store, source, latent, prompt, pending[state.process_index :: world], state, buckets)
+        worker = _encode(cfg, store, source, latent, prompt, pending[state.process_index :: world], state, buckets,
+                         drops)
 
         counters = torch.tensor(
             [worker.shards_written, worker.samples_written, worker.items_read, worker.truncated,
@@ -668,7 +732,14 @@ def run(cfg: PrecomputeConfig) -> Summary:
 
         totals = None
         if state.is_main_process:  # the only reader of every record (2 requests per shard on a remote store)
-            manifest = Manifest.build(identity, _all_records(store, n), cfg.resolved(), created=CREATED)
+            records = _all_records(store, n)
+            repeats = repeated_items(records)
+            if repeats:
+                shown = ", ".join(f"{a} repeats {b}" for a, b in repeats[:5]) + (" ..." if len(repeats) > 5 else "")
+                log.warning("%d item(s) repeat an earlier one (the same inputs, or the same file / tar key) and were "
+                            "encoded again: %s. Pass --dedupe to drop them", len(repeats), shown)
+            manifest = Manifest.build(identity, records, cfg.resolved(), created=CREATED,
+                                      extra_totals={"repeated_items": len(repeats)})
             manifest.save(store)  # last: its presence says the cache is complete
             totals = manifest.totals
         summary = Summary(

@@ -338,13 +338,11 @@ class FolderSource(Source):
             "path": str(self.root),
             "metadata": self.metadata.name,
             "format": self.format,
-            "metadata_sha256": self.sha256,
             "columns": {
                 "image": self.image_column,
                 "conditioning_image": self.cond_column,
                 "caption": self.caption_column,
             },
-            "rows": self.num_items(),
             "max_samples": self.max_samples,
         }
 

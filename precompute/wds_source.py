@@ -24,7 +24,6 @@ zero end-of-archive blocks, at least one 512-byte block, or the tar is reported 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -120,8 +119,6 @@ class WebDatasetSource(Source):
         self.cond_suffixes = tuple(s.lower().lstrip(".") for s in cond_suffixes)
         self.caption_keys = tuple(caption_keys)
         self.max_samples = max_samples
-        listing = "".join(f"{t.name}\t{t.size}\n" for t in tars)
-        self.listing_sha256 = hashlib.sha256(listing.encode()).hexdigest()
         # Items to take from each tar. Without max_samples every tar is read whole; with it, the
         # tars are counted up front (cheap for the small subsets max_samples is meant for; a
         # remote tar is streamed once for it, and only the tars needed are).
@@ -259,8 +256,6 @@ class WebDatasetSource(Source):
         return {
             "kind": self.kind,
             "path": self.path,
-            "tars": len(self.tars),
-            "tar_listing_sha256": self.listing_sha256,  # names and sizes of the tars
             "columns": {
                 "image": list(self.image_exts),
                 "conditioning_image": list(self.cond_suffixes) or None,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +72,13 @@ class ShardRecord:
     # Items kept but altered, by reason -> count (e.g. caption_truncated: over the text encoders'
     # 77 tokens, cut as SDXL does; cond_resized). Left out of the JSON when empty.
     notes: dict[str, int] = field(default_factory=dict)
+    # What the shard was made from, per position of its source unit (every item read, skipped or
+    # not): `sources` the item's input fingerprint (content sha256, or file size + mtime), and
+    # `source_keys` 16 hex digits of sha256(source id). A re-run compares them with the inputs
+    # (edited inputs -> stale shard) and counts repeated items. Kept in the per-shard record files
+    # only: the manifest's copy leaves them out (train needs neither), so it stays small.
+    sources: list[str] | None = None
+    source_keys: list[str] | None = None
 
     def problems(self) -> list[str]:
         p = []
@@ -102,6 +109,13 @@ class ShardRecord:
             p.append("notes must map reason strings to counts >= 0")
         if not isinstance(self.skipped_items, list) or not all(isinstance(i, dict) for i in self.skipped_items):
             p.append("skipped_items must be a list of objects")
+        for name in ("sources", "source_keys"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+                p.append(f"{name} must be null or a list of strings")
+        if isinstance(self.sources, list) and isinstance(self.source_keys, list) and \
+                len(self.sources) != len(self.source_keys):
+            p.append(f"{len(self.sources)} sources for {len(self.source_keys)} source_keys")
         if self.latent_shapes is not None:
             shapes = self.latent_shapes
             if not isinstance(shapes, list) or not all(
@@ -118,7 +132,14 @@ class ShardRecord:
             del d["latent_shapes"]  # keep records of one-shape caches lean
         if not d["notes"]:
             del d["notes"]
+        for name in ("sources", "source_keys"):
+            if d[name] is None:
+                del d[name]
         return d
+
+    def without_sources(self) -> "ShardRecord":
+        """The record as the manifest lists it (no per-item source fingerprints)."""
+        return replace(self, sources=None, source_keys=None)
 
     def to_json(self) -> bytes:
         return _dumps(self.to_dict())
@@ -142,6 +163,8 @@ class ShardRecord:
             skipped_items=d.get("skipped_items", []),
             latent_shapes=d.get("latent_shapes"),
             notes=d.get("notes", {}),
+            sources=d.get("sources"),
+            source_keys=d.get("source_keys"),
         )
         problems = rec.problems()
         if problems:
@@ -311,6 +334,7 @@ class Manifest:
         config: dict,
         code_version: str | None = None,
         created: str | None = None,
+        extra_totals: dict | None = None,
     ) -> "Manifest":
         """A manifest from the identity (which carries latent/text/geometry/dtypes) and the
         records of every shard; totals are computed here, records sorted by index."""
@@ -318,7 +342,7 @@ class Manifest:
         missing = [k for k in ("latent", "text", "geometry", "dtypes") if not isinstance(identity.get(k), dict)]
         if missing:
             raise ManifestError(f"identity lacks sections {missing} needed by the manifest")
-        records = sorted(records, key=lambda r: r.index)
+        records = sorted((r.without_sources() for r in records), key=lambda r: r.index)
         m = cls(
             format=schema.FORMAT,
             format_version=schema.FORMAT_VERSION,
@@ -331,7 +355,7 @@ class Manifest:
             dtypes=identity["dtypes"],
             config=_json_normalise(config),
             shards=list(records),
-            totals=cls.compute_totals(records, identity["latent"].get("vae_scale_factor")),
+            totals={**cls.compute_totals(records, identity["latent"].get("vae_scale_factor")), **(extra_totals or {})},
         )
         problems = m.problems()
         if problems:

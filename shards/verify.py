@@ -148,6 +148,7 @@ def _check_record_file(store: Store, record: ShardRecord) -> None:
         on_disk = ShardRecord.from_json(data, where=rel)
     except ManifestError as e:
         raise VerifyError(str(e)) from None
+    on_disk = on_disk.without_sources()  # the manifest lists records without them
     if on_disk != record:
         fields = [k for k in record.__dataclass_fields__ if getattr(on_disk, k) != getattr(record, k)]
         raise VerifyError(f"{record.name}: its record {rel} disagrees with the manifest on {fields}")

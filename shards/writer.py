@@ -154,10 +154,13 @@ class ShardWriter:
         skipped: dict[str, int] | None = None,
         skipped_items: list[dict] | None = None,
         notes: dict[str, int] | None = None,
+        sources: list[str] | None = None,
+        source_keys: list[str] | None = None,
     ) -> ShardRecord:
         """Validate, publish the shard, then write its record. Returns the record.
 
-        `skipped` counts source items left out by reason; `notes` counts items kept but altered.
+        `skipped` counts source items left out by reason; `notes` counts items kept but altered;
+        `sources` / `source_keys` describe every item of the source unit (`ShardRecord`).
         """
         if self._state != "open":
             raise RuntimeError(f"{self.name}: commit() on a writer that is {self._state}")
@@ -180,6 +183,8 @@ class ShardWriter:
                 skipped_items=skipped_items,
                 latent_shapes=list(self._shapes) if self._shapes is not None else None,
                 notes=dict(sorted((notes or {}).items())),
+                sources=list(sources) if sources is not None else None,
+                source_keys=list(source_keys) if source_keys is not None else None,
             )
             problems = record.problems()
             if problems:

@@ -38,9 +38,9 @@ FOREIGN = {
     **{name: Foreign(_FIXED_AT_PRECOMPUTE) for name in (
         "buckets", "bucket_step", "crop", "crops", "min_size", "max_aspect", "condition", "canny_low", "canny_high",
         "samples_per_shard", "latent_store", "storage_dtype", "vae_dtype", "text_dtype", "tmp_dir", "device",
-        "max_input_bytes", "max_image_pixels")},
+        "max_input_bytes", "max_image_pixels", "source_fingerprint")},
     **{name: Foreign(_FIXED_AT_PRECOMPUTE, takes_value=False) for name in (
-        "flip", "condition_soft", "allow_empty_captions", "follow_symlinks", "strict")},
+        "flip", "condition_soft", "allow_empty_captions", "follow_symlinks", "strict", "rebuild_stale", "dedupe")},
     "trust_remote_code": Foreign(_DATASET, takes_value=False),
     "enable_xformers_memory_efficient_attention": Foreign(
         "attention runs through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels), which "

@@ -1,0 +1,142 @@
+"""Changed and repeated inputs: a re-run over edited inputs names the stale shards and will not
+call the cache complete until --rebuild-stale rebuilds them; repeated rows and tar keys are
+counted (and dropped with --dedupe).
+
+The real runner on the tiny model, over copies of the fill dataset edited in place.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from precompute.config import PrecomputeConfig, PrecomputeError
+from precompute.runner import run
+from shards.manifest import Manifest, read_record
+from shards.reader import iter_shard
+from shards.store import open_store
+from shards.verify import verify_cache
+
+
+def _cfg(model, data, cache, **kw) -> PrecomputeConfig:
+    base = dict(model=str(model), data=str(data), cache=str(cache), resolution=64, samples_per_shard=4,
+                num_workers=0, device="cpu", batch_size=4)
+    return PrecomputeConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def data(fill_data, tmp_path) -> Path:
+    """A private copy of the 16-item fill dataset, to edit."""
+    return Path(shutil.copytree(fill_data, tmp_path / "data"))
+
+
+def _shard_bytes(cache: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((cache / "shards").iterdir())}
+
+
+@pytest.mark.parametrize("mode", ["content", "stat"])
+def test_an_image_edited_in_place_makes_its_shard_stale_until_rebuilt(tiny_model, data, tmp_path, mode):
+    cache = tmp_path / "cache"
+    run(_cfg(tiny_model, data, cache, source_fingerprint=mode))
+    before = _shard_bytes(cache)
+    record = read_record(open_store(cache), 1)
+    assert record.sources is not None and len(record.sources) == len(record.source_keys) == 4
+    assert all(s.startswith(("sha256:" if mode == "content" else "stat:")) for s in record.sources)
+    manifest_entry = Manifest.load(open_store(cache)).shards[1]
+    assert manifest_entry.sources is None  # the manifest stays small: fingerprints live in records
+
+    rows = [json.loads(line) for line in (data / "prompt.json").read_text().splitlines()]
+    target = data / rows[5]["target"]  # item 5 = shard 1, position 1
+    pixels = np.asarray(Image.open(target).convert("RGB")).copy()
+    pixels[:8] = 255 - pixels[:8]
+    Image.fromarray(pixels).save(target)  # edited in place: same name, other bytes (and mtime)
+
+    with pytest.raises(PrecomputeError) as err:
+        run(_cfg(tiny_model, data, cache, source_fingerprint=mode))
+    message = str(err.value)
+    assert "1 shard(s) were made from inputs that changed since" in message
+    assert "shards/shard-000001.tar: 1 of its 4 items changed since it was made" in message and "000001-000001" in message
+    assert "--rebuild-stale" in message and "manifest.json was withdrawn" in message
+    assert not (cache / "manifest.json").exists()  # nothing trains on it meanwhile
+    assert _shard_bytes(cache) == before  # nothing else touched
+
+    summary = run(_cfg(tiny_model, data, cache, source_fingerprint=mode, rebuild_stale=True))
+    assert (summary.shards_written, summary.shards_resumed) == (1, 3)
+    after = _shard_bytes(cache)
+    assert {k for k in after if after[k] != before[k]} == {"shard-000001.tar"}
+    verify_cache(open_store(cache))
+    again = run(_cfg(tiny_model, data, cache, source_fingerprint=mode))  # fresh now: nothing to do
+    assert again.shards_written == 0
+
+
+def test_an_edited_caption_is_noticed_without_reading_images_in_stat_mode(tiny_model, data, tmp_path):
+    cache = tmp_path / "cache"
+    run(_cfg(tiny_model, data, cache, source_fingerprint="stat"))
+    lines = (data / "prompt.json").read_text().splitlines()
+    row = json.loads(lines[14])
+    row["prompt"] = "a different caption"
+    lines[14] = json.dumps(row)
+    (data / "prompt.json").write_text("\n".join(lines) + "\n")
+    with pytest.raises(PrecomputeError, match=r"shard-000003.tar: 1 of its 4 items changed.*000003-000002"):
+        run(_cfg(tiny_model, data, cache, source_fingerprint="stat"))
+
+
+def test_repeated_rows_are_counted_and_dropped_with_dedupe(tiny_model, data, tmp_path, caplog):
+    lines = (data / "prompt.json").read_text().splitlines()
+    (data / "prompt.json").write_text("\n".join(lines + [lines[2], lines[7]]) + "\n")  # two rows again
+    cache = tmp_path / "counted"
+    with caplog.at_level("WARNING"):
+        summary = run(_cfg(tiny_model, data, cache))
+    assert summary.samples == 18
+    assert Manifest.load(open_store(cache)).totals["repeated_items"] == 2
+    warning = [r.getMessage() for r in caplog.records if "repeat an earlier one" in r.getMessage()]
+    assert warning and "000004-000000 repeats 000000-000002" in warning[0] and "--dedupe" in warning[0]
+
+    deduped = tmp_path / "deduped"
+    summary = run(_cfg(tiny_model, data, deduped, dedupe=True))
+    manifest = Manifest.load(open_store(deduped))
+    assert summary.samples == 16 and manifest.totals["skipped"] == {"duplicate": 2}
+    assert manifest.totals["repeated_items"] == 0
+    items = [i for r in manifest.shards for i in r.skipped_items]
+    assert [(i["reason"], i["repeats"]) for i in items] == [("duplicate", "000000-000002"), ("duplicate", "000001-000003")]
+    assert manifest.identity["inputs"] == {"fingerprint": "content", "dedupe": True}
+    # The kept samples are the very ones of the plain cache.
+    plain = {s.key: s.latent_mean for r in Manifest.load(open_store(cache)).shards
+             for s in iter_shard(open_store(cache), r)}
+    for r in manifest.shards:
+        for s in iter_shard(open_store(deduped), r):
+            assert (plain[s.key] == s.latent_mean).all()
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+
+
+def test_a_tar_key_seen_again_is_counted_and_dropped_with_dedupe(tiny_model, fill_data, tmp_path):
+    rows = [json.loads(line) for line in (fill_data / "prompt.json").read_text().splitlines()]
+
+    def sample(key: str, i: int) -> list[tuple[str, bytes]]:
+        r = rows[i]
+        return [(f"{key}.png", (fill_data / r["target"]).read_bytes()), (f"{key}.txt", r["prompt"].encode()),
+                (f"{key}.cond.png", (fill_data / r["source"]).read_bytes())]
+
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    # Key 0001 appears twice, apart (with other content the second time): two items of one name.
+    _tar(tars / "00000.tar", sample("0000", 0) + sample("0001", 1) + sample("0002", 2) + sample("0001", 3))
+    counted = run(_cfg(tiny_model, tars, tmp_path / "counted"))
+    assert counted.samples == 4
+    assert Manifest.load(open_store(tmp_path / "counted")).totals["repeated_items"] == 1
+    deduped = run(_cfg(tiny_model, tars, tmp_path / "deduped", dedupe=True))
+    assert deduped.samples == 3 and deduped.skipped == {"duplicate": 1}
