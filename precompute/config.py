@@ -26,6 +26,7 @@ from precompute.conditions import METHODS
 from precompute.preprocess import CROP_MODES
 from shards import schema
 from shards.options import SIZE, setting
+from shards.secrets import redact
 from shards.store import writable_problem
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -518,4 +519,6 @@ class PrecomputeConfig:
         d = asdict(self)
         for key in RUN_ONLY:
             d.pop(key)
+        for key in ("data", "dataset_name", "model", "vae"):  # a signed URL's token stays out of the manifest
+            d[key] = redact(d[key])
         return d

@@ -272,3 +272,12 @@ def test_an_unwritable_output_dir_is_refused_before_anything_loads(tmp_path):
     fine = tmp_path / "new" / "run"
     _cfg(tmp_path, output_dir=str(fine)).validate(cuda_available=False)
     assert fine.is_dir() and list(fine.iterdir()) == []  # created, the probe file removed
+
+
+def test_precompute_records_no_secret_of_its_locations():
+    from precompute.config import PrecomputeConfig
+
+    cfg = PrecomputeConfig(model="m", data="https://host.example/tars/{00000..00003}.tar?sv=1&sig=s3cr3t",
+                           cache="s3://bucket/c")
+    assert cfg.resolved()["data"] == "https://host.example/tars/{00000..00003}.tar?sv=REDACTED&sig=REDACTED"
+    assert "s3cr3t" not in json.dumps(cfg.resolved())

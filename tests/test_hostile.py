@@ -1,0 +1,241 @@
+"""Hostile caches: consistent lies. Each case rewrites samples *and* re-hashes their shard's record
+and the manifest, so every count, byte size and sha256 matches: only the readers' content checks
+can catch them. Each must be an error naming the shard, the sample's key and what is wrong, from
+train's loader and from `shards verify`, and never cost more than the caps allow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from shards import schema
+from shards.manifest import Manifest, ManifestError, ShardRecord
+from shards.reader import ShardError, write_empty_prompt
+from shards.store import open_store
+from shards.synthetic import synthetic_identity, synthetic_sample
+from shards.verify import VerifyError, verify_cache
+from shards.writer import ShardWriter, _tarinfo
+from streams import cache_stream
+
+REPO = Path(__file__).resolve().parents[1]
+IDENTITY = synthetic_identity(resolution=16, prompt_dim=8, pooled_dim=4)  # latents 4x2x2, 16 px conditions
+
+
+def _cache(root: Path, shards: int = 2, per_shard: int = 3) -> Manifest:
+    store = open_store(root)
+    g = torch.Generator().manual_seed(0)
+    records = []
+    for i in range(shards):
+        with ShardWriter(store, i) as w:
+            for p in range(per_shard):
+                w.write(synthetic_sample(schema.sample_key(i, p), IDENTITY, g))
+            records.append(w.commit({}, []))
+    write_empty_prompt(store, torch.zeros(1, 77, 8), torch.zeros(1, 4), "bf16")
+    manifest = Manifest.build(IDENTITY, records, {}, code_version="test", created="")
+    manifest.save(store)
+    return manifest
+
+
+def _members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tf:
+        return [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+
+
+def _rewrite(root: Path, edit, shards=(1,)) -> Manifest:
+    """Apply edit(key, {suffix: bytes}) -> {suffix: bytes} to every sample of `shards`, then
+    re-hash the records and the manifest so they agree with the new bytes."""
+    store = open_store(root)
+    manifest = Manifest.load(store)
+    records = []
+    for r in manifest.shards:
+        if r.index not in shards:
+            records.append(r)
+            continue
+        path = root / r.name
+        grouped: dict[str, dict[str, bytes]] = {}
+        for name, data in _members(path):
+            key, suffix = schema.split_member_name(name)
+            grouped.setdefault(key, {})[suffix] = data
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for key, members in grouped.items():
+                members = edit(key, members)
+                for suffix in schema.MEMBERS:
+                    tf.addfile(_tarinfo(f"{key}.{suffix}", len(members[suffix])), io.BytesIO(members[suffix]))
+        data = buf.getvalue()
+        path.write_bytes(data)
+        rec = ShardRecord(index=r.index, name=r.name, samples=r.samples, bytes=len(data),
+                          sha256=hashlib.sha256(data).hexdigest(), keys=r.keys)
+        store.write_bytes(schema.record_name(r.index), rec.to_json())
+        records.append(rec)
+    manifest = Manifest.build(IDENTITY, records, {}, code_version="test", created="")
+    manifest.save(store)
+    return manifest
+
+
+def _tensors(edit_tensors):
+    def edit(key, members):
+        tensors = dict(st_load(members[schema.TENSOR_MEMBER]))
+        tensors = edit_tensors(key, tensors)
+        return {**members, schema.TENSOR_MEMBER: st_save({k: v.contiguous() for k, v in tensors.items()})}
+    return edit
+
+
+def _only_first(change):
+    return lambda key, t: change(t) if key.endswith("-000000") else t
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _meta(change):
+    def edit(key, members):
+        meta = json.loads(members[schema.META_MEMBER])
+        return {**members, schema.META_MEMBER: change(meta)}
+    return edit
+
+
+def _set(t: dict, name: str, value: torch.Tensor) -> dict:
+    return {**t, name: value}
+
+
+CASES = {
+    "nan-latent": (_tensors(_only_first(lambda t: _set(t, "latent_mean", t["latent_mean"].float().fill_(float("nan"))
+                                                       .to(torch.bfloat16)))),
+                   "latent_mean has non-finite values"),
+    "inf-prompt": (_tensors(_only_first(lambda t: _set(t, "prompt_embeds", t["prompt_embeds"].float().fill_(float("inf"))
+                                                       .to(torch.bfloat16)))),
+                   "prompt_embeds has non-finite values"),
+    "float64-everywhere": (_tensors(lambda k, t: {n: v.double() for n, v in t.items()}),
+                           "latent_mean is torch.float64, the manifest says bf16"),
+    "int64-latents": (_tensors(lambda k, t: _set(t, "latent_mean", t["latent_mean"].long())),
+                      "latent_mean is torch.int64, the manifest says bf16"),
+    "latent-of-another-size": (_tensors(lambda k, t: {**t, "latent_mean": torch.zeros(4, 3, 3, dtype=torch.bfloat16),
+                                                      "latent_std": torch.zeros(4, 3, 3, dtype=torch.bfloat16)}),
+                               "cond.png is 16x16, the latent needs 24x24"),
+    "prompt-width": (_tensors(lambda k, t: _set(t, "prompt_embeds", torch.zeros(1, 77, 9, dtype=torch.bfloat16))),
+                     "prompt_embeds (1, 77, 9), the manifest says (k, 77, 8)"),
+    "condition-of-another-size": (lambda k, m: {**m, schema.COND_MEMBER: _png(np.zeros((24, 24, 3), np.uint8))},
+                                  "cond.png is 24x24, the latent needs 16x16"),
+    "huge-png-header": (lambda k, m: {**m, schema.COND_MEMBER: _huge_png()},
+                        "cond.png is 13000x13000, the latent needs 16x16"),
+    "deep-json": (lambda k, m: {**m, schema.META_MEMBER: b"[" * 200_000 + b"]" * 200_000},
+                  "nests 200000 levels deep"),
+    "big-json": (lambda k, m: {**m, schema.META_MEMBER: b'{"x": "' + b"a" * (2 << 20) + b'"}'},
+                 "over the 1048576-byte limit (SHARDS_MAX_JSON_MEMBER_BYTES)"),
+    "target-size-lie": (_meta(lambda m: json.dumps({**m, "target_size": [32, 32]}).encode()),
+                        "target_size (32, 32) != latent size x 8 = (16, 16)"),
+}
+
+
+_HUGE: list[bytes] = []
+
+
+def _huge_png() -> bytes:
+    """A 13000 x 13000 PNG (1-bit, so it is small on disk; decoded to RGB it would be ~500 MB)."""
+    if not _HUGE:
+        buf = io.BytesIO()
+        Image.new("1", (13000, 13000)).save(buf, format="PNG")
+        _HUGE.append(buf.getvalue())
+    return _HUGE[0]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_loader_and_verify_name_the_shard_the_key_and_the_lie(tmp_path, case):
+    edit, expected = CASES[case]
+    _cache(tmp_path)
+    manifest = _rewrite(tmp_path, edit)
+    store = open_store(tmp_path)
+    with pytest.raises(ShardError) as err:  # the hashes hold: the content checks must catch it
+        list(cache_stream(store, manifest, batch_size=2, seed=0, epoch=0, shuffle_buffer=0))
+    message = str(err.value)
+    assert message.startswith("shards/shard-000001.tar: "), message
+    assert expected in message and "000001-00000" in message
+    # A content check points at the whole-cache check; a member refused by its tar header names it.
+    assert "shards verify" in message or "member '000001-000000" in message
+    with pytest.raises(VerifyError) as err:
+        verify_cache(store)
+    assert "shards/shard-000001.tar" in str(err.value) and expected in str(err.value)
+
+
+def test_an_oversized_manifest_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    _cache(tmp_path)
+    monkeypatch.setenv("SHARDS_MAX_MANIFEST_BYTES", "1KiB")
+    with pytest.raises(ManifestError, match=r"manifest.json is \d+ bytes, over the 1024-byte limit "
+                                            r"\(SHARDS_MAX_MANIFEST_BYTES\)"):
+        Manifest.load(open_store(tmp_path))
+    monkeypatch.delenv("SHARDS_MAX_MANIFEST_BYTES")
+    (tmp_path / "manifest.json").write_bytes(b'{"format": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    with pytest.raises(ManifestError, match="nests 100001 levels deep, over the limit of 64"):
+        Manifest.load(open_store(tmp_path))
+
+
+def test_train_on_a_cache_with_a_nan_sample_stops_with_a_message_and_saves_nothing(tiny_model, fill_cache, tmp_path):
+    """The whole CLI: before, this trained 'successfully' into an all-NaN adapter."""
+    import shutil
+
+    cache = Path(shutil.copytree(fill_cache, tmp_path / "cache"))
+    global IDENTITY
+    real = Manifest.load(open_store(cache))
+    saved, IDENTITY = IDENTITY, real.identity
+    try:
+        _rewrite(cache, _tensors(_only_first(lambda t: _set(t, "latent_mean", torch.full_like(
+            t["latent_mean"], float("nan"))))), shards=(2,))
+    finally:
+        IDENTITY = saved
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "train", "--model", str(tiny_model), "--cache", str(cache),
+                           "--output-dir", str(out), "--max-steps", "8", "--batch-size", "2", "--num-workers", "0",
+                           "--checkpointing-steps", "2"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: shards/shard-000002.tar: sample 000002-000000: latent_mean has non-finite values" in proc.stderr
+    assert not (out / "diffusion_pytorch_model.safetensors").exists()
+    for ckpt in (out / "checkpoints").glob("step-*"):  # whatever was saved is finite
+        from safetensors.torch import load_file
+
+        weights = load_file(ckpt / "adapter" / "diffusion_pytorch_model.safetensors")
+        assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_keys(tiny_model, fill_cache, tmp_path):
+    """Finite inputs, an absurd learning rate: the weights blow up, the loss goes NaN; the run
+    stops at the next metrics flush, which precedes every checkpoint, so none holds NaN."""
+    from train.config import TrainConfig
+    from train.errors import NonFiniteError
+    from train.loop import train
+
+    out = tmp_path / "out"
+    cfg = TrainConfig(model=str(tiny_model), cache=str(fill_cache), output_dir=str(out), batch_size=2, num_workers=0,
+                      learning_rate=1e30, max_steps=8, checkpointing_steps=2, log_every=1, max_grad_norm=1e30,
+                      adam_epsilon=1e-30)
+    with pytest.raises(NonFiniteError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert message.startswith("step ") and "Batch keys on this rank: 0000" in message
+    assert "shards verify" in message and "--resume latest" in message
+    step = int(message.split()[1].rstrip(":"))
+    from safetensors.torch import load_file
+
+    for ckpt in (out / "checkpoints").glob("step-*"):
+        assert int(ckpt.name.split("-")[1]) < step
+        weights = load_file(ckpt / "adapter" / "diffusion_pytorch_model.safetensors")
+        assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (out / "diffusion_pytorch_model.safetensors").exists()
