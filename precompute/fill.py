@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from shards.store import apply_umask
+
 # Named colours (CSS values). Names may have two words, as in fill50k's captions.
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
@@ -168,13 +170,8 @@ def write_folder_atomically(out: Path, build: Callable[[Path], None]) -> Path:
 
 def make_readable(folder: Path) -> None:
     """mkdtemp makes a private (0700) folder and some writers make 0600 files; a generated dataset
-    or model is an ordinary artifact, so give it the permissions any new file gets under the
-    user's umask (0755 / 0644 with the usual 022; also used by `tiny`)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+    or model is an ordinary artifact: the user's umask decides (also used by `tiny`)."""
+    apply_umask(folder)
 
 
 @click.command(help="Write a synthetic fill dataset (fill50k layout) to OUT.")

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -79,6 +80,8 @@ DIST_TIMEOUT = timedelta(hours=2)
 # Per-process caps on per-item warnings; every skipped item is also listed in its shard record.
 MAX_SKIP_WARNINGS = 100
 MAX_NOTE_WARNINGS = 20
+# Seconds between progress lines when stderr is not a terminal (PRECOMPUTE_PROGRESS_SECONDS).
+PROGRESS_SECONDS = float(os.environ.get("PRECOMPUTE_PROGRESS_SECONDS") or 30)
 # Concurrent record/size requests when checking which shards of a remote cache are complete.
 REMOTE_CHECK_THREADS = 16
 
@@ -582,19 +585,61 @@ def _prepare_cache(cfg: PrecomputeConfig, store: Store, source: Source, prompt: 
     return [i for i, d in enumerate(done) if not d], drops
 
 
+class ProgressLines:
+    """Progress as log lines (images, %, images/s, ETA) when stderr is not a terminal: every
+    PROGRESS_SECONDS, and at each tenth of the work when its size is known. A bar's stand-in."""
+
+    def __init__(self, total: int | None, tag: str = ""):
+        self.total, self.tag, self.n = total, tag, 0
+        self.started = self.last = time.monotonic()
+        self.next_tenth = 1
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        tenth = self.total and self.n * 10 >= self.next_tenth * self.total
+        if tenth or now - self.last >= PROGRESS_SECONDS:
+            if tenth:
+                self.next_tenth = self.n * 10 // self.total + 1
+            self.last = now
+            rate = self.n / max(now - self.started, 1e-9)
+            if self.total:
+                eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+                log.info("%sprecompute: %d/%d images (%.0f%%), %.1f images/s, ETA %s", self.tag, self.n, self.total,
+                         100 * self.n / self.total, rate, _duration(eta))
+            else:
+                log.info("%sprecompute: %d images, %.1f images/s", self.tag, self.n, rate)
+
+    def set_postfix_str(self, *_a, **_k) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "unknown"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
 def _encode(cfg: PrecomputeConfig, store: Store, source: Source, latent: LatentEncoder, prompt: PromptEncoder,
             mine: list[int], state, buckets: list[tuple[int, int]] | None, drops: Drops) -> _ShardEncoder:
     """Encode this process's shards, with a progress bar (images/s) on a terminal."""
     rank, world = state.process_index, state.num_processes
     bar = None
     if mine:
-        from tqdm.auto import tqdm
+        total = _unit_sizes(source, mine)
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
 
-        bar = tqdm(
-            total=_unit_sizes(source, mine), unit="img", dynamic_ncols=True,
-            desc=f"precompute{' rank ' + str(rank) if world > 1 else ''}", position=rank if world > 1 else None,
-            disable=None, smoothing=0.05,
-        )
+            bar = tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.05,
+                       desc=f"precompute{' rank ' + str(rank) if world > 1 else ''}",
+                       position=rank if world > 1 else None)
+        else:  # a log file or a pipe: progress lines instead of a bar's carriage returns
+            bar = ProgressLines(total, f"[rank {rank}] " if world > 1 else "")
     rank_tag = f"[rank {rank}] " if world > 1 else ""
     worker = _ShardEncoder(cfg, store, source, latent, prompt, rank_tag=rank_tag, bar=bar, buckets=buckets)
     worker.drops = drops

@@ -226,6 +226,19 @@ def writable_problem(folder: str | Path, *, create: bool = False) -> str | None:
     return None
 
 
+def apply_umask(folder: str | Path) -> None:
+    """Give `folder` and everything in it the permissions a new file gets under the user's umask
+    (0755 / 0644 with the usual 022). For trees built with tools that write private files
+    (mkdtemp's 0700, save_pretrained's 0600 temp files) before they are published."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder = Path(folder)
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def fsync_file(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

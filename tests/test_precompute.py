@@ -635,3 +635,13 @@ def test_a_resolution_off_the_model_granularity_suggests_one_that_fits(tiny_mode
     message = str(err.value)
     assert "not a multiple of 32" in message and "try 64" in message
     assert "try 56" not in message  # 56 passes the VAE factor but not the adapter's granularity
+
+
+def test_progress_is_logged_as_lines_when_stderr_is_not_a_terminal(tiny_model, fill_data, tmp_path):
+    result = _cli(["--model", str(tiny_model), "--data", str(fill_data), "--cache", str(tmp_path / "c"),
+                   "--resolution", "64", "--samples-per-shard", "4", "--num-workers", "0"])
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "precompute: " in line and "images/s" in line]
+    assert len(lines) >= 5 and lines[-1].split("precompute: ")[1].startswith("16/16 images (100%)")
+    assert all("ETA" in line for line in lines)
+    assert "\r" not in result.stderr  # no progress bar's carriage returns in a log

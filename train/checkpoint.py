@@ -42,7 +42,7 @@ import torch
 from shards.runtime import io_reason, is_io_failure
 from safetensors.torch import load_file, save_file
 
-from shards.store import file_sha256, fsync_dir, fsync_file
+from shards.store import apply_umask, file_sha256, fsync_dir, fsync_file
 
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE_FILE = "COMPLETE"
@@ -386,6 +386,7 @@ def _save(accelerator: Any, output_dir: str | Path, root: Path, tmp: Path, final
     accelerator.wait_for_everyone()  # every rank's RNG file is on disk
 
     if accelerator.is_main_process:
+        apply_umask(tmp)  # save_pretrained's temp files are private (0600)
         sizes = _fsync_tree(tmp)
         ranks = [f"rng-rank{r:05d}.json" for r in range(accelerator.num_processes)]
         missing = [r for r in ranks if r not in sizes]

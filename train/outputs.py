@@ -23,6 +23,7 @@ from shards.runtime import io_reason, is_io_failure
 
 from shards.fingerprint import module_fingerprint
 from shards.secrets import redact
+from shards.store import apply_umask
 from train import card
 from train.checkpoint import TrainState, checkpoint_name
 from train.errors import TrainError
@@ -64,6 +65,7 @@ def write_outputs(cfg: TrainConfig, plan: Plan, state: TrainState, adapter: torc
     try:
         _write(cfg, plan, state, adapter, stage, out, world=world, seconds=seconds, rate=rate,
                validation_images=validation_images, replica_digests=replica_digests, parameters=parameters)
+        apply_umask(stage)  # save_pretrained's temp files are private (0600)
         for path in sorted(stage.iterdir()):
             os.replace(path, out / path.name)
     except Exception as e:
