@@ -17,7 +17,6 @@ R x R, R x 1.5R, 1.5R x R and R x 2R (height x width, R the resolution).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
