@@ -83,6 +83,30 @@ def _digest(batch) -> tuple[list[str], str]:
     return list(batch.keys), h.hexdigest()
 
 
+class _KillMidObject(io.RawIOBase):
+    """Reads through `inner`, and calls `cut()` once `after` bytes of the object have been read:
+    the fault lands inside a transfer by construction, whatever order the epoch plan reads in."""
+
+    def __init__(self, inner, after: int, cut):
+        self.inner, self.after, self.cut, self.seen = inner, after, cut, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.inner.read(len(b))
+        b[: len(data)] = data
+        self.seen += len(data)
+        if self.cut is not None and self.seen >= self.after:
+            cut, self.cut = self.cut, None
+            cut()
+        return len(data)
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+
 def test_server_killed_and_restarted_mid_epoch_gives_the_same_epoch(server, big_cache, caplog):
     policy = RetryPolicy(attempts=60, budget_s=90, backoff_s=0.2, max_backoff_s=1.0, connect_timeout_s=2,
                          read_timeout_s=10)
@@ -90,26 +114,40 @@ def test_server_killed_and_restarted_mid_epoch_gives_the_same_epoch(server, big_
     want = [_digest(b) for b in _epoch(store, big_cache)]
     assert len(want) == 3 * 36 // 4
 
-    got, restart = [], {}
+    restart: dict = {}
+    threads: list[threading.Thread] = []
 
-    def start_again():
-        t0 = time.monotonic()
-        server.start()
-        restart["seconds"] = time.monotonic() - t0
+    def cut():
+        # 2 MB into a ~25 MB shard: far more than loopback socket buffers hold is still unsent.
+        server.kill()
 
-    thread = None
+        def start_again():
+            t0 = time.monotonic()
+            server.start()
+            restart["seconds"] = time.monotonic() - t0
+
+        threads.append(threading.Thread(target=start_again))
+        threads[-1].start()
+
+    class Faulty(S3Store):
+        armed = True
+
+        def open_read(self, rel):
+            f = super().open_read(rel)
+            if rel.endswith(".tar") and Faulty.armed:
+                Faulty.armed = False
+                return _KillMidObject(f, 2 << 20, cut)
+            return f
+
     with caplog.at_level(logging.WARNING, logger="shards.remote"):
-        for i, batch in enumerate(_epoch(store, big_cache)):
-            got.append(_digest(batch))
-            if i == 1:  # mid-shard: 8 of the first shard's 36 samples handed out
-                server.kill()
-                thread = threading.Thread(target=start_again)
-                thread.start()
-    thread.join()
+        got = [_digest(b) for b in _epoch(Faulty(f"s3://{BUCKET}/big", policy=policy), big_cache)]
+    for t in threads:
+        t.join()
+    assert threads, "the fault was never injected"
     assert got == want  # every batch, same samples, same order, same bytes
     # The cut transfer resumed mid-object (a Range request at the byte reached), not from the start.
     resumed = [int(m) for m in re.findall(r"shard-\d+\.tar at byte (\d+): .*retry", caplog.text)]
-    assert resumed and max(resumed) > 0, caplog.text
+    assert resumed and max(resumed) >= 2 << 20, caplog.text
     print(f"SeaweedFS restart took {restart['seconds']:.1f}s; stream retried at bytes {sorted(set(resumed))}")
 
 
