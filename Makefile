@@ -106,14 +106,15 @@ tiny: $(TINY)/model_index.json ## build the tiny offline SDXL (random weights) i
 fill: $(FILL)/prompt.json ## generate the synthetic fill dataset into cache/fill-data
 
 precompute: install $(DEPS) ## encode DATA with MODEL into CACHE (defaults: tiny model, fill data)
-	$(PRECOMPUTE)
+	$(PRECOMPUTE) $(ARGS)
 
 # train runs precompute first when CACHE has no manifest yet (so `make train DATA=... CACHE=...`
-# is one command); an existing cache is never re-encoded, whatever the train settings.
+# is one command; that precompute takes PRECOMPUTE_ARGS, ARGS are train's); an existing cache is
+# never re-encoded, whatever the train settings.
 train: install $(if $(MODEL),,$(TINY)/model_index.json) ## train an adapter on CACHE into OUT (precomputes a missing CACHE first)
 	@if ! $(PY) -m shards ls $(CACHE) >/dev/null 2>&1; then \
 		echo "make train: $(CACHE) has no manifest yet: running precompute first"; \
-		$(MAKE) --no-print-directory precompute; \
+		$(MAKE) --no-print-directory precompute ARGS=; \
 	fi
 	$(LAUNCH) train --config configs/$(PRESET)/train.toml --model $(MODEL_ARG) --cache $(CACHE) \
 		--output-dir $(OUT) $(if $(STEPS),--max-steps $(STEPS)) $(if $(BATCH),--batch-size $(BATCH)) \
