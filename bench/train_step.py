@@ -9,7 +9,7 @@ Two steps over one UNet (random weights built from a config, no download):
 - ours: train.step as the trainer runs it: UNet frozen (`freeze_unet`) in the weight dtype, the
   adapter in fp32 under autocast, cached latent moments (one fresh posterior draw per step) and
   prompt embeddings, sigmas from a device table.
-- reference: diffusers' train_t2i_adapter_sdxl.py step (REFERENCE.md section 1), written here: the
+- reference: diffusers' train_t2i_adapter_sdxl.py step (docs/background.md section 1), written here: the
   fp32 VAE encodes every image every step (`latent_dist.sample()`), the UNet is not frozen so its
   weight gradients are computed and kept (nothing ever clears them), per-sample sigma lookup with
   `.nonzero().item()`, `down_block_additional_residuals`, `zero_grad(set_to_none=False)`.
@@ -145,7 +145,13 @@ def run_variant(variant: str, opts: dict[str, Any]) -> dict[str, Any]:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler
 
     from precompute.tiny import SDXL_SCHEDULER_CONFIG
-    from train.step import Batch, Objective, build_adapter, count_parameters, freeze_unet
+    from train.step import (
+        Batch,
+        Objective,
+        build_adapter,
+        count_parameters,
+        freeze_unet,
+    )
 
     device = torch.device(opts["device"])
     weight_dtype = DTYPES[opts["dtype"]]

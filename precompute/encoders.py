@@ -1,6 +1,6 @@
 """The encoders: pixels -> VAE posterior moments, captions -> SDXL prompt embeddings.
 
-Owns the math precompute must reproduce exactly (REFERENCE.md §1), plus loading the three
+Owns the math precompute must reproduce exactly (docs/background.md section 1), plus loading the three
 modules and fingerprinting their weights for the cache identity.
 
 - `LatentEncoder`: `vae.encode(x).latent_dist` -> (mean, std), mapped into the UNet's latent
@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 
+from precompute.buckets import vae_scale_factor
 from shards import schema
-from shards.hub import locate, vae_location
+
 # One definition of each fingerprint, shared with train (which checks what precompute wrote).
 from shards.fingerprint import module_fingerprint, tokenizer_fingerprint
-
-from precompute.buckets import vae_scale_factor
+from shards.hub import locate, vae_location
 
 __all__ = [
     "EncoderError", "LatentEncoder", "LatentInfo", "ModelLoadError", "PromptEncoder", "TextInfo",

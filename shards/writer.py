@@ -15,7 +15,7 @@ bytes already there and succeeds (other bytes are a PublishConflictError, never 
 
 An exception inside `with ShardWriter(...)` aborts: the temporary file is removed and nothing is
 published. (Ordinary tar sinks commit a short-but-valid tar when an exception unwinds through
-them; see REFERENCE.md section 3.) A writer only ever removes its own temp file; what a killed
+them; see docs/background.md section 3.) A writer only ever removes its own temp file; what a killed
 writer left is removed by `store.cleanup_incomplete(tmp_dir=...)` (a precompute at start,
 `python -m shards gc`), the one clean-up of temp files and unfinished uploads.
 
@@ -37,8 +37,9 @@ from pathlib import Path
 import torch
 
 from . import schema
+from .errors import ShardError
 from .manifest import ManifestError, ShardRecord, read_record
-from .reader import ShardError, TarSampleStream
+from .reader import TarSampleStream
 from .store import Store, new_temp_path
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ happen in production: `kill()` (SIGKILL, the server vanishes mid-response), `res
 data folder and ports again), `freeze()`/`thaw()` (SIGSTOP/SIGCONT: the kernel still accepts TCP
 connections, nothing answers; only read timeouts can notice).
 
-Timings measured on a contended 2-core box (REFERENCE.md section 3): S3 answers ~3-4 s after a
+Timings measured on a contended 2-core box (docs/background.md section 3): S3 answers ~3-4 s after a
 cold start, 13-22 s after a restart following SIGKILL, and a graceful SIGTERM takes ~27 s, hence
 `stop()` gives SIGTERM only a short grace period before SIGKILL.
 

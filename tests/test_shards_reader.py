@@ -1,4 +1,4 @@
-"""The verifying reader: every silent tar failure of REFERENCE.md section 3 becomes a ShardError."""
+"""The verifying reader: every silent tar failure of docs/background.md section 3 becomes a ShardError."""
 
 from __future__ import annotations
 
@@ -12,8 +12,15 @@ import torch
 
 from shards import reader as reader_mod
 from shards import schema
-from shards.reader import ShardError, iter_shard, iter_shard_members, load_empty_prompt, write_empty_prompt
-from shards.store import LocalStore, open_store
+from shards.errors import ShardError
+from shards.reader import (
+    iter_shard,
+    iter_shard_members,
+    load_empty_prompt,
+    write_empty_prompt,
+)
+from shards.store import LocalStore
+from shards.stores import open_store
 from shards.synthetic import synthetic_identity, synthetic_sample
 from shards.writer import ShardWriter
 

@@ -380,7 +380,7 @@ def _accelerate_config_file(environ: dict) -> Path | None:
 def _cuda_available() -> bool:
     import torch
 
-    # accelerate's switch for "run on the CPU even if a GPU is present" (REFERENCE.md §3).
+    # accelerate's switch for "run on the CPU even if a GPU is present" (docs/background.md section 3).
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         return False
     return torch.cuda.is_available()

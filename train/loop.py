@@ -6,7 +6,7 @@ frozen UNet (mixed-precision dtype) and the fp32 adapter, runs the loop and chec
 `train.outputs` writes OUT's deliverables.
 
 The loop: accelerate for devices, DDP and mixed precision; the data loader is built here per
-epoch from `train.data` (never passed through `accelerator.prepare`, REFERENCE.md §3) and every
+epoch from `train.data` (never passed through `accelerator.prepare`, docs/background.md section 3) and every
 rank takes the same number of batches. Gradient accumulation is explicit: a group of k
 micro-batches backpropagates loss / k (gradients all-reduced on the last only), then one
 clipped optimizer step; an epoch's last group may be shorter and is weighted by its own size.

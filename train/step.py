@@ -7,7 +7,7 @@ Owns:
   factor, type) from the UNet config and the VAE factor; `build_adapter` makes a new one (fp32) or
   loads one with `--adapter PATH` and proves it fits the UNet. This is the single implementation
   (`precompute.tiny` and the loop import it from here).
-- `Objective`: the reference's objective (REFERENCE.md section 1), vectorised: cubic timesteps,
+- `Objective`: the reference's objective (docs/background.md section 1), vectorised: cubic timesteps,
   Euler sigmas, input scaling, sigma^-2-weighted denoised loss, computed in fp32. Sigmas come from
   a per-timestep table on the device, so a step has no host sync (the reference runs
   `.nonzero().item()` per sample).
