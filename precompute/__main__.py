@@ -20,10 +20,9 @@ import click
 from precompute.config import PrecomputeConfig, PrecomputeError
 from precompute.encoders import EncoderError, ModelLoadError
 from precompute.sources import SourceError
+from shards.errors import PublishConflictError, ShardError
 from shards.manifest import ManifestError
 from shards.options import Foreign, config_command
-from shards.reader import ShardError
-from shards.store import PublishConflictError
 
 # Errors that mean "the input, the settings or the storage is wrong", not "the code is": one
 # message, no traceback. ShardError covers StoreError (a remote store failing past its retries,

@@ -17,13 +17,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from precompute.preprocess import DEFAULT_MAX_ASPECT
-from precompute.preprocess import DEFAULT_MAX_IMAGE_PIXELS
-from precompute.sources import DEFAULT_SAMPLES_PER_SHARD
-from precompute.source_base import DEFAULT_MAX_FILE_BYTES
-from precompute.sources import KINDS as DATA_KINDS
 from precompute.conditions import METHODS
-from precompute.preprocess import CROP_MODES
+from precompute.preprocess import (
+    CROP_MODES,
+    DEFAULT_MAX_ASPECT,
+    DEFAULT_MAX_IMAGE_PIXELS,
+)
+from precompute.source_base import DEFAULT_MAX_FILE_BYTES
+from precompute.sources import DEFAULT_SAMPLES_PER_SHARD
+from precompute.sources import KINDS as DATA_KINDS
 from shards import schema
 from shards.options import SIZE, setting
 from shards.secrets import redact
@@ -345,7 +347,11 @@ class PrecomputeConfig:
 
     def condition_spec(self):
         """The ConditionSpec of --condition, or None when the dataset supplies conditioning images."""
-        from precompute.conditions import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, ConditionSpec
+        from precompute.conditions import (
+            DEFAULT_CANNY_HIGH,
+            DEFAULT_CANNY_LOW,
+            ConditionSpec,
+        )
 
         if self.condition is None:
             return None
@@ -398,7 +404,8 @@ class PrecomputeConfig:
         """Problems with --cache, found without any I/O to a remote store (opening one does none)."""
         from urllib.parse import urlparse
 
-        from shards.store import LocalStore, open_store
+        from shards.store import LocalStore
+        from shards.stores import open_store
 
         if not self.cache:
             return ["--cache is required: the output folder of the cache (e.g. cache/mine) or s3://bucket/prefix"]

@@ -36,7 +36,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from precompute.buckets import aspect_mismatch, bucket_label, nearest_bucket, resize_to_cover
+from precompute.buckets import (
+    aspect_mismatch,
+    bucket_label,
+    nearest_bucket,
+    resize_to_cover,
+)
 from precompute.conditions import ConditionSpec, compute_condition
 from precompute.sources import RawItem
 

@@ -51,18 +51,31 @@ from typing import Iterator
 import torch
 
 from precompute.config import ConfigError, PrecomputeConfig, PrecomputeError
-from precompute.encoders import FP16_VAE_HINT, LatentEncoder, PromptEncoder, load_encoders
-from precompute.preprocess import MAX_CAPTION_CHARS, MAX_CAPTIONS_PER_ITEM, Prepared, Skip, item_rng, prepare_views
+from precompute.encoders import (
+    FP16_VAE_HINT,
+    LatentEncoder,
+    PromptEncoder,
+    load_encoders,
+)
 from precompute.inputs import Drops, check_inputs, repeated_items, source_key
+from precompute.preprocess import (
+    MAX_CAPTION_CHARS,
+    MAX_CAPTIONS_PER_ITEM,
+    Prepared,
+    Skip,
+    item_rng,
+    prepare_views,
+)
 from precompute.source_base import content_fingerprint
 from precompute.sources import RawItem, ReadLimits, Source, SourceError, open_source
 from shards import schema
-from shards.manifest import Manifest, ShardRecord, ensure_identity, read_identity
-from shards.reader import ShardError
-from shards.reader import write_empty_prompt
+from shards.errors import ShardError
 from shards.lock import LOCK_FILE, LockError, WriterLock
+from shards.manifest import Manifest, ShardRecord, ensure_identity, read_identity
+from shards.reader import write_empty_prompt
 from shards.runtime import io_reason, is_io_failure
-from shards.store import LocalStore, Store, open_store
+from shards.store import LocalStore, Store
+from shards.stores import open_store
 from shards.views import view_key
 from shards.writer import ShardWriter, completed_record
 

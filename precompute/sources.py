@@ -41,6 +41,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
+from precompute.hf_source import (
+    DEFAULT_SPLIT,
+    TABLE_SUFFIXES,
+    HFSource,
+    is_saved_dataset,
+    looks_like_hf,
+    open_hf_source,
+)
 from precompute.source_base import (
     DEFAULT_SAMPLES_PER_SHARD,
     FINGERPRINT_MODES,
@@ -56,14 +64,6 @@ from precompute.source_base import (
     read_file,
     stat_part,
     with_content_fingerprint,
-)
-from precompute.hf_source import (
-    DEFAULT_SPLIT,
-    TABLE_SUFFIXES,
-    HFSource,
-    is_saved_dataset,
-    looks_like_hf,
-    open_hf_source,
 )
 from precompute.wds_source import (
     DEFAULT_CAPTION_KEYS,

@@ -10,7 +10,7 @@ Where the tars are (`find_tars`): local files (a folder of them, one tar, a brac
 remote objects — `s3://bucket/prefix/` (every .tar / .tar.gz / .tgz under the prefix), one
 `s3://.../x.tar`, `s3://bucket/data/{00000..00009}.tar`, and over http(s) a single URL or a brace
 pattern (http has no listing). Remote tars are read through the cache's own stores
-(`shards.store.open_store`): timeouts, bounded retries and a dropped connection resumed at the
+(`shards.stores.open_store`): timeouts, bounded retries and a dropped connection resumed at the
 byte reached (Range, pinned to the object's ETag), so a server restart mid-tar loses and repeats
 nothing. Credentials and endpoint come from the standard AWS variables, as for caches.
 
@@ -50,8 +50,9 @@ from precompute.source_base import (
     too_large,
     with_content_fingerprint,
 )
-from shards.remote import StoreError
-from shards.store import Store, open_store
+from shards.errors import StoreError
+from shards.store import Store
+from shards.stores import open_store
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # WebDataset defaults: member suffixes (everything after the key's first dot), lower case.

@@ -26,9 +26,11 @@ import click
 from tqdm import tqdm
 
 from . import schema
+from .errors import ShardError
 from .manifest import Manifest, ManifestError
-from .reader import ShardError, iter_shard_members
-from .store import Store, open_store
+from .reader import iter_shard_members
+from .store import Store
+from .stores import open_store
 from .units import human_bytes
 from .verify import VerifyError, verify_cache
 from .views import stats_lines

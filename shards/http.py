@@ -20,7 +20,14 @@ import ssl
 from typing import BinaryIO
 from urllib.parse import quote, urljoin, urlparse, urlunparse
 
-from .remote import Permanent, ReadOnlyStoreError, ResumableReader, RetryPolicy, StoreError, is_network_error, retry_call
+from .errors import ReadOnlyStoreError, StoreError
+from .remote import (
+    Permanent,
+    ResumableReader,
+    RetryPolicy,
+    is_network_error,
+    retry_call,
+)
 from .store import Store, check_rel
 
 MAX_REDIRECTS = 5

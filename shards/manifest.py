@@ -425,7 +425,8 @@ class Manifest:
 
     @classmethod
     def load(cls, store: "Store | str | os.PathLike") -> "Manifest":
-        from .store import Store, open_store
+        from .store import Store
+        from .stores import open_store
 
         if not isinstance(store, Store):
             store = open_store(store)

@@ -29,6 +29,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import limits, schema
+from .errors import ShardError
 from .manifest import ShardRecord
 from .store import Store
 
@@ -43,10 +44,6 @@ MAX_MEMBER_BYTES = 1 << 30
 # Each member kind's size cap (shards.limits), checked from the tar header before its bytes are read.
 _MEMBER_CAPS = {schema.TENSOR_MEMBER: "SHARDS_MAX_TENSOR_MEMBER_BYTES", schema.COND_MEMBER: "SHARDS_MAX_PNG_MEMBER_BYTES",
                 schema.META_MEMBER: "SHARDS_MAX_JSON_MEMBER_BYTES"}
-
-
-class ShardError(Exception):
-    """A shard (or other cache file) that is missing or wrong; the message starts with its name."""
 
 
 class _TarFormatError(Exception):

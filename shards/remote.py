@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, fields
 from typing import BinaryIO, Callable, Mapping, TypeVar
 
-from .reader import ShardError
+from .errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,6 @@ _NETWORK_ERRNOS = {
     errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT,
     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN,
 }
-
-
-class StoreError(ShardError, OSError):
-    """A remote storage operation failed for good; the message starts with the location."""
-
-
-class ReadOnlyStoreError(StoreError):
-    """A write to a store that can only be read (https://)."""
 
 
 class Permanent(Exception):

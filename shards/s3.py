@@ -40,8 +40,16 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
-from .remote import Permanent, ResumableReader, RetryPolicy, StoreError, describe, is_network_error, retry_call
-from .store import PublishConflictError, Store, check_rel, conflict_message, file_sha256
+from .errors import PublishConflictError, StoreError
+from .remote import (
+    Permanent,
+    ResumableReader,
+    RetryPolicy,
+    describe,
+    is_network_error,
+    retry_call,
+)
+from .store import Store, check_rel, conflict_message, file_sha256
 from .units import parse_size
 
 log = logging.getLogger(__name__)

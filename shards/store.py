@@ -44,7 +44,8 @@ import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import unquote, urlparse
+
+from .errors import PublishConflictError
 
 # Prefix of every temporary file a LocalStore (or a writer staging beside it) creates. Hidden, so
 # globbing `shards/*.tar` never picks one up; `list()` skips them unless asked.
@@ -57,10 +58,6 @@ STAGING_FOLDER = "shards-staging"
 _HASH_CHUNK = 4 << 20
 
 log = logging.getLogger(__name__)
-
-
-class PublishConflictError(FileExistsError):
-    """`put_file` found another file, with other content, already published under its name."""
 
 
 def conflict_message(where: str, cache_url: str, theirs: str, ours: str) -> str:
@@ -396,34 +393,3 @@ class LocalStore(Store):
                 self.path(rel).unlink(missing_ok=True)
         staged = self.cleanup_staging(tmp_dir=tmp_dir, dry_run=dry_run) if tmp_dir is not None else []
         return temps + staged
-
-
-def open_store(url: str | Path) -> Store:
-    """The Store for a local path, file://, s3:// or (read-only) http(s):// URL.
-
-    Opening does no I/O: a wrong endpoint or missing credentials surface at the first call, as a
-    StoreError naming the file and the cause.
-    """
-    if isinstance(url, Path):
-        return LocalStore(url)
-    if not isinstance(url, str) or not url:
-        raise ValueError(f"invalid cache location {url!r}")
-    parsed = urlparse(url)
-    scheme = parsed.scheme.lower()
-    if scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise ValueError(f"file URL {url!r} names host {parsed.netloc!r}; only local files are supported")
-        return LocalStore(unquote(parsed.path))
-    if scheme == "s3":
-        from .s3 import S3Store  # boto3 is imported only by caches that need it
-
-        return S3Store(url)
-    if scheme in ("http", "https"):
-        from .http import HttpStore
-
-        return HttpStore(url)
-    if scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive letter
-        raise ValueError(
-            f"cache location {url!r}: unknown URL scheme {scheme!r} (use a local path, file://, s3:// or https://)"
-        )
-    return LocalStore(url)

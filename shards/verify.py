@@ -23,8 +23,9 @@ from typing import Callable
 import torch
 
 from . import schema
+from .errors import ShardError
 from .manifest import Manifest, ManifestError, ShardRecord, identity_diff, read_identity
-from .reader import ShardError, iter_shard, load_empty_prompt
+from .reader import iter_shard, load_empty_prompt
 from .store import Store
 from .views import split_view_key
 

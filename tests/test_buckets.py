@@ -38,7 +38,6 @@ from precompute.preprocess import (
 from precompute.sources import RawItem
 
 
-
 def resize_shortest_side(size: tuple[int, int], resolution: int) -> tuple[int, int]:
     """(h, w) after torchvision's Resize(resolution), as its `_compute_resized_output_size` does:
     the short side becomes `resolution`, the long side int(resolution * long / short)."""

@@ -20,6 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from streams import cache_loader
 
 from precompute.buckets import bucket_label, resolve_buckets
 from precompute.conditions import canny, sketch
@@ -27,20 +28,25 @@ from precompute.config import PrecomputeConfig
 from precompute.encoders import LatentEncoder
 from precompute.fill import main as fill_main
 from precompute.fill import make_fill_dataset, mixed_size
-from precompute.preprocess import ViewSpec, apply_geometry, item_rng, plan_geometry, plan_views, to_model_input
+from precompute.preprocess import (
+    ViewSpec,
+    apply_geometry,
+    item_rng,
+    plan_geometry,
+    plan_views,
+    to_model_input,
+)
 from precompute.runner import run
-from shards.manifest import ManifestError
 from precompute.sources import ReadLimits, open_source
 from shards.cli import cli as shards_cli
-from shards.manifest import Manifest
+from shards.manifest import Manifest, ManifestError
 from shards.reader import iter_shard
-from shards.store import open_store
+from shards.stores import open_store
 from shards.verify import verify_cache
 from shards.views import split_view_key
+from train.augment import soft_threshold_range_for
 from train.checks import CacheMismatchError
 from train.config import ConfigError, TrainConfig
-from streams import cache_loader
-from train.augment import soft_threshold_range_for
 from train.loop import train
 
 RES = 64

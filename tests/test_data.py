@@ -6,29 +6,30 @@ Caches here are written with the real shards writer and read with the real reade
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 import shutil
 import tarfile
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from streams import cache_loader, cache_stream, epoch_plan_of, identity_of, stats_of
 
+import train.data
 import train.step  # noqa: F401  (imported once here so forked loader workers inherit it)
 from shards import schema
+from shards.errors import ShardError
 from shards.manifest import Manifest, ShardRecord, identity_diff
-from shards.reader import ShardError, iter_shard, load_empty_prompt, write_empty_prompt
-from shards.store import open_store
+from shards.reader import iter_shard, load_empty_prompt, write_empty_prompt
+from shards.stores import open_store
 from shards.synthetic import synthetic_identity
 from shards.writer import ShardWriter
-from streams import cache_loader, cache_stream, epoch_plan_of, identity_of, stats_of
-from train.data import HostBatch, stream_resume_problems
-import train.data
 from train.augment import soft_threshold, soft_threshold_range_for
+from train.data import HostBatch, stream_resume_problems
 from train.plan import Draw, data_summary, key_rng, sample_choice
 
 FACTOR = 8  # VAE scale factor of the fake latents

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import FILL_N, FILL_RESOLUTION
 from PIL import Image
 
-from conftest import FILL_N, FILL_RESOLUTION
 from precompute.fill import OUTLINE_MIN, PALETTE, main, make_fill_dataset, outline_width
 
 PROMPT = re.compile(r"^(?P<fill>.+) circle with (?P<background>.+) background$")

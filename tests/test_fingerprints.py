@@ -16,10 +16,17 @@ import tarfile
 
 import datasets
 import pytest
+from test_sources import (
+    img2dataset_sample,
+    make_images,
+    png,
+    rows,
+    write_jsonl,
+    write_tar,
+)
 
 from precompute.source_base import RawItem, content_fingerprint
 from precompute.sources import SourceError, open_source
-from test_sources import img2dataset_sample, make_images, png, rows, write_jsonl, write_tar
 
 
 def expected_content(image: bytes | None, cond: bytes | None, captions: list[str] | None,

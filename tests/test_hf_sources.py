@@ -26,7 +26,7 @@ from precompute.runner import run
 from precompute.sources import FolderSource, SourceError, open_source
 from shards.manifest import Manifest
 from shards.reader import iter_shard
-from shards.store import open_store
+from shards.stores import open_store
 
 N = 10
 RES = 64

@@ -21,15 +21,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from streams import cache_stream
 
 from shards import schema
+from shards.errors import ShardError
 from shards.manifest import Manifest, ManifestError, ShardRecord
-from shards.reader import ShardError, write_empty_prompt
-from shards.store import open_store
+from shards.reader import write_empty_prompt
+from shards.stores import open_store
 from shards.synthetic import synthetic_identity, synthetic_sample
 from shards.verify import VerifyError, verify_cache
 from shards.writer import ShardWriter, _tarinfo
-from streams import cache_stream
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTITY = synthetic_identity(resolution=16, prompt_dim=8, pooled_dim=4)  # latents 4x2x2, 16 px conditions

@@ -21,7 +21,7 @@ from precompute.config import PrecomputeConfig, PrecomputeError
 from precompute.runner import run
 from shards.manifest import Manifest, read_record
 from shards.reader import iter_shard
-from shards.store import open_store
+from shards.stores import open_store
 from shards.verify import verify_cache
 
 

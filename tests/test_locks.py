@@ -20,7 +20,7 @@ import pytest
 
 from shards.lock import LockError, WriterLock
 from shards.manifest import Manifest
-from shards.store import open_store
+from shards.stores import open_store
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

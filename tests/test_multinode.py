@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from shards.manifest import Manifest
 from shards.reader import iter_shard
-from shards.store import open_store
+from shards.stores import open_store
 from train.loop import DEBUG_REPLICA_DIR
 
 REPO = Path(__file__).resolve().parents[1]

@@ -72,3 +72,58 @@ def test_every_import_is_declared_and_every_dependency_is_imported():
     # tomli is Python 3.10's tomllib; torch's companions are used through torch.
     unused = declared - used - {"tomli"}
     assert not unused, f"declared but never imported: {sorted(unused)}"
+
+
+def _package_graph(package: str) -> dict[str, set[str]]:
+    """module -> the modules of the same package it imports (at any level, lazy imports included)."""
+    modules = {p.stem: p for p in (REPO / package).glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1:
+                    deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+                elif node.module and node.module.startswith(package + "."):
+                    deps.add(node.module.split(".")[1])
+                elif node.module == package:
+                    deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name.split(".")[1] for a in node.names if a.name.startswith(package + "."))
+        graph[name] = (deps & set(modules)) - {name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, state = [], {}
+
+    def visit(n: str, path: list[str]) -> None:
+        if state.get(n) == "open":
+            found.append(path[path.index(n):] + [n])
+            return
+        if state.get(n) == "done":
+            return
+        state[n] = "open"
+        for d in sorted(graph[n]):
+            visit(d, path + [n])
+        state[n] = "done"
+
+    for n in sorted(graph):
+        visit(n, [])
+    return found
+
+
+def test_the_cache_package_imports_form_a_dag():
+    graph = _package_graph("shards")
+    assert _cycles(graph) == []
+    # The exceptions import nothing of the package; the backends never import the factory above them.
+    assert graph["errors"] == set()
+    assert all("stores" not in graph[m] for m in ("store", "s3", "http", "remote", "localcache"))
+    # The contract imports neither stage.
+    stage_imports = [
+        (path.name, node.module) for path in (REPO / "shards").glob("*.py")
+        for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom) and node.level == 0
+        and node.module and node.module.split(".")[0] in ("precompute", "train")
+    ]
+    assert stage_imports == []
+    assert _cycles({"a": {"b"}, "b": {"a"}}) == [["a", "b", "a"]]  # the check itself finds a circle

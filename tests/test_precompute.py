@@ -31,7 +31,7 @@ from precompute.runner import StrictSkipError, run
 from shards import schema
 from shards.manifest import Manifest, ManifestError
 from shards.reader import iter_shard, load_empty_prompt
-from shards.store import open_store
+from shards.stores import open_store
 from shards.verify import verify_cache
 
 REPO = Path(__file__).resolve().parents[1]

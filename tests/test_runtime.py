@@ -12,7 +12,12 @@ import textwrap
 import pytest
 import torch
 
-from shards.runtime import SMALL_MODEL_PARAMETERS, Terminated, choose_cpu_threads, explain
+from shards.runtime import (
+    SMALL_MODEL_PARAMETERS,
+    Terminated,
+    choose_cpu_threads,
+    explain,
+)
 
 KW = dict(user_errors=(ValueError,), message=str, continue_hint="re-run it")
 

@@ -29,17 +29,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from s3server import shared_server
+from streams import cache_stream
 
 import train.step  # noqa: F401  (imported once here so forked loader workers inherit it)
-from s3server import shared_server
 from shards import schema
+from shards.errors import ShardError
 from shards.manifest import Manifest, ShardRecord
-from shards.reader import ShardError, TarSampleStream
+from shards.reader import TarSampleStream
 from shards.remote import RetryPolicy
 from shards.s3 import S3Store
 from shards.store import LocalStore
 from shards.synthetic import write_synthetic_cache
-from streams import cache_stream
 
 BUCKET = "faults"
 # Default seed of the random kill points; override with TEST_S3_KILL_SEED (not a SHARDS_* name:

@@ -18,10 +18,10 @@ import threading
 
 import numpy as np
 import pytest
-
 from s3server import shared_server
-from precompute.sources import SourceError, WebDatasetSource, open_source
 from test_sources import img2dataset_sample, write_tar
+
+from precompute.sources import SourceError, WebDatasetSource, open_source
 
 BUCKET = "wds-inputs"
 

@@ -10,33 +10,40 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import os
 import signal
 import socket
 import subprocess
 import sys
-import multiprocessing
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from s3server import S3Server, free_ports, shared_server
+from streams import cache_loader, cache_stream
 
 import train.step  # noqa: F401  (imported once here so forked loader workers inherit it)
-from s3server import S3Server, free_ports, shared_server
 from shards import schema
 from shards.cli import cli as shards_cli
+from shards.errors import (
+    PublishConflictError,
+    ReadOnlyStoreError,
+    ShardError,
+    StoreError,
+)
 from shards.http import HttpStore
 from shards.localcache import CachingStore
-from shards.units import parse_size
 from shards.manifest import Manifest
-from shards.reader import ShardError, iter_shard_members
-from shards.remote import ReadOnlyStoreError, ResumableReader, RetryPolicy, StoreError
+from shards.reader import iter_shard_members
+from shards.remote import ResumableReader, RetryPolicy
 from shards.s3 import S3Store, parse_s3_url
-from shards.store import TEMP_PREFIX, LocalStore, PublishConflictError, open_store
+from shards.store import TEMP_PREFIX, LocalStore
+from shards.stores import open_store
 from shards.synthetic import write_synthetic_cache
-from streams import cache_loader, cache_stream
+from shards.units import parse_size
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "caches"

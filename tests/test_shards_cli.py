@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from shards import schema
 from shards.cli import cli, safetensors_layout
 from shards.reader import load_empty_prompt, write_empty_prompt
-from shards.store import open_store
+from shards.stores import open_store
 from shards.synthetic import write_synthetic_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +94,9 @@ def test_stats_numbers_match_the_tars(built):
                 suffix = m.name.split(".", 1)[1]
                 member_totals[suffix] += m.size
                 if suffix == schema.TENSOR_MEMBER:
-                    from safetensors import safe_open  # tensor sizes via the library, not our parser
+                    from safetensors import (
+                        safe_open,  # tensor sizes via the library, not our parser
+                    )
 
                     tmp = root.parent / "one.safetensors"
                     tmp.write_bytes(tf.extractfile(m).read())
@@ -126,8 +128,8 @@ def test_stats_numbers_match_the_tars(built):
 
 
 def test_safetensors_layout_parses_the_header_only():
-    from safetensors.torch import save
     import torch
+    from safetensors.torch import save
 
     blob = save({"a": torch.zeros(2, 3, dtype=torch.bfloat16), "b": torch.zeros(5)})
     header, layout = safetensors_layout(blob)

@@ -15,7 +15,7 @@ from shards.manifest import (
     identity_diff,
     read_identity,
 )
-from shards.store import open_store
+from shards.stores import open_store
 from shards.synthetic import synthetic_identity
 
 

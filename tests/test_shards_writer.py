@@ -21,9 +21,11 @@ from click.testing import CliRunner
 
 from shards import schema
 from shards.cli import cli as shards_cli
+from shards.errors import PublishConflictError, ShardError
 from shards.manifest import ShardRecord
-from shards.reader import ShardError, TarSampleStream, iter_shard
-from shards.store import LocalStore, PublishConflictError, TEMP_PREFIX, open_store
+from shards.reader import TarSampleStream, iter_shard
+from shards.store import TEMP_PREFIX, LocalStore
+from shards.stores import open_store
 from shards.synthetic import synthetic_identity, synthetic_sample
 from shards.writer import ShardWriter, completed_record, is_complete
 
@@ -252,7 +254,7 @@ def test_sigkill_never_leaves_a_partial_shard(tmp_path):
         f"""
         import itertools, torch
         from shards import schema
-        from shards.store import open_store
+        from shards.stores import open_store
         from shards.synthetic import synthetic_identity, synthetic_sample
         from shards.writer import ShardWriter
         store = open_store({str(cache)!r})

@@ -12,6 +12,15 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_sources import (
+    img2dataset_sample,
+    items,
+    make_images,
+    png,
+    rows,
+    write_jsonl,
+    write_tar,
+)
 
 from precompute.config import PrecomputeConfig
 from precompute.preprocess import SKIP_REASONS, Skip, load_rgb, prepare_views
@@ -19,8 +28,7 @@ from precompute.runner import run
 from precompute.source_base import MAX_JSON_DEPTH, ReadLimits, json_problem
 from precompute.sources import SourceError, open_source
 from shards.manifest import Manifest
-from shards.store import open_store
-from test_sources import img2dataset_sample, items, make_images, png, rows, write_jsonl, write_tar
+from shards.stores import open_store
 
 
 def _read_with_timeout(fn, seconds: float = 20.0):

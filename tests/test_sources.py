@@ -15,8 +15,13 @@ import pytest
 from PIL import Image
 
 from precompute.preprocess import SKIP_REASONS, Skip, prepare_views
-from precompute.sources import FolderSource, RawItem, SourceError, WebDatasetSource, open_source
-
+from precompute.sources import (
+    FolderSource,
+    RawItem,
+    SourceError,
+    WebDatasetSource,
+    open_source,
+)
 
 
 def prepare(item: RawItem, **kwargs):

@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from precompute.fill import PALETTE
 from precompute.buckets import model_granularity, vae_scale_factor
+from precompute.fill import PALETTE
 from precompute.tiny import build_tiny_sdxl, main
 from train.step import adapter_kwargs_for
 

@@ -158,8 +158,9 @@ def test_a_leftover_temp_folder_of_the_same_step_is_replaced(tmp_path, accelerat
 
 def test_resume_problems_list_every_difference(tmp_path):
     """Each difference once, the data stream's (train.data.stream_identity) among them."""
-    from shards.manifest import ShardRecord
     from streams import identity_of
+
+    from shards.manifest import ShardRecord
 
     records = [ShardRecord(index=i, name=f"shard-{i:06d}.tar", samples=4, bytes=100, sha256=f"{i}" * 64,
                            keys=[f"{i:04d}-{j:04d}" for j in range(4)]) for i in range(4)]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.data._utils.worker import ExceptionWrapper
 
+from shards.errors import ShardError
 from shards.fingerprint import module_fingerprint, tokenizer_fingerprint
-from shards.reader import ShardError
 from train.__main__ import user_message
 from train.checks import compare_fingerprints
 

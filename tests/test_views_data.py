@@ -13,17 +13,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from streams import cache_loader, cache_stream, epoch_plan_of, stats_of
 
 import train.step  # noqa: F401  (imported once here so forked loader workers inherit it)
 from shards import schema
 from shards.manifest import Manifest, ShardRecord
 from shards.reader import iter_shard, write_empty_prompt
-from shards.store import open_store
+from shards.stores import open_store
 from shards.synthetic import synthetic_identity
 from shards.views import count_sources, group_views, split_view_key, view_key
 from shards.writer import ShardWriter
-from train.augment import binarize, prepare_cond, soft_threshold, soft_threshold_range_for, threshold_level
-from streams import cache_loader, cache_stream, epoch_plan_of, stats_of
+from train.augment import (
+    binarize,
+    prepare_cond,
+    soft_threshold,
+    soft_threshold_range_for,
+    threshold_level,
+)
 from train.plan import view_choice
 
 FACTOR = 8

@@ -81,8 +81,8 @@ def main(config: str | None = None, **options: Any) -> None:
     Loads only the frozen UNet and the adapter; the cache supplies latents and prompt
     embeddings. Writes a diffusers adapter folder (T2IAdapter.from_pretrained(OUTPUT_DIR)).
     """
+    from shards.errors import ShardError
     from shards.manifest import ManifestError
-    from shards.reader import ShardError
     from shards.runtime import run_command
     from train.checkpoint import CheckpointError
     from train.checks import StartupError

@@ -38,10 +38,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from shards.runtime import io_reason, is_io_failure
 from safetensors.torch import load_file, save_file
 
+from shards.runtime import io_reason, is_io_failure
 from shards.store import apply_umask, file_sha256, fsync_dir, fsync_file
 
 CHECKPOINT_DIR = "checkpoints"

@@ -42,7 +42,6 @@ from shards.hub import vae_location as shared_vae_location
 from shards.manifest import Manifest
 from shards.store import Store
 
-
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 FINGERPRINTED = ("vae", "text_encoder", "text_encoder_2")
 TOKENIZERS = ("tokenizer", "tokenizer_2")

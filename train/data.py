@@ -49,11 +49,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards import schema
+from shards.errors import ShardError
 from shards.manifest import Manifest, ShardRecord, identity_diff
-from shards.reader import ShardError, iter_shard_members, load_empty_prompt
+from shards.reader import iter_shard_members, load_empty_prompt
 from shards.runtime import worker_init
-from shards.verify import sample_problems
 from shards.store import Store
+from shards.verify import sample_problems
 from train.augment import prepare_cond, threshold_level
 from train.augment import soft_threshold as draw_soft_threshold
 from train.plan import DataSpec, EpochPlan, ShardSlice, as_records, sample_choice

@@ -19,15 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from shards.runtime import io_reason, is_io_failure
-
 from shards.fingerprint import module_fingerprint
+from shards.runtime import io_reason, is_io_failure
 from shards.secrets import redact
 from shards.store import apply_umask
 from train import card
 from train.checkpoint import TrainState, checkpoint_name
-from train.errors import TrainError
 from train.config import TrainConfig
+from train.errors import TrainError
 from train.metrics import METRICS_FILE
 from train.plan import data_summary
 from train.startup import Plan

@@ -62,8 +62,8 @@ from enum import IntEnum
 
 import numpy as np
 
+from shards.errors import ShardError
 from shards.manifest import Manifest, ShardRecord
-from shards.reader import ShardError
 from shards.views import group_views, has_views
 
 # A shuffle buffer holds raw sample bytes: about 0.6 MB per sample at 1024 px in bf16, so 256

@@ -24,15 +24,16 @@ import torch
 
 from shards.manifest import Manifest
 from shards.secrets import redact
-from shards.store import Store, open_store
+from shards.store import Store
+from shards.stores import open_store
 from train import checks
 from train.checkpoint import (
     Checkpoint,
     CheckpointError,
-    step_folders,
     read_checkpoint,
     resolve_resume,
     resume_problems,
+    step_folders,
 )
 from train.checks import CacheMismatchError, StartupError
 from train.config import TrainConfig
@@ -184,7 +185,11 @@ def check_encoders_and_prepare_validation(cfg: TrainConfig, plan: Plan, device: 
     validator = None
     refused = refuse or (report.differences and not cfg.accept_encoder_mismatch)
     if cfg.validation_enabled and text_stack is not None and not refused:
-        from train.validation import Validator, embed_validation_prompts, force_zeros_for_empty_prompt
+        from train.validation import (
+            Validator,
+            embed_validation_prompts,
+            force_zeros_for_empty_prompt,
+        )
 
         force_zeros = force_zeros_for_empty_prompt(cfg.model, cache_dir=cfg.cache_dir)
         prompts = embed_validation_prompts(text_stack, cfg.validation_pairs(), force_zeros=force_zeros, device=device)
