@@ -52,13 +52,14 @@ def write_cache(store, *, shards: int, per_shard: int, res: int) -> None:
     import torch
 
     from shards import schema
+    from shards.identity import CacheIdentity
     from shards.manifest import Manifest, write_identity
     from shards.reader import write_empty_prompt
     from shards.synthetic import synthetic_identity
     from shards.writer import ShardWriter
 
     identity = synthetic_identity(resolution=res, prompt_dim=2048, pooled_dim=1280, samples_per_shard=per_shard)
-    write_identity(store, identity)
+    write_identity(store, CacheIdentity.from_dict(identity))
     g = torch.Generator().manual_seed(0)
     write_empty_prompt(store, torch.zeros(1, 77, 2048), torch.zeros(1, 1280), "bf16")
     h = res // 8
@@ -77,7 +78,7 @@ def write_cache(store, *, shards: int, per_shard: int, res: int) -> None:
                     cond_png=schema.encode_png(edge_image(res, 1000 * i + pos)),
                 ))
             records.append(writer.commit())
-    Manifest.build(identity, records, {"bench": True}, code_version="bench", created="").save(store)
+    Manifest.build(CacheIdentity.from_dict(identity), records, {"bench": True}, code_version="bench", created="").save(store)
 
 
 def epoch(store, manifest, *, workers: int, batch_size: int) -> tuple[float, int, float]:

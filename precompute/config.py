@@ -476,7 +476,8 @@ class PrecomputeConfig:
 
     def identity(self, *, encoder: dict, latent: dict, text: dict, source: dict,
                  buckets: list[tuple[int, int]] | None = None) -> dict:
-        """What makes a cache built with these settings this cache: everything that changes the
+        """The identity's JSON object (`shards.identity.CacheIdentity.from_dict` types and checks
+        it): what makes a cache built with these settings this cache: everything that changes the
         bytes of a shard (the VAE batch size and the device kind among them), and nothing that
         does not (strictness, workers, which GPU index, where the cache or its temp files live).
 

@@ -71,6 +71,7 @@ from precompute.sources import RawItem, ReadLimits, Source, SourceError, open_so
 from shards import schema
 from shards.errors import ShardError
 from shards.lock import LOCK_FILE, LockError, WriterLock
+from shards.identity import CacheIdentity
 from shards.manifest import Manifest, ShardRecord, ensure_identity, read_identity
 from shards.reader import write_empty_prompt
 from shards.runtime import io_reason, is_io_failure
@@ -559,7 +560,7 @@ def _withdraw_stale(cfg: PrecomputeConfig, store: Store, stale: dict[int, str]) 
         f"not complete until they are rebuilt: re-run the same command with --rebuild-stale.{withdrawn}")
 
 
-def _prepare_cache(cfg: PrecomputeConfig, store: Store, source: Source, prompt: PromptEncoder, identity: dict,
+def _prepare_cache(cfg: PrecomputeConfig, store: Store, source: Source, prompt: PromptEncoder, identity: CacheIdentity,
                    state) -> tuple[list[int], Drops]:
     """Identity check, the one-time writes and clean-up, the input checks and the plan. Returns
     the pending shard indices and the items --dedupe drops, the same on every process."""
@@ -763,10 +764,11 @@ def run(cfg: PrecomputeConfig) -> Summary:
             raise ConfigError([str(e)]) from None
         if buckets is not None:
             info("buckets (h x w): %s", ", ".join(f"{h}x{w}" for h, w in buckets))
-        identity = cfg.identity(
+        # Typed and validated once (shards.identity): what identity.json and the manifest hold.
+        identity = CacheIdentity.from_dict(cfg.identity(
             encoder=encoder_identity, latent=asdict(latent.info), text=asdict(prompt.info), source=source.describe(),
             buckets=buckets,
-        )
+        ))
 
         pending, drops = _prepare_cache(cfg, store, source, prompt, identity, state)
         n = source.num_units()

@@ -100,9 +100,9 @@ def stats_cmd(url: str, max_shards: int | None) -> None:
     click.echo(f"cache      {store.url}")
     click.echo(f"format     {manifest.format} v{manifest.format_version}, code {manifest.code_version}" + (f", created {manifest.created}" if manifest.created else ""))
     click.echo(
-        f"contents   latent {lat['channels']} ch ({lat['store']}, x{lat['scaling_factor']}), text "
-        f"{txt['max_length']}x{txt['prompt_dim']} + {txt['pooled_dim']}, resolution {geo['resolution']}"
-        f"{' with buckets' if geo['buckets'] else ''}, storage {manifest.dtypes['storage']}"
+        f"contents   latent {lat.channels} ch ({lat.store}, x{lat.scaling_factor}), text "
+        f"{txt.max_length}x{txt.prompt_dim} + {txt.pooled_dim}, resolution {geo.resolution}"
+        f"{' with buckets' if geo.buckets else ''}, storage {manifest.dtypes.storage}"
     )
     click.echo(f"shards     {len(manifest.shards)}")
     click.echo(f"samples    {samples}")

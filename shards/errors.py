@@ -5,6 +5,7 @@
 - `StoreError` (a `ShardError` and an `OSError`): a storage operation failed for good, after the
   retries; the message starts with the location. `ReadOnlyStoreError`: a write to a store that
   can only be read (https://).
+- `ManifestError`: a manifest, record or identity file that is missing, unreadable or inconsistent.
 - `PublishConflictError`: another file, with other content, is already published under a name.
 
 Train and precompute map these to one-line messages and exit code 1 (`shards.runtime`).
@@ -23,6 +24,10 @@ class StoreError(ShardError, OSError):
 
 class ReadOnlyStoreError(StoreError):
     """A write to a store that can only be read (https://)."""
+
+
+class ManifestError(ValueError):
+    """A manifest, record or identity file that is missing, unreadable or inconsistent."""
 
 
 class PublishConflictError(FileExistsError):

@@ -3,11 +3,12 @@
 - `ShardRecord` (`records/shard-NNNNNN.json`) is written right after its shard is published and is
   the shard's "done" marker: sample count, bytes, sha256 and keys, plus what was skipped and why.
 - `Manifest` (`manifest.json`, written last) collects every record with the facts train needs
-  before it loads any weights: latent channels and scaling, text dims, geometry, dtypes, the
-  encoder identity and the resolved precompute config. It names every shard, so nothing ever has
-  to list a bucket.
-- `identity.json` (written first) holds what makes this cache this cache; a re-run with another
-  model or other byte-changing settings is refused with `identity_diff`'s list of differences.
+  before it loads any weights: the cache identity (`shards.identity.CacheIdentity`: encoder,
+  latent, text, geometry, dtypes, condition, typed and validated once), the resolved precompute
+  config and the totals. Each fact is stored once. It names every shard, so nothing ever has to
+  list a bucket.
+- `identity.json` (written first) holds the same identity; a re-run with another model or other
+  byte-changing settings is refused with `identity_diff`'s list of differences.
 
 All files are JSON with sorted keys and nothing time-dependent. The manifest's `created` is
 whatever the writer passes: precompute passes "" so a resumed or multi-process run gives a
@@ -24,15 +25,13 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from . import limits, schema
+from .errors import ManifestError
+from .identity import CacheIdentity, Dtypes, Geometry, Latent, Text
 
 if TYPE_CHECKING:
     from .store import Store
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class ManifestError(ValueError):
-    """A manifest, record or identity file that is missing, unreadable or inconsistent."""
 
 
 def _dumps(obj: Any) -> bytes:
@@ -194,52 +193,8 @@ def read_record(store: "Store", index: int) -> ShardRecord:
 # --------------------------------------------------------------------------------------------
 # Manifest
 
-_LATENT_FIELDS = {"channels", "scaling_factor", "shift_factor", "vae_scale_factor", "store"}
-_TEXT_FIELDS = {"max_length", "prompt_dim", "pooled_dim"}
-_GEOMETRY_FIELDS = {"resolution", "crop", "buckets"}
-_SECTIONS = ("identity", "latent", "text", "geometry", "dtypes", "config", "totals")
-
-
-def _section_problems(latent: Any, text: Any, geometry: Any, dtypes: Any) -> list[str]:
-    """What train and `shards verify` rely on, checked once here so they can trust it."""
-    p: list[str] = []
-    if isinstance(latent, dict):
-        missing = sorted(_LATENT_FIELDS - set(latent))
-        if missing:
-            p.append(f"latent: missing {missing}")
-        if "channels" in latent and (not _is_int(latent["channels"]) or latent["channels"] < 1):
-            p.append(f"latent.channels must be an integer >= 1, got {latent['channels']!r}")
-        if "scaling_factor" in latent and not _is_number(latent["scaling_factor"]):
-            p.append(f"latent.scaling_factor must be a number, got {latent['scaling_factor']!r}")
-        if latent.get("shift_factor") is not None and not _is_number(latent["shift_factor"]):
-            p.append(f"latent.shift_factor must be a number or null, got {latent['shift_factor']!r}")
-        if "vae_scale_factor" in latent and (not _is_int(latent["vae_scale_factor"]) or latent["vae_scale_factor"] < 1):
-            p.append(f"latent.vae_scale_factor must be an integer >= 1, got {latent['vae_scale_factor']!r}")
-        if "store" in latent and latent["store"] not in schema.LATENT_STORES:
-            p.append(f"latent.store must be one of {list(schema.LATENT_STORES)}, got {latent['store']!r}")
-    if isinstance(text, dict):
-        missing = sorted(_TEXT_FIELDS - set(text))
-        if missing:
-            p.append(f"text: missing {missing}")
-        for k in sorted(_TEXT_FIELDS & set(text)):
-            if not _is_int(text[k]) or text[k] < 1:
-                p.append(f"text.{k} must be an integer >= 1, got {text[k]!r}")
-    if isinstance(geometry, dict):
-        missing = sorted(_GEOMETRY_FIELDS - set(geometry))
-        if missing:
-            p.append(f"geometry: missing {missing}")
-        if "resolution" in geometry and (not _is_int(geometry["resolution"]) or geometry["resolution"] < 1):
-            p.append(f"geometry.resolution must be an integer >= 1, got {geometry['resolution']!r}")
-        buckets = geometry.get("buckets")
-        if buckets is not None and not (
-            isinstance(buckets, list)
-            and all(isinstance(b, list) and len(b) == 2 and all(_is_int(x) and x > 0 for x in b) for b in buckets)
-        ):
-            p.append(f"geometry.buckets must be null or a list of [h, w], got {buckets!r}")
-    if isinstance(dtypes, dict):
-        if dtypes.get("storage") not in schema.DTYPES:
-            p.append(f"dtypes.storage must be one of {list(schema.DTYPES)}, got {dtypes.get('storage')!r}")
-    return p
+# The manifest's own sections (v2); v1 also repeated these identity sections at the top level.
+_V1_COPIES = ("latent", "text", "geometry", "dtypes")
 
 
 def _created_now() -> str:
@@ -264,23 +219,35 @@ class Manifest:
     format_version: int
     code_version: str
     created: str
-    identity: dict
-    latent: dict  # channels, scaling_factor, shift_factor, vae_scale_factor, store
-    text: dict  # max_length, prompt_dim, pooled_dim
-    geometry: dict  # resolution, crop, buckets
-    dtypes: dict  # storage, vae, text
+    identity: CacheIdentity  # encoder, latent, text, geometry, dtypes, condition and the rest
     config: dict
     shards: list[ShardRecord]
     totals: dict  # shards, samples, bytes, skipped {reason: n}
 
-    # -- derived facts ---------------------------------------------------------------------
+    # -- the identity's facts, typed ----------------------------------------------------------
+    @property
+    def latent(self) -> Latent:
+        return self.identity.latent
+
+    @property
+    def text(self) -> Text:
+        return self.identity.text
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.identity.geometry
+
+    @property
+    def dtypes(self) -> Dtypes:
+        return self.identity.dtypes
+
     @property
     def storage_dtype(self):
-        return schema.DTYPES[self.dtypes["storage"]]
+        return self.identity.dtypes.storage_dtype
 
     @property
     def has_latent_std(self) -> bool:
-        return self.latent["store"] == "mean_std"
+        return self.identity.latent.has_std
 
     @property
     def num_samples(self) -> int:
@@ -329,33 +296,27 @@ class Manifest:
     @classmethod
     def build(
         cls,
-        identity: dict,
+        identity: CacheIdentity,
         records: list[ShardRecord],
         config: dict,
         code_version: str | None = None,
         created: str | None = None,
         extra_totals: dict | None = None,
     ) -> "Manifest":
-        """A manifest from the identity (which carries latent/text/geometry/dtypes) and the
-        records of every shard; totals are computed here, records sorted by index."""
-        identity = _json_normalise(identity)
-        missing = [k for k in ("latent", "text", "geometry", "dtypes") if not isinstance(identity.get(k), dict)]
-        if missing:
-            raise ManifestError(f"identity lacks sections {missing} needed by the manifest")
+        """A manifest from the identity and the records of every shard; totals are computed here,
+        records sorted by index."""
+        if not isinstance(identity, CacheIdentity):
+            raise TypeError(f"identity must be a CacheIdentity (CacheIdentity.from_dict), got {type(identity).__name__}")
         records = sorted((r.without_sources() for r in records), key=lambda r: r.index)
         m = cls(
             format=schema.FORMAT,
-            format_version=schema.FORMAT_VERSION,
+            format_version=schema.MANIFEST_VERSION,
             code_version=code_version if code_version is not None else default_code_version(),
             created=created if created is not None else _created_now(),
             identity=identity,
-            latent=identity["latent"],
-            text=identity["text"],
-            geometry=identity["geometry"],
-            dtypes=identity["dtypes"],
             config=_json_normalise(config),
             shards=list(records),
-            totals={**cls.compute_totals(records, identity["latent"].get("vae_scale_factor")), **(extra_totals or {})},
+            totals={**cls.compute_totals(records, identity.latent.vae_scale_factor), **(extra_totals or {})},
         )
         problems = m.problems()
         if problems:
@@ -367,12 +328,14 @@ class Manifest:
         p: list[str] = []
         if self.format != schema.FORMAT:
             p.append(f"format is {self.format!r}, expected {schema.FORMAT!r}")
-        if self.format_version != schema.FORMAT_VERSION:
-            p.append(f"format_version {self.format_version!r} is not supported (this code reads {schema.FORMAT_VERSION})")
-        for name in _SECTIONS:
+        if self.format_version not in schema.MANIFEST_VERSIONS_READ:
+            p.append(f"format_version {self.format_version!r} is not supported (this code reads "
+                     f"{', '.join(map(str, schema.MANIFEST_VERSIONS_READ))})")
+        if not isinstance(self.identity, CacheIdentity):
+            p.append(f"identity must be a CacheIdentity, got {type(self.identity).__name__}")
+        for name in ("config", "totals"):
             if not isinstance(getattr(self, name), dict):
                 p.append(f"{name} must be an object, got {type(getattr(self, name)).__name__}")
-        p += _section_problems(self.latent, self.text, self.geometry, self.dtypes)
         indices = [r.index for r in self.shards]
         if indices != sorted(set(indices)):
             p.append("shards must be sorted by index without duplicates")
@@ -387,7 +350,8 @@ class Manifest:
 
     # -- I/O ----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "shards"}
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("shards", "identity")}
+        d["identity"] = self.identity.to_dict()
         d["shards"] = [r.to_dict() for r in self.shards]
         return _json_normalise(d)
 
@@ -401,23 +365,33 @@ class Manifest:
         if d.get("format") != schema.FORMAT:
             raise ManifestError(f"{where}: not a {schema.FORMAT} manifest (format={d.get('format')!r})")
         version = d.get("format_version")
-        if version != schema.FORMAT_VERSION:
+        if version not in schema.MANIFEST_VERSIONS_READ:
             hint = (
                 "written by a newer version of this tool: upgrade"
-                if _is_int(version) and version > schema.FORMAT_VERSION
+                if _is_int(version) and version > schema.MANIFEST_VERSION
                 else "re-run precompute to rebuild the cache"
             )
             raise ManifestError(
                 f"{where}: format_version {version!r} is not supported (this code reads "
-                f"{schema.FORMAT_VERSION}); {hint}"
+                f"{', '.join(map(str, schema.MANIFEST_VERSIONS_READ))}); {hint}"
             )
         missing = [k for k in cls.__dataclass_fields__ if k not in d]
         if missing:
             raise ManifestError(f"{where}: missing fields {missing}")
         if not isinstance(d["shards"], list):
             raise ManifestError(f"{where}: shards must be a list")
+        identity = CacheIdentity.from_dict(d["identity"], f"{where}: identity")
+        if version == 1:  # the identity's sections were repeated at the top level: they must agree
+            stored = identity.to_dict()
+            differ = [k for k in _V1_COPIES if k in d and _json_normalise(d[k]) != stored.get(k)]
+            if differ:
+                raise ManifestError(f"{where}: sections {differ} disagree with the identity's")
+        elif any(k in d for k in _V1_COPIES):
+            raise ManifestError(f"{where}: format_version 2 keeps {list(_V1_COPIES)} in the identity only, "
+                                f"found {[k for k in _V1_COPIES if k in d]} at the top level")
         shards = [ShardRecord.from_dict(s, where=f"{where}: shards[{i}]") for i, s in enumerate(d["shards"])]
-        m = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k != "shards"}, shards=shards)
+        m = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k not in ("shards", "identity")},
+                identity=identity, shards=shards)
         problems = m.problems()
         if problems:
             raise ManifestError(f"{where}: " + "; ".join(problems))
@@ -502,17 +476,17 @@ def read_identity(store: "Store") -> dict | None:
     return d
 
 
-def write_identity(store: "Store", identity: dict) -> None:
-    store.write_bytes(schema.IDENTITY_FILE, _dumps(_json_normalise(identity)))
+def write_identity(store: "Store", identity: CacheIdentity) -> None:
+    store.write_bytes(schema.IDENTITY_FILE, _dumps(identity.to_dict()))
 
 
-def ensure_identity(store: "Store", identity: dict) -> None:
+def ensure_identity(store: "Store", identity: CacheIdentity) -> None:
     """Write identity.json if the cache has none; refuse (listing every difference) if it differs."""
     old = read_identity(store)
     if old is None:
         write_identity(store, identity)
         return
-    diff = identity_diff(old, identity)
+    diff = identity_diff(old, identity.to_dict())
     if diff:
         raise ManifestError(
             f"{store.url} was built with different settings or encoders; refusing to mix them "

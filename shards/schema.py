@@ -26,7 +26,11 @@ from safetensors.torch import save as st_save
 from . import limits
 
 FORMAT = "sdxl-adapter-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the shards' and samples' layout (recorded in the identity)
+# manifest.json's layout. 2: the identity section is the one place of the latent, text, geometry
+# and dtype facts (1 repeated them at the top level; still read).
+MANIFEST_VERSION = 2
+MANIFEST_VERSIONS_READ = (1, 2)
 
 TENSOR_MEMBER = "safetensors"
 COND_MEMBER = "cond.png"

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from . import schema
+from .identity import CacheIdentity
 from .manifest import Manifest, ShardRecord, write_identity
 from .reader import write_empty_prompt
 from .store import Store
@@ -99,7 +100,7 @@ def write_synthetic_cache(
     it, so records and totals carry skip counts as a real run's do.
     """
     identity = synthetic_identity(samples_per_shard=samples_per_shard, seed=seed, **identity_kwargs)
-    write_identity(store, identity)
+    write_identity(store, CacheIdentity.from_dict(identity))
     g = torch.Generator().manual_seed(seed)
     text = identity["text"]
     dtype = identity["dtypes"]["storage"]
@@ -122,6 +123,6 @@ def write_synthetic_cache(
                     continue
                 writer.write(synthetic_sample(key, identity, g, captions=1 + pos % 2))
             records.append(writer.commit(skipped, items))
-    manifest = Manifest.build(identity, records, {"synthetic": True}, code_version="test", created=created)
+    manifest = Manifest.build(CacheIdentity.from_dict(identity), records, {"synthetic": True}, code_version="test", created=created)
     manifest.save(store)
     return manifest

@@ -75,10 +75,10 @@ def sample_problems(sample: schema.Sample, manifest: Manifest, index: int, cond=
         if t is None:
             continue
         if t.dtype != storage:
-            p.append(f"{name} is {schema.DTYPE_NAMES.get(t.dtype, t.dtype)}, the manifest says {manifest.dtypes['storage']}")
+            p.append(f"{name} is {schema.DTYPE_NAMES.get(t.dtype, t.dtype)}, the manifest says {manifest.dtypes.storage}")
         elif not bool(torch.isfinite(t).all()):
             p.append(f"{name} has non-finite values (NaN/inf: an fp16 VAE overflow?)")
-    channels = manifest.latent["channels"]
+    channels = manifest.latent.channels
     if sample.latent_mean.shape[0] != channels:
         p.append(f"latent_mean has {sample.latent_mean.shape[0]} channels, the manifest says {channels}")
     if manifest.has_latent_std and sample.latent_std is None:
@@ -87,13 +87,13 @@ def sample_problems(sample: schema.Sample, manifest: Manifest, index: int, cond=
         p.append("latent_std present (the manifest's latent.store is 'mean')")
     text = manifest.text
     pe, pooled = sample.prompt_embeds, sample.pooled_prompt_embeds
-    if tuple(pe.shape[1:]) != (text["max_length"], text["prompt_dim"]):
-        p.append(f"prompt_embeds {tuple(pe.shape)}, the manifest says (k, {text['max_length']}, {text['prompt_dim']})")
-    if pooled.shape[1] != text["pooled_dim"]:
-        p.append(f"pooled_prompt_embeds {tuple(pooled.shape)}, the manifest says (k, {text['pooled_dim']})")
+    if tuple(pe.shape[1:]) != (text.max_length, text.prompt_dim):
+        p.append(f"prompt_embeds {tuple(pe.shape)}, the manifest says (k, {text.max_length}, {text.prompt_dim})")
+    if pooled.shape[1] != text.pooled_dim:
+        p.append(f"pooled_prompt_embeds {tuple(pooled.shape)}, the manifest says (k, {text.pooled_dim})")
     if pe.shape[0] != len(sample.meta.captions):
         p.append(f"{pe.shape[0]} prompt embeddings for {len(sample.meta.captions)} captions")
-    f = manifest.latent["vae_scale_factor"]
+    f = manifest.latent.vae_scale_factor
     pixel_size = (sample.latent_mean.shape[1] * f, sample.latent_mean.shape[2] * f)
     try:
         if cond is None:
@@ -106,11 +106,11 @@ def sample_problems(sample: schema.Sample, manifest: Manifest, index: int, cond=
     if target != pixel_size:
         p.append(f"target_size {target} != latent size x {f} = {pixel_size}")
     geometry = manifest.geometry
-    if geometry["buckets"] is None:
-        res = geometry["resolution"]
+    if geometry.buckets is None:
+        res = geometry.resolution
         if target != (res, res):
             p.append(f"target_size {target}, the manifest's resolution is {res}")
-    elif list(target) not in geometry["buckets"]:
+    elif tuple(target) not in geometry.buckets:
         p.append(f"target_size {target} is not one of the manifest's buckets")
     return p
 
@@ -121,7 +121,7 @@ def _check_files(store: Store, manifest: Manifest) -> None:
     except ManifestError as e:
         raise VerifyError(str(e)) from None
     if identity is not None:
-        diff = identity_diff(identity, manifest.identity)
+        diff = identity_diff(identity, manifest.identity.to_dict())
         if diff:
             raise VerifyError(f"{schema.IDENTITY_FILE}: differs from the manifest's identity: " + "; ".join(diff))
     try:
@@ -129,14 +129,14 @@ def _check_files(store: Store, manifest: Manifest) -> None:
     except ShardError as e:
         raise VerifyError(str(e)) from None
     text = manifest.text
-    want_pe, want_pooled = (1, text["max_length"], text["prompt_dim"]), (1, text["pooled_dim"])
+    want_pe, want_pooled = (1, text.max_length, text.prompt_dim), (1, text.pooled_dim)
     if tuple(pe.shape) != want_pe or tuple(pooled.shape) != want_pooled:
         raise VerifyError(
             f"{schema.EMPTY_PROMPT_FILE}: shapes {tuple(pe.shape)} and {tuple(pooled.shape)}, the manifest "
             f"says {want_pe} and {want_pooled}"
         )
     if pe.dtype != manifest.storage_dtype or pooled.dtype != manifest.storage_dtype:
-        raise VerifyError(f"{schema.EMPTY_PROMPT_FILE}: dtype {pe.dtype}, the manifest says {manifest.dtypes['storage']}")
+        raise VerifyError(f"{schema.EMPTY_PROMPT_FILE}: dtype {pe.dtype}, the manifest says {manifest.dtypes.storage}")
 
 
 def _check_record_file(store: Store, record: ShardRecord) -> None:

@@ -107,9 +107,9 @@ def test_every_view_has_its_planned_geometry_canny_and_latent(tiny_model, mixed,
     cache, summary = canny_cache
     store = open_store(cache)
     manifest = Manifest.load(store)
-    assert manifest.geometry["buckets"] == [list(b) for b in BUCKETS_64]
-    assert manifest.identity["views"] == {"crops": 2, "flip": True}
-    assert manifest.identity["condition"] == {"method": "canny", "version": 1, "params": {"low": 100, "high": 200},
+    assert manifest.geometry.buckets == tuple(tuple(b) for b in BUCKETS_64)
+    assert manifest.identity.section("views") == {"crops": 2, "flip": True}
+    assert manifest.identity.section("condition") == {"method": "canny", "version": 1, "params": {"low": 100, "high": 200},
                                               "soft": False}
     verify_cache(store, manifest)
 
@@ -203,7 +203,7 @@ def test_computed_conditions_read_no_conditioning_images(soft_cache, mixed, tmp_
     item = next(source.iter_unit(0))
     assert item.cond is None and item.error is None
     manifest = Manifest.load(open_store(cache))
-    assert manifest.identity["condition"]["method"] == "sketch" and manifest.identity["condition"]["soft"]
+    assert manifest.identity.condition.method == "sketch" and manifest.identity.condition.soft
     sample = next(iter_shard(open_store(cache), manifest.shards[0]))
     g = plan_geometry(mixed_size(0, RES), RES, buckets=BUCKETS_64)
     np.testing.assert_array_equal(sample.cond_image(), sketch(apply_geometry(_rgb(mixed / "target/0.png"), g)))
@@ -225,7 +225,7 @@ def test_train_on_a_bucketed_soft_cache_one_shape_per_batch_and_bitwise_resume(t
     shapes = {k: tuple(s) for r in manifest.shards for k, s in zip(r.keys, r.latent_shapes)}
     # The soft maps reach the loop binarised.
     loader, steps = cache_loader(open_store(cache), manifest, batch_size=2, seed=0, epoch=0, shuffle_buffer=0,
-                                 soft_threshold=soft_threshold_range_for(manifest.identity, None))
+                                 soft_threshold=soft_threshold_range_for(manifest.identity.condition, None))
     assert all(set(b.cond.unique().tolist()) <= {0.0, 1.0} for b in loader)
 
     def cfg(out, **kw) -> TrainConfig:

@@ -12,6 +12,7 @@ from PIL import Image
 from precompute.conditions import ConditionSpec, canny, compute_condition, luma, sketch
 from precompute.config import PrecomputeConfig
 from shards.manifest import identity_diff
+from shards.identity import Condition
 from train.augment import (
     DEFAULT_SOFT_THRESHOLD_RANGE,
     binarize,
@@ -177,9 +178,9 @@ def test_soft_threshold_ranges():
     for bad in ("0.3", "0.8,0.3", "a,b", "0.1,1.5"):
         with pytest.raises(ValueError):
             parse_range(bad)
-    soft, hard = {"condition": {"method": "sketch", "soft": True}}, {"condition": {"method": "canny", "soft": False}}
+    soft, hard = Condition(method="sketch", soft=True), Condition(method="canny", soft=False)
     assert soft_threshold_range_for(soft, None) == DEFAULT_SOFT_THRESHOLD_RANGE == (0.3, 0.8)
     assert soft_threshold_range_for(soft, (0.4, 0.6)) == (0.4, 0.6)
-    assert soft_threshold_range_for(hard, None) is None and soft_threshold_range_for({}, None) is None
+    assert soft_threshold_range_for(hard, None) is None and soft_threshold_range_for(Condition(), None) is None
     with pytest.raises(ValueError, match="does not store soft"):
         soft_threshold_range_for(hard, (0.3, 0.8))

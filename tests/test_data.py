@@ -23,6 +23,7 @@ import train.data
 import train.step  # noqa: F401  (imported once here so forked loader workers inherit it)
 from shards import schema
 from shards.errors import ShardError
+from shards.identity import CacheIdentity
 from shards.manifest import Manifest, ShardRecord, identity_diff
 from shards.reader import iter_shard, load_empty_prompt, write_empty_prompt
 from shards.stores import open_store
@@ -355,9 +356,9 @@ def test_stream_identity_names_what_a_resume_would_change(cache):
     assert stream_resume_problems(None, saved) == [
         "the checkpoint records no data stream identity (saved by an older version)"]
     # The range is resolved once from the manifest (train start-up does it) and recorded as such.
-    soft = Manifest.build({**synthetic_identity(prompt_dim=DIM, pooled_dim=POOLED),
-                           "condition": {"method": "sketch", "soft": True}}, records, {}, code_version="t", created="")
-    default = soft_threshold_range_for(soft.identity, None)
+    soft = Manifest.build(CacheIdentity.from_dict({**synthetic_identity(prompt_dim=DIM, pooled_dim=POOLED),
+                                                "condition": {"method": "sketch", "soft": True}}), records, {}, code_version="t", created="")
+    default = soft_threshold_range_for(soft.identity.condition, None)
     assert default == (0.3, 0.8)
     assert identity_of(soft, **kw, soft_threshold=default)["soft_threshold"] == [0.3, 0.8]
     assert identity_of(soft, **kw, soft_threshold=(0.4, 0.6))["soft_threshold"] == [0.4, 0.6]

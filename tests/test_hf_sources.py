@@ -275,7 +275,7 @@ def test_precompute_of_a_dataset_equals_the_same_images_as_a_folder(fill, tiny_m
     assert (b.samples, b.shards, b.skipped) == (N, 3, {"image_corrupt": 1})
     ma, sa = _samples(tmp_path / "cache-hf")
     mb, sb = _samples(tmp_path / "cache-folder")
-    assert ma.identity["source"]["kind"] == "hf" and sum(r.samples for r in ma.shards) + 1 == N + 1
+    assert ma.identity.section("source")["kind"] == "hf" and sum(r.samples for r in ma.shards) + 1 == N + 1
     skipped = [i for r in ma.shards for i in r.skipped_items]
     assert [(i["source_id"], i["reason"]) for i in skipped] == [(f"{hub.resolve()}[train] row 10", "image_corrupt")]
     assert [s.key for s in sa] == [s.key for s in sb]

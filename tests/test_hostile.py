@@ -28,6 +28,7 @@ from shards.errors import ShardError
 from shards.manifest import Manifest, ManifestError, ShardRecord
 from shards.reader import write_empty_prompt
 from shards.stores import open_store
+from shards.identity import CacheIdentity
 from shards.synthetic import synthetic_identity, synthetic_sample
 from shards.verify import VerifyError, verify_cache
 from shards.writer import ShardWriter, _tarinfo
@@ -46,7 +47,7 @@ def _cache(root: Path, shards: int = 2, per_shard: int = 3) -> Manifest:
                 w.write(synthetic_sample(schema.sample_key(i, p), IDENTITY, g))
             records.append(w.commit({}, []))
     write_empty_prompt(store, torch.zeros(1, 77, 8), torch.zeros(1, 4), "bf16")
-    manifest = Manifest.build(IDENTITY, records, {}, code_version="test", created="")
+    manifest = Manifest.build(CacheIdentity.from_dict(IDENTITY), records, {}, code_version="test", created="")
     manifest.save(store)
     return manifest
 
@@ -83,7 +84,7 @@ def _rewrite(root: Path, edit, shards=(1,)) -> Manifest:
                           sha256=hashlib.sha256(data).hexdigest(), keys=r.keys)
         store.write_bytes(schema.record_name(r.index), rec.to_json())
         records.append(rec)
-    manifest = Manifest.build(IDENTITY, records, {}, code_version="test", created="")
+    manifest = Manifest.build(CacheIdentity.from_dict(IDENTITY), records, {}, code_version="test", created="")
     manifest.save(store)
     return manifest
 
@@ -195,7 +196,7 @@ def test_train_on_a_cache_with_a_nan_sample_stops_with_a_message_and_saves_nothi
     cache = Path(shutil.copytree(fill_cache, tmp_path / "cache"))
     global IDENTITY
     real = Manifest.load(open_store(cache))
-    saved, IDENTITY = IDENTITY, real.identity
+    saved, IDENTITY = IDENTITY, real.identity.to_dict()
     try:
         _rewrite(cache, _tensors(_only_first(lambda t: _set(t, "latent_mean", torch.full_like(
             t["latent_mean"], float("nan"))))), shards=(2,))

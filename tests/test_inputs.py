@@ -106,7 +106,7 @@ def test_repeated_rows_are_counted_and_dropped_with_dedupe(tiny_model, data, tmp
     assert manifest.totals["repeated_items"] == 0
     items = [i for r in manifest.shards for i in r.skipped_items]
     assert [(i["reason"], i["repeats"]) for i in items] == [("duplicate", "000000-000002"), ("duplicate", "000001-000003")]
-    assert manifest.identity["inputs"] == {"fingerprint": "content", "dedupe": True}
+    assert manifest.identity.section("inputs") == {"fingerprint": "content", "dedupe": True}
     # The kept samples are the very ones of the plain cache.
     plain = {s.key: s.latent_mean for r in Manifest.load(open_store(cache)).shards
              for s in iter_shard(open_store(cache), r)}

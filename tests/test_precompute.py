@@ -8,6 +8,7 @@ thread counts, and byte-for-byte comparisons need the same kernels on both sides
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -102,15 +103,15 @@ def test_fill_cache_contents_equal_the_encoders(tiny_model, fill_data, fill_cach
     manifest, samples = _samples(cache)
     assert [r.samples for r in manifest.shards] == [6, 6, 4]
     assert manifest.totals["samples"] == 16 and manifest.totals["skipped"] == {}
-    assert manifest.latent == {"channels": 4, "scaling_factor": 0.13025, "shift_factor": None,
+    assert dataclasses.asdict(manifest.latent) == {"channels": 4, "scaling_factor": 0.13025, "shift_factor": None,
                                "vae_scale_factor": 8, "store": "mean_std"}
-    assert manifest.text == {"max_length": 77, "prompt_dim": 64, "pooled_dim": 32}
-    assert manifest.dtypes == {"storage": "bf16", "vae": "fp32", "text": "fp32"}
+    assert dataclasses.asdict(manifest.text) == {"max_length": 77, "prompt_dim": 64, "pooled_dim": 32}
+    assert dataclasses.asdict(manifest.dtypes) == {"storage": "bf16", "vae": "fp32", "text": "fp32"}
     assert manifest.config["resolution"] == RES and manifest.config["model"] == str(tiny_model)
     assert not {"cache", "tmp_dir", "device", "num_workers", "strict"} & set(manifest.config)
     # The batch size and the device kind change the bytes: recorded, and part of the identity.
     assert manifest.config["batch_size"] == 4
-    assert manifest.identity["compute"] == {"batch_size": 4, "device": "cpu"}
+    assert manifest.identity.section("compute") == {"batch_size": 4, "device": "cpu"}
     assert manifest.created == ""  # no wall-clock time in a reproducible cache
     verify_cache(open_store(cache), manifest)
 
@@ -546,7 +547,7 @@ def test_reference_cache_has_seeded_random_crops(reference_cache):
     crops = [s.meta.crop_top_left for s in samples]
     assert all(top == 0 and 0 <= left <= 12 for top, left in crops)
     assert len(set(crops)) > 3  # random, not centred
-    assert manifest.identity["seed"] == 7
+    assert manifest.identity.section("seed") == 7
 
 
 def test_kill_and_resume_gives_a_byte_identical_cache(tiny_model, crop_data, reference_cache, tmp_path):

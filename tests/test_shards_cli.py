@@ -248,11 +248,11 @@ def test_verify_unknown_member_with_consistent_manifest(cache):
 def test_verify_dtype_and_shape_mismatches(cache):
     root, m = cache
     (root / "identity.json").unlink()  # checked separately; here the manifest alone is edited
-    edit_manifest(root, lambda d: d["latent"].update(channels=16))
+    edit_manifest(root, lambda d: d["identity"]["latent"].update(channels=16))
     expect_failure(root, "shards/shard-000000.tar: sample #0 (000000-000000): latent_mean has 4 channels, the manifest says 16")
-    edit_manifest(root, lambda d: d["latent"].update(channels=4, store="mean"))
+    edit_manifest(root, lambda d: d["identity"]["latent"].update(channels=4, store="mean"))
     expect_failure(root, "shards/shard-000000.tar: sample #0", "latent_std present")
-    edit_manifest(root, lambda d: (d["latent"].update(store="mean_std"), d["dtypes"].update(storage="fp16")))
+    edit_manifest(root, lambda d: (d["identity"]["latent"].update(store="mean_std"), d["identity"]["dtypes"].update(storage="fp16")))
     expect_failure(root, "empty_prompt.safetensors: dtype")
     pe, pooled = load_empty_prompt(open_store(root))
     write_empty_prompt(open_store(root), pe, pooled, "fp16")

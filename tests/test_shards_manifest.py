@@ -7,6 +7,7 @@ import json
 import pytest
 
 from shards import schema
+from shards.identity import CacheIdentity
 from shards.manifest import (
     Manifest,
     ManifestError,
@@ -35,11 +36,11 @@ def record(index, samples, nbytes, skipped=None):
 def test_build_totals_and_round_trip(tmp_path):
     store = open_store(tmp_path)
     records = [record(1, 2, 20480, {"image_corrupt": 1}), record(0, 3, 30720, {"image_corrupt": 2, "caption_empty": 1})]
-    m = Manifest.build(synthetic_identity(), records, {"resolution": (64, 64)}, code_version="1.2.3", created="2024-01-01T00:00:00Z")
+    m = Manifest.build(CacheIdentity.from_dict(synthetic_identity()), records, {"resolution": (64, 64)}, code_version="1.2.3", created="2024-01-01T00:00:00Z")
     assert [r.index for r in m.shards] == [0, 1]  # sorted by index
     assert m.totals == {"shards": 2, "samples": 5, "bytes": 51200, "skipped": {"caption_empty": 1, "image_corrupt": 3},
                         "notes": {}}
-    assert m.latent["channels"] == 4 and m.text["prompt_dim"] == 64 and m.has_latent_std
+    assert m.latent.channels == 4 and m.text.prompt_dim == 64 and m.has_latent_std
     assert m.config == {"resolution": [64, 64]}  # JSON-normalised: equal to what loading gives
     m.save(store)
     loaded = Manifest.load(store)
@@ -50,7 +51,7 @@ def test_build_totals_and_round_trip(tmp_path):
 
 def test_created_honours_source_date_epoch(monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "86400")
-    m = Manifest.build(synthetic_identity(), [], {})
+    m = Manifest.build(CacheIdentity.from_dict(synthetic_identity()), [], {})
     assert m.created == "1970-01-02T00:00:00Z"
 
 
@@ -61,28 +62,28 @@ def test_load_errors_are_clear(tmp_path):
     (tmp_path / "manifest.json").write_bytes(b'{"format": "sdxl-adapter-cache", ')
     with pytest.raises(ManifestError, match=r"manifest.json is not valid JSON .*re-run precompute"):
         Manifest.load(store)
-    good = Manifest.build(synthetic_identity(), [record(0, 1, 10240)], {}, code_version="x").to_dict()
+    good = Manifest.build(CacheIdentity.from_dict(synthetic_identity()), [record(0, 1, 10240)], {}, code_version="x").to_dict()
 
     def load_with(**changes):
         (tmp_path / "manifest.json").write_text(json.dumps({**good, **changes}))
         return Manifest.load(store)
 
-    with pytest.raises(ManifestError, match=r"format_version 2 is not supported \(this code reads 1\); .*newer version"):
-        load_with(format_version=2)
+    with pytest.raises(ManifestError, match=r"format_version 3 is not supported \(this code reads 1, 2\); .*newer version"):
+        load_with(format_version=3)
     with pytest.raises(ManifestError, match=r"not a sdxl-adapter-cache manifest"):
         load_with(format="something-else")
     with pytest.raises(ManifestError, match=r"totals.samples is 7 but the shards add up to 1"):
         load_with(totals={**good["totals"], "samples": 7})
-    bad_latent = {**good["latent"], "channels": 0, "store": "both"}
+    bad_latent = {**good["identity"]["latent"], "channels": 0, "store": "both"}
     with pytest.raises(ManifestError, match=r"latent.channels must be .*latent.store must be one of"):
-        load_with(latent=bad_latent)
+        load_with(identity={**good["identity"], "latent": bad_latent})
     bad_shard = {**good["shards"][0], "name": "shards/x.tar", "sha256": "nothex"}
     with pytest.raises(ManifestError, match=r"shards\[0\]: name 'shards/x.tar' does not match index 0.*sha256 must be"):
         load_with(shards=[bad_shard])
-    broken = dict(good)
-    del broken["text"], broken["dtypes"]
+    broken = json.loads(json.dumps(good))
+    del broken["identity"]["text"], broken["identity"]["dtypes"]
     (tmp_path / "manifest.json").write_text(json.dumps(broken))
-    with pytest.raises(ManifestError, match=r"missing fields \['text', 'dtypes'\]"):
+    with pytest.raises(ManifestError, match=r"missing section 'text'; missing section 'dtypes'"):
         Manifest.load(store)
 
 
@@ -126,10 +127,30 @@ def test_ensure_identity_writes_then_refuses_a_different_one(tmp_path):
     store = open_store(tmp_path)
     ident = synthetic_identity()
     assert read_identity(store) is None
-    ensure_identity(store, ident)
-    ensure_identity(store, ident)  # same identity: fine (a resumed run)
+    ensure_identity(store, CacheIdentity.from_dict(ident))
+    ensure_identity(store, CacheIdentity.from_dict(ident))  # same identity: fine (a resumed run)
     assert read_identity(store) == ident
     other = synthetic_identity(resolution=128, prompt_dim=2048)
     with pytest.raises(ManifestError, match=r"refusing to mix them") as e:
-        ensure_identity(store, other)
+        ensure_identity(store, CacheIdentity.from_dict(other))
     assert "geometry.resolution: 64 != 128" in str(e.value) and "text.prompt_dim: 64 != 2048" in str(e.value)
+
+
+def test_a_version_1_manifest_still_loads_and_its_copies_must_agree(tmp_path):
+    """Caches written before the identity became the one place of latent/text/geometry/dtypes
+    (format_version 1 repeated them at the top level) still load; copies that disagree are refused,
+    and a version 2 manifest may not carry them at all."""
+    store = open_store(tmp_path)
+    v2 = Manifest.build(CacheIdentity.from_dict(synthetic_identity()), [record(0, 1, 10240)], {},
+                        code_version="x").to_dict()
+    assert v2["format_version"] == 2 and not {"latent", "text", "geometry", "dtypes"} & set(v2)
+    v1 = {**v2, "format_version": 1, **{k: v2["identity"][k] for k in ("latent", "text", "geometry", "dtypes")}}
+    (tmp_path / "manifest.json").write_text(json.dumps(v1))
+    loaded = Manifest.load(store)
+    assert loaded.latent.channels == 4 and loaded.text.prompt_dim == 64 and loaded.geometry.resolution == 64
+    (tmp_path / "manifest.json").write_text(json.dumps({**v1, "text": {**v1["text"], "prompt_dim": 2048}}))
+    with pytest.raises(ManifestError, match=r"sections \['text'\] disagree with the identity's"):
+        Manifest.load(store)
+    (tmp_path / "manifest.json").write_text(json.dumps({**v2, "latent": v2["identity"]["latent"]}))
+    with pytest.raises(ManifestError, match=r"keeps .* in the identity only, found \['latent'\]"):
+        Manifest.load(store)

@@ -221,5 +221,5 @@ def test_precompute_counts_the_new_skips_and_caption_notes(tiny_model, fill_data
     assert summary.samples == 4 and summary.skipped == {"image_unreadable": 1, "image_outside_root": 1}
     manifest = Manifest.load(open_store(tmp_path / "cache"))
     assert sum(r.notes.get("caption_truncated", 0) for r in manifest.shards) == 1
-    assert manifest.identity["input_limits"] == {"max_input_bytes": 256 << 20, "max_image_pixels": 64_000_000,
+    assert manifest.identity.section("input_limits") == {"max_input_bytes": 256 << 20, "max_image_pixels": 64_000_000,
                                                  "follow_symlinks": False}

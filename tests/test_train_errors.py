@@ -9,6 +9,7 @@ from torch.utils.data._utils.worker import ExceptionWrapper
 from shards.errors import ShardError
 from shards.fingerprint import module_fingerprint, tokenizer_fingerprint
 from train.__main__ import user_message
+from shards.identity import Encoder
 from train.checks import compare_fingerprints
 
 
@@ -44,12 +45,12 @@ def test_fingerprint_mismatch_names_a_variant_difference_as_the_likely_cause():
     ours = torch.nn.Linear(2, 2)
     identity = {"encoder": {"model": "m", "variant": "fp16", "vae_fingerprint": "f" * 64,
                             "text_encoder_fingerprint": module_fingerprint(ours), "text_encoder_2_fingerprint": None}}
-    report = compare_fingerprints(identity, {"vae": ours, "text_encoder": ours, "text_encoder_2": None}, variant=None)
+    report = compare_fingerprints(Encoder.from_dict(identity["encoder"]), {"vae": ours, "text_encoder": ours, "text_encoder_2": None}, variant=None)
     assert report.differences[0].startswith("vae fingerprint: cache ffffffffffffffff... (encoded with 'm') != this")
     assert report.differences[1] == ("likely cause: the cache was encoded from weight variant 'fp16' and this run "
                                      "loads --variant None; pass --variant fp16 to load the same weight files")
     assert len(report.differences) == 2
-    same_variant = compare_fingerprints(identity, {"vae": ours}, variant="fp16")
+    same_variant = compare_fingerprints(Encoder.from_dict(identity["encoder"]), {"vae": ours}, variant="fp16")
     assert len(same_variant.differences) == 1  # the variants agree: no hint
 
 
@@ -76,16 +77,16 @@ def test_tokenizer_fingerprints_are_compared_when_the_cache_recorded_them():
                "tokenizer_fingerprint": tokenizer_fingerprint(_Tokenizer("<|endoftext|>")),
                "tokenizer_2_fingerprint": tokenizer_fingerprint(_Tokenizer("!"))}
 
-    report = compare_fingerprints({"encoder": encoder}, modules, tokenizers=tokenizers, variant=None)
+    report = compare_fingerprints(Encoder.from_dict(encoder), modules, tokenizers=tokenizers, variant=None)
     assert len(report.differences) == 1  # no weight-variant hint: the weights are the cache's
     assert report.differences[0].startswith("tokenizer_2 fingerprint: cache ")
     assert report.differences[0].endswith(f"model's {tokenizer_fingerprint(tokenizers['tokenizer_2'])[:16]}...")
 
     older = {k: v for k, v in encoder.items() if not k.startswith("tokenizer")}
-    report = compare_fingerprints({"encoder": older}, modules, tokenizers=tokenizers, variant=None)
+    report = compare_fingerprints(Encoder.from_dict(older), modules, tokenizers=tokenizers, variant=None)
     assert report.differences == []  # a cache from before tokenizer fingerprints is not refused for it
     assert report.notes == [f"{n}: the cache recorded no fingerprint; cannot check it" for n in tokenizers]
 
-    no_tokenizers = compare_fingerprints({"encoder": encoder}, modules, tokenizers={"tokenizer": None}, variant=None)
+    no_tokenizers = compare_fingerprints(Encoder.from_dict(encoder), modules, tokenizers={"tokenizer": None}, variant=None)
     assert no_tokenizers.differences == []
     assert no_tokenizers.notes == [f"{n}: MODEL has none; cannot check it against the cache" for n in tokenizers]

@@ -17,6 +17,7 @@ from streams import cache_loader, cache_stream, epoch_plan_of, stats_of
 
 import train.step  # noqa: F401  (imported once here so forked loader workers inherit it)
 from shards import schema
+from shards.identity import CacheIdentity
 from shards.manifest import Manifest, ShardRecord
 from shards.reader import iter_shard, write_empty_prompt
 from shards.stores import open_store
@@ -115,7 +116,7 @@ def test_records_hold_view_keys_and_latent_shapes(cache):
     assert r.latent_shapes[:4] == [list(WIDE), list(RARE), list(RARE), list(RARE)]
     views = sum(_views_of(i, p) for i, n in enumerate(SIZES) for p in range(n))
     assert sum(count_sources(r.keys) for r in records) == 30 and sum(r.samples for r in records) == views == 74
-    m = Manifest.build(synthetic_identity(), records, {}, code_version="test", created="")
+    m = Manifest.build(CacheIdentity.from_dict(synthetic_identity()), records, {}, code_version="test", created="")
     assert m.totals["sources"] == 30
     assert m.totals["buckets"] == {"16x16": sum(1 for r in records for s in r.latent_shapes if tuple(s) == SQUARE),
                                    "16x24": sum(1 for r in records for s in r.latent_shapes if tuple(s) == WIDE),
@@ -226,17 +227,17 @@ def test_soft_conditions_are_thresholded_per_sample_and_epoch(cache, tmp_path):
     assert any(len(ts) == 2 for ts in thresholds.values())
     # The range comes from a manifest that says its conditions are soft (resolved once, at start-up).
     identity = {**_identity(), "condition": {"method": "sketch", "soft": True}}
-    manifest = Manifest.build(identity, records, {}, code_version="test", created="")
-    loader, _ = cache_loader(store, manifest, epoch=0, soft_threshold=soft_threshold_range_for(manifest.identity, None),
+    manifest = Manifest.build(CacheIdentity.from_dict(identity), records, {}, code_version="test", created="")
+    loader, _ = cache_loader(store, manifest, epoch=0, soft_threshold=soft_threshold_range_for(manifest.identity.condition, None),
                              **kw)
     auto = list(loader)
     _same_batches(auto, list(cache_stream(store, records, epoch=0, soft_threshold=(0.3, 0.8), **kw)))
-    plain = Manifest.build(_identity(), records, {}, code_version="test",
+    plain = Manifest.build(CacheIdentity.from_dict(_identity()), records, {}, code_version="test",
                            created="")
-    assert soft_threshold_range_for(plain.identity, None) is None
+    assert soft_threshold_range_for(plain.identity.condition, None) is None
     assert not set(next(iter(cache_loader(store, plain, epoch=0, **kw)[0])).cond.unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="does not store soft"):
-        soft_threshold_range_for(plain.identity, (0.3, 0.8))
+        soft_threshold_range_for(plain.identity.condition, (0.3, 0.8))
     with pytest.raises(ValueError, match="low <= high"):
         cache_stream(store, records, epoch=0, soft_threshold=(0.9, 0.1), **kw)
 
@@ -281,7 +282,7 @@ def test_verify_checks_that_a_view_key_and_its_json_agree():
 
     identity = {**synthetic_identity(prompt_dim=DIM, pooled_dim=POOLED, resolution=16), "condition": None}
     identity["geometry"]["buckets"] = [[16, 16]]
-    manifest = Manifest.build(identity, [], {}, code_version="test", created="")
+    manifest = Manifest.build(CacheIdentity.from_dict(identity), [], {}, code_version="test", created="")
 
     def stored(key: str, extra: dict) -> schema.Sample:  # as read back from a shard: bf16 tensors
         sample = _sample(key, SQUARE, 0)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from shards.identity import Condition
 from train.plan import Draw, key_rng
 
 DEFAULT_SOFT_THRESHOLD_RANGE = (0.3, 0.8)
@@ -93,17 +94,11 @@ def parse_range(text: str) -> tuple[float, float]:
     return value
 
 
-def cache_has_soft_conditions(identity: dict) -> bool:
-    """True when precompute stored soft maps for train to threshold (`--condition-soft`)."""
-    condition = identity.get("condition") if isinstance(identity, dict) else None
-    return bool(isinstance(condition, dict) and condition.get("soft"))
-
-
-def soft_threshold_range_for(identity: dict, requested: tuple[float, float] | None) -> tuple[float, float] | None:
+def soft_threshold_range_for(condition: Condition, requested: tuple[float, float] | None) -> tuple[float, float] | None:
     """The range train uses for this cache: `requested` or the default when the cache stores soft
     conditions, None when it does not. Asking for a range on a cache without soft conditions is a
     ValueError (it would silently do nothing)."""
-    if not cache_has_soft_conditions(identity):
+    if not condition.soft:
         if requested is not None:
             raise ValueError("a soft threshold range was given, but the cache does not store soft conditioning maps "
                              "(precompute it with --condition-soft)")

@@ -39,6 +39,7 @@ from shards import schema
 from shards.fingerprint import module_fingerprint, tokenizer_fingerprint
 from shards.hub import locate
 from shards.hub import vae_location as shared_vae_location
+from shards.identity import Encoder
 from shards.manifest import Manifest
 from shards.store import Store
 
@@ -114,7 +115,7 @@ def vae_location(cfg_vae: str | None, manifest: Manifest, model: str, revision: 
     --vae wins; else the VAE the cache was encoded with when precompute was given one; else
     MODEL's own `vae/` (None when MODEL has none).
     """
-    override = cfg_vae or (manifest.identity.get("encoder") or {}).get("vae")
+    override = cfg_vae or manifest.identity.encoder.vae
     if override:
         return shared_vae_location(override)
     if load_component_config(model, "vae", revision, cache_dir=cache_dir) is None:
@@ -145,41 +146,41 @@ def shape_problems(
 
     problems = []
     latent, text = manifest.latent, manifest.text
-    if latent["channels"] != unet_config.get("in_channels"):
-        problems.append(f"latent channels: cache {latent['channels']} != UNet in_channels {unet_config.get('in_channels')}")
+    if latent.channels != unet_config.get("in_channels"):
+        problems.append(f"latent channels: cache {latent.channels} != UNet in_channels {unet_config.get('in_channels')}")
     cross = _first(unet_config.get("cross_attention_dim"))
-    if text["prompt_dim"] != cross:
-        problems.append(f"prompt width: cache prompt_embeds {text['prompt_dim']} != UNet cross_attention_dim {cross}")
+    if text.prompt_dim != cross:
+        problems.append(f"prompt width: cache prompt_embeds {text.prompt_dim} != UNet cross_attention_dim {cross}")
     if unet_config.get("addition_embed_type") != "text_time":
         problems.append(f"UNet addition_embed_type is {unet_config.get('addition_embed_type')!r}, not 'text_time': "
                         "it takes no pooled prompt or size conditioning (not an SDXL UNet)")
     else:
         time_dim = unet_config.get("addition_time_embed_dim") or 0
         expected = unet_config.get("projection_class_embeddings_input_dim")
-        if text["pooled_dim"] + 6 * time_dim != expected:
+        if text.pooled_dim + 6 * time_dim != expected:
             problems.append(
-                f"pooled width: cache pooled_prompt_embeds {text['pooled_dim']} + 6 x addition_time_embed_dim "
-                f"{time_dim} = {text['pooled_dim'] + 6 * time_dim} != UNet projection_class_embeddings_input_dim "
+                f"pooled width: cache pooled_prompt_embeds {text.pooled_dim} + 6 x addition_time_embed_dim "
+                f"{time_dim} = {text.pooled_dim + 6 * time_dim} != UNet projection_class_embeddings_input_dim "
                 f"{expected}"
             )
 
-    vae_factor = latent["vae_scale_factor"]
+    vae_factor = latent.vae_scale_factor
     if vae_config is not None:
         vae_channels = vae_config.get("latent_channels")
-        if vae_channels != latent["channels"]:
-            problems.append(f"VAE latent_channels {vae_channels} != cache latent channels {latent['channels']}")
+        if vae_channels != latent.channels:
+            problems.append(f"VAE latent_channels {vae_channels} != cache latent channels {latent.channels}")
         blocks = vae_config.get("block_out_channels") or []
         if blocks and 2 ** (len(blocks) - 1) != vae_factor:
             problems.append(f"VAE downsamples by {2 ** (len(blocks) - 1)}, the cache by {vae_factor}")
         for key in ("scaling_factor", "shift_factor"):
-            theirs, ours = vae_config.get(key), latent.get(key)
+            theirs, ours = vae_config.get(key), getattr(latent, key)
             if theirs is not None and ours is not None and abs(float(theirs) - float(ours)) > 1e-9:
                 problems.append(f"VAE {key} {theirs} != cache {key} {ours} (validation images would decode wrong)")
 
     try:
         down, mid = unet_residual_shapes(unet_config, vae_factor)
         stride = max(s.stride for s in down + ([mid] if mid else []))
-        sizes = [(manifest.geometry["resolution"],) * 2] + [tuple(b) for b in manifest.geometry.get("buckets") or []]
+        sizes = [(manifest.geometry.resolution,) * 2] + [tuple(b) for b in manifest.geometry.buckets or []]
         bad = sorted({s for s in sizes if s[0] % stride or s[1] % stride})
         if bad:
             problems.append(f"cache image sizes {bad} are not multiples of {stride} px, the coarsest adapter feature "
@@ -266,7 +267,7 @@ class FingerprintReport:
     notes: list[str] = field(default_factory=list)  # what could not be compared
 
 
-def compare_fingerprints(identity: dict, modules: dict[str, torch.nn.Module | None], *,
+def compare_fingerprints(encoder: Encoder, modules: dict[str, torch.nn.Module | None], *,
                          tokenizers: dict[str, Any] | None = None,
                          variant: str | None = None) -> FingerprintReport:
     """Cache-recorded fingerprints vs. those of `modules` (name -> module, None when absent) and
@@ -275,13 +276,11 @@ def compare_fingerprints(identity: dict, modules: dict[str, torch.nn.Module | No
     noted, not a difference.
     `variant`: the --variant the modules were loaded with (named when it is not the cache's)."""
     report = FingerprintReport()
-    encoder = identity.get("encoder") or {}
-    cache_model = encoder.get("model", "?")
-    cache_variant = encoder.get("variant")
+    cache_model, cache_variant = encoder.model, encoder.variant
 
     def compare(name: str, obj: Any, fingerprint: Callable[[Any], str]) -> bool:
         """Record `name`'s difference, if any; True when it differs."""
-        recorded = encoder.get(f"{name}_fingerprint")
+        recorded = encoder.fingerprint(name)
         if obj is None:
             report.notes.append(f"{name}: MODEL has none; cannot check it against the cache")
             return False

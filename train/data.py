@@ -302,7 +302,7 @@ class CacheStream(IterableDataset):
                 sample = schema.decode_sample(key, members)
                 expected = None
                 if self.manifest is not None:
-                    f = int(self.manifest.latent["vae_scale_factor"])
+                    f = self.manifest.latent.vae_scale_factor
                     expected = (sample.latent_mean.shape[1] * f, sample.latent_mean.shape[2] * f)
                 cond = sample.cond_image(expected_size=expected)
             except schema.SampleError as e:

@@ -140,7 +140,7 @@ def _run(cfg: TrainConfig, accelerator: Any, log: Any, run: Any, out: Path, rank
     unet.to(device)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    vae_factor = int(plan.manifest.latent["vae_scale_factor"])
+    vae_factor = plan.manifest.latent.vae_scale_factor
     # Seeded right here: the new adapter's weights depend on the seed alone, not on what loading
     # the encoders or the UNet may have drawn (DDP also broadcasts rank 0's weights at wrap time).
     set_seed(cfg.seed)

@@ -115,10 +115,10 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
     problems.cache += checks.shape_problems(manifest, unet_config, vae_config, adapter_config=adapter_config)
     if cfg.validation_resolution is not None:
         problems.other += checks.validation_resolution_problems(cfg.validation_resolution, unet_config,
-                                                                int(manifest.latent["vae_scale_factor"]))
+                                                                manifest.latent.vae_scale_factor)
     soft = None
     try:
-        soft = soft_threshold_range_for(manifest.identity, None if cfg.soft_threshold_range is None
+        soft = soft_threshold_range_for(manifest.identity.condition, None if cfg.soft_threshold_range is None
                                         else cfg.soft_threshold())
     except ValueError as e:
         problems.cache.append(f"--soft-threshold-range: {e}")
@@ -169,7 +169,7 @@ def check_encoders_and_prepare_validation(cfg: TrainConfig, plan: Plan, device: 
     text_stack = checks.load_text_stack(cfg.model, cfg.revision, cfg.variant, cache_dir=cfg.cache_dir)
     vae = (checks.load_vae(plan.vae_location, revision=cfg.revision, variant=cfg.variant, cache_dir=cfg.cache_dir)
            if plan.vae_location else None)
-    report = checks.compare_fingerprints(plan.manifest.identity, {
+    report = checks.compare_fingerprints(plan.manifest.identity.encoder, {
         "vae": vae,
         "text_encoder": text_stack.text_encoder if text_stack else None,
         "text_encoder_2": text_stack.text_encoder_2 if text_stack else None,
@@ -197,7 +197,7 @@ def check_encoders_and_prepare_validation(cfg: TrainConfig, plan: Plan, device: 
             prompts, output_dir=cfg.output_dir, vae_location=plan.vae_location,
             vae_kwargs={"revision": cfg.revision, "variant": cfg.variant, "cache_dir": cfg.cache_dir},
             scheduler_config=plan.scheduler_config, force_zeros=force_zeros,
-            resolution=cfg.validation_resolution or int(plan.manifest.geometry["resolution"]),
+            resolution=cfg.validation_resolution or plan.manifest.geometry.resolution,
             num_images=cfg.num_validation_images, inference_steps=cfg.validation_inference_steps,
             guidance_scale=cfg.validation_guidance_scale, seed=cfg.seed,
         )
