@@ -87,11 +87,11 @@ def epoch(store, manifest, *, workers: int, batch_size: int) -> tuple[float, int
     The epoch time includes starting the workers and filling the first batch; the steady rate
     counts from the first batch on, which is what a long epoch sees."""
     from train.data import make_loader
-    from train.plan import DataSpec
+    from train.plan import DataSpec, EpochPlan
 
     t0 = time.perf_counter()
     spec = DataSpec(batch_size=batch_size, seed=0, num_workers=workers, shuffle_buffer=64)
-    loader, steps = make_loader(store, manifest, spec, epoch=0, pin_memory=False)
+    loader = make_loader(store, EpochPlan(manifest, spec, 0), manifest=manifest, pin_memory=False)
     n, first, t_first = 0, 0, None
     for batch in loader:
         n += len(batch.keys)

@@ -17,19 +17,16 @@ import logging
 
 import click
 
-from precompute.config import PrecomputeConfig, PrecomputeError
-from precompute.encoders import EncoderError, ModelLoadError
-from precompute.sources import SourceError
-from shards.errors import PublishConflictError, ShardError
-from shards.manifest import ManifestError
+from precompute.config import PrecomputeConfig
+from precompute.errors import PrecomputeError
+from shards.errors import ShardError
 from shards.options import Foreign, config_command
 
 # Errors that mean "the input, the settings or the storage is wrong", not "the code is": one
-# message, no traceback. ShardError covers StoreError (a remote store failing past its retries,
-# wrong credentials, a read-only store) and ManifestError is a ValueError listing differences.
-# PublishConflictError: another writer published other bytes under a shard's name.
-USER_ERRORS = (PrecomputeError, ModelLoadError, EncoderError, SourceError, ManifestError, ShardError,
-               PublishConflictError)
+# message, no traceback. The two roots: precompute's own (settings, sources, models, encoders)
+# and the cache's (a store failing past its retries, wrong credentials, a manifest or identity
+# that differs, another writer's lock or bytes under a shard's name).
+USER_ERRORS = (PrecomputeError, ShardError)
 
 _TRAIN = ("belongs to train: precompute only encodes the dataset into the cache. Pass it to `python -m train` "
           "(changing it never re-encodes the cache)")

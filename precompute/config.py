@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from precompute.conditions import METHODS
+from precompute.errors import ConfigError, PrecomputeError  # noqa: F401  (raised by the config)
 from precompute.preprocess import (
     CROP_MODES,
     DEFAULT_MAX_ASPECT,
@@ -44,18 +45,6 @@ MISSING_MODEL_HINT = (
     "--model is required: a hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0) or a local "
     "diffusers SDXL folder; `make precompute` with no MODEL builds and uses the tiny offline model"
 )
-
-
-class PrecomputeError(RuntimeError):
-    """An error the user can act on; the CLI prints its message without a traceback."""
-
-
-class ConfigError(PrecomputeError):
-    """Invalid settings. `problems` holds every problem found; the message lists them all."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("invalid precompute settings:\n  - " + "\n  - ".join(self.problems))
 
 
 def _is_url(path: str) -> bool:

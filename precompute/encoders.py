@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from precompute.buckets import vae_scale_factor
+from precompute.errors import EncoderError, ModelLoadError, NonFiniteLatentError
 from shards import schema
 
 # One definition of each fingerprint, shared with train (which checks what precompute wrote).
@@ -47,14 +48,6 @@ FP16_VAE_HINT = (
     "encode with --vae-dtype fp32 (the default), or use a VAE that is fixed for fp16 "
     "(e.g. --vae madebyollin/sdxl-vae-fp16-fix)"
 )
-
-
-class EncoderError(RuntimeError):
-    """An encoder produced unusable output (e.g. fp16 overflow to inf/NaN)."""
-
-
-class ModelLoadError(RuntimeError):
-    """The model (or --vae) cannot be found or loaded. The message says what is missing."""
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
@@ -86,14 +79,6 @@ def vae_latent_info(vae) -> LatentInfo:
         shift_factor=None if shift is None else float(shift),
         vae_scale_factor=vae_scale_factor(cfg.block_out_channels),
     )
-
-
-class NonFiniteLatentError(EncoderError):
-    """Some images of a batch encoded to inf/NaN. `bad` holds their indices in the batch."""
-
-    def __init__(self, message: str, bad: list[int]):
-        super().__init__(message)
-        self.bad = list(bad)
 
 
 class LatentEncoder:

@@ -50,7 +50,8 @@ from typing import Iterator
 
 import torch
 
-from precompute.config import ConfigError, PrecomputeConfig, PrecomputeError
+from precompute.config import PrecomputeConfig
+from precompute.errors import ConfigError, PrecomputeError, StrictSkipError
 from precompute.encoders import (
     FP16_VAE_HINT,
     LatentEncoder,
@@ -98,10 +99,6 @@ MAX_NOTE_WARNINGS = 20
 PROGRESS_SECONDS = float(os.environ.get("PRECOMPUTE_PROGRESS_SECONDS") or 30)
 # Concurrent record/size requests when checking which shards of a remote cache are complete.
 REMOTE_CHECK_THREADS = 16
-
-
-class StrictSkipError(PrecomputeError):
-    """--strict and an item had to be skipped. The message names the file and the reason."""
 
 
 # --------------------------------------------------------------------------------------------

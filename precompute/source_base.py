@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from precompute.errors import SourceError
+
 # Source items per output shard (folder datasets): ~256 x 1024 px samples is a few hundred MB.
 DEFAULT_SAMPLES_PER_SHARD = 256
 # Largest input file or tar member read: far above any real training image (a 100 MP PNG is
@@ -122,10 +124,6 @@ def stat_part(path: str | Path | None) -> str:
     except (OSError, ValueError):
         return "-"
     return f"{st.st_size}:{st.st_mtime_ns}"
-
-
-class SourceError(ValueError):
-    """The dataset cannot be read at all (missing, unrecognised, wrong columns). Lists every problem."""
 
 
 class Source(ABC):

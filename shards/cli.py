@@ -12,7 +12,7 @@
           record and are not in the manifest. Run it only while no precompute writes the cache.
 
 ls, stats and verify need manifest.json (a cache whose precompute did not finish has none); gc
-does not.
+does not. Errors print one line and exit 1, as in precompute and train (`shards.runtime`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import struct
 import sys
 from collections import defaultdict
+from typing import NoReturn
 
 import click
 from tqdm import tqdm
@@ -29,6 +30,7 @@ from . import schema
 from .errors import ShardError
 from .manifest import Manifest, ManifestError
 from .reader import iter_shard_members
+from .runtime import fail, run_command
 from .store import Store
 from .stores import open_store
 from .units import human_bytes
@@ -36,9 +38,8 @@ from .verify import VerifyError, verify_cache
 from .views import stats_lines
 
 
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
+def _fail(message: str) -> NoReturn:
+    fail(message)  # "error: <message>", exit 1: the policy of every command (shards.runtime)
 
 
 def _open(url: str) -> tuple[Store, Manifest]:
@@ -236,4 +237,6 @@ def gc_cmd(url: str, orphans: bool, tmp_dir: str | None, dry_run: bool) -> None:
 
 
 def main() -> None:
-    cli(prog_name="python -m shards")
+    """The command under the exit-code and signal policy the stages share (`shards.runtime`)."""
+    run_command(lambda: cli.main(prog_name="python -m shards"), user_errors=(ShardError,),
+                continue_hint="re-run the command")

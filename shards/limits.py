@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ShardError
 from .units import parse_size
 
 _DEFAULTS = {
@@ -39,7 +40,7 @@ _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _CHUNK = 16 << 20  # bytes scanned per numpy pass: bounded memory for any document
 
 
-class LimitError(ValueError):
+class LimitError(ShardError, ValueError):
     """Something is larger or deeper than its cap; the message names it, the cap and the variable."""
 
 

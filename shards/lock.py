@@ -29,10 +29,12 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import ShardError
+
 LOCK_FILE = ".lock"
 
 
-class LockError(Exception):
+class LockError(ShardError):
     """Another writer holds the lock (or the filesystem cannot lock); the message names it."""
 
 

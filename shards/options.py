@@ -55,6 +55,25 @@ class _Size(click.ParamType):
 SIZE = _Size()
 
 
+class _NumberPair(click.ParamType):
+    """Two numbers as users type them, "0.3,0.8" or "0.3 0.8" (a list of two in config files) ->
+    a (float, float) tuple. What the numbers may be is the setting's business."""
+
+    name = "A,B"
+
+    def convert(self, value, param, ctx):
+        parts = list(value) if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            return (float(parts[0]), float(parts[1]))
+        except (TypeError, ValueError):
+            self.fail(f"expected two numbers 'A,B', e.g. '0.3,0.8', got {value!r}", param, ctx)
+
+
+NUMBER_PAIR = _NumberPair()
+
+
 def setting(default: Any, help: str, group: str, *, choices: Iterable[str] | None = None, aliases: Iterable[str] = (),
             multiple: bool = False, required: bool = False, metavar: str | None = None, cli: bool = True,
             click_type: click.ParamType | None = None) -> Any:
@@ -294,5 +313,5 @@ def config_command(cls: type, *, name: str | None = None, foreign: Mapping[str, 
     return decorate
 
 
-__all__ = ["CONFIG_SUFFIXES", "SIZE", "ConfigCommand", "ConfigFileError", "Foreign", "cli_fields", "config_command",
+__all__ = ["CONFIG_SUFFIXES", "NUMBER_PAIR", "SIZE", "ConfigCommand", "ConfigFileError", "Foreign", "cli_fields", "config_command",
            "load_config_file", "option_names", "setting"]

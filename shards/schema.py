@@ -24,6 +24,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import limits
+from .errors import ShardError
 
 FORMAT = "sdxl-adapter-cache"
 FORMAT_VERSION = 1  # the shards' and samples' layout (recorded in the identity)
@@ -68,7 +69,7 @@ SHARD_DIR = "shards"
 RECORD_DIR = "records"
 
 
-class SampleError(ValueError):
+class SampleError(ShardError, ValueError):
     """A sample whose members are missing, unknown or malformed. The message names the key."""
 
 

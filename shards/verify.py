@@ -30,7 +30,7 @@ from .store import Store
 from .views import split_view_key
 
 
-class VerifyError(Exception):
+class VerifyError(ShardError):
     """The first problem found; the message starts with the file at fault."""
 
 

@@ -7,6 +7,7 @@ tests read as one call while the code keeps the spec as the one validated object
 
 from __future__ import annotations
 
+from shards.manifest import Manifest
 from train.data import CacheStream, make_loader, stream_identity
 from train.plan import DataSpec, EpochPlan, epoch_stats
 
@@ -24,14 +25,21 @@ def _split(kw: dict) -> tuple[DataSpec, dict, dict]:
     return DataSpec(**spec), position, loader
 
 
+def _stream_args(records, kw: dict) -> tuple[EpochPlan, dict, dict]:
+    spec, position, extra = _split(kw)
+    plan = EpochPlan(records, spec, position.pop("epoch"))
+    return plan, {"manifest": records if isinstance(records, Manifest) else None, **position}, extra
+
+
 def cache_stream(store, records, **kw) -> CacheStream:
-    spec, position, _ = _split(kw)
-    return CacheStream(store, records, spec, **position)
+    plan, position, _ = _stream_args(records, kw)
+    return CacheStream(store, plan, **position)
 
 
 def cache_loader(store, records, **kw):
-    spec, position, extra = _split(kw)
-    return make_loader(store, records, spec, **position, **extra)
+    """(loader, steps of its epoch), as the training loop sees them."""
+    plan, position, extra = _stream_args(records, kw)
+    return make_loader(store, plan, **position, **extra), plan.steps
 
 
 def epoch_plan_of(records, **kw) -> EpochPlan:

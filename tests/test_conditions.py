@@ -13,10 +13,10 @@ from precompute.conditions import ConditionSpec, canny, compute_condition, luma,
 from precompute.config import PrecomputeConfig
 from shards.manifest import identity_diff
 from shards.identity import Condition
+from train.plan import parse_range
 from train.augment import (
     DEFAULT_SOFT_THRESHOLD_RANGE,
     binarize,
-    parse_range,
     soft_threshold,
     soft_threshold_range_for,
 )

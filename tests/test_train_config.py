@@ -110,10 +110,14 @@ def test_ddp_timeout_reaches_the_process_group(tmp_path):
 
 
 def test_checkpoint_limit_is_raised_to_two_with_a_note(tmp_path):
+    from train.config import resolve
+
     cfg = _cfg(tmp_path, checkpoints_total_limit=1)
-    notes = cfg.validate(cuda_available=False)
-    assert cfg.checkpoints_total_limit == 2
+    resolved = resolve(cfg, cuda_available=False)
+    notes = resolved.notes
+    assert resolved.config.checkpoints_total_limit == 2
     assert len(notes) == 1 and "raised to 2" in notes[0]
+    assert cfg.checkpoints_total_limit == 1 and cfg.validate(cuda_available=False) == list(notes)  # cfg is unchanged
 
 
 @pytest.mark.parametrize(
@@ -166,14 +170,14 @@ def test_cli_user_error_is_a_message_not_a_traceback(tmp_path):
 def test_every_lr_scheduler_builds_and_steps(tmp_path, name):
     import torch
 
-    from train.optim import make_lr_scheduler, make_optimizer
+    from train.optim import OptimizerSpec, ScheduleSpec, make_lr_scheduler, make_optimizer
 
     cfg = _cfg(tmp_path, lr_scheduler=name, lr_warmup_steps=2, lr_num_cycles=2, lr_power=2.0,
                lr_step_rules="1:3,0.1" if name == "piecewise_constant" else None, learning_rate=1.0)
     cfg.validate(cuda_available=False)
     param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = make_optimizer(cfg, [param], cfg.learning_rate)
-    scheduler = make_lr_scheduler(cfg, optimizer, total_steps=10)
+    optimizer = make_optimizer(OptimizerSpec.of(cfg, cfg.learning_rate), [param])
+    scheduler = make_lr_scheduler(ScheduleSpec.of(cfg, total_steps=10), optimizer)
     lrs = []
     for _ in range(10):
         lrs.append(scheduler.get_last_lr()[0])

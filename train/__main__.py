@@ -82,10 +82,7 @@ def main(config: str | None = None, **options: Any) -> None:
     embeddings. Writes a diffusers adapter folder (T2IAdapter.from_pretrained(OUTPUT_DIR)).
     """
     from shards.errors import ShardError
-    from shards.manifest import ManifestError
     from shards.runtime import run_command
-    from train.checkpoint import CheckpointError
-    from train.checks import StartupError
     from train.errors import TrainError
     from train.loop import train
 
@@ -98,8 +95,7 @@ def main(config: str | None = None, **options: Any) -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     cfg = TrainConfig(**options)
-    run_command(lambda: train(cfg), user_errors=(ConfigError, StartupError, CheckpointError, TrainError,
-                                                 ManifestError, ShardError),
+    run_command(lambda: train(cfg), user_errors=(TrainError, ShardError),
                 message=user_message, continue_hint="continue with --resume latest (the newest complete checkpoint)")
 
 

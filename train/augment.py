@@ -22,8 +22,6 @@ worker shared memory, pinning and the host-to-device copy than fp32) together wi
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import torch
 
 from shards.identity import Condition
@@ -67,45 +65,13 @@ def prepare_cond(cond_u8: torch.Tensor, levels: torch.Tensor | None) -> torch.Te
     return (cond_u8 >= levels.view(-1, 1, 1, 1)).to(torch.float32)
 
 
-def range_problems(value: Any) -> list[str]:
-    """Problems with a (low, high) threshold range; empty when 0 <= low <= high <= 1. The one check
-    of a range: `parse_range`, `soft_threshold_range_for` and `train.data` all go through it."""
-    try:
-        low, high = (float(v) for v in value)
-    except (TypeError, ValueError):
-        return [f"the soft threshold range must be two numbers (low, high), got {value!r}"]
-    if not 0.0 <= low <= high <= 1.0:
-        return [f"the soft threshold range must satisfy 0 <= low <= high <= 1, got ({low:g}, {high:g})"]
-    return []
-
-
-def parse_range(text: str) -> tuple[float, float]:
-    """'0.3,0.8' (or '0.3 0.8') -> (0.3, 0.8); ValueError naming the problem."""
-    parts = text.replace(",", " ").split()
-    if len(parts) != 2:
-        raise ValueError(f"the soft threshold range must be 'LOW,HIGH', e.g. '0.3,0.8', got {text!r}")
-    try:
-        value = (float(parts[0]), float(parts[1]))
-    except ValueError:
-        raise ValueError(f"the soft threshold range must be two numbers 'LOW,HIGH', got {text!r}") from None
-    problems = range_problems(value)
-    if problems:
-        raise ValueError(problems[0])
-    return value
-
-
 def soft_threshold_range_for(condition: Condition, requested: tuple[float, float] | None) -> tuple[float, float] | None:
-    """The range train uses for this cache: `requested` or the default when the cache stores soft
-    conditions, None when it does not. Asking for a range on a cache without soft conditions is a
-    ValueError (it would silently do nothing)."""
+    """The range train uses for this cache: `requested` (already checked by `train.config.resolve`)
+    or the default when the cache stores soft conditions, None when it does not. Asking for a range
+    on a cache without soft conditions is a ValueError (it would silently do nothing)."""
     if not condition.soft:
         if requested is not None:
             raise ValueError("a soft threshold range was given, but the cache does not store soft conditioning maps "
                              "(precompute it with --condition-soft)")
         return None
-    if requested is None:
-        return DEFAULT_SOFT_THRESHOLD_RANGE
-    problems = range_problems(requested)
-    if problems:
-        raise ValueError(problems[0])
-    return (float(requested[0]), float(requested[1]))
+    return DEFAULT_SOFT_THRESHOLD_RANGE if requested is None else (float(requested[0]), float(requested[1]))

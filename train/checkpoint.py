@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from shards.runtime import io_reason, is_io_failure
 from shards.store import apply_umask, file_sha256, fsync_dir, fsync_file
+from train.errors import TrainError
 
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE_FILE = "COMPLETE"
@@ -81,7 +82,7 @@ RESUME_MUST_MATCH = (
 SCHEDULES_USING_TOTAL_STEPS = frozenset({"linear", "cosine", "cosine_with_restarts", "polynomial"})
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TrainError):
     """A checkpoint that cannot be used; the message names it and says why."""
 
 

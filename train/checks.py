@@ -42,13 +42,14 @@ from shards.hub import vae_location as shared_vae_location
 from shards.identity import Encoder
 from shards.manifest import Manifest
 from shards.store import Store
+from train.errors import TrainError
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 FINGERPRINTED = ("vae", "text_encoder", "text_encoder_2")
 TOKENIZERS = ("tokenizer", "tokenizer_2")
 
 
-class StartupError(ValueError):
+class StartupError(TrainError, ValueError):
     """The run cannot start (settings, OUT, the model's components); the message lists every problem."""
 
 

@@ -1,9 +1,12 @@
-"""TrainConfig: every knob of a training run, in one typed, validated place.
+"""TrainConfig: every knob of a training run, in one typed, frozen, validated place.
 
 The CLI (`python -m train`) is generated from these fields: each field's `help` metadata is its
-`--help` text, so the two cannot drift apart. `validate()` collects every problem it can see
-without loading a model and raises one `ConfigError` listing them all; facts that need the cache
-or the model (dimensions, encoder fingerprints) are checked by `train.checks` right after.
+`--help` text, so the two cannot drift apart. A run turns its config into settings exactly once,
+at start: `resolve(cfg)` decides what depends on the environment (the mixed precision, from the
+flag or accelerate's own setting; the checkpoint limit's floor), checks every value and raises one
+`ConfigError` listing every problem, and returns a `Resolved` whose `config` the rest of the run
+reads and never re-checks. Facts that need the cache or the model (dimensions, encoder
+fingerprints) are checked by `train.startup` right after, before any weight loads.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shards.options import setting
+from shards.options import NUMBER_PAIR, setting
 from shards.store import writable_problem
+from train.errors import TrainError
+from train.plan import parse_range, range_problems
 
 LR_SCHEDULERS = (
     "constant",
@@ -32,7 +37,7 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 MIN_CHECKPOINTS_KEPT = 2  # one may be half-written when a job dies: keep a complete one besides it
 
 
-class ConfigError(ValueError):
+class ConfigError(TrainError, ValueError):
     """Every problem found in a config, one per line."""
 
     def __init__(self, problems: list[str]):
@@ -44,7 +49,7 @@ class ConfigError(ValueError):
 _f = setting  # a field with its option's help text, --help group, choices and aliases (shards.options)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     # --- what to train on ------------------------------------------------------------------
     model: str = _f("", "Base SDXL model: a diffusers folder or hub id. Only its UNet and scheduler config are "
@@ -90,10 +95,10 @@ class TrainConfig:
                                  metavar="DIR")
     local_cache_max: str | None = _f(None, "Size limit of --local-cache, e.g. 500GB or 1.5TiB; least recently used "
                                            "shards are evicted. Default: no limit.", "data", metavar="SIZE")
-    soft_threshold_range: str | None = _f(None, "LOW,HIGH: for a cache precomputed with --condition-soft, each "
-                                                "conditioning image is binarised at a threshold drawn from this range "
-                                                "every time it is used (the authors' sketch augmentation). Default for "
-                                                "such caches: 0.3,0.8.", "data", metavar="LOW,HIGH")
+    soft_threshold_range: tuple[float, float] | None = _f(
+        None, "LOW,HIGH: for a cache precomputed with --condition-soft, each conditioning image is binarised at a "
+              "threshold drawn from this range every time it is used (the authors' sketch augmentation). Default for "
+              "such caches: 0.3,0.8.", "data", metavar="LOW,HIGH", click_type=NUMBER_PAIR)
 
     # --- optimisation ------------------------------------------------------------------------
     num_epochs: int = _f(1, "Passes over the cache; ignored when --max-steps is given.", "optimization",
@@ -179,6 +184,23 @@ class TrainConfig:
     hub_public: bool = _f(False, "Create the --push-to-hub repository public instead of private.", "hub")
 
     # ------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        """Normalise the forms code and config files give (no checks here: `validate` lists every
+        problem at once): "LOW,HIGH" strings and lists become (low, high) floats, lists of
+        repeatable options become tuples."""
+        value = self.soft_threshold_range
+        if isinstance(value, str):
+            try:
+                value = parse_range(value)
+            except ValueError:
+                pass  # kept as given: validate() names the problem
+        elif isinstance(value, (list, tuple)) and not range_problems(value):
+            value = (float(value[0]), float(value[1]))
+        object.__setattr__(self, "soft_threshold_range", value)
+        for f in dataclasses.fields(self):
+            if f.metadata.get("multiple") and isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+
     @property
     def validation_enabled(self) -> bool:
         return bool(self.validation_image or self.validation_prompt)
@@ -191,14 +213,6 @@ class TrainConfig:
         elif len(prompts) == 1 and len(images) > 1:
             prompts = prompts * len(images)
         return list(zip(images, prompts))
-
-    def soft_threshold(self) -> tuple[float, float] | str:
-        """The parsed --soft-threshold-range, or "auto" (train.data.make_loader decides from the cache)."""
-        if self.soft_threshold_range is None:
-            return "auto"
-        from train.augment import parse_range
-
-        return parse_range(self.soft_threshold_range)
 
     @property
     def logging_path(self) -> Path:
@@ -224,12 +238,14 @@ class TrainConfig:
         kwargs = {k: tuple(v) if names[k].metadata.get("multiple") else v for k, v in d.items()}
         return cls(**kwargs)
 
-    def validate(self, *, cuda_available: bool | None = None) -> list[str]:
-        """Raise ConfigError listing every problem; return notes (adjustments made, e.g. clamps)."""
-        if cuda_available is None:
-            cuda_available = _cuda_available()
+    def validate(self, *, cuda_available: bool | None = None, environ: dict | None = None) -> list[str]:
+        """Raise ConfigError listing every problem; return the notes `resolve` would log (the
+        adjustments it makes, e.g. the checkpoint limit's floor). Changes nothing."""
+        return list(resolve(self, cuda_available=cuda_available, environ=environ).notes)
+
+    def _problems(self, precision: str, precision_source: str, cuda_available: bool) -> list[str]:
+        """Every problem with these settings that can be seen without the cache or the model."""
         problems: list[str] = []
-        notes: list[str] = []
 
         for name in ("model", "cache", "output_dir"):
             if not getattr(self, name):
@@ -282,20 +298,17 @@ class TrainConfig:
         if not 0.0 <= self.caption_dropout <= 1.0:
             problems.append(f"--caption-dropout must be in [0, 1], got {self.caption_dropout}")
         if self.soft_threshold_range is not None:
-            try:
-                self.soft_threshold()
-            except ValueError as e:
-                problems.append(f"--soft-threshold-range: {e}")
+            problems += [f"--soft-threshold-range: {p}" for p in range_problems(self.soft_threshold_range)]
 
         if self.lr_scheduler not in LR_SCHEDULERS:
             problems.append(f"--lr-scheduler {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
         if self.lr_scheduler == "piecewise_constant" and not self.lr_step_rules:
             problems.append("--lr-scheduler piecewise_constant needs --lr-step-rules")
-        precision, source = resolve_mixed_precision(self.mixed_precision)
         if precision not in MIXED_PRECISION:
-            problems.append(f"mixed precision {precision!r} (from {source}) is not one of {', '.join(MIXED_PRECISION)}")
+            problems.append(f"mixed precision {precision!r} (from {precision_source}) is not one of "
+                            f"{', '.join(MIXED_PRECISION)}")
         elif precision == "fp16" and not cuda_available:
-            problems.append(f"mixed precision fp16 needs a CUDA GPU (set by {source}); use bf16 or no on CPU")
+            problems.append(f"mixed precision fp16 needs a CUDA GPU (set by {precision_source}); use bf16 or no on CPU")
         if self.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
             problems.append("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes")
         elif self.use_8bit_adam and not cuda_available:
@@ -310,10 +323,6 @@ class TrainConfig:
             problems.append(f"--report-to {self.report_to} needs the {self.report_to} package: "
                             f"pip install {self.report_to}")
 
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < MIN_CHECKPOINTS_KEPT:
-            notes.append(f"--checkpoints-total-limit {self.checkpoints_total_limit} raised to "
-                         f"{MIN_CHECKPOINTS_KEPT}: the newest checkpoint may be the one a crash interrupts")
-            self.checkpoints_total_limit = MIN_CHECKPOINTS_KEPT
         if self.resume not in (None, "latest", "none") and not Path(self.resume).is_dir():
             problems.append(f"--resume {self.resume!r} is neither 'latest', 'none' nor a checkpoint folder")
 
@@ -333,9 +342,36 @@ class TrainConfig:
             problems.append(f"--validation-resolution must be a positive multiple of 8, got "
                             f"{self.validation_resolution}")
 
-        if problems:
-            raise ConfigError(problems)
-        return notes
+        return problems
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A run's settings after `resolve`: `config` with every environment-dependent default decided
+    (mixed precision, checkpoint limit), where the precision came from, and the notes to log."""
+
+    config: TrainConfig
+    precision_source: str
+    notes: tuple[str, ...]
+
+
+def resolve(cfg: TrainConfig, *, cuda_available: bool | None = None, environ: dict | None = None) -> Resolved:
+    """The one place a TrainConfig becomes the run's settings: raise ConfigError listing every
+    problem, or return the resolved config. Nothing downstream re-checks or re-resolves it."""
+    if cuda_available is None:
+        cuda_available = _cuda_available()
+    precision, source = resolve_mixed_precision(cfg.mixed_precision, environ)
+    problems = cfg._problems(precision, source, cuda_available)
+    if problems:
+        raise ConfigError(problems)
+    notes = []
+    keep = cfg.checkpoints_total_limit
+    if keep is not None and keep < MIN_CHECKPOINTS_KEPT:
+        notes.append(f"--checkpoints-total-limit {keep} raised to {MIN_CHECKPOINTS_KEPT}: the newest checkpoint "
+                     "may be the one a crash interrupts")
+        keep = MIN_CHECKPOINTS_KEPT
+    return Resolved(config=dataclasses.replace(cfg, mixed_precision=precision, checkpoints_total_limit=keep),
+                    precision_source=source, notes=tuple(notes))
 
 
 def resolve_mixed_precision(requested: str | None, environ: dict | None = None) -> tuple[str, str]:

@@ -38,6 +38,7 @@ Reading
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from bisect import bisect_right
 from collections.abc import Hashable, Iterator, Sequence
@@ -190,15 +191,19 @@ class _Raw(NamedTuple):
 class CacheStream(IterableDataset):
     """Collated `HostBatch`es (CPU) of one rank for one epoch, from `start_batch` on.
 
-    Build one per epoch (and per resume). Iterate it through `make_loader` (batch_size=None,
-    `spec.num_workers` workers), or directly: with num_workers > 1 outside a DataLoader it
-    reproduces DataLoader's round-robin over the worker streams itself. `len()` is the number of
-    batches still to come, `steps_per_epoch - start_batch`.
+    `plan` is the epoch's `train.plan.EpochPlan` (computed once, at start-up); the stream works on
+    its own shallow copy, so the batch lists it simulates die with the stream. `manifest`: every
+    sample is held to it (dtypes, sizes, widths, finite values) before it joins a batch; None (tests
+    of the plan on bare records) keeps the structural checks only. Build one per epoch (and per
+    resume). Iterate it through `make_loader` (batch_size=None, `spec.num_workers` workers), or
+    directly: with num_workers > 1 outside a DataLoader it reproduces DataLoader's round-robin over
+    the worker streams itself. `len()` is the number of batches still to come.
     """
 
-    def __init__(self, store: Store, records: Manifest | Sequence[ShardRecord], spec: DataSpec, *, epoch: int,
-                 rank: int = 0, start_batch: int = 0) -> None:
+    def __init__(self, store: Store, plan: EpochPlan, *, manifest: Manifest | None = None, rank: int = 0,
+                 start_batch: int = 0) -> None:
         super().__init__()
+        spec = plan.spec
         problems = []
         if not isinstance(rank, int) or not 0 <= rank < spec.world_size:
             problems.append(f"rank must be an integer in [0, world_size={spec.world_size}), got {rank!r}")
@@ -206,17 +211,14 @@ class CacheStream(IterableDataset):
             problems.append(f"start_batch must be an integer >= 0, got {start_batch!r}")
         if problems:
             raise ValueError("invalid data settings:\n  - " + "\n  - ".join(problems))
-        self.store, self.spec = store, spec
-        # Every sample is held to the manifest (dtypes, sizes, widths, finite values) before it
-        # joins a batch; bare records (tests of the plan) get the structural checks only.
-        self.manifest = records if isinstance(records, Manifest) else None
-        self.epoch, self.rank, self.start_batch = epoch, rank, start_batch
-        self.plan = EpochPlan(records, spec, epoch)
-        self.stats = self.plan.stats
+        self.store, self.spec, self.manifest = store, spec, manifest
+        self.epoch, self.rank, self.start_batch = plan.epoch, rank, start_batch
+        self.plan = copy.copy(plan)
+        self.stats = plan.stats
         self.steps_per_epoch = self.stats.steps
         if start_batch > self.steps_per_epoch:
             raise ValueError(
-                f"start_batch {start_batch} is past the end of epoch {epoch}, which has {self.steps_per_epoch} "
+                f"start_batch {start_batch} is past the end of epoch {plan.epoch}, which has {self.steps_per_epoch} "
                 f"batches per rank; the checkpoint does not belong to this cache and settings"
             )
         # Loaded up front so that a cache without its empty-prompt file fails at start.
@@ -374,19 +376,20 @@ class CacheStream(IterableDataset):
 
 
 def make_loader(
-    store: Store, records: Manifest | Sequence[ShardRecord], spec: DataSpec, *, epoch: int, rank: int = 0,
-    start_batch: int = 0, pin_memory: bool | None = None, prefetch_factor: int = 2,
-) -> tuple[DataLoader, int]:
-    """(DataLoader over this rank's `HostBatch`es of `epoch` from `start_batch` on, steps_per_epoch).
-
-    `loader.dataset.stats` is the epoch's `train.plan.EpochStats` (what it uses and drops).
+    store: Store, plan: EpochPlan, *, manifest: Manifest | None = None, rank: int = 0, start_batch: int = 0,
+    pin_memory: bool | None = None, prefetch_factor: int = 2,
+) -> DataLoader:
+    """DataLoader over this rank's `HostBatch`es of the epoch `plan` from `start_batch` on
+    (`len(loader) == plan.steps - start_batch`; `loader.dataset.stats` is the epoch's
+    `train.plan.EpochStats`: what it uses and drops).
 
     Build a new one every epoch and after every resume. Never pass it to `accelerator.prepare`
     (that dispatches from rank 0 and drops data): ranks already hold disjoint streams of equal
     length. `batch.to(device, non_blocking=True)` turns each into the `train.step.Batch` the step
     takes, converting the uint8 conditioning images on the device.
     """
-    dataset = CacheStream(store, records, spec, epoch=epoch, rank=rank, start_batch=start_batch)
+    spec = plan.spec
+    dataset = CacheStream(store, plan, manifest=manifest, rank=rank, start_batch=start_batch)
     loader = DataLoader(
         dataset,
         batch_size=None,  # batches are made inside the workers, one shape each
@@ -398,4 +401,4 @@ def make_loader(
         # DataLoader hands out worker batches round-robin, in order (its default; in_order=True
         # on torch >= 2.6): the rank's batch sequence, and so exact resume, rests on that.
     )
-    return loader, dataset.steps_per_epoch
+    return loader

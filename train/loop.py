@@ -1,9 +1,10 @@
 """train(cfg): the training run, from start-up checks to the finished adapter folder.
 
-Roles: `train.startup` decides and refuses before any weight is loaded; this module loads the
-frozen UNet (mixed-precision dtype) and the fp32 adapter, runs the loop and checkpoints;
-`train.optim` builds the optimizer and LR schedule; `train.metrics` records each step;
-`train.outputs` writes OUT's deliverables.
+Three phases, as `train` calls them: `setup` resolves the settings once (`train.config.resolve`),
+starts accelerate and runs every start-up refusal (`train.startup`) before loading the frozen UNet
+(mixed-precision dtype), the fp32 adapter, optimizer and schedule (`train.optim`) and resuming;
+`fit` runs the loop and checkpoints; `finish` checks that every rank holds the same adapter and
+writes OUT's deliverables (`train.outputs`). `train.metrics` records each step.
 
 The loop: accelerate for devices, DDP and mixed precision; the data loader is built here per
 epoch from `train.data` (never passed through `accelerator.prepare`, docs/background.md section 3) and every
@@ -31,7 +32,7 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,11 @@ import numpy as np
 import torch
 
 from train.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from train.config import TrainConfig, resolve_mixed_precision
+from train.config import TrainConfig, resolve
 from train.errors import TrainError
 from train.metrics import METRICS_FILE, Metrics, reset_peak_memory, truncate_jsonl
-from train.optim import make_lr_scheduler, make_optimizer
+from train.optim import OptimizerSpec, ScheduleSpec, make_lr_scheduler, make_optimizer
+from train.startup import Plan, Startup
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _NOISE_STREAM = 7  # tag separating the noise generator's seed from other uses of cfg.seed
@@ -58,6 +60,55 @@ class TrainResult:
     samples_seen: int  # over the whole run, all ranks, including before a resume
     seconds: float  # this process's wall time in the loop
     samples_per_second: float  # this session's throughput, all ranks
+    validation_images: list[Path]
+
+
+@dataclass
+class Session:
+    """Everything `setup` builds and `fit` and `finish` use: the resolved config, accelerate, the
+    start-up decisions, the models and optimizer state, and the data position `state`."""
+
+    cfg: TrainConfig  # resolved (train.config.resolve): read, never re-checked
+    accelerator: Any
+    log: Any
+    run: Startup
+    unet: torch.nn.Module | None = None
+    adapter: torch.nn.Module | None = None  # prepared (DDP-wrapped on several processes)
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    objective: Any = None
+    generator: torch.Generator | None = None  # this rank's noise stream
+    state: TrainState = field(default_factory=TrainState)
+    weight_dtype: torch.dtype = torch.float32
+    parameters: dict[str, int] = field(default_factory=dict)  # trainable / frozen counts
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def plan(self) -> Plan:
+        return self.run.plan
+
+    def close(self) -> None:
+        if self.run.lock is not None:
+            self.run.lock.release()
+
+
+@dataclass
+class Fit:
+    """What `fit` did in this session."""
+
+    seconds: float
+    samples: int  # all ranks
     validation_images: list[Path]
 
 
@@ -84,98 +135,116 @@ def make_accelerator(cfg: TrainConfig) -> Any:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) training as configured; returns what was done. Raises the user-facing
-    errors train.config.ConfigError, train.checks.StartupError (CacheMismatchError for a cache
-    that does not fit), CheckpointError, TrainError (and shards' ManifestError/ShardError for a
-    damaged cache)."""
+    errors of `train.errors` (settings, start-up refusals, checkpoints, the run) and shards'
+    ManifestError/ShardError for a damaged cache."""
+    session = setup(cfg)
+    try:
+        if session.run.finished:
+            return _nothing_to_do(session)
+        _load(session)
+        return finish(session, fit(session))
+    finally:
+        session.close()
+
+
+# --------------------------------------------------------------------------------------------
+# setup: settings, start-up checks, weights, optimizer, resume
+
+
+def setup(cfg: TrainConfig) -> Session:
+    """Resolve the settings (once), start accelerate and run every start-up check; refusals come
+    before any weight loads. The models are loaded by `_load` unless the run is already finished."""
     from train import startup
 
-    precision, precision_source = resolve_mixed_precision(cfg.mixed_precision)
-    notes = cfg.validate()
-    cfg = dataclasses.replace(cfg, mixed_precision=precision)
-    out = Path(cfg.output_dir)
+    resolved = resolve(cfg)
+    cfg = resolved.config
     accelerator = make_accelerator(cfg)
     log = _get_logger()
-    for note in notes:
+    for note in resolved.notes:
         log.warning(note)
-    log.info("mixed precision: %s (from %s)", precision, precision_source)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    device = accelerator.device
+    log.info("mixed precision: %s (from %s)", cfg.mixed_precision, resolved.precision_source)
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
     run = startup.start(cfg, accelerator, log)  # every refusal, before any weight
-    try:
-        return _run(cfg, accelerator, log, run, out, rank, world, main, device, precision)
-    finally:
-        if run.lock is not None:
-            run.lock.release()
+    return Session(cfg=cfg, accelerator=accelerator, log=log, run=run, weight_dtype=WEIGHT_DTYPES[cfg.mixed_precision])
 
 
-def _run(cfg: TrainConfig, accelerator: Any, log: Any, run: Any, out: Path, rank: int, world: int, main: bool,
-         device: torch.device, precision: str) -> TrainResult:
-    """The run after start-up: weights, the loop, the outputs (the main process holds OUT's lock)."""
+def _load(s: Session) -> None:
+    """The frozen UNet (in the mixed-precision dtype), the fp32 adapter, optimizer, LR schedule and
+    noise stream, restored from the checkpoint when resuming."""
     from accelerate.utils import set_seed
-
-    from train import outputs
-    plan, ckpt, validator = run.plan, run.checkpoint, run.validator
-    if run.finished:
-        log.info("nothing to do: %s finished all %d steps (checkpoint %s) and its adapter is in %s; raise --max-steps "
-                 "or --num-epochs to train further", out, plan.total_steps, ckpt.path.name, out)
-        accelerator.end_training()
-        return TrainResult(output_dir=out, global_step=ckpt.state.global_step, samples_seen=ckpt.state.samples_seen,
-                           seconds=0.0, samples_per_second=0.0, validation_images=[])
-
-    # --- weights -------------------------------------------------------------------------------
     from diffusers import UNet2DConditionModel
 
     from train import checks
-    from train.data import make_loader
     from train.step import Objective, build_adapter, count_parameters, freeze_unet
 
-    weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    cfg, plan, accelerator, device = s.cfg, s.plan, s.accelerator, s.accelerator.device
     unet = UNet2DConditionModel.from_pretrained(checks.model_root(cfg.model), subfolder="unet", revision=cfg.revision,
-                                                variant=cfg.variant, torch_dtype=weight_dtype, cache_dir=cfg.cache_dir)
-    freeze_unet(unet, weight_dtype)
+                                                variant=cfg.variant, torch_dtype=s.weight_dtype, cache_dir=cfg.cache_dir)
+    freeze_unet(unet, s.weight_dtype)
     unet.to(device)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    vae_factor = plan.manifest.latent.vae_scale_factor
     # Seeded right here: the new adapter's weights depend on the seed alone, not on what loading
     # the encoders or the UNet may have drawn (DDP also broadcasts rank 0's weights at wrap time).
     set_seed(cfg.seed)
-    adapter = build_adapter(plan.unet_config, vae_factor, path=cfg.adapter, config=plan.adapter_config,
-                            cache_dir=cfg.cache_dir)
+    adapter = build_adapter(plan.unet_config, plan.manifest.latent.vae_scale_factor, path=cfg.adapter,
+                            config=plan.adapter_config, cache_dir=cfg.cache_dir)
     adapter.train()
     trainable, _ = count_parameters(adapter)
     _, frozen = count_parameters(unet)
-    log.info("parameters: %s trainable (adapter, fp32), %s frozen (UNet, %s)", f"{trainable:,}", f"{frozen:,}",
-             str(weight_dtype).removeprefix("torch."))
+    s.parameters = {"trainable_parameters": trainable, "frozen_parameters": frozen}
+    s.log.info("parameters: %s trainable (adapter, fp32), %s frozen (UNet, %s)", f"{trainable:,}", f"{frozen:,}",
+               str(s.weight_dtype).removeprefix("torch."))
     if device.type == "cpu":
         from shards.runtime import choose_cpu_threads
 
         # LOCAL_WORLD_SIZE: the processes of this machine (set by accelerate launch / torchrun).
         threads, why = choose_cpu_threads(trainable + frozen, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        log.info("CPU threads per process: %d (%s)", threads, why)
+        s.log.info("CPU threads per process: %d (%s)", threads, why)
 
-    optimizer = make_optimizer(cfg, adapter.parameters(), plan.learning_rate)
-    lr_scheduler = make_lr_scheduler(cfg, optimizer, plan.total_steps)
+    optimizer = make_optimizer(OptimizerSpec.of(cfg, plan.learning_rate), adapter.parameters())
+    lr_scheduler = make_lr_scheduler(ScheduleSpec.of(cfg, plan.total_steps), optimizer)
     adapter, optimizer = accelerator.prepare(adapter, optimizer)
-    objective = Objective(plan.scheduler_config, device)
     # One noise stream per rank (different noise on different samples), reproducible from the seed.
-    noise_seed = int(np.random.SeedSequence([cfg.seed, _NOISE_STREAM, rank]).generate_state(1, np.uint64)[0] >> 1)
+    noise_seed = int(np.random.SeedSequence([cfg.seed, _NOISE_STREAM, s.rank]).generate_state(1, np.uint64)[0] >> 1)
     generator = torch.Generator(device=device).manual_seed(noise_seed)
-
-    state = TrainState()
+    s.unet, s.adapter, s.optimizer, s.lr_scheduler = unet, adapter, optimizer, lr_scheduler
+    s.objective, s.generator = Objective(plan.scheduler_config, device), generator
+    ckpt = s.run.checkpoint
     if ckpt is not None:
-        state = load_checkpoint(ckpt, accelerator, adapter=accelerator.unwrap_model(adapter), optimizer=optimizer,
-                                lr_scheduler=lr_scheduler, noise_generator=generator)
-        log.info("resumed from %s: step %d, epoch %d, batch %d", ckpt.path, state.global_step, state.epoch,
-                 state.batches_done)
+        s.state = load_checkpoint(ckpt, accelerator, adapter=accelerator.unwrap_model(adapter), optimizer=optimizer,
+                                  lr_scheduler=lr_scheduler, noise_generator=generator)
+        s.log.info("resumed from %s: step %d, epoch %d, batch %d", ckpt.path, s.state.global_step, s.state.epoch,
+                   s.state.batches_done)
 
-    metrics_path = out / "logs" / METRICS_FILE
-    samples_path = out / "logs" / f"samples-rank{rank:05d}.jsonl"
-    resumed_step = state.global_step if ckpt is not None else None
+
+def _nothing_to_do(s: Session) -> TrainResult:
+    ckpt = s.run.checkpoint
+    s.log.info("nothing to do: %s finished all %d steps (checkpoint %s) and its adapter is in %s; raise --max-steps "
+               "or --num-epochs to train further", s.out, s.plan.total_steps, ckpt.path.name, s.out)
+    s.accelerator.end_training()
+    return TrainResult(output_dir=s.out, global_step=ckpt.state.global_step, samples_seen=ckpt.state.samples_seen,
+                       seconds=0.0, samples_per_second=0.0, validation_images=[])
+
+
+# --------------------------------------------------------------------------------------------
+# fit: the loop
+
+
+def fit(s: Session) -> Fit:
+    """Train from `s.state` to the run's last step: epochs of the start-up plan, explicit gradient
+    accumulation, checkpoints and validation on schedule, and always a checkpoint at the end."""
+    from tqdm.auto import tqdm
+
+    from train.data import make_loader
+
+    cfg, plan, accelerator, state, log = s.cfg, s.plan, s.accelerator, s.state, s.log
+    device, main, world = accelerator.device, accelerator.is_main_process, s.world
+    metrics_path = s.out / "logs" / METRICS_FILE
+    samples_path = s.out / "logs" / f"samples-rank{s.rank:05d}.jsonl"
+    resumed_step = state.global_step if s.run.checkpoint is not None else None
     if main:
         truncate_jsonl(metrics_path, resumed_step)
     if cfg.log_samples:
@@ -184,15 +253,12 @@ def _run(cfg: TrainConfig, accelerator: Any, log: Any, run: Any, out: Path, rank
         accelerator.init_trackers(cfg.tracker_project_name, config={
             k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()})
 
-    # --- loop ----------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
-
     total = plan.total_steps
     log.info("training %d optimizer steps: %d process(es) x batch %d x accumulation %d, lr %.3g (%s)", total,
              world, cfg.batch_size, cfg.gradient_accumulation_steps, plan.learning_rate, cfg.lr_scheduler)
     progress = tqdm(total=total, initial=state.global_step, desc="train", disable=not main, dynamic_ncols=True)
     metrics = Metrics(accelerator, metrics_path, progress, cfg.log_every)
-    last_checkpoint = state.global_step if ckpt is not None else -1
+    last_checkpoint = state.global_step if s.run.checkpoint is not None else -1
     last_validation = -1
     validation_images: list[Path] = []
     session_samples = 0
@@ -204,30 +270,31 @@ def _run(cfg: TrainConfig, accelerator: Any, log: Any, run: Any, out: Path, rank
         metrics.flush()
         if samples_file is not None:
             samples_file.flush()  # the audit log holds every step the checkpoint covers
-        save_checkpoint(accelerator, out, state=state, adapter=accelerator.unwrap_model(adapter),
-                        optimizer=optimizer, lr_scheduler=lr_scheduler, noise_generator=generator,
-                        meta=run.meta, keep=cfg.checkpoints_total_limit)
+        save_checkpoint(accelerator, s.out, state=state, adapter=accelerator.unwrap_model(s.adapter),
+                        optimizer=s.optimizer, lr_scheduler=s.lr_scheduler, noise_generator=s.generator,
+                        meta=s.run.meta, keep=cfg.checkpoints_total_limit)
         if state.global_step == exit_after:
             os._exit(75)  # test hook (see module docstring): killed right after a complete checkpoint
 
     def validate_now() -> None:
         metrics.flush()
+        validator = s.run.validator
         if validator is not None:
             try:
-                validation_images[:] = validator.run(state.global_step, unet=unet,
-                                                     adapter=accelerator.unwrap_model(adapter), accelerator=accelerator)
+                validation_images[:] = validator.run(state.global_step, unet=s.unet,
+                                                     adapter=accelerator.unwrap_model(s.adapter),
+                                                     accelerator=accelerator)
             except Exception:  # e.g. out of memory: hours of training must not die for a preview
                 log.exception("validation at step %d failed; training continues", state.global_step)
         accelerator.wait_for_everyone()
 
     try:
         while state.global_step < total:
-            batches = plan.batches_per_epoch[state.epoch]
-            loader, steps = make_loader(run.store, plan.manifest, plan.data, epoch=state.epoch, rank=rank,
-                                        start_batch=state.batches_done)
-            if steps != batches:
-                raise TrainError(f"internal: epoch {state.epoch} has {steps} batches, planned {batches}")
-            log.info(plan.epoch_stats[state.epoch].describe())  # what the epoch uses and drops, and why
+            epoch = plan.epochs[state.epoch]
+            batches = epoch.steps
+            loader = make_loader(s.run.store, epoch, manifest=plan.manifest, rank=s.rank,
+                                 start_batch=state.batches_done)
+            log.info(epoch.stats.describe())  # what the epoch uses and drops, and why
             batch_iter = iter(loader)
             while state.batches_done < batches and state.global_step < total:
                 group = min(cfg.gradient_accumulation_steps, batches - state.batches_done)
@@ -244,21 +311,21 @@ def _run(cfg: TrainConfig, accelerator: Any, log: Any, run: Any, out: Path, rank
                                                        "batch": state.batches_done, "keys": batch.keys}) + "\n")
                     batch = batch.to(device, non_blocking=True)
                     # Gradients are all-reduced on the group's last backward only.
-                    sync = contextlib.nullcontext() if j == group - 1 else accelerator.no_sync(adapter)
+                    sync = contextlib.nullcontext() if j == group - 1 else accelerator.no_sync(s.adapter)
                     with sync:
                         # No outer autocast: the prepared adapter autocasts itself, and the frozen
                         # UNet runs in its weight dtype as in the reference (autocast would push its
                         # norms and softmax back to fp32: more casts and memory for no gradient).
-                        loss = objective.loss(unet, adapter, batch, generator, weight_dtype=weight_dtype)
+                        loss = s.objective.loss(s.unet, s.adapter, batch, s.generator, weight_dtype=s.weight_dtype)
                         accelerator.backward(loss / group)
                     loss_sum += loss.detach()
                     state.batches_done += 1
-                grad_norm = accelerator.clip_grad_norm_(adapter.parameters(), cfg.max_grad_norm)
-                lr = lr_scheduler.get_last_lr()[0]  # the rate this step uses
-                optimizer.step()
+                grad_norm = accelerator.clip_grad_norm_(s.adapter.parameters(), cfg.max_grad_norm)
+                lr = s.lr_scheduler.get_last_lr()[0]  # the rate this step uses
+                s.optimizer.step()
                 if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, no schedule
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                    s.lr_scheduler.step()
+                s.optimizer.zero_grad(set_to_none=True)
                 state.global_step += 1
                 step_samples = group * cfg.batch_size * world
                 state.samples_seen += step_samples
@@ -291,30 +358,39 @@ def _run(cfg: TrainConfig, accelerator: Any, log: Any, run: Any, out: Path, rank
         progress.close()
         if samples_file is not None:
             samples_file.close()
+    return Fit(seconds=seconds, samples=session_samples, validation_images=validation_images)
 
-    # --- outputs -------------------------------------------------------------------------------
-    rate = session_samples / max(seconds, 1e-9)
-    final_adapter = accelerator.unwrap_model(adapter)
+
+# --------------------------------------------------------------------------------------------
+# finish: every replica equal, then OUT's deliverables
+
+
+def finish(s: Session, done: Fit) -> TrainResult:
+    """Check that every rank holds the same adapter, then write OUT's outputs (main process)."""
+    from train import outputs
+
+    accelerator, state = s.accelerator, s.state
+    rate = done.samples / max(done.seconds, 1e-9)
+    final_adapter = accelerator.unwrap_model(s.adapter)
     if os.environ.get(DEBUG_REPLICA_DIR):  # test hook (see module docstring)
         from safetensors.torch import save_file
 
         replica_dir = Path(os.environ[DEBUG_REPLICA_DIR])
         replica_dir.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in final_adapter.state_dict().items()},
-                  str(replica_dir / f"adapter-rank{rank:05d}.safetensors"))
+                  str(replica_dir / f"adapter-rank{s.rank:05d}.safetensors"))
     digests = outputs.replica_digests(accelerator, final_adapter)
     if len(set(digests)) != 1:
-        raise TrainError(f"the adapter replicas of the {world} processes differ at the end (sha256 per rank: "
+        raise TrainError(f"the adapter replicas of the {s.world} processes differ at the end (sha256 per rank: "
                          f"{digests}); gradients were not synchronised")
-    if main:
-        outputs.write_outputs(cfg, plan, state, final_adapter, world=world, seconds=seconds, rate=rate,
-                              validation_images=validation_images, replica_digests=digests,
-                              parameters={"trainable_parameters": trainable, "frozen_parameters": frozen},
-                              hub_repo=run.hub_repo)
+    if accelerator.is_main_process:
+        outputs.write_outputs(s.cfg, s.plan, state, final_adapter, world=s.world, seconds=done.seconds, rate=rate,
+                              validation_images=done.validation_images, replica_digests=digests,
+                              parameters=s.parameters, hub_repo=s.run.hub_repo)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(output_dir=out, global_step=state.global_step, samples_seen=state.samples_seen,
-                       seconds=seconds, samples_per_second=rate, validation_images=validation_images)
+    return TrainResult(output_dir=s.out, global_step=state.global_step, samples_seen=state.samples_seen,
+                       seconds=done.seconds, samples_per_second=rate, validation_images=done.validation_images)
 
 
-__all__ = ["TrainError", "TrainResult", "make_accelerator", "train"]
+__all__ = ["Fit", "Session", "TrainError", "TrainResult", "finish", "fit", "make_accelerator", "setup", "train"]

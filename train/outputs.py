@@ -3,7 +3,7 @@
 Written by the main process once training is over: the adapter in diffusers format
 (`config.json` + `diffusion_pytorch_model.safetensors`, so `T2IAdapter.from_pretrained(OUT)`
 works), `train_config.json` (every setting plus what start-up resolved), `loss_curve.png` and
-`README.md` (train.card), then the optional hub upload. `replica_digests` checks beforehand that
+`README.md` (train.card), then the optional hub upload (`train.hub`). `replica_digests` checks beforehand that
 every process ends with the same adapter.
 """
 
@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,8 +28,11 @@ from train.checkpoint import TrainState, checkpoint_name
 from train.config import TrainConfig
 from train.errors import TrainError
 from train.metrics import METRICS_FILE
+from train.hub import push_to_hub
 from train.plan import data_summary
-from train.startup import Plan
+
+if TYPE_CHECKING:
+    from train.startup import Plan
 
 TRAIN_CONFIG_FILE = "train_config.json"
 
@@ -124,26 +127,4 @@ def _write(cfg: TrainConfig, plan: Plan, state: TrainState, adapter: torch.nn.Mo
     ))
 
 
-# What the hub gets: the adapter, card, config, loss curve and validation grids; not the
-# resumable checkpoints (large, optimizer state) nor the logs.
-HUB_IGNORE = ["checkpoints/**", "logs/**", ".lock", ".tmp-*"]
-
-
-def create_hub_repo(cfg: TrainConfig) -> str:
-    """Create (or find) the --push-to-hub repository at start, private unless --hub-public, so a
-    bad token or a name taken by someone else fails before training. Returns its id."""
-    from huggingface_hub import create_repo
-
-    name = cfg.hub_model_id or Path(cfg.output_dir).name
-    return create_repo(name, exist_ok=True, private=not cfg.hub_public, token=cfg.hub_token).repo_id
-
-
-def push_to_hub(cfg: TrainConfig, out: Path, repo_id: str) -> None:
-    from huggingface_hub import upload_folder
-
-    upload_folder(repo_id=repo_id, folder_path=out, commit_message="T2I-Adapter training run",
-                  ignore_patterns=HUB_IGNORE, token=cfg.hub_token)
-    logger.info("pushed %s to https://huggingface.co/%s", out, repo_id)
-
-
-__all__ = ["TRAIN_CONFIG_FILE", "create_hub_repo", "epochs_done", "push_to_hub", "replica_digests", "write_outputs"]
+__all__ = ["TRAIN_CONFIG_FILE", "epochs_done", "replica_digests", "write_outputs"]

@@ -103,8 +103,6 @@ class DataSpec:
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
             problems.append(f"caption_dropout must be a probability in [0, 1], got {p!r}")
         if self.soft_threshold is not None:
-            from train.augment import range_problems
-
             problems += range_problems(self.soft_threshold)
         if problems:
             raise ValueError("invalid data settings:\n  - " + "\n  - ".join(problems))
@@ -129,6 +127,33 @@ class DataSpec:
 
 def _is_int(v: object) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def range_problems(value: object) -> list[str]:
+    """Problems with a soft-threshold range (low, high); empty when 0 <= low <= high <= 1. The one
+    check of a range, whether it comes from the command line, a config file or a checkpoint."""
+    try:
+        low, high = (float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return [f"the soft threshold range must be two numbers (low, high), got {value!r}"]
+    if not 0.0 <= low <= high <= 1.0:
+        return [f"the soft threshold range must satisfy 0 <= low <= high <= 1, got ({low:g}, {high:g})"]
+    return []
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    """'0.3,0.8' (or '0.3 0.8') -> (0.3, 0.8); ValueError naming the problem."""
+    parts = text.replace(",", " ").split()
+    if len(parts) != 2:
+        raise ValueError(f"the soft threshold range must be 'LOW,HIGH', e.g. '0.3,0.8', got {text!r}")
+    try:
+        value = (float(parts[0]), float(parts[1]))
+    except ValueError:
+        raise ValueError(f"the soft threshold range must be two numbers 'LOW,HIGH', got {text!r}") from None
+    problems = range_problems(value)
+    if problems:
+        raise ValueError(problems[0])
+    return value
 
 
 class Draw(IntEnum):

@@ -37,7 +37,7 @@ from train.checkpoint import (
 )
 from train.checks import CacheMismatchError, StartupError
 from train.config import TrainConfig
-from train.plan import DataSpec, EpochStats
+from train.plan import DataSpec, EpochPlan, EpochStats
 
 
 @dataclass
@@ -53,12 +53,17 @@ class Plan:
     world_size: int
     data: DataSpec | None  # None only when the settings are refused (problems say why)
     learning_rate: float  # effective (after --scale-lr)
-    epoch_stats: list[EpochStats]  # index = epoch, for the epochs the run will touch: steps, dropped samples
+    epochs: list[EpochPlan]  # index = epoch, for the epochs the run will touch; computed once, here
     total_steps: int  # optimizer steps of the whole run (shapes decaying LR schedules)
 
     @property
+    def epoch_stats(self) -> list[EpochStats]:
+        """What each epoch uses and drops (steps, samples), the same on every rank."""
+        return [e.stats for e in self.epochs]
+
+    @property
     def batches_per_epoch(self) -> list[int]:
-        return [s.steps for s in self.epoch_stats]
+        return [e.steps for e in self.epochs]
 
 
 @dataclass
@@ -93,7 +98,6 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
     from diffusers import T2IAdapter
 
     from train.augment import soft_threshold_range_for
-    from train.plan import epoch_stats
 
     manifest = Manifest.load(store)
     problems = _Problems([], [])
@@ -118,8 +122,7 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
                                                                 manifest.latent.vae_scale_factor)
     soft = None
     try:
-        soft = soft_threshold_range_for(manifest.identity.condition, None if cfg.soft_threshold_range is None
-                                        else cfg.soft_threshold())
+        soft = soft_threshold_range_for(manifest.identity.condition, cfg.soft_threshold_range)
     except ValueError as e:
         problems.cache.append(f"--soft-threshold-range: {e}")
 
@@ -134,30 +137,27 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
     if cfg.scale_lr:
         learning_rate *= cfg.batch_size * cfg.gradient_accumulation_steps * world_size
 
-    # Steps per epoch come from the manifest alone, so every rank computes the same numbers.
-    stats: list[EpochStats] = []
+    # The epoch plans come from the manifest alone, so every rank computes the same ones; they are
+    # computed here, once, and the loop's loaders read them.
+    epochs: list[EpochPlan] = []
     total = 0
     spec = None
     try:
         spec = DataSpec(batch_size=cfg.batch_size, seed=cfg.seed, world_size=world_size, num_workers=cfg.num_workers,
                         shuffle_buffer=cfg.shuffle_buffer, max_samples=cfg.max_samples,
                         caption_dropout=cfg.caption_dropout, soft_threshold=soft)
+        while (total < cfg.max_steps) if cfg.max_steps is not None else (len(epochs) < cfg.num_epochs):
+            epochs.append(EpochPlan(manifest, spec, len(epochs)))
+            total += optimizer_steps(epochs[-1].steps, cfg.gradient_accumulation_steps)
         if cfg.max_steps is not None:
-            while total < cfg.max_steps:
-                stats.append(epoch_stats(manifest, spec, len(stats)))
-                total += optimizer_steps(stats[-1].steps, cfg.gradient_accumulation_steps)
             total = cfg.max_steps
-        else:
-            for epoch in range(cfg.num_epochs):
-                stats.append(epoch_stats(manifest, spec, epoch))
-                total += optimizer_steps(stats[-1].steps, cfg.gradient_accumulation_steps)
     except ValueError as e:
         problems.cache.append(str(e))
         spec = None
 
     plan = Plan(manifest=manifest, manifest_id=checks.manifest_id(store), unet_config=unet_config,
                 scheduler_config=scheduler_config, vae_location=vae_location, adapter_config=adapter_config,
-                world_size=world_size, data=spec, learning_rate=learning_rate, epoch_stats=stats, total_steps=total)
+                world_size=world_size, data=spec, learning_rate=learning_rate, epochs=epochs, total_steps=total)
     return plan, problems
 
 
@@ -297,7 +297,7 @@ def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
                 problems.cache.append(str(e))
         hub_repo = None
         if main and cfg.push_to_hub and not problems:
-            from train.outputs import create_hub_repo
+            from train.hub import create_hub_repo
 
             try:
                 hub_repo = create_hub_repo(cfg)
