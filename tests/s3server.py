@@ -73,6 +73,28 @@ def shared_server(root: Path) -> "S3Server":
     return _SHARED
 
 
+def bucket_fixtures(bucket: str):
+    """The two module fixtures every S3 test module uses, for its own `bucket` on the one shared
+    server: `server` (the session's server, with the bucket created) and `aws_env` (autouse: the
+    AWS variables pointing boto3 at it, isolated from this machine's settings). Use as
+    `server, aws_env = bucket_fixtures(BUCKET)` at module level."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory):
+        srv = shared_server(tmp_path_factory.getbasetemp() / "seaweedfs")
+        srv.client().create_bucket(Bucket=bucket)
+        return srv
+
+    @pytest.fixture(scope="module", autouse=True)
+    def aws_env(server):
+        with pytest.MonkeyPatch.context() as mp:
+            server.use_env(mp)
+            yield
+
+    return server, aws_env
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct loopback ports that were free a moment ago (all held open together, so distinct)."""
     socks = []

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from s3server import shared_server
+from s3server import bucket_fixtures
 from streams import cache_stream
 
 import train.step  # noqa: F401  (imported once here so forked loader workers inherit it)
@@ -48,18 +48,7 @@ BUCKET = "faults"
 KILL_SEED = 20240611
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = shared_server(tmp_path_factory.getbasetemp() / "seaweedfs")
-    srv.client().create_bucket(Bucket=BUCKET)
-    return srv
-
-
-@pytest.fixture(scope="module", autouse=True)
-def aws_env(server):
-    with pytest.MonkeyPatch.context() as mp:
-        server.use_env(mp)
-        yield
+server, aws_env = bucket_fixtures(BUCKET)
 
 
 @pytest.fixture(scope="module")
@@ -167,9 +156,15 @@ def test_frozen_server_is_a_clear_error_within_the_retry_budget(server, big_cach
         elapsed = time.monotonic() - t0
     finally:
         server.thaw()
-    assert policy.budget_s <= elapsed < policy.worst_case_s() + 3, elapsed
     msg = str(e.value)
-    assert re.match(rf"^s3://{BUCKET}/big/shards/shard-\d{{6}}\.tar: .*gave up after \d+ attempts over", msg), msg
+    m = re.match(rf"^s3://{BUCKET}/big/shards/shard-\d{{6}}\.tar: .*gave up after (\d+) attempts over ([\d.]+)s", msg)
+    assert m, msg
+    # The budget, measured by the code's own count: it gave up because the streak's time was spent
+    # (not its 100 attempts), and not before. The wall clock only guards against a hang: a busy
+    # machine may stretch each timeout, so the bound is the worst case plus a wide margin.
+    attempts, reported = int(m.group(1)), float(m.group(2))
+    assert attempts < policy.attempts and reported >= policy.budget_s, msg
+    assert elapsed < policy.worst_case_s() + 60, elapsed
     assert "timeout" in msg.lower() and server.endpoint in msg
     assert Manifest.load(S3Store(f"s3://{BUCKET}/big")) == big_cache  # the thawed server serves again
 

@@ -18,7 +18,7 @@ import threading
 
 import numpy as np
 import pytest
-from s3server import shared_server
+from s3server import bucket_fixtures
 from test_sources import img2dataset_sample, write_tar
 
 from precompute.sources import SourceError, WebDatasetSource, open_source
@@ -26,18 +26,7 @@ from precompute.sources import SourceError, WebDatasetSource, open_source
 BUCKET = "wds-inputs"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = shared_server(tmp_path_factory.getbasetemp() / "seaweedfs")
-    srv.client().create_bucket(Bucket=BUCKET)
-    return srv
-
-
-@pytest.fixture(scope="module", autouse=True)
-def aws_env(server):
-    with pytest.MonkeyPatch.context() as mp:
-        server.use_env(mp)
-        yield
+server, aws_env = bucket_fixtures(BUCKET)
 
 
 def _view(items) -> list[tuple]:

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from s3server import S3Server, free_ports, shared_server
+from s3server import S3Server, bucket_fixtures, free_ports
 from streams import cache_loader, cache_stream
 
 import train.step  # noqa: F401  (imported once here so forked loader workers inherit it)
@@ -51,18 +52,7 @@ FAST = RetryPolicy(attempts=20, budget_s=20.0, backoff_s=0.05, max_backoff_s=0.5
                    read_timeout_s=5.0)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = shared_server(tmp_path_factory.getbasetemp() / "seaweedfs")
-    srv.client().create_bucket(Bucket=BUCKET)
-    return srv
-
-
-@pytest.fixture(scope="module", autouse=True)
-def aws_env(server):
-    with pytest.MonkeyPatch.context() as mp:
-        server.use_env(mp)
-        yield
+server, aws_env = bucket_fixtures(BUCKET)
 
 
 @pytest.fixture(scope="module")
@@ -415,9 +405,13 @@ def test_wrong_endpoint_is_a_clear_error_within_the_budget(server, caches, tmp_p
     with pytest.raises(StoreError) as e:
         Manifest.load(store)
     elapsed = time.monotonic() - t0
-    assert 1.5 <= elapsed < policy.worst_case_s() + 2
     msg = str(e.value)
-    assert msg.startswith(f"{caches[1].url}/manifest.json: gave up after") and f"127.0.0.1:{closed}" in msg
+    m = re.match(rf"^{re.escape(caches[1].url)}/manifest.json: gave up after (\d+) attempts? over ([\d.]+)s", msg)
+    assert m and f"127.0.0.1:{closed}" in msg, msg
+    # Gave up on the time budget (the code's own measure), not on the attempt count; the wall clock
+    # only guards against a hang, with a wide margin for a busy machine.
+    assert int(m.group(1)) < policy.attempts and float(m.group(2)) >= policy.budget_s, msg
+    assert elapsed < policy.worst_case_s() + 60, elapsed
     assert "Could not connect to the endpoint URL" in msg
 
     result = _cli("verify", caches[1].url, env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed}", "SHARDS_RETRY_SECONDS": "1"})
@@ -425,7 +419,7 @@ def test_wrong_endpoint_is_a_clear_error_within_the_budget(server, caches, tmp_p
     assert result.stderr.startswith(f"error: {caches[1].url}/manifest.json: gave up") and "Could not connect" in result.stderr
 
 
-def test_wrong_credentials_are_refused_at_once(tmp_path_factory, caches):
+def test_wrong_credentials_are_refused_at_once(tmp_path_factory, caches, caplog):
     with S3Server(tmp_path_factory.mktemp("seaweedfs-auth"), access_key="owner", secret_key="owner-secret") as auth:
         client = auth.client()
         client.create_bucket(Bucket=BUCKET)
@@ -440,10 +434,10 @@ def test_wrong_credentials_are_refused_at_once(tmp_path_factory, caches):
                 mp.setenv("AWS_ACCESS_KEY_ID", key)
                 mp.setenv("AWS_SECRET_ACCESS_KEY", secret)
                 store = S3Store(f"s3://{BUCKET}/c", policy=FAST, endpoint_url=auth.endpoint)
-                t0 = time.monotonic()
-                with pytest.raises(StoreError) as e:
+                with caplog.at_level(logging.WARNING, logger="shards"), pytest.raises(StoreError) as e:
                     store.read_bytes("identity.json")
-                assert time.monotonic() - t0 < 3  # not retried: credentials do not fix themselves
+                # Not retried (credentials do not fix themselves): counted, not timed.
+                assert not [r for r in caplog.records if "retry" in r.getMessage()], caplog.text
                 msg = str(e.value)
                 assert msg.startswith(f"s3://{BUCKET}/c/identity.json: access denied ({code}")
                 assert "AWS_ACCESS_KEY_ID" in msg and auth.endpoint in msg
