@@ -33,11 +33,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from precompute.errors import SourceError
 from precompute.source_base import (
     RawItem,
     ReadLimits,
     Source,
-    SourceError,
     parse_captions,
     read_file,
     too_large,

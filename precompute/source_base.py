@@ -1,4 +1,4 @@
-"""The source contract every dataset reader implements: `RawItem`, `Source`, `SourceError`.
+"""The source contract every dataset reader implements: `RawItem`, `Source` (errors: `precompute.errors.SourceError`).
 
 This module owns what all sources share: the item type (raw encoded bytes plus captions, never
 decoded here), the unit contract (output shard i of the cache is made from unit i, so units must
@@ -44,8 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from precompute.errors import SourceError
 
 # Source items per output shard (folder datasets): ~256 x 1024 px samples is a few hundred MB.
 DEFAULT_SAMPLES_PER_SHARD = 256

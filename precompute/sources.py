@@ -49,6 +49,7 @@ from precompute.hf_source import (
     looks_like_hf,
     open_hf_source,
 )
+from precompute.errors import SourceError
 from precompute.source_base import (
     DEFAULT_SAMPLES_PER_SHARD,
     FINGERPRINT_MODES,
@@ -56,7 +57,6 @@ from precompute.source_base import (
     RawItem,
     ReadLimits,
     Source,
-    SourceError,
     captions_hash,
     is_utf8_clean,
     json_problem,

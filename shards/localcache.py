@@ -336,11 +336,3 @@ class _TeeReader(io.RawIOBase):
                 self._src.close()
             finally:
                 super().close()
-
-
-def with_local_cache(store: Store, records: Iterable[ShardRecord], cache_dir: str | Path | None,
-                     max_bytes: int | None = None) -> Store:
-    """`store` itself when `cache_dir` is None, else a CachingStore over it (what train calls)."""
-    if cache_dir is None:
-        return store
-    return CachingStore(store, cache_dir, max_bytes=max_bytes, records=records)

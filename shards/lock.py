@@ -88,10 +88,6 @@ class WriterLock:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def describe_previous(self) -> str | None:
         """A line about a holder that died without releasing the lock, or None."""
         return None if not self.previous else (f"{self.what}: the previous writer ({_holder_text(self.previous)}) "

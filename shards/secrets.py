@@ -36,8 +36,4 @@ def redact(location: str | None) -> str | None:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def has_secret(location: str | None) -> bool:
-    return redact(location) != location
-
-
-__all__ = ["REDACTED", "has_secret", "redact"]
+__all__ = ["REDACTED", "redact"]

@@ -7,6 +7,8 @@ tests read as one call while the code keeps the spec as the one validated object
 
 from __future__ import annotations
 
+import dataclasses
+
 from shards.manifest import Manifest
 from train.data import CacheStream, make_loader, stream_identity
 from train.plan import DataSpec, EpochPlan, epoch_stats
@@ -16,7 +18,7 @@ _LOADER = ("pin_memory", "prefetch_factor")
 
 
 def _split(kw: dict) -> tuple[DataSpec, dict, dict]:
-    spec = {k: v for k, v in kw.items() if k in DataSpec.field_names()}
+    spec = {k: v for k, v in kw.items() if k in {f.name for f in dataclasses.fields(DataSpec)}}
     position = {k: v for k, v in kw.items() if k in _POSITION}
     loader = {k: v for k, v in kw.items() if k in _LOADER}
     unknown = set(kw) - set(spec) - set(position) - set(loader)

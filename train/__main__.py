@@ -19,7 +19,7 @@ import re
 from typing import Any
 
 from shards.options import Foreign, config_command
-from train.config import ConfigError, TrainConfig
+from train.config import TrainConfig
 
 _FIXED_AT_PRECOMPUTE = ("is fixed at precompute: the cache holds what precompute encoded (see `python -m shards "
                         "stats CACHE`); pass it to `python -m precompute`, and train reads the result from the "

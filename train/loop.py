@@ -28,7 +28,6 @@ adapter weights to `DIR/adapter-rank<R>.safetensors`, so that replicas are compa
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import time

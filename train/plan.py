@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Hashable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from enum import IntEnum
 
 import numpy as np
@@ -119,10 +119,6 @@ class DataSpec:
         d = asdict(self)
         d["soft_threshold"] = None if self.soft_threshold is None else list(self.soft_threshold)
         return d
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
 
 def _is_int(v: object) -> bool:
