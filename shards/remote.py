@@ -16,7 +16,7 @@ Everything the object-store backends (`shards.s3`, `shards.http`) share lives he
   response), never as a short shard.
 - `StoreError`: what a remote operation raises when the budget is spent or the failure is
   permanent (bad credentials, no such bucket, object replaced while reading). The message starts
-  with the location and says what to check. It is a `shards.reader.ShardError` (so train reports
+  with the location and says what to check. It is a `shards.errors.ShardError` (so train reports
   it as a data error, without a traceback) and an `OSError`.
 
 Bound on time: a failure streak starts at the first failed attempt; no new attempt starts once

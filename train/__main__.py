@@ -57,7 +57,7 @@ def user_message(error: BaseException) -> str:
 
     An error raised in a DataLoader worker reaches the training process re-raised by torch with
     its type kept and its message replaced by "Caught ShardError in DataLoader worker process 0.
-    Original Traceback (most recent call last): ... shards.reader.ShardError: <message>": the
+    Original Traceback (most recent call last): ... shards.errors.ShardError: <message>": the
     original message is what follows the traceback's last "ShardError: " line.
     """
     text = str(error)

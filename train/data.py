@@ -31,7 +31,7 @@ Reading
 * Soft conditions: for a cache stored with precompute's --condition-soft, each conditioning image
   is binarised at a threshold drawn per (seed, epoch, key) in `soft_threshold` (`train.augment`).
 * Errors: a shard that is short, has a sha256 mismatch, a missing or unknown member, or a
-  malformed sample raises `shards.reader.ShardError` naming the shard. Every shard a worker opens
+  malformed sample raises `shards.errors.ShardError` naming the shard. Every shard a worker opens
   is read to its end (so its count and sha256 are checked) before that worker's last batch is
   handed out.
 """
