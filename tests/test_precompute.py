@@ -88,16 +88,18 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def fill_cache(tiny_model, fill_data, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("fill-cache") / "cache"
+def run_cache(tiny_model, fill_data, tmp_path_factory):
+    """`fill_data` precomputed in-process by `runner.run` (6 per shard, VAE batch 4), with its
+    summary; conftest's `fill_cache` is the CLI's (4 per shard)."""
+    cache = tmp_path_factory.mktemp("run-cache") / "cache"
     summary = run(_cfg(tiny_model, fill_data, cache))
     return cache, summary
 
 
-def test_fill_cache_contents_equal_the_encoders(tiny_model, fill_data, fill_cache):
+def test_fill_cache_contents_equal_the_encoders(tiny_model, fill_data, run_cache):
     from diffusers import StableDiffusionXLPipeline
 
-    cache, summary = fill_cache
+    cache, summary = run_cache
     rows = [json.loads(line) for line in (fill_data / "prompt.json").read_text().splitlines()]
     assert (summary.samples, summary.samples_written, summary.shards, summary.skipped) == (16, 16, 3, {})
     manifest, samples = _samples(cache)
@@ -146,22 +148,22 @@ def test_fill_cache_contents_equal_the_encoders(tiny_model, fill_data, fill_cach
     assert torch.equal(empty_pe, ref[0].to(torch.bfloat16)) and torch.equal(empty_pooled, ref[1].to(torch.bfloat16))
 
 
-def test_rerun_of_a_complete_cache_changes_nothing(tiny_model, fill_data, fill_cache):
-    cache, _ = fill_cache
+def test_rerun_of_a_complete_cache_changes_nothing(tiny_model, fill_data, run_cache):
+    cache, _ = run_cache
     before = _files(cache)
     summary = run(_cfg(tiny_model, fill_data, cache, num_workers=0, strict=True))  # run-only settings may differ
     assert (summary.shards_resumed, summary.shards_written, summary.samples_written) == (3, 0, 0)
     assert _files(cache) == before
 
 
-def test_resume_re_encodes_byte_identically_and_refuses_another_batch_size(tiny_model, fill_data, fill_cache,
+def test_resume_re_encodes_byte_identically_and_refuses_another_batch_size(tiny_model, fill_data, run_cache,
                                                                            tmp_path):
     """A resume that must re-encode a shard: with another --batch-size the VAE batches (and so
     the bf16-rounded latents) would differ from the kept shards': refused before anything is
     written. With the same settings (workers and strictness may differ) the rebuilt shard is
     byte-identical to the original."""
     cache = tmp_path / "cache"
-    shutil.copytree(fill_cache[0], cache)
+    shutil.copytree(run_cache[0], cache)
     before = _files(cache)
     for rel in (schema.record_name(1), schema.shard_name(1), schema.MANIFEST_FILE):
         (cache / rel).unlink()
@@ -175,8 +177,8 @@ def test_resume_re_encodes_byte_identically_and_refuses_another_batch_size(tiny_
     assert _files(cache) == before
 
 
-def test_changed_model_or_settings_are_refused(tiny_model, fill_data, fill_cache, tmp_path):
-    cache, _ = fill_cache
+def test_changed_model_or_settings_are_refused(tiny_model, fill_data, run_cache, tmp_path):
+    cache, _ = run_cache
     before = _files(cache)
     other = tmp_path / "other-model"
     shutil.copytree(tiny_model, other)
@@ -199,12 +201,12 @@ def test_changed_model_or_settings_are_refused(tiny_model, fill_data, fill_cache
     assert _files(cache) == before
 
 
-def test_a_tokenizer_with_another_pad_token_is_refused(tiny_model, fill_data, fill_cache, tmp_path):
+def test_a_tokenizer_with_another_pad_token_is_refused(tiny_model, fill_data, run_cache, tmp_path):
     """Same weights, but tokenizer_2 pads with another token: every prompt embedding changes
     (the padded positions feed hidden_states[-2]), so the cache must refuse the resume."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    cache, _ = fill_cache
+    cache, _ = run_cache
     before = _files(cache)
     other = tmp_path / "other-pad"
     shutil.copytree(tiny_model, other)
