@@ -226,6 +226,53 @@ def test_the_reference_scripts_command_line_parses(tmp_path):
     assert ours["validation_image"] == p["validation_image"] and ours["batch_size"] == 1
 
 
+_NO_EFFECT_NOTES = [
+    "note: --enable_xformers_memory_efficient_attention has no effect here: attention runs through PyTorch's "
+    "scaled_dot_product_attention (flash / memory-efficient kernels), which is what xformers gave the reference",
+    "note: --set_grads_to_none has no effect here: gradients are always set to None between steps "
+    "(optimizer.zero_grad(set_to_none=True))",
+    "note: --tokenizer_name has no effect here: train uses MODEL's tokenizers (to embed the validation prompts) "
+    "and checks them against the ones the cache was encoded with",
+]
+_WITH_NO_EFFECT = ["--model", "m", "--cache", "c", "--output-dir", "o", "--enable_xformers_memory_efficient_attention",
+                   "--set_grads_to_none", "--tokenizer_name", "X", "--batch-size", "3"]
+
+
+@pytest.mark.parametrize("ranks", [{}, {"RANK": "0", "LOCAL_RANK": "0"}, {"LOCAL_RANK": "0"}])
+def test_no_effect_options_print_one_note_each_on_the_main_process(ranks, monkeypatch, capsys):
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in ranks.items():
+        monkeypatch.setenv(name, value)
+    params = main.make_context("train", list(_WITH_NO_EFFECT)).params
+    assert params["batch_size"] == 3 and params["model"] == "m"  # "X" was --tokenizer_name's value, consumed
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == _NO_EFFECT_NOTES and captured.out == ""
+
+
+@pytest.mark.parametrize("ranks", [{"RANK": "1", "LOCAL_RANK": "1"}, {"RANK": "3", "LOCAL_RANK": "0"},
+                                   {"LOCAL_RANK": "1"}])
+def test_no_effect_notes_are_not_repeated_by_the_other_ranks(ranks, monkeypatch, capsys):
+    """RANK (global) decides; LOCAL_RANK only when RANK is not set: node 1's local rank 0 is rank 3."""
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in ranks.items():
+        monkeypatch.setenv(name, value)
+    assert main.make_context("train", list(_WITH_NO_EFFECT)).params["batch_size"] == 3
+    assert capsys.readouterr().err == ""
+
+
+def test_no_effect_notes_through_the_real_command(tmp_path):
+    """The whole command: the notes, once each, then the run's own refusal (no model here)."""
+    paths = {"m": str(tmp_path / "m"), "c": str(tmp_path / "c"), "o": str(tmp_path / "o")}
+    args = [paths.get(a, a) for a in _WITH_NO_EFFECT]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert lines[:3] == _NO_EFFECT_NOTES and all(line not in lines[3:] for line in _NO_EFFECT_NOTES)
+    assert lines[3].startswith("error: ") and f"--model {tmp_path / 'm'}: no such folder" in result.stderr
+
+
 def test_precompute_options_given_to_train_name_precompute():
     result = CliRunner().invoke(main, ["--model", "m", "--cache", "c", "--output-dir", "o", "--resolution=1024",
                                        "--dataset_name", "fusing/fill50k", "--flip", "--buckets", "sdxl"])
