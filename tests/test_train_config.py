@@ -206,6 +206,82 @@ def test_mixed_precision_comes_from_accelerate_when_unset(tmp_path):
         "no", "default (no --mixed-precision and no accelerate setting)")
 
 
+def _accelerate(*args: str, **environ: str):
+    from shards.launcher import Parent
+
+    return Parent(argv=("/venv/bin/python3", "/venv/bin/accelerate", "launch", *args, "-m", "train"), environ=environ)
+
+
+def test_the_stated_source_of_accelerates_precision_is_the_one_it_used(tmp_path):
+    """accelerate launch exports ACCELERATE_MIXED_PRECISION in every case; which case it was is
+    read from the launcher's own command line and config file, as accelerate decides it."""
+    from train.config import resolve_mixed_precision
+
+    home = tmp_path / "hf"
+    default = home / "accelerate" / "default_config.yaml"
+    launched = lambda value, parent: resolve_mixed_precision(None, {"ACCELERATE_MIXED_PRECISION": value}, parent)
+    # Neither a flag nor a config file: accelerate's default, not "its flag or config file".
+    assert launched("no", _accelerate(HF_HOME=str(home))) == (
+        "no", "accelerate launch's default: no --mixed_precision and no accelerate config file")
+    assert launched("bf16", _accelerate("--mixed_precision", "bf16", HF_HOME=str(home))) == (
+        "bf16", "accelerate launch --mixed_precision")
+    default.parent.mkdir(parents=True)
+    default.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\n")
+    assert launched("bf16", _accelerate(HF_HOME=str(home))) == (
+        "bf16", f"the accelerate config file {default} (accelerate launch's default config file)")
+    # The flag beats the file; --cpu makes accelerate ignore its default file.
+    assert launched("no", _accelerate("--mixed-precision=no", HF_HOME=str(home))) == (
+        "no", "accelerate launch --mixed_precision")
+    assert launched("no", _accelerate("--cpu", HF_HOME=str(home)))[1].startswith("accelerate launch's default")
+    other = tmp_path / "other.yaml"
+    other.write_text("distributed_type: 'NO'\nfp16: true\n")  # the legacy spelling
+    assert launched("fp16", _accelerate("--config_file", str(other), HF_HOME=str(home))) == (
+        "fp16", f"the accelerate config file {other} (accelerate launch --config_file)")
+    other.write_text("distributed_type: 'NO'\n")
+    assert launched("no", _accelerate("--config_file", str(other))) == (
+        "no", f"accelerate launch's default: neither --mixed_precision nor its config file {other} sets one")
+    # What the launcher's reading does not explain (the file changed since) is not guessed at.
+    assert launched("fp16", _accelerate(HF_HOME=str(home))) == (
+        "fp16", "accelerate launch (its --mixed_precision flag or config file)")
+    # Set by hand, or by a launcher that is not accelerate's: the variable, named as such.
+    from shards.launcher import Parent
+
+    assert launched("BF16", Parent(argv=("bash",), environ={})) == (
+        "bf16", "the ACCELERATE_MIXED_PRECISION environment variable")
+
+
+def test_accelerate_launch_with_its_config_file_end_to_end(tmp_path):
+    """The real `accelerate launch`, an accelerate config file under a temporary HF_HOME (where
+    `accelerate config` writes it), and a process that resolves its precision as train does."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"import json, sys\nsys.path.insert(0, {str(repo)!r})\n"
+                     "from train.config import resolve_mixed_precision\n"
+                     "print(json.dumps(resolve_mixed_precision(None)))\n")
+    home = tmp_path / "hf"
+    config = home / "accelerate" / "default_config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\n"
+                      "num_processes: 1\nuse_cpu: true\n")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}, "HF_HOME": str(home)}
+
+    def resolved(*launch: str) -> list[str]:
+        p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "1",
+                            "--dynamo_backend", "no", str(probe)], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    assert resolved() == ["bf16", f"the accelerate config file {config} (accelerate launch's default config file)"]
+    assert resolved("--mixed_precision", "no") == ["no", "accelerate launch --mixed_precision"]
+    config.unlink()
+    assert resolved() == ["no", "accelerate launch's default: no --mixed_precision and no accelerate config file"]
+
+
 def test_the_reference_scripts_command_line_parses(tmp_path):
     """Its spellings, names and multi-value forms give the same config as ours."""
     args = ["--pretrained_model_name_or_path=m", "--cache", "c", "--output_dir=o", "--train_batch_size=1",
