@@ -263,7 +263,7 @@ def test_model_card_config_and_loss_curve(tiny_model, cache, run_a):
     assert resolved["resolved"]["batches_per_epoch_per_rank"] == [8, 8]
     assert resolved["resolved"]["data"] == {  # 16 samples in batches of 2 on one rank: nothing dropped
         "epochs_planned": 2, "samples_per_epoch": 16, "samples_dropped": 0, "samples_dropped_in_partial_batches": 0,
-        "samples_dropped_for_equal_steps": 0, "samples_dropped_fraction": 0.0}
+        "samples_dropped_for_equal_steps": 0, "samples_dropped_fraction": 0.0, "samples_repeated": 0}
     assert "- samples dropped by the epoch plans: 0 over 2 planned epoch(s) of 16 samples (0.0%" in card
     assert f'"manifest_id": "{manifest_id}"' in card  # the resolved config is in the card
     with Image.open(out / "loss_curve.png") as curve:
@@ -510,7 +510,7 @@ def test_uneven_shards_drop_less_than_one_global_batch_per_epoch(tiny_model, fil
     assert resolved["batches_per_epoch_per_rank"] == [3, 3]
     assert resolved["data"] == {"epochs_planned": 2, "samples_per_epoch": 10, "samples_dropped": 2,
                                 "samples_dropped_in_partial_batches": 2, "samples_dropped_for_equal_steps": 0,
-                                "samples_dropped_fraction": 0.1}
+                                "samples_dropped_fraction": 0.1, "samples_repeated": 0}
     assert ("- samples dropped by the epoch plans: 2 over 2 planned epoch(s) of 10 samples (10.0%: 2 in partial "
             "batches, 0 for equal steps per rank)") in (out / "README.md").read_text()
 
