@@ -14,7 +14,8 @@ here also:
   (`--validation_image a.png b.png` for `--validation-image a.png --validation-image b.png`).
 - refuses an option of the *other* stage with a message naming that stage and why
   (`train --resolution` -> "resolution is fixed at precompute: ..."), and accepts the reference's
-  options that have no effect here with one line saying why.
+  options that have no effect here with one line saying why, printed by the main process only
+  (RANK / LOCAL_RANK 0, or no launcher), so a run of N processes prints it once.
 
 This module is only about command lines; what a setting means is the stage's business.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -222,6 +224,17 @@ class Foreign:
     accepted: bool = False  # True: no effect here, said in one line; False: refused
 
 
+def _main_process() -> bool:
+    """False in the ranks other than 0 of a launched run. Options are parsed before any process
+    group exists, so the launcher's variables decide: RANK (global, set by accelerate launch's
+    multi-process launchers and torchrun), else LOCAL_RANK; neither set means one process."""
+    for name in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value == "0"
+    return True
+
+
 def _long(token: str) -> str | None:
     """'--foo_bar=1' -> 'foo-bar'; None for anything that is not a long option."""
     if not token.startswith("--") or token == "--":
@@ -264,7 +277,8 @@ class ConfigCommand(click.Command):
                 value = args[i + 1] if takes and i + 1 < len(args) else None
                 typed = token.split("=", 1)[0]
                 if foreign.accepted:
-                    click.echo(f"note: {typed} has no effect here: {foreign.message}", err=True)
+                    if _main_process():  # once per run, not once per rank
+                        click.echo(f"note: {typed} has no effect here: {foreign.message}", err=True)
                 else:
                     refused.append(f"{typed} {foreign.message}")
                 i += 2 if takes and value is not None else 1

@@ -221,14 +221,34 @@ def run_command(work: Callable[[], Any], *, user_errors: tuple[type[BaseExceptio
 SMALL_MODEL_PARAMETERS = 50_000_000
 
 
-def choose_cpu_threads(num_parameters: int, local_processes: int = 1) -> tuple[int, str]:
-    """Set torch's intra-op threads for a CPU run and return (threads, why). OMP_NUM_THREADS, when
-    set, wins. Otherwise: 1 for a small model (see SMALL_MODEL_PARAMETERS), else this machine's
-    cores shared among the processes on it."""
+_DETECT: Any = object()  # choose_cpu_threads: look at the real parent process
+
+
+def choose_cpu_threads(num_parameters: int, local_processes: int = 1, *, environ: dict | None = None,
+                       parent: Any = _DETECT) -> tuple[int, str]:
+    """Set torch's intra-op threads for a CPU run and return (threads, why).
+
+    The user's OMP_NUM_THREADS wins. A launcher's is not the user's: `accelerate launch` always
+    exports OMP_NUM_THREADS (1 unless told otherwise) and torchrun sets 1 for several processes,
+    so under a launcher the value counts as the user's only when the launcher was itself started
+    with it, or given `--num_cpu_threads_per_process` (`shards.launcher.user_threads`, which
+    looks at the launcher: this process's parent). Otherwise: 1 for a small model (see
+    SMALL_MODEL_PARAMETERS), else this machine's cores shared among the processes on it, and
+    `why` says what the launcher had set.
+
+    `environ` and `parent` (a `shards.launcher.Parent`, or None for "cannot be seen") are for
+    tests; by default os.environ and the real parent process.
+    """
     import torch
 
-    if os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads(), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    from shards import launcher
+
+    environ = os.environ if environ is None else environ
+    if parent is _DETECT:
+        parent = launcher.parent_process()
+    chosen, note = launcher.user_threads(environ, parent)
+    if chosen is not None:
+        return torch.get_num_threads(), note
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -239,6 +259,8 @@ def choose_cpu_threads(num_parameters: int, local_processes: int = 1) -> tuple[i
         threads = max(1, cores // max(1, local_processes))
         why = f"{cores} core(s) shared by {local_processes} process(es) on this machine"
     torch.set_num_threads(threads)
+    if note:  # the launcher's own value, replaced
+        why += f"; {note}"
     return threads, why + "; set OMP_NUM_THREADS to choose"
 
 

@@ -154,13 +154,14 @@ def test_step_count_and_what_an_epoch_drops(cache):
     )
     assert json.loads(json.dumps(stats.to_dict())) == {
         "epoch": 0, "steps": 3, "batch_size": 3, "world_size": 3, "num_workers": 2, "shards": 7, "samples": 32,
-        "samples_in_partial_batches": 2, "samples_used": 27, "samples_dropped": 5, "samples_cut_for_equal_steps": 3,
+        "samples_in_partial_batches": 2, "samples_repeated": 0, "samples_used": 27, "samples_dropped": 5,
+        "samples_cut_for_equal_steps": 3,
     }
     # A run's totals for train_config.json and the model card.
     three = [stats_of(records, batch_size=3, world_size=3, num_workers=2, seed=0, epoch=e) for e in range(3)]
     assert data_summary(three) == {
         "epochs_planned": 3, "samples_per_epoch": 32, "samples_dropped": 15, "samples_dropped_in_partial_batches": 6,
-        "samples_dropped_for_equal_steps": 9, "samples_dropped_fraction": 0.15625,
+        "samples_dropped_for_equal_steps": 9, "samples_dropped_fraction": 0.15625, "samples_repeated": 0,
     }
     whole = stats_of(records, batch_size=2, world_size=1, num_workers=0, seed=0, epoch=0, max_samples=12)
     assert whole.samples_dropped == 0 and whole.describe().endswith("12 used, 0 dropped this epoch")
@@ -329,7 +330,7 @@ def test_stream_identity_names_what_a_resume_would_change(cache):
     _, records, _ = cache
     kw = dict(batch_size=2, seed=0, world_size=2, num_workers=2, shuffle_buffer=4, max_samples=None, caption_dropout=0.1)
     saved = json.loads(json.dumps(identity_of(records, **kw)))  # as a checkpoint stores it
-    assert saved["stream_version"] == 2 and saved["soft_threshold"] is None
+    assert saved["stream_version"] == 3 and saved["soft_threshold"] is None
     assert identity_diff(saved, identity_of(records, **kw)) == []
     assert stream_resume_problems(saved, identity_of(records, **kw)) == []
     assert identity_diff(saved, identity_of(records, **{**kw, "world_size": 4, "num_workers": 1})) == [
@@ -352,7 +353,7 @@ def test_stream_identity_names_what_a_resume_would_change(cache):
     changed_cache = stream_resume_problems(saved, identity_of(records[:-1], **kw))
     assert len(changed_cache) == 1 and changed_cache[0].startswith("cache shards (samples or contents changed)")
     assert stream_resume_problems({**saved, "stream_version": 0}, saved) == [
-        "data stream version (the code changed how samples are ordered): checkpoint 0, now 2"]
+        "data stream version (the code changed how samples are ordered): checkpoint 0, now 3"]
     assert stream_resume_problems(None, saved) == [
         "the checkpoint records no data stream identity (saved by an older version)"]
     # The range is resolved once from the manifest (train start-up does it) and recorded as such.
@@ -424,7 +425,7 @@ def test_per_sample_draws_share_one_derivation_with_a_tag_each():
     # The derivation is part of every run's sample sequence (and of resuming old checkpoints): pin it.
     key = schema.sample_key(3, 7)
     h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-    assert [int(t) for t in Draw] == [0, 1, 2, 3]
+    assert [int(t) for t in Draw] == [0, 1, 2, 3, 4]
     for draw in Draw:
         want = np.random.default_rng([5, 2, int(draw), h]).random(4)
         assert np.array_equal(key_rng(seed=5, epoch=2, draw=draw, key=key).random(4), want)
@@ -567,15 +568,18 @@ def test_batches_have_one_shape_and_resume_exactly_with_buckets(tmp_path):
     for b in full:
         assert {shape(int(k[:6]), int(k[7:])) for k in b.keys} == {tuple(b.latent_mean.shape[2:])}
         assert b.cond.shape[2:] == tuple(FACTOR * v for v in b.latent_mean.shape[2:])
-    # The step count counts full batches per shape over the whole epoch: 22 samples, 15 of shape
-    # 2x2 (7 batches, 1 left over) and 7 of 2x3 (3 batches, 1 left over): 10 batches, 5 per rank.
+    # The step count counts batches per shape over the whole epoch: 22 samples, 15 of shape 2x2 (7
+    # batches, 1 left over) and 7 of 2x3 (3 batches, 1 left over). Of the two partial batches, tied
+    # at 1 sample, the 2x3 one (later in shape order) is dropped and the 2x2 one completed with a
+    # repeat: 11 batches, 5 per rank, the completed one cut for equal steps (so nothing repeated).
     counts = {}
     for r in records:
         for p in range(r.samples):
             counts[shape(r.index, p)] = counts.get(shape(r.index, p), 0) + 1
     assert counts == {(2, 2): 15, (2, 3): 7}
-    assert ds.steps_per_epoch == sum(n // 2 for n in counts.values()) // 2 == 5
-    assert ds.stats.samples_in_partial_batches == 2 and ds.stats.samples_cut_for_equal_steps == 0
+    assert ds.steps_per_epoch == (sum(n // 2 for n in counts.values()) + 1) // 2 == 5
+    assert ds.stats.samples_in_partial_batches == 1 and ds.stats.samples_cut_for_equal_steps == 1
+    assert ds.stats.samples_repeated == 0 and ds.stats.samples_dropped == 2
     for b in range(len(full) + 1):
         _same_batches(_all(cache_stream(store, records, start_batch=b, **kw)), full[b:])
     # Without per-sample shapes the same cache is refused as soon as a batch would mix shapes.

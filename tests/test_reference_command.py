@@ -187,3 +187,40 @@ def test_each_stage_names_every_option_of_the_other():
     p, t = opts(precompute_main), opts(train_main)
     assert t - p - set(precompute_main.foreign) == set()
     assert p - t - set(train_main.foreign) == {"verbose"}  # a logging switch, not a setting
+
+
+# The other stage's options, through the real command lines (a subprocess each, as a user types
+# them): refused with exit status 2, every one named with the stage to give it to, no traceback,
+# and nothing done.
+
+_BELONGS_TO_TRAIN = ("belongs to train: precompute only encodes the dataset into the cache. Pass it to "
+                     "`python -m train` (changing it never re-encodes the cache)")
+_FIXED_AT_PRECOMPUTE = ("is fixed at precompute: the cache holds what precompute encoded (see `python -m shards "
+                        "stats CACHE`); pass it to `python -m precompute`, and train reads the result from the "
+                        "cache's manifest")
+
+
+def _stage(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_precompute_refuses_train_options_naming_train(tmp_path):
+    p = _stage("precompute", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d"), "--cache",
+               str(tmp_path / "c"), "--learning_rate=1e-5", "--train_batch_size", "4", "--output_dir",
+               str(tmp_path / "o"), "--push_to_hub")
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr and p.stdout == ""
+    assert p.stderr.splitlines() == [
+        f"Error: --learning_rate {_BELONGS_TO_TRAIN}", f"--train_batch_size {_BELONGS_TO_TRAIN}",
+        f"--output_dir {_BELONGS_TO_TRAIN}", f"--push_to_hub {_BELONGS_TO_TRAIN}"]
+    assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()
+
+
+def test_train_refuses_resolution_as_fixed_at_precompute(tmp_path):
+    p = _stage("train", "--model", str(tmp_path / "m"), "--cache", str(tmp_path / "c"), "--output-dir",
+               str(tmp_path / "o"), "--resolution", "1024", "--max-steps", "2")
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr and p.stdout == ""
+    assert p.stderr.splitlines() == [f"Error: --resolution {_FIXED_AT_PRECOMPUTE}"]
+    assert not (tmp_path / "o").exists()

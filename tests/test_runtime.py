@@ -4,6 +4,7 @@ CPU threads. (Real multi-process faults are in test_processes.py.)"""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,3 +100,114 @@ def test_cpu_threads_follow_the_model_size_unless_the_user_chose(monkeypatch, th
     assert n == cores == torch.get_num_threads() and f"{cores} core(s) shared by 1 process(es)" in why
     n, _ = choose_cpu_threads(10**9, local_processes=cores * 4)
     assert n == 1
+
+
+# --- whose OMP_NUM_THREADS: the user's, or a launcher's default ----------------------------------
+
+ACCEL = ("/venv/bin/python3", "/venv/bin/accelerate", "launch", "--multi_gpu", "--num_processes", "2", "-m", "train",
+         "--cache", "c")
+
+
+def _parent(argv, **environ):
+    from shards.launcher import Parent
+
+    return Parent(argv=tuple(argv), environ={"PATH": "/usr/bin", **environ})
+
+
+def test_launchers_are_recognised_from_their_command_lines():
+    from shards.launcher import ACCELERATE, TORCHRUN
+
+    for argv, want in [
+        (ACCEL, ACCELERATE),
+        (("/usr/bin/python", "-m", "accelerate.commands.launch", "--cpu", "x.py"), ACCELERATE),
+        (("/venv/bin/python", "/venv/bin/accelerate-launch", "x.py"), ACCELERATE),
+        (("/venv/bin/python", "/venv/bin/torchrun", "--nproc_per_node", "2", "x.py"), TORCHRUN),
+        (("python", "-m", "torch.distributed.run", "x.py"), TORCHRUN),
+        (("/bin/bash", "-c", "accelerate launch x.py"), None),
+        (("make", "train"), None),
+        (("python", "-m", "pytest", "-q"), None),
+        (("/venv/bin/python", "/venv/bin/accelerate", "config"), None),
+    ]:
+        assert _parent(argv).launcher == want, argv
+    assert _parent(ACCEL).launcher_args == ACCEL[3:]
+    options = _parent(ACCEL[:3] + ("--num-cpu-threads-per-process", "4", "--mixed-precision", "bf16", "x.py")
+                      ).accelerate_options()
+    assert (options.num_cpu_threads_per_process, options.mixed_precision) == (4, "bf16")  # its own spellings
+    assert _parent(ACCEL[:3] + ("--no-such-flag",)).accelerate_options() is None
+
+
+def test_whose_omp_num_threads():
+    from shards.launcher import user_threads
+
+    env = {"OMP_NUM_THREADS": "1", "LOCAL_RANK": "0"}
+    assert user_threads({}, None) == (None, "")
+    assert user_threads({"OMP_NUM_THREADS": "3"}, None) == ("3", "OMP_NUM_THREADS=3")  # no launcher
+    assert user_threads({"OMP_NUM_THREADS": "3"}, _parent(("bash",))) == ("3", "OMP_NUM_THREADS=3")
+    # accelerate launch started without it: its default, not the user's.
+    assert user_threads(env, _parent(ACCEL)) == (None, "accelerate launch set OMP_NUM_THREADS=1 itself, not you")
+    torchrun = ("python", "-m", "torch.distributed.run", "--nproc_per_node", "2", "x.py")
+    assert user_threads(env, _parent(torchrun)) == (None, "torchrun set OMP_NUM_THREADS=1 itself, not you")
+    # The launcher was started with it (`OMP_NUM_THREADS=1 make train NPROC=2`): the user's.
+    assert user_threads(env, _parent(ACCEL, OMP_NUM_THREADS="1")) == ("1", "OMP_NUM_THREADS=1")
+    # Or asked for it with accelerate's own flag.
+    flagged = ACCEL[:3] + ("--num_cpu_threads_per_process", "4", "-m", "train")
+    assert user_threads({"OMP_NUM_THREADS": "4"}, _parent(flagged)) == (
+        "4", "accelerate launch --num_cpu_threads_per_process 4")
+    # Launched, but the launcher cannot be seen: taken as the user's, and said so.
+    assert user_threads(env, None) == (
+        "1", "OMP_NUM_THREADS=1: yours or the launcher's default, which cannot be told apart on this system")
+
+
+def test_a_launchers_default_threads_give_way_to_the_choice(threads):
+    env = {"OMP_NUM_THREADS": "1", "LOCAL_RANK": "0"}
+    torch.set_num_threads(2)
+    n, why = choose_cpu_threads(SMALL_MODEL_PARAMETERS - 1, environ=env, parent=_parent(ACCEL))
+    assert n == 1 == torch.get_num_threads()
+    assert why == ("a small model (50.0M parameters): more threads only wait on each other; accelerate launch set "
+                   "OMP_NUM_THREADS=1 itself, not you; set OMP_NUM_THREADS to choose")
+    cores = len(os.sched_getaffinity(0))
+    n, why = choose_cpu_threads(10**9, 1, environ=env, parent=_parent(ACCEL))
+    assert n == cores == torch.get_num_threads() and why.startswith(f"{cores} core(s) shared by 1 process(es)")
+    # The user's value is kept as torch has it, whatever the model.
+    torch.set_num_threads(1)
+    assert choose_cpu_threads(10**9, environ=env, parent=_parent(ACCEL, OMP_NUM_THREADS="1")) == (
+        1, "OMP_NUM_THREADS=1")
+
+
+def _precompute(tiny_model, fill_data, cache, *launch, env=None) -> subprocess.CompletedProcess:
+    """A 2-image precompute of the tiny model, plainly or under `launch`, OMP/MKL unset."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    environ.update(env or {})
+    command = [sys.executable, *(launch or ("-m",)), "precompute", "--model", str(tiny_model), "--data",
+               str(fill_data), "--cache", str(cache), "--resolution", "64", "--max-samples", "2", "--num-workers",
+               "0", "--device", "cpu"]
+    proc = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=environ,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _threads_line(stderr: str) -> str:
+    lines = [line.split(": ", 1)[1] for line in stderr.splitlines() if "CPU threads per process" in line]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+def test_precompute_chooses_its_threads_when_nobody_did(tiny_model, fill_data, tmp_path):
+    """conftest pins OMP_NUM_THREADS=1 for the suite; here it is unset, as for a user, and the
+    start-up log states the count chosen and why: plainly, and under accelerate launch, which
+    exports OMP_NUM_THREADS by itself (with --cpu: the physical cores, else 1)."""
+    line = _threads_line(_precompute(tiny_model, fill_data, tmp_path / "plain").stderr)
+    assert re.fullmatch(r"CPU threads per process: 1 \(a small model \(\d+\.\dM parameters\): more threads only "
+                        r"wait on each other; set OMP_NUM_THREADS to choose\)", line), line
+    launched = _precompute(tiny_model, fill_data, tmp_path / "launched", "-m", "accelerate.commands.launch", "--cpu",
+                           "--num_processes", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                           env={"HF_HOME": str(tmp_path / "hf")})
+    assert re.fullmatch(r"CPU threads per process: 1 \(a small model \(\d+\.\dM parameters\): more threads only "
+                        r"wait on each other; accelerate launch set OMP_NUM_THREADS=\d+ itself, not you; set "
+                        r"OMP_NUM_THREADS to choose\)", _threads_line(launched.stderr))
+    # The user's own setting wins, and the log says it is theirs.
+    mine = _precompute(tiny_model, fill_data, tmp_path / "mine", "-m", "accelerate.commands.launch", "--cpu",
+                       "--num_processes", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                       env={"HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "2"})
+    assert _threads_line(mine.stderr) == "CPU threads per process: 2 (OMP_NUM_THREADS=2)"

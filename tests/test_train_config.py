@@ -210,6 +210,82 @@ def test_mixed_precision_comes_from_accelerate_when_unset(tmp_path):
         "no", "default (no --mixed-precision and no accelerate setting)")
 
 
+def _accelerate(*args: str, **environ: str):
+    from shards.launcher import Parent
+
+    return Parent(argv=("/venv/bin/python3", "/venv/bin/accelerate", "launch", *args, "-m", "train"), environ=environ)
+
+
+def test_the_stated_source_of_accelerates_precision_is_the_one_it_used(tmp_path):
+    """accelerate launch exports ACCELERATE_MIXED_PRECISION in every case; which case it was is
+    read from the launcher's own command line and config file, as accelerate decides it."""
+    from train.config import resolve_mixed_precision
+
+    home = tmp_path / "hf"
+    default = home / "accelerate" / "default_config.yaml"
+    launched = lambda value, parent: resolve_mixed_precision(None, {"ACCELERATE_MIXED_PRECISION": value}, parent)
+    # Neither a flag nor a config file: accelerate's default, not "its flag or config file".
+    assert launched("no", _accelerate(HF_HOME=str(home))) == (
+        "no", "accelerate launch's default: no --mixed_precision and no accelerate config file")
+    assert launched("bf16", _accelerate("--mixed_precision", "bf16", HF_HOME=str(home))) == (
+        "bf16", "accelerate launch --mixed_precision")
+    default.parent.mkdir(parents=True)
+    default.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\n")
+    assert launched("bf16", _accelerate(HF_HOME=str(home))) == (
+        "bf16", f"the accelerate config file {default} (accelerate launch's default config file)")
+    # The flag beats the file; --cpu makes accelerate ignore its default file.
+    assert launched("no", _accelerate("--mixed-precision=no", HF_HOME=str(home))) == (
+        "no", "accelerate launch --mixed_precision")
+    assert launched("no", _accelerate("--cpu", HF_HOME=str(home)))[1].startswith("accelerate launch's default")
+    other = tmp_path / "other.yaml"
+    other.write_text("distributed_type: 'NO'\nfp16: true\n")  # the legacy spelling
+    assert launched("fp16", _accelerate("--config_file", str(other), HF_HOME=str(home))) == (
+        "fp16", f"the accelerate config file {other} (accelerate launch --config_file)")
+    other.write_text("distributed_type: 'NO'\n")
+    assert launched("no", _accelerate("--config_file", str(other))) == (
+        "no", f"accelerate launch's default: neither --mixed_precision nor its config file {other} sets one")
+    # What the launcher's reading does not explain (the file changed since) is not guessed at.
+    assert launched("fp16", _accelerate(HF_HOME=str(home))) == (
+        "fp16", "accelerate launch (its --mixed_precision flag or config file)")
+    # Set by hand, or by a launcher that is not accelerate's: the variable, named as such.
+    from shards.launcher import Parent
+
+    assert launched("BF16", Parent(argv=("bash",), environ={})) == (
+        "bf16", "the ACCELERATE_MIXED_PRECISION environment variable")
+
+
+def test_accelerate_launch_with_its_config_file_end_to_end(tmp_path):
+    """The real `accelerate launch`, an accelerate config file under a temporary HF_HOME (where
+    `accelerate config` writes it), and a process that resolves its precision as train does."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"import json, sys\nsys.path.insert(0, {str(repo)!r})\n"
+                     "from train.config import resolve_mixed_precision\n"
+                     "print(json.dumps(resolve_mixed_precision(None)))\n")
+    home = tmp_path / "hf"
+    config = home / "accelerate" / "default_config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\n"
+                      "num_processes: 1\nuse_cpu: true\n")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}, "HF_HOME": str(home)}
+
+    def resolved(*launch: str) -> list[str]:
+        p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "1",
+                            "--dynamo_backend", "no", str(probe)], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    assert resolved() == ["bf16", f"the accelerate config file {config} (accelerate launch's default config file)"]
+    assert resolved("--mixed_precision", "no") == ["no", "accelerate launch --mixed_precision"]
+    config.unlink()
+    assert resolved() == ["no", "accelerate launch's default: no --mixed_precision and no accelerate config file"]
+
+
 def test_the_reference_scripts_command_line_parses(tmp_path):
     """Its spellings, names and multi-value forms give the same config as ours."""
     args = ["--pretrained_model_name_or_path=m", "--cache", "c", "--output_dir=o", "--train_batch_size=1",
@@ -228,6 +304,53 @@ def test_the_reference_scripts_command_line_parses(tmp_path):
     ours = main.make_context("train", ["--model", "m", "--cache", "c", "--output-dir", "o", "--batch-size", "1",
                                        "--validation-image", "a.png", "--validation-image", "b.png"]).params
     assert ours["validation_image"] == p["validation_image"] and ours["batch_size"] == 1
+
+
+_NO_EFFECT_NOTES = [
+    "note: --enable_xformers_memory_efficient_attention has no effect here: attention runs through PyTorch's "
+    "scaled_dot_product_attention (flash / memory-efficient kernels), which is what xformers gave the reference",
+    "note: --set_grads_to_none has no effect here: gradients are always set to None between steps "
+    "(optimizer.zero_grad(set_to_none=True))",
+    "note: --tokenizer_name has no effect here: train uses MODEL's tokenizers (to embed the validation prompts) "
+    "and checks them against the ones the cache was encoded with",
+]
+_WITH_NO_EFFECT = ["--model", "m", "--cache", "c", "--output-dir", "o", "--enable_xformers_memory_efficient_attention",
+                   "--set_grads_to_none", "--tokenizer_name", "X", "--batch-size", "3"]
+
+
+@pytest.mark.parametrize("ranks", [{}, {"RANK": "0", "LOCAL_RANK": "0"}, {"LOCAL_RANK": "0"}])
+def test_no_effect_options_print_one_note_each_on_the_main_process(ranks, monkeypatch, capsys):
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in ranks.items():
+        monkeypatch.setenv(name, value)
+    params = main.make_context("train", list(_WITH_NO_EFFECT)).params
+    assert params["batch_size"] == 3 and params["model"] == "m"  # "X" was --tokenizer_name's value, consumed
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == _NO_EFFECT_NOTES and captured.out == ""
+
+
+@pytest.mark.parametrize("ranks", [{"RANK": "1", "LOCAL_RANK": "1"}, {"RANK": "3", "LOCAL_RANK": "0"},
+                                   {"LOCAL_RANK": "1"}])
+def test_no_effect_notes_are_not_repeated_by_the_other_ranks(ranks, monkeypatch, capsys):
+    """RANK (global) decides; LOCAL_RANK only when RANK is not set: node 1's local rank 0 is rank 3."""
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in ranks.items():
+        monkeypatch.setenv(name, value)
+    assert main.make_context("train", list(_WITH_NO_EFFECT)).params["batch_size"] == 3
+    assert capsys.readouterr().err == ""
+
+
+def test_no_effect_notes_through_the_real_command(tmp_path):
+    """The whole command: the notes, once each, then the run's own refusal (no model here)."""
+    paths = {"m": str(tmp_path / "m"), "c": str(tmp_path / "c"), "o": str(tmp_path / "o")}
+    args = [paths.get(a, a) for a in _WITH_NO_EFFECT]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert lines[:3] == _NO_EFFECT_NOTES and all(line not in lines[3:] for line in _NO_EFFECT_NOTES)
+    assert lines[3].startswith("error: ") and f"--model {tmp_path / 'm'}: no such folder" in result.stderr
 
 
 def test_precompute_options_given_to_train_name_precompute():

@@ -263,7 +263,7 @@ def test_model_card_config_and_loss_curve(tiny_model, cache, run_a):
     assert resolved["resolved"]["batches_per_epoch_per_rank"] == [8, 8]
     assert resolved["resolved"]["data"] == {  # 16 samples in batches of 2 on one rank: nothing dropped
         "epochs_planned": 2, "samples_per_epoch": 16, "samples_dropped": 0, "samples_dropped_in_partial_batches": 0,
-        "samples_dropped_for_equal_steps": 0, "samples_dropped_fraction": 0.0}
+        "samples_dropped_for_equal_steps": 0, "samples_dropped_fraction": 0.0, "samples_repeated": 0}
     assert "- samples dropped by the epoch plans: 0 over 2 planned epoch(s) of 16 samples (0.0%" in card
     assert f'"manifest_id": "{manifest_id}"' in card  # the resolved config is in the card
     with Image.open(out / "loss_curve.png") as curve:
@@ -475,6 +475,46 @@ def test_fingerprint_is_the_one_precompute_records(tiny_model, cache):
 # Two processes
 
 
+def test_uneven_shards_drop_less_than_one_global_batch_per_epoch(tiny_model, fill_data, tmp_path):
+    """A real run on shards of 8 + 2 samples, batch 3, 2 loader workers: each epoch takes 3
+    batches (9 samples, both shards) and drops 1, the last partial batch; never the small shard's
+    share of streams. Said per epoch in the log, per run in train_config.json and the card."""
+    cache = tmp_path / "cache"
+    subprocess.run(
+        [sys.executable, "-m", "precompute", "--model", str(tiny_model), "--data", str(fill_data), "--cache", str(cache),
+         "--resolution", "64", "--samples-per-shard", "8", "--max-samples", "10", "--num-workers", "0",
+         "--device", "cpu"],
+        cwd=REPO, check=True, capture_output=True,
+    )
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert [shard["samples"] for shard in manifest["shards"]] == [8, 2]
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "--model", str(tiny_model), "--cache", str(cache), "--output-dir", str(out),
+         "--max-steps", "6", "--batch-size", "3", "--num-workers", "2", "--log-samples", "--log-every", "1",
+         "--checkpointing-steps", "100"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for epoch in (0, 1):
+        assert (f"epoch {epoch}: 3 batches of 3 per rank x 1 rank(s) from 10 samples in 2 shards (2 stream(s) per "
+                "rank): 9 used, 1 dropped this epoch (10.0%: 1 in partial batches, 0 cut so every rank takes the "
+                "same steps)") in proc.stderr
+    assert [m["step"] for m in _jsonl(out / "logs/metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    samples = _jsonl(out / "logs/samples-rank00000.jsonl")
+    for epoch in (0, 1):
+        keys = [k for s in samples if s["epoch"] == epoch for k in s["keys"]]
+        assert len(keys) == len(set(keys)) == 9  # 10 - 9 = 1 dropped, less than one global batch of 3
+        assert {k.split("-")[0] for k in keys} == {"000000", "000001"}  # both shards are read
+    resolved = json.loads((out / "train_config.json").read_text())["resolved"]
+    assert resolved["batches_per_epoch_per_rank"] == [3, 3]
+    assert resolved["data"] == {"epochs_planned": 2, "samples_per_epoch": 10, "samples_dropped": 2,
+                                "samples_dropped_in_partial_batches": 2, "samples_dropped_for_equal_steps": 0,
+                                "samples_dropped_fraction": 0.1, "samples_repeated": 0}
+    assert ("- samples dropped by the epoch plans: 2 over 2 planned epoch(s) of 10 samples (10.0%: 2 in partial "
+            "batches, 0 for equal steps per rank)") in (out / "README.md").read_text()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -634,7 +674,7 @@ def test_accelerate_launch_mixed_precision_is_honoured(tiny_model, cache, tmp_pa
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "mixed precision: bf16 (from accelerate launch (its --mixed_precision flag or config file))" in proc.stderr
+    assert "mixed precision: bf16 (from accelerate launch --mixed_precision)" in proc.stderr
     assert "frozen (UNet, bfloat16)" in proc.stderr
     resolved = json.loads((out / "train_config.json").read_text())
     assert resolved["mixed_precision"] == "bf16" and resolved["resolved"]["weight_dtype"] == "bf16"

@@ -1,5 +1,6 @@
 """train.data with views and buckets: one view per image per epoch chosen from keys alone, batches of
-one shape, equal steps on every rank, the small-bucket policy, bitwise resume, and soft thresholds.
+one shape, equal steps on every rank, the partial-batch policy (all but one completed with
+repeats: less than a global batch dropped), bitwise resume, and soft thresholds.
 
 Caches are written with the real shards writer (view keys from shards.views, per-sample latent
 shapes in the records) and read with the real reader; tensors are tiny.
@@ -170,25 +171,89 @@ def test_batches_have_one_shape_ranks_take_equal_steps_and_resume_is_bitwise(cac
         assert len(keys) == len(set(keys))  # no image twice in an epoch, across ranks
 
 
-def test_small_buckets_are_dropped_and_counted_never_repeated(cache):
-    root, records = cache
-    store = open_store(root)
-    stats = stats_of(records, batch_size=2, world_size=1, num_workers=0, seed=0, epoch=0)
-    batches = list(cache_stream(store, records, batch_size=2, seed=0, epoch=0, shuffle_buffer=0))
-    used = [k for b in batches for k in b.keys]
-    assert stats.samples == 30 and stats.samples_used == len(used) == 2 * len(batches)
-    assert stats.samples_dropped == 30 - len(used)
+def _shape_counts(records, **kw) -> dict:
     shapes = {k: tuple(s) for r in records for k, s in zip(r.keys, r.latent_shapes)}
-    counts = {}
-    for sl in epoch_plan_of(records, batch_size=2, seed=0, epoch=0).read_order:
+    counts: dict = {}
+    for sl in epoch_plan_of(records, **kw).read_order:
         for k in sl.keys:
             counts[shapes[k]] = counts.get(shapes[k], 0) + 1
-    # Each bucket loses its count mod the batch size, nothing else.
-    assert stats.samples_dropped == sum(n % 2 for n in counts.values())
-    assert counts[RARE] == 2 and sum(shapes[k] == RARE for k in used) == 2  # exactly a batch: kept
-    assert len(used) == len(set(used))
-    with_three = stats_of(records, batch_size=3, world_size=1, num_workers=0, seed=0, epoch=0)
-    assert with_three.samples_dropped == sum(n % 3 for n in counts.values())  # the 2 rare ones among them
+    return counts
+
+
+def test_partial_batches_but_the_smallest_are_completed_with_counted_repeats(cache):
+    """18 square, 10 wide and 2 rare images in epoch 0. At batch 3 the partial batches are the
+    2 rare images and 1 wide one: the wide one (fewest samples) is dropped, the rare one is
+    completed by repeating one of its own 2 images (no other rare image to take)."""
+    root, records = cache
+    store = open_store(root)
+    shapes = {k: tuple(s) for r in records for k, s in zip(r.keys, r.latent_shapes)}
+    assert _shape_counts(records, batch_size=3, seed=0, epoch=0) == {SQUARE: 18, WIDE: 10, RARE: 2}
+    stats = stats_of(records, batch_size=3, world_size=1, num_workers=0, seed=0, epoch=0)
+    assert (stats.steps, stats.samples, stats.samples_used, stats.samples_in_partial_batches,
+            stats.samples_repeated, stats.samples_cut_for_equal_steps, stats.samples_dropped) == (10, 30, 30, 1, 1, 0, 1)
+    assert stats.describe() == (
+        "epoch 0: 10 batches of 3 per rank x 1 rank(s) from 30 samples in 6 shards (1 stream(s) per rank): 30 used "
+        "(1 of them repeats completing a latent shape's last batch), 1 dropped this epoch (3.3%: 1 in partial "
+        "batches, 0 cut so every rank takes the same steps)")
+    batches = list(cache_stream(store, records, batch_size=3, seed=0, epoch=0, shuffle_buffer=0))
+    used = [k for b in batches for k in b.keys]
+    assert len(batches) == 10 and len(used) == 30 and len(set(used)) == 29  # one sample twice
+    assert [shapes[k] for k in set(used) if used.count(k) == 2] == [RARE]
+    assert sum(shapes[k] == WIDE for k in set(used)) == 9  # the one dropped
+    (rare,) = [b for b in batches if shapes[b.keys[0]] == RARE]
+    twice = [i for i, k in enumerate(rare.keys) if rare.keys.count(k) == 2]
+    assert len(set(rare.keys)) == 2 and len(twice) == 2  # the same sample, decoded the same
+    assert torch.equal(rare.latent_mean[twice[0]], rare.latent_mean[twice[1]])
+    assert torch.equal(rare.cond_u8[twice[0]], rare.cond_u8[twice[1]])
+    # Batch 4: 2 left over in each shape; the rare one (last in shape order) is dropped, the other
+    # two completed with 2 repeats each, from their own shape.
+    four = stats_of(records, batch_size=4, world_size=1, num_workers=0, seed=0, epoch=0)
+    assert (four.steps, four.samples_in_partial_batches, four.samples_repeated, four.samples_dropped) == (8, 2, 4, 2)
+    batches = list(cache_stream(store, records, batch_size=4, seed=0, epoch=0, shuffle_buffer=0))
+    used = [k for b in batches for k in b.keys]
+    assert len(used) - len(set(used)) == 4 and not any(shapes[k] == RARE for k in used)
+    for b in batches:
+        assert len({shapes[k] for k in b.keys}) == 1
+
+
+def test_a_bucketed_epoch_drops_less_than_one_global_batch(cache):
+    """Three latent shapes: the old rule (each shape's leftover dropped, plus the equal-steps cut)
+    could lose more than a global batch; now one partial batch and fewer than world_size cut
+    batches at most, on every topology, with the repeats counted."""
+    root, records = cache
+    store = open_store(root)
+    exceeded_before = 0
+    for epoch in (0, 1):
+        counts = _shape_counts(records, batch_size=1, seed=0, epoch=epoch)
+        for b in range(1, 9):
+            for world in range(1, 5):
+                for workers in (0, 1, 3):
+                    try:
+                        s = stats_of(records, batch_size=b, world_size=world, num_workers=workers, seed=0, epoch=epoch)
+                    except ValueError:  # fewer batches than ranks, even with the completed ones
+                        partial = sum(1 for n in counts.values() if n % b)
+                        assert sum(n // b for n in counts.values()) + max(0, partial - 1) < world
+                        continue
+                    assert 0 <= s.samples_dropped < b * world, (epoch, b, world, workers)
+                    assert s.samples_in_partial_batches < b and s.samples_cut_for_equal_steps <= (world - 1) * b
+                    assert s.samples + s.samples_repeated == s.samples_used + s.samples_dropped
+                    old = sum(n % b for n in counts.values()) + (sum(n // b for n in counts.values()) % world) * b
+                    exceeded_before += old >= b * world
+    assert exceeded_before > 0  # the bound is new for bucketed caches
+    # Read for real, 2 ranks x 2 workers: the batches hold exactly the planned repeats, every
+    # image not dropped is used, and every rank resumes bitwise from any batch.
+    kw = dict(batch_size=4, seed=5, epoch=0, world_size=2, num_workers=2, shuffle_buffer=3)
+    stats = stats_of(records, **kw)
+    assert stats.samples_repeated > 0 and stats.samples_dropped < 4 * 2
+    keys = []
+    for rank in range(2):
+        full = list(cache_stream(store, records, rank=rank, **kw))
+        assert len(full) == stats.steps
+        keys += [k for b in full for k in b.keys]
+        for start in range(len(full) + 1):
+            _same_batches(list(cache_stream(store, records, rank=rank, start_batch=start, **kw)), full[start:])
+    assert len(keys) == stats.samples_used and len(keys) - len(set(keys)) == stats.samples_repeated
+    assert len(set(keys)) == stats.samples - stats.samples_dropped
 
 
 def test_max_samples_counts_images(cache):

@@ -374,42 +374,67 @@ def resolve(cfg: TrainConfig, *, cuda_available: bool | None = None, environ: di
                     precision_source=source, notes=tuple(notes))
 
 
-def resolve_mixed_precision(requested: str | None, environ: dict | None = None) -> tuple[str, str]:
+_DETECT = object()  # resolve_mixed_precision: look at the real parent process
+
+
+def resolve_mixed_precision(requested: str | None, environ: dict | None = None,
+                            parent: Any = _DETECT) -> tuple[str, str]:
     """(precision, where it came from) for --mixed-precision `requested` (None: unset).
 
-    Unset, accelerate decides as it does for its own scripts: `accelerate launch` passes its
-    --mixed_precision flag or its config file's value to every process as ACCELERATE_MIXED_PRECISION;
-    a plain `python -m train` reads accelerate's default config file itself (the one `accelerate
-    config` writes). Neither: "no" (fp32).
+    Unset, accelerate decides as it does for its own scripts. `accelerate launch` always exports
+    ACCELERATE_MIXED_PRECISION to its processes: its --mixed_precision flag, else its config
+    file's value, else "no". The variable does not say which, so the source is read from the
+    launcher itself, this process's parent (`shards.launcher`): "accelerate launch
+    --mixed_precision", "the accelerate config file PATH (...)" or "accelerate launch's default:
+    ...". A plain `python -m train` reads accelerate's default config file itself (the one
+    `accelerate config` writes; ACCELERATE_CONFIG_FILE, this project's own variable, names
+    another). Neither: "no" (fp32).
+
+    `parent`: a `shards.launcher.Parent`, or None when the launcher cannot be seen; by default the
+    real parent process, unless `environ` is given (then None: nothing real to look at).
     """
+    from shards import launcher
+
+    if parent is _DETECT:
+        parent = launcher.parent_process() if environ is None else None
     environ = os.environ if environ is None else environ
     if requested is not None:
         return requested, "--mixed-precision"
     launched = environ.get("ACCELERATE_MIXED_PRECISION")
     if launched:
-        return launched.lower(), "accelerate launch (its --mixed_precision flag or config file)"
+        value = launched.lower()
+        if parent is not None and parent.launcher != launcher.ACCELERATE:
+            return value, "the ACCELERATE_MIXED_PRECISION environment variable"
+        decided = launcher.accelerate_precision(parent) if parent is not None else None
+        if decided is not None and decided[0] == value:
+            return decided
+        # The launcher cannot be seen (or read differently, e.g. its config file changed since).
+        if value == "no":
+            return value, "accelerate launch (its --mixed_precision flag, its config file or its default)"
+        return value, "accelerate launch (its --mixed_precision flag or config file)"
     path = _accelerate_config_file(environ)
     if path is not None:
         try:
-            import yaml
-
-            value = (yaml.safe_load(path.read_text()) or {}).get("mixed_precision")
-        except (OSError, ValueError, AttributeError) as e:
+            value = launcher.config_file_precision(path)
+        except (OSError, ValueError) as e:
             return "no", f"default (the accelerate config file {path} is unreadable: {e})"
         if value:
-            return str(value).lower(), f"the accelerate config file {path}"
+            return value, f"the accelerate config file {path}"
     return "no", "default (no --mixed-precision and no accelerate setting)"
 
 
 def _accelerate_config_file(environ: dict) -> Path | None:
-    """accelerate's default config file, if it exists: $HF_HOME/accelerate/default_config.yaml
-    (HF_HOME defaulting to ~/.cache/huggingface), or ACCELERATE_CONFIG_FILE when set."""
+    """The accelerate config file a plain `python -m train` reads, if it exists: accelerate's
+    default ($HF_HOME/accelerate/default_config.yaml, HF_HOME defaulting to ~/.cache/huggingface),
+    or ACCELERATE_CONFIG_FILE when set. That variable is this project's, not accelerate's: under
+    `accelerate launch` give the file with its --config_file instead."""
+    from shards.launcher import accelerate_default_config
+
     explicit = environ.get("ACCELERATE_CONFIG_FILE")
     if explicit:
         p = Path(explicit).expanduser()
         return p if p.is_file() else None
-    home = environ.get("HF_HOME") or os.path.join(environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    p = Path(home).expanduser() / "accelerate" / "default_config.yaml"
+    p = accelerate_default_config(environ)
     return p if p.is_file() else None
 
 

@@ -26,6 +26,8 @@ Reading
   and a shard none of whose samples is still needed is not opened at all.
 * A stream may take only some samples of a shard (`train.plan`: streams split the epoch at
   sample granularity); it still reads the whole shard, so its count and sha256 are checked.
+  A sample may be in two batches, or twice in one (a latent shape's last batch completed with
+  repeats, `train.plan`): it is read once and held until its last batch is handed out.
 * Views: of an image's stored views only the one the plan picks is decoded (the others' bytes are
   still read: views multiply an epoch's I/O, not its decode work).
 * Soft conditions: for a cache stored with precompute's --condition-soft, each conditioning image
@@ -68,7 +70,8 @@ _VERIFY_HINT = "(the cache is damaged or was not written by precompute: `python 
 # Bump when the plan or the stream changes which samples come in which order for the same
 # settings: a checkpoint saved under another version cannot be resumed exactly.
 # 2: streams split the epoch at sample granularity (one global shuffle buffer and batch order).
-STREAM_VERSION = 2
+# 3: all but one of the latent shapes' partial batches are completed with repeats (train.plan).
+STREAM_VERSION = 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,9 +267,15 @@ class CacheStream(IterableDataset):
         starts = [0]
         for sl in stream:
             starts.append(starts[-1] + sl.count)
-        batch_of = {j: b for b, positions in enumerate(batches) for j in positions}
+        # A position may be in several batches (a completed batch repeats samples): each use is
+        # counted, and a sample is held until the last batch that uses it is handed out.
+        batches_of: dict[int, list[int]] = {}
+        for b, positions in enumerate(batches):
+            for j in positions:
+                batches_of.setdefault(j, []).append(b)
+        uses = {j: len(bs) for j, bs in batches_of.items()}
         missing = [len(positions) for positions in batches]
-        needed = sorted({bisect_right(starts, j) - 1 for j in batch_of})
+        needed = sorted({bisect_right(starts, j) - 1 for j in batches_of})
         pending: dict[int, _Raw] = {}
         done, last = 0, len(batches) - 1
         for si in needed:
@@ -277,16 +286,17 @@ class CacheStream(IterableDataset):
             for pos, (key, members) in enumerate(iter_shard_members(self.store, sl.record)):
                 i = local.get(pos)
                 j = None if i is None else starts[si] + i
-                if j is not None and j in batch_of:
+                if j is not None and j in batches_of:
                     pending[j] = _Raw(sl.name, sl.record.index, key, members, shapes[i])
-                    missing[batch_of[j]] -= 1
+                    for b in batches_of[j]:
+                        missing[b] -= 1
                 # The last batch waits for the end of the shard, so the reader's count and sha256
                 # checks run before this worker's stream can end.
                 while done < last and missing[done] == 0:
-                    yield self._collate([pending.pop(j) for j in batches[done]])
+                    yield self._collate(self._take(pending, uses, batches[done]))
                     done += 1
             while done <= last and missing[done] == 0:
-                yield self._collate([pending.pop(j) for j in batches[done]])
+                yield self._collate(self._take(pending, uses, batches[done]))
                 done += 1
         if done <= last:
             short = {stream[bisect_right(starts, j) - 1].name: None for b in batches[done:] for j in b}
@@ -295,6 +305,16 @@ class CacheStream(IterableDataset):
                 f"reading shard(s) {', '.join(stream[si].name for si in needed)}; the incomplete batches hold "
                 f"samples of {', '.join(short)}"
             )
+
+    @staticmethod
+    def _take(pending: dict[int, _Raw], uses: dict[int, int], positions: list[int]) -> list[_Raw]:
+        """The samples of one batch, each dropped from `pending` after its last use."""
+        items = [pending[j] for j in positions]
+        for j in positions:
+            uses[j] -= 1
+            if uses[j] == 0:
+                del pending[j]
+        return items
 
     def _collate(self, items: list[_Raw]) -> HostBatch:
         means, stds, embeds, pooled, time_ids, conds, keys = [], [], [], [], [], [], []

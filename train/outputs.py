@@ -115,6 +115,8 @@ def _write(cfg: TrainConfig, plan: Plan, state: TrainState, adapter: torch.nn.Mo
                                               f"({100 * data['samples_dropped_fraction']:.1f}%: "
                                               f"{data['samples_dropped_in_partial_batches']} in partial batches, "
                                               f"{data['samples_dropped_for_equal_steps']} for equal steps per rank)",
+        "samples_repeated_by_the_epoch_plans": f"{data['samples_repeated']} (repeats completing the last batch of a "
+                                               "latent shape; 0 for a one-shape cache)",
         "final_loss": round(metrics[-1]["loss"], 5) if metrics else None,
         "time_this_session_s": round(seconds, 1),
         "samples_per_s_this_session": round(rate, 2),

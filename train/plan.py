@@ -11,13 +11,19 @@ How an epoch is laid out
   used samples, in tar order, make one global read sequence of N samples.
 * Batches. That sequence passes through one seeded shuffle buffer of `shuffle_buffer` samples
   (a pure simulation), and global batches are formed in emission order, one latent shape each:
-  a batch is complete when its shape has `batch_size` samples. A shape's last, partial batch is
-  dropped (counted in `EpochStats.samples_in_partial_batches`).
-* Equal steps. With T complete batches, every rank takes `steps = T // world_size`; the last
-  `T mod world_size` batches are cut (`samples_cut_for_equal_steps`). So a one-shape cache drops
-  less than one global batch (`batch_size * world_size` samples) per epoch, whatever the shard
-  sizes and however few shards there are (a single 14-sample shard trains on 2 ranks x 2
-  workers). A bucketed cache drops at most that plus one partial batch per bucket.
+  a batch is complete when its shape has `batch_size` samples. At the end each shape may hold a
+  last, partial batch of fewer than `batch_size` samples. Of these, the one with the fewest
+  samples is dropped (counted in `EpochStats.samples_in_partial_batches`); every other one is
+  completed with seeded repeats of its own shape (`samples_repeated`, see "Completed batches")
+  and appended after the complete batches, those with more of their own samples first. A
+  one-shape cache has one partial batch at most: it is dropped, nothing is repeated.
+* Equal steps. With T batches, every rank takes `steps = T // world_size`; the last
+  `T mod world_size` batches are cut (`samples_cut_for_equal_steps`; completed batches come
+  last, so they are cut first, the ones with the fewest own samples before the others). So an
+  epoch drops less than one global batch (`batch_size * world_size` samples), whatever the
+  shard sizes, however few shards there are (a single 14-sample shard trains on 2 ranks x 2
+  workers) and however many latent shapes it has: one partial batch (< batch_size) plus at
+  most world_size - 1 cut batches.
 * Streams. Each rank runs `max(1, num_workers)` *roles* (one per DataLoader worker); DataLoader
   takes batches from its workers round-robin, so rank position `p` comes from role `p % W`.
   Stream (rank, role) takes a contiguous run of the global batches, as many as its positions
@@ -42,8 +48,15 @@ Policies
   max_samples are in images.
 * max_samples: the first `max_samples` images in manifest order (shard index, then tar order), the
   same subset every epoch, as the reference's `max_train_samples`.
-* Partial batches are never padded or repeated; the shuffle differs every epoch, so different
-  samples are dropped each time.
+* Completed batches. Without them a cache with K latent shapes would drop up to K partial
+  batches an epoch (a bucketed cache at batch 16 with 9 buckets: up to 135 samples). A shape's
+  partial batch is filled up with samples of the same shape from the shards its own samples are
+  in (so no stream reads a shard more for it), chosen by a generator seeded from (seed, epoch,
+  `Draw.REPEAT`, its place in the completion order) and not already in the batch; a shape with
+  too few such samples cycles through what it has (a bucket smaller than a batch repeats its
+  own images). A repeated sample is the same sample twice in the epoch, with the same
+  per-sample draws. The shuffle differs every epoch, so different samples are dropped and
+  repeated each time. Nothing is carried into the next epoch: each epoch's plan stands alone.
 
 Randomness
 ----------
@@ -160,6 +173,7 @@ class Draw(IntEnum):
     SAMPLE_BUFFER = 1  # a stream's shuffle buffer, per (rank, role)
     CAPTION = 2  # per sample: caption pick and caption dropout (`sample_choice`)
     SOFT_THRESHOLD = 3  # per sample: binarisation threshold of soft maps (`train.augment`)
+    REPEAT = 4  # the samples that complete a shape's last partial batch
 
 
 def key_rng(*, seed: int, epoch: int, draw: Draw, key: str) -> np.random.Generator:
@@ -236,8 +250,11 @@ def as_records(records: Manifest | Sequence[ShardRecord]) -> list[ShardRecord]:
 class EpochStats:
     """What one epoch's plan does with the cache; the same on every rank.
 
-    Every planned sample is used or dropped, and every dropped one is counted under one reason:
-    `samples == samples_used + samples_in_partial_batches + samples_cut_for_equal_steps`.
+    Every planned sample is used or dropped, every dropped one is counted under one reason, and
+    the repeats that complete partial batches are counted apart: `samples + samples_repeated ==
+    samples_used + samples_in_partial_batches + samples_cut_for_equal_steps`. `samples_used`
+    counts batch slots (steps x batch x ranks), so it includes the repeats; the samples dropped
+    are fewer than one global batch (`batch_size * world_size`).
     """
 
     epoch: int
@@ -247,7 +264,8 @@ class EpochStats:
     num_workers: int
     shards: int  # shards with at least one used sample
     samples: int  # samples (images) in the plan, after max_samples
-    samples_in_partial_batches: int  # a stream's leftover of each shape, fewer than a batch
+    samples_in_partial_batches: int  # the one partial batch dropped (of the shape with the fewest left over)
+    samples_repeated: int = 0  # slots of used batches filled with repeats to complete a shape's last batch
 
     @property
     def samples_used(self) -> int:
@@ -255,7 +273,7 @@ class EpochStats:
 
     @property
     def samples_dropped(self) -> int:
-        return self.samples - self.samples_used
+        return self.samples + self.samples_repeated - self.samples_used
 
     @property
     def samples_cut_for_equal_steps(self) -> int:
@@ -268,8 +286,11 @@ class EpochStats:
         line = (
             f"epoch {self.epoch}: {self.steps} batches of {self.batch_size} per rank x {self.world_size} rank(s) "
             f"from {self.samples} samples in {self.shards} shards ({max(1, self.num_workers)} stream(s) per rank): "
-            f"{self.samples_used} used, {dropped} dropped this epoch"
+            f"{self.samples_used} used"
         )
+        if self.samples_repeated:
+            line += f" ({self.samples_repeated} of them repeats completing a latent shape's last batch)"
+        line += f", {dropped} dropped this epoch"
         if dropped:
             line += (
                 f" ({100 * dropped / self.samples:.1f}%: {self.samples_in_partial_batches} in partial batches, "
@@ -300,6 +321,7 @@ def data_summary(stats: Sequence[EpochStats]) -> dict[str, int | float]:
         "samples_dropped_in_partial_batches": sum(s.samples_in_partial_batches for s in stats),
         "samples_dropped_for_equal_steps": sum(s.samples_cut_for_equal_steps for s in stats),
         "samples_dropped_fraction": round(dropped / planned, 6),
+        "samples_repeated": sum(s.samples_repeated for s in stats),
     }
 
 
@@ -405,19 +427,28 @@ class EpochPlan:
                 for g in sl.groups():
                     counts[g] = counts.get(g, 0) + 1
         b, world, roles = spec.batch_size, spec.world_size, spec.roles
+        # Partial batches, most own samples first: the last is dropped, the others completed.
+        partial = sorted((g for g, n in counts.items() if n % b), key=lambda g: (-(counts[g] % b), str(g)))
+        self._completed: list[Hashable] = partial[:-1]
         complete = sum(n // b for n in counts.values())
-        steps = complete // world
+        total = complete + len(self._completed)
+        steps = total // world
         samples = sum(counts.values())
         if steps < 1:
             shapes = "" if list(counts) == [None] else " (per latent shape: " + ", ".join(
                 f"{h}x{w} {n}" for (h, w), n in sorted(counts.items())) + ")"
             raise ValueError(
-                f"not one full batch per rank in epoch {self.epoch}: {samples} sample(s){shapes} make {complete} "
+                f"not one full batch per rank in epoch {self.epoch}: {samples} sample(s){shapes} make {total} "
                 f"batch(es) of {b} for {world} rank(s); use a smaller batch size, fewer ranks, or more data"
             )
+        # The last `total - steps * world` batches are cut: completed ones first (they are last).
+        cut = total - steps * world
+        taken = self._completed[:max(0, len(self._completed) - cut)]
         self.stats = EpochStats(
             epoch=self.epoch, steps=steps, batch_size=b, world_size=world, num_workers=spec.num_workers,
-            shards=len(slices), samples=samples, samples_in_partial_batches=sum(n % b for n in counts.values()),
+            shards=len(slices), samples=samples,
+            samples_in_partial_batches=counts[partial[-1]] % b if partial else 0,
+            samples_repeated=sum(b - counts[g] % b for g in taken),
         )
         # Stream s = rank * W + role takes the global batches [starts[s], starts[s + 1]).
         quotas = [max(0, -(-(steps - s % roles) // roles)) for s in range(world * roles)]
@@ -474,8 +505,29 @@ class EpochPlan:
                 pending[groups[j]] = []
                 if len(batches) == limit:
                     return batches
+        for order, g in enumerate(self._completed):
+            batches.append(pending[g] + self._repeats(groups, pending[g], order))
+            if len(batches) == limit:
+                return batches
         raise RuntimeError(f"internal: epoch {self.epoch} forms {len(batches)} batches of {spec.batch_size}, the plan "
                            f"needs {limit}")
+
+    def _repeats(self, groups: list[Hashable], own: list[int], order: int) -> list[int]:
+        """The read positions that complete the partial batch `own` (the `order`-th completed one):
+        samples of its shape from the slices its own samples are in, seeded, not in `own` while
+        there are enough; then cycling through all of them (own first)."""
+        need = self.spec.batch_size - len(own)
+        offsets = np.cumsum([0] + [sl.count for sl in self.read_order])
+        shape, mine = groups[own[0]], set(own)
+        slices = sorted({int(np.searchsorted(offsets, j, side="right")) - 1 for j in own})
+        others = [j for si in slices for j in range(int(offsets[si]), int(offsets[si + 1]))
+                  if groups[j] == shape and j not in mine]
+        rng = np.random.default_rng([self.spec.seed, self.epoch, int(Draw.REPEAT), order])
+        if len(others) >= need:
+            return [others[i] for i in rng.choice(len(others), size=need, replace=False).tolist()]
+        pool = own + others
+        return [others[i] for i in rng.permutation(len(others)).tolist()] + \
+            [pool[i % len(pool)] for i in range(need - len(others))]
 
 
 def epoch_stats(records: Manifest | Sequence[ShardRecord], spec: DataSpec, epoch: int) -> EpochStats:
