@@ -38,6 +38,7 @@ another GPU model or thread count; that is outside what a cache can pin.)
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -72,7 +73,7 @@ from shards import schema
 from shards.errors import ShardError
 from shards.lock import LOCK_FILE, LockError, WriterLock
 from shards.identity import CacheIdentity
-from shards.manifest import Manifest, ShardRecord, ensure_identity, read_identity
+from shards.manifest import Manifest, ManifestError, ShardRecord, ensure_identity, identity_diff, read_identity
 from shards.reader import write_empty_prompt
 from shards.runtime import io_reason, is_io_failure
 from shards.store import LocalStore, Store
@@ -560,10 +561,66 @@ def _withdraw_stale(cfg: PrecomputeConfig, store: Store, stale: dict[int, str]) 
         f"not complete until they are rebuilt: re-run the same command with --rebuild-stale.{withdrawn}")
 
 
+def _settings_view(identity: dict) -> dict:
+    """An identity without what only the loaded model tells: the weight and tokenizer
+    fingerprints, the latent and text dims, and the bucket sizes (they need the VAE's factor)."""
+    d = json.loads(json.dumps(identity))
+    d["encoder"] = {k: v for k, v in (d.get("encoder") or {}).items() if not k.endswith("_fingerprint")}
+    d["latent"] = {"store": (d.get("latent") or {}).get("store")}
+    d.pop("text", None)
+    if isinstance(d.get("geometry"), dict):
+        d["geometry"].pop("buckets", None)
+    return d
+
+
+@dataclass
+class _InputCheck:
+    """Rank 0's changed-input check, made before the model loaded (`_check_inputs_early`)."""
+
+    complete: dict[int, ShardRecord]
+    stale: dict[int, str]
+    drops: Drops
+
+
+def _check_inputs_early(cfg: PrecomputeConfig, store: Store, source: Source, state) -> _InputCheck | None:
+    """The changed-input check before any model weight loads, so that a refusal for stale shards
+    comes at once: fingerprints are the sources' (content hashes, or size and mtime), not the
+    model's. It runs only when the cache's identity.json agrees with this run on everything the
+    model does not decide (the dataset, the settings, the model's name): against another dataset
+    every shard would look stale, and such a cache must instead be refused for its identity, after
+    the model loads, with nothing touched. Every process learns whether rank 0 refused. Returns
+    rank 0's check for `_prepare_cache` to reuse; None elsewhere, or when the check waits."""
+    status, problem, check = 0, None, None
+    if state.is_main_process:
+        try:
+            old = read_identity(store)
+        except ManifestError:
+            old = None  # reported by the identity check after the model loads, as before
+        if old is not None:
+            encoder = {"model": cfg.model, "revision": cfg.revision, "variant": cfg.variant, "vae": cfg.vae}
+            mine = cfg.identity(encoder=encoder, latent={}, text={}, source=source.describe())
+            if not identity_diff(_settings_view(old), _settings_view(mine)):
+                found = _completed_records(store, source.num_units())
+                complete = {i: r for i, r in enumerate(found) if r is not None}
+                stale, drops = check_inputs(source, complete, dedupe=cfg.dedupe)
+                check = _InputCheck(complete, stale, drops)
+                if stale and not cfg.rebuild_stale:
+                    try:
+                        _withdraw_stale(cfg, store, stale)
+                    except PrecomputeError as e:
+                        status, problem = 1, e
+    if state.num_processes > 1:
+        status = _broadcast_ints(state, [status] if state.is_main_process else None)[0]
+    if status:
+        raise problem or PrecomputeError("the main process refused to continue (its message says why)")
+    return check
+
+
 def _prepare_cache(cfg: PrecomputeConfig, store: Store, source: Source, prompt: PromptEncoder, identity: CacheIdentity,
-                   state) -> tuple[list[int], Drops]:
+                   state, early: _InputCheck | None = None) -> tuple[list[int], Drops]:
     """Identity check, the one-time writes and clean-up, the input checks and the plan. Returns
-    the pending shard indices and the items --dedupe drops, the same on every process."""
+    the pending shard indices and the items --dedupe drops, the same on every process. `early`:
+    rank 0's input check, already made before the model loaded (`_check_inputs_early`)."""
     # Every process checks (rank 0 also writes a missing identity) before anyone writes anything
     # else, so a refusal stops all of them together instead of leaving some at a collective.
     if state.is_main_process or read_identity(store) is not None:
@@ -576,9 +633,12 @@ def _prepare_cache(cfg: PrecomputeConfig, store: Store, source: Source, prompt: 
         if not store.exists(schema.EMPTY_PROMPT_FILE):
             pe, pooled = prompt([""])
             write_empty_prompt(store, pe, pooled, cfg.storage_dtype)
-        found = _completed_records(store, n)
-        complete = {i: r for i, r in enumerate(found) if r is not None}
-        stale, drops = check_inputs(source, complete, dedupe=cfg.dedupe)
+        if early is not None:  # made before the model loaded; the lock kept every record as it was
+            complete, stale, drops = dict(early.complete), early.stale, early.drops
+        else:
+            found = _completed_records(store, n)
+            complete = {i: r for i, r in enumerate(found) if r is not None}
+            stale, drops = check_inputs(source, complete, dedupe=cfg.dedupe)
         if stale and not cfg.rebuild_stale:
             try:
                 _withdraw_stale(cfg, store, stale)
@@ -737,7 +797,7 @@ def run(cfg: PrecomputeConfig) -> Summary:
     info = log.info if state.is_main_process else log.debug
     lock = _take_writer_lock(cfg, store, state)  # before anything is loaded or touched
     try:
-
+        early = _check_inputs_early(cfg, store, source, state)  # a stale cache is refused before the model loads
         info("loading encoders from %s%s on %s (%d process%s)", cfg.model, f" (vae: {cfg.vae})" if cfg.vae else "",
              device, world, "es" if world > 1 else "")
         with state.local_main_process_first():
@@ -770,7 +830,7 @@ def run(cfg: PrecomputeConfig) -> Summary:
             buckets=buckets,
         ))
 
-        pending, drops = _prepare_cache(cfg, store, source, prompt, identity, state)
+        pending, drops = _prepare_cache(cfg, store, source, prompt, identity, state, early)
         n = source.num_units()
         info("%s: %d shard(s) planned from %s, %d already complete, %d to encode", store.url, n,
              source.describe().get("path") or source.describe().get("dataset"), n - len(pending), len(pending))
