@@ -128,7 +128,8 @@ class PrecomputeConfig:
                                                          "image_too_large / cond_too_large.", "limits")
     follow_symlinks: bool = _s(False, "Read files whose real path is outside the dataset folder (symlinks pointing "
                                       "out, ../ paths, absolute paths elsewhere); without it they are skipped as "
-                                      "image_outside_root / cond_outside_root.", "limits")
+                                      "image_outside_root / cond_outside_root, and a folder of tars or a Hugging "
+                                      "Face dataset folder with a link pointing out is refused.", "limits")
     # -- noticing edited and repeated inputs ----------------------------------------------------------
     source_fingerprint: str = _s("content", "How each item's inputs are fingerprinted in its shard record, so a re-run "
                                             "notices edited inputs: content (sha256 of image, conditioning image and "

@@ -38,6 +38,8 @@ from precompute.source_base import (
     ReadLimits,
     Source,
     SourceError,
+    links_out,
+    outside_problem,
     parse_captions,
     read_file,
     too_large,
@@ -67,6 +69,20 @@ def table_files(folder: Path) -> list[Path]:
         if p.is_file() and p.name.lower().endswith(TABLE_SUFFIXES) and not any(s.startswith(".") for s in rel):
             out.append(p)
     return sorted(out)
+
+
+def _links_in(folder: Path) -> list[Path]:
+    """Every symbolic link under `folder` that `datasets` could read through (hidden entries
+    skipped, as `datasets` skips them), without following any: the data files, a save_to_disk
+    folder's json markers, a linked sub-folder."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            if not name.startswith(".") and path.is_symlink():
+                out.append(path)
+    return out
 
 
 def is_saved_dataset(folder: Path) -> bool:
@@ -319,6 +335,12 @@ def open_hf_source(
     the dataset when it cannot be loaded. `kw` goes to HFSource (columns, units, max_samples)."""
     if (data is None) == (dataset_name is None):
         raise SourceError("pass exactly one of a --data path and a --dataset-name")
+    limits = kw.get("limits") or ReadLimits()
+    if data is not None and Path(data).expanduser().is_dir() and not limits.follow_symlinks:
+        folder = Path(data).expanduser()
+        out = links_out(folder, _links_in(folder))
+        if out:
+            raise SourceError(f"--data {data}: " + outside_problem(folder, out, "file(s) or folder(s)"))
     ds, label, root, ident = _load(data, dataset_name, dataset_config_name, dataset_revision, dataset_split,
                                    cache_dir)
     return HFSource(ds, label=label, root=root, ident=ident, **kw)

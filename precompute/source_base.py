@@ -192,6 +192,24 @@ def outside_root(root: Path, path: Path) -> str | None:
     return None if real == base or real.startswith(base.rstrip(os.sep) + os.sep) else real
 
 
+def links_out(root: Path, paths) -> list[str]:
+    """'PATH -> REAL' for each of `paths` whose real path lies outside `root` (symlinks resolved)."""
+    out = []
+    for path in paths:
+        real = outside_root(root, path)
+        if real is not None:
+            out.append(f"{path} -> {real}")
+    return out
+
+
+def outside_problem(root: Path, links: list[str], what: str) -> str:
+    """The message for `links` (from `links_out`) found under the dataset folder `root`."""
+    shown = "; ".join(links[:5]) + (f"; and {len(links) - 5} more" if len(links) > 5 else "")
+    return (f"{len(links)} {what} resolve{'s' if len(links) == 1 else ''} outside the dataset folder "
+            f"{os.path.realpath(root)} (symbolic links pointing out): {shown}. Nothing outside it is read unless "
+            "--follow-symlinks is given: pass it if the links are yours, or remove them")
+
+
 def read_file(
     root: Path, rel: str, what: str, where: str, limits: ReadLimits = ReadLimits()
 ) -> tuple[bytes | None, tuple[str, str] | None]:

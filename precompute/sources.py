@@ -488,7 +488,7 @@ def _find_tars(folder: Path) -> list[Path]:
 
 
 def _open_webdataset(spec: str, path: Path | None, problems: list[str], **kw) -> WebDatasetSource | None:
-    tars, where = find_tars(spec, path, problems)
+    tars, where = find_tars(spec, path, problems, follow_symlinks=kw["limits"].follow_symlinks)
     return WebDatasetSource(tars, where, **kw) if tars and not problems else None
 
 

@@ -46,6 +46,8 @@ from precompute.source_base import (
     Source,
     captions_hash,
     json_problem,
+    links_out,
+    outside_problem,
     parse_captions,
     too_large,
     with_content_fingerprint,
@@ -471,10 +473,16 @@ def _remote_refs(spec: str, problems: list[str]) -> tuple[list[TarRef], str]:
         return [], where
 
 
-def find_tars(spec: str, path: Path | None, problems: list[str]) -> tuple[list[TarRef], str]:
+def find_tars(spec: str, path: Path | None, problems: list[str], *,
+              follow_symlinks: bool = False) -> tuple[list[TarRef], str]:
     """The input tars of `spec` in unit order and the location recorded in describe()["path"]:
     a local folder (its tars, sorted), one tar, a local brace pattern (`path` None), or a remote
-    spec (module docstring). Problems (missing tars, none found) are appended to `problems`."""
+    spec (module docstring). Problems (missing tars, none found) are appended to `problems`.
+
+    Tars obey the rule images do: in a folder (or the folder part of a brace pattern), a tar
+    whose real path lies outside it (a symbolic link pointing out) is a problem unless
+    `follow_symlinks`. A single tar named on its own is the user's explicit choice, like a
+    metadata file, and is read wherever it lives."""
     if is_remote(spec):
         refs, where = _remote_refs(spec, problems)
     elif path is None:  # a local brace pattern
@@ -483,9 +491,19 @@ def find_tars(spec: str, path: Path | None, problems: list[str]) -> tuple[list[T
         if missing:
             problems.append(_missing(spec, missing, len(expanded)))
             return [], spec
+        root = Path(os.path.dirname(spec[: spec.index("{")]) or ".")
+        out = [] if follow_symlinks else links_out(root, [Path(p) for p in expanded])
+        if out:
+            problems.append(f"{spec}: " + outside_problem(root, out, "tar(s)"))
+            return [], spec
         refs, where = [_local_ref(Path(p), p) for p in expanded], os.path.abspath(spec)
     elif path.is_dir():
-        refs, where = [_local_ref(p, p.name) for p in _local_tars(path)], str(path.resolve())
+        tars = _local_tars(path)
+        out = [] if follow_symlinks else links_out(path, tars)
+        if out:
+            problems.append(f"{spec}: " + outside_problem(path, out, "tar(s)"))
+            return [], str(path.resolve())
+        refs, where = [_local_ref(p, p.name) for p in tars], str(path.resolve())
     else:
         refs, where = [_local_ref(path, path.name)], str(path.resolve())
     if not refs and not problems:

@@ -223,3 +223,62 @@ def test_precompute_counts_the_new_skips_and_caption_notes(tiny_model, fill_data
     assert sum(r.notes.get("caption_truncated", 0) for r in manifest.shards) == 1
     assert manifest.identity.section("input_limits") == {"max_input_bytes": 256 << 20, "max_image_pixels": 64_000_000,
                                                  "follow_symlinks": False}
+
+
+def test_tars_linked_from_outside_the_dataset_folder_obey_follow_symlinks(tmp_path):
+    root, elsewhere = tmp_path / "tars", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    write_tar(root / "00000.tar", [img2dataset_sample("a", 1)])
+    write_tar(elsewhere / "secret.tar", [img2dataset_sample("s", 2)])
+    (root / "00001.tar").symlink_to(elsewhere / "secret.tar")  # planted: points out
+    (root / "00002.tar").symlink_to(root / "00000.tar")  # inside: fine
+    for spec in (str(root), str(root / "{00000..00002}.tar")):
+        with pytest.raises(SourceError) as err:
+            open_source(spec)
+        message = str(err.value)
+        assert f"1 tar(s) resolves outside the dataset folder {root}" in message, message
+        assert f"{root / '00001.tar'} -> {elsewhere / 'secret.tar'}" in message and "--follow-symlinks" in message
+        followed = items(open_source(spec, limits=ReadLimits(follow_symlinks=True)))
+        assert [i.image for i in followed] == [png(1), png(2), png(1)]
+    (root / "00001.tar").unlink()
+    assert [i.image for i in items(open_source(root))] == [png(1), png(1)]
+    # One tar named on its own is the user's explicit choice, wherever it lives (as a metadata file).
+    (tmp_path / "named.tar").symlink_to(elsewhere / "secret.tar")
+    assert [i.image for i in items(open_source(tmp_path / "named.tar"))] == [png(2)]
+
+
+def test_hf_folders_with_links_pointing_out_obey_follow_symlinks(tmp_path):
+    import datasets
+
+    def table(seed: int) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({"image": [png(seed)], "conditioning_image": [png(seed + 500)],
+                                           "text": [f"caption {seed}"]})
+
+    root, elsewhere = tmp_path / "hub", tmp_path / "elsewhere"
+    (root / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    table(1).to_parquet(str(root / "data" / "train-00000-of-00002.parquet"))
+    table(2).to_parquet(str(elsewhere / "private.parquet"))
+    (root / "data" / "train-00001-of-00002.parquet").symlink_to(elsewhere / "private.parquet")
+    cache = tmp_path / "hf-cache"
+    with pytest.raises(SourceError) as err:
+        open_source(root, cache_dir=str(cache))
+    message = str(err.value)
+    assert "1 file(s) or folder(s) resolves outside the dataset folder" in message, message
+    assert f"{root / 'data' / 'train-00001-of-00002.parquet'} -> {elsewhere / 'private.parquet'}" in message
+    followed = open_source(root, cache_dir=str(cache), limits=ReadLimits(follow_symlinks=True))
+    assert sorted(i.image for i in items(followed)) == sorted([png(1), png(2)])
+    # A linked folder is refused the same way; a save_to_disk folder too.
+    (root / "data" / "train-00001-of-00002.parquet").unlink()
+    (root / "data" / "more").symlink_to(elsewhere)
+    with pytest.raises(SourceError, match=r"data/more -> .*elsewhere"):
+        open_source(root, cache_dir=str(cache))
+    table(3).save_to_disk(str(elsewhere / "saved"))
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for p in (elsewhere / "saved").iterdir():
+        (saved / p.name).symlink_to(p)
+    with pytest.raises(SourceError, match="resolve outside the dataset folder"):
+        open_source(saved)
+    assert [i.image for i in items(open_source(saved, limits=ReadLimits(follow_symlinks=True)))] == [png(3)]
