@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -263,7 +264,7 @@ class HFSource(Source):
             return None, (f"{what}_missing", f"{where}: column {column!r} has no bytes, only the relative path "
                                              f"{path!r:.120}, and the dataset has no local folder to resolve it in")
         # A hub dataset has no folder of its own: an absolute path is taken as it is.
-        limits = self.limits if self.root is not None else ReadLimits(self.limits.max_file_bytes, True)
+        limits = self.limits if self.root is not None else replace(self.limits, follow_symlinks=True)
         return read_file(self.root or Path("/"), path, what, where, limits)
 
     def _capped(self, data: bytes, what: str, where: str, column: str) -> tuple[bytes | None, tuple[str, str] | None]:

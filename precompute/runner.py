@@ -60,7 +60,6 @@ from precompute.encoders import (
 )
 from precompute.inputs import Drops, check_inputs, repeated_items, source_key
 from precompute.preprocess import (
-    MAX_CAPTION_CHARS,
     MAX_CAPTIONS_PER_ITEM,
     Prepared,
     Skip,
@@ -142,7 +141,7 @@ class Summary:
     samples_written: int  # by this run
     items_read: int  # source items processed by this run (written + skipped)
     skipped: dict[str, int] | None  # in the cache, by reason
-    captions_truncated: int  # by this run: captions over the text encoders' 77 tokens or MAX_CAPTION_CHARS
+    captions_truncated: int  # by this run: captions over the text encoders' 77 tokens or --max-caption-chars
     bytes: int | None  # shard bytes in the cache
     seconds: float  # the whole run, model loading included
     encode_seconds: float  # from the plan until every process finished its shards
@@ -173,7 +172,7 @@ class Summary:
         ]
         if self.captions_truncated:
             lines.append(f"  captions  {self.captions_truncated} truncated to the text encoders' 77 tokens (as SDXL does) "
-                         f"or to {MAX_CAPTION_CHARS} characters")
+                         "or to --max-caption-chars characters")
         return "\n".join(lines)
 
 
@@ -265,6 +264,7 @@ class _ShardEncoder:
                 views=self.view_spec,
                 condition=self.condition,
                 max_image_pixels=cfg.max_image_pixels,
+                max_caption_chars=cfg.max_caption_chars,
             )
             pngs = [schema.encode_png(v.cond) for v in views]
             return _Outcome(position, item.source_id, views, pngs, None, time.perf_counter() - t0, **marks)
@@ -380,17 +380,18 @@ class _ShardEncoder:
         self.timings.text += t2 - t1
 
         offset = written = 0
+        cfg_chars = self.cfg.max_caption_chars
         several_views = self.view_spec.max_views > 1
         for j, o in zip(keep, batch):
             first = o.views[0]
             k = len(first.captions)
             cut = first.captions_cut or [False] * k
             for c, n, chars in zip(first.captions, counts[offset : offset + k], cut):
-                if chars:  # cut to MAX_CAPTION_CHARS by preprocess: one note, whatever its tokens
+                if chars:  # cut to --max-caption-chars by preprocess: one note, whatever its tokens
                     self.truncated += 1
                     notes["caption_truncated"] += 1
-                    self._warn("note", "%s: caption longer than %d characters; kept its first %d: %.60r",
-                               o.source_id, MAX_CAPTION_CHARS, MAX_CAPTION_CHARS, c)
+                    self._warn("note", "%s: caption longer than %d characters (--max-caption-chars); kept its "
+                               "first %d: %.60r", o.source_id, cfg_chars, cfg_chars, c)
                 elif n > self.prompt.info.max_length:
                     self.truncated += 1
                     notes["caption_truncated"] += 1
@@ -493,7 +494,8 @@ def _open(cfg: PrecomputeConfig) -> Source:
                 dataset_revision=cfg.dataset_revision,
                 dataset_split=cfg.dataset_split,
                 cache_dir=cfg.cache_dir,
-                limits=ReadLimits(max_file_bytes=cfg.max_input_bytes, follow_symlinks=cfg.follow_symlinks),
+                limits=ReadLimits(max_file_bytes=cfg.max_input_bytes, follow_symlinks=cfg.follow_symlinks,
+                                  max_json_bytes=cfg.max_json_bytes, max_json_depth=cfg.max_json_depth),
                 fingerprint_mode=cfg.source_fingerprint,
             )
         except SourceError as e:

@@ -40,12 +40,12 @@ from urllib.parse import urlparse
 import braceexpand  # ships with webdataset; the same brace syntax webdataset URLs use
 
 from precompute.source_base import (
-    MAX_JSON_BYTES,
     RawItem,
     ReadLimits,
     Source,
     captions_hash,
     json_problem,
+    json_too_big,
     links_out,
     outside_problem,
     parse_captions,
@@ -167,7 +167,7 @@ class WebDatasetSource(Source):
                         if suffix not in members and self._wanted(suffix):
                             # Text members (json, captions) are small; images get the file cap.
                             text = suffix == "json" or suffix in self.caption_keys
-                            cap = MAX_JSON_BYTES if text else self.limits.max_file_bytes
+                            cap = self.limits.max_json_bytes if text else self.limits.max_file_bytes
                             spans[suffix] = (m.offset_data, m.size)
                             if m.size > cap:  # never read: noted by its size (tarfile skips the data)
                                 members[suffix] = _Oversize(m.size, cap)
@@ -231,8 +231,9 @@ class WebDatasetSource(Source):
             raw = members["json"]
             # Size and depth checked before parsing: a huge or 200,000-deep member is one invalid
             # sample, never a RecursionError or a memory blow-up.
-            problem = (f"{raw.size:,} bytes of JSON, over the {raw.cap:,}-byte cap" if isinstance(raw, _Oversize)
-                       else json_problem(raw))
+            problem = (json_too_big(raw.size, raw.cap) if isinstance(raw, _Oversize)
+                       else json_problem(raw, max_bytes=self.limits.max_json_bytes,
+                                         max_depth=self.limits.max_json_depth))
             try:
                 if problem:
                     raise ValueError(f"{problem} (checked before parsing)")
@@ -249,7 +250,7 @@ class WebDatasetSource(Source):
                 except UnicodeDecodeError:
                     return None, ("caption_invalid", f"{sid}.{k}: not valid UTF-8")
             if isinstance(meta, dict) and k in meta:
-                return parse_captions(meta[k], f"{sid}.json", from_csv=False)
+                return parse_captions(meta[k], f"{sid}.json", from_csv=False, limits=self.limits)
         # No caption found: a broken .json is the likelier cause than a missing one.
         return None, json_error
 
