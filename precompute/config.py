@@ -283,7 +283,7 @@ class PrecomputeConfig:
         """Problems with the settings that `sources.open_source` needs (checked before opening it)."""
         p: list[str] = []
         if self.data and self.dataset_name:
-            p.append(f"--data {self.data} and --dataset-name {self.dataset_name} are mutually exclusive: pass one "
+            p.append(f"--data {redact(self.data)} and --dataset-name {self.dataset_name} are mutually exclusive: pass one "
                      "(--data for files on this machine, --dataset-name for a hub id or a dataset folder by name)")
         elif not self.data and not self.dataset_name:
             p.append("--data or --dataset-name is required: a dataset folder (metadata file + images), WebDataset tar "
@@ -423,16 +423,18 @@ class PrecomputeConfig:
 
         if not self.cache:
             return ["--cache is required: the output folder of the cache (e.g. cache/mine) or s3://bucket/prefix"]
+        shown = redact(self.cache)  # a signed URL's token stays out of messages
         scheme = urlparse(self.cache).scheme.lower() if "://" in self.cache else ""
         if scheme not in WRITABLE_SCHEMES:
             if scheme in ("http", "https"):
-                return [f"--cache {self.cache}: {scheme}:// caches are read-only; write to a local folder or "
+                return [f"--cache {shown}: {scheme}:// caches are read-only; write to a local folder or "
                         "s3://bucket/prefix (and serve that over https:// for reading)"]
-            return [f"--cache {self.cache}: unknown URL scheme {scheme!r} (use a local folder, file:// or s3://)"]
+            return [f"--cache {shown}: unknown URL scheme {scheme!r} (use a local folder, file:// or s3://)"]
         try:
             store = open_store(self.cache)
         except (ValueError, ImportError) as e:  # a malformed URL; boto3 missing for s3://
-            return [f"--cache {self.cache}: {str(e).removeprefix(f'cache location {self.cache!r}: ')}"]
+            message = str(e).replace(self.cache, shown)
+            return [f"--cache {shown}: {message.removeprefix(f'cache location {shown!r}: ')}"]
         if not isinstance(store, LocalStore):
             return []  # credentials and permissions surface at the first request, as a StoreError
         path = store.root

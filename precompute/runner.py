@@ -75,6 +75,7 @@ from shards.identity import CacheIdentity
 from shards.manifest import Manifest, ManifestError, ShardRecord, ensure_identity, identity_diff, read_identity
 from shards.reader import write_empty_prompt
 from shards.runtime import io_reason, is_io_failure
+from shards.secrets import redact
 from shards.store import LocalStore, Store
 from shards.stores import open_store
 from shards.views import view_key
@@ -499,7 +500,7 @@ def _open(cfg: PrecomputeConfig) -> Source:
                 fingerprint_mode=cfg.source_fingerprint,
             )
         except SourceError as e:
-            problems.append(f"--data {cfg.data}: {e}" if cfg.data else f"--dataset-name {cfg.dataset_name}: {e}")
+            problems.append(f"--data {redact(cfg.data)}: {e}" if cfg.data else f"--dataset-name {cfg.dataset_name}: {e}")
     if problems:
         raise ConfigError(problems)
     assert source is not None

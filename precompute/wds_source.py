@@ -53,6 +53,7 @@ from precompute.source_base import (
     with_content_fingerprint,
 )
 from shards.errors import StoreError
+from shards.secrets import redact
 from shards.store import Store
 from shards.stores import open_store
 
@@ -412,8 +413,8 @@ def _local_ref(path: Path, name: str) -> TarRef:
 
 
 def _missing(spec: str, missing: list[str], total: int) -> str:
-    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-    return f"{spec}: {len(missing)} of {total} tars do not exist: {shown}"
+    shown = ", ".join(redact(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return f"{redact(spec)}: {len(missing)} of {total} tars do not exist: {shown}"
 
 
 def is_remote(spec: str) -> bool:
@@ -439,14 +440,24 @@ def _sized(pairs: list[tuple[Store, str]], urls: list[str], names: list[str], sp
     return [TarRef(n, u, sz, rel, store) for n, u, sz, (store, rel) in zip(names, urls, sizes, pairs)]  # type: ignore[misc]
 
 
+def _shown(url: str) -> str:
+    """A remote location as messages, item ids and the identity name it: no query string (access
+    tokens) and no password (`shards.secrets.redact`)."""
+    return redact(urlparse(url)._replace(query="", fragment="").geturl())
+
+
 def _remote_refs(spec: str, problems: list[str]) -> tuple[list[TarRef], str]:
     """The tars of a remote spec (listing, one URL, or a brace pattern); problems appended."""
     parsed = urlparse(spec)
-    where = parsed._replace(query="", fragment="").geturl()  # no access tokens in the identity
+    where = _shown(spec)  # no access tokens in the identity
     stores: dict[str, Store] = {}
 
     def split(url: str) -> tuple[Store, str]:
-        parent, base = url.rsplit("/", 1)
+        # The tar's folder is the store; a query string (a container-level token) stays on the
+        # store, which appends it to every object URL, not on the object's name.
+        u = urlparse(url)
+        folder, base = u.path.rsplit("/", 1)
+        parent = u._replace(path=folder, fragment="").geturl()
         if parent not in stores:
             stores[parent] = open_store(parent)
         return stores[parent], base
@@ -454,13 +465,13 @@ def _remote_refs(spec: str, problems: list[str]) -> tuple[list[TarRef], str]:
     try:
         if "{" in parsed.path and "}" in parsed.path:
             urls = sorted(braceexpand.braceexpand(spec))
-            names = [urlparse(u)._replace(query="").geturl() for u in urls]
-            return _sized([split(u) for u in urls], urls, names, spec, problems), where
+            names = [_shown(u) for u in urls]
+            return _sized([split(u) for u in urls], names, names, spec, problems), where
         if parsed.path.lower().endswith(TAR_SUFFIXES):
             return _sized([split(spec)], [where], [posixpath.basename(parsed.path)], spec, problems), where
         if parsed.scheme.lower() != "s3":
-            problems.append(f"{spec}: http(s) has no listing: name the tars, one URL or a brace pattern such as "
-                            f"{where.rstrip('/')}/{{00000..00003}}.tar")
+            problems.append(f"{redact(spec)}: http(s) has no listing: name the tars, one URL or a brace pattern such "
+                            f"as {where.rstrip('/')}/{{00000..00003}}.tar")
             return [], where
         store = open_store(spec.rstrip("/"))
         rels = [r for r in store.list() if r.lower().endswith(TAR_SUFFIXES)]
@@ -470,7 +481,7 @@ def _remote_refs(spec: str, problems: list[str]) -> tuple[list[TarRef], str]:
         problems.append(str(e))
         return [], where
     except ValueError as e:  # a malformed URL
-        problems.append(f"{spec}: {e}")
+        problems.append(f"{redact(spec)}: {str(e).replace(spec, redact(spec))}")
         return [], where
 
 
