@@ -35,6 +35,7 @@ from shards.writer import ShardWriter, _tarinfo
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTITY = synthetic_identity(resolution=16, prompt_dim=8, pooled_dim=4)  # latents 4x2x2, 16 px conditions
+IDENTITY["input_limits"] = {"max_input_bytes": 256 << 20, "max_image_pixels": 64_000_000, "follow_symlinks": False}
 
 
 def _cache(root: Path, shards: int = 2, per_shard: int = 3) -> Manifest:
@@ -163,6 +164,11 @@ CASES = {
     "crop-outside-the-resize": (_meta(lambda m: json.dumps({**m, "crop_top_left": [40, 0]}).encode()),
                                 "crop_top_left [40, 0] with target_size [16, 16] does not fit in original_size "
                                 "[32, 16] resized to cover the target (32x16)"),
+    # Precompute skips images over its pixel cap, which the identity records.
+    "original-over-the-pixel-cap": (_meta(lambda m: json.dumps({**m, "original_size": [8000, 9000],
+                                                                  "crop_top_left": [0, 0]}).encode()),
+                                    "original_size [8000, 9000] is 72,000,000 pixels, over the 64,000,000 the cache "
+                                    "was made with"),
     # A consistent lie about size: a latent, a PNG and a json that agree with each other on
     # 13000 x 13000 px. Only the manifest's geometry (16 px) can refuse it, and it must do so
     # before the PNG (~500 MB as RGB) is decoded.
