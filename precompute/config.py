@@ -23,8 +23,9 @@ from precompute.preprocess import (
     CROP_MODES,
     DEFAULT_MAX_ASPECT,
     DEFAULT_MAX_IMAGE_PIXELS,
+    MAX_CAPTION_CHARS,
 )
-from precompute.source_base import DEFAULT_MAX_FILE_BYTES
+from precompute.source_base import DEFAULT_MAX_FILE_BYTES, MAX_JSON_BYTES, MAX_JSON_DEPTH
 from precompute.sources import DEFAULT_SAMPLES_PER_SHARD
 from precompute.sources import KINDS as DATA_KINDS
 from shards import schema
@@ -117,7 +118,18 @@ class PrecomputeConfig:
                                                          "image_too_large / cond_too_large.", "limits")
     follow_symlinks: bool = _s(False, "Read files whose real path is outside the dataset folder (symlinks pointing "
                                       "out, ../ paths, absolute paths elsewhere); without it they are skipped as "
-                                      "image_outside_root / cond_outside_root.", "limits")
+                                      "image_outside_root / cond_outside_root, and a folder of tars or a Hugging "
+                                      "Face dataset folder with a link pointing out is refused.", "limits")
+    max_caption_chars: int = _s(MAX_CAPTION_CHARS, "Characters kept of each caption; longer ones are cut (the item is "
+                                                   "kept, counted as the caption_truncated note). The text encoders "
+                                                   "see 77 tokens, a few hundred characters.", "limits")
+    max_json_bytes: int = _s(MAX_JSON_BYTES, "Largest metadata row (a JSON line; one over it is read in chunks, never "
+                                             "whole), tar .json member or caption member (e.g. 1MiB); bigger ones "
+                                             "make the item metadata_invalid / caption_invalid.", "limits",
+                             click_type=SIZE)
+    max_json_depth: int = _s(MAX_JSON_DEPTH, "Deepest nesting of a metadata row, tar .json member or metadata.json "
+                                             "list, checked before parsing (CPython's parser fails near 1000).",
+                             "limits")
     # -- noticing edited and repeated inputs ----------------------------------------------------------
     source_fingerprint: str = _s("content", "How each item's inputs are fingerprinted in its shard record, so a re-run "
                                             "notices edited inputs: content (sha256 of image, conditioning image and "
@@ -260,7 +272,7 @@ class PrecomputeConfig:
         """Problems with the settings that `sources.open_source` needs (checked before opening it)."""
         p: list[str] = []
         if self.data and self.dataset_name:
-            p.append(f"--data {self.data} and --dataset-name {self.dataset_name} are mutually exclusive: pass one "
+            p.append(f"--data {redact(self.data)} and --dataset-name {self.dataset_name} are mutually exclusive: pass one "
                      "(--data for files on this machine, --dataset-name for a hub id or a dataset folder by name)")
         elif not self.data and not self.dataset_name:
             p.append("--data or --dataset-name is required: a dataset folder (metadata file + images), WebDataset tar "
@@ -292,7 +304,9 @@ class PrecomputeConfig:
             p.append(f"--samples-per-shard must be an integer >= 1, got {self.samples_per_shard!r}")
         if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
             p.append(f"--max-samples must be an integer >= 1, got {self.max_samples!r}")
-        for flag, value in (("--max-input-bytes", self.max_input_bytes), ("--max-image-pixels", self.max_image_pixels)):
+        for flag, value in (("--max-input-bytes", self.max_input_bytes), ("--max-image-pixels", self.max_image_pixels),
+                            ("--max-caption-chars", self.max_caption_chars), ("--max-json-bytes", self.max_json_bytes),
+                            ("--max-json-depth", self.max_json_depth)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 p.append(f"{flag} must be an integer >= 1, got {value!r}")
         if self.condition is not None and self.conditioning_image_column is not None:
@@ -398,16 +412,18 @@ class PrecomputeConfig:
 
         if not self.cache:
             return ["--cache is required: the output folder of the cache (e.g. cache/mine) or s3://bucket/prefix"]
+        shown = redact(self.cache)  # a signed URL's token stays out of messages
         scheme = urlparse(self.cache).scheme.lower() if "://" in self.cache else ""
         if scheme not in WRITABLE_SCHEMES:
             if scheme in ("http", "https"):
-                return [f"--cache {self.cache}: {scheme}:// caches are read-only; write to a local folder or "
+                return [f"--cache {shown}: {scheme}:// caches are read-only; write to a local folder or "
                         "s3://bucket/prefix (and serve that over https:// for reading)"]
-            return [f"--cache {self.cache}: unknown URL scheme {scheme!r} (use a local folder, file:// or s3://)"]
+            return [f"--cache {shown}: unknown URL scheme {scheme!r} (use a local folder, file:// or s3://)"]
         try:
             store = open_store(self.cache)
         except (ValueError, ImportError) as e:  # a malformed URL; boto3 missing for s3://
-            return [f"--cache {self.cache}: {str(e).removeprefix(f'cache location {self.cache!r}: ')}"]
+            message = str(e).replace(self.cache, shown)
+            return [f"--cache {shown}: {message.removeprefix(f'cache location {shown!r}: ')}"]
         if not isinstance(store, LocalStore):
             return []  # credentials and permissions surface at the first request, as a StoreError
         path = store.root
@@ -493,10 +509,13 @@ class PrecomputeConfig:
             # difference), and so do CPU and GPU kernels: a resume must not mix them in one cache.
             "compute": {"batch_size": self.batch_size, "device": self.device_kind()},
             "source": dict(source),
-            "captions": {"allow_empty": self.allow_empty_captions},
+            "captions": {"allow_empty": self.allow_empty_captions, **self._changed(max_chars=(
+                self.max_caption_chars, MAX_CAPTION_CHARS))},
             # Which inputs are read at all (and so which items are skipped).
             "input_limits": {"max_input_bytes": self.max_input_bytes, "max_image_pixels": self.max_image_pixels,
-                             "follow_symlinks": self.follow_symlinks},
+                             "follow_symlinks": self.follow_symlinks,
+                             **self._changed(max_json_bytes=(self.max_json_bytes, MAX_JSON_BYTES),
+                                             max_json_depth=(self.max_json_depth, MAX_JSON_DEPTH))},
             "max_samples": self.max_samples,
             "samples_per_shard": self.samples_per_shard,
             # How records fingerprint the inputs (records are compared across runs) and whether
@@ -506,6 +525,13 @@ class PrecomputeConfig:
             # changes nothing, and a resume with another --seed must not be refused for it.
             "seed": self.seed if self.crop == "random" or self.crops > 1 else None,
         }
+
+    @staticmethod
+    def _changed(**settings: tuple) -> dict:
+        """{name: value} of the settings (value, default) whose value is not the default. These
+        caps were constants before they were settings: recording them only when changed keeps the
+        identity of every cache made with the defaults, so such caches still resume."""
+        return {name: value for name, (value, default) in settings.items() if value != default}
 
     def resolved(self) -> dict:
         """The config as recorded in the manifest: every setting that decides what the cache

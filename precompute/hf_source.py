@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ from precompute.source_base import (
     RawItem,
     ReadLimits,
     Source,
+    links_out,
+    outside_problem,
     parse_captions,
     read_file,
     too_large,
@@ -67,6 +70,20 @@ def table_files(folder: Path) -> list[Path]:
         if p.is_file() and p.name.lower().endswith(TABLE_SUFFIXES) and not any(s.startswith(".") for s in rel):
             out.append(p)
     return sorted(out)
+
+
+def _links_in(folder: Path) -> list[Path]:
+    """Every symbolic link under `folder` that `datasets` could read through (hidden entries
+    skipped, as `datasets` skips them), without following any: the data files, a save_to_disk
+    folder's json markers, a linked sub-folder."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            if not name.startswith(".") and path.is_symlink():
+                out.append(path)
+    return out
 
 
 def is_saved_dataset(folder: Path) -> bool:
@@ -247,7 +264,7 @@ class HFSource(Source):
             return None, (f"{what}_missing", f"{where}: column {column!r} has no bytes, only the relative path "
                                              f"{path!r:.120}, and the dataset has no local folder to resolve it in")
         # A hub dataset has no folder of its own: an absolute path is taken as it is.
-        limits = self.limits if self.root is not None else ReadLimits(self.limits.max_file_bytes, True)
+        limits = self.limits if self.root is not None else replace(self.limits, follow_symlinks=True)
         return read_file(self.root or Path("/"), path, what, where, limits)
 
     def _capped(self, data: bytes, what: str, where: str, column: str) -> tuple[bytes | None, tuple[str, str] | None]:
@@ -319,6 +336,12 @@ def open_hf_source(
     the dataset when it cannot be loaded. `kw` goes to HFSource (columns, units, max_samples)."""
     if (data is None) == (dataset_name is None):
         raise SourceError("pass exactly one of a --data path and a --dataset-name")
+    limits = kw.get("limits") or ReadLimits()
+    if data is not None and Path(data).expanduser().is_dir() and not limits.follow_symlinks:
+        folder = Path(data).expanduser()
+        out = links_out(folder, _links_in(folder))
+        if out:
+            raise SourceError(f"--data {data}: " + outside_problem(folder, out, "file(s) or folder(s)"))
     ds, label, root, ident = _load(data, dataset_name, dataset_config_name, dataset_revision, dataset_split,
                                    cache_dir)
     return HFSource(ds, label=label, root=root, ident=ident, **kw)

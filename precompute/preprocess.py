@@ -96,9 +96,9 @@ COND_ASPECT_TOLERANCE = 0.02
 # copy of it is ~190 MB per worker thread. (PIL's own bomb limit, ~179 MP, still applies above.)
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 # Captions: characters kept per caption (SDXL's text encoders see 77 tokens, a few hundred
-# characters; the rest only costs tokenizer time) and captions kept per item (each is encoded
-# and stored). Over these, captions are cut or dropped and the item is kept, counted as the
-# shard record's caption_truncated / captions_dropped notes.
+# characters; the rest only costs tokenizer time; the default of precompute's --max-caption-chars)
+# and captions kept per item (each is encoded and stored). Over these, captions are cut or dropped
+# and the item is kept, counted as the shard record's caption_truncated / captions_dropped notes.
 MAX_CAPTION_CHARS = 4096
 MAX_CAPTIONS_PER_ITEM = 64
 
@@ -157,7 +157,7 @@ class Prepared:
     # and was resampled to the image's geometry; worth a warning, not a skip.
     cond_resized: bool = False
     view: int = 0  # index among the item's stored views (0: the primary view)
-    # Per caption: True when it was cut to MAX_CAPTION_CHARS; and captions dropped over the
+    # Per caption: True when it was cut to max_caption_chars; and captions dropped over the
     # per-item cap. Kept-but-altered, counted as notes in the shard record.
     captions_cut: list[bool] = field(default_factory=list)
     captions_dropped: int = 0
@@ -499,6 +499,7 @@ def prepare_views(
     views: ViewSpec = ViewSpec(),
     condition: ConditionSpec | None = None,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    max_caption_chars: int = MAX_CAPTION_CHARS,
 ) -> list[Prepared]:
     """RawItem -> one Prepared per view (`plan_views` order), or Skip. Checks run cheapest first
     (source error, captions, decode); the image is decoded once for all views.
@@ -509,13 +510,14 @@ def prepare_views(
     Skip("cond_size_mismatch"), since no resize could align it with the image. With `condition`,
     the dataset's conditioning image is not used: each view's is computed from its own pixels.
     Images over `max_image_pixels` are skipped before decoding; captions are bounded by
-    `bound_captions` (the item is kept, `captions_cut` / `captions_dropped` say what changed).
+    `bound_captions` to `max_caption_chars` characters each (the item is kept, `captions_cut` /
+    `captions_dropped` say what changed).
     """
     if item.error is not None:
         raise Skip(*item.error)
     name = item.source_id
     captions = clean_captions(item.captions, allow_empty=allow_empty_captions, name=name)
-    captions, captions_cut, captions_dropped = bound_captions(captions)
+    captions, captions_cut, captions_dropped = bound_captions(captions, max_chars=max_caption_chars)
     if item.image is None:
         raise Skip("image_missing", f"{name}: no image")
     cond_name = item.cond_id or f"{name} (conditioning image)"

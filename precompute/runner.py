@@ -38,6 +38,7 @@ another GPU model or thread count; that is outside what a cache can pin.)
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -60,7 +61,6 @@ from precompute.encoders import (
 )
 from precompute.inputs import Drops, check_inputs, repeated_items, source_key
 from precompute.preprocess import (
-    MAX_CAPTION_CHARS,
     MAX_CAPTIONS_PER_ITEM,
     Prepared,
     Skip,
@@ -73,9 +73,10 @@ from shards import schema
 from shards.errors import ShardError
 from shards.lock import LOCK_FILE, LockError, WriterLock
 from shards.identity import CacheIdentity
-from shards.manifest import Manifest, ShardRecord, ensure_identity, read_identity
+from shards.manifest import Manifest, ManifestError, ShardRecord, ensure_identity, identity_diff, read_identity
 from shards.reader import write_empty_prompt
 from shards.runtime import io_reason, is_io_failure
+from shards.secrets import redact
 from shards.store import LocalStore, Store
 from shards.stores import open_store
 from shards.views import view_key
@@ -138,7 +139,7 @@ class Summary:
     samples_written: int  # by this run
     items_read: int  # source items processed by this run (written + skipped)
     skipped: dict[str, int] | None  # in the cache, by reason
-    captions_truncated: int  # by this run: captions over the text encoders' 77 tokens or MAX_CAPTION_CHARS
+    captions_truncated: int  # by this run: captions over the text encoders' 77 tokens or --max-caption-chars
     bytes: int | None  # shard bytes in the cache
     seconds: float  # the whole run, model loading included
     encode_seconds: float  # from the plan until every process finished its shards
@@ -169,7 +170,7 @@ class Summary:
         ]
         if self.captions_truncated:
             lines.append(f"  captions  {self.captions_truncated} truncated to the text encoders' 77 tokens (as SDXL does) "
-                         f"or to {MAX_CAPTION_CHARS} characters")
+                         "or to --max-caption-chars characters")
         return "\n".join(lines)
 
 
@@ -261,6 +262,7 @@ class _ShardEncoder:
                 views=self.view_spec,
                 condition=self.condition,
                 max_image_pixels=cfg.max_image_pixels,
+                max_caption_chars=cfg.max_caption_chars,
             )
             pngs = [schema.encode_png(v.cond) for v in views]
             return _Outcome(position, item.source_id, views, pngs, None, time.perf_counter() - t0, **marks)
@@ -376,17 +378,18 @@ class _ShardEncoder:
         self.timings.text += t2 - t1
 
         offset = written = 0
+        cfg_chars = self.cfg.max_caption_chars
         several_views = self.view_spec.max_views > 1
         for j, o in zip(keep, batch):
             first = o.views[0]
             k = len(first.captions)
             cut = first.captions_cut or [False] * k
             for c, n, chars in zip(first.captions, counts[offset : offset + k], cut):
-                if chars:  # cut to MAX_CAPTION_CHARS by preprocess: one note, whatever its tokens
+                if chars:  # cut to --max-caption-chars by preprocess: one note, whatever its tokens
                     self.truncated += 1
                     notes["caption_truncated"] += 1
-                    self._warn("note", "%s: caption longer than %d characters; kept its first %d: %.60r",
-                               o.source_id, MAX_CAPTION_CHARS, MAX_CAPTION_CHARS, c)
+                    self._warn("note", "%s: caption longer than %d characters (--max-caption-chars); kept its "
+                               "first %d: %.60r", o.source_id, cfg_chars, cfg_chars, c)
                 elif n > self.prompt.info.max_length:
                     self.truncated += 1
                     notes["caption_truncated"] += 1
@@ -489,11 +492,12 @@ def _open(cfg: PrecomputeConfig) -> Source:
                 dataset_revision=cfg.dataset_revision,
                 dataset_split=cfg.dataset_split,
                 cache_dir=cfg.cache_dir,
-                limits=ReadLimits(max_file_bytes=cfg.max_input_bytes, follow_symlinks=cfg.follow_symlinks),
+                limits=ReadLimits(max_file_bytes=cfg.max_input_bytes, follow_symlinks=cfg.follow_symlinks,
+                                  max_json_bytes=cfg.max_json_bytes, max_json_depth=cfg.max_json_depth),
                 fingerprint_mode=cfg.source_fingerprint,
             )
         except SourceError as e:
-            problems.append(f"--data {cfg.data}: {e}" if cfg.data else f"--dataset-name {cfg.dataset_name}: {e}")
+            problems.append(f"--data {redact(cfg.data)}: {e}" if cfg.data else f"--dataset-name {cfg.dataset_name}: {e}")
     if problems:
         raise ConfigError(problems)
     assert source is not None
@@ -557,10 +561,66 @@ def _withdraw_stale(cfg: PrecomputeConfig, store: Store, stale: dict[int, str]) 
         f"not complete until they are rebuilt: re-run the same command with --rebuild-stale.{withdrawn}")
 
 
+def _settings_view(identity: dict) -> dict:
+    """An identity without what only the loaded model tells: the weight and tokenizer
+    fingerprints, the latent and text dims, and the bucket sizes (they need the VAE's factor)."""
+    d = json.loads(json.dumps(identity))
+    d["encoder"] = {k: v for k, v in (d.get("encoder") or {}).items() if not k.endswith("_fingerprint")}
+    d["latent"] = {"store": (d.get("latent") or {}).get("store")}
+    d.pop("text", None)
+    if isinstance(d.get("geometry"), dict):
+        d["geometry"].pop("buckets", None)
+    return d
+
+
+@dataclass
+class _InputCheck:
+    """Rank 0's changed-input check, made before the model loaded (`_check_inputs_early`)."""
+
+    complete: dict[int, ShardRecord]
+    stale: dict[int, str]
+    drops: Drops
+
+
+def _check_inputs_early(cfg: PrecomputeConfig, store: Store, source: Source, state) -> _InputCheck | None:
+    """The changed-input check before any model weight loads, so that a refusal for stale shards
+    comes at once: fingerprints are the sources' (content hashes, or size and mtime), not the
+    model's. It runs only when the cache's identity.json agrees with this run on everything the
+    model does not decide (the dataset, the settings, the model's name): against another dataset
+    every shard would look stale, and such a cache must instead be refused for its identity, after
+    the model loads, with nothing touched. Every process learns whether rank 0 refused. Returns
+    rank 0's check for `_prepare_cache` to reuse; None elsewhere, or when the check waits."""
+    status, problem, check = 0, None, None
+    if state.is_main_process:
+        try:
+            old = read_identity(store)
+        except ManifestError:
+            old = None  # reported by the identity check after the model loads, as before
+        if old is not None:
+            encoder = {"model": cfg.model, "revision": cfg.revision, "variant": cfg.variant, "vae": cfg.vae}
+            mine = cfg.identity(encoder=encoder, latent={}, text={}, source=source.describe())
+            if not identity_diff(_settings_view(old), _settings_view(mine)):
+                found = _completed_records(store, source.num_units())
+                complete = {i: r for i, r in enumerate(found) if r is not None}
+                stale, drops = check_inputs(source, complete, dedupe=cfg.dedupe)
+                check = _InputCheck(complete, stale, drops)
+                if stale and not cfg.rebuild_stale:
+                    try:
+                        _withdraw_stale(cfg, store, stale)
+                    except PrecomputeError as e:
+                        status, problem = 1, e
+    if state.num_processes > 1:
+        status = _broadcast_ints(state, [status] if state.is_main_process else None)[0]
+    if status:
+        raise problem or PrecomputeError("the main process refused to continue (its message says why)")
+    return check
+
+
 def _prepare_cache(cfg: PrecomputeConfig, store: Store, source: Source, prompt: PromptEncoder, identity: CacheIdentity,
-                   state) -> tuple[list[int], Drops]:
+                   state, early: _InputCheck | None = None) -> tuple[list[int], Drops]:
     """Identity check, the one-time writes and clean-up, the input checks and the plan. Returns
-    the pending shard indices and the items --dedupe drops, the same on every process."""
+    the pending shard indices and the items --dedupe drops, the same on every process. `early`:
+    rank 0's input check, already made before the model loaded (`_check_inputs_early`)."""
     # Every process checks (rank 0 also writes a missing identity) before anyone writes anything
     # else, so a refusal stops all of them together instead of leaving some at a collective.
     if state.is_main_process or read_identity(store) is not None:
@@ -573,9 +633,12 @@ def _prepare_cache(cfg: PrecomputeConfig, store: Store, source: Source, prompt: 
         if not store.exists(schema.EMPTY_PROMPT_FILE):
             pe, pooled = prompt([""])
             write_empty_prompt(store, pe, pooled, cfg.storage_dtype)
-        found = _completed_records(store, n)
-        complete = {i: r for i, r in enumerate(found) if r is not None}
-        stale, drops = check_inputs(source, complete, dedupe=cfg.dedupe)
+        if early is not None:  # made before the model loaded; the lock kept every record as it was
+            complete, stale, drops = dict(early.complete), early.stale, early.drops
+        else:
+            found = _completed_records(store, n)
+            complete = {i: r for i, r in enumerate(found) if r is not None}
+            stale, drops = check_inputs(source, complete, dedupe=cfg.dedupe)
         if stale and not cfg.rebuild_stale:
             try:
                 _withdraw_stale(cfg, store, stale)
@@ -734,7 +797,7 @@ def run(cfg: PrecomputeConfig) -> Summary:
     info = log.info if state.is_main_process else log.debug
     lock = _take_writer_lock(cfg, store, state)  # before anything is loaded or touched
     try:
-
+        early = _check_inputs_early(cfg, store, source, state)  # a stale cache is refused before the model loads
         info("loading encoders from %s%s on %s (%d process%s)", cfg.model, f" (vae: {cfg.vae})" if cfg.vae else "",
              device, world, "es" if world > 1 else "")
         with state.local_main_process_first():
@@ -767,7 +830,7 @@ def run(cfg: PrecomputeConfig) -> Summary:
             buckets=buckets,
         ))
 
-        pending, drops = _prepare_cache(cfg, store, source, prompt, identity, state)
+        pending, drops = _prepare_cache(cfg, store, source, prompt, identity, state, early)
         n = source.num_units()
         info("%s: %d shard(s) planned from %s, %d already complete, %d to encode", store.url, n,
              source.describe().get("path") or source.describe().get("dataset"), n - len(pending), len(pending))

@@ -17,8 +17,9 @@ socket or a folder is refused without a byte read), only inside the dataset fold
 `follow_symlinks` (a symlink pointing out, a `../` escape or an absolute path elsewhere is
 `*_outside_root`), and at most `max_file_bytes` (read in chunks, so an over-size file is never
 read whole; `*_too_large`). JSON from rows and tar members is size- and depth-checked before
-`json.loads` (`json_problem`), so a 200,000-deep `[[[[...` is one invalid row, never a
-RecursionError.
+`json.loads` (`json_problem`; `ReadLimits.max_json_bytes` / `max_json_depth`, --max-json-bytes and
+--max-json-depth), so a 200,000-deep `[[[[...` is one invalid row, never a RecursionError, and a
+JSON line is read at most that far (`bounded_lines`), never whole.
 
 Fingerprints: every item carries `fingerprint`, for noticing later which inputs were edited.
 "content" mode (the default) is `"sha256:" + hex` over the image bytes, the conditioning bytes and
@@ -62,15 +63,21 @@ _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
 
 @dataclass(frozen=True)
 class ReadLimits:
-    """What a source may take in from one file or member (module docstring)."""
+    """What a source may take in from one file or member (module docstring). precompute sets
+    them from --max-input-bytes, --follow-symlinks, --max-json-bytes and --max-json-depth."""
 
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     follow_symlinks: bool = False  # read files whose real path is outside the dataset folder
+    max_json_bytes: int = MAX_JSON_BYTES  # a metadata row (JSON line), a tar .json or text member
+    max_json_depth: int = MAX_JSON_DEPTH  # nesting of any JSON read from the dataset
 
     def problems(self) -> list[str]:
-        if not isinstance(self.max_file_bytes, int) or isinstance(self.max_file_bytes, bool) or self.max_file_bytes < 1:
-            return [f"max_file_bytes must be an integer >= 1, got {self.max_file_bytes!r}"]
-        return []
+        p = []
+        for name in ("max_file_bytes", "max_json_bytes", "max_json_depth"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                p.append(f"{name} must be an integer >= 1, got {value!r}")
+        return p
 
 
 @dataclass
@@ -188,6 +195,24 @@ def outside_root(root: Path, path: Path) -> str | None:
     return None if real == base or real.startswith(base.rstrip(os.sep) + os.sep) else real
 
 
+def links_out(root: Path, paths) -> list[str]:
+    """'PATH -> REAL' for each of `paths` whose real path lies outside `root` (symlinks resolved)."""
+    out = []
+    for path in paths:
+        real = outside_root(root, path)
+        if real is not None:
+            out.append(f"{path} -> {real}")
+    return out
+
+
+def outside_problem(root: Path, links: list[str], what: str) -> str:
+    """The message for `links` (from `links_out`) found under the dataset folder `root`."""
+    shown = "; ".join(links[:5]) + (f"; and {len(links) - 5} more" if len(links) > 5 else "")
+    return (f"{len(links)} {what} resolve{'s' if len(links) == 1 else ''} outside the dataset folder "
+            f"{os.path.realpath(root)} (symbolic links pointing out): {shown}. Nothing outside it is read unless "
+            "--follow-symlinks is given: pass it if the links are yours, or remove them")
+
+
 def read_file(
     root: Path, rel: str, what: str, where: str, limits: ReadLimits = ReadLimits()
 ) -> tuple[bytes | None, tuple[str, str] | None]:
@@ -244,19 +269,44 @@ def json_depth(raw: bytes) -> int:
     return int(np.cumsum(step).max(initial=0))
 
 
+def json_too_big(size: int, cap: int) -> str:
+    return f"{size:,} bytes of JSON, over the {cap:,}-byte cap (--max-json-bytes)"
+
+
 def json_problem(raw: bytes | str, *, max_bytes: int | None = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> str | None:
     """Why `raw` must not be handed to json.loads (too big, nested too deep), or None."""
     data = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
     if max_bytes is not None and len(data) > max_bytes:
-        return f"{len(data):,} bytes of JSON, over the {max_bytes:,}-byte cap"
+        return json_too_big(len(data), max_bytes)
     if data.count(b"[") + data.count(b"{") > max_depth:
         depth = json_depth(data)
         if depth > max_depth:
-            return f"JSON nested {depth} levels deep, over the cap of {max_depth}"
+            return f"JSON nested {depth} levels deep, over the cap of {max_depth} (--max-json-depth)"
     return None
 
 
-def parse_captions(value: object, where: str, *, from_csv: bool) -> tuple[list[str] | None, tuple[str, str] | None]:
+def bounded_lines(f, cap: int) -> Iterator[tuple[bytes | None, int]]:
+    """(line, its length in bytes) for every line of the binary file `f` from where it stands. A
+    line longer than `cap` bytes (newline included) is read on in chunks and dropped, never held
+    whole: (None, its length). So one endless line costs a chunk of memory, not the file."""
+    while True:
+        raw = f.readline(cap + 1)
+        if not raw:
+            return
+        if len(raw) <= cap:
+            yield raw, len(raw)
+            continue
+        n = len(raw)
+        while not raw.endswith(b"\n"):
+            raw = f.readline(_READ_CHUNK)
+            if not raw:
+                break
+            n += len(raw)
+        yield None, n
+
+
+def parse_captions(value: object, where: str, *, from_csv: bool,
+                   limits: ReadLimits = ReadLimits()) -> tuple[list[str] | None, tuple[str, str] | None]:
     """A caption cell -> list of captions. A string is one caption; a list is several (kept in
     order, None entries dropped). In CSV a cell holding a JSON list of strings is a list."""
     if value is None:
@@ -264,7 +314,7 @@ def parse_captions(value: object, where: str, *, from_csv: bool) -> tuple[list[s
     if isinstance(value, str):
         if from_csv and value.lstrip().startswith("["):
             try:
-                if json_problem(value) is not None:
+                if json_problem(value, max_bytes=limits.max_json_bytes, max_depth=limits.max_json_depth) is not None:
                     raise ValueError("not a caption list")  # kept as one (odd) caption string
                 parsed = json.loads(value)
             except ValueError:

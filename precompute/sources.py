@@ -53,13 +53,14 @@ from precompute.errors import SourceError
 from precompute.source_base import (
     DEFAULT_SAMPLES_PER_SHARD,
     FINGERPRINT_MODES,
-    MAX_JSON_DEPTH,
     RawItem,
     ReadLimits,
     Source,
+    bounded_lines,
     captions_hash,
     is_utf8_clean,
     json_problem,
+    json_too_big,
     parse_captions,
     read_file,
     stat_part,
@@ -98,16 +99,22 @@ _SCHEMA_ROWS = 100
 
 class _Lines:
     """Binary lines of a file decoded as text, tracking the byte offset and line number of the next
-    line: csv.reader pulls one line at a time, so before each row these mark where the row starts."""
+    line: csv.reader pulls one line at a time, so before each row these mark where the row starts.
+    A line longer than `cap` bytes stops the file with a SourceError naming it (csv cannot
+    resynchronise past it); it is never read whole."""
 
-    def __init__(self, f, offset: int, lineno: int):
-        self.f, self.offset, self.lineno = f, offset, lineno
+    def __init__(self, f, offset: int, lineno: int, cap: int, name: Path):
+        self.f, self.offset, self.lineno, self.cap, self.name = f, offset, lineno, cap, name
 
     def __iter__(self) -> "_Lines":
         return self
 
     def __next__(self) -> str:
-        raw = self.f.readline()
+        raw = self.f.readline(self.cap + 1)
+        if len(raw) > self.cap:
+            raise SourceError(f"{self.name} line {self.lineno + 1}: longer than {self.cap:,} bytes (--max-json-bytes, "
+                              "the cap of a metadata row): damaged, or not a metadata file; fix that line or raise "
+                              "--max-json-bytes")
         if not raw:
             raise StopIteration
         if self.offset == 0 and raw.startswith(b"\xef\xbb\xbf"):
@@ -208,29 +215,40 @@ class FolderSource(Source):
         columns: dict[str, None] = {}  # insertion-ordered set
         n = seen = offset = lineno = 0
         with open(self.metadata, "rb") as f:
-            for raw in f:
+            for raw, length in bounded_lines(f, self.limits.max_json_bytes):
                 if self._limit_reached(n):
                     break
-                if raw.strip():
+                if raw is None or raw.strip():  # a line over the cap is a row (an invalid one)
                     self._add_row(units, n, offset, lineno)
                     n += 1
-                    if seen < _SCHEMA_ROWS:
+                    if raw is not None and seen < _SCHEMA_ROWS:
                         try:
-                            row = None if json_problem(raw) else json.loads(raw)
+                            row = None if self._json_problem(raw) else json.loads(raw)
                         except ValueError:
                             row = None
                         if isinstance(row, dict):
                             columns.update(dict.fromkeys(row))
                             seen += 1
-                offset += len(raw)
+                offset += length
                 lineno += 1
         self._units = units
         return list(columns)
 
+    def _json_problem(self, raw: bytes) -> str | None:
+        return json_problem(raw, max_bytes=self.limits.max_json_bytes, max_depth=self.limits.max_json_depth)
+
     def _index_json_list(self) -> list[str]:
-        raw = self.metadata.read_bytes()
-        # A JSON list is parsed whole, so one pathological row stops the file: say which way out.
-        problem = json_problem(raw, max_bytes=None, max_depth=MAX_JSON_DEPTH + 1)
+        # A JSON list is parsed whole: it is held to the cap of any input file (--max-input-bytes),
+        # and one pathological row stops the file. Say which way out.
+        cap = self.limits.max_file_bytes
+        with open(self.metadata, "rb") as f:
+            raw = f.read(cap + 1)  # a file growing while read stops one byte past the cap
+        if len(raw) > cap:
+            size = max(len(raw), os.stat(self.metadata).st_size)
+            raise SourceError(f"{self.metadata}: {size:,} bytes, over the {cap:,}-byte cap of an input file "
+                              "(--max-input-bytes); a JSON list is parsed whole: write the metadata as JSON lines "
+                              "(metadata.jsonl), read a row at a time, or raise --max-input-bytes")
+        problem = json_problem(raw, max_bytes=None, max_depth=self.limits.max_json_depth + 1)
         if problem:
             raise SourceError(f"{self.metadata}: {problem}; write the metadata as JSON lines (metadata.jsonl), "
                               "where such a row is skipped alone")
@@ -252,7 +270,7 @@ class FolderSource(Source):
 
     def _csv_rows(self, f, offset: int, lineno: int) -> Iterator[tuple[int, int, list[str]]]:
         """(offset, line number) where each non-blank record starts, and its fields."""
-        lines = _Lines(f, offset, lineno)
+        lines = _Lines(f, offset, lineno, self.limits.max_json_bytes, self.metadata)
         reader = csv.reader(lines)
         while True:
             start, start_line = lines.offset, lines.lineno
@@ -390,7 +408,7 @@ class FolderSource(Source):
                 return "-"
             return stat_part(rel if os.path.isabs(rel) else self.root / rel)
 
-        captions, _ = parse_captions(row.get(self.caption_column), where, from_csv=from_csv)
+        captions, _ = parse_captions(row.get(self.caption_column), where, from_csv=from_csv, limits=self.limits)
         return f"stat:{part(self.image_column)}/{part(self.cond_column)}/{captions_hash(captions)}"
 
     def _unit_rows(self, u: _Unit) -> Iterator[tuple[object, str, bool, RawItem | None]]:
@@ -409,12 +427,12 @@ class FolderSource(Source):
         with open(self.metadata, "rb") as f:
             f.seek(u.offset)
             n, lineno = 0, u.lineno
-            for raw in f:
+            for raw, length in bounded_lines(f, self.limits.max_json_bytes):
                 lineno += 1
-                if not raw.strip():
+                if raw is not None and not raw.strip():
                     continue
                 where = f"{self._display} row {u.first_row + n + 1} (line {lineno})"
-                problem = json_problem(raw)
+                problem = json_too_big(length, self.limits.max_json_bytes) if raw is None else self._json_problem(raw)
                 try:
                     if problem:
                         raise ValueError(f"{problem} (checked before parsing)")
@@ -460,7 +478,8 @@ class FolderSource(Source):
         image, error = read_file(self.root, image_rel, "image", where, self.limits)
         if error:
             return RawItem(image_rel, None, None, None, error)
-        captions, caption_error = parse_captions(row.get(self.caption_column), where, from_csv=from_csv)
+        captions, caption_error = parse_captions(row.get(self.caption_column), where, from_csv=from_csv,
+                                                 limits=self.limits)
         if self.cond_column is None:  # conditioning images are computed, not read
             return RawItem(image_rel, image, None, captions, caption_error)
         cond_rel = row.get(self.cond_column)
@@ -488,7 +507,7 @@ def _find_tars(folder: Path) -> list[Path]:
 
 
 def _open_webdataset(spec: str, path: Path | None, problems: list[str], **kw) -> WebDatasetSource | None:
-    tars, where = find_tars(spec, path, problems)
+    tars, where = find_tars(spec, path, problems, follow_symlinks=kw["limits"].follow_symlinks)
     return WebDatasetSource(tars, where, **kw) if tars and not problems else None
 
 

@@ -40,17 +40,20 @@ from urllib.parse import urlparse
 import braceexpand  # ships with webdataset; the same brace syntax webdataset URLs use
 
 from precompute.source_base import (
-    MAX_JSON_BYTES,
     RawItem,
     ReadLimits,
     Source,
     captions_hash,
     json_problem,
+    json_too_big,
+    links_out,
+    outside_problem,
     parse_captions,
     too_large,
     with_content_fingerprint,
 )
 from shards.errors import StoreError
+from shards.secrets import redact
 from shards.store import Store
 from shards.stores import open_store
 
@@ -165,7 +168,7 @@ class WebDatasetSource(Source):
                         if suffix not in members and self._wanted(suffix):
                             # Text members (json, captions) are small; images get the file cap.
                             text = suffix == "json" or suffix in self.caption_keys
-                            cap = MAX_JSON_BYTES if text else self.limits.max_file_bytes
+                            cap = self.limits.max_json_bytes if text else self.limits.max_file_bytes
                             spans[suffix] = (m.offset_data, m.size)
                             if m.size > cap:  # never read: noted by its size (tarfile skips the data)
                                 members[suffix] = _Oversize(m.size, cap)
@@ -229,8 +232,9 @@ class WebDatasetSource(Source):
             raw = members["json"]
             # Size and depth checked before parsing: a huge or 200,000-deep member is one invalid
             # sample, never a RecursionError or a memory blow-up.
-            problem = (f"{raw.size:,} bytes of JSON, over the {raw.cap:,}-byte cap" if isinstance(raw, _Oversize)
-                       else json_problem(raw))
+            problem = (json_too_big(raw.size, raw.cap) if isinstance(raw, _Oversize)
+                       else json_problem(raw, max_bytes=self.limits.max_json_bytes,
+                                         max_depth=self.limits.max_json_depth))
             try:
                 if problem:
                     raise ValueError(f"{problem} (checked before parsing)")
@@ -247,7 +251,7 @@ class WebDatasetSource(Source):
                 except UnicodeDecodeError:
                     return None, ("caption_invalid", f"{sid}.{k}: not valid UTF-8")
             if isinstance(meta, dict) and k in meta:
-                return parse_captions(meta[k], f"{sid}.json", from_csv=False)
+                return parse_captions(meta[k], f"{sid}.json", from_csv=False, limits=self.limits)
         # No caption found: a broken .json is the likelier cause than a missing one.
         return None, json_error
 
@@ -409,8 +413,8 @@ def _local_ref(path: Path, name: str) -> TarRef:
 
 
 def _missing(spec: str, missing: list[str], total: int) -> str:
-    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-    return f"{spec}: {len(missing)} of {total} tars do not exist: {shown}"
+    shown = ", ".join(redact(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return f"{redact(spec)}: {len(missing)} of {total} tars do not exist: {shown}"
 
 
 def is_remote(spec: str) -> bool:
@@ -436,14 +440,24 @@ def _sized(pairs: list[tuple[Store, str]], urls: list[str], names: list[str], sp
     return [TarRef(n, u, sz, rel, store) for n, u, sz, (store, rel) in zip(names, urls, sizes, pairs)]  # type: ignore[misc]
 
 
+def _shown(url: str) -> str:
+    """A remote location as messages, item ids and the identity name it: no query string (access
+    tokens) and no password (`shards.secrets.redact`)."""
+    return redact(urlparse(url)._replace(query="", fragment="").geturl())
+
+
 def _remote_refs(spec: str, problems: list[str]) -> tuple[list[TarRef], str]:
     """The tars of a remote spec (listing, one URL, or a brace pattern); problems appended."""
     parsed = urlparse(spec)
-    where = parsed._replace(query="", fragment="").geturl()  # no access tokens in the identity
+    where = _shown(spec)  # no access tokens in the identity
     stores: dict[str, Store] = {}
 
     def split(url: str) -> tuple[Store, str]:
-        parent, base = url.rsplit("/", 1)
+        # The tar's folder is the store; a query string (a container-level token) stays on the
+        # store, which appends it to every object URL, not on the object's name.
+        u = urlparse(url)
+        folder, base = u.path.rsplit("/", 1)
+        parent = u._replace(path=folder, fragment="").geturl()
         if parent not in stores:
             stores[parent] = open_store(parent)
         return stores[parent], base
@@ -451,13 +465,13 @@ def _remote_refs(spec: str, problems: list[str]) -> tuple[list[TarRef], str]:
     try:
         if "{" in parsed.path and "}" in parsed.path:
             urls = sorted(braceexpand.braceexpand(spec))
-            names = [urlparse(u)._replace(query="").geturl() for u in urls]
-            return _sized([split(u) for u in urls], urls, names, spec, problems), where
+            names = [_shown(u) for u in urls]
+            return _sized([split(u) for u in urls], names, names, spec, problems), where
         if parsed.path.lower().endswith(TAR_SUFFIXES):
             return _sized([split(spec)], [where], [posixpath.basename(parsed.path)], spec, problems), where
         if parsed.scheme.lower() != "s3":
-            problems.append(f"{spec}: http(s) has no listing: name the tars, one URL or a brace pattern such as "
-                            f"{where.rstrip('/')}/{{00000..00003}}.tar")
+            problems.append(f"{redact(spec)}: http(s) has no listing: name the tars, one URL or a brace pattern such "
+                            f"as {where.rstrip('/')}/{{00000..00003}}.tar")
             return [], where
         store = open_store(spec.rstrip("/"))
         rels = [r for r in store.list() if r.lower().endswith(TAR_SUFFIXES)]
@@ -467,14 +481,20 @@ def _remote_refs(spec: str, problems: list[str]) -> tuple[list[TarRef], str]:
         problems.append(str(e))
         return [], where
     except ValueError as e:  # a malformed URL
-        problems.append(f"{spec}: {e}")
+        problems.append(f"{redact(spec)}: {str(e).replace(spec, redact(spec))}")
         return [], where
 
 
-def find_tars(spec: str, path: Path | None, problems: list[str]) -> tuple[list[TarRef], str]:
+def find_tars(spec: str, path: Path | None, problems: list[str], *,
+              follow_symlinks: bool = False) -> tuple[list[TarRef], str]:
     """The input tars of `spec` in unit order and the location recorded in describe()["path"]:
     a local folder (its tars, sorted), one tar, a local brace pattern (`path` None), or a remote
-    spec (module docstring). Problems (missing tars, none found) are appended to `problems`."""
+    spec (module docstring). Problems (missing tars, none found) are appended to `problems`.
+
+    Tars obey the rule images do: in a folder (or the folder part of a brace pattern), a tar
+    whose real path lies outside it (a symbolic link pointing out) is a problem unless
+    `follow_symlinks`. A single tar named on its own is the user's explicit choice, like a
+    metadata file, and is read wherever it lives."""
     if is_remote(spec):
         refs, where = _remote_refs(spec, problems)
     elif path is None:  # a local brace pattern
@@ -483,9 +503,19 @@ def find_tars(spec: str, path: Path | None, problems: list[str]) -> tuple[list[T
         if missing:
             problems.append(_missing(spec, missing, len(expanded)))
             return [], spec
+        root = Path(os.path.dirname(spec[: spec.index("{")]) or ".")
+        out = [] if follow_symlinks else links_out(root, [Path(p) for p in expanded])
+        if out:
+            problems.append(f"{spec}: " + outside_problem(root, out, "tar(s)"))
+            return [], spec
         refs, where = [_local_ref(Path(p), p) for p in expanded], os.path.abspath(spec)
     elif path.is_dir():
-        refs, where = [_local_ref(p, p.name) for p in _local_tars(path)], str(path.resolve())
+        tars = _local_tars(path)
+        out = [] if follow_symlinks else links_out(path, tars)
+        if out:
+            problems.append(f"{spec}: " + outside_problem(path, out, "tar(s)"))
+            return [], str(path.resolve())
+        refs, where = [_local_ref(p, p.name) for p in tars], str(path.resolve())
     else:
         refs, where = [_local_ref(path, path.name)], str(path.resolve())
     if not refs and not problems:

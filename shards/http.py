@@ -28,6 +28,7 @@ from .remote import (
     is_network_error,
     retry_call,
 )
+from .secrets import redact
 from .store import Store, check_rel
 
 MAX_REDIRECTS = 5
@@ -85,12 +86,14 @@ class HttpStore(Store):
     def __init__(self, url: str, *, policy: RetryPolicy | None = None):
         parsed = urlparse(url)
         if parsed.scheme.lower() not in ("http", "https") or not parsed.netloc:
-            raise ValueError(f"cache location {url!r}: expected http(s)://host/path")
+            raise ValueError(f"cache location {redact(url)!r}: expected http(s)://host/path")
         if parsed.fragment:
-            raise ValueError(f"cache location {url!r}: URL fragments are not allowed")
+            raise ValueError(f"cache location {redact(url)!r}: URL fragments are not allowed")
         self._base = parsed._replace(path=parsed.path.rstrip("/"), query="", fragment="")
         self._query = parsed.query
-        self.url = urlunparse(self._base)  # without the query: tokens never end up in logs
+        # What messages, logs and every file written name: without the query and with any
+        # user:password redacted (shards.secrets), so tokens never end up in logs or outputs.
+        self.url = redact(urlunparse(self._base))
         self.policy = policy or RetryPolicy.from_env()
 
     def object_url(self, rel: str) -> str:

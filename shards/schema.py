@@ -92,6 +92,50 @@ def sample_key(shard_index: int, position: int) -> str:
     return f"{shard_index:06d}-{position:06d}"
 
 
+# The largest pixel size or offset a sample's json may state. These numbers become SDXL's
+# add_time_ids, a float32 tensor, which holds whole numbers exactly only up to 2**24; no image
+# precompute can decode comes near it (PIL refuses anything over ~179 megapixels).
+MAX_SIDE = 1 << 24
+
+
+def _size_pair(d: dict, name: str, *, low: int) -> tuple[int, int]:
+    """d[name] as two whole numbers in [low, MAX_SIDE]; ValueError saying what is wrong otherwise.
+    JSON floats (1024.0, Infinity, NaN, 1e400), strings and booleans are refused, never rounded."""
+    value = d[name]
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise ValueError(f"{name} must be two whole numbers [h, w], got {value!r:.80}")
+    if not all(low <= v <= MAX_SIDE for v in value):
+        raise ValueError(f"{name} {value!r:.80} is outside [{low}, {MAX_SIDE}] (add_time_ids must be sane pixel "
+                         "sizes)")
+    return value[0], value[1]
+
+
+def crop_problem(original_size: tuple[int, int], crop_top_left: tuple[int, int],
+                 target_size: tuple[int, int]) -> str | None:
+    """Why this crop cannot come from precompute, or None.
+
+    Precompute resizes the image of `original_size` to the smallest size that covers
+    `target_size` with its aspect kept (`precompute.buckets.resize_to_cover`: the limiting side
+    becomes the target's exactly, the other is scaled and truncated) and crops `target_size` out
+    of that resize at `crop_top_left`; flipped views and extra random crops stay inside the same
+    resize. So the crop starts at 0 along the limiting side and ends within the scaled other side
+    (one pixel of slack for rounding). The crop need not lie inside `original_size`: small images
+    are upscaled first. Exact integer arithmetic, so any size is safe.
+    """
+    (h, w), (top, left), (th, tw) = original_size, crop_top_left, target_size
+    if tw * h >= th * w:  # the width limits: resized to (tw * h / w, tw)
+        fits = left == 0 and (top + th - 1) * w <= tw * h
+        resized = f"{tw * h // w}x{tw}"
+    else:  # the height limits: resized to (th, th * w / h)
+        fits = top == 0 and (left + tw - 1) * h <= th * w
+        resized = f"{th}x{th * w // h}"
+    if fits:
+        return None
+    return (f"crop_top_left {list(crop_top_left)} with target_size {list(target_size)} does not fit in original_size "
+            f"{list(original_size)} resized to cover the target ({resized})")
+
+
 @dataclass
 class SampleMeta:
     key: str
@@ -114,18 +158,22 @@ class SampleMeta:
     def from_json(cls, data: bytes, key: str) -> "SampleMeta":
         try:
             d = limits.loads(data, f"sample {key}: {META_MEMBER} member", "SHARDS_MAX_JSON_MEMBER_BYTES")
-            return cls(
+            meta = cls(
                 key=str(d["key"]),
                 source_id=str(d["source_id"]),
                 captions=[str(c) for c in d["captions"]],
-                original_size=(int(d["original_size"][0]), int(d["original_size"][1])),
-                crop_top_left=(int(d["crop_top_left"][0]), int(d["crop_top_left"][1])),
-                target_size=(int(d["target_size"][0]), int(d["target_size"][1])),
+                original_size=_size_pair(d, "original_size", low=1),
+                crop_top_left=_size_pair(d, "crop_top_left", low=0),
+                target_size=_size_pair(d, "target_size", low=1),
                 flip=bool(d.get("flip", False)),
                 extra=dict(d.get("extra", {})),
             )
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise SampleError(f"sample {key}: bad {META_MEMBER} member: {e}") from e
+        problem = crop_problem(meta.original_size, meta.crop_top_left, meta.target_size)
+        if problem:
+            raise SampleError(f"sample {key}: bad {META_MEMBER} member: {problem}")
+        return meta
 
     @property
     def add_time_ids(self) -> tuple[int, int, int, int, int, int]:
@@ -158,6 +206,20 @@ def encode_png(rgb: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
+
+
+def png_size(data: bytes, key: str = "?") -> tuple[int, int]:
+    """(h, w) of a PNG from its header alone: PIL parses the header on open and decodes nothing
+    until asked, so a hostile 13000 x 13000 image costs nothing here."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format != "PNG":
+                raise SampleError(f"sample {key}: {COND_MEMBER} is {im.format}, not PNG")
+            return im.height, im.width
+    except SampleError:
+        raise
+    except Exception as e:  # PIL raises many types for broken data
+        raise SampleError(f"sample {key}: cannot decode {COND_MEMBER}: {e}") from e
 
 
 def decode_png(data: bytes, key: str = "?", *, expected_size: tuple[int, int] | None = None) -> np.ndarray:

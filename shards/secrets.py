@@ -33,6 +33,8 @@ def redact(location: str | None) -> str | None:
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         query = urlencode([(k, REDACTED) for k, _ in pairs], safe=REDACTED) if pairs else REDACTED
+    if netloc == parts.netloc and query == parts.query:
+        return location  # nothing secret: as given (urlunsplit would respell "s3://" as "s3:")
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

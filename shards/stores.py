@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from .secrets import redact
 from .store import LocalStore, Store
 
 
@@ -26,7 +27,7 @@ def open_store(url: str | Path) -> Store:
     scheme = parsed.scheme.lower()
     if scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise ValueError(f"file URL {url!r} names host {parsed.netloc!r}; only local files are supported")
+            raise ValueError(f"file URL {redact(url)!r} names host {parsed.netloc!r}; only local files are supported")
         return LocalStore(unquote(parsed.path))
     if scheme == "s3":
         from .s3 import S3Store  # boto3 is imported only by caches that need it
@@ -38,6 +39,7 @@ def open_store(url: str | Path) -> Store:
         return HttpStore(url)
     if scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive letter
         raise ValueError(
-            f"cache location {url!r}: unknown URL scheme {scheme!r} (use a local path, file://, s3:// or https://)"
+            f"cache location {redact(url)!r}: unknown URL scheme {scheme!r} (use a local path, file://, s3:// or "
+            "https://)"
         )
     return LocalStore(url)

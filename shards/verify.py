@@ -9,9 +9,12 @@ identity; each per-shard record (when present) equals the manifest's entry; the 
 embedding has the manifest's text dims and storage dtype; and for every shard: count, keys in
 order, bytes and sha256 (by the reader), then per sample: key belongs to the shard, tensors in the
 storage dtype and finite, latent channels, latent_std present iff the cache stores it, prompt dims,
-one embedding per caption, the conditioning PNG decodes at latent size times the VAE factor,
-target_size agrees with the geometry (the resolution, or one of the buckets), and a view key's
-view agrees with the view its json records.
+one embedding per caption, the latent's pixel size (latent x the VAE factor) and target_size are
+the geometry's (the resolution, or one of the buckets), original_size is within the pixel cap the
+cache was made with, and a view key's view agrees with the view its json records; then, only for
+a sample whose sizes hold, the conditioning PNG's header states that size and it decodes. (The
+json's sizes are whole numbers within bounds, and the crop fits the resize precompute makes:
+`schema.SampleMeta.from_json`.)
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import schema
@@ -50,11 +54,22 @@ class VerifySummary:
 
 
 def sample_problems(sample: schema.Sample, manifest: Manifest, index: int, cond=None) -> list[str]:
-    """Everything wrong with one decoded sample relative to the manifest (empty list if fine).
+    """Everything wrong with one decoded sample relative to the manifest (empty list if fine);
+    `check_sample` without the decoded image."""
+    return check_sample(sample, manifest, index, cond=cond)[0]
 
-    `cond`: the conditioning image already decoded (uint8 H x W x 3), so a reader that needs it
-    anyway does not decode it twice; else it is decoded here, its size checked from the PNG header
-    first. Train's loader runs this on every sample before it reaches a batch."""
+
+def check_sample(sample: schema.Sample, manifest: Manifest, index: int, cond=None) -> tuple[list[str], np.ndarray | None]:
+    """(everything wrong with one decoded sample relative to the manifest, its conditioning image).
+
+    The image is decoded last and only for a sample whose sizes hold: the latent's pixel size
+    (latent x the VAE factor) and target_size must be the manifest's resolution or one of its
+    buckets, and the PNG's header (read without decoding) must state that size. So the most a
+    sample can make a reader decode is one image of the manifest's geometry, whatever its latent,
+    json and PNG claim together. The image is None when a problem kept it from being decoded.
+
+    `cond`: the conditioning image already decoded (uint8 H x W x 3), to check instead. Train's
+    loader runs this on every sample before it reaches a batch."""
     p: list[str] = []
     storage = manifest.storage_dtype
     prefix = schema.sample_key(index, 0).split("-")[0] + "-"
@@ -93,25 +108,52 @@ def sample_problems(sample: schema.Sample, manifest: Manifest, index: int, cond=
         p.append(f"pooled_prompt_embeds {tuple(pooled.shape)}, the manifest says (k, {text.pooled_dim})")
     if pe.shape[0] != len(sample.meta.captions):
         p.append(f"{pe.shape[0]} prompt embeddings for {len(sample.meta.captions)} captions")
+    size_problems = _size_problems(sample, manifest)
+    p += size_problems
     f = manifest.latent.vae_scale_factor
-    pixel_size = (sample.latent_mean.shape[1] * f, sample.latent_mean.shape[2] * f)
+    latent = tuple(sample.latent_mean.shape[1:])
+    pixel_size = (latent[0] * f, latent[1] * f)
     try:
         if cond is None:
-            cond = schema.decode_png(sample.cond_png, sample.key, expected_size=pixel_size)
-        if cond.shape[:2] != pixel_size:
+            header = schema.png_size(sample.cond_png, sample.key)  # the header only: nothing decoded
+            if header != pixel_size:
+                p.append(f"cond.png is {header[0]}x{header[1]}, the latent needs {pixel_size[0]}x{pixel_size[1]}")
+            elif not size_problems:  # a size of the manifest's geometry: bounded, safe to decode
+                cond = schema.decode_png(sample.cond_png, sample.key, expected_size=pixel_size)
+        elif cond.shape[:2] != pixel_size:
             p.append(f"cond.png is {cond.shape[0]}x{cond.shape[1]}, the latent needs {pixel_size[0]}x{pixel_size[1]}")
     except schema.SampleError as e:
         p.append(str(e).removeprefix(f"sample {sample.key}: "))
+    return p, cond if not size_problems else None
+
+
+def _size_problems(sample: schema.Sample, manifest: Manifest) -> list[str]:
+    """The latent's pixel size, target_size and original_size against the manifest, from the
+    numbers alone (nothing is decoded)."""
+    p: list[str] = []
+    f = manifest.latent.vae_scale_factor
+    latent = tuple(sample.latent_mean.shape[1:])
+    pixel_size = (latent[0] * f, latent[1] * f)
+    geometry = manifest.geometry
+    sizes = [tuple(s) for s in geometry.sizes()]
+    if pixel_size not in sizes:
+        allowed = (f"the manifest's resolution {geometry.resolution}x{geometry.resolution}" if geometry.buckets is None
+                   else "one of the manifest's buckets")
+        p.append(f"latent {latent[0]}x{latent[1]} covers {pixel_size[0]}x{pixel_size[1]} px (x{f}), not {allowed}")
     target = tuple(sample.meta.target_size)
     if target != pixel_size:
         p.append(f"target_size {target} != latent size x {f} = {pixel_size}")
-    geometry = manifest.geometry
     if geometry.buckets is None:
         res = geometry.resolution
         if target != (res, res):
             p.append(f"target_size {target}, the manifest's resolution is {res}")
     elif tuple(target) not in geometry.buckets:
         p.append(f"target_size {target} is not one of the manifest's buckets")
+    cap = (manifest.identity.section("input_limits") or {}).get("max_image_pixels")
+    h, w = sample.meta.original_size
+    if isinstance(cap, int) and not isinstance(cap, bool) and h * w > cap:
+        p.append(f"original_size {list(sample.meta.original_size)} is {h * w:,} pixels, over the {cap:,} the cache "
+                 "was made with (precompute's --max-image-pixels skips such images)")
     return p
 
 

@@ -46,7 +46,7 @@ def _sample(shard: int, pos: int, hw: tuple[int, int] = (2, 2)) -> schema.Sample
     cond = torch.randint(0, 256, (h * FACTOR, w * FACTOR, 3), generator=g, dtype=torch.uint8).numpy()
     meta = schema.SampleMeta(
         key=key, source_id=f"img/{key}.png", captions=[f"caption {c} of {key}" for c in range(k)],
-        original_size=(100 + pos, 200 + shard), crop_top_left=(pos, shard), target_size=(h * FACTOR, w * FACTOR),
+        original_size=(100 + pos, 400 + shard), crop_top_left=(0, pos + shard), target_size=(h * FACTOR, w * FACTOR),
     )
     return schema.Sample(
         meta=meta,

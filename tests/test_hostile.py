@@ -35,6 +35,7 @@ from shards.writer import ShardWriter, _tarinfo
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTITY = synthetic_identity(resolution=16, prompt_dim=8, pooled_dim=4)  # latents 4x2x2, 16 px conditions
+IDENTITY["input_limits"] = {"max_input_bytes": 256 << 20, "max_image_pixels": 64_000_000, "follow_symlinks": False}
 
 
 def _cache(root: Path, shards: int = 2, per_shard: int = 3) -> Manifest:
@@ -144,7 +145,47 @@ CASES = {
                  "over the 1048576-byte limit (SHARDS_MAX_JSON_MEMBER_BYTES)"),
     "target-size-lie": (_meta(lambda m: json.dumps({**m, "target_size": [32, 32]}).encode()),
                         "target_size (32, 32) != latent size x 8 = (16, 16)"),
+    "pooled-width": (_tensors(lambda k, t: _set(t, "pooled_prompt_embeds", torch.zeros(1, 5, dtype=torch.bfloat16))),
+                     "pooled_prompt_embeds (1, 5), the manifest says (k, 4)"),
+    # add_time_ids come from the json: json.dumps writes float("inf") as Infinity, which
+    # json.loads reads back; int() of it was an uncaught OverflowError.
+    "infinite-original-size": (_meta(lambda m: json.dumps({**m, "original_size": [float("inf"), 16]}).encode()),
+                               "original_size must be two whole numbers [h, w], got [inf, 16]"),
+    "nan-crop": (_meta(lambda m: json.dumps({**m, "crop_top_left": [float("nan"), 0]}).encode()),
+                 "crop_top_left must be two whole numbers [h, w], got [nan, 0]"),
+    "fractional-target-size": (_meta(lambda m: json.dumps({**m, "target_size": [16.5, 16]}).encode()),
+                               "target_size must be two whole numbers [h, w], got [16.5, 16]"),
+    "absurd-original-size": (_meta(lambda m: json.dumps({**m, "original_size": [10 ** 30, 16]}).encode()),
+                             "original_size [1000000000000000000000000000000, 16] is outside [1, 16777216]"),
+    "negative-crop": (_meta(lambda m: json.dumps({**m, "crop_top_left": [-8, 0]}).encode()),
+                      "crop_top_left [-8, 0] is outside [0, 16777216]"),
+    # Synthetic samples are 32x16 images resized to cover 16x16 (no resize: 32x16), cropped at
+    # row 8; a crop at row 40 lies outside anything precompute could have cropped.
+    "crop-outside-the-resize": (_meta(lambda m: json.dumps({**m, "crop_top_left": [40, 0]}).encode()),
+                                "crop_top_left [40, 0] with target_size [16, 16] does not fit in original_size "
+                                "[32, 16] resized to cover the target (32x16)"),
+    # Precompute skips images over its pixel cap, which the identity records.
+    "original-over-the-pixel-cap": (_meta(lambda m: json.dumps({**m, "original_size": [8000, 9000],
+                                                                  "crop_top_left": [0, 0]}).encode()),
+                                    "original_size [8000, 9000] is 72,000,000 pixels, over the 64,000,000 the cache "
+                                    "was made with"),
+    # A consistent lie about size: a latent, a PNG and a json that agree with each other on
+    # 13000 x 13000 px. Only the manifest's geometry (16 px) can refuse it, and it must do so
+    # before the PNG (~500 MB as RGB) is decoded.
+    "consistent-huge-lie": (lambda k, m: _consistent_huge_lie(k, m),
+                            "latent 1625x1625 covers 13000x13000 px (x8), not the manifest's resolution 16x16"),
 }
+
+
+def _consistent_huge_lie(key: str, members: dict) -> dict:
+    if not key.endswith("-000000"):
+        return members
+    big = torch.zeros(4, 1625, 1625, dtype=torch.bfloat16)
+    tensors = {**st_load(members[schema.TENSOR_MEMBER]), "latent_mean": big, "latent_std": big.clone()}
+    meta = json.loads(members[schema.META_MEMBER])
+    meta.update(original_size=[13000, 13000], crop_top_left=[0, 0], target_size=[13000, 13000])
+    return {schema.TENSOR_MEMBER: st_save(tensors), schema.META_MEMBER: json.dumps(meta).encode(),
+            schema.COND_MEMBER: _huge_png()}
 
 
 _HUGE: list[bytes] = []
@@ -159,12 +200,29 @@ def _huge_png() -> bytes:
     return _HUGE[0]
 
 
+@pytest.fixture
+def decoded_sizes(monkeypatch) -> list[tuple[int, int]]:
+    """The (w, h) of every image PIL decodes while the test runs (headers alone are not decoded)."""
+    from PIL import ImageFile
+
+    seen: list[tuple[int, int]] = []
+    load = ImageFile.ImageFile.load
+
+    def spy(im):
+        seen.append(im.size)
+        return load(im)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    return seen
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_the_loader_and_verify_name_the_shard_the_key_and_the_lie(tmp_path, case):
+def test_the_loader_and_verify_name_the_shard_the_key_and_the_lie(tmp_path, case, decoded_sizes):
     edit, expected = CASES[case]
     _cache(tmp_path)
     manifest = _rewrite(tmp_path, edit)
     store = open_store(tmp_path)
+    decoded_sizes.clear()
     with pytest.raises(ShardError) as err:  # the hashes hold: the content checks must catch it
         list(cache_stream(store, manifest, batch_size=2, seed=0, epoch=0, shuffle_buffer=0))
     message = str(err.value)
@@ -175,6 +233,21 @@ def test_the_loader_and_verify_name_the_shard_the_key_and_the_lie(tmp_path, case
     with pytest.raises(VerifyError) as err:
         verify_cache(store)
     assert "shards/shard-000001.tar" in str(err.value) and expected in str(err.value)
+    # Whatever the lie, nothing larger than the manifest's 16 x 16 px was ever decoded.
+    assert decoded_sizes and set(decoded_sizes) == {(16, 16)}, decoded_sizes
+
+
+def test_shards_verify_reports_a_non_finite_size_in_one_line(tmp_path):
+    """The CLI as a user runs it: an Infinity in original_size was an OverflowError traceback."""
+    _cache(tmp_path)
+    _rewrite(tmp_path, CASES["infinite-original-size"][0])
+    proc = subprocess.run([sys.executable, "-m", "shards", "verify", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: verify failed: shards/shard-000001.tar: sample 000001-000000: bad json member: "
+                               "original_size must be two whole numbers [h, w], got [inf, 16]"), lines[0]
 
 
 def test_an_oversized_manifest_is_refused_before_it_is_read(tmp_path, monkeypatch):

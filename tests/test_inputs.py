@@ -76,6 +76,54 @@ def test_an_image_edited_in_place_makes_its_shard_stale_until_rebuilt(tiny_model
     assert again.shards_written == 0
 
 
+def _edit_item_5(data: Path) -> None:
+    rows = [json.loads(line) for line in (data / "prompt.json").read_text().splitlines()]
+    target = data / rows[5]["target"]  # item 5 = shard 1, position 1
+    pixels = np.asarray(Image.open(target).convert("RGB")).copy()
+    pixels[:8] = 255 - pixels[:8]
+    Image.fromarray(pixels).save(target)
+
+
+def test_a_stale_cache_is_refused_before_the_model_loads(tiny_model, data, tmp_path, monkeypatch):
+    """Source fingerprints need no model: the refusal comes before any weight is read."""
+    import precompute.runner as runner
+
+    cache = tmp_path / "cache"
+    run(_cfg(tiny_model, data, cache))
+    before = _shard_bytes(cache)
+    _edit_item_5(data)
+    loads: list[str] = []
+    real_load = runner.load_encoders
+    monkeypatch.setattr(runner, "load_encoders", lambda *a, **kw: loads.append("loaded") or real_load(*a, **kw))
+    with pytest.raises(PrecomputeError) as err:
+        run(_cfg(tiny_model, data, cache))
+    assert loads == []  # refused without loading the encoders
+    message = str(err.value)
+    assert "shards/shard-000001.tar: 1 of its 4 items changed since it was made" in message
+    assert "--rebuild-stale" in message and "manifest.json was withdrawn" in message
+    assert not (cache / "manifest.json").exists() and _shard_bytes(cache) == before
+    # --rebuild-stale reuses that check: the model loads once, the stale shard alone is rebuilt.
+    summary = run(_cfg(tiny_model, data, cache, rebuild_stale=True))
+    assert loads == ["loaded"] and (summary.shards_written, summary.shards_resumed) == (1, 3)
+    verify_cache(open_store(cache))
+
+
+def test_a_cache_of_another_dataset_is_refused_for_its_identity_with_nothing_touched(tiny_model, data, tmp_path):
+    """Against another dataset every shard would look stale: that cache is refused for its
+    identity (after the model loads, as before), and its manifest is not withdrawn."""
+    from shards.errors import ManifestError
+
+    cache = tmp_path / "cache"
+    run(_cfg(tiny_model, data, cache))
+    before = {p.relative_to(cache): p.read_bytes() for p in cache.rglob("*") if p.is_file() and ".staging" not in p.parts}
+    other = Path(shutil.copytree(data, tmp_path / "other"))
+    _edit_item_5(other)
+    with pytest.raises(ManifestError, match="(?s)built with different settings or encoders.*source.path"):
+        run(_cfg(tiny_model, other, cache))
+    after = {p.relative_to(cache): p.read_bytes() for p in cache.rglob("*") if p.is_file() and ".staging" not in p.parts}
+    assert after == before and (cache / "manifest.json").exists()
+
+
 def test_an_edited_caption_is_noticed_without_reading_images_in_stat_mode(tiny_model, data, tmp_path):
     cache = tmp_path / "cache"
     run(_cfg(tiny_model, data, cache, source_fingerprint="stat"))

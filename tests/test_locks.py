@@ -39,6 +39,11 @@ def _wait_for_holder(lock: Path, pid: int, proc: subprocess.Popen, timeout: floa
     raise AssertionError(f"{lock} never named pid {pid}")
 
 
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file under `root`, hidden ones included (staging, lock), with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def test_a_second_training_into_one_output_folder_is_refused(tiny_model, fill_cache, tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "train", "--model", str(tiny_model), "--cache", str(fill_cache), "--output-dir",
@@ -71,9 +76,12 @@ def test_a_second_precompute_into_one_cache_is_refused_and_the_first_finishes(ti
     try:
         _wait_for_holder(cache / ".staging" / ".lock", first.pid, first)
         os.kill(first.pid, signal.SIGSTOP)
+        before = _files(cache)  # the first writer is frozen: only the second could change anything
+        assert ".staging/.lock" in before
         second = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
         assert second.returncode == 1 and "Traceback" not in second.stderr
         assert f"the cache {cache} is in use by pid {first.pid} on " in second.stderr
+        assert _files(cache) == before  # refused at start: not a byte of the cache or its staging touched
     finally:
         os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=300) == 0, first.stdout.read()[-3000:]

@@ -139,3 +139,77 @@ def test_killing_the_launcher_stops_every_rank(tiny_model, cache, tmp_path):
     _no_crash(text)
     for r in (0, 1):
         assert f"error: [rank {r}] stopped by SIGTERM" in text, text[-3000:]
+
+
+def _rank_of(pid: int) -> int:
+    """The RANK a launcher gave process `pid` (from its environment, /proc on Linux)."""
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in env if v.startswith(b"RANK=")).split(b"=", 1)[1])
+
+
+def _precompute(tiny_model, data: Path, cache: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(_free_port()),
+         "-m", "precompute", "--model", str(tiny_model), "--data", str(data), "--cache", str(cache),
+         "--resolution", "64", "--samples-per-shard", "1", "--num-workers", "0", "--device", "cpu"],
+        cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+
+
+def test_a_killed_precompute_rank_ends_the_other_and_a_rerun_completes_the_cache(tiny_model, tmp_path):
+    from precompute.fill import make_fill_dataset
+    from shards.manifest import Manifest
+    from shards.stores import open_store
+
+    # 64 one-item shards, 32 per rank: the run is still encoding when the first record appears.
+    data = make_fill_dataset(tmp_path / "fill", n=64, resolution=64, seed=3)
+    cache, log = tmp_path / "cache", tmp_path / "log.txt"
+    launcher = _precompute(tiny_model, data, cache, log)
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not list((cache / "records").glob("*.json")) if (cache / "records").is_dir() else True:
+            assert launcher.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "precompute wrote no record in time"
+            time.sleep(0.05)
+        ranks = _children(launcher.pid)
+        assert len(ranks) == 2, ranks
+        victim = next(r for r in ranks if _rank_of(r) == 1)
+        os.kill(victim, signal.SIGKILL)
+        assert launcher.wait(timeout=120) != 0
+        deadline = time.monotonic() + 60
+        while any(_alive(r) for r in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for r in ranks:  # never leave orphans behind, whatever failed
+            if _alive(r):
+                os.kill(r, signal.SIGKILL)
+    assert not any(_alive(r) for r in ranks), "a rank kept running after the other was killed"
+    text = log.read_text()
+    _no_crash(text)
+    # The one traceback is the launcher's own summary (ChildFailedError); the ranks print none.
+    assert text.count("Traceback (most recent call last)") == text.count("errors.ChildFailedError") == 1, text[-3000:]
+    survivor = [line for line in text.splitlines() if line.startswith("error: [rank 0] ")]
+    assert len(survivor) == 1, text[-3000:]
+    assert ("lost contact with another process of this run" in survivor[0]
+            or "stopped by SIGTERM" in survivor[0]), survivor
+    assert "re-run the same command" in survivor[0]
+    assert not (cache / "manifest.json").exists()  # not called complete
+    done_before = len(list((cache / "records").glob("*.json")))
+    assert 1 <= done_before < 64
+
+    rerun_log = tmp_path / "rerun.txt"
+    rerun = _precompute(tiny_model, data, cache, rerun_log)
+    assert rerun.wait(timeout=600) == 0, rerun_log.read_text()[-3000:]
+    assert f"64 shard(s) planned from {data}, {done_before} already complete, {64 - done_before} to encode" \
+        in rerun_log.read_text()
+    manifest = Manifest.load(open_store(cache))
+    assert manifest.num_samples == 64 and len(manifest.shards) == 64
+    verify = subprocess.run([sys.executable, "-m", "shards", "verify", str(cache)], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert verify.returncode == 0 and verify.stdout.startswith("OK: 64 shards, 64 samples"), verify.stderr

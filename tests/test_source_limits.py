@@ -223,3 +223,167 @@ def test_precompute_counts_the_new_skips_and_caption_notes(tiny_model, fill_data
     assert sum(r.notes.get("caption_truncated", 0) for r in manifest.shards) == 1
     assert manifest.identity.section("input_limits") == {"max_input_bytes": 256 << 20, "max_image_pixels": 64_000_000,
                                                  "follow_symlinks": False}
+
+
+def test_tars_linked_from_outside_the_dataset_folder_obey_follow_symlinks(tmp_path):
+    root, elsewhere = tmp_path / "tars", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    write_tar(root / "00000.tar", [img2dataset_sample("a", 1)])
+    write_tar(elsewhere / "secret.tar", [img2dataset_sample("s", 2)])
+    (root / "00001.tar").symlink_to(elsewhere / "secret.tar")  # planted: points out
+    (root / "00002.tar").symlink_to(root / "00000.tar")  # inside: fine
+    for spec in (str(root), str(root / "{00000..00002}.tar")):
+        with pytest.raises(SourceError) as err:
+            open_source(spec)
+        message = str(err.value)
+        assert f"1 tar(s) resolves outside the dataset folder {root}" in message, message
+        assert f"{root / '00001.tar'} -> {elsewhere / 'secret.tar'}" in message and "--follow-symlinks" in message
+        followed = items(open_source(spec, limits=ReadLimits(follow_symlinks=True)))
+        assert [i.image for i in followed] == [png(1), png(2), png(1)]
+    (root / "00001.tar").unlink()
+    assert [i.image for i in items(open_source(root))] == [png(1), png(1)]
+    # One tar named on its own is the user's explicit choice, wherever it lives (as a metadata file).
+    (tmp_path / "named.tar").symlink_to(elsewhere / "secret.tar")
+    assert [i.image for i in items(open_source(tmp_path / "named.tar"))] == [png(2)]
+
+
+def test_hf_folders_with_links_pointing_out_obey_follow_symlinks(tmp_path):
+    import datasets
+
+    def table(seed: int) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({"image": [png(seed)], "conditioning_image": [png(seed + 500)],
+                                           "text": [f"caption {seed}"]})
+
+    root, elsewhere = tmp_path / "hub", tmp_path / "elsewhere"
+    (root / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    table(1).to_parquet(str(root / "data" / "train-00000-of-00002.parquet"))
+    table(2).to_parquet(str(elsewhere / "private.parquet"))
+    (root / "data" / "train-00001-of-00002.parquet").symlink_to(elsewhere / "private.parquet")
+    cache = tmp_path / "hf-cache"
+    with pytest.raises(SourceError) as err:
+        open_source(root, cache_dir=str(cache))
+    message = str(err.value)
+    assert "1 file(s) or folder(s) resolves outside the dataset folder" in message, message
+    assert f"{root / 'data' / 'train-00001-of-00002.parquet'} -> {elsewhere / 'private.parquet'}" in message
+    followed = open_source(root, cache_dir=str(cache), limits=ReadLimits(follow_symlinks=True))
+    assert sorted(i.image for i in items(followed)) == sorted([png(1), png(2)])
+    # A linked folder is refused the same way; a save_to_disk folder too.
+    (root / "data" / "train-00001-of-00002.parquet").unlink()
+    (root / "data" / "more").symlink_to(elsewhere)
+    with pytest.raises(SourceError, match=r"data/more -> .*elsewhere"):
+        open_source(root, cache_dir=str(cache))
+    table(3).save_to_disk(str(elsewhere / "saved"))
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for p in (elsewhere / "saved").iterdir():
+        (saved / p.name).symlink_to(p)
+    with pytest.raises(SourceError, match="resolve outside the dataset folder"):
+        open_source(saved)
+    assert [i.image for i in items(open_source(saved, limits=ReadLimits(follow_symlinks=True)))] == [png(3)]
+
+
+def test_json_caps_are_settings_and_a_long_line_is_never_read_whole(tmp_path):
+    import tracemalloc
+
+    make_images(tmp_path, 3)
+    lines = [json.dumps(r) for r in rows(3)]
+    lines.insert(1, json.dumps({"file_name": "img/1.png", "text": "x" * (32 << 20)}))  # one 32 MiB line
+    lines.insert(2, json.dumps({**rows(3)[1], "tags": [[["deep"]]]}))  # 4 deep
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    limits = ReadLimits(max_json_bytes=64 << 10, max_json_depth=3)
+    tracemalloc.start()
+    try:
+        got = items(open_source(tmp_path, samples_per_shard=2, limits=limits))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Held at once: the metadata file's sha256 reads 4 MiB chunks (~8 MiB peak); the line itself
+    # goes by in 1 MiB chunks. Read whole, it alone would be 32 MiB.
+    assert peak < 16 << 20, f"{peak:,} bytes held while reading a 32 MiB line past a 64 KiB cap"
+    assert [i.error and i.error[0] for i in got] == [None, "metadata_invalid", "metadata_invalid", None, None]
+    length = len(lines[1]) + 1  # its newline included, as json_problem counts a line
+    assert got[1].error[1] == (f"metadata.jsonl row 2 (line 2): not valid JSON: {length:,} bytes of JSON, over the "
+                               "65,536-byte cap (--max-json-bytes) (checked before parsing)")
+    assert "row 3 (line 3): not valid JSON: JSON nested 4 levels deep, over the cap of 3 (--max-json-depth)" \
+        in got[2].error[1]
+    assert [i.image for i in got[3:]] == [png(1), png(2)]
+    # The defaults let the deep row through; the long line is still over 1 MiB.
+    assert [i.error and i.error[0] for i in items(open_source(tmp_path))][1:3] == ["metadata_invalid", None]
+    with pytest.raises(SourceError, match="max_json_bytes must be an integer >= 1, got 0"):
+        open_source(tmp_path, limits=ReadLimits(max_json_bytes=0))
+
+
+def test_a_json_list_is_held_to_the_input_file_cap_and_a_csv_line_to_the_row_cap(tmp_path):
+    make_images(tmp_path, 3)
+    (tmp_path / "metadata.json").write_text(json.dumps(rows(3)))
+    size = (tmp_path / "metadata.json").stat().st_size
+    assert [i.image for i in items(open_source(tmp_path))] == [png(0), png(1), png(2)]
+    with pytest.raises(SourceError) as err:
+        open_source(tmp_path, limits=ReadLimits(max_file_bytes=100))
+    assert str(err.value).startswith(f"{tmp_path / 'metadata.json'}: {size:,} bytes, over the 100-byte cap of an "
+                                     "input file (--max-input-bytes); a JSON list is parsed whole: write the metadata "
+                                     "as JSON lines"), str(err.value)
+    (tmp_path / "metadata.json").unlink()
+    text = "file_name,conditioning_image,text\n" + "".join(f"img/{i}.png,cond/{i}.png,caption {i}\n" for i in range(3))
+    (tmp_path / "metadata.csv").write_text(text + "img/0.png,cond/0.png," + "y" * 5000 + "\n")
+    with pytest.raises(SourceError) as err:
+        open_source(tmp_path, limits=ReadLimits(max_json_bytes=1000))
+    assert str(err.value) == (f"{tmp_path / 'metadata.csv'} line 5: longer than 1,000 bytes (--max-json-bytes, the cap "
+                              "of a metadata row): damaged, or not a metadata file; fix that line or raise "
+                              "--max-json-bytes")
+    assert len(items(open_source(tmp_path))) == 4
+
+
+def test_tar_text_members_follow_the_json_caps(tmp_path):
+    sample = img2dataset_sample("a", 1, json=json.dumps({"caption": "c", "tags": [[["x"]]]}).encode())
+    del sample["txt"]
+    write_tar(tmp_path / "x.tar", [sample, img2dataset_sample("b", 2)])
+    got = items(open_source(tmp_path / "x.tar", limits=ReadLimits(max_json_depth=2)))
+    assert got[0].error[0] == "metadata_invalid" and "over the cap of 2 (--max-json-depth)" in got[0].error[1]
+    assert got[1].error is None
+    # A caption member over the cap is never read: the item says how big it was.
+    write_tar(tmp_path / "y.tar", [img2dataset_sample("c", 3, txt=b"a caption of 30 bytes, exactly")])
+    got = items(open_source(tmp_path / "y.tar", limits=ReadLimits(max_json_bytes=20)))
+    assert got[0].error == ("caption_invalid", "y.tar:c.txt: 30 bytes, over the 20-byte cap")
+
+
+def test_caption_and_json_caps_are_precompute_settings_in_the_identity(tiny_model, fill_data, tmp_path):
+    import click
+
+    from precompute.config import ConfigError
+    from shards.reader import iter_shard
+    from train.__main__ import main as train_main
+
+    root = tmp_path / "data"
+    root.mkdir()
+    rows_ = [json.loads(line) for line in (fill_data / "prompt.json").read_text().splitlines()][:4]
+    for r in rows_:
+        for k in ("source", "target"):
+            (root / r[k]).parent.mkdir(exist_ok=True)
+            (root / r[k]).write_bytes((fill_data / r[k]).read_bytes())
+    meta = [{"image": r["target"], "conditioning_image": r["source"], "text": r["prompt"] * 3} for r in rows_]
+    meta[2]["notes"] = "n" * 600  # a row over --max-json-bytes 512
+    write_jsonl(root / "metadata.jsonl", meta)
+    cache = tmp_path / "cache"
+    base = dict(model=str(tiny_model), data=str(root), cache=str(cache), resolution=64, samples_per_shard=4,
+                batch_size=2, num_workers=0, device="cpu")
+    summary = run(PrecomputeConfig(**base, max_caption_chars=20, max_json_bytes=512, max_json_depth=8))
+    assert summary.samples == 3 and summary.skipped == {"metadata_invalid": 1}
+    manifest = Manifest.load(open_store(cache))
+    captions = [s.meta.captions for r in manifest.shards for s in iter_shard(open_store(cache), r)]
+    assert captions == [[(r["prompt"] * 3)[:20]] for r in (rows_[0], rows_[1], rows_[3])]
+    assert all(len(r["prompt"] * 3) > 20 for r in rows_)
+    assert manifest.identity.section("captions") == {"allow_empty": False, "max_chars": 20}
+    assert manifest.identity.section("input_limits") == {
+        "max_input_bytes": 256 << 20, "max_image_pixels": 64_000_000, "follow_symlinks": False,
+        "max_json_bytes": 512, "max_json_depth": 8}
+    assert manifest.config["max_caption_chars"] == 20 and manifest.config["max_json_bytes"] == 512
+    # They decide the cache's bytes and which items it holds: a resume with other values is refused.
+    with pytest.raises(Exception, match=r"(?s)captions.max_chars.*input_limits.max_json_bytes"):
+        run(PrecomputeConfig(**base))
+    with pytest.raises(ConfigError, match="--max-caption-chars must be an integer >= 1, got 0"):
+        PrecomputeConfig(**{**base, "cache": str(tmp_path / "other")}, max_caption_chars=0).validate()
+    with pytest.raises(click.UsageError, match="--max-json-bytes is fixed at precompute"):
+        train_main.make_context("train", ["--max-json-bytes", "2MiB"])

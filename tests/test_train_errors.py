@@ -90,3 +90,57 @@ def test_tokenizer_fingerprints_are_compared_when_the_cache_recorded_them():
     no_tokenizers = compare_fingerprints(Encoder.from_dict(encoder), modules, tokenizers={"tokenizer": None}, variant=None)
     assert no_tokenizers.differences == []
     assert no_tokenizers.notes == [f"{n}: MODEL has none; cannot check it against the cache" for n in tokenizers]
+
+
+def _snapshot(root) -> dict[str, bytes]:
+    """Every file under `root` (relative path -> bytes), links included as their target."""
+    import os
+    from pathlib import Path
+
+    root = Path(root)
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            out[rel] = ("-> " + os.readlink(path)).encode() if path.is_symlink() else path.read_bytes()
+    return out
+
+
+def _read_only_command(folder, command: list[str]) -> list[str]:
+    """`command` run with `folder` read-only, the way a user meets one. Root ignores permission
+    bits, so as root the folder is bind-mounted read-only in a private user and mount namespace
+    (`unshare`, nothing changes outside the child); anyone else gets a folder without write bits."""
+    import os
+    import shlex
+
+    if os.geteuid() != 0:
+        os.chmod(folder, 0o555)
+        return command
+    f = shlex.quote(str(folder))
+    script = f"mount --bind {f} {f} && mount -o remount,ro,bind {f} && exec {shlex.join(command)}"
+    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script]
+
+
+def test_train_into_a_read_only_output_dir_is_one_line_and_writes_nothing(tiny_model, fill_cache, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file\n")
+    before_out, before_cache = _snapshot(out), _snapshot(fill_cache)
+    command = [sys.executable, "-m", "train", "--model", str(tiny_model), "--cache", str(fill_cache), "--output-dir",
+               str(out), "--max-steps", "2", "--batch-size", "2", "--num-workers", "0"]
+    proc = subprocess.run(_read_only_command(out, command), cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    os.chmod(out, 0o755)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert f"--output-dir {out}: cannot write there" in errors[0], errors
+    assert "Read-only file system" in errors[0] or "Permission denied" in errors[0], errors
+    assert _snapshot(out) == before_out and _snapshot(fill_cache) == before_cache

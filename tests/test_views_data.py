@@ -55,7 +55,7 @@ def _sample(key: str, hw: tuple[int, int], seed: int) -> schema.Sample:
     h, w = hw
     cond = torch.randint(0, 256, (h * FACTOR, w * FACTOR, 3), generator=g, dtype=torch.uint8).numpy()
     meta = schema.SampleMeta(key=key, source_id=f"img/{split_view_key(key)[0]}.png", captions=[f"caption of {key}"],
-                             original_size=(100, 150), crop_top_left=(0, seed % 7), target_size=(h * FACTOR, w * FACTOR),
+                             original_size=(100, 200), crop_top_left=(0, seed % 7), target_size=(h * FACTOR, w * FACTOR),
                              extra={"view": {"index": split_view_key(key)[1]}})
     return schema.Sample(meta=meta, latent_mean=torch.randn(4, h, w, generator=g),
                          latent_std=torch.rand(4, h, w, generator=g) + 0.1,

@@ -38,7 +38,8 @@ FOREIGN = {
     **{name: Foreign(_FIXED_AT_PRECOMPUTE) for name in (
         "buckets", "bucket_step", "crop", "crops", "min_size", "max_aspect", "condition", "canny_low", "canny_high",
         "samples_per_shard", "latent_store", "storage_dtype", "vae_dtype", "text_dtype", "tmp_dir", "device",
-        "max_input_bytes", "max_image_pixels", "source_fingerprint")},
+        "max_input_bytes", "max_image_pixels", "max_caption_chars", "max_json_bytes", "max_json_depth",
+        "source_fingerprint")},
     **{name: Foreign(_FIXED_AT_PRECOMPUTE, takes_value=False) for name in (
         "flip", "condition_soft", "allow_empty_captions", "follow_symlinks", "strict", "rebuild_stale", "dedupe")},
     "trust_remote_code": Foreign(_DATASET, takes_value=False),

@@ -38,10 +38,13 @@ MIN_CHECKPOINTS_KEPT = 2  # one may be half-written when a job dies: keep a comp
 
 
 class ConfigError(TrainError, ValueError):
-    """Every problem found in a config, one per line."""
+    """Every problem found in a config, one per line (a single problem: one line in all)."""
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
+        if len(self.problems) == 1:
+            super().__init__(f"invalid training config: {self.problems[0]}")
+            return
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid training config ({len(self.problems)} problem(s)):\n{lines}")
 

@@ -57,7 +57,7 @@ from shards.manifest import Manifest, ShardRecord, identity_diff
 from shards.reader import iter_shard_members, load_empty_prompt
 from shards.runtime import worker_init
 from shards.store import Store
-from shards.verify import sample_problems
+from shards.verify import check_sample
 from train.augment import prepare_cond, threshold_level
 from train.augment import soft_threshold as draw_soft_threshold
 from train.plan import DataSpec, EpochPlan, ShardSlice, as_records, sample_choice
@@ -322,18 +322,22 @@ class CacheStream(IterableDataset):
         for shard, index, key, members, shape in items:
             try:
                 sample = schema.decode_sample(key, members)
-                expected = None
-                if self.manifest is not None:
-                    f = self.manifest.latent.vae_scale_factor
-                    expected = (sample.latent_mean.shape[1] * f, sample.latent_mean.shape[2] * f)
-                cond = sample.cond_image(expected_size=expected)
             except schema.SampleError as e:
                 raise ShardError(f"{shard}: {e} {_VERIFY_HINT}") from e
+            self._check_planned(shard, shape, sample)
             if self.manifest is not None:
-                problems = sample_problems(sample, self.manifest, index, cond=cond)
+                # Sizes are held to the manifest's geometry before the PNG is decoded (from its
+                # header first), so no sample can make a worker decode more than one image of
+                # that geometry.
+                problems, cond = check_sample(sample, self.manifest, index)
                 if problems:
                     raise ShardError(f"{shard}: sample {key}: " + "; ".join(problems) + f" {_VERIFY_HINT}")
-            self._check_sample(shard, shape, sample, cond, first=(means[0], conds[0], keys[0]) if means else None)
+            else:  # bare records (tests of the plan): structural checks only
+                try:
+                    cond = sample.cond_image()
+                except schema.SampleError as e:
+                    raise ShardError(f"{shard}: {e} {_VERIFY_HINT}") from e
+            self._check_sample(shard, sample, cond, first=(means[0], conds[0], keys[0]) if means else None)
             k = sample.prompt_embeds.shape[0]
             c, dropped = sample_choice(seed=self.spec.seed, epoch=self.epoch, key=key, num_captions=k,
                                        caption_dropout=self.spec.caption_dropout)
@@ -368,12 +372,15 @@ class CacheStream(IterableDataset):
             keys=keys,
         )
 
-    def _check_sample(self, shard: str, planned: Hashable, sample: schema.Sample, cond: np.ndarray, first) -> None:
+    @staticmethod
+    def _check_planned(shard: str, planned: Hashable, sample: schema.Sample) -> None:
         h, w = sample.latent_mean.shape[1:]
         if planned is not None and planned != (h, w):
             raise ShardError(
                 f"{shard}: sample {sample.key} has latent {h}x{w}, its record says {planned[0]}x{planned[1]}"
             )
+
+    def _check_sample(self, shard: str, sample: schema.Sample, cond: np.ndarray, first) -> None:
         if first is not None:
             mean0, cond0, key0 = first
             if mean0.shape != sample.latent_mean.shape or cond0.shape != cond.shape:
