@@ -40,7 +40,8 @@ FOREIGN = {
         "samples_per_shard", "latent_store", "storage_dtype", "vae_dtype", "text_dtype", "tmp_dir", "device",
         "max_input_bytes", "max_image_pixels", "source_fingerprint")},
     **{name: Foreign(_FIXED_AT_PRECOMPUTE, takes_value=False) for name in (
-        "flip", "condition_soft", "allow_empty_captions", "follow_symlinks", "strict", "rebuild_stale", "dedupe")},
+        "flip", "condition_soft", "allow_empty_captions", "follow_symlinks", "strict", "rebuild_stale", "dedupe",
+        "compile_vae")},
     "trust_remote_code": Foreign(_DATASET, takes_value=False),
     "enable_xformers_memory_efficient_attention": Foreign(
         "attention runs through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels), which "
