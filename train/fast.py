@@ -71,7 +71,7 @@ class CompileWatch:
 
     log: Any
     seen: set = field(default_factory=set)
-    graphs: int = field(default_factory=_graphs_compiled)
+    graphs: int = field(default_factory=lambda: _graphs_compiled())
     recompiles: int = 0  # graphs made for a shape that had been compiled before
 
     def observe(self, step: int, shape: tuple) -> int:
