@@ -31,7 +31,8 @@ USER_ERRORS = (PrecomputeError, ShardError)
 _TRAIN = ("belongs to train: precompute only encodes the dataset into the cache. Pass it to `python -m train` "
           "(changing it never re-encodes the cache)")
 _TRAIN_FLAGS = ("gradient_checkpointing", "scale_lr", "use_8bit_adam", "allow_tf32", "push_to_hub", "hub_public",
-                "log_samples", "accept_encoder_mismatch")
+                "log_samples", "accept_encoder_mismatch", "compile", "channels_last", "fused_adamw", "no_fused_adamw",
+                "prefetch", "no_prefetch")
 _TRAIN_VALUES = (
     "output_dir", "adapter", "adapter_model_name_or_path", "train_batch_size", "num_epochs", "num_train_epochs",
     "max_steps", "max_train_steps", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps",
@@ -41,7 +42,7 @@ _TRAIN_VALUES = (
     "validation_inference_steps", "validation_guidance_scale", "validation_resolution", "report_to",
     "tracker_project_name", "logging_dir", "log_every", "ddp_timeout_minutes", "hub_model_id", "hub_token",
     "local_cache", "local_cache_max", "shuffle_buffer", "caption_dropout", "proportion_empty_prompts",
-    "soft_threshold_range", "dataloader_num_workers")
+    "soft_threshold_range", "dataloader_num_workers", "attention")
 
 # Options of the reference script and of train that precompute does not take, with why.
 FOREIGN = {

@@ -1,6 +1,8 @@
 """The precompute configuration: one typed object, validated once, listing every problem.
 
-`PrecomputeConfig` is what the CLI builds and `runner.run` consumes. `validate()` checks the
+`PrecomputeConfig` is what the CLI builds and `runner.run` consumes; `resolve()` decides, once and
+first, what depends on the device (unset encoder dtypes: bf16 VAE and fp16 text encoders on CUDA,
+fp32 on CPU), and everything after reads the resolved config. `validate()` checks the
 settings and everything that can be checked before loading a model (dataset path, model folder
 layout, cache writability, geometry, buckets against the model's granularity, views, condition
 method) and raises one `ConfigError` listing every problem, so a user fixes them all in one go.
@@ -34,7 +36,13 @@ from shards.secrets import redact
 from shards.store import writable_problem
 
 DEVICES = ("auto", "cpu", "cuda")
-ENCODE_DTYPES = ("fp32", "bf16", "fp16")
+# tf32: fp32 weights, TensorFloat-32 matmuls and convolutions on Ampere+ GPUs (fp32: strict IEEE).
+ENCODE_DTYPES = ("fp32", "tf32", "bf16", "fp16")
+# What an unset --vae-dtype / --text-dtype means, by device kind (PrecomputeConfig.resolve). On a
+# GPU, bf16 keeps fp32's range (SDXL's VAE overflows in fp16, not in bf16) at a fraction of the
+# time; the text encoders run in fp16 as SDXL's pipelines run them. A CPU gains little from half
+# precision, so it stays exact there.
+DEFAULT_ENCODE_DTYPES = {"cuda": {"vae": "bf16", "text": "fp16"}, "cpu": {"vae": "fp32", "text": "fp32"}}
 # Settings left out of the manifest's config (see `resolved`): where the cache and its temp files
 # live and how one run went. `device` is not byte-neutral, but its spelling is ("auto" and "cpu"
 # can mean the same device): the identity records the resolved kind instead.
@@ -196,9 +204,17 @@ class PrecomputeConfig:
     latent_store: str = _s("mean_std", "mean_std keeps the VAE posterior (train samples it each step, as the "
                                        "reference); mean halves latent bytes.", "storage", choices=schema.LATENT_STORES)
     storage_dtype: str = _s("bf16", "dtype of the tensors stored in the cache.", "storage", choices=tuple(schema.DTYPES))
-    vae_dtype: str = _s("fp32", "dtype the VAE encodes in. SDXL's own VAE overflows in fp16: use fp32, or fp16 with "
-                                "an fp16-fixed --vae.", "storage", choices=ENCODE_DTYPES)
-    text_dtype: str = _s("fp32", "dtype the text encoders run in.", "storage", choices=ENCODE_DTYPES)
+    vae_dtype: str | None = _s(None, "dtype the VAE encodes in: fp32 (strict), tf32 (fp32 weights, TensorFloat-32 "
+                                     "math on Ampere+ GPUs), bf16, or fp16 (SDXL's own VAE overflows in fp16: use it "
+                                     "with an fp16-fixed --vae). Default: bf16 on CUDA, fp32 on CPU; the choice is "
+                                     "recorded in the cache identity (bench/RESULTS.md has the latent error of each "
+                                     "against fp32).", "storage", choices=ENCODE_DTYPES)
+    text_dtype: str | None = _s(None, "dtype the text encoders run in. Default: fp16 on CUDA, fp32 on CPU; recorded in "
+                                      "the cache identity.", "storage", choices=ENCODE_DTYPES)
+    compile_vae: bool = _s(False, "torch.compile the VAE encoder (the first batch of each shape compiles; worth it for "
+                                  "large caches on a GPU). Compiled kernels round differently, so it is part of the "
+                                  "cache identity, and a resumed cache is not promised to be byte-identical to an "
+                                  "uninterrupted one.", "storage")
     # -- how it runs ------------------------------------------------------------------------------
     # device (its kind: cpu or cuda) and batch_size change the bytes (kernels and batching round
     # differently) and are part of the identity; the rest never change what is written.
@@ -263,7 +279,7 @@ class PrecomputeConfig:
         if self.storage_dtype not in schema.DTYPES:
             p.append(f"--storage-dtype must be one of {list(schema.DTYPES)}, got {self.storage_dtype!r}")
         for flag, value in (("--vae-dtype", self.vae_dtype), ("--text-dtype", self.text_dtype)):
-            if value not in ENCODE_DTYPES:
+            if value is not None and value not in ENCODE_DTYPES:
                 p.append(f"{flag} must be one of {list(ENCODE_DTYPES)}, got {value!r}")
         p += self._device_problems()
         return p
@@ -479,6 +495,19 @@ class PrecomputeConfig:
         """cpu or cuda: what the identity records (the GPU index changes nothing)."""
         return self.resolved_device().split(":", 1)[0]
 
+    def resolve(self, device_kind: str | None = None) -> "PrecomputeConfig":
+        """This config with every device-dependent default decided: an unset --vae-dtype or
+        --text-dtype becomes the device kind's default (`DEFAULT_ENCODE_DTYPES`: bf16 / fp16 on
+        CUDA, fp32 on CPU). `runner.run` calls it once, first; the identity and the manifest
+        record the result, so a cache says how it was encoded and `--config manifest.json`
+        repeats it exactly. `device_kind` (cpu | cuda) defaults to this config's device."""
+        from dataclasses import replace
+
+        defaults = DEFAULT_ENCODE_DTYPES.get(device_kind or self.device_kind())
+        if defaults is None:
+            return self  # an unknown device: validate() names it
+        return replace(self, vae_dtype=self.vae_dtype or defaults["vae"], text_dtype=self.text_dtype or defaults["text"])
+
     def identity(self, *, encoder: dict, latent: dict, text: dict, source: dict,
                  buckets: list[tuple[int, int]] | None = None) -> dict:
         """The identity's JSON object (`shards.identity.CacheIdentity.from_dict` types and checks
@@ -488,8 +517,13 @@ class PrecomputeConfig:
 
         `encoder` comes from `encoders.load_encoders`, `latent` and `text` from the loaded
         encoders (dims and factors), `source` from `Source.describe()`, `buckets` from
-        `resolved_buckets` with the loaded VAE's factor.
+        `resolved_buckets` with the loaded VAE's factor. The config must be resolved (`resolve`).
         """
+        if self.vae_dtype is None or self.text_dtype is None:
+            raise ValueError("PrecomputeConfig.identity() needs a resolved config: call resolve() first")
+        compute = {"batch_size": self.batch_size, "device": self.device_kind()}
+        if self.compile_vae:  # only when on: caches made before the option keep their identity
+            compute["compile_vae"] = True
         return {
             "format_version": schema.FORMAT_VERSION,
             "encoder": dict(encoder),
@@ -507,7 +541,7 @@ class PrecomputeConfig:
             "dtypes": {"storage": self.storage_dtype, "vae": self.vae_dtype, "text": self.text_dtype},
             # Batched VAE calls round differently from single ones (bf16 storage keeps the
             # difference), and so do CPU and GPU kernels: a resume must not mix them in one cache.
-            "compute": {"batch_size": self.batch_size, "device": self.device_kind()},
+            "compute": compute,
             "source": dict(source),
             "captions": {"allow_empty": self.allow_empty_captions, **self._changed(max_chars=(
                 self.max_caption_chars, MAX_CAPTION_CHARS))},

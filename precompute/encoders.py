@@ -21,6 +21,7 @@ The encoder classes are compute only: tensors or strings in, fp32 tensors out; n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,16 +39,44 @@ from shards.hub import locate, vae_location
 
 __all__ = [
     "EncoderError", "LatentEncoder", "LatentInfo", "ModelLoadError", "PromptEncoder", "TextInfo",
-    "NonFiniteLatentError", "check_model_sources", "load_encoders", "module_fingerprint", "tokenizer_fingerprint",
+    "NonFiniteLatentError", "check_model_sources", "compute_dtype", "load_encoders", "module_fingerprint",
+    "tokenizer_fingerprint",
     "vae_latent_info",
 ]
 
 logger = logging.getLogger(__name__)
 
 FP16_VAE_HINT = (
-    "encode with --vae-dtype fp32 (the default), or use a VAE that is fixed for fp16 "
+    "encode with --vae-dtype fp32 or bf16 (the default on CUDA), or use a VAE that is fixed for fp16 "
     "(e.g. --vae madebyollin/sdxl-vae-fp16-fix)"
 )
+
+# Compute dtypes by name: tf32 is fp32 weights with TensorFloat-32 math (Ampere+ GPUs), fp32 is
+# strict IEEE fp32 (cuDNN's convolutions default to TF32 in PyTorch: turned off for fp32 here).
+_COMPUTE = {"fp32": (torch.float32, False), "tf32": (torch.float32, True), "bf16": (torch.bfloat16, False),
+            "fp16": (torch.float16, False)}
+
+
+def compute_dtype(name: str | torch.dtype) -> tuple[torch.dtype, bool]:
+    """(torch dtype, whether TF32 math is on) for an encode dtype name or a torch dtype."""
+    if isinstance(name, str) and name in _COMPUTE:
+        return _COMPUTE[name]
+    return schema.dtype_of(name), False
+
+
+@contextlib.contextmanager
+def _fp32_math(device: torch.device, tf32: bool):
+    """TF32 on or off for CUDA matmuls and cuDNN convolutions while encoding, restored after
+    (they are process-wide switches; the decode threads never touch CUDA)."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
@@ -84,21 +113,29 @@ def vae_latent_info(vae) -> LatentInfo:
 class LatentEncoder:
     """(B, 3, H, W) pixels in [-1, 1] -> (mean, std) of the scaled VAE posterior, each (B, C, h, w) fp32.
 
-    The encoder runs in `dtype`; inputs are moved to the VAE's device and cast. fp32 is the
-    default because SDXL's VAE overflows in fp16. Calling the encoder raises
-    `NonFiniteLatentError` (naming the batch indices) rather than returning inf/NaN; `encode`
-    returns the moments plus a per-image finiteness mask, for callers that skip the bad images
-    and keep the rest of the batch.
+    The encoder runs in `dtype` ("fp32", "tf32", "bf16", "fp16" or a torch dtype); inputs are
+    moved to the VAE's device and cast. SDXL's VAE overflows in fp16 (bf16 keeps fp32's range).
+    With `compile`, the VAE's encoder module is compiled in place (torch.compile; the first batch
+    of each shape compiles). Calling the encoder raises `NonFiniteLatentError` (naming the batch
+    indices) rather than returning inf/NaN; `encode` returns the moments plus a per-image
+    finiteness mask, for callers that skip the bad images and keep the rest of the batch.
     """
 
-    def __init__(self, vae, *, dtype: torch.dtype | str = torch.float32):
-        self.dtype = schema.dtype_of(dtype)
+    def __init__(self, vae, *, dtype: torch.dtype | str = torch.float32, compile: bool = False):
+        self.dtype, self.tf32 = compute_dtype(dtype)
+        self.dtype_name = dtype if isinstance(dtype, str) else schema.DTYPE_NAMES[self.dtype]
         if _module_dtype(vae) != self.dtype:
             # torch's own cast: diffusers' ModelMixin.to() warns about fp32-pinned modules even
             # when the VAE declares none (AutoencoderKL has none).
             torch.nn.Module.to(vae, dtype=self.dtype)
         self.vae = vae.eval().requires_grad_(False)
         self.info = vae_latent_info(vae)
+        if compile:
+            import torch._dynamo.config as dynamo_config
+
+            # Batch sizes vary (a shard's last batch) and buckets bring several pixel shapes.
+            dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
+            self.vae.encoder.compile()
 
     @property
     def device(self) -> torch.device:
@@ -110,7 +147,7 @@ class LatentEncoder:
             bad = [int(i) for i in torch.nonzero(~finite).flatten()]
             raise NonFiniteLatentError(
                 f"the VAE produced non-finite latents (inf/NaN) for image(s) {bad} of a batch of {len(finite)} "
-                f"encoding in {self.dtype}; {FP16_VAE_HINT}", bad,
+                f"encoding in {self.dtype_name}; {FP16_VAE_HINT}", bad,
             )
         return mean, std
 
@@ -124,8 +161,9 @@ class LatentEncoder:
         if pixels.shape[2] % f or pixels.shape[3] % f:
             raise ValueError(f"image size {tuple(pixels.shape[2:])} is not a multiple of the VAE factor {f}")
         x = pixels.to(self.device, self.dtype)
-        dist = self.vae.encode(x).latent_dist
-        mean, std = dist.mean, dist.std
+        with _fp32_math(x.device, self.tf32):
+            dist = self.vae.encode(x).latent_dist
+            mean, std = dist.mean, dist.std
         # The affine map z -> (z - shift) * scale sends N(mean, std^2) to N((mean - shift) * scale,
         # (std * scale)^2); computed in fp32 so storage rounding is the only rounding after the VAE.
         mean = mean.float()
@@ -176,7 +214,7 @@ class PromptEncoder:
     """
 
     def __init__(self, tokenizer, tokenizer_2, text_encoder, text_encoder_2, *, dtype: torch.dtype | str = torch.float32):
-        self.dtype = schema.dtype_of(dtype)
+        self.dtype, self.tf32 = compute_dtype(dtype)
         self.tokenizers = (tokenizer, tokenizer_2)
         self.text_encoders = tuple(
             te.to(dtype=self.dtype).eval().requires_grad_(False) for te in (text_encoder, text_encoder_2)
@@ -216,7 +254,9 @@ class PromptEncoder:
                 truncation=True,
                 return_tensors="pt",
             ).input_ids
-            out = te(ids.to(_module_device(te)), output_hidden_states=True, return_dict=True)
+            device = _module_device(te)
+            with _fp32_math(device, self.tf32):
+                out = te(ids.to(device), output_hidden_states=True, return_dict=True)
             hidden, this_pooled = _hidden_and_pooled(out)
             # As diffusers: the pooled embedding is the first 2-D output[0] seen, which for SDXL
             # (CLIPTextModel then CLIPTextModelWithProjection) is text_encoder_2's text_embeds.
@@ -291,6 +331,7 @@ def load_encoders(
     device: str | torch.device = "cpu",
     vae_dtype: torch.dtype | str = torch.float32,
     text_dtype: torch.dtype | str = torch.float32,
+    compile_vae: bool = False,
 ) -> tuple[LatentEncoder, PromptEncoder, dict]:
     """Load VAE (or the `vae` override), both tokenizers and both text encoders.
 
@@ -304,7 +345,8 @@ def load_encoders(
     problems = check_model_sources(model, vae, variant)
     if problems:
         raise ModelLoadError("cannot load the model:\n  - " + "\n  - ".join(problems))
-    vae_dtype, text_dtype = schema.dtype_of(vae_dtype), schema.dtype_of(text_dtype)
+    for value in (vae_dtype, text_dtype):
+        compute_dtype(value)  # an unknown name fails before anything loads
     root = locate(model).ref
 
     def load(what: str, fn, repo: str, *args, **kwargs):
@@ -349,11 +391,11 @@ def load_encoders(
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "tokenizer_2_fingerprint": tokenizer_fingerprint(tokenizer_2),
     }
-    if vae_dtype == torch.float16 and getattr(vae_module.config, "force_upcast", False):
+    if compute_dtype(vae_dtype)[0] == torch.float16 and getattr(vae_module.config, "force_upcast", False):
         logger.warning(
             "this VAE's config sets force_upcast (it is known to overflow in fp16) but --vae-dtype is fp16; "
             "if encoding fails with non-finite latents, %s", FP16_VAE_HINT,
         )
-    latent = LatentEncoder(vae_module.to(device), dtype=vae_dtype)
+    latent = LatentEncoder(vae_module.to(device), dtype=vae_dtype, compile=compile_vae)
     prompt = PromptEncoder(tokenizer, tokenizer_2, text_encoder.to(device), text_encoder_2.to(device), dtype=text_dtype)
     return latent, prompt, identity

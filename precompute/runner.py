@@ -358,7 +358,7 @@ class _ShardEncoder:
             o = batch[j]
             self._skip(shard, o, Skip("latent_nonfinite", (
                 f"{o.source_id}: the VAE encoded {nonfinite[j]} of its {len(o.views)} view(s) to inf/NaN in "
-                f"{self.latent.dtype}" + (f"; {FP16_VAE_HINT}" if self.latent.dtype != torch.float32 else "")
+                f"{self.latent.dtype_name}" + (f"; {FP16_VAE_HINT}" if self.latent.dtype != torch.float32 else "")
             )), skips)
         keep = [j for j in range(len(batch)) if j not in nonfinite]  # indices into means / stds
         batch = [batch[j] for j in keep]
@@ -785,6 +785,7 @@ def run(cfg: PrecomputeConfig) -> Summary:
 
     started = time.perf_counter()
     source = _open(cfg)
+    cfg = cfg.resolve()  # the encoders' dtypes, by device: decided once, here; recorded in the identity
     store = open_store(cfg.cache)
 
     device = cfg.resolved_device()
@@ -798,12 +799,13 @@ def run(cfg: PrecomputeConfig) -> Summary:
     lock = _take_writer_lock(cfg, store, state)  # before anything is loaded or touched
     try:
         early = _check_inputs_early(cfg, store, source, state)  # a stale cache is refused before the model loads
-        info("loading encoders from %s%s on %s (%d process%s)", cfg.model, f" (vae: {cfg.vae})" if cfg.vae else "",
-             device, world, "es" if world > 1 else "")
+        info("loading encoders from %s%s on %s (%d process%s): VAE in %s%s, text encoders in %s", cfg.model,
+             f" (vae: {cfg.vae})" if cfg.vae else "", device, world, "es" if world > 1 else "", cfg.vae_dtype,
+             " (compiled)" if cfg.compile_vae else "", cfg.text_dtype)
         with state.local_main_process_first():
             latent, prompt, encoder_identity = load_encoders(
                 cfg.model, vae=cfg.vae, revision=cfg.revision, variant=cfg.variant, device=device,
-                vae_dtype=cfg.vae_dtype, text_dtype=cfg.text_dtype,
+                vae_dtype=cfg.vae_dtype, text_dtype=cfg.text_dtype, compile_vae=cfg.compile_vae,
             )
         if torch.device(device).type == "cpu":
             from shards.runtime import choose_cpu_threads

@@ -122,6 +122,11 @@ def _option(f: dataclasses.Field) -> Callable:
     kwargs: dict[str, Any] = {"help": meta["help"], "show_default": True}
     if meta.get("metavar"):
         kwargs["metavar"] = meta["metavar"]
+    if kind is bool and f.default is not False:
+        # Default on, or None ("decided at run time"): the flag needs an off switch too.
+        names = [f"{n}/--no-{n[2:]}" for n in option_names(f)]
+        kwargs.update(is_flag=True, default=f.default, show_default=f.default is not None)
+        return click.option(*names, f.name, **kwargs)
     if kind is bool:
         kwargs.update(is_flag=True, default=f.default)
     elif meta.get("multiple"):

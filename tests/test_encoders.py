@@ -150,6 +150,30 @@ def test_non_finite_latents_raise_with_the_fix(pipe):
     assert "--vae-dtype fp32" in str(err.value) and "madebyollin/sdxl-vae-fp16-fix" in str(err.value)
 
 
+def test_encode_dtypes_by_name_tf32_is_fp32_weights(pipe):
+    """fp32 and tf32 hold fp32 weights (tf32 only allows TensorFloat-32 math on a CUDA GPU: on a
+    CPU the two encode bit-identically); bf16 and fp16 encode in half precision and return fp32
+    moments close to fp32's."""
+    import copy
+
+    from precompute.encoders import compute_dtype
+
+    assert compute_dtype("tf32") == (torch.float32, True) and compute_dtype("fp32") == (torch.float32, False)
+    assert compute_dtype("bf16") == (torch.bfloat16, False) and compute_dtype(torch.float16) == (torch.float16, False)
+    with pytest.raises(ValueError):
+        compute_dtype("int8")
+    x = _pixels(2, seed=3)
+    encoded = {}
+    for name in ("fp32", "tf32", "bf16", "fp16"):
+        enc = LatentEncoder(copy.deepcopy(pipe.vae), dtype=name)
+        assert enc.dtype_name == name and enc.vae.dtype == compute_dtype(name)[0]
+        encoded[name] = enc(x)
+    assert all(torch.equal(a, b) for a, b in zip(encoded["fp32"], encoded["tf32"]))
+    for name in ("bf16", "fp16"):
+        assert encoded[name][0].dtype == torch.float32
+        torch.testing.assert_close(encoded[name][0], encoded["fp32"][0], rtol=0.05, atol=0.02)
+
+
 def test_latent_encoder_rejects_sizes_off_the_vae_grid(pipe):
     with pytest.raises(ValueError, match="multiple of the VAE factor 8"):
         LatentEncoder(pipe.vae)(_pixels(1, size=60))

@@ -201,6 +201,36 @@ def test_changed_model_or_settings_are_refused(tiny_model, fill_data, run_cache,
     assert _files(cache) == before
 
 
+def test_encode_dtypes_are_decided_once_by_device_and_recorded_in_the_identity(tiny_model, fill_data, run_cache,
+                                                                               tmp_path):
+    """Unset, the encoders' dtypes follow the device kind (bf16 VAE, fp16 text on CUDA; fp32 on
+    CPU); resolve() decides them once and the identity and manifest hold the result. tf32 is its
+    own entry: a tf32 run into an fp32 cache is refused, as a bf16 one is."""
+    cache, _ = run_cache
+    unset = _cfg(tiny_model, fill_data, cache)
+    assert (unset.vae_dtype, unset.text_dtype) == (None, None)
+    assert (unset.resolve("cuda").vae_dtype, unset.resolve("cuda").text_dtype) == ("bf16", "fp16")
+    assert (unset.resolve("cpu").vae_dtype, unset.resolve("cpu").text_dtype) == ("fp32", "fp32")
+    assert unset.resolve().vae_dtype == "fp32"  # --device cpu
+    explicit = _cfg(tiny_model, fill_data, cache, vae_dtype="tf32", text_dtype="bf16").resolve("cuda")
+    assert (explicit.vae_dtype, explicit.text_dtype) == ("tf32", "bf16")
+    with pytest.raises(ValueError, match="resolve"):
+        unset.identity(encoder={}, latent={}, text={}, source={})
+    ident = explicit.identity(encoder={}, latent={}, text={}, source={})
+    assert ident["dtypes"] == {"storage": "bf16", "vae": "tf32", "text": "bf16"} and "compile_vae" not in ident["compute"]
+    compiled = _cfg(tiny_model, fill_data, cache, compile_vae=True).resolve()
+    assert compiled.identity(encoder={}, latent={}, text={}, source={})["compute"]["compile_vae"] is True
+
+    manifest = Manifest.load(open_store(cache))  # made with the dtypes unset, on CPU
+    assert manifest.dtypes.vae == "fp32" and manifest.dtypes.text == "fp32"
+    assert (manifest.config["vae_dtype"], manifest.config["text_dtype"]) == ("fp32", "fp32")
+    before = _files(cache)
+    with pytest.raises(ManifestError) as err:
+        run(_cfg(tiny_model, fill_data, cache, vae_dtype="tf32"))
+    assert "dtypes.vae: 'fp32' != 'tf32'" in str(err.value)
+    assert _files(cache) == before
+
+
 def test_a_tokenizer_with_another_pad_token_is_refused(tiny_model, fill_data, run_cache, tmp_path):
     """Same weights, but tokenizer_2 pads with another token: every prompt embedding changes
     (the padded positions feed hidden_states[-2]), so the cache must refuse the resume."""
@@ -369,7 +399,7 @@ def test_a_non_finite_latent_skips_that_image_and_keeps_its_batch(tiny_model, wh
     assert all(torch.isfinite(s.latent_mean.float()).all() for s in samples)
     [item] = manifest.shards[0].skipped_items
     assert item["source_id"] == "img/2.png" and item["reason"] == "latent_nonfinite"
-    assert "img/2.png: the VAE encoded 1 of its 1 view(s) to inf/NaN in torch.float32" in item["detail"]
+    assert "img/2.png: the VAE encoded 1 of its 1 view(s) to inf/NaN in fp32" in item["detail"]
     assert "skipped img/2.png (latent_nonfinite)" in caplog.text
     # The other four are exactly what an unpoisoned run of the same batch stores.
     from diffusers import AutoencoderKL

@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from shards.runtime import io_reason, is_io_failure
 from shards.store import apply_umask, file_sha256, fsync_dir, fsync_file
 from train.errors import TrainError
+from train.optim import keep_implementation
 
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE_FILE = "COMPLETE"
@@ -506,7 +507,8 @@ def load_checkpoint(
             raise CheckpointError(f"checkpoint {path}: no adapter weights in {ADAPTER_DIR}/") from None
         adapter.load_state_dict(weights, strict=True)
         part = "optimizer.json/.safetensors"
-        optimizer.load_state_dict(load_tree(path, "optimizer"))
+        # The moments and step counts come back; fused or not stays this run's choice.
+        optimizer.load_state_dict(keep_implementation(load_tree(path, "optimizer"), optimizer))
         part = "lr_scheduler.json"
         lr_scheduler.load_state_dict(load_tree(path, "lr_scheduler"))
         scaler = getattr(accelerator, "scaler", None)

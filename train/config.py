@@ -3,7 +3,8 @@
 The CLI (`python -m train`) is generated from these fields: each field's `help` metadata is its
 `--help` text, so the two cannot drift apart. A run turns its config into settings exactly once,
 at start: `resolve(cfg)` decides what depends on the environment (the mixed precision, from the
-flag or accelerate's own setting; the checkpoint limit's floor), checks every value and raises one
+flag or accelerate's own setting; the checkpoint limit's floor; fused AdamW and batch prefetching,
+on with CUDA), checks every value and raises one
 `ConfigError` listing every problem, and returns a `Resolved` whose `config` the rest of the run
 reads and never re-checks. Facts that need the cache or the model (dimensions, encoder
 fingerprints) are checked by `train.startup` right after, before any weight loads.
@@ -33,6 +34,7 @@ LR_SCHEDULERS = (
     "piecewise_constant",
 )
 MIXED_PRECISION = ("no", "fp16", "bf16")
+ATTENTION = ("sdpa", "eager")
 REPORT_TO = ("none", "tensorboard", "wandb")
 MIN_CHECKPOINTS_KEPT = 2  # one may be half-written when a job dies: keep a complete one besides it
 
@@ -133,6 +135,25 @@ class TrainConfig:
                                      "optimization", choices=MIXED_PRECISION)
     allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs (faster fp32, slightly less exact).",
                           "optimization")
+
+    # --- speed: the step's fast paths (each a switch; see README "Speed on a GPU") ---------------
+    attention: str = _f("sdpa", "Attention in the UNet: sdpa (PyTorch's scaled_dot_product_attention: flash / "
+                                "memory-efficient kernels on a GPU; diffusers' default) or eager (explicit matmul and "
+                                "softmax; more memory). The processor class in use is checked and logged at start.",
+                        "speed", choices=ATTENTION)
+    compile: bool = _f(False, "torch.compile the UNet forward and the adapter for training: one graph per bucket "
+                              "shape (the first batch of each shape compiles, minutes for SDXL); recompiles are "
+                              "counted and logged, and one after warm-up is a warning. Validation stays eager. "
+                              "Off by default: not yet measured on a GPU here.", "speed")
+    channels_last: bool = _f(False, "Hold the frozen UNet's weights in channels_last memory format (NHWC "
+                                    "convolutions). Off by default: not yet measured on a GPU here.", "speed")
+    fused_adamw: bool | None = _f(None, "torch.optim.AdamW(fused=True): one kernel for the whole update (with fp16, "
+                                        "an overflowed step is skipped inside it). Default: on with CUDA, off on CPU "
+                                        "(decided at start; --no-fused-adamw turns it off).", "speed")
+    prefetch: bool | None = _f(None, "Copy the next batch to the device (pinned memory, non-blocking, on a side CUDA "
+                                     "stream) while the current step computes. Default: on with CUDA; on a CPU it "
+                                     "changes nothing but the order of the host work (results are bitwise the "
+                                     "same).", "speed")
     seed: int = _f(0, "Seed of everything random: adapter init, data order, caption choice and dropout, noise, "
                       "timesteps, validation samples.", "optimization")
 
@@ -312,6 +333,10 @@ class TrainConfig:
                             f"{', '.join(MIXED_PRECISION)}")
         elif precision == "fp16" and not cuda_available:
             problems.append(f"mixed precision fp16 needs a CUDA GPU (set by {precision_source}); use bf16 or no on CPU")
+        if self.attention not in ATTENTION:
+            problems.append(f"--attention {self.attention!r} is not one of {', '.join(ATTENTION)}")
+        if self.fused_adamw and self.use_8bit_adam:
+            problems.append("--fused-adamw and --use-8bit-adam are two different optimizers: pick one")
         if self.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
             problems.append("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes")
         elif self.use_8bit_adam and not cuda_available:
@@ -351,7 +376,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class Resolved:
     """A run's settings after `resolve`: `config` with every environment-dependent default decided
-    (mixed precision, checkpoint limit), where the precision came from, and the notes to log."""
+    (mixed precision, checkpoint limit, fused AdamW and prefetch: on with CUDA), where the precision
+    came from, and the notes to log."""
 
     config: TrainConfig
     precision_source: str
@@ -373,7 +399,11 @@ def resolve(cfg: TrainConfig, *, cuda_available: bool | None = None, environ: di
         notes.append(f"--checkpoints-total-limit {keep} raised to {MIN_CHECKPOINTS_KEPT}: the newest checkpoint "
                      "may be the one a crash interrupts")
         keep = MIN_CHECKPOINTS_KEPT
-    return Resolved(config=dataclasses.replace(cfg, mixed_precision=precision, checkpoints_total_limit=keep),
+    # The fast paths known to be safe on a GPU are on there by default; on a CPU they buy nothing.
+    fused = cfg.fused_adamw if cfg.fused_adamw is not None else (cuda_available and not cfg.use_8bit_adam)
+    prefetch = cfg.prefetch if cfg.prefetch is not None else cuda_available
+    return Resolved(config=dataclasses.replace(cfg, mixed_precision=precision, checkpoints_total_limit=keep,
+                                               fused_adamw=fused, prefetch=prefetch),
                     precision_source=source, notes=tuple(notes))
 
 

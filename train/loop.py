@@ -12,6 +12,9 @@ rank takes the same number of batches. Gradient accumulation is explicit: a grou
 micro-batches backpropagates loss / k (gradients all-reduced on the last only), then one
 clipped optimizer step; an epoch's last group may be shorter and is weighted by its own size.
 Losses stay on the device and are fetched every `log_every` steps (each step still logged).
+Batches reach the device through `train.data.DeviceBatches` (the next one copied while a step
+computes, with --prefetch); the step calls the UNet and adapter through `train.fast` (attention
+kernels, channels_last, torch.compile); `optimizer_step` syncs with the host only under fp16.
 The LR scheduler is stepped here once per optimizer step (not prepared: accelerate would step it
 once per process).
 
@@ -43,7 +46,7 @@ from train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from train.config import TrainConfig, resolve
 from train.errors import TrainError
 from train.metrics import METRICS_FILE, Metrics, reset_peak_memory, truncate_jsonl
-from train.optim import OptimizerSpec, ScheduleSpec, make_lr_scheduler, make_optimizer
+from train.optim import OptimizerSpec, ScaleWatch, ScheduleSpec, make_lr_scheduler, make_optimizer
 from train.startup import Plan, Startup
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -80,6 +83,8 @@ class Session:
     state: TrainState = field(default_factory=TrainState)
     weight_dtype: torch.dtype = torch.float32
     parameters: dict[str, int] = field(default_factory=dict)  # trainable / frozen counts
+    fast: Any = None  # train.fast.FastStep: the UNet and adapter the step calls (compiled or not)
+    scale_watch: Any = None  # train.optim.ScaleWatch: fp16's skipped steps
 
     @property
     def out(self) -> Path:
@@ -175,7 +180,7 @@ def _load(s: Session) -> None:
     from accelerate.utils import set_seed
     from diffusers import UNet2DConditionModel
 
-    from train import checks
+    from train import checks, fast
     from train.step import Objective, build_adapter, count_parameters, freeze_unet
 
     cfg, plan, accelerator, device = s.cfg, s.plan, s.accelerator, s.accelerator.device
@@ -206,6 +211,9 @@ def _load(s: Session) -> None:
     optimizer = make_optimizer(OptimizerSpec.of(cfg, plan.learning_rate), adapter.parameters())
     lr_scheduler = make_lr_scheduler(ScheduleSpec.of(cfg, plan.total_steps), optimizer)
     adapter, optimizer = accelerator.prepare(adapter, optimizer)
+    s.fast = fast.prepare(cfg, unet, adapter, shapes=len(plan.manifest.geometry.sizes()), log=s.log)
+    s.log.info("optimizer: AdamW (%s); batches copied to the device %s", "8-bit" if cfg.use_8bit_adam else
+               "fused" if cfg.fused_adamw else "foreach", "one ahead (prefetch)" if cfg.prefetch else "when taken")
     # One noise stream per rank (different noise on different samples), reproducible from the seed.
     noise_seed = int(np.random.SeedSequence([cfg.seed, _NOISE_STREAM, s.rank]).generate_state(1, np.uint64)[0] >> 1)
     generator = torch.Generator(device=device).manual_seed(noise_seed)
@@ -217,6 +225,7 @@ def _load(s: Session) -> None:
                                   lr_scheduler=lr_scheduler, noise_generator=generator)
         s.log.info("resumed from %s: step %d, epoch %d, batch %d", ckpt.path, s.state.global_step, s.state.epoch,
                    s.state.batches_done)
+    s.scale_watch = ScaleWatch(accelerator.scaler)  # after the resume: it starts from the restored scale
 
 
 def _nothing_to_do(s: Session) -> TrainResult:
@@ -237,7 +246,7 @@ def fit(s: Session) -> Fit:
     accumulation, checkpoints and validation on schedule, and always a checkpoint at the end."""
     from tqdm.auto import tqdm
 
-    from train.data import make_loader
+    from train.data import DeviceBatches, make_loader
 
     cfg, plan, accelerator, state, log = s.cfg, s.plan, s.accelerator, s.state, s.log
     device, main, world = accelerator.device, accelerator.is_main_process, s.world
@@ -294,7 +303,7 @@ def fit(s: Session) -> Fit:
             loader = make_loader(s.run.store, epoch, manifest=plan.manifest, rank=s.rank,
                                  start_batch=state.batches_done)
             log.info(epoch.stats.describe())  # what the epoch uses and drops, and why
-            batch_iter = iter(loader)
+            batch_iter = DeviceBatches(iter(loader), device, prefetch=cfg.prefetch)
             while state.batches_done < batches and state.global_step < total:
                 group = min(cfg.gradient_accumulation_steps, batches - state.batches_done)
                 loss_sum = torch.zeros((), device=device)
@@ -308,23 +317,19 @@ def fit(s: Session) -> Fit:
                     if samples_file is not None:
                         samples_file.write(json.dumps({"step": state.global_step + 1, "epoch": state.epoch,
                                                        "batch": state.batches_done, "keys": batch.keys}) + "\n")
-                    batch = batch.to(device, non_blocking=True)
                     # Gradients are all-reduced on the group's last backward only.
                     sync = contextlib.nullcontext() if j == group - 1 else accelerator.no_sync(s.adapter)
                     with sync:
                         # No outer autocast: the prepared adapter autocasts itself, and the frozen
                         # UNet runs in its weight dtype as in the reference (autocast would push its
                         # norms and softmax back to fp32: more casts and memory for no gradient).
-                        loss = s.objective.loss(s.unet, s.adapter, batch, s.generator, weight_dtype=s.weight_dtype)
+                        loss = s.objective.loss(s.fast.unet, s.fast.adapter, batch, s.generator,
+                                                weight_dtype=s.weight_dtype)
                         accelerator.backward(loss / group)
+                    s.fast.observe(state.global_step + 1, batch)
                     loss_sum += loss.detach()
                     state.batches_done += 1
-                grad_norm = accelerator.clip_grad_norm_(s.adapter.parameters(), cfg.max_grad_norm)
-                lr = s.lr_scheduler.get_last_lr()[0]  # the rate this step uses
-                s.optimizer.step()
-                if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, no schedule
-                    s.lr_scheduler.step()
-                s.optimizer.zero_grad(set_to_none=True)
+                grad_norm, lr, skipped = optimizer_step(s)
                 state.global_step += 1
                 step_samples = group * cfg.batch_size * world
                 state.samples_seen += step_samples
@@ -332,7 +337,7 @@ def fit(s: Session) -> Fit:
                 if state.batches_done == batches:  # epoch done: a checkpoint here resumes at the next one
                     state.epoch, state.batches_done = state.epoch + 1, 0
                 metrics.add(state.global_step, loss_sum / group, grad_norm, lr, data_wait, step_samples, step_keys,
-                            scaler_skipped=accelerator.optimizer_step_was_skipped)
+                            scaler_skipped=skipped)
                 progress.update(1)
 
                 if state.global_step % cfg.checkpointing_steps == 0:
@@ -358,6 +363,20 @@ def fit(s: Session) -> Fit:
         if samples_file is not None:
             samples_file.close()
     return Fit(seconds=seconds, samples=session_samples, validation_images=validation_images)
+
+
+def optimizer_step(s: Session) -> tuple[torch.Tensor, float, bool]:
+    """Clip, step and advance the schedule once: (gradient norm on the device, the learning rate
+    this step used, whether fp16's loss scaler skipped it). No host sync without a loss scaler
+    (bf16, fp32); with fp16 one, to learn whether the step was skipped (train.optim.ScaleWatch)."""
+    grad_norm = s.accelerator.clip_grad_norm_(s.adapter.parameters(), s.cfg.max_grad_norm)
+    lr = s.lr_scheduler.get_last_lr()[0]  # the rate this step uses
+    s.optimizer.step()
+    skipped = s.scale_watch()
+    if not skipped:  # fp16 overflow: no step, no schedule
+        s.lr_scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr, skipped
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,4 +411,5 @@ def finish(s: Session, done: Fit) -> TrainResult:
                        seconds=done.seconds, samples_per_second=rate, validation_images=done.validation_images)
 
 
-__all__ = ["Fit", "Session", "TrainError", "TrainResult", "finish", "fit", "make_accelerator", "setup", "train"]
+__all__ = ["Fit", "Session", "TrainError", "TrainResult", "finish", "fit", "make_accelerator", "optimizer_step",
+           "setup", "train"]

@@ -1,9 +1,23 @@
 """The optimizer and the LR schedule of a run, each built from its own frozen spec.
 
-AdamW (bitsandbytes' 8-bit AdamW with --use-8bit-adam) over the adapter's parameters, and one of
-diffusers' LR schedules. `train.loop` makes the specs from the resolved config (`OptimizerSpec.of`,
-`ScheduleSpec.of`), builds both, prepares the optimizer with accelerate and steps the scheduler
-itself, once per optimizer step.
+AdamW (fused with --fused-adamw, the default on CUDA; bitsandbytes' 8-bit AdamW with
+--use-8bit-adam) over the adapter's parameters, and one of diffusers' LR schedules. `train.loop`
+makes the specs from the resolved config (`OptimizerSpec.of`, `ScheduleSpec.of`), builds both,
+prepares the optimizer with accelerate and steps the scheduler itself, once per optimizer step.
+
+Two things a checkpoint and fp16 need besides:
+
+- `keep_implementation`: torch's `Optimizer.load_state_dict` takes every param-group entry from the
+  saved state, `fused` and `foreach` included, so a checkpoint written by a CPU run (not fused)
+  would silently turn a GPU run's fused AdamW back into the loop implementation, and the other way
+  round. The implementation is this run's choice; the saved state only brings the numbers.
+- `ScaleWatch`: whether fp16's loss scaler skipped the optimizer step. accelerate tells that by
+  noticing that `optimizer.step` was not called, but a fused AdamW is always called (it skips an
+  overflowed step inside its kernel), so accelerate would report no skip, the LR schedule would
+  advance over skipped steps and the inf gradient norm would look like a diverged run. The scaler
+  lowers its scale exactly when it found inf/NaN gradients (and only then), so a drop in
+  `scaler.get_scale()` is the skip. That read is one host sync per optimizer step, under fp16
+  only (without fused AdamW the scaler syncs there anyway); bf16 and fp32 have no scaler.
 """
 
 from __future__ import annotations
@@ -24,11 +38,14 @@ class OptimizerSpec:
     weight_decay: float
     eps: float
     use_8bit: bool = False
+    fused: bool = False  # torch's fused AdamW (CUDA; CPU kernels exist too)
 
     @classmethod
     def of(cls, cfg: TrainConfig, learning_rate: float) -> "OptimizerSpec":
+        """From a resolved config (`fused_adamw` is decided by `train.config.resolve`)."""
         return cls(learning_rate=learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, use_8bit=cfg.use_8bit_adam)
+                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, use_8bit=cfg.use_8bit_adam,
+                   fused=bool(cfg.fused_adamw))
 
 
 @dataclass(frozen=True)
@@ -47,15 +64,55 @@ class ScheduleSpec:
 
 
 def make_optimizer(spec: OptimizerSpec, params: Any) -> torch.optim.Optimizer:
-    """AdamW with the spec's hyper-parameters (bitsandbytes' 8-bit AdamW with `use_8bit`)."""
+    """AdamW with the spec's hyper-parameters: fused with `fused`, bitsandbytes' 8-bit AdamW with
+    `use_8bit`, else torch's default (foreach) implementation."""
+    kwargs = dict(lr=spec.learning_rate, betas=spec.betas, weight_decay=spec.weight_decay, eps=spec.eps)
     if spec.use_8bit:
+        if spec.fused:
+            raise ValueError("fused and 8-bit AdamW are different optimizers: pick one")
         import bitsandbytes as bnb
 
-        optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
-    return optimizer_cls(params, lr=spec.learning_rate, betas=spec.betas, weight_decay=spec.weight_decay,
-                         eps=spec.eps)
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, fused=True if spec.fused else None, **kwargs)
+
+
+# Param-group entries that choose how the update is computed, not what it computes.
+_IMPLEMENTATION_KEYS = ("fused", "foreach")
+
+
+def keep_implementation(saved: dict, optimizer: Any) -> dict:
+    """`saved` (an optimizer state dict about to be loaded into `optimizer`) with each param group's
+    implementation entries replaced by `optimizer`'s own, so loading it restores the moments and
+    step counts but not how the checkpoint's run computed them. torch then places the step
+    counters where this implementation wants them (on the device for fused AdamW)."""
+    groups = optimizer.param_groups
+    if len(saved.get("param_groups", [])) != len(groups):
+        return saved  # load_state_dict names the mismatch
+    out = dict(saved)
+    out["param_groups"] = [
+        {**g, **{k: now[k] for k in _IMPLEMENTATION_KEYS if k in now}} for g, now in zip(saved["param_groups"], groups)
+    ]
+    return out
+
+
+class ScaleWatch:
+    """Whether the last optimizer step was skipped by fp16's loss scaler (see the module docstring).
+
+    Build it after the scaler's state is final (after a resume) and call it once after every
+    `optimizer.step()`. Without a scaler it always answers False and never touches the device.
+    """
+
+    def __init__(self, scaler: Any):
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self.scale = self.scaler.get_scale() if self.scaler is not None else None
+
+    def __call__(self) -> bool:
+        if self.scaler is None:
+            return False
+        scale = self.scaler.get_scale()  # the one host sync per step, fp16 only
+        skipped = scale < self.scale  # GradScaler.update backs off exactly when it found inf/NaN
+        self.scale = scale
+        return skipped
 
 
 def make_lr_scheduler(spec: ScheduleSpec, optimizer: torch.optim.Optimizer) -> Any:
@@ -66,4 +123,5 @@ def make_lr_scheduler(spec: ScheduleSpec, optimizer: torch.optim.Optimizer) -> A
                          num_training_steps=spec.total_steps, num_cycles=spec.num_cycles, power=spec.power)
 
 
-__all__ = ["OptimizerSpec", "ScheduleSpec", "make_lr_scheduler", "make_optimizer"]
+__all__ = ["OptimizerSpec", "ScaleWatch", "ScheduleSpec", "keep_implementation", "make_lr_scheduler",
+           "make_optimizer"]
