@@ -100,6 +100,7 @@ _IDENTITY_LABELS = {
     "max_samples": "--max-samples",
     "caption_dropout": "--caption-dropout",
     "soft_threshold": "soft threshold range (--soft-threshold-range, or the cache's default)",
+    "validation_split": "--validation-split (which images are held out of training)",
 }
 
 
@@ -120,6 +121,27 @@ def stream_resume_problems(saved: dict | None, now: dict) -> list[str]:
         else:
             out.append(line)
     return sorted(set(out), key=out.index)
+
+
+def decode_verified(shard: str, index: int, key: str, members: dict[str, bytes],
+                    manifest: Manifest | None) -> tuple[schema.Sample, np.ndarray]:
+    """(sample, conditioning image uint8 (H, W, 3)) of one sample of shard `shard` (index `index`),
+    held to `manifest` (dtypes, sizes, widths, finite values; None: structure only). A ShardError
+    names the shard and the sample. The one check every sample passes before train uses it."""
+    try:
+        sample = schema.decode_sample(key, members)
+        expected = None
+        if manifest is not None:
+            f = manifest.latent.vae_scale_factor
+            expected = (sample.latent_mean.shape[1] * f, sample.latent_mean.shape[2] * f)
+        cond = sample.cond_image(expected_size=expected)
+    except schema.SampleError as e:
+        raise ShardError(f"{shard}: {e} {_VERIFY_HINT}") from e
+    if manifest is not None:
+        problems = sample_problems(sample, manifest, index, cond=cond)
+        if problems:
+            raise ShardError(f"{shard}: sample {key}: " + "; ".join(problems) + f" {_VERIFY_HINT}")
+    return sample, cond
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,19 +322,7 @@ class CacheStream(IterableDataset):
         means, stds, embeds, pooled, time_ids, conds, keys = [], [], [], [], [], [], []
         levels: list[int] = []
         for shard, index, key, members, shape in items:
-            try:
-                sample = schema.decode_sample(key, members)
-                expected = None
-                if self.manifest is not None:
-                    f = self.manifest.latent.vae_scale_factor
-                    expected = (sample.latent_mean.shape[1] * f, sample.latent_mean.shape[2] * f)
-                cond = sample.cond_image(expected_size=expected)
-            except schema.SampleError as e:
-                raise ShardError(f"{shard}: {e} {_VERIFY_HINT}") from e
-            if self.manifest is not None:
-                problems = sample_problems(sample, self.manifest, index, cond=cond)
-                if problems:
-                    raise ShardError(f"{shard}: sample {key}: " + "; ".join(problems) + f" {_VERIFY_HINT}")
+            sample, cond = decode_verified(shard, index, key, members, self.manifest)
             self._check_sample(shard, shape, sample, cond, first=(means[0], conds[0], keys[0]) if means else None)
             k = sample.prompt_embeds.shape[0]
             c, dropped = sample_choice(seed=self.spec.seed, epoch=self.epoch, key=key, num_captions=k,
