@@ -132,7 +132,9 @@ DEMO_PROMPT = $$(head -n 1 $(DEMO_DATA)/prompt.json | $(PY) -c "import json,sys;
 $(DEMO_DATA)/prompt.json: | install
 	$(PY) -m precompute.fill $(DEMO_DATA) --n $(FILL_N) --resolution 64 --aspect mixed
 
-# The demo exercises aspect buckets and flipped views (mixed 64x64, 64x96, 96x64, 64x128 images).
+# The demo exercises aspect buckets and flipped views (mixed 64x64, 64x96, 96x64, 64x128 images),
+# canny conditions, the validation loss on held-out images and the validation images' condition
+# adherence (its summary ends with both).
 demo: install $(TINY)/model_index.json $(DEMO_DATA)/prompt.json ## tiny model + fill data -> precompute -> train -> validation grid (offline, CPU)
 	$(PY) -m precompute --config configs/demo/precompute.toml --model $(TINY) --data $(DEMO_DATA) --cache $(DEMO_CACHE)
 	$(PY) -m shards stats $(DEMO_CACHE)
@@ -145,8 +147,9 @@ demo: install $(TINY)/model_index.json $(DEMO_DATA)/prompt.json ## tiny model + 
 	@echo "  fill dataset          $(DEMO_DATA)"
 	@echo "  cache                 $(DEMO_CACHE)   (python -m shards ls $(DEMO_CACHE))"
 	@echo "  adapter + model card  $(DEMO_OUT)/"
-	@echo "  validation grids      $(DEMO_OUT)/validation/"
+	@echo "  validation grids      $(DEMO_OUT)/validation/   (labelled: step-NNNNNN.png)"
 	@echo "  loss curve            $(DEMO_OUT)/loss_curve.png"
+	@$(PY) -m train summary $(DEMO_OUT)
 
 bench: install ## precompute and train-step benchmarks on the tiny model
 	$(PY) bench/precompute.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,16 @@ def test_make_demo_runs_end_to_end(tmp_path):
     losses = [json.loads(line)["loss"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert len(losses) >= 1 and all(np.isfinite(losses))
+
+    # The summary ends with how good the adapter is: the validation loss on held-out images and the
+    # condition adherence of the validation images (the demo cache's conditions are canny edges).
+    assert manifest["identity"]["condition"]["method"] == "canny"
+    assert re.search(r"\n  validation loss +\d+\.\d{6} at step 40 \(best \d+\.\d{6} at step \d+; \d+ image", proc.stdout)
+    assert re.search(r"\n  condition adherence +\d\.\d{4} edge F1 at step 40 \(best", proc.stdout)
+    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "validation_loss" in r] == [0, 20, 40]
+    assert [r["step"] for r in records if "adherence" in r] == [20, 40]
+    assert all(0.0 <= r["adherence"] <= 1.0 for r in records if "adherence" in r)
 
 
 def test_make_train_precomputes_a_missing_cache_once(tiny_model, fill_data, tmp_path):

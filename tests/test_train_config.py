@@ -408,3 +408,69 @@ def test_precompute_records_no_secret_of_its_locations():
                            cache="s3://bucket/c")
     assert cfg.resolved()["data"] == "https://host.example/tars/{00000..00003}.tar?sv=REDACTED&sig=REDACTED"
     assert "s3cr3t" not in json.dumps(cfg.resolved())
+
+
+# ---------------------------------------------------------------------------------------------
+# Knowing when the adapter is good: validation loss, EMA, validation files
+
+
+def test_validation_loss_and_ema_settings_are_checked_together(tmp_path):
+    cfg = _cfg(tmp_path, validation_split=1.5, validation_cache=str(tmp_path / "no-such-cache"),
+               validation_loss_steps=0, validation_loss_timesteps=0, ema_decay=1.0, save_ema=True)
+    with pytest.raises(ConfigError) as err:
+        cfg.validate(cuda_available=False)
+    assert err.value.problems == [
+        "--validation-split must be a fraction in [0, 1), got 1.5",
+        "--validation-split and --validation-cache both name the validation loss's samples: give one",
+        f"validation cache folder {str(tmp_path / 'no-such-cache')!r} does not exist",
+        "--validation-loss-steps must be >= 1, got 0",
+        "--validation-loss-timesteps must be >= 1, got 0",
+        "--ema-decay must be in [0, 1) (0 = no EMA), got 1.0",
+    ]
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, ema_warmup_steps=10, save_ema=True).validate(cuda_available=False)
+    assert err.value.problems == ["--ema-warmup-steps needs --ema-decay (the EMA is off)",
+                                  "--save-ema needs --ema-decay (there is no EMA to save)"]
+    assert _cfg(tmp_path, validation_split=0.05, ema_decay=0.999, ema_warmup_steps=100,
+                save_ema=True).validate(cuda_available=False) == []
+    assert not _cfg(tmp_path, validation_split=0.0).validation_loss_enabled  # 0: off
+
+
+def test_validation_file_pairs_from_jsonl_and_csv(tmp_path):
+    (tmp_path / "conds").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "conds" / name).write_bytes(b"exists")
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text('{"image": "conds/a.png", "prompt": "a cat"}\n\n'
+                     f'{{"conditioning_image": "{tmp_path / "conds/b.png"}", "text": "a dog"}}\n')
+    csv_file = tmp_path / "pairs.csv"
+    csv_file.write_text('image,prompt\nconds/b.png,"a bird, flying"\n')
+    cfg = _cfg(tmp_path, validation_image=(str(tmp_path / "conds/a.png"),), validation_prompt=("first",),
+               validation_file=str(jsonl))
+    assert cfg.validate(cuda_available=False) == [] and cfg.validation_enabled
+    assert cfg.validation_pairs() == [(str(tmp_path / "conds/a.png"), "first"),
+                                      (str(tmp_path / "conds/a.png"), "a cat"),
+                                      (str(tmp_path / "conds/b.png"), "a dog")]
+    alone = _cfg(tmp_path, validation_file=str(csv_file))
+    assert alone.validation_enabled and alone.validation_pairs() == [(str(tmp_path / "conds/b.png"), "a bird, flying")]
+
+
+def test_a_bad_validation_file_lists_every_problem(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "missing.png", "prompt": "x"}\nnot json\n{"image": "a.png"}\n[1, 2]\n')
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, validation_file=str(bad)).validate(cuda_available=False)
+    problems = [p.replace(str(bad), "FILE") for p in err.value.problems]
+    assert problems[0].startswith("--validation-file FILE: line 2 is not JSON (")
+    assert problems[1:] == [
+        "--validation-file FILE: line 3 has no a prompt (prompt or text)",
+        "--validation-file FILE: line 4 is not an object",
+        f"--validation-file FILE: image {str(tmp_path / 'missing.png')!r} does not exist",
+    ]
+    other = tmp_path / "pairs.txt"
+    other.write_text("x")
+    for path, message in ((other, "unknown format '.txt'; use .jsonl (JSON lines) or .csv"),
+                          (tmp_path / "none.jsonl", "cannot read it (No such file or directory)")):
+        with pytest.raises(ConfigError) as err:
+            _cfg(tmp_path, validation_file=str(path)).validate(cuda_available=False)
+        assert err.value.problems == [f"--validation-file {path}: {message}"]

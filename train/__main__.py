@@ -10,6 +10,11 @@ are the same.
 
 User errors (bad settings, a cache that does not fit the model, an unusable checkpoint, a damaged
 shard) print one message and exit with status 1, without a traceback (`shards.runtime`).
+
+Two commands read finished runs instead of training: `python -m train compare RUN...` and
+`python -m train summary RUN` (`train.compare`). They are picked by the first argument, before the
+training command parses anything, so training's own options and spellings are untouched (training
+takes no positional argument).
 """
 
 from __future__ import annotations
@@ -101,5 +106,20 @@ def main(config: str | None = None, **options: Any) -> None:
                 message=user_message, continue_hint="continue with --resume latest (the newest complete checkpoint)")
 
 
+TOOLS = ("compare", "summary")  # `python -m train <tool> ...`: train.compare
+
+
+def dispatch(argv: list[str]) -> None:
+    """`python -m train`: a run-reading tool when the first argument names one, else training."""
+    if argv and argv[0] in TOOLS:
+        from train.compare import main as tools
+
+        tools(argv)
+    else:
+        main(args=argv, prog_name="python -m train")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    dispatch(sys.argv[1:])

@@ -4,6 +4,8 @@ Layout of `OUT/checkpoints/step-000500/`:
 
     adapter/                      T2IAdapter.save_pretrained (config.json + safetensors): usable
                                   as an adapter on its own
+    ema/                          with --ema-decay: the EMA of the adapter's weights, the same kind
+                                  of folder (train.ema)
     optimizer.json/.safetensors   optimizer state: JSON structure, tensors in safetensors
     lr_scheduler.json             LR schedule position
     grad_scaler.json              fp16 loss-scale state (only with fp16)
@@ -49,6 +51,7 @@ CHECKPOINT_DIR = "checkpoints"
 COMPLETE_FILE = "COMPLETE"
 STATE_FILE = "state.json"
 ADAPTER_DIR = "adapter"
+EMA_DIR = "ema"
 FORMAT_VERSION = 2  # 2: COMPLETE records each file's sha256
 _NAME = re.compile(r"^step-(\d{6,})$")
 _TMP_PREFIX = ".tmp-"
@@ -73,6 +76,8 @@ RESUME_MUST_MATCH = (
     "adam_epsilon",
     "adam_weight_decay",
     "mixed_precision",
+    "ema_decay",  # the EMA continues only with the same average (absent from older checkpoints:
+    "ema_warmup_steps",  # compared with the setting's default, no EMA)
 )
 
 
@@ -331,6 +336,7 @@ def save_checkpoint(
     noise_generator: torch.Generator,
     meta: dict[str, Any],
     keep: int | None,
+    ema: Any = None,
 ) -> Path:
     """Save on every rank (collective: each rank writes its RNG state). Returns the final folder.
 
@@ -344,7 +350,7 @@ def save_checkpoint(
     final = root / name
     try:
         return _save(accelerator, output_dir, root, tmp, final, state=state, adapter=adapter, optimizer=optimizer,
-                     lr_scheduler=lr_scheduler, noise_generator=noise_generator, meta=meta, keep=keep)
+                     lr_scheduler=lr_scheduler, noise_generator=noise_generator, meta=meta, keep=keep, ema=ema)
     except Exception as e:
         # safetensors reports I/O failures as SafetensorError("...IoError(Os { code: 28 ...")
         if not is_io_failure(e):
@@ -361,7 +367,7 @@ def save_checkpoint(
 
 def _save(accelerator: Any, output_dir: str | Path, root: Path, tmp: Path, final: Path, *, state: TrainState,
           adapter: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any,
-          noise_generator: torch.Generator, meta: dict[str, Any], keep: int | None) -> Path:
+          noise_generator: torch.Generator, meta: dict[str, Any], keep: int | None, ema: Any = None) -> Path:
     name = final.name
     if accelerator.is_main_process:
         if tmp.exists():  # left by a run that died while saving this very step
@@ -373,6 +379,8 @@ def _save(accelerator: Any, output_dir: str | Path, root: Path, tmp: Path, final
 
     if accelerator.is_main_process:
         adapter.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
+        if ema is not None:  # train.ema.EMA: its module is an adapter of its own
+            ema.module.save_pretrained(tmp / EMA_DIR, safe_serialization=True)
         save_tree(tmp, "optimizer", optimizer.state_dict())
         save_tree(tmp, "lr_scheduler", lr_scheduler.state_dict())
         scaler = getattr(accelerator, "scaler", None)
@@ -481,9 +489,17 @@ def resume_problems(ckpt: Checkpoint, now: dict[str, Any]) -> list[str]:
 
         problems += stream_resume_problems(ckpt.meta.get("stream"), now["stream"])
     for key in RESUME_MUST_MATCH:
-        if saved_cfg.get(key) != cfg.get(key):
-            problems.append(f"--{key.replace('_', '-')}: checkpoint {saved_cfg.get(key)!r}, now {cfg.get(key)!r}")
+        # A setting added since the checkpoint was saved counts as its default there.
+        saved, current = saved_cfg.get(key, _setting_default(key)), cfg.get(key, _setting_default(key))
+        if saved != current:
+            problems.append(f"--{key.replace('_', '-')}: checkpoint {saved!r}, now {current!r}")
     return list(dict.fromkeys(problems))  # e.g. the seed and the world size are in the stream too
+
+
+def _setting_default(key: str) -> Any:
+    from train.config import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[key].default
 
 
 def load_checkpoint(
@@ -494,8 +510,10 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     noise_generator: torch.Generator,
+    ema: Any = None,
 ) -> TrainState:
-    """Restore every piece of state in place (adapter = the unwrapped model); return the position.
+    """Restore every piece of state in place (adapter = the unwrapped model, `ema` a train.ema.EMA
+    when the run keeps one); return the position.
     A file that parses but does not fit (its files were rewritten together with COMPLETE) is a
     CheckpointError naming the file, never a raw KeyError from deep inside torch."""
     path = ckpt.path
@@ -506,6 +524,13 @@ def load_checkpoint(
         except StopIteration:
             raise CheckpointError(f"checkpoint {path}: no adapter weights in {ADAPTER_DIR}/") from None
         adapter.load_state_dict(weights, strict=True)
+        if ema is not None:
+            part = f"{EMA_DIR}/"
+            try:
+                ema.load_state_dict(load_file(str(next((path / EMA_DIR).glob("*.safetensors")))))
+            except StopIteration:
+                raise CheckpointError(f"checkpoint {path}: no EMA weights in {EMA_DIR}/ although the run keeps an "
+                                      "EMA (--ema-decay)") from None
         part = "optimizer.json/.safetensors"
         # The moments and step counts come back; fused or not stays this run's choice.
         optimizer.load_state_dict(keep_implementation(load_tree(path, "optimizer"), optimizer))

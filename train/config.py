@@ -156,6 +156,15 @@ class TrainConfig:
                                      "same).", "speed")
     seed: int = _f(0, "Seed of everything random: adapter init, data order, caption choice and dropout, noise, "
                       "timesteps, validation samples.", "optimization")
+    ema_decay: float = _f(0.0, "Keep an exponential moving average of the adapter's weights with this decay per "
+                               "optimizer step (e.g. 0.999; 0 = off). Checkpointed and resumed exactly; validation "
+                               "images and the validation loss then use the EMA weights, and OUT/ema/ holds it "
+                               "(see --save-ema).", "optimization")
+    ema_warmup_steps: int = _f(0, "Ramp the EMA decay up linearly over the first N optimizer steps (decay x step / N), "
+                                  "so the average follows a new adapter's early changes.", "optimization")
+    save_ema: bool = _f(False, "Write the EMA weights as the run's adapter (OUT/diffusion_pytorch_model.safetensors) "
+                               "instead of the trained ones (which the last checkpoint keeps). Needs --ema-decay.",
+                        "optimization")
 
     # --- checkpoints ----------------------------------------------------------------------------
     checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N optimizer steps (and at the end).",
@@ -178,9 +187,28 @@ class TrainConfig:
     validation_steps: int = _f(100, "Render validation images every N optimizer steps (and at the end).", "validation")
     validation_inference_steps: int = _f(20, "Denoising steps per validation image.", "validation")
     validation_guidance_scale: float = _f(5.0, "Classifier-free guidance scale of validation images.", "validation")
-    validation_resolution: int | None = _f(None, "Validation image size in pixels, a multiple of the adapter's "
-                                                 "coarsest feature stride (32 for SDXL; checked at start). Default: "
-                                                 "the cache resolution.", "validation")
+    validation_resolution: int | None = _f(None, "Square validation image size in pixels, a multiple of the "
+                                                 "adapter's coarsest feature stride (32 for SDXL; checked at start). "
+                                                 "Default: each conditioning image's aspect ratio mapped to the "
+                                                 "nearest of the cache's buckets (the cache resolution, square, for a "
+                                                 "cache without buckets).", "validation")
+    validation_file: str | None = _f(None, "More validation pairs from a file: JSON lines or CSV with an image column "
+                                           "(image or conditioning_image; paths relative to the file) and a prompt "
+                                           "column (prompt or text). Added to --validation-image/--validation-prompt.",
+                                     "validation", metavar="JSONL|CSV")
+    validation_split: float | None = _f(None, "Hold out this fraction of the cache's images (all their views) from "
+                                              "training and measure the validation loss on them. The choice hashes "
+                                              "the image keys only: the same images for every run on the cache, "
+                                              "whatever the seed or the number of processes.", "validation",
+                                        metavar="FRACTION")
+    validation_cache: str | None = _f(None, "Measure the validation loss on every image of this other cache (folder, "
+                                            "s3:// or https://), precomputed with the same model and settings as "
+                                            "--cache.", "validation", metavar="DIR|URL")
+    validation_loss_steps: int = _f(100, "Measure the validation loss (--validation-split or --validation-cache) "
+                                         "every N optimizer steps, at the start of a new run and at the end.",
+                                    "validation")
+    validation_loss_timesteps: int = _f(8, "Timesteps of the validation loss: every sample at K fixed quantiles of the "
+                                           "training timestep distribution, with fixed noise.", "validation")
 
     # --- logging --------------------------------------------------------------------------------
     report_to: str = _f("none", "Tracker: none | tensorboard | wandb. Loss and lr always go to OUT/logs/metrics.jsonl "
@@ -227,16 +255,28 @@ class TrainConfig:
 
     @property
     def validation_enabled(self) -> bool:
-        return bool(self.validation_image or self.validation_prompt)
+        return bool(self.validation_image or self.validation_prompt or self.validation_file)
+
+    @property
+    def validation_loss_enabled(self) -> bool:
+        return bool(self.validation_split or self.validation_cache)
+
+    @property
+    def ema_enabled(self) -> bool:
+        return bool(self.ema_decay)
 
     def validation_pairs(self) -> list[tuple[str, str]]:
-        """(image, prompt) pairs: 1 image with N prompts, N images with 1 prompt, or N with N."""
+        """(image, prompt) pairs: 1 image with N prompts, N images with 1 prompt, or N with N; then
+        the pairs of --validation-file."""
         images, prompts = list(self.validation_image), list(self.validation_prompt)
         if len(images) == 1 and len(prompts) > 1:
             images = images * len(prompts)
         elif len(prompts) == 1 and len(images) > 1:
             prompts = prompts * len(images)
-        return list(zip(images, prompts))
+        pairs = list(zip(images, prompts))
+        if self.validation_file:
+            pairs += read_validation_file(self.validation_file)[0]
+        return pairs
 
     @property
     def logging_path(self) -> Path:
@@ -249,7 +289,7 @@ class TrainConfig:
 
         d = dataclasses.asdict(self)
         d["hub_token"] = None
-        for name in ("model", "cache", "vae", "adapter"):
+        for name in ("model", "cache", "vae", "adapter", "validation_cache"):
             d[name] = redact(d[name])
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
@@ -369,8 +409,84 @@ class TrainConfig:
                                                        or self.validation_resolution % 8):
             problems.append(f"--validation-resolution must be a positive multiple of 8, got "
                             f"{self.validation_resolution}")
+        if self.validation_file is not None:
+            file_pairs, file_problems = read_validation_file(self.validation_file)
+            problems += file_problems
+            problems += [f"--validation-file {self.validation_file}: image {image!r} does not exist"
+                         for image, _ in file_pairs if not Path(image).is_file()]
+
+        if self.validation_split is not None and not 0.0 <= self.validation_split < 1.0:
+            problems.append(f"--validation-split must be a fraction in [0, 1), got {self.validation_split}")
+        if self.validation_split and self.validation_cache:
+            problems.append("--validation-split and --validation-cache both name the validation loss's samples: "
+                            "give one")
+        if self.validation_cache and "://" not in self.validation_cache and not Path(self.validation_cache).is_dir():
+            problems.append(f"validation cache folder {self.validation_cache!r} does not exist")
+        for name in ("validation_loss_steps", "validation_loss_timesteps"):
+            positive(name)
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"--ema-decay must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
+        positive("ema_warmup_steps", 0)
+        if self.ema_warmup_steps and not self.ema_decay:
+            problems.append("--ema-warmup-steps needs --ema-decay (the EMA is off)")
+        if self.save_ema and not self.ema_decay:
+            problems.append("--save-ema needs --ema-decay (there is no EMA to save)")
 
         return problems
+
+
+IMAGE_COLUMNS = ("image", "conditioning_image")
+PROMPT_COLUMNS = ("prompt", "text")
+MAX_VALIDATION_FILE_BYTES = 16 * 2**20
+
+
+def read_validation_file(path: str | Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """((image, prompt) pairs, problems) of a --validation-file: JSON lines (one object per line) or
+    CSV with a header, by suffix (.jsonl/.json: JSON lines, .csv: CSV). Columns `image` (or
+    `conditioning_image`) and `prompt` (or `text`); relative image paths are relative to the file's
+    folder. Every problem is listed, one per line or file-level fault."""
+    import csv
+    import io
+    import json
+
+    path = Path(path)
+    flag = f"--validation-file {path}"
+    try:
+        if path.stat().st_size > MAX_VALIDATION_FILE_BYTES:
+            return [], [f"{flag}: larger than {MAX_VALIDATION_FILE_BYTES // 2**20} MiB"]
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        return [], [f"{flag}: cannot read it ({getattr(e, 'strerror', None) or e})"]
+    rows: list[tuple[int, Any]] = []
+    problems: list[str] = []
+    if path.suffix.lower() == ".csv":
+        rows = list(enumerate(csv.DictReader(io.StringIO(text)), start=2))
+    elif path.suffix.lower() in (".jsonl", ".json"):
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except ValueError as e:
+                    problems.append(f"{flag}: line {n} is not JSON ({e})")
+    else:
+        return [], [f"{flag}: unknown format {path.suffix!r}; use .jsonl (JSON lines) or .csv"]
+    pairs = []
+    for n, row in rows:
+        if not isinstance(row, dict):
+            problems.append(f"{flag}: line {n} is not an object")
+            continue
+        image = next((row[c] for c in IMAGE_COLUMNS if isinstance(row.get(c), str) and row[c].strip()), None)
+        prompt = next((row[c] for c in PROMPT_COLUMNS if isinstance(row.get(c), str) and row[c].strip()), None)
+        if image is None or prompt is None:
+            missing = " and ".join(what for what, v in (("an image (image or conditioning_image)", image),
+                                                          ("a prompt (prompt or text)", prompt)) if v is None)
+            problems.append(f"{flag}: line {n} has no {missing}")
+            continue
+        image_path = Path(image.strip()).expanduser()
+        pairs.append((str(image_path if image_path.is_absolute() else path.parent / image_path), prompt))
+    if not pairs and not problems:
+        problems.append(f"{flag}: holds no image/prompt pair")
+    return pairs, problems
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,7 @@ _IDENTITY_LABELS = {
     "max_samples": "--max-samples",
     "caption_dropout": "--caption-dropout",
     "soft_threshold": "soft threshold range (--soft-threshold-range, or the cache's default)",
+    "validation_split": "--validation-split (which images are held out of training)",
 }
 
 
@@ -123,6 +124,32 @@ def stream_resume_problems(saved: dict | None, now: dict) -> list[str]:
         else:
             out.append(line)
     return sorted(set(out), key=out.index)
+
+
+def decode_verified(shard: str, index: int, key: str, members: dict[str, bytes], manifest: Manifest | None,
+                    planned: Hashable = None) -> tuple[schema.Sample, np.ndarray]:
+    """(sample, conditioning image uint8 (H, W, 3)) of one sample of shard `shard` (index `index`),
+    held to `manifest` (dtypes, sizes, widths, finite values; None: structure only) and, when the
+    plan knows it, to its `planned` latent (h, w). A ShardError names the shard and the sample.
+    The one check every sample passes before train uses it. Sizes are held to the manifest's
+    geometry before the PNG is decoded (from its header first), so no sample can make a worker
+    decode more than one image of that geometry."""
+    try:
+        sample = schema.decode_sample(key, members)
+    except schema.SampleError as e:
+        raise ShardError(f"{shard}: {e} {_VERIFY_HINT}") from e
+    h, w = sample.latent_mean.shape[1:]
+    if planned is not None and planned != (h, w):
+        raise ShardError(f"{shard}: sample {key} has latent {h}x{w}, its record says {planned[0]}x{planned[1]}")
+    if manifest is None:  # bare records (tests of the plan): structural checks only
+        try:
+            return sample, sample.cond_image()
+        except schema.SampleError as e:
+            raise ShardError(f"{shard}: {e} {_VERIFY_HINT}") from e
+    problems, cond = check_sample(sample, manifest, index)
+    if problems:
+        raise ShardError(f"{shard}: sample {key}: " + "; ".join(problems) + f" {_VERIFY_HINT}")
+    return sample, cond
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,23 +347,7 @@ class CacheStream(IterableDataset):
         means, stds, embeds, pooled, time_ids, conds, keys = [], [], [], [], [], [], []
         levels: list[int] = []
         for shard, index, key, members, shape in items:
-            try:
-                sample = schema.decode_sample(key, members)
-            except schema.SampleError as e:
-                raise ShardError(f"{shard}: {e} {_VERIFY_HINT}") from e
-            self._check_planned(shard, shape, sample)
-            if self.manifest is not None:
-                # Sizes are held to the manifest's geometry before the PNG is decoded (from its
-                # header first), so no sample can make a worker decode more than one image of
-                # that geometry.
-                problems, cond = check_sample(sample, self.manifest, index)
-                if problems:
-                    raise ShardError(f"{shard}: sample {key}: " + "; ".join(problems) + f" {_VERIFY_HINT}")
-            else:  # bare records (tests of the plan): structural checks only
-                try:
-                    cond = sample.cond_image()
-                except schema.SampleError as e:
-                    raise ShardError(f"{shard}: {e} {_VERIFY_HINT}") from e
+            sample, cond = decode_verified(shard, index, key, members, self.manifest, planned=shape)
             self._check_sample(shard, sample, cond, first=(means[0], conds[0], keys[0]) if means else None)
             k = sample.prompt_embeds.shape[0]
             c, dropped = sample_choice(seed=self.spec.seed, epoch=self.epoch, key=key, num_captions=k,
@@ -371,14 +382,6 @@ class CacheStream(IterableDataset):
             cond_levels=torch.tensor(levels, dtype=torch.uint8) if self.spec.soft_threshold is not None else None,
             keys=keys,
         )
-
-    @staticmethod
-    def _check_planned(shard: str, planned: Hashable, sample: schema.Sample) -> None:
-        h, w = sample.latent_mean.shape[1:]
-        if planned is not None and planned != (h, w):
-            raise ShardError(
-                f"{shard}: sample {sample.key} has latent {h}x{w}, its record says {planned[0]}x{planned[1]}"
-            )
 
     def _check_sample(self, shard: str, sample: schema.Sample, cond: np.ndarray, first) -> None:
         if first is not None:

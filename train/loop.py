@@ -6,6 +6,13 @@ starts accelerate and runs every start-up refusal (`train.startup`) before loadi
 `fit` runs the loop and checkpoints; `finish` checks that every rank holds the same adapter and
 writes OUT's deliverables (`train.outputs`). `train.metrics` records each step.
 
+Knowing when the adapter is good, in helpers of their own beside the step: `_update_ema` after
+every optimizer step (`train.ema`, with --ema-decay), `_evaluate_now` for the validation loss
+(`train.evaluate`: at the start of a new run, every --validation-loss-steps and at the end, before
+that step's checkpoint so a resumed run has the record), and `validate_now` for the images and
+their condition adherence (`train.validation`, `train.adherence`). Both evaluations use the EMA
+weights when there is an EMA (`_eval_adapter`).
+
 The loop: accelerate for devices, DDP and mixed precision; the data loader is built here per
 epoch from `train.data` (never passed through `accelerator.prepare`, docs/background.md section 3) and every
 rank takes the same number of batches. Gradient accumulation is explicit: a group of k
@@ -44,6 +51,7 @@ import torch
 
 from train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from train.config import TrainConfig, resolve
+from train.ema import EMA, EMASpec
 from train.errors import TrainError
 from train.metrics import METRICS_FILE, Metrics, reset_peak_memory, truncate_jsonl
 from train.optim import OptimizerSpec, ScaleWatch, ScheduleSpec, make_lr_scheduler, make_optimizer
@@ -63,6 +71,7 @@ class TrainResult:
     seconds: float  # this process's wall time in the loop
     samples_per_second: float  # this session's throughput, all ranks
     validation_images: list[Path]
+    validation_loss: float | None = None  # the last one measured in this session
 
 
 @dataclass
@@ -85,6 +94,7 @@ class Session:
     parameters: dict[str, int] = field(default_factory=dict)  # trainable / frozen counts
     fast: Any = None  # train.fast.FastStep: the UNet and adapter the step calls (compiled or not)
     scale_watch: Any = None  # train.optim.ScaleWatch: fp16's skipped steps
+    ema: EMA | None = None  # --ema-decay: the EMA of the adapter's weights, on every rank
 
     @property
     def out(self) -> Path:
@@ -114,6 +124,8 @@ class Fit:
     seconds: float
     samples: int  # all ranks
     validation_images: list[Path]
+    validation_loss: float | None = None  # the last one measured in this session
+    validation_sheet: Path | None = None  # the labelled page of the last validation images
 
 
 def _get_logger():
@@ -219,10 +231,12 @@ def _load(s: Session) -> None:
     generator = torch.Generator(device=device).manual_seed(noise_seed)
     s.unet, s.adapter, s.optimizer, s.lr_scheduler = unet, adapter, optimizer, lr_scheduler
     s.objective, s.generator = Objective(plan.scheduler_config, device), generator
+    if cfg.ema_enabled:  # starts as the initial adapter; a checkpoint's EMA replaces it below
+        s.ema = EMA(accelerator.unwrap_model(adapter), EMASpec(cfg.ema_decay, cfg.ema_warmup_steps))
     ckpt = s.run.checkpoint
     if ckpt is not None:
         s.state = load_checkpoint(ckpt, accelerator, adapter=accelerator.unwrap_model(adapter), optimizer=optimizer,
-                                  lr_scheduler=lr_scheduler, noise_generator=generator)
+                                  lr_scheduler=lr_scheduler, noise_generator=generator, ema=s.ema)
         s.log.info("resumed from %s: step %d, epoch %d, batch %d", ckpt.path, s.state.global_step, s.state.epoch,
                    s.state.batches_done)
     s.scale_watch = ScaleWatch(accelerator.scaler)  # after the resume: it starts from the restored scale
@@ -235,6 +249,40 @@ def _nothing_to_do(s: Session) -> TrainResult:
     s.accelerator.end_training()
     return TrainResult(output_dir=s.out, global_step=ckpt.state.global_step, samples_seen=ckpt.state.samples_seen,
                        seconds=0.0, samples_per_second=0.0, validation_images=[])
+
+
+# --------------------------------------------------------------------------------------------
+# Knowing when the adapter is good: EMA and validation loss, beside the step
+
+
+def _update_ema(s: Session) -> None:
+    """After optimizer step `s.state.global_step`: move the EMA (every rank, the same arithmetic)."""
+    if s.ema is not None:
+        s.ema.update(s.state.global_step)
+
+
+def _eval_adapter(s: Session) -> tuple[torch.nn.Module, str]:
+    """(the adapter validation renders and evaluates, "ema" or "raw")."""
+    if s.ema is not None:
+        return s.ema.module, "ema"
+    return s.accelerator.unwrap_model(s.adapter), "raw"
+
+
+def _evaluate_now(s: Session, metrics: Metrics) -> float | None:
+    """The validation loss at the current step (collective), recorded in metrics.jsonl and the
+    tracker; None without a validation set."""
+    evaluator = s.run.evaluator
+    if evaluator is None:
+        return None
+    metrics.flush()
+    adapter, weights = _eval_adapter(s)
+    result = evaluator.run(s.state.global_step, objective=s.objective, unet=s.unet, adapter=adapter,
+                           accelerator=s.accelerator, weight_dtype=s.weight_dtype, weights=weights)
+    metrics.record(result.record(), result.tracker_values())
+    s.log.info("validation loss at step %d: %.6f (%d images x %d timesteps, %s weights, %.1f s)", result.step,
+               result.loss, result.images, len(result.per_timestep), weights, result.seconds)
+    metrics.restart_window()  # samples/s measures training, not evaluation
+    return result.loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,6 +317,12 @@ def fit(s: Session) -> Fit:
     last_checkpoint = state.global_step if s.run.checkpoint is not None else -1
     last_validation = -1
     validation_images: list[Path] = []
+    last_sheet: list[Path] = []
+    # A checkpoint is preceded by the evaluation of its step when that step is on the schedule or the
+    # run's last: a resumed run does not measure (and record) it twice.
+    resumed_evaluated = resumed_step is not None and (resumed_step % cfg.validation_loss_steps == 0
+                                                      or resumed_step == plan.total_steps)
+    evaluated = {"step": resumed_step if resumed_evaluated else -1, "loss": None}
     session_samples = 0
     exit_after = int(os.environ.get(DEBUG_EXIT_AFTER_CHECKPOINT, "-1"))
     started = time.perf_counter()
@@ -280,7 +334,7 @@ def fit(s: Session) -> Fit:
             samples_file.flush()  # the audit log holds every step the checkpoint covers
         save_checkpoint(accelerator, s.out, state=state, adapter=accelerator.unwrap_model(s.adapter),
                         optimizer=s.optimizer, lr_scheduler=s.lr_scheduler, noise_generator=s.generator,
-                        meta=s.run.meta, keep=cfg.checkpoints_total_limit)
+                        meta=s.run.meta, keep=cfg.checkpoints_total_limit, ema=s.ema)
         if state.global_step == exit_after:
             os._exit(75)  # test hook (see module docstring): killed right after a complete checkpoint
 
@@ -288,15 +342,24 @@ def fit(s: Session) -> Fit:
         metrics.flush()
         validator = s.run.validator
         if validator is not None:
+            adapter, weights = _eval_adapter(s)
             try:
-                validation_images[:] = validator.run(state.global_step, unet=s.unet,
-                                                     adapter=accelerator.unwrap_model(s.adapter),
-                                                     accelerator=accelerator)
+                result = validator.run(state.global_step, unet=s.unet, adapter=adapter, accelerator=accelerator,
+                                       weights=weights)
+                validation_images[:] = result.grids
+                last_sheet[:] = [result.sheet]
+                if result.record() is not None:
+                    metrics.record(result.record(), {"adherence": result.mean_adherence})
             except Exception:  # e.g. out of memory: hours of training must not die for a preview
                 log.exception("validation at step %d failed; training continues", state.global_step)
         accelerator.wait_for_everyone()
 
+    def evaluate_now() -> None:
+        evaluated["step"], evaluated["loss"] = state.global_step, _evaluate_now(s, metrics)
+
     try:
+        if s.run.checkpoint is None:
+            evaluate_now()  # the validation loss of the initial adapter: where the curve starts
         while state.global_step < total:
             epoch = plan.epochs[state.epoch]
             batches = epoch.steps
@@ -331,6 +394,7 @@ def fit(s: Session) -> Fit:
                     state.batches_done += 1
                 grad_norm, lr, skipped = optimizer_step(s)
                 state.global_step += 1
+                _update_ema(s)
                 step_samples = group * cfg.batch_size * world
                 state.samples_seen += step_samples
                 session_samples += step_samples
@@ -340,6 +404,8 @@ def fit(s: Session) -> Fit:
                             scaler_skipped=skipped)
                 progress.update(1)
 
+                if state.global_step % cfg.validation_loss_steps == 0:
+                    evaluate_now()  # before the checkpoint: a run resumed from it has this record
                 if state.global_step % cfg.checkpointing_steps == 0:
                     checkpoint_now()
                     last_checkpoint = state.global_step
@@ -353,6 +419,8 @@ def fit(s: Session) -> Fit:
             del batch_iter, loader
         metrics.flush()
         seconds = time.perf_counter() - started
+        if evaluated["step"] != state.global_step:
+            evaluate_now()
         if last_checkpoint != state.global_step:
             checkpoint_now()  # the end is always resumable (e.g. to train further with more steps)
         if cfg.validation_enabled and last_validation != state.global_step:
@@ -362,7 +430,8 @@ def fit(s: Session) -> Fit:
         progress.close()
         if samples_file is not None:
             samples_file.close()
-    return Fit(seconds=seconds, samples=session_samples, validation_images=validation_images)
+    return Fit(seconds=seconds, samples=session_samples, validation_images=validation_images,
+               validation_loss=evaluated["loss"], validation_sheet=last_sheet[0] if last_sheet else None)
 
 
 def optimizer_step(s: Session) -> tuple[torch.Tensor, float, bool]:
@@ -401,14 +470,21 @@ def finish(s: Session, done: Fit) -> TrainResult:
     if len(set(digests)) != 1:
         raise TrainError(f"the adapter replicas of the {s.world} processes differ at the end (sha256 per rank: "
                          f"{digests}); gradients were not synchronised")
+    if s.ema is not None:
+        ema_digests = outputs.replica_digests(accelerator, s.ema.module)
+        if len(set(ema_digests)) != 1:
+            raise TrainError(f"the EMA replicas of the {s.world} processes differ at the end (sha256 per rank: "
+                             f"{ema_digests})")
     if accelerator.is_main_process:
         outputs.write_outputs(s.cfg, s.plan, state, final_adapter, world=s.world, seconds=done.seconds, rate=rate,
                               validation_images=done.validation_images, replica_digests=digests,
-                              parameters=s.parameters, hub_repo=s.run.hub_repo)
+                              parameters=s.parameters, hub_repo=s.run.hub_repo,
+                              ema=None if s.ema is None else s.ema.module, validation_sheet=done.validation_sheet)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(output_dir=s.out, global_step=state.global_step, samples_seen=state.samples_seen,
-                       seconds=done.seconds, samples_per_second=rate, validation_images=done.validation_images)
+                       seconds=done.seconds, samples_per_second=rate, validation_images=done.validation_images,
+                       validation_loss=done.validation_loss)
 
 
 __all__ = ["Fit", "Session", "TrainError", "TrainResult", "finish", "fit", "make_accelerator", "optimizer_step",

@@ -7,6 +7,11 @@ value is never the validation pipeline's, nor a maximum over the whole run). The
 `OUT/logs/metrics.jsonl` (one JSON object per step, read back for the loss curve and the card), to
 the tracker (`accelerator.log`, when --report-to is set) and to the progress bar, on the main
 process. Losses are averaged over processes with one all-reduce per window: the only host sync.
+
+Evaluations write records of their own into the same file, after the step records they follow
+(`Metrics.record`): the validation loss (`{"step", "validation_loss", ...}`, `train.evaluate`) and
+the condition adherence of the validation images (`{"step", "adherence", ...}`). Only per-step
+records have a "loss"; `step_records` / `records_with` pick one kind when reading it back.
 """
 
 from __future__ import annotations
@@ -68,6 +73,17 @@ class Metrics:
         self.window_start = time.perf_counter()
         reset_peak_memory()
 
+    def record(self, record: dict, tracker_values: dict[str, float] | None = None) -> None:
+        """Append an evaluation's record (it has a "step") after every pending step record, and
+        send `tracker_values` to the tracker at that step. Main process only writes."""
+        self.flush()
+        acc = self.accelerator
+        if acc.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if tracker_values:
+                acc.log(tracker_values, step=record["step"])
+
     def flush(self) -> None:
         if not self.pending:
             return
@@ -112,4 +128,14 @@ def truncate_jsonl(path: Path, after_step: int | None) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-__all__ = ["METRICS_FILE", "Metrics", "reset_peak_memory", "truncate_jsonl"]
+def step_records(records: list[dict]) -> list[dict]:
+    """The per-optimizer-step records (those with a finite-or-not "loss")."""
+    return [r for r in records if "loss" in r]
+
+
+def records_with(records: list[dict], key: str) -> list[dict]:
+    """The evaluation records holding `key` (e.g. "validation_loss", "adherence"), in step order."""
+    return [r for r in records if isinstance(r.get(key), (int, float))]
+
+
+__all__ = ["METRICS_FILE", "Metrics", "records_with", "reset_peak_memory", "step_records", "truncate_jsonl"]

@@ -46,8 +46,14 @@ Policies
   chosen from the keys alone (`view_choice`): views rotate, epoch e taking view (o + e) mod n with
   a seeded per-image offset o, so over n epochs every view is used once. Counts, steps and
   max_samples are in images.
+* Held-out images (`validation_split`): a fraction of the cache's *images* (every view of each)
+  never enters an epoch plan; `train.evaluate` measures the validation loss on them. Which
+  images is a pure function of the record keys and the fraction (`held_out_images`): not of the
+  seed, world size or any other setting, so every run on one cache holds out the same images and
+  their validation losses compare. Unset (or 0), the plans are exactly those of a run without it.
 * max_samples: the first `max_samples` images in manifest order (shard index, then tar order), the
-  same subset every epoch, as the reference's `max_train_samples`.
+  same subset every epoch, as the reference's `max_train_samples` (counted after the held-out
+  images are taken out).
 * Completed batches. Without them a cache with K latent shapes would drop up to K partial
   batches an epoch (a bucketed cache at batch 16 with 9 buckets: up to 135 samples). A shape's
   partial batch is filled up with samples of the same shape from the shards its own samples are
@@ -77,7 +83,7 @@ import numpy as np
 
 from shards.errors import ShardError
 from shards.manifest import Manifest, ShardRecord
-from shards.views import group_views, has_views
+from shards.views import group_views, has_views, split_view_key
 
 # A shuffle buffer holds raw sample bytes: about 0.6 MB per sample at 1024 px in bf16, so 256
 # samples cost about 150 MB per loader worker.
@@ -92,6 +98,9 @@ class DataSpec:
 
     `soft_threshold`: the binarisation range of a cache with soft conditioning maps (resolved from
     the manifest by `train.augment.soft_threshold_range_for`), None otherwise.
+    `validation_split`: the fraction of images held out of every epoch (`held_out_images`); None
+    (0 is normalised to None) holds out nothing, and is left out of `to_dict`, so the stream
+    identity of a run without it is the one older checkpoints saved.
     """
 
     batch_size: int
@@ -102,9 +111,14 @@ class DataSpec:
     max_samples: int | None = None
     caption_dropout: float = 0.0
     soft_threshold: tuple[float, float] | None = None
+    validation_split: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
+        if self.validation_split is not None:
+            f = self.validation_split
+            if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0.0 <= f < 1.0:
+                problems.append(f"validation_split must be a fraction in [0, 1), got {f!r}")
         for name, low in (("batch_size", 1), ("seed", 0), ("world_size", 1), ("num_workers", 0),
                           ("shuffle_buffer", 0)):
             v = getattr(self, name)
@@ -122,6 +136,8 @@ class DataSpec:
         if self.soft_threshold is not None:  # plain floats, as the JSON of a checkpoint gives them back
             object.__setattr__(self, "soft_threshold", tuple(float(v) for v in self.soft_threshold))
         object.__setattr__(self, "caption_dropout", float(self.caption_dropout))
+        split = self.validation_split
+        object.__setattr__(self, "validation_split", float(split) if split else None)
 
     @property
     def roles(self) -> int:
@@ -131,6 +147,8 @@ class DataSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["soft_threshold"] = None if self.soft_threshold is None else list(self.soft_threshold)
+        if d["validation_split"] is None:  # absent, as in checkpoints saved before the option existed
+            del d["validation_split"]
         return d
 
 
@@ -360,19 +378,75 @@ def _view_table(record: ShardRecord, seed: int) -> tuple[list[list[int]], list[i
     return _VIEW_TABLES[k]
 
 
-def _limit(records: list[ShardRecord], max_samples: int | None, *, seed: int, epoch: int) -> list[ShardSlice]:
-    """Non-empty slices in manifest order, one view per image (`view_choice`), cut after the
-    first `max_samples` images."""
+# --------------------------------------------------------------------------------------------
+# Held-out images
+
+
+def holdout_rank(image_key: str) -> bytes:
+    """An image's place in the held-out order: a hash of its key alone (no seed, no setting), so
+    the choice is the same for every run on the cache, and a larger fraction holds out a superset."""
+    return hashlib.blake2b(f"validation-split/{image_key}".encode("utf-8"), digest_size=16).digest()
+
+
+def count_held_out(images: int, fraction: float | None) -> int:
+    """How many of `images` images a fraction holds out: round(fraction x images), at least one
+    for any fraction > 0."""
+    if not fraction or images <= 0:
+        return 0
+    return min(images, max(1, round(fraction * images)))
+
+
+# (record (name, sha256) list, fraction) -> held-out image keys; records are immutable once written.
+_HELD_OUT: dict[tuple[tuple[tuple[str, str], ...], float], frozenset[str]] = {}
+
+
+def held_out_images(records: Manifest | Sequence[ShardRecord], fraction: float | None) -> frozenset[str]:
+    """The image keys (view 0's key, `shards.views.split_view_key`) a `fraction` of the cache's
+    images holds out: the `count_held_out` images of smallest `holdout_rank`. A pure function of the
+    record keys and the fraction; empty for None or 0."""
+    recs = as_records(records)
+    if not fraction:
+        return frozenset()
+    k = (tuple((r.name, r.sha256) for r in sorted(recs, key=lambda r: r.index)), float(fraction))
+    if k not in _HELD_OUT:
+        images = sorted({split_view_key(key)[0] for r in recs for key in r.keys}, key=holdout_rank)
+        _HELD_OUT[k] = frozenset(images[:count_held_out(len(images), fraction)])
+    return _HELD_OUT[k]
+
+
+def image_positions(record: ShardRecord, images: frozenset[str] | set[str] | None = None) -> list[tuple[int, str]]:
+    """(record position, key) of view 0 of every image of `record` (of those in `images` when given),
+    in tar order: the samples a validation loss evaluates."""
+    out = []
+    for pos, key in enumerate(record.keys):
+        base, view = split_view_key(key)
+        if view == 0 and (images is None or base in images):
+            out.append((pos, key))
+    return out
+
+
+def _limit(records: list[ShardRecord], max_samples: int | None, *, seed: int, epoch: int,
+           exclude: frozenset[str] = frozenset()) -> list[ShardSlice]:
+    """Non-empty slices in manifest order, one view per image (`view_choice`), without the images
+    in `exclude` (held out), cut after the first `max_samples` images."""
     out, left = [], max_samples
     for rec in sorted(records, key=lambda r: r.index):
         table = _view_table(rec, seed)
-        if table is None:
+        if table is None and exclude and not exclude.isdisjoint(rec.keys):
+            kept = [p for p, key in enumerate(rec.keys) if key not in exclude]
+            if left is not None:
+                kept = kept[:left]
+            n = len(kept)
+            if n > 0:
+                out.append(ShardSlice(rec, n, tuple(kept)))
+        elif table is None:
             n = rec.samples if left is None else min(rec.samples, left)
             if n > 0:
                 out.append(ShardSlice(rec, n))
         else:
             groups, offsets = table
-            chosen = [g[(o + epoch) % len(g)] for g, o in zip(groups, offsets)]
+            chosen = [g[(o + epoch) % len(g)] for g, o in zip(groups, offsets)
+                      if not exclude or split_view_key(rec.keys[g[0]])[0] not in exclude]
             if left is not None:
                 chosen = chosen[:left]
             n = len(chosen)
@@ -413,7 +487,12 @@ class EpochPlan:
         if not _is_int(epoch) or epoch < 0:
             raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
         self.spec, self.epoch = spec, int(epoch)
-        slices = _limit(as_records(records), spec.max_samples, seed=spec.seed, epoch=self.epoch)
+        recs = as_records(records)
+        held_out = held_out_images(recs, spec.validation_split)
+        slices = _limit(recs, spec.max_samples, seed=spec.seed, epoch=self.epoch, exclude=held_out)
+        if not slices and held_out:
+            raise ValueError(f"--validation-split {spec.validation_split:g} holds out all {len(held_out)} image(s) of "
+                             "the cache: nothing is left to train on; lower it")
         if not slices:
             raise ValueError("the cache has no samples (every shard is empty, or --max-samples is 0): "
                              "see the skip reasons with `python -m shards stats CACHE`")

@@ -9,7 +9,10 @@ all-reduce: if any of them found a problem, every one of them stops (none waits 
 collective).
 
 `start()` returns a `Startup`: the plan the loop and the outputs follow, the store to read, the
-checkpoint to resume (if any) with the metadata new checkpoints record, and the validator.
+checkpoint to resume (if any) with the metadata new checkpoints record, the validator, and (with
+--validation-split or --validation-cache) the evaluator of the validation loss (`train.evaluate`),
+whose samples the plan fixed: the held-out images, or a validation cache held to this cache's
+identity.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 import torch
 
+from shards.errors import ShardError
 from shards.manifest import Manifest
 from shards.secrets import redact
 from shards.store import Store
@@ -37,6 +41,7 @@ from train.checkpoint import (
 )
 from train.checks import CacheMismatchError, StartupError
 from train.config import TrainConfig
+from train.evaluate import EvalSet, EvalSpec, Evaluator, eval_set, identity_problems
 from train.plan import DataSpec, EpochPlan, EpochStats
 
 
@@ -55,6 +60,9 @@ class Plan:
     learning_rate: float  # effective (after --scale-lr)
     epochs: list[EpochPlan]  # index = epoch, for the epochs the run will touch; computed once, here
     total_steps: int  # optimizer steps of the whole run (shapes decaying LR schedules)
+    validation: EvalSet | None = None  # the validation loss's samples (None: no validation loss)
+    validation_store: Store | None = None  # --validation-cache's store (None: the training cache's)
+    validation_manifest: Manifest | None = None  # --validation-cache's manifest
 
     @property
     def epoch_stats(self) -> list[EpochStats]:
@@ -73,6 +81,7 @@ class Startup:
     checkpoint: Checkpoint | None  # to resume from
     meta: dict[str, Any]  # what every checkpoint of this run records and a resume compares
     validator: Any  # train.validation.Validator on the main process when validation is on, else None
+    evaluator: Evaluator | None = None  # the validation loss, on every process (None when off)
     hub_repo: str | None = None  # --push-to-hub: the repository created at start (main process)
     finished: bool = False  # resumed at the last step with the outputs written: nothing to do
     lock: Any = None  # the main process's shards.lock.WriterLock on OUT, held until the run ends
@@ -145,7 +154,8 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
     try:
         spec = DataSpec(batch_size=cfg.batch_size, seed=cfg.seed, world_size=world_size, num_workers=cfg.num_workers,
                         shuffle_buffer=cfg.shuffle_buffer, max_samples=cfg.max_samples,
-                        caption_dropout=cfg.caption_dropout, soft_threshold=soft)
+                        caption_dropout=cfg.caption_dropout, soft_threshold=soft,
+                        validation_split=cfg.validation_split)
         while (total < cfg.max_steps) if cfg.max_steps is not None else (len(epochs) < cfg.num_epochs):
             epochs.append(EpochPlan(manifest, spec, len(epochs)))
             total += optimizer_steps(epochs[-1].steps, cfg.gradient_accumulation_steps)
@@ -155,10 +165,41 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
         problems.cache.append(str(e))
         spec = None
 
-    plan = Plan(manifest=manifest, manifest_id=checks.manifest_id(store), unet_config=unet_config,
+    mid = checks.manifest_id(store)
+    validation, validation_store, validation_manifest = None, None, None
+    if cfg.validation_split:
+        validation = eval_set(manifest, mid, fraction=cfg.validation_split,
+                              source=f"--validation-split {cfg.validation_split:g}: held out of the training cache")
+    elif cfg.validation_cache:
+        where = f"--validation-cache {redact(cfg.validation_cache)}"
+        try:
+            validation_store = open_store(cfg.validation_cache)
+            validation_manifest = Manifest.load(validation_store)
+            problems.cache += identity_problems(manifest, validation_manifest, where)
+            validation = eval_set(validation_manifest, checks.manifest_id(validation_store), source=where)
+            if not validation.count:
+                problems.cache.append(f"{where} holds no samples")
+        except (ShardError, OSError) as e:
+            problems.cache.append(f"{where}: {e}")
+
+    plan = Plan(manifest=manifest, manifest_id=mid, unet_config=unet_config,
                 scheduler_config=scheduler_config, vae_location=vae_location, adapter_config=adapter_config,
-                world_size=world_size, data=spec, learning_rate=learning_rate, epochs=epochs, total_steps=total)
+                world_size=world_size, data=spec, learning_rate=learning_rate, epochs=epochs, total_steps=total,
+                validation=validation, validation_store=validation_store, validation_manifest=validation_manifest)
     return plan, problems
+
+
+def make_evaluator(cfg: TrainConfig, plan: Plan, store: Store) -> Evaluator | None:
+    """The validation loss's evaluator (None when there is no validation set). Soft maps are
+    binarised at the middle of the run's threshold range."""
+    if plan.validation is None or not plan.validation.count:
+        return None
+    soft = plan.data.soft_threshold if plan.data is not None else None
+    spec = EvalSpec(timesteps=cfg.validation_loss_timesteps,
+                    soft_threshold=None if soft is None else (soft[0] + soft[1]) / 2)
+    if plan.validation_store is not None:
+        return Evaluator(plan.validation, plan.validation_store, plan.validation_manifest, spec)
+    return Evaluator(plan.validation, store, plan.manifest, spec)
 
 
 def check_encoders_and_prepare_validation(cfg: TrainConfig, plan: Plan, device: torch.device, log: Any,
@@ -191,13 +232,26 @@ def check_encoders_and_prepare_validation(cfg: TrainConfig, plan: Plan, device: 
             force_zeros_for_empty_prompt,
         )
 
+        from train.adherence import EdgeDetector
+
         force_zeros = force_zeros_for_empty_prompt(cfg.model, cache_dir=cfg.cache_dir)
         prompts = embed_validation_prompts(text_stack, cfg.validation_pairs(), force_zeros=force_zeros, device=device)
+        condition = plan.manifest.identity.condition
+        detector = EdgeDetector.for_condition(condition)
+        if detector is None:
+            how = ("come with the dataset" if condition.method == "dataset"
+                   else f"are {condition.method} maps, not edges")
+            log.info("condition adherence is not measured: this cache's conditioning images %s, so there is no edge "
+                     "detector to run on the generated images (it is, for caches precomputed with --condition canny "
+                     "or sketch)", how)
+        else:
+            log.info("condition adherence: every validation image is scored by edge F1 against its conditioning "
+                     "image, with the cache's detector: %s", detector.describe())
         validator = Validator(
             prompts, output_dir=cfg.output_dir, vae_location=plan.vae_location,
             vae_kwargs={"revision": cfg.revision, "variant": cfg.variant, "cache_dir": cfg.cache_dir},
             scheduler_config=plan.scheduler_config, force_zeros=force_zeros,
-            resolution=cfg.validation_resolution or plan.manifest.geometry.resolution,
+            resolution=cfg.validation_resolution, sizes=plan.manifest.geometry.sizes(), detector=detector,
             num_images=cfg.num_validation_images, inference_steps=cfg.validation_inference_steps,
             guidance_scale=cfg.validation_guidance_scale, seed=cfg.seed,
         )
@@ -316,8 +370,12 @@ def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
                         "\n".join(f"  - {d}" for d in differences))
         finished = (ckpt is not None and ckpt.state.global_step == plan.total_steps
                     and (out / "diffusion_pytorch_model.safetensors").is_file())
+        evaluator = make_evaluator(cfg, plan, store)
+        if evaluator is not None:
+            log.info("validation loss every %d steps on %s, %d timesteps each", cfg.validation_loss_steps,
+                     plan.validation.describe(), cfg.validation_loss_timesteps)
         return Startup(plan=plan, store=store, checkpoint=ckpt, meta=meta, validator=validator, hub_repo=hub_repo,
-                       finished=finished, lock=lock)
+                       finished=finished, lock=lock, evaluator=evaluator)
     except BaseException:
         if lock is not None:  # a refusal, or any failure: the next attempt must find OUT free
             lock.release()

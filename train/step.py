@@ -463,8 +463,24 @@ class Objective:
         weight_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss per sample (B,) fp32, timesteps (B,)). `weight_dtype` defaults to the UNet's dtype."""
-        dtype = weight_dtype if weight_dtype is not None else unet.dtype
         latents, noise, timesteps = self.draw(batch, generator)
+        return self.loss_at(unet, adapter, batch, latents, noise, timesteps, weight_dtype=weight_dtype), timesteps
+
+    def loss_at(
+        self,
+        unet: torch.nn.Module,
+        adapter: torch.nn.Module,
+        batch: Batch,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        *,
+        weight_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Loss per sample (B,) fp32 for given draws: `latents` and `noise` (B, C, h, w) fp32 and
+        `timesteps` (B,) long, on the batch's device. `per_sample_loss` draws them from a generator;
+        `train.evaluate` passes fixed ones (its validation loss is this very objective)."""
+        dtype = weight_dtype if weight_dtype is not None else unet.dtype
         sigma = self.sigmas[timesteps].view(-1, *([1] * (latents.ndim - 1)))  # gather: no host sync
         noisy = latents + noise * sigma  # == EulerDiscreteScheduler.add_noise
         unet_input = noisy / torch.sqrt(sigma**2 + 1)
@@ -495,8 +511,7 @@ class Objective:
 
         denoised = model_pred.float() * (-sigma) + noisy
         weighting = sigma**-2.0
-        per_sample = (weighting * (denoised - latents) ** 2).flatten(1).mean(dim=1)
-        return per_sample, timesteps
+        return (weighting * (denoised - latents) ** 2).flatten(1).mean(dim=1)
 
     def loss(
         self,

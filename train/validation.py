@@ -6,10 +6,19 @@
   encoders, so prompts and the negative (zeros when the model's `force_zeros_for_empty_prompt`,
   as SDXL base sets, else the empty prompt) are embedded exactly as at inference.
 - `Validator.run`: loads the VAE, renders every (conditioning image, prompt) pair with
-  `StableDiffusionXLAdapterPipeline` built from the training UNet, a copy of the adapter in the
-  UNet's dtype and the VAE (no text encoders: it renders from the embeddings), frees the VAE and
-  the copy, and writes one grid per pair, `OUT/validation/step-000100-0.png`: the conditioning
-  image, then the samples, in a row.
+  `StableDiffusionXLAdapterPipeline` built from the training UNet, a copy of the adapter (the
+  trained weights, or their EMA) in the UNet's dtype and the VAE (no text encoders: it renders
+  from the embeddings), frees the VAE and the copy, and writes one grid per pair,
+  `OUT/validation/step-000100-0.png`: the conditioning image, then the samples, in a row; and one
+  labelled sheet per step, `OUT/validation/step-000100.png`, for people: a title line (step and
+  weights), then per pair a line with the prompt (and the condition adherence of each sample)
+  above its row.
+- Sizes: `--validation-resolution N` renders N x N; by default each pair renders at the cache's
+  bucket nearest its conditioning image's aspect ratio (`precompute.buckets.nearest_bucket`; the
+  square cache resolution for a cache without buckets), the conditioning image resized to cover
+  it and centre-cropped, as precompute crops training images.
+- Condition adherence (`train.adherence`): for a cache whose conditions are edges (canny,
+  sketch), every sample is scored against its conditioning image by rerunning the detector.
 
 Rendering uses its own seeded generator inside `torch.random.fork_rng`, so validating (or not)
 never changes the training run's random stream: resume stays exact whatever the schedule.
@@ -29,6 +38,8 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 VALIDATION_DIR = "validation"
+LABEL_COLOUR = (235, 235, 235)
+BAND_COLOUR = (24, 24, 24)
 
 
 @dataclass
@@ -90,6 +101,112 @@ def make_grid(images: list[Image.Image]) -> Image.Image:
     return grid
 
 
+def validation_size(image_size: tuple[int, int], sizes: list[tuple[int, int]],
+                    resolution: int | None = None) -> tuple[int, int]:
+    """(h, w) to render a conditioning image of PIL size (w, h) at: `resolution` square when given,
+    else the size in `sizes` (the cache's buckets) nearest its aspect ratio."""
+    from precompute.buckets import nearest_bucket
+
+    if resolution is not None:
+        return resolution, resolution
+    w, h = image_size
+    return nearest_bucket((h, w), list(sizes))
+
+
+def fit_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`image` resized to cover (h, w) = `size` (aspect kept) and centre-cropped to it; a plain
+    resize when the aspect ratios agree."""
+    from precompute.buckets import resize_to_cover
+
+    th, tw = size
+    w, h = image.size
+    ch, cw = resize_to_cover((h, w), (th, tw))
+    image = image.convert("RGB").resize((cw, ch), Image.Resampling.BICUBIC)
+    top, left = (ch - th) // 2, (cw - tw) // 2
+    return image.crop((left, top, left + tw, top + th)) if (ch, cw) != (th, tw) else image
+
+
+def label_font(height: int):
+    """PIL's default font at a size that suits images `height` pixels high."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=max(10, min(28, height // 16)))
+
+
+def label_band(lines: list[str], width: int, font) -> Image.Image:
+    """Light text on a dark band `width` wide: each line wrapped at word boundaries to fit."""
+    from PIL import ImageDraw
+
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad = max(2, int(font.size) // 4)
+    wrapped: list[str] = []
+    for line in lines:
+        words, current = line.split(" "), ""
+        for word in words:
+            candidate = word if not current else f"{current} {word}"
+            if current and measure.textlength(candidate, font=font) > width - 2 * pad:
+                wrapped.append(current)
+                current = word
+            else:
+                current = candidate
+        wrapped.append(current)
+    line_height = int(font.size * 1.25)
+    band = Image.new("RGB", (width, 2 * pad + line_height * len(wrapped)), BAND_COLOUR)
+    draw = ImageDraw.Draw(band)
+    for i, line in enumerate(wrapped):
+        draw.text((pad, pad + i * line_height), line, fill=LABEL_COLOUR, font=font)
+    return band
+
+
+def make_sheet(title: str, rows: list[tuple[str, list[Image.Image]]]) -> Image.Image:
+    """A labelled page: `title` on top, then per row its label and its images (conditioning
+    image first), left-aligned on a dark background."""
+    width = max(sum(img.width for img in images) for _, images in rows)
+    font = label_font(max(images[0].height for _, images in rows))
+    parts = [label_band([title], width, font)]
+    for label, images in rows:
+        parts.append(label_band([label], width, font))
+        strip = Image.new("RGB", (width, max(img.height for img in images)), BAND_COLOUR)
+        x = 0
+        for img in images:
+            strip.paste(img.convert("RGB"), (x, 0))
+            x += img.width
+        parts.append(strip)
+    sheet = Image.new("RGB", (width, sum(p.height for p in parts)), BAND_COLOUR)
+    y = 0
+    for part in parts:
+        sheet.paste(part, (0, y))
+        y += part.height
+    return sheet
+
+
+@dataclass
+class ValidationResult:
+    """What one validation wrote and measured."""
+
+    step: int
+    grids: list[Path]  # one row per pair
+    sheet: Path  # the labelled page of the step
+    adherence: list[list[float]] | None  # per pair, per sample: edge F1; None without a detector
+    weights: str
+
+    @property
+    def mean_adherence(self) -> float | None:
+        if self.adherence is None:
+            return None
+        scores = [v for row in self.adherence for v in row]
+        return sum(scores) / len(scores)
+
+    def record(self) -> dict | None:
+        """The metrics.jsonl record of the adherence (None without a detector)."""
+        if self.adherence is None:
+            return None
+        return {"step": self.step, "adherence": self.mean_adherence,
+                "adherence_per_pair": [sum(row) / len(row) for row in self.adherence],
+                "adherence_per_image": self.adherence,
+                "validation_weights": self.weights}
+
+
 def _decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """Latents in the UNet's space -> images in [-1, 1], fp32, as the SDXL pipelines decode them."""
     with torch.autocast(latents.device.type, enabled=False):
@@ -112,12 +229,19 @@ class Validator:
         vae_kwargs: dict[str, Any],
         scheduler_config: dict,
         force_zeros: bool,
-        resolution: int,
+        resolution: int | None,
         num_images: int,
         inference_steps: int,
         guidance_scale: float,
         seed: int,
+        sizes: list[tuple[int, int]] | None = None,
+        detector: Any = None,
     ):
+        """`resolution`: render N x N; None: each pair at the entry of `sizes` (the cache's
+        buckets, (h, w)) nearest its conditioning image's aspect. `detector`: a
+        `train.adherence.EdgeDetector` to score every sample, or None."""
+        if resolution is None and not sizes:
+            raise ValueError("validation needs a resolution or the cache's sizes")
         self.prompts = prompts
         self.dir = Path(output_dir) / VALIDATION_DIR
         self.vae_location, self.vae_kwargs = vae_location, vae_kwargs
@@ -125,8 +249,15 @@ class Validator:
         self.force_zeros = force_zeros
         self.resolution, self.num_images = resolution, num_images
         self.inference_steps, self.guidance_scale, self.seed = inference_steps, guidance_scale, seed
+        self.detector = detector
         # Decoded once: a missing or broken file fails at start, not after hours of training.
-        self.cond_images = [Image.open(path).convert("RGB") for path, _ in prompts.pairs]
+        self.cond_images = []
+        self.sizes = []
+        for path, _ in prompts.pairs:
+            with Image.open(path) as image:
+                size = validation_size(image.size, list(sizes or []), resolution)
+                self.sizes.append(size)
+                self.cond_images.append(fit_to(image, size))
 
     def _scheduler(self):
         import diffusers
@@ -135,8 +266,10 @@ class Validator:
         cls = getattr(diffusers, name, diffusers.EulerDiscreteScheduler)
         return cls.from_config(self.scheduler_config)
 
-    def run(self, step: int, *, unet: torch.nn.Module, adapter: torch.nn.Module, accelerator: Any) -> list[Path]:
-        """Render every pair; return the grid paths. `adapter` is the unwrapped training adapter."""
+    def run(self, step: int, *, unet: torch.nn.Module, adapter: torch.nn.Module, accelerator: Any,
+            weights: str = "raw") -> ValidationResult:
+        """Render every pair, score it, write the grids and the sheet. `adapter` is the unwrapped
+        training adapter or the EMA's (`weights` says which, for the labels and records)."""
         device = accelerator.device
         fork_devices = [device] if device.type == "cuda" else []
         # Everything here, the copies' random init included, draws from a forked RNG.
@@ -144,14 +277,36 @@ class Validator:
             rows = self._render(unet, adapter, accelerator)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        scores = None
+        if self.detector is not None:
+            scores = [[self.detector.score(np.asarray(img.convert("RGB")), np.asarray(row[0]))
+                       for img in row[1:]] for _, row, _ in rows]
         self.dir.mkdir(parents=True, exist_ok=True)
         paths = []
         for i, (_, _, grid) in enumerate(rows):
             paths.append(self.dir / f"step-{step:06d}-{i}.png")
             grid.save(paths[-1])
+        sheet = self.dir / f"step-{step:06d}.png"
+        make_sheet(self.title(step, weights),
+                   [(self.row_label(prompt, None if scores is None else scores[i]), row)
+                    for i, (prompt, row, _) in enumerate(rows)]).save(sheet)
         self._to_trackers(step, rows, accelerator)
-        logger.info("validation images at step %d: %s", step, ", ".join(str(x) for x in paths))
-        return paths
+        logger.info("validation images at step %d: %s", step, ", ".join(str(x) for x in [sheet, *paths]))
+        result = ValidationResult(step=step, grids=paths, sheet=sheet, adherence=scores, weights=weights)
+        if scores is not None:
+            logger.info("condition adherence at step %d: edge F1 %.4f (%s)", step, result.mean_adherence,
+                        self.detector.describe())
+        return result
+
+    def title(self, step: int, weights: str) -> str:
+        what = "EMA weights" if weights == "ema" else "trained weights"
+        return f"step {step} - {what} - first column: the conditioning image"
+
+    @staticmethod
+    def row_label(prompt: str, scores: list[float] | None) -> str:
+        if scores is None:
+            return prompt
+        return f"{prompt}  [edge F1 " + " ".join(f"{v:.2f}" for v in scores) + "]"
 
     def _render(self, unet: torch.nn.Module, adapter: torch.nn.Module, accelerator: Any) -> list:
         from diffusers import StableDiffusionXLAdapterPipeline
@@ -176,7 +331,7 @@ class Validator:
         )
         pipe.set_progress_bar_config(disable=True)
         p, rows = self.prompts, []
-        for i, ((_, prompt), cond) in enumerate(zip(p.pairs, self.cond_images)):
+        for i, ((_, prompt), cond, (height, width)) in enumerate(zip(p.pairs, self.cond_images, self.sizes)):
             with accelerator.autocast():  # denoise as training runs the UNet
                 latents = pipe(
                     image=cond,
@@ -184,7 +339,7 @@ class Validator:
                     pooled_prompt_embeds=p.pooled_prompt_embeds[i : i + 1].to(device, dtype),
                     negative_prompt_embeds=p.negative_prompt_embeds[i : i + 1].to(device, dtype),
                     negative_pooled_prompt_embeds=p.negative_pooled_prompt_embeds[i : i + 1].to(device, dtype),
-                    height=self.resolution, width=self.resolution,
+                    height=height, width=width,
                     num_inference_steps=self.inference_steps, guidance_scale=self.guidance_scale,
                     num_images_per_prompt=self.num_images,
                     generator=torch.Generator(device=device).manual_seed(self.seed + i),
@@ -192,7 +347,7 @@ class Validator:
                 ).images
             # Decode in fp32 outside autocast: SDXL's VAE overflows in fp16 (black/NaN images).
             images = pipe.image_processor.postprocess(_decode(vae, latents), output_type="pil")
-            row = [cond.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)] + list(images)
+            row = [cond] + list(images)
             rows.append((prompt, row, make_grid(row)))
         return rows
 
