@@ -32,7 +32,7 @@ _TRAIN = ("belongs to train: precompute only encodes the dataset into the cache.
           "(changing it never re-encodes the cache)")
 _TRAIN_FLAGS = ("gradient_checkpointing", "scale_lr", "use_8bit_adam", "allow_tf32", "push_to_hub", "hub_public",
                 "log_samples", "accept_encoder_mismatch", "compile", "channels_last", "fused_adamw", "no_fused_adamw",
-                "prefetch", "no_prefetch")
+                "prefetch", "no_prefetch", "save_ema")
 _TRAIN_VALUES = (
     "output_dir", "adapter", "adapter_model_name_or_path", "train_batch_size", "num_epochs", "num_train_epochs",
     "max_steps", "max_train_steps", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps",
@@ -42,7 +42,8 @@ _TRAIN_VALUES = (
     "validation_inference_steps", "validation_guidance_scale", "validation_resolution", "report_to",
     "tracker_project_name", "logging_dir", "log_every", "ddp_timeout_minutes", "hub_model_id", "hub_token",
     "local_cache", "local_cache_max", "shuffle_buffer", "caption_dropout", "proportion_empty_prompts",
-    "soft_threshold_range", "dataloader_num_workers", "attention")
+    "soft_threshold_range", "dataloader_num_workers", "attention", "ema_decay", "ema_warmup_steps", "validation_cache",
+    "validation_file", "validation_loss_steps", "validation_loss_timesteps", "validation_split")
 
 # Options of the reference script and of train that precompute does not take, with why.
 FOREIGN = {

@@ -1,17 +1,12 @@
-"""The precompute configuration: one typed object, validated once, listing every problem.
+"""The precompute configuration: every setting of one run, typed, frozen, with its own checks.
 
-`PrecomputeConfig` is what the CLI builds and `runner.run` consumes; `resolve()` decides, once and
-first, what depends on the device (unset encoder dtypes: bf16 VAE and fp16 text encoders on CUDA,
-fp32 on CPU), and everything after reads the resolved config. `validate()` checks the
-settings and everything that can be checked before loading a model (dataset path, model folder
-layout, cache writability, geometry, buckets against the model's granularity, views, condition
-method) and raises one `ConfigError` listing every problem, so a user fixes them all in one go.
-`identity()` says which settings change the bytes of the cache (and so must match when a run
-resumes into an existing cache): the resolved bucket sizes, the views, the condition method with
-its parameters, and also the VAE batch size and the kind of device (batched and single-image VAE
-calls, and CPU and GPU kernels, round differently); `resolved()` is the config recorded in the
-manifest. Spellings with one meaning ("--max-aspect 0", "--buckets none") are normalised when the
-config is built, so the identity and the manifest never depend on how a setting was written.
+`PrecomputeConfig` is what the CLI builds (its options are generated from these fields). It holds
+values and checks values and places (`problems`: ranges, choices, the dataset path, the cache's
+writability, the device); it calls no component. `precompute.settings.resolve(cfg)` turns it, once,
+into the run's `Settings` (buckets, views, condition, device, encoder dtypes, with every
+component's own checks) and the identity. `resolved()` is the config recorded in the manifest.
+Spellings with one meaning ("--max-aspect 0", "--buckets none") are normalised when the config is
+built, so the identity and the manifest never depend on how a setting was written.
 """
 
 from __future__ import annotations
@@ -20,7 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from precompute.conditions import METHODS
-from precompute.errors import ConfigError, PrecomputeError  # noqa: F401  (raised by the config)
 from precompute.preprocess import (
     CROP_MODES,
     DEFAULT_MAX_ASPECT,
@@ -38,7 +32,7 @@ from shards.store import writable_problem
 DEVICES = ("auto", "cpu", "cuda")
 # tf32: fp32 weights, TensorFloat-32 matmuls and convolutions on Ampere+ GPUs (fp32: strict IEEE).
 ENCODE_DTYPES = ("fp32", "tf32", "bf16", "fp16")
-# What an unset --vae-dtype / --text-dtype means, by device kind (PrecomputeConfig.resolve). On a
+# What an unset --vae-dtype / --text-dtype means, by device kind (precompute.settings.resolve). On a
 # GPU, bf16 keeps fp32's range (SDXL's VAE overflows in fp16, not in bf16) at a fraction of the
 # time; the text encoders run in fp16 as SDXL's pipelines run them. A CPU gains little from half
 # precision, so it stays exact there.
@@ -70,7 +64,7 @@ def _nearest_existing(path: Path) -> Path:
 _s = setting  # a field with its option's help text, --help group, choices and aliases (shards.options)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrecomputeConfig:
     """Every setting of one precompute run. Defaults match the reference training script. The
     command line is generated from these fields (`shards.options`): each one's help is its --help."""
@@ -229,21 +223,19 @@ class PrecomputeConfig:
     def __post_init__(self) -> None:
         # One spelling per meaning, so the identity and the manifest do not depend on the spelling.
         if self.max_aspect is not None and not isinstance(self.max_aspect, bool) and self.max_aspect == 0:
-            self.max_aspect = None
+            object.__setattr__(self, "max_aspect", None)
         if isinstance(self.buckets, str) and self.buckets.strip().lower() == "none":
-            self.buckets = None
+            object.__setattr__(self, "buckets", None)
 
     # ------------------------------------------------------------------------------------------
     def problems(self) -> list[str]:
-        """Every problem with these settings (empty when they are valid)."""
-        from precompute.encoders import check_model_sources
-        from precompute.preprocess import geometry_problems
-
+        """Every problem with these values and places (empty when there is none). What needs the
+        model or a component (sizes against the model's granularity, buckets, views, the
+        condition, the model folder's layout) is checked by `precompute.settings.resolve`, which
+        lists these too."""
         p: list[str] = []
         if not self.model:
             p.append(MISSING_MODEL_HINT)
-        else:
-            p += check_model_sources(self.model, self.vae, self.variant)
         p += self.source_problems()
         p += self._cache_problems()
         if self.tmp_dir is not None:
@@ -252,20 +244,6 @@ class PrecomputeConfig:
                 p.append(f"--tmp-dir {self.tmp_dir}: no such folder")
             elif writable_problem(t):
                 p.append(f"--tmp-dir {self.tmp_dir}: {writable_problem(t)}")
-        granularity = self.resolution_problems()
-        geometry = geometry_problems(
-            resolution=self.resolution,
-            crop=self.crop,
-            vae_scale_factor=self.vae_scale_factor_hint(),
-            min_size=self.min_size,
-            max_aspect=self.max_aspect,
-        )
-        # The granularity check is the stricter one, and its suggestion passes both: say only it.
-        p += [q for q in geometry if not (granularity and q.startswith("resolution "))]
-        p += granularity
-        p += self._bucket_problems()
-        p += self.view_spec().problems()
-        p += self._condition_problems()
         if not isinstance(self.seed, int) or self.seed < 0:
             p.append(f"--seed must be an integer >= 0, got {self.seed!r}")
         for name, value, low in (
@@ -330,95 +308,6 @@ class PrecomputeConfig:
                      "conditioning image is computed from the image; drop one of them")
         return p
 
-    # -- buckets, views, conditions -------------------------------------------------------------
-    def resolution_problems(self, vae_scale_factor: int | None = None) -> list[str]:
-        """Square crops: the side must be a multiple of the model's granularity (32 for SDXL), or
-        the adapter's features would not meet the UNet's. Buckets are checked by bucket_problems."""
-        f = self.vae_scale_factor_hint() if vae_scale_factor is None else vae_scale_factor
-        if self.buckets is not None or not isinstance(self.resolution, int) or self.resolution < 1:
-            return []  # buckets: checked per size; a non-positive one by geometry_problems
-        g = self.granularity_hint(f)
-        if self.resolution % g:
-            return [f"--resolution {self.resolution} is not a multiple of {g} px, the model's granularity (VAE "
-                    f"factor {f} x 2^(UNet down blocks - 1)): a T2I-Adapter's features would not meet the UNet's; "
-                    f"try {max(1, round(self.resolution / g)) * g}"]
-        return []
-
-    def _bucket_problems(self) -> list[str]:
-        from precompute.buckets import bucket_problems
-
-        if not isinstance(self.resolution, int) or self.resolution < 1:
-            return []  # reported by geometry_problems
-        return bucket_problems(self.buckets, self.resolution, self.bucket_step, self.granularity_hint())
-
-    def resolved_buckets(self, vae_scale_factor: int | None = None) -> list[tuple[int, int]] | None:
-        """The bucket sizes (h, w) of this run, or None for square crops. `vae_scale_factor` is the
-        loaded VAE's (the config hint otherwise)."""
-        from precompute.buckets import resolve_buckets
-
-        return resolve_buckets(self.buckets, self.resolution, step=self.bucket_step,
-                               granularity=self.granularity_hint(vae_scale_factor))
-
-    def view_spec(self):
-        from precompute.preprocess import ViewSpec
-
-        return ViewSpec(crops=self.crops, flip=self.flip)
-
-    def condition_spec(self):
-        """The ConditionSpec of --condition, or None when the dataset supplies conditioning images."""
-        from precompute.conditions import (
-            DEFAULT_CANNY_HIGH,
-            DEFAULT_CANNY_LOW,
-            ConditionSpec,
-        )
-
-        if self.condition is None:
-            return None
-        return ConditionSpec(
-            method=self.condition,
-            canny_low=DEFAULT_CANNY_LOW if self.canny_low is None else self.canny_low,
-            canny_high=DEFAULT_CANNY_HIGH if self.canny_high is None else self.canny_high,
-            soft=self.condition_soft,
-        )
-
-    def _condition_problems(self) -> list[str]:
-        spec = self.condition_spec()
-        p = spec.problems() if spec is not None else []
-        if self.condition != "canny":
-            for flag, value in (("--canny-low", self.canny_low), ("--canny-high", self.canny_high)):
-                if value is not None:
-                    p.append(f"{flag} only applies to --condition canny")
-        return p
-
-    def condition_identity(self) -> dict:
-        from precompute.conditions import dataset_identity
-
-        spec = self.condition_spec()
-        return dataset_identity(self.condition_soft) if spec is None else spec.identity()
-
-    def granularity_hint(self, vae_scale_factor: int | None = None) -> int:
-        """Pixels every bucket side must be a multiple of: vae_scale_factor * 2^(UNet down blocks
-        - 1), from the model's local UNet config (SDXL's 3 down blocks when there is none)."""
-        import json
-
-        from precompute.buckets import model_granularity
-
-        blocks = None
-        if self.model:
-            try:
-                unet = json.loads((Path(self.model).expanduser() / "unet" / "config.json").read_text())
-                blocks = len(unet["down_block_types"])
-            except (OSError, ValueError, KeyError, TypeError):
-                blocks = None
-        factor = self.vae_scale_factor_hint() if vae_scale_factor is None else vae_scale_factor
-        return model_granularity(factor, blocks)
-
-    def validate(self) -> "PrecomputeConfig":
-        problems = self.problems()
-        if problems:
-            raise ConfigError(problems)
-        return self
-
     def _cache_problems(self) -> list[str]:
         """Problems with --cache, found without any I/O to a remote store (opening one does none)."""
         from urllib.parse import urlparse
@@ -464,109 +353,7 @@ class PrecomputeConfig:
                 return ["--device cuda: no CUDA GPU is visible to torch (use --device cpu or auto)"]
         return []
 
-    def vae_scale_factor_hint(self) -> int:
-        """The VAE's pixels per latent cell, read from a local VAE config when there is one
-        (8 otherwise; the runner re-checks against the loaded VAE)."""
-        import json
-
-        from precompute.buckets import vae_scale_factor
-
-        candidates = []
-        if self.vae:
-            candidates += [Path(self.vae) / "config.json", Path(self.vae) / "vae" / "config.json"]
-        elif self.model:
-            candidates.append(Path(self.model) / "vae" / "config.json")
-        for c in candidates:
-            try:
-                return vae_scale_factor(json.loads(c.expanduser().read_text())["block_out_channels"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-        return 8
-
     # ------------------------------------------------------------------------------------------
-    def resolved_device(self) -> str:
-        if self.device == "auto":
-            import torch
-
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
-
-    def device_kind(self) -> str:
-        """cpu or cuda: what the identity records (the GPU index changes nothing)."""
-        return self.resolved_device().split(":", 1)[0]
-
-    def resolve(self, device_kind: str | None = None) -> "PrecomputeConfig":
-        """This config with every device-dependent default decided: an unset --vae-dtype or
-        --text-dtype becomes the device kind's default (`DEFAULT_ENCODE_DTYPES`: bf16 / fp16 on
-        CUDA, fp32 on CPU). `runner.run` calls it once, first; the identity and the manifest
-        record the result, so a cache says how it was encoded and `--config manifest.json`
-        repeats it exactly. `device_kind` (cpu | cuda) defaults to this config's device."""
-        from dataclasses import replace
-
-        defaults = DEFAULT_ENCODE_DTYPES.get(device_kind or self.device_kind())
-        if defaults is None:
-            return self  # an unknown device: validate() names it
-        return replace(self, vae_dtype=self.vae_dtype or defaults["vae"], text_dtype=self.text_dtype or defaults["text"])
-
-    def identity(self, *, encoder: dict, latent: dict, text: dict, source: dict,
-                 buckets: list[tuple[int, int]] | None = None) -> dict:
-        """The identity's JSON object (`shards.identity.CacheIdentity.from_dict` types and checks
-        it): what makes a cache built with these settings this cache: everything that changes the
-        bytes of a shard (the VAE batch size and the device kind among them), and nothing that
-        does not (strictness, workers, which GPU index, where the cache or its temp files live).
-
-        `encoder` comes from `encoders.load_encoders`, `latent` and `text` from the loaded
-        encoders (dims and factors), `source` from `Source.describe()`, `buckets` from
-        `resolved_buckets` with the loaded VAE's factor. The config must be resolved (`resolve`).
-        """
-        if self.vae_dtype is None or self.text_dtype is None:
-            raise ValueError("PrecomputeConfig.identity() needs a resolved config: call resolve() first")
-        compute = {"batch_size": self.batch_size, "device": self.device_kind()}
-        if self.compile_vae:  # only when on: caches made before the option keep their identity
-            compute["compile_vae"] = True
-        return {
-            "format_version": schema.FORMAT_VERSION,
-            "encoder": dict(encoder),
-            "latent": {**latent, "store": self.latent_store},
-            "text": dict(text),
-            "geometry": {
-                "resolution": self.resolution,
-                "crop": self.crop,
-                "buckets": [list(b) for b in buckets] if buckets else None,
-                "min_size": self.min_size,
-                "max_aspect": self.max_aspect,
-            },
-            "views": {"crops": self.crops, "flip": self.flip},
-            "condition": self.condition_identity(),
-            "dtypes": {"storage": self.storage_dtype, "vae": self.vae_dtype, "text": self.text_dtype},
-            # Batched VAE calls round differently from single ones (bf16 storage keeps the
-            # difference), and so do CPU and GPU kernels: a resume must not mix them in one cache.
-            "compute": compute,
-            "source": dict(source),
-            "captions": {"allow_empty": self.allow_empty_captions, **self._changed(max_chars=(
-                self.max_caption_chars, MAX_CAPTION_CHARS))},
-            # Which inputs are read at all (and so which items are skipped).
-            "input_limits": {"max_input_bytes": self.max_input_bytes, "max_image_pixels": self.max_image_pixels,
-                             "follow_symlinks": self.follow_symlinks,
-                             **self._changed(max_json_bytes=(self.max_json_bytes, MAX_JSON_BYTES),
-                                             max_json_depth=(self.max_json_depth, MAX_JSON_DEPTH))},
-            "max_samples": self.max_samples,
-            "samples_per_shard": self.samples_per_shard,
-            # How records fingerprint the inputs (records are compared across runs) and whether
-            # repeated items are dropped (which items a shard holds).
-            "inputs": {"fingerprint": self.source_fingerprint, "dedupe": self.dedupe},
-            # The seed only draws random crops: with centre crops (and one crop per image) it
-            # changes nothing, and a resume with another --seed must not be refused for it.
-            "seed": self.seed if self.crop == "random" or self.crops > 1 else None,
-        }
-
-    @staticmethod
-    def _changed(**settings: tuple) -> dict:
-        """{name: value} of the settings (value, default) whose value is not the default. These
-        caps were constants before they were settings: recording them only when changed keeps the
-        identity of every cache made with the defaults, so such caches still resume."""
-        return {name: value for name, (value, default) in settings.items() if value != default}
-
     def resolved(self) -> dict:
         """The config as recorded in the manifest: every setting that decides what the cache
         holds. Where it lives and how this particular run went (workers, strictness, temp folder,

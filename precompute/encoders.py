@@ -322,6 +322,63 @@ def check_model_sources(model: str | None, vae: str | None = None, variant: str 
     return problems
 
 
+@dataclass(frozen=True)
+class ModelLayout:
+    """What the model's configs say about image sizes, read before any weight loads."""
+
+    vae_scale_factor: int  # pixels per latent cell (8 for SDXL)
+    unet_down_blocks: int | None  # None: the model folder has no UNet config (SDXL's 3 is assumed)
+
+
+def model_layout(model: str, vae: str | None = None, *, revision: str | None = None,
+                 cache_dir: str | None = None) -> ModelLayout:
+    """The VAE's scale factor (of --vae when given) and the UNet's down-block count, from their
+    config.json alone: a local folder, or a hub id through the libraries (the hub cache when
+    offline). ModelLoadError, naming the file and the likely cause, when a config cannot be read."""
+    import json
+
+    from diffusers import ConfigMixin
+
+    from precompute.buckets import vae_scale_factor
+
+    class _AnyConfig(ConfigMixin):  # load_config only reads JSON; any ConfigMixin will do
+        config_name = "config.json"
+
+    def read(repo: str, subfolder: str | None, rev: str | None, what: str, optional: bool = False) -> dict | None:
+        local = Path(repo).expanduser()
+        if local.is_dir():
+            path = local / subfolder / "config.json" if subfolder else local / "config.json"
+            if optional and not path.is_file():
+                return None
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise ModelLoadError(f"cannot read {path}: {e}") from None
+        try:
+            return dict(_AnyConfig.load_config(repo, subfolder=subfolder, revision=rev, cache_dir=cache_dir))
+        except (OSError, ValueError) as e:
+            if optional:
+                return None
+            raise ModelLoadError(
+                f"cannot read {what}'s config.json: {type(e).__name__}: {e}\n  {repo!r} is not a local folder, so it "
+                "was looked up as a hub id: check the id, the network and HF_TOKEN, or download it once and pass "
+                "the folder") from None
+
+    if vae:
+        vae_repo, vae_sub = vae_location(vae)
+        vae_config = read(vae_repo, vae_sub, None, f"--vae {vae}")
+    else:
+        vae_config = read(locate(model).ref, "vae", revision, f"{model}/vae")
+    unet_config = read(locate(model).ref, "unet", revision, f"{model}/unet", optional=True)
+    try:
+        factor = vae_scale_factor(vae_config["block_out_channels"])
+        blocks = None if unet_config is None else len(unet_config["down_block_types"])
+    except (KeyError, TypeError) as e:
+        raise ModelLoadError(f"{vae or model}: a VAE or UNet config.json lacks {e} (not a diffusers SDXL "
+                             "model?)") from None
+    return ModelLayout(vae_scale_factor=factor, unet_down_blocks=blocks)
+
+
 def load_encoders(
     model: str,
     *,

@@ -52,7 +52,8 @@ from typing import Iterator
 import torch
 
 from precompute.config import PrecomputeConfig
-from precompute.errors import ConfigError, PrecomputeError, StrictSkipError
+from precompute.settings import Settings, resolve
+from precompute.errors import ConfigError, ModelLoadError, PrecomputeError, StrictSkipError
 from precompute.encoders import (
     FP16_VAE_HINT,
     LatentEncoder,
@@ -219,19 +220,20 @@ class _ShardSkips:
 class _ShardEncoder:
     """Encodes the shards assigned to this process; keeps per-process counters."""
 
-    def __init__(self, cfg: PrecomputeConfig, store: Store, source: Source, latent: LatentEncoder,
-                 prompt: PromptEncoder, *, rank_tag: str, bar, buckets: list[tuple[int, int]] | None = None):
-        self.cfg, self.store, self.source = cfg, store, source
+    def __init__(self, settings: Settings, store: Store, source: Source, latent: LatentEncoder,
+                 prompt: PromptEncoder, *, rank_tag: str, bar):
+        self.cfg, self.store, self.source = settings.config, store, source
         self.latent, self.prompt = latent, prompt
-        self.buckets = buckets
-        self.view_spec = cfg.view_spec()
-        self.condition = cfg.condition_spec()
+        self.buckets = None if settings.buckets is None else list(settings.buckets)
+        self.view_spec = settings.views
+        self.condition = settings.condition
         self.rank_tag = rank_tag
         self.bar = bar
         self.timings = Timings()
         self.shards_written = self.samples_written = self.items_read = self.truncated = 0
         self._skip_warnings = self._note_warnings = 0
-        self.pool = ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="prepare") if cfg.num_workers else None
+        self.pool = (ThreadPoolExecutor(self.cfg.num_workers, thread_name_prefix="prepare") if self.cfg.num_workers
+                     else None)
         self.drops: dict[tuple[int, int], tuple[int, int]] = {}  # --dedupe: (unit, position) -> first occurrence
 
     def close(self) -> None:
@@ -472,11 +474,17 @@ class _ShardEncoder:
 # The run
 
 
-def _open(cfg: PrecomputeConfig) -> Source:
-    """Validate the config and open the source, reporting every problem of both at once."""
-    problems = cfg.problems()
+def _start(cfg: PrecomputeConfig) -> tuple[Settings, Source]:
+    """The run's settings (`precompute.settings.resolve`) and the opened source, refusing with one
+    ConfigError that lists every problem of both."""
+    problems: list[str] = []
+    settings = None
+    try:
+        settings = resolve(cfg)
+    except ConfigError as e:
+        problems += e.problems
     source = None
-    if not cfg.source_problems():
+    if not cfg.source_problems():  # those are in problems already; opening would only repeat them
         try:
             source = open_source(
                 cfg.data or None,
@@ -500,8 +508,8 @@ def _open(cfg: PrecomputeConfig) -> Source:
             problems.append(f"--data {redact(cfg.data)}: {e}" if cfg.data else f"--dataset-name {cfg.dataset_name}: {e}")
     if problems:
         raise ConfigError(problems)
-    assert source is not None
-    return source
+    assert settings is not None and source is not None
+    return settings, source
 
 
 def _unit_sizes(source: Source, units: list[int]) -> int | None:
@@ -563,13 +571,11 @@ def _withdraw_stale(cfg: PrecomputeConfig, store: Store, stale: dict[int, str]) 
 
 def _settings_view(identity: dict) -> dict:
     """An identity without what only the loaded model tells: the weight and tokenizer
-    fingerprints, the latent and text dims, and the bucket sizes (they need the VAE's factor)."""
+    fingerprints and the latent and text dims."""
     d = json.loads(json.dumps(identity))
     d["encoder"] = {k: v for k, v in (d.get("encoder") or {}).items() if not k.endswith("_fingerprint")}
     d["latent"] = {"store": (d.get("latent") or {}).get("store")}
     d.pop("text", None)
-    if isinstance(d.get("geometry"), dict):
-        d["geometry"].pop("buckets", None)
     return d
 
 
@@ -582,7 +588,7 @@ class _InputCheck:
     drops: Drops
 
 
-def _check_inputs_early(cfg: PrecomputeConfig, store: Store, source: Source, state) -> _InputCheck | None:
+def _check_inputs_early(settings: Settings, store: Store, source: Source, state) -> _InputCheck | None:
     """The changed-input check before any model weight loads, so that a refusal for stale shards
     comes at once: fingerprints are the sources' (content hashes, or size and mtime), not the
     model's. It runs only when the cache's identity.json agrees with this run on everything the
@@ -597,8 +603,9 @@ def _check_inputs_early(cfg: PrecomputeConfig, store: Store, source: Source, sta
         except ManifestError:
             old = None  # reported by the identity check after the model loads, as before
         if old is not None:
+            cfg = settings.config
             encoder = {"model": cfg.model, "revision": cfg.revision, "variant": cfg.variant, "vae": cfg.vae}
-            mine = cfg.identity(encoder=encoder, latent={}, text={}, source=source.describe())
+            mine = settings.identity(encoder=encoder, latent={}, text={}, source=source.describe())
             if not identity_diff(_settings_view(old), _settings_view(mine)):
                 found = _completed_records(store, source.num_units())
                 complete = {i: r for i, r in enumerate(found) if r is not None}
@@ -699,8 +706,8 @@ def _duration(seconds: float) -> str:
     return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def _encode(cfg: PrecomputeConfig, store: Store, source: Source, latent: LatentEncoder, prompt: PromptEncoder,
-            mine: list[int], state, buckets: list[tuple[int, int]] | None, drops: Drops) -> _ShardEncoder:
+def _encode(settings: Settings, store: Store, source: Source, latent: LatentEncoder, prompt: PromptEncoder,
+            mine: list[int], state, drops: Drops) -> _ShardEncoder:
     """Encode this process's shards, with a progress bar (images/s) on a terminal."""
     rank, world = state.process_index, state.num_processes
     bar = None
@@ -715,7 +722,7 @@ def _encode(cfg: PrecomputeConfig, store: Store, source: Source, latent: LatentE
         else:  # a log file or a pipe: progress lines instead of a bar's carriage returns
             bar = ProgressLines(total, f"[rank {rank}] " if world > 1 else "")
     rank_tag = f"[rank {rank}] " if world > 1 else ""
-    worker = _ShardEncoder(cfg, store, source, latent, prompt, rank_tag=rank_tag, bar=bar, buckets=buckets)
+    worker = _ShardEncoder(settings, store, source, latent, prompt, rank_tag=rank_tag, bar=bar)
     worker.drops = drops
     try:
         for i in mine:
@@ -727,7 +734,7 @@ def _encode(cfg: PrecomputeConfig, store: Store, source: Source, latent: LatentE
                 if isinstance(e, ShardError) or not is_io_failure(e):
                     raise
                 reason = io_reason(e)
-                where = getattr(e, "filename", None) or store.staging_dir(tmp_dir=cfg.tmp_dir)
+                where = getattr(e, "filename", None) or store.staging_dir(tmp_dir=settings.config.tmp_dir)
                 raise PrecomputeError(
                     f"{schema.shard_name(i)}: cannot be written ({reason}: {where}). Nothing of it was published; "
                     f"the shards already complete are kept. Free space (or fix the permissions), then re-run the "
@@ -784,11 +791,11 @@ def run(cfg: PrecomputeConfig) -> Summary:
     from accelerate import PartialState
 
     started = time.perf_counter()
-    source = _open(cfg)
-    cfg = cfg.resolve()  # the encoders' dtypes, by device: decided once, here; recorded in the identity
+    settings, source = _start(cfg)  # every setting decided once, here; every problem refused at once
+    cfg = settings.config
     store = open_store(cfg.cache)
 
-    device = cfg.resolved_device()
+    device = settings.device
     # cpu=True makes accelerate use gloo (several processes on a CPU-only machine); on GPUs each
     # process gets its local GPU and NCCL.
     state = PartialState(cpu=device == "cpu", timeout=DIST_TIMEOUT)
@@ -798,7 +805,7 @@ def run(cfg: PrecomputeConfig) -> Summary:
     info = log.info if state.is_main_process else log.debug
     lock = _take_writer_lock(cfg, store, state)  # before anything is loaded or touched
     try:
-        early = _check_inputs_early(cfg, store, source, state)  # a stale cache is refused before the model loads
+        early = _check_inputs_early(settings, store, source, state)  # a stale cache is refused before the model loads
         info("loading encoders from %s%s on %s (%d process%s): VAE in %s%s, text encoders in %s", cfg.model,
              f" (vae: {cfg.vae})" if cfg.vae else "", device, world, "es" if world > 1 else "", cfg.vae_dtype,
              " (compiled)" if cfg.compile_vae else "", cfg.text_dtype)
@@ -813,23 +820,14 @@ def run(cfg: PrecomputeConfig) -> Summary:
             size = sum(p.numel() for m in (latent.vae, *prompt.text_encoders) for p in m.parameters())
             threads, why = choose_cpu_threads(size, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
             info("CPU threads per process: %d (%s)", threads, why)
-        f = latent.info.vae_scale_factor
-        if cfg.resolution % f:
-            raise ConfigError([f"--resolution {cfg.resolution} is not divisible by this VAE's scale factor {f}"])
-        # Validated against the config's hint already; again with the loaded VAE's factor.
-        problems = cfg.resolution_problems(f)
-        if problems:
-            raise ConfigError(problems)
-        try:
-            buckets = cfg.resolved_buckets(f)
-        except ValueError as e:
-            raise ConfigError([str(e)]) from None
-        if buckets is not None:
-            info("buckets (h x w): %s", ", ".join(f"{h}x{w}" for h, w in buckets))
+        if latent.info.vae_scale_factor != settings.vae_scale_factor:  # the weights contradict their config
+            raise ModelLoadError(f"the VAE loaded from {cfg.vae or cfg.model} downsamples by "
+                                 f"{latent.info.vae_scale_factor}, its config.json by {settings.vae_scale_factor}")
+        if settings.buckets is not None:
+            info("buckets (h x w): %s", ", ".join(f"{h}x{w}" for h, w in settings.buckets))
         # Typed and validated once (shards.identity): what identity.json and the manifest hold.
-        identity = CacheIdentity.from_dict(cfg.identity(
+        identity = CacheIdentity.from_dict(settings.identity(
             encoder=encoder_identity, latent=asdict(latent.info), text=asdict(prompt.info), source=source.describe(),
-            buckets=buckets,
         ))
 
         pending, drops = _prepare_cache(cfg, store, source, prompt, identity, state, early)
@@ -838,8 +836,7 @@ def run(cfg: PrecomputeConfig) -> Summary:
              source.describe().get("path") or source.describe().get("dataset"), n - len(pending), len(pending))
         encode_started = time.perf_counter()
         # Pending shards dealt round-robin: after a resume every process still gets its share.
-        worker = _encode(cfg, store, source, latent, prompt, pending[state.process_index :: world], state, buckets,
-                         drops)
+        worker = _encode(settings, store, source, latent, prompt, pending[state.process_index :: world], state, drops)
 
         counters = torch.tensor(
             [worker.shards_written, worker.samples_written, worker.items_read, worker.truncated,

@@ -3,6 +3,8 @@ settings that go with them, and train's soft threshold (train.augment)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ from PIL import Image
 
 from precompute.conditions import ConditionSpec, canny, compute_condition, luma, sketch
 from precompute.config import PrecomputeConfig
+from precompute.errors import ConfigError
+from precompute.settings import resolve
 from shards.manifest import identity_diff
 from shards.identity import Condition
 from train.plan import parse_range
@@ -96,13 +100,19 @@ def test_condition_spec_problems():
 # Settings and identity
 
 
-def _identity(**kw) -> dict:
-    cfg = PrecomputeConfig(model="m", data="d", cache="c", resolution=64, **kw)
-    return cfg.identity(encoder={"model": "m"}, latent={"channels": 4}, text={"max_length": 77},
-                        source={"kind": "folder"})
+@pytest.fixture
+def identity_of(tiny_model, fill_data, tmp_path):
+    """The identity the run's settings give for these options (on the tiny model and fill data)."""
+    def make(**kw) -> dict:
+        cfg = PrecomputeConfig(model=str(tiny_model), data=str(fill_data), cache=str(tmp_path / "c"), resolution=64,
+                               **kw)
+        return resolve(cfg, cuda_available=False).identity(encoder={"model": "m"}, latent={"channels": 4},
+                                                           text={"max_length": 77}, source={"kind": "folder"})
+    return make
 
 
-def test_condition_method_and_parameters_are_part_of_the_identity():
+def test_condition_method_and_parameters_are_part_of_the_identity(identity_of):
+    _identity = identity_of
     base = _identity()
     assert base["condition"] == {"method": "dataset", "version": None, "params": {}, "soft": False}
     canny_default = _identity(condition="canny")
@@ -120,11 +130,11 @@ def test_condition_method_and_parameters_are_part_of_the_identity():
     assert identity_diff(base, _identity(condition="gray"))[0] == "condition.method: 'dataset' != 'gray'"
 
 
-def test_views_and_buckets_are_part_of_the_identity():
+def test_views_and_buckets_are_part_of_the_identity(identity_of):
+    _identity = identity_of
     a, b = _identity(), _identity(flip=True, crops=2)
     assert identity_diff(a, b) == ["seed: None != 0", "views.crops: 1 != 2", "views.flip: False != True"]
-    bucketed = PrecomputeConfig(model="m", data="d", cache="c", resolution=64, buckets="sdxl").identity(
-        encoder={}, latent={}, text={}, source={}, buckets=[(64, 64), (64, 96)])
+    bucketed = _identity(buckets="64x64,64x96")
     assert bucketed["geometry"]["buckets"] == [[64, 64], [64, 96]]
 
 
@@ -133,7 +143,9 @@ def test_every_bucket_view_and_condition_problem_is_listed(tiny_model, fill_data
         model=str(tiny_model), data=str(fill_data), cache=str(tmp_path / "c"), resolution=64, buckets="wide",
         crops=0, condition="gray", canny_low=10, condition_soft=False, conditioning_image_column="source",
     )
-    problems = cfg.problems()
+    with pytest.raises(ConfigError) as err:
+        resolve(cfg, cuda_available=False)
+    problems = err.value.problems
     assert any("--buckets must be none, sdxl, sdxl-full or a list" in p for p in problems)
     assert any("--crops must be an integer in [1, 16]" in p for p in problems)
     assert any("--canny-low only applies to --condition canny" in p for p in problems)
@@ -141,11 +153,14 @@ def test_every_bucket_view_and_condition_problem_is_listed(tiny_model, fill_data
     assert len(problems) == 4, problems
     cfg = PrecomputeConfig(model=str(tiny_model), data=str(fill_data), cache=str(tmp_path / "c"), resolution=64,
                            buckets="sdxl", bucket_step=48, condition="canny", condition_soft=True)
-    problems = cfg.problems()
+    with pytest.raises(ConfigError) as err:
+        resolve(cfg, cuda_available=False)
+    problems = err.value.problems
     assert len(problems) == 2, problems
     assert "--bucket-step 48 is not a multiple of 32" in problems[0]  # the tiny UNet: 8 * 2^(3-1)
     assert "already binary" in problems[1]
-    assert cfg.granularity_hint() == 32
+    fine = resolve(dataclasses.replace(cfg, bucket_step=None, condition_soft=False), cuda_available=False)
+    assert fine.granularity == 32
 
 
 # --------------------------------------------------------------------------------------------

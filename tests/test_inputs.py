@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from precompute.config import PrecomputeConfig, PrecomputeError
+from precompute.config import PrecomputeConfig
+from precompute.errors import PrecomputeError
 from precompute.runner import run
 from shards.manifest import Manifest, read_record
 from shards.reader import iter_shard

@@ -25,7 +25,9 @@ import pytest
 import torch
 from PIL import Image
 
-from precompute.config import ConfigError, PrecomputeConfig, PrecomputeError
+from precompute.config import PrecomputeConfig
+from precompute.errors import ConfigError, PrecomputeError
+from precompute.settings import resolve
 from precompute.encoders import LatentEncoder, PromptEncoder
 from precompute.preprocess import to_model_input
 from precompute.runner import StrictSkipError, run
@@ -207,18 +209,20 @@ def test_encode_dtypes_are_decided_once_by_device_and_recorded_in_the_identity(t
     CPU); resolve() decides them once and the identity and manifest hold the result. tf32 is its
     own entry: a tf32 run into an fp32 cache is refused, as a bf16 one is."""
     cache, _ = run_cache
-    unset = _cfg(tiny_model, fill_data, cache)
+    unset = _cfg(tiny_model, fill_data, cache, device="auto")
     assert (unset.vae_dtype, unset.text_dtype) == (None, None)
-    assert (unset.resolve("cuda").vae_dtype, unset.resolve("cuda").text_dtype) == ("bf16", "fp16")
-    assert (unset.resolve("cpu").vae_dtype, unset.resolve("cpu").text_dtype) == ("fp32", "fp32")
-    assert unset.resolve().vae_dtype == "fp32"  # --device cpu
-    explicit = _cfg(tiny_model, fill_data, cache, vae_dtype="tf32", text_dtype="bf16").resolve("cuda")
-    assert (explicit.vae_dtype, explicit.text_dtype) == ("tf32", "bf16")
-    with pytest.raises(ValueError, match="resolve"):
-        unset.identity(encoder={}, latent={}, text={}, source={})
+    on_gpu, on_cpu = resolve(unset, cuda_available=True), resolve(unset, cuda_available=False)
+    assert on_gpu.device == "cuda" and (on_gpu.config.vae_dtype, on_gpu.config.text_dtype) == ("bf16", "fp16")
+    assert on_cpu.device == "cpu" and (on_cpu.config.vae_dtype, on_cpu.config.text_dtype) == ("fp32", "fp32")
+    assert resolve(_cfg(tiny_model, fill_data, cache), cuda_available=True).config.vae_dtype == "fp32"  # --device cpu
+    explicit = resolve(_cfg(tiny_model, fill_data, cache, device="auto", vae_dtype="tf32", text_dtype="bf16"),
+                       cuda_available=True)
+    assert (explicit.config.vae_dtype, explicit.config.text_dtype) == ("tf32", "bf16")
+    # Only resolved settings have an identity: an undecided dtype cannot reach identity.json.
+    assert not hasattr(unset, "identity")
     ident = explicit.identity(encoder={}, latent={}, text={}, source={})
     assert ident["dtypes"] == {"storage": "bf16", "vae": "tf32", "text": "bf16"} and "compile_vae" not in ident["compute"]
-    compiled = _cfg(tiny_model, fill_data, cache, compile_vae=True).resolve()
+    compiled = resolve(_cfg(tiny_model, fill_data, cache, compile_vae=True), cuda_available=False)
     assert compiled.identity(encoder={}, latent={}, text={}, source={})["compute"]["compile_vae"] is True
 
     manifest = Manifest.load(open_store(cache))  # made with the dtypes unset, on CPU
@@ -664,7 +668,7 @@ def test_a_cache_where_every_item_was_skipped_is_an_error(tiny_model, fill_data,
 
 def test_a_resolution_off_the_model_granularity_suggests_one_that_fits(tiny_model, fill_data, tmp_path):
     with pytest.raises(ConfigError) as err:
-        _cfg(tiny_model, fill_data, tmp_path / "c", resolution=60).validate()
+        resolve(_cfg(tiny_model, fill_data, tmp_path / "c", resolution=60), cuda_available=False)
     message = str(err.value)
     assert "not a multiple of 32" in message and "try 64" in message
     assert "try 56" not in message  # 56 passes the VAE factor but not the adapter's granularity

@@ -352,7 +352,8 @@ def test_tar_text_members_follow_the_json_caps(tmp_path):
 def test_caption_and_json_caps_are_precompute_settings_in_the_identity(tiny_model, fill_data, tmp_path):
     import click
 
-    from precompute.config import ConfigError
+    from precompute.errors import ConfigError
+    from precompute.settings import resolve
     from shards.reader import iter_shard
     from train.__main__ import main as train_main
 
@@ -384,6 +385,6 @@ def test_caption_and_json_caps_are_precompute_settings_in_the_identity(tiny_mode
     with pytest.raises(Exception, match=r"(?s)captions.max_chars.*input_limits.max_json_bytes"):
         run(PrecomputeConfig(**base))
     with pytest.raises(ConfigError, match="--max-caption-chars must be an integer >= 1, got 0"):
-        PrecomputeConfig(**{**base, "cache": str(tmp_path / "other")}, max_caption_chars=0).validate()
+        resolve(PrecomputeConfig(**{**base, "cache": str(tmp_path / "other")}, max_caption_chars=0))
     with pytest.raises(click.UsageError, match="--max-json-bytes is fixed at precompute"):
         train_main.make_context("train", ["--max-json-bytes", "2MiB"])
