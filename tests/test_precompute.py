@@ -682,3 +682,14 @@ def test_progress_is_logged_as_lines_when_stderr_is_not_a_terminal(tiny_model, f
     assert len(lines) >= 5 and lines[-1].split("precompute: ")[1].startswith("16/16 images (100%)")
     assert all("ETA" in line for line in lines)
     assert "\r" not in result.stderr  # no progress bar's carriage returns in a log
+
+
+def test_a_caches_manifest_repeats_its_precompute(fill_cache, tmp_path):
+    """manifest.json is a --config file: with another --cache it makes the same cache again, byte
+    for byte (the manifest records every setting that decides the bytes, none of where it ran)."""
+    again = tmp_path / "again"
+    result = _cli(["--config", str(fill_cache / "manifest.json"), "--cache", str(again), "--num-workers", "0"])
+    assert result.returncode == 0, result.stderr
+    ours, theirs = _files(again), _files(fill_cache)
+    assert sorted(ours) == sorted(theirs)
+    assert [name for name in theirs if ours[name] != theirs[name]] == []
