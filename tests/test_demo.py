@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
+
+pytestmark = pytest.mark.slow  # several processes each: the longest cases (make test runs them)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -44,6 +44,7 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_second_training_into_one_output_folder_is_refused(tiny_model, fill_cache, tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "train", "--model", str(tiny_model), "--cache", str(fill_cache), "--output-dir",
@@ -68,6 +69,7 @@ def test_a_second_training_into_one_output_folder_is_refused(tiny_model, fill_ca
     assert (out / ".lock").read_text() == ""  # released cleanly
 
 
+@pytest.mark.slow
 def test_a_second_precompute_into_one_cache_is_refused_and_the_first_finishes(tiny_model, fill_data, tmp_path):
     cache = tmp_path / "cache"
     args = [sys.executable, "-m", "precompute", "--model", str(tiny_model), "--data", str(fill_data), "--cache",

@@ -8,6 +8,8 @@ filesystem or a bucket). The two-node cache equals the one-process cache (confte
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import socket
 import subprocess
@@ -20,6 +22,8 @@ from shards.manifest import Manifest
 from shards.reader import iter_shard
 from shards.stores import open_store
 from train.loop import DEBUG_REPLICA_DIR
+
+pytestmark = pytest.mark.slow  # several processes each: the longest cases (make test runs them)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -16,6 +18,7 @@ def _umask(mask: int):
     return lambda: os.umask(mask)
 
 
+@pytest.mark.slow
 def test_everything_written_follows_the_umask(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     steps = [

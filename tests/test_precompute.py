@@ -586,6 +586,7 @@ def test_reference_cache_has_seeded_random_crops(reference_cache):
     assert manifest.identity.section("seed") == 7
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_a_byte_identical_cache(tiny_model, crop_data, reference_cache, tmp_path):
     cache = tmp_path / "cache"
     # Items 9-11 (shard 2, positions 1-3) become slow: 62 MP images (just under --max-image-pixels,
@@ -637,6 +638,7 @@ def test_kill_and_resume_gives_a_byte_identical_cache(tiny_model, crop_data, ref
     assert [name for name in ref if ours[name] != ref[name]] == []
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_cache_as_one(tiny_model, crop_data, reference_cache, tmp_path):
     cache = tmp_path / "cache"
     env = _env()

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # several processes each: the longest cases (make test runs them)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

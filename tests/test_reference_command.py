@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +94,7 @@ def _substitute(argv: list[str], subs: dict[str, str | None], values: dict[str, 
     return out
 
 
+@pytest.mark.slow
 def test_the_guides_command_split_in_two_runs_on_the_tiny_model(tiny_model, fill_data, tmp_path):
     # A local copy of fusing/fill50k's shape (the hub is not reachable here): image,
     # conditioning_image, text, in the hub's parquet layout, loaded by name like a hub id.

@@ -193,6 +193,7 @@ def _threads_line(stderr: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_precompute_chooses_its_threads_when_nobody_did(tiny_model, fill_data, tmp_path):
     """conftest pins OMP_NUM_THREADS=1 for the suite; here it is unset, as for a user, and the
     start-up log states the count chosen and why: plainly, and under accelerate launch, which

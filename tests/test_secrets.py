@@ -49,6 +49,7 @@ def _files(*roots: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_no_secret_of_a_data_or_cache_url_is_written_or_printed(tiny_model, fill_data, tmp_path):
     served = tmp_path / "served"
     _tars(fill_data, served / "tars")

@@ -254,6 +254,7 @@ def test_the_stated_source_of_accelerates_precision_is_the_one_it_used(tmp_path)
         "bf16", "the ACCELERATE_MIXED_PRECISION environment variable")
 
 
+@pytest.mark.slow
 def test_accelerate_launch_with_its_config_file_end_to_end(tmp_path):
     """The real `accelerate launch`, an accelerate config file under a temporary HF_HOME (where
     `accelerate config` writes it), and a process that resolves its precision as train does."""

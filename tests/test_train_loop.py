@@ -475,6 +475,7 @@ def test_fingerprint_is_the_one_precompute_records(tiny_model, cache):
 # Two processes
 
 
+@pytest.mark.slow
 def test_uneven_shards_drop_less_than_one_global_batch_per_epoch(tiny_model, fill_data, tmp_path):
     """A real run on shards of 8 + 2 samples, batch 3, 2 loader workers: each epoch takes 3
     batches (9 samples, both shards) and drops 1, the last partial batch; never the small shard's
@@ -559,6 +560,7 @@ def ddp_run(tiny_model, one_shard_cache, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_agree(ddp_run):
     """Same step count on both ranks (3 per epoch: the smaller rank's), disjoint samples within
     each epoch, identical adapters at the end."""
@@ -594,6 +596,7 @@ def test_two_processes_agree(ddp_run):
     assert (ckpt / "rng-rank00000.json").is_file() and (ckpt / "rng-rank00001.json").is_file()
 
 
+@pytest.mark.slow
 def test_two_processes_resume_bitwise_after_a_kill(tiny_model, one_shard_cache, ddp_run, tmp_path):
     out = tmp_path / "out"
     killed = _launch(tiny_model, one_shard_cache, out, env={DEBUG_EXIT_AFTER_CHECKPOINT: "2"}, check=False)
@@ -662,6 +665,7 @@ def test_loss_falls_clearly_on_8_fixed_samples(louder_tiny_model, cache, tmp_pat
     assert last < 0.7 * frozen[-10:].mean(), (trained, frozen)
 
 
+@pytest.mark.slow
 def test_accelerate_launch_mixed_precision_is_honoured(tiny_model, cache, tmp_path):
     """`accelerate launch --mixed_precision bf16 -m train` without --mixed-precision trains in
     bf16: the start-up log says so and where it came from, and the UNet runs in bf16."""

@@ -205,6 +205,7 @@ def batch4_run(tiny_model, fill_cache, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_the_validation_loss_is_the_same_for_any_batch_size_and_world_size(tiny_model, fill_cache, split_run,
                                                                           batch4_run, tmp_path):
     """Step 0 evaluates the same initial adapter (the seed decides it) in every run: batch 2 or 4,
