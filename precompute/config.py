@@ -490,7 +490,8 @@ class PrecomputeConfig:
         defaults = DEFAULT_ENCODE_DTYPES.get(device_kind or self.device_kind())
         if defaults is None:
             return self  # an unknown device: validate() names it
-        return replace(self, vae_dtype=self.vae_dtype or defaults["vae"], text_dtype=self.text_dtype or defaults["text"])
+        return replace(self, vae_dtype=self.vae_dtype or defaults["vae"],
+                       text_dtype=self.text_dtype or defaults["text"])
 
     def identity(self, *, encoder: dict, latent: dict, text: dict, source: dict,
                  buckets: list[tuple[int, int]] | None = None) -> dict:
