@@ -58,7 +58,7 @@ LAUNCH  = $(if $(filter 1,$(WORLD)),$(PY) -m,\
 PRECOMPUTE = $(LAUNCH) precompute --config configs/$(PRESET)/precompute.toml --model $(MODEL_ARG) \
 	$(DATA_ARG) --cache $(CACHE) $(if $(RESOLUTION),--resolution $(RESOLUTION)) $(PRECOMPUTE_ARGS)
 
-.PHONY: help install install-check test demo precompute train tiny fill verify bench clean
+.PHONY: help install install-check test demo precompute train tiny fill verify bench bench-gpu gpu-wheels clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -154,6 +154,30 @@ demo: install $(TINY)/model_index.json $(DEMO_DATA)/prompt.json ## tiny model + 
 bench: install ## precompute and train-step benchmarks on the tiny model
 	$(PY) bench/precompute.py
 	$(PY) bench/train_step.py --model tiny
+
+# What bench/gpu.py needs on a GPU machine that has torch, accelerate, transformers, numpy and
+# safetensors (and their requirements) but no network: found by `python bench/gpu_deps.py`, which
+# runs the benchmark with only those and adds what is missing until it runs. Pinned to the versions
+# installed here (the ones the tests ran with); x86_64 CPython 3.12 wheels, into .whl/ (git-ignored).
+# idna is beyond that minimal set: requests (which diffusers imports) imports it unconditionally and
+# the machine has it only through huggingface_hub's httpx; a 70 KB insurance.
+GPU_WHEELS := diffusers pillow requests certifi charset-normalizer urllib3 importlib-metadata zipp lazy-importer \
+	braceexpand idna
+WHEEL_PLATFORM := --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+
+gpu-wheels: ## download, here, the wheels bench/gpu.sh installs on a GPU machine with no network (into .whl/)
+	rm -rf .whl && mkdir -p .whl
+	for p in $(GPU_WHEELS); do \
+		v=$$($(PY) -c "import importlib.metadata as m; print(m.version('$$p'))") || exit 1; \
+		python3 -m pip download -q --no-deps $(WHEEL_PLATFORM) -d .whl "$$p==$$v" || exit 1; \
+	done
+	@ls -1 .whl; du -sh .whl
+
+# Runs on the GPU machine itself (no venv there): bench/gpu.sh installs .whl/ if the packages are
+# missing and prints one table (and JSON); ARGS go to bench/gpu.py (e.g. ARGS="--batches 8").
+bench-gpu: ## train step (reference vs ours, eager and compiled), precompute and loader speed on a GPU: one table
+	bash bench/gpu.sh $(ARGS)
 
 clean: ## remove caches and runs (keeps the venv)
 	rm -rf cache runs

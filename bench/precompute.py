@@ -43,10 +43,13 @@ sys.path.insert(0, str(REPO))  # run as a plain script from a checkout
 SDXL_CONFIG_CANDIDATES = (REPO / "tests" / "assets" / "sdxl-base-1.0", REPO / "shared" / "sdxl-base-1.0", REPO.parent / "shared" / "sdxl-base-1.0")
 
 
-def build_random_sdxl_encoders(out: Path, config_dir: Path) -> Path:
+def build_random_sdxl_encoders(out: Path, config_dir: Path, *, vae_config: dict | None = None,
+                               device: str = "cpu") -> Path:
     """A diffusers-layout folder with SDXL's VAE and text encoders at full size, random weights.
 
-    Saved in fp16 to halve the disk traffic (precompute loads in fp32 and casts as asked).
+    `vae_config` replaces the VAE's config (bench/gpu.py's `mid` halves its widths); `device` is
+    where the weights are initialised (a GPU does it in seconds). Saved in fp16 to halve the disk
+    traffic (precompute loads in fp32 and casts as asked).
     """
     import torch
     from diffusers import AutoencoderKL
@@ -58,11 +61,13 @@ def build_random_sdxl_encoders(out: Path, config_dir: Path) -> Path:
     _write_tokenizer(out / "tokenizer", vocab, merges, pad=EOS)
     _write_tokenizer(out / "tokenizer_2", vocab, merges, pad=PAD_2)
     torch.manual_seed(0)
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(config_dir / "vae")))
+    with torch.device(device):
+        vae = AutoencoderKL.from_config(vae_config or AutoencoderKL.load_config(str(config_dir / "vae")))
     vae.half().save_pretrained(out / "vae")
     del vae
     for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
-        model = cls(CLIPTextConfig.from_pretrained(str(config_dir / name)))
+        with torch.device(device):
+            model = cls(CLIPTextConfig.from_pretrained(str(config_dir / name)))
         model.half().save_pretrained(out / name)
         del model
     return out
@@ -85,8 +90,8 @@ def _find_sdxl_configs(given: str | None) -> Path:
 @click.option("--num-workers", type=int, default=4, show_default=True)
 @click.option("--samples-per-shard", type=int, default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--vae-dtype", default="fp32", show_default=True)
-@click.option("--text-dtype", default="fp32", show_default=True)
+@click.option("--vae-dtype", default=None, help="[default: precompute's: bf16 on cuda, fp32 on cpu]")
+@click.option("--text-dtype", default=None, help="[default: precompute's: fp16 on cuda, fp32 on cpu]")
 @click.option("--sdxl-configs", default=None, help="Folder with SDXL's component configs [default: shared/sdxl-base-1.0].")
 @click.option("--workdir", default=None, help="Build here and keep it (default: a temp folder, removed).")
 @click.option("--formats", is_flag=True, help="Compare reading speed of parquet / metadata folder / WebDataset.")
@@ -132,8 +137,8 @@ def main(model, n, resolution, batch_size, num_workers, samples_per_shard, devic
         per_img = 1000.0 / max(s.items_read, 1)
         print(f"precompute benchmark: model {model} ({model_path if not tiny else 'tiny SDXL'}), {n} fill images at "
               f"{resolution} px")
-        print(f"  settings   batch {batch_size}, {num_workers} decode threads, device {device}, vae {vae_dtype}, "
-              f"text {text_dtype}, {s.world_size} process(es)")
+        print(f"  settings   batch {batch_size}, {num_workers} decode threads, device {device}, vae {vae_dtype or 'default'}, "
+              f"text {text_dtype or 'default'}, {s.world_size} process(es)")
         print(f"  images/s   {s.images_per_second:.1f}  ({s.items_read} images in {s.encode_seconds:.2f} s of "
               f"encoding; whole run {s.seconds:.1f} s with model loading; setup {setup:.1f} s)")
         print(f"  output     {s.samples} samples, {s.shards} shards, {s.bytes / 1e6:.2f} MB "

@@ -8,7 +8,8 @@ Two steps over one UNet (random weights built from a config, no download):
 
 - ours: train.step as the trainer runs it: UNet frozen (`freeze_unet`) in the weight dtype, the
   adapter in fp32 under autocast, cached latent moments (one fresh posterior draw per step) and
-  prompt embeddings, sigmas from a device table.
+  prompt embeddings, sigmas from a device table; with the trainer's fast paths as asked
+  (`--compile`, `--channels-last`, `--fused-adamw`; attention through `train.fast`, SDPA).
 - reference: diffusers' train_t2i_adapter_sdxl.py step (docs/background.md section 1), written here: the
   fp32 VAE encodes every image every step (`latent_dist.sample()`), the UNet is not frozen so its
   weight gradients are computed and kept (nothing ever clears them), per-sample sigma lookup with
@@ -171,7 +172,6 @@ def run_variant(variant: str, opts: dict[str, Any]) -> dict[str, Any]:
     if opts["gradient_checkpointing"]:
         unet.enable_gradient_checkpointing()
     run_adapter = AutocastAdapter(adapter, device.type, weight_dtype)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-5, weight_decay=1e-2)
 
     g = torch.Generator(device).manual_seed(opts["seed"] + 2)
     prompt_embeds = torch.randn(n, 77, text_dim, generator=g, device=device)
@@ -181,7 +181,19 @@ def run_variant(variant: str, opts: dict[str, Any]) -> dict[str, Any]:
     step_generator = torch.Generator(device).manual_seed(opts["seed"] + 3)
 
     if variant == "ours":
+        import logging
+        import types
+
+        from train import fast
+        from train.optim import OptimizerSpec, make_optimizer
+
         freeze_unet(unet, weight_dtype)
+        optimizer = make_optimizer(OptimizerSpec(learning_rate=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
+                                                 fused=opts.get("fused", False)), adapter.parameters())
+        # The trainer's own fast paths (train.fast): attention processor, channels_last, compile.
+        fast_cfg = types.SimpleNamespace(attention=opts.get("attention", "sdpa"), compile=opts.get("compile", False),
+                                         channels_last=opts.get("channels_last", False))
+        step_fns = fast.prepare(fast_cfg, unet, run_adapter, shapes=1, log=logging.getLogger("bench"))
         objective = Objective(SDXL_SCHEDULER_CONFIG, device)
         # What the loader delivers: cached moments and embeddings in the cache's bf16.
         batch = Batch(
@@ -195,8 +207,9 @@ def run_variant(variant: str, opts: dict[str, Any]) -> dict[str, Any]:
         )
 
         def step() -> torch.Tensor:
-            loss = objective.loss(unet, run_adapter, batch, step_generator)
+            loss = objective.loss(step_fns.unet, step_fns.adapter, batch, step_generator)
             loss.backward()
+            step_fns.observe(0, batch)
             torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -204,6 +217,8 @@ def run_variant(variant: str, opts: dict[str, Any]) -> dict[str, Any]:
 
         extra = {}
     else:
+        optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-5, weight_decay=1e-2)  # the reference's
+        step_fns = None
         torch.nn.Module.to(unet, dtype=weight_dtype).train()  # never frozen: weight grads computed every step
         torch.manual_seed(opts["seed"] + 4)
         with torch.device(device):
@@ -255,33 +270,48 @@ def run_variant(variant: str, opts: dict[str, Any]) -> dict[str, Any]:
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # the reference's deprecated argument
     trainable, frozen = count_parameters(unet)
+    common = {
+        "variant": variant,
+        "unet_trainable": trainable,
+        "unet_frozen": frozen,
+        "adapter_params": sum(p.numel() for p in adapter.parameters()),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "compile": bool(step_fns and step_fns.watch),
+    }
     reset_peak(device)
-    for _ in range(opts["warmup"]):
-        step()
-    sync(device)
+    first_step_s = None
     # Per-step wall times (synchronised) so a burst of load from other processes shows up as an
     # outlier the median ignores; process CPU time measures the work itself on a shared CPU box.
     wall, losses = [], []
-    cpu_start = time.process_time()
-    for _ in range(opts["steps"]):
-        start = time.perf_counter()
-        losses.append(step())
-        sync(device)
-        wall.append(time.perf_counter() - start)
+    try:
+        for i in range(opts["warmup"]):
+            start = time.perf_counter()
+            step()
+            sync(device)
+            if i == 0:
+                first_step_s = time.perf_counter() - start  # with --compile: the compile is in here
+        cpu_start = time.process_time()
+        for _ in range(opts["steps"]):
+            start = time.perf_counter()
+            losses.append(step())
+            sync(device)
+            wall.append(time.perf_counter() - start)
+    except torch.OutOfMemoryError:
+        return {**common, "oom": True, "peak_mib": peak_bytes(device) / 2**20}
     cpu = time.process_time() - cpu_start
     median = sorted(wall)[len(wall) // 2]
+    if step_fns is not None and step_fns.watch is not None:
+        common.update(graphs=step_fns.watch.graphs, recompiles=step_fns.watch.recompiles)
     return {
-        "variant": variant,
+        **common,
+        "oom": False,
+        "first_step_s": first_step_s,
         "samples_per_s": n / median,
         "step_ms": 1000 * median,
         "mean_step_ms": 1000 * sum(wall) / len(wall),
         "cpu_s_per_step": cpu / opts["steps"],
         "peak_mib": peak_bytes(device) / 2**20,
-        "unet_trainable": trainable,
-        "unet_frozen": frozen,
-        "adapter_params": sum(p.numel() for p in adapter.parameters()),
         "final_loss": float(losses[-1]),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         **extra,
     }
 
@@ -310,13 +340,20 @@ def run_isolated(variant: str, opts: dict[str, Any]) -> dict[str, Any]:
               help="Folder with SDXL base 1.0's unet/ and vae/ config.json, for mid and sdxl "
                    "[default: shared/sdxl-base-1.0 in or beside the repo].")
 @click.option("--only", type=click.Choice(["ours", "reference"]), default=None, help="Run one side only.")
-def main(model, resolution, batch, steps, warmup, device, dtype, gradient_checkpointing, seed, sdxl_dir, only):
+@click.option("--compile", "compile_", is_flag=True, help="Ours: torch.compile the UNet and adapter (train --compile).")
+@click.option("--channels-last", is_flag=True, help="Ours: the UNet in channels_last (train --channels-last).")
+@click.option("--fused-adamw/--no-fused-adamw", default=None,
+              help="Ours: fused AdamW (train's default: on with cuda). The reference keeps torch's default AdamW.")
+def main(model, resolution, batch, steps, warmup, device, dtype, gradient_checkpointing, seed, sdxl_dir, only,
+         compile_, channels_last, fused_adamw):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bf16" if device == "cuda" else "fp32")
     opts = {
         "model": model, "resolution": resolution or DEFAULT_RESOLUTION[model], "batch": batch, "steps": steps,
         "warmup": warmup, "device": device, "dtype": dtype, "gradient_checkpointing": gradient_checkpointing,
         "seed": seed, "sdxl_dir": None if model == "tiny" else str(find_sdxl_dir(sdxl_dir)),
+        "compile": compile_, "channels_last": channels_last,
+        "fused": device == "cuda" if fused_adamw is None else fused_adamw,
     }  # fmt: skip
     _, vae_cfg = model_configs(model, opts["sdxl_dir"] and Path(opts["sdxl_dir"]))
     multiple = 4 * 2 ** (len(vae_cfg["block_out_channels"]) - 1)  # adapter unshuffle + two UNet downsamples
@@ -324,6 +361,9 @@ def main(model, resolution, batch, steps, warmup, device, dtype, gradient_checkp
         raise click.BadParameter(f"{opts['resolution']} is not a multiple of {multiple}", param_hint="--resolution")
     variants = [only] if only else ["ours", "reference"]
     results = {v: run_isolated(v, opts) for v in variants}
+    for v, r in results.items():
+        if r["oom"]:
+            raise click.ClickException(f"{v}: out of memory at batch {batch} (peak {r['peak_mib']:.0f} MiB)")
 
     first = next(iter(results.values()))
     mem_label = "peak alloc MiB" if device == "cuda" else "peak RSS MiB"

@@ -294,3 +294,18 @@ def test_fingerprint_ignores_load_bookkeeping(tiny_model, tmp_path):
     te.save_pretrained(tmp_path / "te")
     again = CLIPTextModel.from_pretrained(str(tmp_path / "te"))
     assert module_fingerprint(again) == module_fingerprint(te)
+
+
+@pytest.mark.slow
+def test_compiled_vae_encodes_what_the_eager_one_does(pipe):
+    """--compile-vae: the VAE's encoder compiled in place (inductor; gcc on a CPU), same moments
+    to float tolerance, the same module (its fingerprint is taken before and is unaffected)."""
+    import copy
+
+    x = _pixels(2, seed=4)
+    eager = LatentEncoder(copy.deepcopy(pipe.vae))(x)
+    compiled_encoder = LatentEncoder(copy.deepcopy(pipe.vae), compile=True)
+    compiled = compiled_encoder(x)
+    assert compiled_encoder.vae.encoder._compiled_call_impl is not None
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

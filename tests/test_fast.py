@@ -82,6 +82,7 @@ def test_compiled_step_equals_the_eager_step(tiny_model, caplog):
     of the same shape reuses the graphs (no recompile warning)."""
     from train import fast
 
+    torch._dynamo.reset()  # graphs another test compiled for the same code and shapes would be reused
     unet, adapter, objective, batch = _setup(tiny_model)
     eager_loss, eager_grads = _loss_and_grads(objective, unet, adapter, unet, adapter, batch)
     log = logging.getLogger("test_fast")

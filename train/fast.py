@@ -77,7 +77,7 @@ class CompileWatch:
     def observe(self, step: int, shape: tuple) -> int:
         """After a micro-batch of `shape` at optimizer step `step`: the new graphs it cost."""
         now = _graphs_compiled()
-        new, self.graphs = now - self.graphs, now
+        new, self.graphs = max(0, now - self.graphs), now  # (torch._dynamo.reset() clears the counters)
         first = shape not in self.seen
         self.seen.add(shape)
         if new and first:
