@@ -100,6 +100,7 @@ def job_precompute(opts: dict) -> dict:
     from precompute.config import PrecomputeConfig
     from precompute.fill import make_fill_dataset
     from precompute.runner import run
+    from precompute.settings import resolve
 
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -137,7 +138,7 @@ def job_precompute(opts: dict) -> dict:
         s = run(cfg)
         t = s.timings
         rows.append({
-            "vae_dtype": vae_dtype, "text_dtype": cfg.resolve().text_dtype, "images": s.items_read,
+            "vae_dtype": vae_dtype, "text_dtype": resolve(cfg).config.text_dtype, "images": s.items_read,
             "images_per_s": s.images_per_second, "encode_s": s.encode_seconds, "run_s": s.seconds,
             "vae_s": t.vae, "text_s": t.text, "wait_s": t.wait, "write_s": t.write + t.commit,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if opts["device"] == "cuda" else None,
