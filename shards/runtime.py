@@ -54,7 +54,18 @@ def rank_tag() -> str:
     return f"[rank {rank}] " if rank is not None and world not in (None, "1") else ""
 
 
+_terminating = False
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    # Once: a rank of a launcher often gets two stop signals (the launcher's, and the kernel's
+    # parent-death signal when the launcher is gone). A second `Terminated` raised inside the
+    # clean-up the first one started (a logging lock, a loader's __del__) would only print
+    # "Exception ignored" tracebacks; the watchdog still bounds how long the clean-up may take.
+    global _terminating
+    if _terminating:
+        return
+    _terminating = True
     raise Terminated(signum)
 
 
@@ -213,6 +224,21 @@ def run_command(work: Callable[[], Any], *, user_errors: tuple[type[BaseExceptio
         if explained is None:
             raise
         fail(*explained)
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Destroy torch.distributed's default process group, if this process made one. Left to the
+    interpreter's exit, gloo's threads can outlive it and abort the process ("terminate called
+    without an active exception", SIGABRT) after the work itself succeeded or failed cleanly.
+    Local only (no collective), so it is safe whatever happened to the other processes."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # a group whose peers are gone may fail to tear down; the exit is what matters
+        pass
 
 
 # Below this many parameters a model's ops last microseconds on a CPU: a second OpenMP thread
@@ -272,6 +298,7 @@ def worker_init(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-__all__ = ["EXIT_USER_ERROR", "SMALL_MODEL_PARAMETERS", "Terminated", "choose_cpu_threads", "die_with_parent", "explain",
+__all__ = ["EXIT_USER_ERROR", "SMALL_MODEL_PARAMETERS", "Terminated", "choose_cpu_threads", "close_process_group",
+           "die_with_parent", "explain",
            "fail", "install_process_guards",
            "is_peer_failure", "rank_tag", "run_command", "worker_init"]
