@@ -203,22 +203,28 @@ def _get(s3, key: str) -> bytes:
     return s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
 
 
-def _run_child(cfg, stop_before_complete: int | None = None) -> None:
-    """precompute in a forked child. `stop_before_complete=n`: the child freezes itself (SIGSTOP)
-    right before completing its n-th multipart upload, a deterministic point inside the window
-    between 'upload begun' and 'object visible' (no polling race with a fast writer)."""
+def _run_child(cfg, stop: tuple[str, int] | None = None) -> None:
+    """precompute in a forked child. `stop=("before", n)`: the child freezes itself (SIGSTOP) right
+    before completing its n-th multipart upload, inside the window between 'upload begun' and
+    'object visible'; `("after", n)`: right after it, with the shard visible and its record not yet
+    written. Deterministic points: no polling race with a fast writer on a busy machine."""
     import shards.s3
     from precompute.runner import run
 
-    if stop_before_complete is not None:
+    if stop is not None:
+        when, n = stop
         real, completes = shards.s3.retry_call, [0]
 
         def retry_call(fn, **kw):
-            if getattr(fn, "__name__", "") == "complete":
-                completes[0] += 1
-                if completes[0] == stop_before_complete:
-                    os.kill(os.getpid(), signal.SIGSTOP)
-            return real(fn, **kw)
+            if getattr(fn, "__name__", "") != "complete":
+                return real(fn, **kw)
+            completes[0] += 1
+            if when == "before" and completes[0] == n:
+                os.kill(os.getpid(), signal.SIGSTOP)
+            out = real(fn, **kw)
+            if when == "after" and completes[0] == n:
+                os.kill(os.getpid(), signal.SIGSTOP)
+            return out
 
         shards.s3.retry_call = retry_call
     run(cfg)
@@ -291,31 +297,28 @@ def test_precompute_sigkilled_at_random_points_never_shows_a_partial_object(
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     kills = []
-    targets = sorted(rng.sample(range(1, 6), 3))  # kill once this many shards are out...
-    mid_upload = rng.randrange(len(targets))  # ...and this kill as soon as an upload is in progress
+    # Three seeded kill points, each the n-th upload of that run (n = 1 or 2, so the three runs
+    # publish at most 6 of the 8 shards): frozen just before the upload completes (invisible) or
+    # just after (visible, its record not yet written). At least one is mid-upload at the second
+    # upload, so a complete shard with its record is there to resume.
+    points = [(rng.choice(["before", "after"]), rng.randint(1, 2)) for _ in range(3)]
+    points[rng.randrange(3)] = ("before", 2)
     try:
-        for i, target in enumerate(targets):
+        for when, n in points:
             left_before = uploads()
             with fork_lock:
-                child = multiprocessing.get_context("fork").Process(
-                    target=_run_child, args=(cfg, target if i == mid_upload else None))
+                child = multiprocessing.get_context("fork").Process(target=_run_child, args=(cfg, (when, n)))
                 child.start()
             deadline = time.monotonic() + 120
-            if i == mid_upload:  # it stops itself inside an upload: wait for that, then check it is one
-                while child.is_alive() and not _stopped(child.pid) and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                assert _stopped(child.pid), f"the writer never reached its upload #{target} (seed {seed})"
+            while child.is_alive() and not _stopped(child.pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _stopped(child.pid), f"the writer never reached its upload #{n} (seed {seed})"
+            if when == "before":
                 assert uploads() - left_before, f"stopped, but no upload of its in progress (seed {seed})"
-            else:
-                while child.is_alive() and time.monotonic() < deadline:
-                    if sum(k.startswith(schema.SHARD_DIR + "/") for k in _objects(s3, prefix)) >= target:
-                        break
-                    time.sleep(0.01)
-                time.sleep(rng.uniform(0, 0.1))
             os.kill(child.pid, signal.SIGKILL)
             child.join(30)
             visible = sum(k.startswith(schema.SHARD_DIR + "/") for k in _objects(s3, prefix))
-            kills.append((target, child.exitcode, visible, len(uploads())))
+            kills.append((f"{when} #{n}", child.exitcode, visible, len(uploads())))
             check_visible()
         stop.set()
         watcher.join(10)
@@ -336,7 +339,7 @@ def test_precompute_sigkilled_at_random_points_never_shows_a_partial_object(
     assert sorted(ours) == sorted(ref)
     different = [rel for rel in ref if _get(s3, f"{prefix}/{rel}") != _get(s3, f"fill/{rel}")]
     assert different == [], f"seed {seed}, kills {kills}"
-    print(f"kill seed {seed}: (shards targeted, exit code, shards visible, uploads in progress) {kills}; "
+    print(f"kill seed {seed}: (kill point, exit code, shards visible, uploads in progress) {kills}; "
           f"resumed {summary.shards_resumed}")
 
 
