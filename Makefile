@@ -58,7 +58,7 @@ LAUNCH  = $(if $(filter 1,$(WORLD)),$(PY) -m,\
 PRECOMPUTE = $(LAUNCH) precompute --config configs/$(PRESET)/precompute.toml --model $(MODEL_ARG) \
 	$(DATA_ARG) --cache $(CACHE) $(if $(RESOLUTION),--resolution $(RESOLUTION)) $(PRECOMPUTE_ARGS)
 
-.PHONY: help install install-check test demo precompute train tiny fill verify bench bench-gpu gpu-wheels clean
+.PHONY: help install install-check test test-fast demo precompute train tiny fill verify bench bench-gpu gpu-wheels clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -74,8 +74,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## create the venv and install the project with test extras
 
+# Three pytest workers on the 2-core build machine: many tests mostly wait (on subprocesses that
+# import torch and diffusers, on the S3 server), so a third worker keeps both cores busy. Each test
+# file stays on one worker (--dist loadfile), so its module fixtures are built once. TEST_WORKERS=0
+# runs everything in one process; TEST_ARGS passes pytest options (e.g. a file, or -k NAME).
+TEST_WORKERS ?= 3
+TEST_ARGS    ?=
 test: install ## run the test suite (offline, CPU)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(TEST_ARGS)
+
+test-fast: install ## the test suite without the multi-process and make-driven cases (marked slow)
+	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) -m "not slow" $(TEST_ARGS)
 
 # A second venv with nothing but `pip install .` (torch chosen as above): the tool must run in it,
 # model card and loss curve included, without any test extra.

@@ -292,10 +292,21 @@ def choose_cpu_threads(num_parameters: int, local_processes: int = 1, *, environ
 
 def worker_init(_worker_id: int) -> None:
     """DataLoader `worker_init_fn`: a loader worker dies quietly on SIGTERM (its parent, the rank,
-    reports what happened) instead of raising `Terminated` in its own Python."""
+    reports what happened) instead of raising `Terminated` in its own Python. Likewise a connection
+    error in one of its helper threads (multiprocessing's resource sharer hands tensors' file
+    descriptors to the rank, and fails once the rank is gone) is not printed as a traceback: the
+    rank, not its worker, says what happened. Errors of the worker's own work reach the rank
+    through the loader and are reported there."""
     signal.set_wakeup_fd(-1)  # the pipe is the parent's: its watchdog must not see our signals
     for sig in _HANDLED:
         signal.signal(sig, signal.SIG_DFL)
+    threading.excepthook = _quiet_connection_errors
+
+
+def _quiet_connection_errors(args: threading.ExceptHookArgs) -> None:
+    if isinstance(args.exc_value, OSError):
+        return
+    threading.__excepthook__(args)
 
 
 __all__ = ["EXIT_USER_ERROR", "SMALL_MODEL_PARAMETERS", "Terminated", "choose_cpu_threads", "close_process_group",

@@ -83,7 +83,11 @@ def bucket_fixtures(bucket: str):
     @pytest.fixture(scope="module")
     def server(tmp_path_factory):
         srv = shared_server(tmp_path_factory.getbasetemp() / "seaweedfs")
-        srv.client().create_bucket(Bucket=bucket)
+        client = srv.client()
+        try:
+            client.create_bucket(Bucket=bucket)
+        except client.exceptions.BucketAlreadyOwnedByYou:  # the module's fixtures ran before in this session
+            pass
         return srv
 
     @pytest.fixture(scope="module", autouse=True)
