@@ -76,15 +76,15 @@ install: $(VENV)/.installed ## create the venv and install the project with test
 
 # Three pytest workers on the 2-core build machine: many tests mostly wait (on subprocesses that
 # import torch and diffusers, on the S3 server), so a third worker keeps both cores busy. Each test
-# file stays on one worker (--dist loadfile), so its module fixtures are built once. TEST_WORKERS=0
+# file stays on one worker (--dist worksteal), so its module fixtures are built once. TEST_WORKERS=0
 # runs everything in one process; TEST_ARGS passes pytest options (e.g. a file, or -k NAME).
 TEST_WORKERS ?= 3
 TEST_ARGS    ?=
 test: install ## run the test suite (offline, CPU)
-	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(TEST_ARGS)
+	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal) $(TEST_ARGS)
 
 test-fast: install ## the test suite without the multi-process and make-driven cases (marked slow)
-	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) -m "not slow" $(TEST_ARGS)
+	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal) -m "not slow" $(TEST_ARGS)
 
 # A second venv with nothing but `pip install .` (torch chosen as above): the tool must run in it,
 # model card and loss curve included, without any test extra.

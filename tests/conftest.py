@@ -49,13 +49,10 @@ def fill_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fill_cache(tiny_model, fill_data, tmp_path_factory) -> Path:
     """`fill_data` encoded by the real precompute CLI with the tiny model: 16 samples at 64 px in
     4 shards of 4, one process. Treat it as read-only."""
-    import subprocess
-    import sys
+    from clirun import run_cli
 
     out = tmp_path_factory.mktemp("fill-cache") / "cache"
-    subprocess.run(
-        [sys.executable, "-m", "precompute", "--model", str(tiny_model), "--data", str(fill_data), "--cache", str(out),
-         "--resolution", "64", "--samples-per-shard", "4", "--num-workers", "0", "--device", "cpu"],
-        cwd=Path(__file__).resolve().parents[1], check=True, capture_output=True,
-    )
+    result = run_cli("precompute", ["--model", tiny_model, "--data", fill_data, "--cache", out, "--resolution", "64",
+                                    "--samples-per-shard", "4", "--num-workers", "0", "--device", "cpu"])
+    assert result.returncode == 0, result.stderr[-3000:]
     return out

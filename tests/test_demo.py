@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from clirun import run_cli
 
 pytestmark = pytest.mark.slow  # several processes each: the longest cases (make test runs them)
 
@@ -39,8 +40,7 @@ def test_make_demo_runs_end_to_end(tmp_path):
     manifest = json.loads((paths["DEMO_CACHE"] / "manifest.json").read_text())
     assert manifest["totals"]["samples"] == 2 * 48  # every image plus its flipped view
     assert len(manifest["totals"]["buckets"]) > 1  # the mixed-aspect data really uses buckets
-    verify = subprocess.run([sys.executable, "-m", "shards", "verify", str(paths["DEMO_CACHE"])],
-                            capture_output=True, text=True, timeout=300)
+    verify = run_cli("shards", ["verify", paths["DEMO_CACHE"]], timeout=300)
     assert verify.returncode == 0, verify.stderr
 
     out = paths["DEMO_OUT"]

@@ -32,6 +32,7 @@ from shards.identity import CacheIdentity
 from shards.synthetic import synthetic_identity, synthetic_sample
 from shards.verify import VerifyError, verify_cache
 from shards.writer import ShardWriter, _tarinfo
+from clirun import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTITY = synthetic_identity(resolution=16, prompt_dim=8, pooled_dim=4)  # latents 4x2x2, 16 px conditions
@@ -276,10 +277,8 @@ def test_train_on_a_cache_with_a_nan_sample_stops_with_a_message_and_saves_nothi
     finally:
         IDENTITY = saved
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "train", "--model", str(tiny_model), "--cache", str(cache),
-                           "--output-dir", str(out), "--max-steps", "8", "--batch-size", "2", "--num-workers", "0",
-                           "--checkpointing-steps", "2"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli("train", ["--model", tiny_model, "--cache", cache, "--output-dir", out, "--max-steps", "8",
+                             "--batch-size", "2", "--num-workers", "0", "--checkpointing-steps", "2"], timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "error: shards/shard-000002.tar: sample 000002-000000: latent_mean has non-finite values" in proc.stderr
     assert not (out / "diffusion_pytorch_model.safetensors").exists()

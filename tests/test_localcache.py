@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from shards.reader import iter_shard
 from shards.store import TEMP_PREFIX
 from shards.stores import open_store
 from shards.synthetic import write_synthetic_cache
+from clirun import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_AGO = 1_000_000_000  # 2001: older than anything the cache writes, first in line for eviction
@@ -172,11 +171,9 @@ def test_train_with_a_shared_local_cache_full_of_planted_links(tiny_model, fill_
     _link(local / "objects" / "ee" / f"{'e' * 64}.tar", outside / "old-big.tar", mtime=LONG_AGO)
     before = _state(outside)
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "train", "--model", str(tiny_model), "--cache", str(fill_cache), "--output-dir",
-         str(out), "--max-steps", "4", "--batch-size", "2", "--num-workers", "0", "--local-cache", str(local),
-         "--local-cache-max", str(max(r.bytes for r in shards))],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    proc = run_cli("train", ["--model", tiny_model, "--cache", fill_cache, "--output-dir", out, "--max-steps", "4",
+                             "--batch-size", "2", "--num-workers", "0", "--local-cache", local,
+                             "--local-cache-max", max(r.bytes for r in shards)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _state(outside) == before
     kept = [p for p in (local / "objects").rglob("*.tar") if not p.is_symlink() and p.is_file()]

@@ -21,6 +21,7 @@ import pytest
 from shards.lock import LockError, WriterLock
 from shards.manifest import Manifest
 from shards.stores import open_store
+from clirun import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -55,8 +56,7 @@ def test_a_second_training_into_one_output_folder_is_refused(tiny_model, fill_ca
         _wait_for_holder(out / ".lock", first.pid, first)
         os.kill(first.pid, signal.SIGSTOP)
         before = sorted(p.relative_to(out) for p in out.rglob("*"))
-        second = subprocess.run([*args, "--max-steps", "3", "--resume", "none"], cwd=REPO, env=ENV,
-                                capture_output=True, text=True, timeout=300)
+        second = run_cli("train", [*args[3:], "--max-steps", "3", "--resume", "none"], env=ENV, timeout=300)
         assert second.returncode == 1 and "Traceback" not in second.stderr
         assert f"the output folder {out} is in use by pid {first.pid} on " in second.stderr
         assert "python -m train" in second.stderr or "__main__.py" in second.stderr or "train" in second.stderr
@@ -80,7 +80,7 @@ def test_a_second_precompute_into_one_cache_is_refused_and_the_first_finishes(ti
         os.kill(first.pid, signal.SIGSTOP)
         before = _files(cache)  # the first writer is frozen: only the second could change anything
         assert ".staging/.lock" in before
-        second = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        second = run_cli("precompute", args[3:], env=ENV, timeout=300)
         assert second.returncode == 1 and "Traceback" not in second.stderr
         assert f"the cache {cache} is in use by pid {first.pid} on " in second.stderr
         assert _files(cache) == before  # refused at start: not a byte of the cache or its staging touched
@@ -89,8 +89,7 @@ def test_a_second_precompute_into_one_cache_is_refused_and_the_first_finishes(ti
     assert first.wait(timeout=300) == 0, first.stdout.read()[-3000:]
     manifest = Manifest.load(open_store(cache))  # complete: nothing of it was cleaned away
     assert manifest.num_samples == 16 and len(manifest.shards) == 8
-    verify = subprocess.run([sys.executable, "-m", "shards", "verify", str(cache)], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+    verify = run_cli("shards", ["verify", cache], timeout=300)
     assert verify.returncode == 0, verify.stderr
 
 

@@ -28,6 +28,7 @@ from PIL import Image
 from precompute.config import PrecomputeConfig
 from precompute.errors import ConfigError, PrecomputeError
 from precompute.settings import resolve
+from clirun import run_cli
 from precompute.encoders import LatentEncoder, PromptEncoder
 from precompute.preprocess import to_model_input
 from precompute.runner import StrictSkipError, run
@@ -72,11 +73,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _cli(args: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "precompute", *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-        timeout=300, **kw,
-    )
+def _cli(args: list[str]) -> subprocess.CompletedProcess:
+    return run_cli("precompute", args, env=_env(), timeout=300)
 
 
 def _free_port() -> int:

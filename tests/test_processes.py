@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from clirun import run_cli
 
 pytestmark = pytest.mark.slow  # several processes each: the longest cases (make test runs them)
 
@@ -139,8 +140,13 @@ def test_killing_the_launcher_stops_every_rank(tiny_model, cache, tmp_path):
     assert published and all((out / "checkpoints" / c / "COMPLETE").is_file() for c in published)
     text = log.read_text()
     _no_crash(text)
+    # Each rank ends with one line: stopped by the parent-death SIGTERM, or, when the other rank
+    # went first and closed their connection, the lost peer (which of the two is a race).
     for r in (0, 1):
-        assert f"error: [rank {r}] stopped by SIGTERM" in text, text[-3000:]
+        lines = [line for line in text.splitlines() if line.startswith(f"error: [rank {r}] ")]
+        assert len(lines) == 1, text[-3000:]
+        assert ("stopped by SIGTERM" in lines[0] or "lost contact with another process" in lines[0]), lines
+    assert "stopped by SIGTERM" in text, text[-3000:]  # at least one rank learned it from the signal itself
 
 
 def _rank_of(pid: int) -> int:
@@ -212,6 +218,5 @@ def test_a_killed_precompute_rank_ends_the_other_and_a_rerun_completes_the_cache
         in rerun_log.read_text()
     manifest = Manifest.load(open_store(cache))
     assert manifest.num_samples == 64 and len(manifest.shards) == 64
-    verify = subprocess.run([sys.executable, "-m", "shards", "verify", str(cache)], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+    verify = run_cli("shards", ["verify", cache], timeout=300)
     assert verify.returncode == 0 and verify.stdout.startswith("OK: 64 shards, 64 samples"), verify.stderr

@@ -21,6 +21,8 @@ import datasets
 import pytest
 from PIL import Image
 
+from clirun import run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Coming from train_t2i_adapter_sdxl.py"
 MODEL_OPTIONS = {"pretrained-model-name-or-path", "revision", "variant", "cache-dir", "pretrained-vae-model-name-or-path"}
@@ -203,8 +205,7 @@ _FIXED_AT_PRECOMPUTE = ("is fixed at precompute: the cache holds what precompute
 
 
 def _stage(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    return run_cli(module, list(args), timeout=300)
 
 
 def test_precompute_refuses_train_options_naming_train(tmp_path):

@@ -13,15 +13,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+from clirun import run_cli
 from httpserver import serve
 
-REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 SECRETS = ("pw-data-7781", "sig-data-5523", "pw-cache-9034", "sig-cache-1170")
 
@@ -56,29 +54,22 @@ def test_no_secret_of_a_data_or_cache_url_is_written_or_printed(tiny_model, fill
     cache, out, local = served / "cache", tmp_path / "out", tmp_path / "local-cache"
     with serve(served) as server:
         data_url = server.url("tars/{00000..00001}.tar", userinfo="alice:pw-data-7781", query="sv=1&sig=sig-data-5523")
-        pre = subprocess.run(
-            [sys.executable, "-m", "precompute", "--model", str(tiny_model), "--data", data_url, "--cache", str(cache),
-             "--resolution", "64", "--samples-per-shard", "4", "--num-workers", "0", "--device", "cpu"],
-            cwd=REPO, env=ENV, capture_output=True, timeout=300)
-        assert pre.returncode == 0, pre.stderr.decode()[-3000:]
+        pre = run_cli("precompute", ["--model", tiny_model, "--data", data_url, "--cache", cache, "--resolution", "64",
+                                     "--samples-per-shard", "4", "--num-workers", "0", "--device", "cpu"], env=ENV)
+        assert pre.returncode == 0, pre.stderr[-3000:]
         cache_url = server.url("cache", userinfo="bob:pw-cache-9034", query="sig=sig-cache-1170")
-        train = subprocess.run(
-            [sys.executable, "-m", "train", "--model", str(tiny_model), "--cache", cache_url, "--output-dir", str(out),
-             "--max-steps", "4", "--batch-size", "2", "--num-workers", "1", "--checkpointing-steps", "2",
-             "--local-cache", str(local), "--report-to", "tensorboard", "--log-every", "1"],
-            cwd=REPO, env=ENV, capture_output=True, timeout=300)
-        assert train.returncode == 0, train.stderr.decode()[-3000:]
+        train = run_cli("train", ["--model", tiny_model, "--cache", cache_url, "--output-dir", out, "--max-steps", "4",
+                                  "--batch-size", "2", "--num-workers", "1", "--checkpointing-steps", "2",
+                                  "--local-cache", local, "--report-to", "tensorboard", "--log-every", "1"], env=ENV)
+        assert train.returncode == 0, train.stderr[-3000:]
         # A reader error names the location too: a cache that is not there.
-        missing = subprocess.run(
-            [sys.executable, "-m", "train", "--model", str(tiny_model), "--cache",
-             server.url("nowhere", userinfo="bob:pw-cache-9034", query="sig=sig-cache-1170"),
-             "--output-dir", str(tmp_path / "out2"), "--max-steps", "1"],
-            cwd=REPO, env=ENV, capture_output=True, timeout=300)
-        verify = subprocess.run([sys.executable, "-m", "shards", "verify", cache_url], cwd=REPO, env=ENV,
-                                capture_output=True, timeout=300)
-    assert missing.returncode == 1 and b"Traceback" not in missing.stderr, missing.stderr.decode()[-3000:]
-    assert b"http://bob:REDACTED@127.0.0.1" in missing.stderr and b"nowhere" in missing.stderr
-    assert verify.returncode == 0 and verify.stdout.startswith(b"OK: 2 shards, 16 samples")  # a tar is one unit, verify.stderr
+        missing = run_cli("train", ["--model", tiny_model, "--cache",
+                                    server.url("nowhere", userinfo="bob:pw-cache-9034", query="sig=sig-cache-1170"),
+                                    "--output-dir", tmp_path / "out2", "--max-steps", "1"], env=ENV)
+        verify = run_cli("shards", ["verify", cache_url], env=ENV)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr[-3000:]
+    assert "http://bob:REDACTED@127.0.0.1" in missing.stderr and "nowhere" in missing.stderr
+    assert verify.returncode == 0 and verify.stdout.startswith("OK: 2 shards, 16 samples"), verify.stderr  # a tar is one unit
     # The tokens were used: every request carried its signature.
     tar_requests = [r for r in server.requests if "/tars/" in r]
     cache_requests = [r for r in server.requests if "/cache/" in r]
@@ -92,7 +83,7 @@ def test_no_secret_of_a_data_or_cache_url_is_written_or_printed(tiny_model, fill
     written = _files(cache, out, local, tmp_path / "out2")
     assert len(written) > 20 and any("checkpoints/step-" in name for name in written)
     assert any("events.out.tfevents" in name for name in written)
-    printed = {f"{name} {stream}": getattr(proc, stream) for name, proc in
+    printed = {f"{name} {stream}": getattr(proc, stream).encode() for name, proc in
                (("precompute", pre), ("train", train), ("failed train", missing), ("verify", verify))
                for stream in ("stdout", "stderr")}
     assert _leaks({**written, **printed}) == []

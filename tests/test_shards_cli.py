@@ -7,8 +7,6 @@ import io
 import json
 import shutil
 import struct
-import subprocess
-import sys
 import tarfile
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +19,7 @@ from shards.cli import cli, safetensors_layout
 from shards.reader import load_empty_prompt, write_empty_prompt
 from shards.stores import open_store
 from shards.synthetic import write_synthetic_cache
+from clirun import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -279,5 +278,5 @@ def test_verify_without_manifest(tmp_path):
 def test_python_dash_m_entry_point(cache):
     root, m = cache
     (root / m.shards[0].name).unlink()
-    bad = subprocess.run([sys.executable, "-m", "shards", "verify", str(root)], cwd=REPO, capture_output=True, text=True)
+    bad = run_cli("shards", ["verify", root])
     assert bad.returncode == 1 and "shards/shard-000000.tar: missing" in bad.stderr

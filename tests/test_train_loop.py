@@ -31,6 +31,7 @@ from train.checkpoint import CheckpointError
 from train.checks import CacheMismatchError, StartupError
 from train.config import TrainConfig
 from train.loop import DEBUG_EXIT_AFTER_CHECKPOINT, DEBUG_REPLICA_DIR, train
+from clirun import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ("red circle with blue background", "green circle with yellow background")
@@ -113,8 +114,7 @@ def test_resume_after_a_kill_is_bitwise_identical(tiny_model, fill_data, cache, 
     assert result.global_step == 4 and result.samples_seen == (3 + 3 + 2 + 3) * 2
     b = tmp_path / "b"
     cfg = _run_a_cfg(tiny_model, fill_data, cache, b)
-    killed = subprocess.run([sys.executable, "-m", "train", *_cli_args(cfg)], cwd=REPO, capture_output=True,
-                            text=True, timeout=600, env={**os.environ, DEBUG_EXIT_AFTER_CHECKPOINT: "2"})
+    killed = run_cli("train", _cli_args(cfg), env={**os.environ, DEBUG_EXIT_AFTER_CHECKPOINT: "2"})
     assert killed.returncode == 75, killed.stderr[-4000:]
     assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
     assert not (b / "diffusion_pytorch_model.safetensors").exists() and not (b / "validation").exists()
@@ -318,15 +318,13 @@ def test_cli_bf16_with_gradient_checkpointing_and_validation(tiny_model, fill_da
     """The CLI end to end in mixed precision (bf16 autocast on the CPU): UNet weights in bf16,
     adapter kept in fp32, validation rendered under autocast, N:N pairs (image i with prompt i)."""
     out = tmp_path / "bf16"
-    proc = subprocess.run(
-        [sys.executable, "-m", "train", "--model", str(tiny_model), "--cache", str(cache), "--output-dir", str(out),
-         "--max-steps", "2", "--batch-size", "2", "--num-workers", "0", "--mixed-precision", "bf16",
-         "--gradient-checkpointing", "--lr-scheduler", "cosine", "--lr-warmup-steps", "1",
-         "--validation-image", str(fill_data / "source/1.png"), "--validation-prompt", PROMPTS[0],
-         "--validation-image", str(fill_data / "source/2.png"), "--validation-prompt", PROMPTS[1],
-         "--num-validation-images", "1", "--validation-inference-steps", "2"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
+    proc = run_cli("train", [
+        "--model", tiny_model, "--cache", cache, "--output-dir", out,
+        "--max-steps", "2", "--batch-size", "2", "--num-workers", "0", "--mixed-precision", "bf16",
+        "--gradient-checkpointing", "--lr-scheduler", "cosine", "--lr-warmup-steps", "1",
+        "--validation-image", fill_data / "source/1.png", "--validation-prompt", PROMPTS[0],
+        "--validation-image", fill_data / "source/2.png", "--validation-prompt", PROMPTS[1],
+        "--num-validation-images", "1", "--validation-inference-steps", "2"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "frozen (UNet, bfloat16)" in proc.stderr and "trainable (adapter, fp32)" in proc.stderr
     from safetensors.torch import load_file
@@ -481,21 +479,16 @@ def test_uneven_shards_drop_less_than_one_global_batch_per_epoch(tiny_model, fil
     batches (9 samples, both shards) and drops 1, the last partial batch; never the small shard's
     share of streams. Said per epoch in the log, per run in train_config.json and the card."""
     cache = tmp_path / "cache"
-    subprocess.run(
-        [sys.executable, "-m", "precompute", "--model", str(tiny_model), "--data", str(fill_data), "--cache", str(cache),
-         "--resolution", "64", "--samples-per-shard", "8", "--max-samples", "10", "--num-workers", "0",
-         "--device", "cpu"],
-        cwd=REPO, check=True, capture_output=True,
-    )
+    made = run_cli("precompute", ["--model", tiny_model, "--data", fill_data, "--cache", cache, "--resolution", "64",
+                                  "--samples-per-shard", "8", "--max-samples", "10", "--num-workers", "0",
+                                  "--device", "cpu"])
+    assert made.returncode == 0, made.stderr[-3000:]
     manifest = json.loads((cache / "manifest.json").read_text())
     assert [shard["samples"] for shard in manifest["shards"]] == [8, 2]
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "train", "--model", str(tiny_model), "--cache", str(cache), "--output-dir", str(out),
-         "--max-steps", "6", "--batch-size", "3", "--num-workers", "2", "--log-samples", "--log-every", "1",
-         "--checkpointing-steps", "100"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
+    proc = run_cli("train", ["--model", tiny_model, "--cache", cache, "--output-dir", out, "--max-steps", "6",
+                             "--batch-size", "3", "--num-workers", "2", "--log-samples", "--log-every", "1",
+                             "--checkpointing-steps", "100"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     for epoch in (0, 1):
         assert (f"epoch {epoch}: 3 batches of 3 per rank x 1 rank(s) from 10 samples in 2 shards (2 stream(s) per "
@@ -526,12 +519,10 @@ def _free_port() -> int:
 def one_shard_cache(tiny_model, fill_data, tmp_path_factory) -> Path:
     """14 samples in a single shard: fewer shards than the 2 ranks x 2 loader workers reading it."""
     out = tmp_path_factory.mktemp("one-shard") / "cache"
-    subprocess.run(
-        [sys.executable, "-m", "precompute", "--model", str(tiny_model), "--data", str(fill_data), "--cache", str(out),
-         "--resolution", "64", "--samples-per-shard", "14", "--max-samples", "14", "--num-workers", "0",
-         "--device", "cpu"],
-        cwd=REPO, check=True, capture_output=True,
-    )
+    made = run_cli("precompute", ["--model", tiny_model, "--data", fill_data, "--cache", out, "--resolution", "64",
+                                  "--samples-per-shard", "14", "--max-samples", "14", "--num-workers", "0",
+                                  "--device", "cpu"])
+    assert made.returncode == 0, made.stderr[-3000:]
     return out
 
 

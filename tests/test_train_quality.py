@@ -31,6 +31,7 @@ from train.checks import CacheMismatchError
 from train.config import TrainConfig
 from train.loop import DEBUG_EXIT_AFTER_CHECKPOINT, train
 from train.plan import held_out_images
+from clirun import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "red circle with blue background"
@@ -169,8 +170,7 @@ def test_kill_and_resume_gives_bitwise_the_same_ema_and_validation_losses(tiny_m
     a, _ = split_run
     b = tmp_path / "b"
     cfg = _split_cfg(tiny_model, fill_data, fill_cache, b)
-    killed = subprocess.run([sys.executable, "-m", "train", *_cli_args(cfg)], cwd=REPO, capture_output=True,
-                            text=True, timeout=600, env={**os.environ, DEBUG_EXIT_AFTER_CHECKPOINT: "2"})
+    killed = run_cli("train", _cli_args(cfg), env={**os.environ, DEBUG_EXIT_AFTER_CHECKPOINT: "2"})
     assert killed.returncode == 75, killed.stderr[-4000:]
     assert not (b / "ema").exists() and (b / "checkpoints/step-000002/ema").is_dir()
     train(dataclasses.replace(cfg, resume="latest"))
@@ -252,11 +252,10 @@ def test_save_ema_writes_the_ema_as_the_adapter(batch4_run):
 def validation_cache(tiny_model, fill_data, tmp_path_factory) -> Path:
     """4 images of the fill data in shards of 2: another cache, the same identity for train."""
     out = tmp_path_factory.mktemp("val-cache") / "cache"
-    subprocess.run(
-        [sys.executable, "-m", "precompute", "--model", str(tiny_model), "--data", str(fill_data), "--cache", str(out),
-         "--resolution", "64", "--samples-per-shard", "2", "--max-samples", "4", "--num-workers", "0",
-         "--device", "cpu"], cwd=REPO, check=True, capture_output=True,
-    )
+    made = run_cli("precompute", ["--model", tiny_model, "--data", fill_data, "--cache", out, "--resolution", "64",
+                                  "--samples-per-shard", "2", "--max-samples", "4", "--num-workers", "0",
+                                  "--device", "cpu"])
+    assert made.returncode == 0, made.stderr[-3000:]
     return out
 
 
@@ -286,11 +285,10 @@ def canny_cache(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("canny")
     data = make_fill_dataset(root / "data", n=8, resolution=64, seed=0, aspect="mixed")
     cache = root / "cache"
-    subprocess.run(
-        [sys.executable, "-m", "precompute", "--model", str(tiny_model), "--data", str(data), "--cache", str(cache),
-         "--resolution", "64", "--samples-per-shard", "4", "--num-workers", "0", "--device", "cpu",
-         "--buckets", "sdxl", "--condition", "canny"], cwd=REPO, check=True, capture_output=True,
-    )
+    made = run_cli("precompute", ["--model", tiny_model, "--data", data, "--cache", cache, "--resolution", "64",
+                                  "--samples-per-shard", "4", "--num-workers", "0", "--device", "cpu",
+                                  "--buckets", "sdxl", "--condition", "canny"])
+    assert made.returncode == 0, made.stderr[-3000:]
     return data, cache
 
 
@@ -369,8 +367,7 @@ def test_a_validation_cache_with_another_identity_is_refused(tiny_model, fill_ca
 
 def test_compare_prints_the_runs_and_draws_their_curves(split_run, batch4_run, tmp_path):
     png = tmp_path / "cmp.png"
-    proc = subprocess.run([sys.executable, "-m", "train", "compare", str(split_run[0]), str(batch4_run), "-o", str(png)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_cli("train", ["compare", split_run[0], batch4_run, "-o", png], timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     header = lines[0].split()

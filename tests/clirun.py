@@ -1,0 +1,104 @@
+"""Run `python -m <module> ARGS` as a fork of the test process: the real command, without paying
+torch's, diffusers' and transformers' imports again in every test.
+
+A fresh interpreter spends about 3 s of CPU importing those before `python -m train` or
+`python -m precompute` does anything; the suite runs such commands dozens of times. The pytest
+worker has imported them already, so `run_cli` forks it and runs the module as `__main__` in the
+child (`runpy`, with `sys.argv` as the command line gives it), its stdout and stderr on files of
+their own, the environment and working folder as given, and the root logger reset so the command
+configures its own logging, and accelerate's process-wide state reset (the test process may have
+trained in another precision). The child ends with the command's exit status (os._exit: nothing
+of the test process runs at its exit). What a user sees (the exit status, every line on stdout and
+stderr, tracebacks included) is what a test sees.
+
+Use a real subprocess instead where the interpreter itself is what is tested: imports
+(packaging), launchers (accelerate launch, torchrun, make), signals sent to the process, or a
+changed thread count (torch's thread pool is inherited).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(module: str, args: list[str], *, env: dict[str, str] | None = None, cwd: Path | str = REPO,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m module *args` in a forked child; a CompletedProcess with text stdout/stderr."""
+    args = [str(a) for a in args]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            _child(module, args, env, cwd, out.fileno(), err.fileno())
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise subprocess.TimeoutExpired([module, *args], timeout)
+            time.sleep(0.02)
+        code = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess([sys.executable, "-m", module, *args], code,
+                                           out.read().decode("utf-8", "replace"),
+                                           err.read().decode("utf-8", "replace"))
+
+
+def _child(module: str, args: list[str], env: dict[str, str] | None, cwd, out_fd: int, err_fd: int) -> None:
+    code = 1
+    try:
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+        sys.stdin = open(os.devnull)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        os.chdir(cwd)
+        for handler in list(logging.root.handlers):  # pytest's capture handlers: the command logs itself
+            logging.root.removeHandler(handler)
+        logging.root.setLevel(logging.WARNING)
+        state = sys.modules.get("accelerate.state")
+        if state is not None:  # accelerate's process-wide singletons, as a fresh interpreter has them
+            state.AcceleratorState._reset_state(reset_partial_state=True)
+            state.GradientState._reset_state()
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+        sys.argv = [module, *args]
+        import runpy
+
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as e:
+        if e.code is None:
+            code = 0
+        elif isinstance(e.code, int):
+            code = e.code
+        else:  # as the interpreter does: print the message, exit 1
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
