@@ -90,6 +90,7 @@ def die_with_parent() -> bool:
 # the watchdog ends it: Python runs signal handlers only between bytecodes of the main thread, and
 # a rank blocked in a collective (waiting for a peer that is also stopping) never gets there.
 STOP_GRACE_SECONDS = 10.0
+_continue_hint = ""  # how to pick up after an interruption (run_command's), for the watchdog's line
 
 
 def _watchdog(fd: int) -> None:
@@ -109,7 +110,8 @@ def _watchdog(fd: int) -> None:
         time.sleep(STOP_GRACE_SECONDS)
         name = signal.Signals(stops[0]).name
         sys.stderr.write(f"error: {rank_tag()}stopped by {name} while blocked (e.g. waiting in a collective for "
-                         "another process that is gone): exiting without unwinding. Nothing partial was published.\n")
+                         "another process that is gone): exiting without unwinding. Nothing partial was published"
+                         + (f"; {_continue_hint}.\n" if _continue_hint else ".\n"))
         sys.stderr.flush()
         os._exit(128 + stops[0])
 
@@ -214,6 +216,8 @@ def run_command(work: Callable[[], Any], *, user_errors: tuple[type[BaseExceptio
                 message: Callable[[BaseException], str] = str, continue_hint: str) -> Any:
     """Run `work()` under the policy above. `user_errors` become exit 1 with `message(error)`;
     `continue_hint` says how to pick up after an interruption (e.g. "re-run the same command")."""
+    global _continue_hint
+    _continue_hint = continue_hint
     install_process_guards()
     try:
         return work()

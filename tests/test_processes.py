@@ -84,6 +84,12 @@ def _ranks_training(launcher: subprocess.Popen, out: Path, timeout: float = 240.
     raise AssertionError("training did not start in time")
 
 
+def _rank_lines(text: str, rank: int) -> list[str]:
+    """Rank `rank`'s error lines (one may follow a progress bar's last, unterminated update)."""
+    tag = f"error: [rank {rank}] "
+    return [line[line.index(tag):] for line in text.splitlines() if tag in line]
+
+
 def _no_crash(text: str) -> None:
     assert "SIGABRT" not in text and "Aborted" not in text and "Fatal Python error" not in text
     assert "core dumped" not in text
@@ -106,7 +112,7 @@ def test_a_killed_rank_ends_the_other_with_a_clear_error(tiny_model, cache, tmp_
             os.kill(r, signal.SIGKILL)
     text = log.read_text()
     _no_crash(text)
-    survivor = [line for line in text.splitlines() if line.startswith("error: [rank 0] ")]
+    survivor = _rank_lines(text, 0)
     assert len(survivor) == 1, text[-3000:]
     assert ("lost contact with another process of this run" in survivor[0]
             or "stopped by SIGTERM" in survivor[0]), survivor
@@ -142,8 +148,10 @@ def test_killing_the_launcher_stops_every_rank(tiny_model, cache, tmp_path):
     _no_crash(text)
     # Each rank ends with one line: stopped by the parent-death SIGTERM, or, when the other rank
     # went first and closed their connection, the lost peer (which of the two is a race).
+    # A rank blocked in a collective when the signal came is ended by its watchdog, with a line that
+    # says so and how to continue.
     for r in (0, 1):
-        lines = [line for line in text.splitlines() if line.startswith(f"error: [rank {r}] ")]
+        lines = _rank_lines(text, r)
         assert len(lines) == 1, text[-3000:]
         assert ("stopped by SIGTERM" in lines[0] or "lost contact with another process" in lines[0]), lines
     assert "stopped by SIGTERM" in text, text[-3000:]  # at least one rank learned it from the signal itself
@@ -202,7 +210,7 @@ def test_a_killed_precompute_rank_ends_the_other_and_a_rerun_completes_the_cache
     _no_crash(text)
     # The one traceback is the launcher's own summary (ChildFailedError); the ranks print none.
     assert text.count("Traceback (most recent call last)") == text.count("errors.ChildFailedError") == 1, text[-3000:]
-    survivor = [line for line in text.splitlines() if line.startswith("error: [rank 0] ")]
+    survivor = _rank_lines(text, 0)
     assert len(survivor) == 1, text[-3000:]
     assert ("lost contact with another process of this run" in survivor[0]
             or "stopped by SIGTERM" in survivor[0]), survivor
