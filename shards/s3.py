@@ -235,6 +235,12 @@ class S3Store(Store):
         except Exception:  # no region or a broken profile: the call itself will say so
             return self.endpoint_url or "(boto3 default)"
 
+    def staging_key(self) -> str:
+        # s3://bucket/prefix names an object on one server: two S3-compatible servers (a staging
+        # one beside production, two test servers) may both have it, and must not share a
+        # staging folder (nor its writer lock).
+        return f"{self.url} at {self.endpoint}"
+
     def _key(self, rel: str) -> str:
         check_rel(rel)
         return f"{self.prefix}/{rel}" if self.prefix else rel

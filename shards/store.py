@@ -85,7 +85,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def cache_digest(url: str) -> str:
-    """16 hex digits naming a cache in shared local folders (staging): sha256 of its URL."""
+    """16 hex digits naming a cache in shared local folders (staging): sha256 of its staging key."""
     return hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
 
 
@@ -133,13 +133,18 @@ class Store(ABC):
     def staging_dir(self, *, tmp_dir: str | Path | None = None) -> Path:
         """The local folder in which writers build this cache's files before publishing them.
 
-        `<tmp_dir>/shards-staging/<cache_digest(url)>`, with the system temp folder when tmp_dir
+        `<tmp_dir>/shards-staging/<cache_digest(staging_key())>`, with the system temp folder when tmp_dir
         is None (a local cache without tmp_dir overrides this: a hidden folder of its root). One
         folder per cache, so cleaning it never touches another cache's (or anyone else's) files
         in a shared temp folder. Not created here.
         """
         base = Path(tmp_dir).expanduser() if tmp_dir is not None else Path(tempfile.gettempdir())
-        return base.absolute() / STAGING_FOLDER / cache_digest(self.url)
+        return base.absolute() / STAGING_FOLDER / cache_digest(self.staging_key())
+
+    def staging_key(self) -> str:
+        """What names this cache among the staging folders of one machine: its URL (a store whose
+        URL alone does not say which server it is on adds that)."""
+        return self.url
 
     def cleanup_staging(self, *, tmp_dir: str | Path | None = None, dry_run: bool = False) -> list[str]:
         """Remove the temp files in `staging_dir(tmp_dir=tmp_dir)`; return their absolute paths.
