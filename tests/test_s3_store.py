@@ -507,3 +507,13 @@ def test_local_cache_saves_while_streaming_reuses_bounds_and_repairs(server, cac
     with half.open_read(shards[0].name) as f:
         f.read(1000)
     assert half.entries() == [] and not list((tmp_path / "lc-half").rglob(".tmp-*"))
+
+
+def test_the_same_bucket_on_two_servers_stages_in_two_folders(tmp_path):
+    """A bucket name is only unique on its server: staging (and its writer lock) is per server."""
+    a = S3Store("s3://bkt/c", endpoint_url="http://127.0.0.1:9001")
+    b = S3Store("s3://bkt/c", endpoint_url="http://127.0.0.1:9002")
+    assert a.staging_dir(tmp_dir=tmp_path) != b.staging_dir(tmp_dir=tmp_path)
+    assert a.staging_dir(tmp_dir=tmp_path) == S3Store("s3://bkt/c", endpoint_url="http://127.0.0.1:9001").staging_dir(
+        tmp_dir=tmp_path)
+    assert a.staging_dir(tmp_dir=tmp_path).parent == tmp_path / "shards-staging"
