@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import torch
 
-from . import schema
+from . import limits, schema
 from .errors import ManifestError
 
 REQUIRED_SECTIONS = ("encoder", "latent", "text", "geometry", "dtypes")
@@ -221,6 +221,14 @@ def _geometry_problems(geo: dict) -> list[str]:
         and all(isinstance(b, list) and len(b) == 2 and all(_is_int(x) and x > 0 for x in b) for b in buckets)
     ):
         p.append(f"geometry.buckets must be null or a list of [h, w], got {buckets!r}")
+    sizes = ([[geo["resolution"]] * 2] if _is_int(geo.get("resolution")) and geo["resolution"] > 0 else [])
+    if isinstance(buckets, list):
+        sizes += [b for b in buckets if isinstance(b, list) and len(b) == 2 and all(_is_int(x) for x in b)]
+    cap = limits.max_image_pixels()
+    too_big = sorted({(h, w) for h, w in sizes if h * w > cap})
+    if too_big:
+        p.append(f"geometry declares image sizes {too_big} (h, w) over {cap} pixels (SHARDS_MAX_IMAGE_PIXELS): "
+                 "damaged or hostile; raise SHARDS_MAX_IMAGE_PIXELS if it is genuine")
     if geo.get("min_size") is not None and (not _is_int(geo["min_size"]) or geo["min_size"] < 0):
         p.append(f"geometry.min_size must be null or an integer >= 0, got {geo['min_size']!r}")
     if geo.get("max_aspect") is not None and (not _is_number(geo["max_aspect"]) or geo["max_aspect"] < 0):

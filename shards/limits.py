@@ -14,6 +14,7 @@ each can be raised with an environment variable (a size like `512MiB`, see `shar
 | SHARDS_MAX_PNG_MEMBER_BYTES | 64MiB | a sample's .cond.png member (its pixel size is checked from the header) |
 | SHARDS_MAX_JSON_MEMBER_BYTES | 1MiB | a sample's .json member |
 | SHARDS_MAX_JSON_DEPTH | 64 | nesting of any JSON document the tool reads |
+| SHARDS_MAX_IMAGE_PIXELS | 64000000 | a cache's image size (resolution or bucket, h x w): what one conditioning image may decode to |
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ _DEFAULTS = {
     "SHARDS_MAX_JSON_MEMBER_BYTES": "1MiB",
 }
 DEFAULT_MAX_JSON_DEPTH = 64
+# An image size a cache may declare (its resolution or any bucket): 8000 x 8000, far above SDXL's
+# largest bucket at 4096 px (about 17 MP). Every conditioning image is checked against the cache's
+# geometry from its PNG header before it is decoded; this bounds the geometry itself.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _CHUNK = 16 << 20  # bytes scanned per numpy pass: bounded memory for any document
 
@@ -61,6 +66,24 @@ def max_json_depth() -> int:
     if value < 1:
         raise ValueError(f"SHARDS_MAX_JSON_DEPTH must be >= 1, got {value}")
     return value
+
+
+def _whole(variable: str, default: int) -> int:
+    raw = os.environ.get(variable)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{variable}={raw!r} is not a whole number") from None
+    if value < 1:
+        raise ValueError(f"{variable} must be >= 1, got {value}")
+    return value
+
+
+def max_image_pixels() -> int:
+    """The largest image size (h x w) a cache may declare (SHARDS_MAX_IMAGE_PIXELS)."""
+    return _whole("SHARDS_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)
 
 
 def check_size(size: int, variable: str, what: str) -> None:

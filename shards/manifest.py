@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from . import limits, schema
 from .errors import ManifestError
 from .identity import CacheIdentity, Dtypes, Geometry, Latent, Text
+from .secrets import redact
 
 if TYPE_CHECKING:
     from .store import Store
@@ -442,7 +443,9 @@ def identity_diff(old: dict, new: dict) -> list[str]:
     out: list[str] = []
 
     def fmt(v: Any) -> str:
-        return "(absent)" if v is _ABSENT else repr(v)
+        # Messages carry these lines: a location's secrets (an older cache may have recorded one)
+        # are redacted here too (`shards.secrets`).
+        return "(absent)" if v is _ABSENT else repr(redact(v) if isinstance(v, str) else v)
 
     def walk(a: Any, b: Any, path: str) -> None:
         if isinstance(a, dict) and isinstance(b, dict):

@@ -313,3 +313,16 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_keys(tiny_model, f
         weights = load_file(ckpt / "adapter" / "diffusion_pytorch_model.safetensors")
         assert all(torch.isfinite(w).all() for w in weights.values())
     assert not (out / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_a_manifest_declaring_a_giant_geometry_is_refused_before_any_image_is_read(tmp_path, monkeypatch):
+    """Every conditioning image is held to the cache's geometry before it decodes; a hostile
+    manifest could declare the geometry itself huge. It is capped (SHARDS_MAX_IMAGE_PIXELS)."""
+    _cache(tmp_path)
+    d = json.loads((tmp_path / "manifest.json").read_text())
+    d["identity"]["geometry"]["resolution"] = 100_000  # 10 gigapixels per conditioning image
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ManifestError, match=r"image sizes \[\(100000, 100000\)\] .* SHARDS_MAX_IMAGE_PIXELS"):
+        Manifest.load(open_store(tmp_path))
+    monkeypatch.setenv("SHARDS_MAX_IMAGE_PIXELS", str(100_000 ** 2))  # genuine after all: the user says so
+    assert Manifest.load(open_store(tmp_path)).geometry.resolution == 100_000

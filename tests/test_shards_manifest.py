@@ -154,3 +154,13 @@ def test_a_version_1_manifest_still_loads_and_its_copies_must_agree(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({**v2, "latent": v2["identity"]["latent"]}))
     with pytest.raises(ManifestError, match=r"keeps .* in the identity only, found \['latent'\]"):
         Manifest.load(store)
+
+
+def test_identity_differences_never_print_a_secret():
+    """An identity recorded before locations were redacted may hold a password or a signed URL:
+    the refusal that lists the differences says where, never the secret."""
+    old = {"source": {"path": "https://alice:pw-1234@host.example/tars/{0..3}.tar?sig=tok-5678"}}
+    new = {"source": {"path": "https://alice:REDACTED@host.example/tars/{0..3}.tar?sig=REDACTED"}}
+    (line,) = identity_diff(old, new)
+    assert line.startswith("source.path: ") and "pw-1234" not in line and "tok-5678" not in line
+    assert "https://alice:REDACTED@host.example/tars/{0..3}.tar?sig=REDACTED" in line
