@@ -27,7 +27,7 @@ from precompute.encoders import ModelLayout, check_model_sources, model_layout
 from precompute.errors import ConfigError, ModelLoadError
 from precompute.preprocess import MAX_CAPTION_CHARS, ViewSpec, geometry_problems
 from precompute.source_base import MAX_JSON_BYTES, MAX_JSON_DEPTH
-from shards import schema
+from shards import limits, schema
 
 # SDXL's layout: used only to go on listing the other problems when the model cannot say (a run
 # with a model problem is refused anyway).
@@ -142,6 +142,17 @@ def resolve(cfg: PrecomputeConfig, *, cuda_available: bool | None = None) -> Set
         if not bucket and cfg.buckets is not None:
             buckets = tuple(resolve_buckets(cfg.buckets, cfg.resolution, step=cfg.bucket_step,
                                             granularity=granularity))
+        # Readers refuse a cache declaring larger images (shards.limits): refuse to write one.
+        try:
+            cap = limits.max_image_pixels()
+        except limits.LimitError as e:
+            problems.append(str(e))
+        else:
+            too_big = sorted({(h, w) for h, w in (buckets or [(cfg.resolution, cfg.resolution)]) if h * w > cap})
+            if too_big:
+                problems.append(f"image sizes {too_big} (h, w) are over {cap} pixels, what readers accept "
+                                "(SHARDS_MAX_IMAGE_PIXELS): lower --resolution, or raise SHARDS_MAX_IMAGE_PIXELS "
+                                "here and wherever the cache is read")
 
     # Views and the conditioning method.
     views = ViewSpec(crops=cfg.crops, flip=cfg.flip)

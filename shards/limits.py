@@ -50,22 +50,17 @@ class LimitError(ShardError, ValueError):
 
 
 def cap(variable: str) -> int:
-    """The byte cap named by `variable` (environment, else the default)."""
+    """The byte cap named by `variable` (environment, else the default). A value that is not a
+    size is a LimitError naming the variable (a message, like every cache problem)."""
     raw = os.environ.get(variable) or _DEFAULTS[variable]
-    return parse_size(raw, variable)
+    try:
+        return parse_size(raw, variable)
+    except ValueError as e:
+        raise LimitError(str(e)) from None
 
 
 def max_json_depth() -> int:
-    raw = os.environ.get("SHARDS_MAX_JSON_DEPTH")
-    if not raw:
-        return DEFAULT_MAX_JSON_DEPTH
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"SHARDS_MAX_JSON_DEPTH={raw!r} is not a whole number") from None
-    if value < 1:
-        raise ValueError(f"SHARDS_MAX_JSON_DEPTH must be >= 1, got {value}")
-    return value
+    return _whole("SHARDS_MAX_JSON_DEPTH", DEFAULT_MAX_JSON_DEPTH)
 
 
 def _whole(variable: str, default: int) -> int:
@@ -75,9 +70,9 @@ def _whole(variable: str, default: int) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{variable}={raw!r} is not a whole number") from None
+        raise LimitError(f"{variable}={raw!r} is not a whole number") from None
     if value < 1:
-        raise ValueError(f"{variable} must be >= 1, got {value}")
+        raise LimitError(f"{variable} must be >= 1, got {value}")
     return value
 
 

@@ -326,3 +326,12 @@ def test_a_manifest_declaring_a_giant_geometry_is_refused_before_any_image_is_re
         Manifest.load(open_store(tmp_path))
     monkeypatch.setenv("SHARDS_MAX_IMAGE_PIXELS", str(100_000 ** 2))  # genuine after all: the user says so
     assert Manifest.load(open_store(tmp_path)).geometry.resolution == 100_000
+
+
+def test_a_cap_set_to_nonsense_is_a_message_naming_the_variable(tmp_path):
+    _cache(tmp_path)
+    for variable, value, says in (("SHARDS_MAX_IMAGE_PIXELS", "64MP", "is not a whole number"),
+                                  ("SHARDS_MAX_MANIFEST_BYTES", "lots", "SHARDS_MAX_MANIFEST_BYTES")):
+        result = run_cli("shards", ["verify", tmp_path], env={**os.environ, variable: value})
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith("error: ") and variable in result.stderr and says in result.stderr

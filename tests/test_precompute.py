@@ -698,3 +698,11 @@ def test_a_caches_manifest_repeats_its_precompute(fill_cache, tmp_path):
     ours, theirs = _files(again), _files(fill_cache)
     assert sorted(ours) == sorted(theirs)
     assert [name for name in theirs if ours[name] != theirs[name]] == []
+
+
+def test_a_resolution_readers_would_refuse_is_refused_before_anything_is_written(tiny_model, fill_data, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setenv("SHARDS_MAX_IMAGE_PIXELS", str(63 * 64))
+    with pytest.raises(ConfigError, match=r"image sizes \[\(64, 64\)\] \(h, w\) are over 4032 pixels"):
+        resolve(_cfg(tiny_model, fill_data, tmp_path / "c"), cuda_available=False)
+    assert not (tmp_path / "c").exists()

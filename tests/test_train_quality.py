@@ -180,6 +180,16 @@ def test_kill_and_resume_gives_bitwise_the_same_ema_and_validation_losses(tiny_m
     assert [r["loss"] for r in _records(a, "loss")] == [r["loss"] for r in _records(b, "loss")]
 
 
+def test_a_run_without_ema_leaves_no_earlier_ema_in_its_output(tiny_model, fill_cache, split_run, tmp_path):
+    """OUT/ema is this run's or nothing: starting over without --ema-decay removes an earlier
+    session's, which would otherwise pass for this run's EMA (and be pushed with it)."""
+    out = tmp_path / "again"
+    shutil.copytree(split_run[0], out)
+    assert (out / "ema").is_dir()
+    train(_cfg(tiny_model, fill_cache, out, max_steps=1, resume="none"))
+    assert not (out / "ema").exists() and (out / "diffusion_pytorch_model.safetensors").is_file()
+
+
 def test_resume_refuses_another_ema_or_split(tiny_model, fill_data, fill_cache, split_run, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(split_run[0], out)
@@ -422,3 +432,15 @@ def test_summary_prints_the_last_validation_loss_and_adherence(canny_run, split_
     assert f"  validation loss       {loss:.6f} at step 3 (best " in text
     assert f"  condition adherence   {adherence:.4f} edge F1 at step 3 (best " in text
     assert "condition adherence   not measured" in summary(split_run[0])
+
+
+def test_in_mixed_precision_the_ema_is_evaluated_as_the_trained_adapter_is(tiny_model, fill_cache, tmp_path):
+    """At the start the EMA is the adapter itself: under bf16 both evaluate to the same bits (the
+    EMA runs under the autocast the trained adapter's forward carries)."""
+    common = dict(max_steps=1, validation_split=0.25, validation_loss_steps=1, mixed_precision="bf16")
+    for name, extra in (("raw", {}), ("ema", {"ema_decay": 0.9})):  # a process each: its own precision
+        result = run_cli("train", _cli_args(_cfg(tiny_model, fill_cache, tmp_path / name, **common, **extra)))
+        assert result.returncode == 0, result.stderr[-3000:]
+    raw, ema = (_records(tmp_path / name, "validation_loss")[0] for name in ("raw", "ema"))
+    assert raw["step"] == ema["step"] == 0 and ema["validation_weights"] == "ema"
+    assert raw["validation_loss"] == ema["validation_loss"]

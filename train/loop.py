@@ -268,6 +268,18 @@ def _eval_adapter(s: Session) -> tuple[torch.nn.Module, str]:
     return s.accelerator.unwrap_model(s.adapter), "raw"
 
 
+class _UnderAutocast(torch.nn.Module):
+    """`module` called under `accelerator.autocast()`, as the prepared adapter is."""
+
+    def __init__(self, module: torch.nn.Module, accelerator: Any):
+        super().__init__()
+        self.module, self._accelerator = module, accelerator
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self._accelerator.autocast():
+            return self.module(*args, **kwargs)
+
+
 def _evaluate_now(s: Session, metrics: Metrics) -> float | None:
     """The validation loss at the current step (collective), recorded in metrics.jsonl and the
     tracker; None without a validation set."""
@@ -276,6 +288,10 @@ def _evaluate_now(s: Session, metrics: Metrics) -> float | None:
         return None
     metrics.flush()
     adapter, weights = _eval_adapter(s)
+    if weights == "ema":
+        # The trained adapter runs under the run's autocast (accelerate wraps its forward); the EMA
+        # is evaluated the same way, so the two losses differ by their weights, not their precision.
+        adapter = _UnderAutocast(adapter, s.accelerator)
     result = evaluator.run(s.state.global_step, objective=s.objective, unet=s.unet, adapter=adapter,
                            accelerator=s.accelerator, weight_dtype=s.weight_dtype, weights=weights)
     metrics.record(result.record(), result.tracker_values())
@@ -361,7 +377,7 @@ def fit(s: Session) -> Fit:
         if s.run.checkpoint is None:
             evaluate_now()  # the validation loss of the initial adapter: where the curve starts
         while state.global_step < total:
-            epoch = plan.epochs[state.epoch]
+            epoch = plan.epoch(state.epoch)
             batches = epoch.steps
             loader = make_loader(s.run.store, epoch, manifest=plan.manifest, rank=s.rank,
                                  start_batch=state.batches_done)

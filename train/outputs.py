@@ -111,7 +111,12 @@ def write_outputs(cfg: TrainConfig, plan: Plan, state: TrainState, adapter: torc
                validation_images=validation_images, replica_digests=replica_digests, parameters=parameters,
                ema=ema, validation_sheet=validation_sheet)
         apply_umask(stage)  # save_pretrained's temp files are private (0600)
+        staged_ema = (stage / EMA_OUTPUT_DIR).is_dir()
         _publish(stage, out)
+        if not staged_ema and (out / EMA_OUTPUT_DIR).is_dir():
+            # An EMA an earlier session of this OUT wrote (this one keeps none beside the adapter):
+            # left there, it would pass for this run's, and go to the hub with it.
+            shutil.rmtree(out / EMA_OUTPUT_DIR)
     except Exception as e:
         if not is_io_failure(e):
             raise
@@ -186,7 +191,7 @@ def _write(cfg: TrainConfig, plan: Plan, state: TrainState, adapter: torch.nn.Mo
     (stage / card.README_FILE).write_text(card.model_card(
         base_model=cfg.model, cache_url=redact(cfg.cache), manifest_id=plan.manifest_id, config=resolved, summary=summary,
         validation_grids=[p.relative_to(out).as_posix() for p in validation_images],
-        prompts=[prompt for _, prompt in cfg.validation_pairs()],
+        prompts=[prompt for _, prompt in plan.validation_pairs],
         loss_curve=card.LOSS_CURVE_FILE if curve else None,
         validation_sheet=validation_sheet.relative_to(out).as_posix() if validation_sheet else None,
     ))

@@ -58,20 +58,27 @@ class Plan:
     world_size: int
     data: DataSpec | None  # None only when the settings are refused (problems say why)
     learning_rate: float  # effective (after --scale-lr)
-    epochs: list[EpochPlan]  # index = epoch, for the epochs the run will touch; computed once, here
+    epoch_stats: list[EpochStats]  # index = epoch, for the epochs the run will touch: steps, samples used/dropped
     total_steps: int  # optimizer steps of the whole run (shapes decaying LR schedules)
     validation: EvalSet | None = None  # the validation loss's samples (None: no validation loss)
     validation_store: Store | None = None  # --validation-cache's store (None: the training cache's)
     validation_manifest: Manifest | None = None  # --validation-cache's manifest
 
-    @property
-    def epoch_stats(self) -> list[EpochStats]:
-        """What each epoch uses and drops (steps, samples), the same on every rank."""
-        return [e.stats for e in self.epochs]
+    validation_pairs: tuple[tuple[str, str], ...] = ()  # (conditioning image, prompt) to render, read once
+    _epoch: EpochPlan | None = None  # the plan of the epoch under way (see `epoch`)
 
     @property
     def batches_per_epoch(self) -> list[int]:
-        return [e.steps for e in self.epochs]
+        return [s.steps for s in self.epoch_stats]
+
+    def epoch(self, index: int) -> EpochPlan:
+        """The plan of epoch `index`, which the loop's loaders read. A plan holds every used
+        sample's position, so only the epoch under way is kept: start-up computed each epoch's
+        plan for its stats (and keeps the first epoch's); a later epoch's is made when it
+        begins. Plans are pure functions of (manifest, spec, epoch): nothing is cross-checked."""
+        if self._epoch is None or self._epoch.epoch != index:
+            self._epoch = EpochPlan(self.manifest, self.data, index)
+        return self._epoch
 
 
 @dataclass
@@ -146,9 +153,10 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
     if cfg.scale_lr:
         learning_rate *= cfg.batch_size * cfg.gradient_accumulation_steps * world_size
 
-    # The epoch plans come from the manifest alone, so every rank computes the same ones; they are
-    # computed here, once, and the loop's loaders read them.
-    epochs: list[EpochPlan] = []
+    # The epoch plans come from the manifest alone, so every rank computes the same ones: here for
+    # their stats (steps per epoch, what each uses and drops), the first one kept for the loop.
+    stats: list[EpochStats] = []
+    first: EpochPlan | None = None
     total = 0
     spec = None
     try:
@@ -156,9 +164,11 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
                         shuffle_buffer=cfg.shuffle_buffer, max_samples=cfg.max_samples,
                         caption_dropout=cfg.caption_dropout, soft_threshold=soft,
                         validation_split=cfg.validation_split)
-        while (total < cfg.max_steps) if cfg.max_steps is not None else (len(epochs) < cfg.num_epochs):
-            epochs.append(EpochPlan(manifest, spec, len(epochs)))
-            total += optimizer_steps(epochs[-1].steps, cfg.gradient_accumulation_steps)
+        while (total < cfg.max_steps) if cfg.max_steps is not None else (len(stats) < cfg.num_epochs):
+            plan_of_epoch = EpochPlan(manifest, spec, len(stats))
+            first = first or plan_of_epoch
+            stats.append(plan_of_epoch.stats)
+            total += optimizer_steps(stats[-1].steps, cfg.gradient_accumulation_steps)
         if cfg.max_steps is not None:
             total = cfg.max_steps
     except ValueError as e:
@@ -184,8 +194,9 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
 
     plan = Plan(manifest=manifest, manifest_id=mid, unet_config=unet_config,
                 scheduler_config=scheduler_config, vae_location=vae_location, adapter_config=adapter_config,
-                world_size=world_size, data=spec, learning_rate=learning_rate, epochs=epochs, total_steps=total,
-                validation=validation, validation_store=validation_store, validation_manifest=validation_manifest)
+                world_size=world_size, data=spec, learning_rate=learning_rate, epoch_stats=stats, total_steps=total,
+                validation=validation, validation_store=validation_store, validation_manifest=validation_manifest,
+                validation_pairs=tuple(cfg.validation_pairs()) if cfg.validation_enabled else (), _epoch=first)
     return plan, problems
 
 
@@ -235,7 +246,8 @@ def check_encoders_and_prepare_validation(cfg: TrainConfig, plan: Plan, device: 
         from train.adherence import EdgeDetector
 
         force_zeros = force_zeros_for_empty_prompt(cfg.model, cache_dir=cfg.cache_dir)
-        prompts = embed_validation_prompts(text_stack, cfg.validation_pairs(), force_zeros=force_zeros, device=device)
+        prompts = embed_validation_prompts(text_stack, list(plan.validation_pairs), force_zeros=force_zeros,
+                                           device=device)
         condition = plan.manifest.identity.condition
         detector = EdgeDetector.for_condition(condition)
         if detector is None:
