@@ -32,7 +32,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -41,6 +40,8 @@ from pathlib import Path
 
 import boto3
 from botocore.config import Config
+
+from ports import free_ports
 
 START_TIMEOUT = 90.0  # seconds; a restart after SIGKILL needs up to ~22 s on a quiet box
 
@@ -97,20 +98,6 @@ def bucket_fixtures(bucket: str):
             yield
 
     return server, aws_env
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct loopback ports that were free a moment ago (all held open together, so distinct)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class S3Server:

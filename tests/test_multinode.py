@@ -8,13 +8,14 @@ filesystem or a bucket). The two-node cache equals the one-process cache (confte
 
 from __future__ import annotations
 
-import pytest
-
 import os
-import socket
+import signal
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -22,31 +23,47 @@ from shards.manifest import Manifest
 from shards.reader import iter_shard
 from shards.stores import open_store
 from train.loop import DEBUG_REPLICA_DIR
+from ports import free_port
 
 pytestmark = pytest.mark.slow  # several processes each: the longest cases (make test runs them)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _two_nodes(target: str, variables: dict[str, str], env: dict[str, str] | None = None) -> None:
-    port = str(_port())
+    port = str(free_port())
+    logs = [tempfile.TemporaryFile("w+") for _ in range(2)]
     procs = [
         subprocess.Popen(["make", "--no-print-directory", target, "NNODES=2", f"NODE_RANK={rank}",
                           "MASTER_ADDR=127.0.0.1", f"MASTER_PORT={port}",
                           *(f"{k}={v}" for k, v in variables.items())],
                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)
+                         stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        for rank, log in zip((0, 1), logs)
     ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for rank, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"node {rank}:\n{out[-4000:]}"
+    # A node that fails leaves the other waiting for it (a rendezvous or a collective that never
+    # completes): watch both, and on the first failure give the other a moment to fail too, then
+    # end it, so the failing node's own output is what the test reports.
+    deadline, failed_at = time.monotonic() + 600, None
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() > failed_at + 30:
+            break
+        time.sleep(0.5)
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    report = "\n".join(f"--- node {rank} (exit {p.returncode}):\n{out[-4000:]}"
+                       for rank, (p, out) in enumerate(zip(procs, outputs)))
+    assert all(p.returncode == 0 for p in procs), report
 
 
 def test_two_nodes_precompute_the_one_process_cache_and_train_identical_replicas(tiny_model, fill_data, fill_cache,

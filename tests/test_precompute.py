@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from shards.manifest import Manifest, ManifestError
 from shards.reader import iter_shard, load_empty_prompt
 from shards.stores import open_store
 from shards.verify import verify_cache
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 64
@@ -76,11 +76,6 @@ def _env() -> dict[str, str]:
 def _cli(args: list[str]) -> subprocess.CompletedProcess:
     return run_cli("precompute", args, env=_env(), timeout=300)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -644,7 +639,7 @@ def test_two_processes_give_the_same_cache_as_one(tiny_model, crop_data, referen
     accelerate = Path(sys.executable).with_name("accelerate")
     result = subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
          "-m", "precompute", *_args(tiny_model, crop_data, cache)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from clirun import run_cli
+from ports import free_port
 
 pytestmark = pytest.mark.slow  # several processes each: the longest cases (make test runs them)
 
@@ -29,11 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 def cache(fill_cache) -> Path:
     return fill_cache
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -62,7 +57,7 @@ def _start(tiny_model, cache, out: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(_free_port()),
+         "--main_process_port", str(free_port()),
          "-m", "train", "--model", str(tiny_model), "--cache", str(cache), "--output-dir", str(out),
          "--max-steps", "100000", "--batch-size", "2", "--num-workers", "1", "--checkpointing-steps", "5",
          "--log-every", "1"],
@@ -168,7 +163,7 @@ def _precompute(tiny_model, data: Path, cache: Path, log: Path) -> subprocess.Po
     return subprocess.Popen(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(_free_port()),
+         "--main_process_port", str(free_port()),
          "-m", "precompute", "--model", str(tiny_model), "--data", str(data), "--cache", str(cache),
          "--resolution", "64", "--samples-per-shard", "1", "--num-workers", "0", "--device", "cpu"],
         cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from s3server import S3Server, bucket_fixtures, free_ports
+from ports import free_ports
+from s3server import S3Server, bucket_fixtures
 from streams import cache_loader, cache_stream
 
 import train.step  # noqa: F401  (imported once here so forked loader workers inherit it)

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import types
@@ -32,6 +31,7 @@ from train.checks import CacheMismatchError, StartupError
 from train.config import TrainConfig
 from train.loop import DEBUG_EXIT_AFTER_CHECKPOINT, DEBUG_REPLICA_DIR, train
 from clirun import run_cli
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ("red circle with blue background", "green circle with yellow background")
@@ -509,11 +509,6 @@ def test_uneven_shards_drop_less_than_one_global_batch_per_epoch(tiny_model, fil
             "batches, 0 for equal steps per rank)") in (out / "README.md").read_text()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def one_shard_cache(tiny_model, fill_data, tmp_path_factory) -> Path:
@@ -533,7 +528,7 @@ def _launch(model, cache, out, *extra, env=None, check=True) -> subprocess.Compl
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(_free_port()),
+         "--main_process_port", str(free_port()),
          "-m", "train", "--model", str(model), "--cache", str(cache), "--output-dir", str(out),
          "--max-steps", "4", "--batch-size", "2", "--num-workers", "2", "--checkpointing-steps", "2",
          "--log-samples", "--log-every", "1", "--learning-rate", "1e-3", *extra],

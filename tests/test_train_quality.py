@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from train.config import TrainConfig
 from train.loop import DEBUG_EXIT_AFTER_CHECKPOINT, train
 from train.plan import held_out_images
 from clirun import run_cli
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "red circle with blue background"
@@ -69,11 +69,6 @@ def _cli_args(cfg: TrainConfig) -> list[str]:
             args += [flag, str(value)]
     return args
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +220,7 @@ def test_the_validation_loss_is_the_same_for_any_batch_size_and_world_size(tiny_
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(_free_port()),
+         "--main_process_port", str(free_port()),
          "-m", "train", "--model", str(tiny_model), "--cache", str(fill_cache), "--output-dir", str(out),
          "--max-steps", "2", "--batch-size", "2", "--num-workers", "0", "--learning-rate", "1e-3",
          "--validation-split", "0.25", "--validation-loss-steps", "100", "--log-samples"],
