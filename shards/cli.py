@@ -238,5 +238,17 @@ def gc_cmd(url: str, orphans: bool, tmp_dir: str | None, dry_run: bool) -> None:
 
 def main() -> None:
     """The command under the exit-code and signal policy the stages share (`shards.runtime`)."""
-    run_command(lambda: cli.main(prog_name="python -m shards"), user_errors=(ShardError,),
-                continue_hint="re-run the command")
+    def work() -> None:
+        # Not click's standalone mode: it would turn Ctrl-C into "Aborted!" (exit 1) before the
+        # policy saw it; usage errors are still shown and exit as click's own.
+        try:
+            code = cli.main(prog_name="python -m shards", standalone_mode=False)
+        except click.exceptions.Abort:
+            raise KeyboardInterrupt from None
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+
+    run_command(work, user_errors=(ShardError,), continue_hint="re-run the command")

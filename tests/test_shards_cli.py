@@ -280,3 +280,17 @@ def test_python_dash_m_entry_point(cache):
     (root / m.shards[0].name).unlink()
     bad = run_cli("shards", ["verify", root])
     assert bad.returncode == 1 and "shards/shard-000000.tar: missing" in bad.stderr
+
+
+def test_ctrl_c_is_the_shared_interruption_message_not_clicks_abort(cache, monkeypatch):
+    root, _ = cache
+
+    def interrupted(store):
+        raise KeyboardInterrupt
+
+    # Inherited by run_cli's forked child: the command is interrupted while it reads the manifest.
+    monkeypatch.setattr("shards.cli.Manifest.load", interrupted)
+    res = run_cli("shards", ["verify", root])
+    assert res.returncode == 130, res.stderr
+    assert "interrupted. Nothing partial was published; re-run the command." in res.stderr
+    assert "Aborted" not in res.stderr + res.stdout and "Traceback" not in res.stderr
