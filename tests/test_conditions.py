@@ -17,7 +17,8 @@ from precompute.errors import ConfigError
 from precompute.settings import resolve
 from shards.manifest import identity_diff
 from shards.identity import Condition
-from train.plan import parse_range
+from train.config import TrainConfig
+from train.plan import range_problems
 from train.augment import (
     DEFAULT_SOFT_THRESHOLD_RANGE,
     binarize,
@@ -189,10 +190,16 @@ def test_soft_threshold_is_binary_and_a_pure_function_of_seed_epoch_key():
 
 
 def test_soft_threshold_ranges():
-    assert parse_range("0.3,0.8") == (0.3, 0.8) == parse_range(" 0.3  0.8 ")
-    for bad in ("0.3", "0.8,0.3", "a,b", "0.1,1.5"):
-        with pytest.raises(ValueError):
-            parse_range(bad)
+    # As typed, in a config file or from code: two numbers become a pair; the range is checked once.
+    for given in ("0.3,0.8", " 0.3  0.8 ", [0.3, 0.8], ("0.3", "0.8")):
+        assert TrainConfig(soft_threshold_range=given).soft_threshold_range == (0.3, 0.8)
+    assert range_problems((0.3, 0.8)) == [] and range_problems((0.5, 0.5)) == []
+    assert TrainConfig(soft_threshold_range="0.8,0.3").soft_threshold_range == (0.8, 0.3)
+    for bad, problem in (("0.8,0.3", "0 <= low <= high <= 1, got (0.8, 0.3)"),
+                         ("0.1,1.5", "0 <= low <= high <= 1, got (0.1, 1.5)"),
+                         ("0.3", "two numbers (low, high), got '0.3'"), ("a,b", "two numbers (low, high), got 'a,b'")):
+        assert range_problems(TrainConfig(soft_threshold_range=bad).soft_threshold_range) == [
+            f"the soft threshold range must {'satisfy ' if 'low <=' in problem else 'be '}{problem}"]
     soft, hard = Condition(method="sketch", soft=True), Condition(method="canny", soft=False)
     assert soft_threshold_range_for(soft, None) == DEFAULT_SOFT_THRESHOLD_RANGE == (0.3, 0.8)
     assert soft_threshold_range_for(soft, (0.4, 0.6)) == (0.4, 0.6)

@@ -22,7 +22,7 @@ from typing import Any
 from shards.options import NUMBER_PAIR, setting
 from shards.store import writable_problem
 from train.errors import TrainError
-from train.plan import parse_range, range_problems
+from train.plan import range_problems
 
 LR_SCHEDULERS = (
     "constant",
@@ -241,13 +241,12 @@ class TrainConfig:
         problem at once): "LOW,HIGH" strings and lists become (low, high) floats, lists of
         repeatable options become tuples."""
         value = self.soft_threshold_range
-        if isinstance(value, str):
-            try:
-                value = parse_range(value)
-            except ValueError:
+        parts = value.replace(",", " ").split() if isinstance(value, str) else value
+        if isinstance(parts, (list, tuple)) and len(parts) == 2:
+            try:  # two numbers become a float pair, in range or not: validate() checks the range
+                value = (float(parts[0]), float(parts[1]))
+            except (TypeError, ValueError):
                 pass  # kept as given: validate() names the problem
-        elif isinstance(value, (list, tuple)) and not range_problems(value):
-            value = (float(value[0]), float(value[1]))
         object.__setattr__(self, "soft_threshold_range", value)
         for f in dataclasses.fields(self):
             if f.metadata.get("multiple") and isinstance(getattr(self, f.name), list):

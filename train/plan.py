@@ -168,21 +168,6 @@ def range_problems(value: object) -> list[str]:
     return []
 
 
-def parse_range(text: str) -> tuple[float, float]:
-    """'0.3,0.8' (or '0.3 0.8') -> (0.3, 0.8); ValueError naming the problem."""
-    parts = text.replace(",", " ").split()
-    if len(parts) != 2:
-        raise ValueError(f"the soft threshold range must be 'LOW,HIGH', e.g. '0.3,0.8', got {text!r}")
-    try:
-        value = (float(parts[0]), float(parts[1]))
-    except ValueError:
-        raise ValueError(f"the soft threshold range must be two numbers 'LOW,HIGH', got {text!r}") from None
-    problems = range_problems(value)
-    if problems:
-        raise ValueError(problems[0])
-    return value
-
-
 class Draw(IntEnum):
     """Tags of the independent random draws of an epoch. The values are part of every seeded
     sequence: changing one changes every run's samples (and breaks resuming older checkpoints)."""
