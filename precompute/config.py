@@ -151,9 +151,9 @@ class PrecomputeConfig:
                                  "profile). https:// caches are read-only: write to S3 and serve that.", "output",
                            metavar="DIR|s3://BUCKET/PREFIX")
     tmp_dir: str | None = _s(None, "Local folder in which shards are staged before they are published, in a "
-                                   "per-cache subfolder (shards-staging/<hash of --cache>) that each run empties at "
-                                   "start [default: a hidden .staging folder of a local cache; the system temp folder "
-                                   "for s3://].", "output", metavar="DIR")
+                                   "per-cache subfolder (shards-staging/<hash of the cache URL, with the endpoint for "
+                                   "s3://>) that each run empties at start [default: a hidden .staging folder of a "
+                                   "local cache; the system temp folder for s3://].", "output", metavar="DIR")
     # -- geometry ---------------------------------------------------------------------------------
     resolution: int = _s(1024, "Shortest side is resized to this, then a square crop of this size; a multiple of "
                                "the model's granularity (VAE factor x 2^(UNet down blocks - 1): 32 for SDXL), so "

@@ -131,10 +131,10 @@ class LatentEncoder:
         self.vae = vae.eval().requires_grad_(False)
         self.info = vae_latent_info(vae)
         if compile:
-            import torch._dynamo.config as dynamo_config
+            from shards.runtime import raise_recompile_limit
 
             # Batch sizes vary (a shard's last batch) and buckets bring several pixel shapes.
-            dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
+            raise_recompile_limit(64)
             self.vae.encoder.compile()
 
     @property

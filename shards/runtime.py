@@ -245,6 +245,18 @@ def close_process_group() -> None:
         pass
 
 
+def raise_recompile_limit(at_least: int) -> int:
+    """Let torch.compile keep at least `at_least` graphs per function before it falls back to
+    eager (batch sizes and bucket shapes each make one); never lowers the limit. Returns it.
+    (torch >= 2.6 calls the setting recompile_limit, older ones cache_size_limit.)"""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    limit = max(getattr(dynamo_config, name), at_least)
+    setattr(dynamo_config, name, limit)
+    return limit
+
+
 # Below this many parameters a model's ops last microseconds on a CPU: a second OpenMP thread
 # only adds spin-waits and handoffs (measured on the 2-core build machine, tiny SDXL, 40 steps of
 # batch 8: 89 samples/s with 1 thread, 16 with OMP_NUM_THREADS=2; a busy machine makes it worse).

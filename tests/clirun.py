@@ -11,6 +11,10 @@ trained in another precision). The child ends with the command's exit status (os
 of the test process runs at its exit). What a user sees (the exit status, every line on stdout and
 stderr, tracebacks included) is what a test sees.
 
+What a library reads from the environment when it is imported (an environment variable read at
+import time) comes from the test process, which imported it before the fork: `env` reaches only
+what is read when the command runs.
+
 Use a real subprocess instead where the interpreter itself is what is tested: imports
 (packaging), launchers (accelerate launch, torchrun, make), signals sent to the process, or a
 changed thread count (torch's thread pool is inherited).
@@ -27,6 +31,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,3 +107,27 @@ def _child(module: str, args: list[str], env: dict[str, str] | None, cwd, out_fd
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def config_args(cfg: Any) -> list[str]:
+    """The command-line arguments that give exactly the config dataclass `cfg`: every field that
+    differs from its default, as its option (`--max-steps 4`; a flag for True; a repeatable option
+    once per value; a number pair as "LOW,HIGH")."""
+    import dataclasses
+
+    from shards.options import NUMBER_PAIR
+
+    args: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), f"--{f.name.replace('_', '-')}"
+        if value == f.default:
+            continue
+        if isinstance(value, bool):
+            args.append(flag)
+        elif f.metadata.get("click_type") is NUMBER_PAIR:
+            args += [flag, ",".join(str(v) for v in value)]
+        elif isinstance(value, tuple):
+            args += [a for v in value for a in (flag, str(v))]
+        else:
+            args += [flag, str(value)]
+    return args

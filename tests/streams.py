@@ -11,7 +11,7 @@ import dataclasses
 
 from shards.manifest import Manifest
 from train.data import CacheStream, make_loader, stream_identity
-from train.plan import DataSpec, EpochPlan, epoch_stats
+from train.plan import DataSpec, EpochPlan
 
 _POSITION = ("epoch", "rank", "start_batch")
 _LOADER = ("pin_memory", "prefetch_factor")
@@ -51,7 +51,7 @@ def epoch_plan_of(records, **kw) -> EpochPlan:
 
 def stats_of(records, **kw):
     spec, position, _ = _split(kw)
-    return epoch_stats(records, spec, position["epoch"])
+    return EpochPlan(records, spec, position["epoch"]).stats
 
 
 def identity_of(records, **kw) -> dict:

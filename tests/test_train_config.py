@@ -434,7 +434,6 @@ def test_validation_loss_and_ema_settings_are_checked_together(tmp_path):
                                   "--save-ema needs --ema-decay (there is no EMA to save)"]
     assert _cfg(tmp_path, validation_split=0.05, ema_decay=0.999, ema_warmup_steps=100,
                 save_ema=True).validate(cuda_available=False) == []
-    assert not _cfg(tmp_path, validation_split=0.0).validation_loss_enabled  # 0: off
 
 
 def test_validation_file_pairs_from_jsonl_and_csv(tmp_path):

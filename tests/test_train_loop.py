@@ -30,7 +30,7 @@ from train.checkpoint import CheckpointError
 from train.checks import CacheMismatchError, StartupError
 from train.config import TrainConfig
 from train.loop import DEBUG_EXIT_AFTER_CHECKPOINT, DEBUG_REPLICA_DIR, train
-from clirun import run_cli
+from clirun import config_args, run_cli
 from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,24 +66,6 @@ def _assert_same_run(a: Path, b: Path, steps: int) -> None:
     assert losses_a == [m["loss"] for m in _jsonl(b / "logs/metrics.jsonl")] and len(losses_a) == steps
 
 
-def _cli_args(cfg: TrainConfig) -> list[str]:
-    """`python -m train` arguments giving exactly `cfg` (every field that is not the default)."""
-    import dataclasses
-
-    args = []
-    for f in dataclasses.fields(TrainConfig):
-        value, flag = getattr(cfg, f.name), f"--{f.name.replace('_', '-')}"
-        if value == f.default:
-            continue
-        if isinstance(value, bool):
-            args.append(flag)
-        elif isinstance(value, tuple):
-            args += [a for v in value for a in (flag, str(v))]
-        else:
-            args += [flag, str(value)]
-    return args
-
-
 # ---------------------------------------------------------------------------------------------
 # One reference run, shared: accumulation 3 over 8 batches per epoch gives optimizer steps of
 # 3, 3, 2 batches, so 4 steps cross into epoch 1. A cosine schedule (its value at a step depends
@@ -114,7 +96,7 @@ def test_resume_after_a_kill_is_bitwise_identical(tiny_model, fill_data, cache, 
     assert result.global_step == 4 and result.samples_seen == (3 + 3 + 2 + 3) * 2
     b = tmp_path / "b"
     cfg = _run_a_cfg(tiny_model, fill_data, cache, b)
-    killed = run_cli("train", _cli_args(cfg), env={**os.environ, DEBUG_EXIT_AFTER_CHECKPOINT: "2"})
+    killed = run_cli("train", config_args(cfg), env={**os.environ, DEBUG_EXIT_AFTER_CHECKPOINT: "2"})
     assert killed.returncode == 75, killed.stderr[-4000:]
     assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
     assert not (b / "diffusion_pytorch_model.safetensors").exists() and not (b / "validation").exists()
@@ -507,7 +489,6 @@ def test_uneven_shards_drop_less_than_one_global_batch_per_epoch(tiny_model, fil
                                 "samples_dropped_fraction": 0.1, "samples_repeated": 0}
     assert ("- samples dropped by the epoch plans: 2 over 2 planned epoch(s) of 10 samples (10.0%: 2 in partial "
             "batches, 0 for equal steps per rank)") in (out / "README.md").read_text()
-
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from train.checks import CacheMismatchError
 from train.config import TrainConfig
 from train.loop import DEBUG_EXIT_AFTER_CHECKPOINT, train
 from train.plan import held_out_images
-from clirun import run_cli
+from clirun import config_args, run_cli
 from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,22 +53,6 @@ def _jsonl(path: Path) -> list[dict]:
 
 def _records(out: Path, key: str) -> list[dict]:
     return [r for r in _jsonl(out / "logs/metrics.jsonl") if key in r]
-
-
-def _cli_args(cfg: TrainConfig) -> list[str]:
-    args = []
-    for f in dataclasses.fields(TrainConfig):
-        value, flag = getattr(cfg, f.name), f"--{f.name.replace('_', '-')}"
-        if value == f.default:
-            continue
-        if isinstance(value, bool):
-            args.append(flag)
-        elif isinstance(value, tuple):
-            args += [a for v in value for a in (flag, str(v))]
-        else:
-            args += [flag, str(value)]
-    return args
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +149,7 @@ def test_kill_and_resume_gives_bitwise_the_same_ema_and_validation_losses(tiny_m
     a, _ = split_run
     b = tmp_path / "b"
     cfg = _split_cfg(tiny_model, fill_data, fill_cache, b)
-    killed = run_cli("train", _cli_args(cfg), env={**os.environ, DEBUG_EXIT_AFTER_CHECKPOINT: "2"})
+    killed = run_cli("train", config_args(cfg), env={**os.environ, DEBUG_EXIT_AFTER_CHECKPOINT: "2"})
     assert killed.returncode == 75, killed.stderr[-4000:]
     assert not (b / "ema").exists() and (b / "checkpoints/step-000002/ema").is_dir()
     train(dataclasses.replace(cfg, resume="latest"))
@@ -434,7 +418,7 @@ def test_in_mixed_precision_the_ema_is_evaluated_as_the_trained_adapter_is(tiny_
     EMA runs under the autocast the trained adapter's forward carries)."""
     common = dict(max_steps=1, validation_split=0.25, validation_loss_steps=1, mixed_precision="bf16")
     for name, extra in (("raw", {}), ("ema", {"ema_decay": 0.9})):  # a process each: its own precision
-        result = run_cli("train", _cli_args(_cfg(tiny_model, fill_cache, tmp_path / name, **common, **extra)))
+        result = run_cli("train", config_args(_cfg(tiny_model, fill_cache, tmp_path / name, **common, **extra)))
         assert result.returncode == 0, result.stderr[-3000:]
     raw, ema = (_records(tmp_path / name, "validation_loss")[0] for name in ("raw", "ema"))
     assert raw["step"] == ema["step"] == 0 and ema["validation_weights"] == "ema"

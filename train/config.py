@@ -257,10 +257,6 @@ class TrainConfig:
         return bool(self.validation_image or self.validation_prompt or self.validation_file)
 
     @property
-    def validation_loss_enabled(self) -> bool:
-        return bool(self.validation_split or self.validation_cache)
-
-    @property
     def ema_enabled(self) -> bool:
         return bool(self.ema_decay)
 

@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import torch
 
+from shards.runtime import raise_recompile_limit
+
 ATTENTION_CLASSES = {"sdpa": "AttnProcessor2_0", "eager": "AttnProcessor"}
 
 
@@ -105,15 +107,6 @@ class FastStep:
             self.watch.observe(step, tuple(batch.latent_mean.shape) + tuple(batch.cond.shape[-2:]))
 
 
-def _raise_recompile_limit(shapes: int) -> int:
-    import torch._dynamo.config as dynamo_config
-
-    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    limit = max(getattr(dynamo_config, name), shapes + 2)
-    setattr(dynamo_config, name, limit)
-    return limit
-
-
 def prepare(cfg: Any, unet: torch.nn.Module, adapter: torch.nn.Module, *, shapes: int, log: Any) -> FastStep:
     """Apply the resolved config's attention, channels_last and compile choices. `unet` is the
     frozen UNet on its device, `adapter` the prepared one, `shapes` the number of batch shapes the
@@ -124,7 +117,7 @@ def prepare(cfg: Any, unet: torch.nn.Module, adapter: torch.nn.Module, *, shapes
         log.info("channels_last: the UNet's weights are NHWC")
     if not cfg.compile:
         return FastStep(unet=unet, adapter=adapter)
-    limit = _raise_recompile_limit(shapes)
+    limit = raise_recompile_limit(shapes + 2)
     log.info("torch.compile: UNet and adapter, static shapes (%d batch shape(s) in the cache, recompile limit %d); "
              "each shape compiles on its first batch", shapes, limit)
     return FastStep(unet=torch.compile(unet, dynamic=False), adapter=torch.compile(adapter, dynamic=False),

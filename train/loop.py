@@ -25,8 +25,11 @@ kernels, channels_last, torch.compile); `optimizer_step` syncs with the host onl
 The LR scheduler is stepped here once per optimizer step (not prepared: accelerate would step it
 once per process).
 
-Output in OUT: the adapter (config.json + diffusion_pytorch_model.safetensors), README.md,
-train_config.json, loss_curve.png, logs/metrics.jsonl, validation/, checkpoints/.
+Output in OUT: the adapter (config.json + diffusion_pytorch_model.safetensors), ema/ (with
+--ema-decay: the EMA as an adapter folder of its own; --save-ema writes the EMA as the adapter
+instead, and no ema/), README.md (the model card), train_config.json, loss_curve.png,
+logs/metrics.jsonl, validation/ (each validation step's grids and its labelled page,
+step-NNNNNN.png), checkpoints/.
 
 Two environment variables exist for tests of what users cannot easily stage, and do nothing
 unless set: `T2I_TRAIN_DEBUG_EXIT_AFTER_CHECKPOINT=N` ends every process with `os._exit` right

@@ -594,9 +594,6 @@ class EpochPlan:
             [pool[i % len(pool)] for i in range(need - len(others))]
 
 
-def epoch_stats(records: Manifest | Sequence[ShardRecord], spec: DataSpec, epoch: int) -> EpochStats:
-    """Step count and sample accounting of one epoch (identical on every rank; counts only)."""
-    return EpochPlan(records, spec, epoch).stats
 
 
 def _buffer_order(n: int, size: int, rng: np.random.Generator) -> list[int]:
