@@ -64,6 +64,33 @@ def test_every_problem_is_listed_at_once(tmp_path):
     assert f"{len(expected)} problem(s)" in str(err.value)
 
 
+@pytest.mark.parametrize("rules, problem", [
+    ("-1:10,0.1", "multiplier '-1' must be a finite number > 0"),  # a negative learning rate
+    ("1:10,nan", "multiplier 'nan' must be a finite number > 0"),
+    ("garbage", "multiplier 'garbage' is not a number"),
+    ("1:5", "'1:5' should be the final MULTIPLIER"),
+    ("1:1.5,0.1", "step '1.5' is not a whole number"),
+    ("1:20,0.1:10,0.01", "step 10 must be >= 1 and after the step before it"),
+    ("0.5:x:3,0.1", "'0.5:x:3' should be MULTIPLIER:STEP"),
+])
+def test_piecewise_rules_are_checked_before_anything_loads(tmp_path, rules, problem):
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, lr_scheduler="piecewise_constant", lr_step_rules=rules).validate(cuda_available=False)
+    assert err.value.problems == [f"--lr-step-rules {rules!r}: {problem} (the form is MULTIPLIER:STEP,...,MULTIPLIER, "
+                                  "e.g. '1:10,0.1:20,0.01')"]
+    assert _cfg(tmp_path, lr_scheduler="piecewise_constant",
+                lr_step_rules="1:10,0.1:20,0.01").validate(cuda_available=False) == []
+
+
+@pytest.mark.parametrize("name", ["learning_rate", "max_grad_norm", "adam_epsilon", "caption_dropout", "ema_decay"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_numbers_that_are_not_finite_are_refused(tmp_path, name, value):
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, **{name: value}).validate(cuda_available=False)
+    flag = "--" + name.replace("_", "-")
+    assert f"{flag} must be a finite number, got {value}" in err.value.problems
+
+
 def test_missing_optional_packages_are_problems(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,6 +338,11 @@ class TrainConfig:
             except ValueError as e:
                 problems.append(f"--local-cache-max: {e}")
 
+        for f in dataclasses.fields(self):  # inf and nan pass comparisons that read as checks
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+
         def positive(name: str, minimum: float = 1) -> None:
             value = getattr(self, name)
             if value is not None and value < minimum:
@@ -363,6 +369,13 @@ class TrainConfig:
             problems.append(f"--lr-scheduler {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
         if self.lr_scheduler == "piecewise_constant" and not self.lr_step_rules:
             problems.append("--lr-scheduler piecewise_constant needs --lr-step-rules")
+        elif self.lr_step_rules:
+            from train.optim import step_rules_problems
+
+            found = step_rules_problems(self.lr_step_rules)
+            if found:
+                problems.append(f"--lr-step-rules {self.lr_step_rules!r}: " + "; ".join(found)
+                                + " (the form is MULTIPLIER:STEP,...,MULTIPLIER, e.g. '1:10,0.1:20,0.01')")
         if precision not in MIXED_PRECISION:
             problems.append(f"mixed precision {precision!r} (from {precision_source}) is not one of "
                             f"{', '.join(MIXED_PRECISION)}")

@@ -48,6 +48,39 @@ class OptimizerSpec:
                    fused=bool(cfg.fused_adamw))
 
 
+def step_rules_problems(text: str) -> list[str]:
+    """Problems with piecewise_constant's rules "m1:s1,m2:s2,...,m_last" (the learning rate times
+    m1 until step s1, then m2 until s2, ..., then m_last); empty when they are well formed: every
+    multiplier a finite number > 0, the steps whole numbers >= 1, increasing."""
+    import math
+
+    parts = [p.strip() for p in str(text).split(",")]
+    problems, steps = [], []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        pieces = part.split(":")
+        if len(pieces) != (1 if last else 2):
+            problems.append(f"{part!r} should be {'the final MULTIPLIER' if last else 'MULTIPLIER:STEP'}")
+            continue
+        try:
+            multiplier = float(pieces[0])
+        except ValueError:
+            problems.append(f"multiplier {pieces[0]!r} is not a number")
+        else:
+            if not (math.isfinite(multiplier) and multiplier > 0):
+                problems.append(f"multiplier {pieces[0]!r} must be a finite number > 0")
+        if not last:
+            try:
+                step = int(pieces[1])
+            except ValueError:
+                problems.append(f"step {pieces[1]!r} is not a whole number")
+                continue
+            if step < 1 or (steps and step <= steps[-1]):
+                problems.append(f"step {step} must be >= 1 and after the step before it")
+            steps.append(step)
+    return problems
+
+
 @dataclass(frozen=True)
 class ScheduleSpec:
     name: str  # one of train.config.LR_SCHEDULERS
