@@ -27,6 +27,7 @@ import os
 import socket
 import sys
 import time
+import weakref
 from pathlib import Path
 
 from .errors import ShardError
@@ -42,6 +43,26 @@ def _holder_text(info: dict) -> str:
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0)))
     return (f"pid {info.get('pid', '?')} on {info.get('host', '?')} since {since}"
             + (f" ({info['command']})" if info.get("command") else ""))
+
+
+_HELD: "weakref.WeakSet[WriterLock]" = weakref.WeakSet()
+
+
+def _drop_in_child() -> None:
+    """In a forked child (a DataLoader worker, a multiprocessing pool): close the inherited
+    descriptors without unlocking. The lock belongs to the parent: a child holding a copy would
+    keep it taken for as long as the child lives after the parent died (a killed training's
+    workers linger for seconds), and an immediate restart would be refused."""
+    for lock in list(_HELD):
+        fd, lock._fd = lock._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+os.register_at_fork(after_in_child=_drop_in_child)
 
 
 class WriterLock:
@@ -64,6 +85,10 @@ class WriterLock:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 holder = _holder_text(info) if info else "another process"
+                if _gone(info):
+                    raise LockError(f"{self.what} is still locked by processes of {holder}, which has exited: "
+                                    "processes it started still hold it (they end on their own, usually within "
+                                    f"seconds). Retry shortly (the lock is {self.path})") from None
                 raise LockError(f"{self.what} is in use by {holder}: only one writer at a time. Wait for it "
                                 f"to finish or stop it (the lock is {self.path}; it is released when its holder "
                                 "exits, however it exits)") from None
@@ -74,10 +99,12 @@ class WriterLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         self._fd = fd
+        _HELD.add(self)
         return self
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
+        _HELD.discard(self)
         if fd is None:
             return
         try:
@@ -98,6 +125,20 @@ class WriterLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _gone(info: dict) -> bool:
+    """True when the recorded holder is a process of this machine that no longer exists."""
+    pid = info.get("pid") if info else None
+    if not isinstance(pid, int) or info.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
 
 
 def _command() -> str:

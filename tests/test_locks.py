@@ -112,6 +112,57 @@ def test_a_dead_holders_lock_is_free_and_said_so(tmp_path):
     again.release()
 
 
+@pytest.mark.parametrize("start", ["fork", "torch-dataloader"])
+def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path, start):
+    """A training killed with SIGKILL leaves its DataLoader workers alive for seconds; they were
+    forked while the lock was held and must not hold it, or an immediate restart is refused."""
+    lock = tmp_path / ".lock"
+    child = ("import os, time\nif os.fork() == 0:\n    time.sleep(60)\n    os._exit(0)\n" if start == "fork" else
+             "import torch.utils.data as d, time\n"
+             "class S(d.Dataset):\n    def __len__(self): return 2\n"
+             "    def __getitem__(self, i): time.sleep(60); return i\n"
+             "it = iter(d.DataLoader(S(), num_workers=1, multiprocessing_context='fork'))\n"
+             "time.sleep(1.0)\n")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys\nsys.path.insert(0, sys.argv[2])\nfrom shards.lock import WriterLock\n"
+        "lock = WriterLock(sys.argv[1], 'x').acquire()\n" + child + "print('held', flush=True)\n"
+        "import time\ntime.sleep(60)\n"), str(lock), str(REPO)], stdout=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.kill()  # the parent only: its forked child lives on
+        holder.wait()
+        children = subprocess.run(["pgrep", "-s", str(holder.pid)], capture_output=True, text=True).stdout.split()
+        assert children, "the forked child should still be alive for this test to mean anything"
+        taken = WriterLock(lock, "x").acquire()  # at once, while the child still runs
+        assert taken.describe_previous().startswith(f"x: the previous writer (pid {holder.pid} on ")
+        taken.release()
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+
+
+def test_a_lock_still_held_after_its_holder_exited_says_so(tmp_path):
+    """Processes the holder started without the fork hook (here: a duplicated descriptor handed
+    to a child) can keep the lock after it exited: the message says so instead of naming a dead
+    process as the writer."""
+    lock = tmp_path / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import os, subprocess, sys, time\nsys.path.insert(0, sys.argv[2])\nfrom shards.lock import WriterLock\n"
+        "lock = WriterLock(sys.argv[1], 'x').acquire()\nfd = os.dup(lock._fd)\n"
+        "subprocess.Popen(['sleep', '60'], pass_fds=[fd], start_new_session=False)\n"
+        "print('held', flush=True)\ntime.sleep(60)\n"), str(lock), str(REPO)], stdout=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.kill()
+        holder.wait()
+        with pytest.raises(LockError, match=rf"x is still locked by processes of pid {holder.pid} on .*, which has "
+                                            "exited: .* Retry shortly"):
+            WriterLock(lock, "x").acquire()
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+
+
 def test_the_holder_record_never_carries_a_token(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train", "--hub-token", "hf_SECRET", "--hub_token=hf_OTHER",
                                       "--cache", "https://h/c?sig=s3cr3t"])
