@@ -41,7 +41,8 @@ DEFAULT_ENCODE_DTYPES = {"cuda": {"vae": "bf16", "text": "fp16"}, "cpu": {"vae":
 # live and how one run went. `device` is not byte-neutral, but its spelling is ("auto" and "cpu"
 # can mean the same device): the identity records the resolved kind instead.
 # `cache_dir` (the datasets download cache) is where inputs are kept, not what they are.
-RUN_ONLY = ("cache", "tmp_dir", "device", "num_workers", "strict", "cache_dir", "rebuild_stale")
+RUN_ONLY = ("cache", "tmp_dir", "device", "num_workers", "strict", "cache_dir", "rebuild_stale",
+            "verify_existing")
 # Cache URL schemes precompute can write to (http(s):// caches are read-only).
 WRITABLE_SCHEMES = ("", "file", "s3")
 MISSING_MODEL_HINT = (
@@ -142,6 +143,9 @@ class PrecomputeConfig:
     rebuild_stale: bool = _s(False, "Rebuild the shards whose inputs changed since they were made (without it a "
                                     "re-run over edited inputs lists them and refuses to call the cache complete).",
                              "inputs")
+    verify_existing: bool = _s(False, "Re-read every shard already complete and check it against its record's "
+                                      "sha256; rebuild the ones that differ (a shard damaged in place at its "
+                                      "recorded size). One that has the wrong size is always rebuilt.", "inputs")
     dedupe: bool = _s(False, "Drop every item that repeats an earlier one (the same image, conditioning image and "
                              "captions, or the same file / tar key again), instead of only counting them. Reads every "
                              "input once more before encoding.", "inputs")

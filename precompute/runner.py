@@ -74,11 +74,12 @@ from shards import schema
 from shards.errors import ShardError
 from shards.lock import LOCK_FILE, LockError, WriterLock
 from shards.identity import CacheIdentity
-from shards.manifest import Manifest, ManifestError, ShardRecord, ensure_identity, identity_diff, read_identity
+from shards.manifest import (Manifest, ManifestError, ShardRecord, ensure_identity, identity_diff, read_identity,
+                             read_record)
 from shards.reader import write_empty_prompt
 from shards.runtime import io_reason, is_io_failure
 from shards.secrets import redact
-from shards.store import LocalStore, Store
+from shards.store import LocalStore, Store, stream_sha256
 from shards.stores import open_store
 from shards.views import view_key
 from shards.writer import ShardWriter, completed_record
@@ -527,6 +528,32 @@ def _completed_records(store: Store, n: int) -> list[ShardRecord | None]:
         return list(pool.map(lambda i: completed_record(store, i), range(n)))
 
 
+def _damaged_shards(store: Store, n: int, complete: dict[int, ShardRecord], *, verify: bool) -> dict[int, str]:
+    """{shard index: what is wrong} for shards that exist beside a valid record but do not match it:
+    another size (always checked: `complete` left them out), or, with `verify`, another sha256
+    (every complete shard re-read). Such a shard can only have been damaged after it was
+    published; it is rebuilt, which a plain re-run would otherwise refuse as a conflict."""
+    damaged: dict[int, str] = {}
+    for i in range(n):
+        if i in complete:
+            continue
+        try:
+            record = read_record(store, i)
+            size = store.size(schema.shard_name(i))
+        except (FileNotFoundError, ManifestError):
+            continue  # not published, or no valid record: an ordinary unfinished shard
+        if size != record.bytes:
+            damaged[i] = f"it has {size} bytes, its record says {record.bytes} (damaged after it was written)"
+    if verify:
+        for i, record in sorted(complete.items()):
+            with store.open_read(record.name) as f:
+                got = stream_sha256(f)
+            if got != record.sha256:
+                damaged[i] = f"its sha256 is {got}, its record says {record.sha256} (damaged after it was written)"
+        log.info("--verify-existing: %d complete shard(s) re-read, %d damaged", len(complete), len(damaged))
+    return damaged
+
+
 def _remove_leftovers(store: Store, tmp_dir: str | None, state) -> None:
     """What a killed run left: rank 0 cleans the cache (temp files, unfinished multipart uploads)
     and its machine's staging folder, the first process of every other machine that machine's.
@@ -651,11 +678,14 @@ def _prepare_cache(cfg: PrecomputeConfig, store: Store, source: Source, prompt: 
                 _withdraw_stale(cfg, store, stale)
             except PrecomputeError as e:
                 status, problem = 1, e
+        damaged = _damaged_shards(store, n, complete, verify=cfg.verify_existing)
         for i in sorted(stale) if cfg.rebuild_stale else ():
-            log.warning("%s: rebuilding it: %s", schema.shard_name(i), stale[i])
+            damaged.setdefault(i, f"its inputs changed: {stale[i]}")
+        for i, why in sorted(damaged.items()):
+            log.warning("%s: rebuilding it: %s", schema.shard_name(i), why)
             store.delete(schema.record_name(i))  # the record first: a shard without one is "not done"
             store.delete(schema.shard_name(i))
-            complete.pop(i)
+            complete.pop(i, None)
         plan = [status] + [1 if i in complete else 0 for i in range(n)]
         plan += [v for (u, p_), (fu, fp) in sorted(drops.items()) for v in (u, p_, fu, fp)]
     plan = _broadcast_ints(state, plan)  # also the barrier after identity, empty prompt and checks

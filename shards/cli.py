@@ -173,7 +173,8 @@ def verify_cmd(url: str) -> None:
         summary = verify_cache(store, manifest, on_sample=lambda r: bar.update(1))
     except (VerifyError, ManifestError, ShardError) as e:
         bar.close()
-        _fail(f"verify failed: {e}")
+        _fail(f"verify failed: {e}. To rebuild damaged or missing shards, re-run the precompute that made the cache "
+              "(the same settings: a copy of its manifest.json works as --config) with --verify-existing")
     bar.close()
     click.echo(summary.line())
 

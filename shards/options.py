@@ -192,18 +192,67 @@ def load_config_file(path: str | Path, cls: type, *, sections: Mapping[str, str 
             elif isinstance(data[key], dict) and key == use:
                 data = data[key]
     names = {f.name: f for f in dataclasses.fields(cls)}
-    out, unknown = {}, []
+    out, unknown, wrong = {}, [], []
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in names:
             unknown.append(str(key))
             continue
-        if names[name].metadata.get("multiple") and isinstance(value, (list, tuple)):
-            value = tuple(value)
+        problem = _value_problem(names[name], value)
+        if problem:
+            wrong.append(f"{key} {problem}, got {value!r}")
+            continue
+        if names[name].metadata.get("multiple") and value is not None:
+            value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
         out[name] = value
     if unknown:
         raise ConfigFileError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    if wrong:
+        raise ConfigFileError(f"{path}: " + "; ".join(wrong))
     return out
+
+
+_KIND_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _scalar_problem(kind: type, value: Any) -> str | None:
+    """Why `value` (as a config file gives it) cannot be a `kind`; None when it can. Strings are
+    left to the option's own conversion, as if typed on the command line."""
+    if isinstance(value, str):
+        return None
+    if kind is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"must be {_KIND_WORDS[kind]}"
+    if kind is int and not (isinstance(value, int) or value.is_integer()):
+        return "must be a whole number"
+    return None
+
+
+def _value_problem(f: dataclasses.Field, value: Any) -> str | None:
+    """Why a config file's `value` cannot be setting `f`; None when it can (click converts it as
+    it converts the command line). Catches what conversion would silently change (64.5 -> 64,
+    true -> 1) or fail on with a traceback (a list or table where a number belongs)."""
+    if value is None:
+        return None
+    meta = f.metadata
+    try:
+        kind = _base_type(f.type)
+    except (KeyError, IndexError, TypeError):
+        return None  # a setting of a shape of its own: its check is its own
+    if meta.get("click_type") is NUMBER_PAIR:
+        ok = isinstance(value, str) or (isinstance(value, (list, tuple)) and len(value) == 2 and not any(
+            _scalar_problem(float, v) for v in value))
+        return None if ok else "must be two numbers, e.g. [0.3, 0.8]"
+    if meta.get("click_type") is SIZE:
+        return _scalar_problem(int, value) and "must be a size, e.g. 256MiB or 268435456"
+    if kind not in _KIND_WORDS:
+        return None
+    if meta.get("multiple"):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        bad = next((p for p in (_scalar_problem(kind, v) for v in items) if p), None)
+        return f"must be {_KIND_WORDS[kind]} or a list of them" if bad else None
+    return _scalar_problem(kind, value)
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -7,6 +7,7 @@ The real runner on the tiny model, over copies of the fill dataset edited in pla
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -189,3 +190,33 @@ def test_a_tar_key_seen_again_is_counted_and_dropped_with_dedupe(tiny_model, fil
     assert Manifest.load(open_store(tmp_path / "counted")).totals["repeated_items"] == 1
     deduped = run(_cfg(tiny_model, tars, tmp_path / "deduped", dedupe=True))
     assert deduped.samples == 3 and deduped.skipped == {"duplicate": 1}
+
+
+def test_shards_damaged_after_they_were_written_are_rebuilt(tiny_model, fill_data, fill_cache, tmp_path, caplog):
+    """A shard cut short is rebuilt by any re-run (a plain re-run used to refuse it as a publish
+    conflict); one with a flipped byte at its recorded size by a re-run with --verify-existing.
+    The rebuilt cache equals the original byte for byte."""
+    cache = Path(shutil.copytree(fill_cache, tmp_path / "cache"))
+    original = _shard_bytes(cache)
+    manifest = (cache / "manifest.json").read_bytes()
+    flipped = bytearray(original["shard-000001.tar"])
+    flipped[len(flipped) // 2] ^= 0x01
+    (cache / "shards/shard-000001.tar").write_bytes(bytes(flipped))
+    (cache / "shards/shard-000002.tar").write_bytes(original["shard-000002.tar"][:1000])
+    cfg = _cfg(tiny_model, fill_data, cache, batch_size=8)  # the fixture's settings (its batch does not matter)
+
+    with caplog.at_level("WARNING", logger="precompute.runner"):
+        stats = run(cfg)
+    assert stats.shards_written == 1  # the short one; the flipped one has its recorded size
+    assert "shards/shard-000002.tar: rebuilding it: it has 1000 bytes, its record says" in caplog.text
+    assert _shard_bytes(cache)["shard-000002.tar"] == original["shard-000002.tar"]
+    with pytest.raises(Exception, match="shard-000001.tar: sha256 mismatch"):
+        verify_cache(open_store(cache), Manifest.load(open_store(cache)))
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="precompute.runner"):
+        stats = run(dataclasses.replace(cfg, verify_existing=True))
+    assert stats.shards_written == 1
+    assert "shards/shard-000001.tar: rebuilding it: its sha256 is" in caplog.text
+    assert _shard_bytes(cache) == original and (cache / "manifest.json").read_bytes() == manifest
+    verify_cache(open_store(cache), Manifest.load(open_store(cache)))

@@ -113,6 +113,27 @@ def test_config_file_errors_name_the_file_and_every_unknown_key(tmp_path):
     assert values(run("--config", str(saved)))["batch_size"] == 5
 
 
+def test_config_file_values_of_the_wrong_type_are_named_not_converted(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "m"\nbatch-size = 2.9\nrate = {a = 1}\nflag = 1\nimage = [["a"], "x.png"]\nmaybe = true\n')
+    result = run("--config", str(bad))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    message = " ".join(result.output.split())
+    for problem in ("batch-size must be a whole number, got 2.9", "rate must be a number, got {'a': 1}",
+                    "flag must be true or false, got 1", "image must be a string or a list of them, got [['a'], 'x.png']",
+                    "maybe must be a whole number, got True"):
+        assert problem in message, (problem, message)
+    # What is the same number, or a string the option itself converts, is taken as typed.
+    fine = tmp_path / "fine.json"
+    fine.write_text(json.dumps({"model": "m", "batch-size": 8.0, "rate": 1, "maybe": "5", "image": "one.png"}))
+    got = values(run("--config", str(fine)))
+    assert (got["batch_size"], got["rate"], got["maybe"], got["image"]) == (8, 1.0, 5, ["one.png"])
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"model": "m", "batch-size": "many"}))
+    result = run("--config", str(typo))
+    assert result.exit_code == 2 and "'many' is not a valid integer" in result.output
+
+
 def test_a_name_is_a_folder_or_a_hub_id(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "tiny").mkdir(parents=True)

@@ -91,6 +91,32 @@ def test_numbers_that_are_not_finite_are_refused(tmp_path, name, value):
     assert f"{flag} must be a finite number, got {value}" in err.value.problems
 
 
+def test_an_output_folder_of_something_else_is_refused(tmp_path):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    (out / "config.json").write_text("{}")
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, output_dir=str(out)).validate(cuda_available=False)
+    assert err.value.problems == [
+        f"--output-dir {out}: the folder holds files of something else (README.md, config.json) and no training run "
+        "(no .lock, train_config.json, logs, checkpoints); training would write over or among them: choose a new or "
+        "empty folder"]
+    assert (out / "README.md").read_text() == "my notes"
+    # A cache folder is something else too; an empty folder, a new one and an earlier run's are fine.
+    cache = tmp_path / "cache"
+    (cache / "shards").mkdir(parents=True)
+    (cache / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds files of something else \\(manifest.json, shards\\)"):
+        _cfg(tmp_path, output_dir=str(cache)).validate(cuda_available=False)
+    (tmp_path / "empty").mkdir()
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "README.md").write_text("the card")
+    for ok in ("empty", "new", "run"):
+        assert _cfg(tmp_path, output_dir=str(tmp_path / ok)).validate(cuda_available=False) == []
+
+
 def test_missing_optional_packages_are_problems(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

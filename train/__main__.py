@@ -46,8 +46,8 @@ FOREIGN = {
         "max_input_bytes", "max_image_pixels", "max_caption_chars", "max_json_bytes", "max_json_depth",
         "source_fingerprint")},
     **{name: Foreign(_FIXED_AT_PRECOMPUTE, takes_value=False) for name in (
-        "flip", "condition_soft", "allow_empty_captions", "follow_symlinks", "strict", "rebuild_stale", "dedupe",
-        "compile_vae")},
+        "flip", "condition_soft", "allow_empty_captions", "follow_symlinks", "strict", "rebuild_stale",
+        "verify_existing", "dedupe", "compile_vae")},
     "trust_remote_code": Foreign(_DATASET, takes_value=False),
     "enable_xformers_memory_efficient_attention": Foreign(
         "attention runs through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels), which "

@@ -55,6 +55,25 @@ class ConfigError(TrainError, ValueError):
 _f = setting  # a field with its option's help text, --help group, choices and aliases (shards.options)
 
 
+# What only a training run puts in its output folder (its lock, settings, logs, checkpoints).
+_RUN_MARKERS = (".lock", "train_config.json", "logs", "checkpoints")
+
+
+def _foreign_folder_problem(out: Path) -> str | None:
+    """A problem when `out` holds files but is no training run's folder: training writes README.md,
+    config.json and more there and would replace a user's files of those names, or mix its own
+    into a cache or a dataset."""
+    try:
+        names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    except OSError:
+        return None  # writable_problem speaks of access
+    if not names or any(m in names for m in _RUN_MARKERS):
+        return None
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return (f"the folder holds files of something else ({shown}) and no training run (no "
+            f"{', '.join(_RUN_MARKERS)}); training would write over or among them: choose a new or empty folder")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # --- what to train on ------------------------------------------------------------------
@@ -323,7 +342,8 @@ class TrainConfig:
         if self.output_dir and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             problems.append(f"output dir {self.output_dir!r} exists and is not a folder")
         elif self.output_dir:
-            problem = writable_problem(Path(self.output_dir), create=True)
+            problem = writable_problem(Path(self.output_dir), create=True) or _foreign_folder_problem(
+                Path(self.output_dir))
             if problem:
                 problems.append(f"--output-dir {self.output_dir}: {problem}")
         if self.local_cache and Path(self.local_cache).exists() and not Path(self.local_cache).is_dir():
