@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import gc
 import os
 import re
 import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -227,9 +229,26 @@ def run_command(work: Callable[[], Any], *, user_errors: tuple[type[BaseExceptio
         explained = explain(e, user_errors=user_errors, message=message, continue_hint=continue_hint)
         if explained is None:
             raise
+        _release_frames(e)
+        del e
         fail(*explained)
     finally:
         close_process_group()
+
+
+def _release_frames(error: BaseException) -> None:
+    """Free what the failed work still holds through the error's tracebacks, now, while the
+    process is whole: a DataLoader iterator in a finished frame shuts its worker processes down
+    when collected. Left to the interpreter's exit, multiprocessing terminates those workers
+    first and torch's SIGCHLD handler reports each as killed, a traceback after the message."""
+    seen: set[int] = set()
+    chain: BaseException | None = error
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if chain.__traceback__ is not None:
+            traceback.clear_frames(chain.__traceback__)
+        chain = chain.__cause__ or chain.__context__
+    gc.collect()
 
 
 def close_process_group() -> None:
