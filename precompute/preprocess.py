@@ -263,11 +263,11 @@ def geometry_problems(
             f"(the latent would not cover the crop); try {resolution - resolution % vae_scale_factor}"
         )
     if crop not in CROP_MODES:
-        problems.append(f"crop must be one of {list(CROP_MODES)}, got {crop!r}")
+        problems.append(f"--crop must be one of {list(CROP_MODES)}, got {crop!r}")
     if min_size is not None and (not isinstance(min_size, int) or min_size < 0):
-        problems.append(f"min_size must be an integer >= 0 (0 = upscale anything) or None, got {min_size!r}")
+        problems.append(f"--min-size must be an integer >= 0 (0 = upscale anything) or unset, got {min_size!r}")
     if max_aspect is not None and not (isinstance(max_aspect, (int, float)) and max_aspect >= 1.0):
-        problems.append(f"max_aspect must be a number >= 1 or None (no limit), got {max_aspect!r}")
+        problems.append(f"--max-aspect must be a number >= 1 or unset (no limit), got {max_aspect!r}")
     return problems
 
 

@@ -22,6 +22,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import limits, schema
@@ -412,6 +413,11 @@ class Manifest:
             data = store.read_bytes(schema.MANIFEST_FILE)
             d = limits.loads(data, where, "SHARDS_MAX_MANIFEST_BYTES")
         except FileNotFoundError:
+            root = getattr(store, "root", None)  # a local store's folder: say plainly what it is instead
+            if isinstance(root, Path) and not root.exists():
+                raise ManifestError(f"{store.url}: no such folder (a cache is a folder, or s3:// or https://)") from None
+            if isinstance(root, Path) and not root.is_dir():
+                raise ManifestError(f"{store.url}: is a file, not a cache folder") from None
             raise ManifestError(
                 f"no {schema.MANIFEST_FILE} in {store.url}: run precompute first, or it did not finish"
             ) from None

@@ -178,7 +178,8 @@ def _read_mapping(path: Path) -> dict:
     return data
 
 
-def load_config_file(path: str | Path, cls: type, *, sections: Mapping[str, str | None] | None = None) -> dict:
+def load_config_file(path: str | Path, cls: type, *, sections: Mapping[str, str | None] | None = None,
+                     foreign: Mapping[str, "Foreign"] | None = None) -> dict:
     """{field name: value} from a config file for `cls`. Keys may use `-` or `_`; unknown keys
     are an error listing each. `sections` maps a top-level key of files the tool itself writes to
     what to do with it: a key name to read the settings from (a manifest's "config"), or None to
@@ -205,8 +206,13 @@ def load_config_file(path: str | Path, cls: type, *, sections: Mapping[str, str 
         if names[name].metadata.get("multiple") and value is not None:
             value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
         out[name] = value
-    if unknown:
-        raise ConfigFileError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    # The other stage's settings (or the reference's without effect here) say where they belong.
+    other = {k: (foreign or {}).get(k.replace("_", "-")) for k in unknown}
+    elsewhere = [f"{k} {f.message}" for k, f in sorted(other.items()) if f is not None and not f.accepted]
+    unknown = [k for k, f in other.items() if f is None]
+    if unknown or elsewhere:
+        raise ConfigFileError(f"{path}: " + "; ".join(
+            ([f"unknown setting(s) {', '.join(sorted(unknown))}"] if unknown else []) + elsewhere))
     if wrong:
         raise ConfigFileError(f"{path}: " + "; ".join(wrong))
     return out
@@ -259,7 +265,8 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     if value is None:
         return None
     cmd = ctx.command
-    settings = load_config_file(value, cmd.config_class, sections=cmd.config_sections)
+    settings = load_config_file(value, cmd.config_class, sections=cmd.config_sections,
+                                foreign=getattr(cmd, "foreign", None))
     ctx.default_map = {**(ctx.default_map or {}), **settings}
     return value
 

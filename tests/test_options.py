@@ -134,6 +134,15 @@ def test_config_file_values_of_the_wrong_type_are_named_not_converted(tmp_path):
     assert result.exit_code == 2 and "'many' is not a valid integer" in result.output
 
 
+def test_a_config_file_naming_the_other_stages_setting_says_where_it_belongs(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('model = "m"\nresolution = 1024\nxformers = true\nbogus = 1\n')
+    message = " ".join(run("--config", str(path)).output.split())
+    assert "unknown setting(s) bogus; resolution is fixed at precompute: the cache holds one resolution" in message
+    path.write_text('model = "m"\nxformers = true\n')  # the reference's, with no effect here: taken and dropped
+    assert values(run("--config", str(path)))["model"] == "m"
+
+
 def test_a_name_is_a_folder_or_a_hub_id(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "tiny").mkdir(parents=True)

@@ -294,3 +294,11 @@ def test_ctrl_c_is_the_shared_interruption_message_not_clicks_abort(cache, monke
     assert res.returncode == 130, res.stderr
     assert "interrupted. Nothing partial was published; re-run the command." in res.stderr
     assert "Aborted" not in res.stderr + res.stdout and "Traceback" not in res.stderr
+
+
+def test_verify_says_what_a_path_that_is_no_cache_is(tmp_path):
+    missing, a_file = tmp_path / "nowhere", tmp_path / "notes.txt"
+    a_file.write_text("x")
+    assert f"{missing}: no such folder" in run("verify", missing).output
+    assert f"{a_file}: is a file, not a cache folder" in run("verify", a_file).output
+    assert f"no manifest.json in {tmp_path}" in run("verify", tmp_path).output

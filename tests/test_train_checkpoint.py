@@ -211,3 +211,13 @@ def test_resume_refuses_changed_adamw_settings(tmp_path):
     assert resume_problems(ckpt, now) == [
         "--adam-beta1: checkpoint 0.9, now 0.8", "--adam-beta2: checkpoint 0.999, now 0.99",
         "--adam-epsilon: checkpoint 1e-08, now 1e-06", "--adam-weight-decay: checkpoint 0.01, now 0.0"]
+
+
+def test_a_folder_that_is_no_checkpoint_is_called_that_not_an_interrupted_save(tmp_path):
+    from train.checkpoint import proof_problems
+
+    (tmp_path / "manifest.json").write_text("{}")  # e.g. the cache, given to --resume by mistake
+    assert proof_problems(tmp_path) == ["not a checkpoint folder (no COMPLETE, state.json or adapter/; checkpoints "
+                                        "are OUT/checkpoints/step-NNNNNN)"]
+    (tmp_path / "state.json").write_text("{}")  # a checkpoint whose save died before COMPLETE
+    assert proof_problems(tmp_path) == ["no COMPLETE (its save was interrupted)"]

@@ -229,6 +229,9 @@ def proof_problems(folder: Path) -> list[str]:
     try:
         files = _listing(folder)
     except FileNotFoundError:
+        if not (folder / STATE_FILE).exists() and not (folder / ADAPTER_DIR).exists():
+            return [f"not a checkpoint folder (no {COMPLETE_FILE}, {STATE_FILE} or {ADAPTER_DIR}/; checkpoints are "
+                    "OUT/checkpoints/step-NNNNNN)"]
         return [f"no {COMPLETE_FILE} (its save was interrupted)"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return [f"{COMPLETE_FILE} is unreadable: {e}"]
