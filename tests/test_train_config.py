@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from click.testing import CliRunner
 
 from train.__main__ import main
@@ -27,7 +28,7 @@ def test_valid_config_passes(tmp_path):
 
 def test_every_problem_is_listed_at_once(tmp_path):
     image = tmp_path / "a.png"
-    image.write_bytes(b"not really a png, but it exists")
+    Image.new("RGB", (8, 8)).save(image)
     cfg = _cfg(
         tmp_path,
         cache=str(tmp_path / "no-cache"),
@@ -115,6 +116,24 @@ def test_an_output_folder_of_something_else_is_refused(tmp_path):
     (run / "README.md").write_text("the card")
     for ok in ("empty", "new", "run"):
         assert _cfg(tmp_path, output_dir=str(tmp_path / ok)).validate(cuda_available=False) == []
+
+
+def test_validation_images_that_are_no_images_are_refused_before_any_model_loads(tmp_path):
+    text, empty, cut = tmp_path / "text.png", tmp_path / "empty.png", tmp_path / "cut.png"
+    text.write_text("hello")
+    empty.write_bytes(b"")
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(cut)
+    cut.write_bytes(cut.read_bytes()[:60])  # the header survives, the data does not
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"image": "text.png", "prompt": "a"}) + "\n")
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, validation_image=(str(empty), str(cut)), validation_prompt=("p",),
+             validation_file=str(pairs)).validate(cuda_available=False)
+    problems = err.value.problems
+    assert len(problems) == 3, problems
+    assert problems[0].startswith(f"validation image '{empty}' cannot be read as an image (UnidentifiedImageError")
+    assert problems[1].startswith(f"validation image '{cut}' cannot be read as an image (")
+    assert problems[2].startswith(f"--validation-file {pairs}: image '{text}' cannot be read as an image (")
 
 
 def test_missing_optional_packages_are_problems(tmp_path, monkeypatch):
@@ -492,7 +511,7 @@ def test_validation_loss_and_ema_settings_are_checked_together(tmp_path):
 def test_validation_file_pairs_from_jsonl_and_csv(tmp_path):
     (tmp_path / "conds").mkdir()
     for name in ("a.png", "b.png"):
-        (tmp_path / "conds" / name).write_bytes(b"exists")
+        Image.new("RGB", (8, 8)).save(tmp_path / "conds" / name)
     jsonl = tmp_path / "pairs.jsonl"
     jsonl.write_text('{"image": "conds/a.png", "prompt": "a cat"}\n\n'
                      f'{{"conditioning_image": "{tmp_path / "conds/b.png"}", "text": "a dog"}}\n')

@@ -55,6 +55,19 @@ class ConfigError(TrainError, ValueError):
 _f = setting  # a field with its option's help text, --help group, choices and aliases (shards.options)
 
 
+def _image_problem(path: str | Path) -> str | None:
+    """Why `path` cannot serve as a validation image (None when PIL reads its header and checks
+    its data), found before any model loads rather than when validation first renders."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError...
+        return f"cannot be read as an image ({type(e).__name__}: {e})"
+    return None
+
+
 # What only a training run puts in its output folder (its lock, settings, logs, checkpoints).
 _RUN_MARKERS = (".lock", "train_config.json", "logs", "checkpoints")
 
@@ -433,6 +446,8 @@ class TrainConfig:
         for image in self.validation_image:
             if not Path(image).is_file():
                 problems.append(f"validation image {image!r} does not exist")
+            elif _image_problem(image):
+                problems.append(f"validation image {image!r} {_image_problem(image)}")
         if self.validation_resolution is not None and (self.validation_resolution < 8
                                                        or self.validation_resolution % 8):
             problems.append(f"--validation-resolution must be a positive multiple of 8, got "
@@ -440,8 +455,10 @@ class TrainConfig:
         if self.validation_file is not None:
             file_pairs, file_problems = read_validation_file(self.validation_file)
             problems += file_problems
-            problems += [f"--validation-file {self.validation_file}: image {image!r} does not exist"
-                         for image, _ in file_pairs if not Path(image).is_file()]
+            for image, _ in file_pairs:
+                problem = "does not exist" if not Path(image).is_file() else _image_problem(image)
+                if problem:
+                    problems.append(f"--validation-file {self.validation_file}: image {image!r} {problem}")
 
         if self.validation_split is not None and not 0.0 <= self.validation_split < 1.0:
             problems.append(f"--validation-split must be a fraction in [0, 1), got {self.validation_split}")
