@@ -50,6 +50,7 @@ from .remote import (
     retry_call,
 )
 from .store import Store, check_rel, conflict_message, file_sha256
+from .secrets import redact
 from .units import parse_size
 
 log = logging.getLogger(__name__)
@@ -85,17 +86,21 @@ def parse_s3_url(url: str) -> tuple[str, str]:
         raise ValueError(f"{url!r} is not an s3:// URL")
     bucket = parsed.netloc
     problems = []
-    if not bucket:
+    if "@" in bucket:  # never echoed: what comes before the @ is usually a key and a secret
+        problems.append("s3:// URLs take no user:password@ part (credentials come from AWS_ACCESS_KEY_ID / "
+                        "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role)")
+    elif not bucket:
         problems.append("no bucket name (expected s3://bucket/prefix)")
     elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.\-_]{1,254}", bucket):
-        problems.append(f"{bucket!r} is not a valid bucket name")
+        problems.append(f"{bucket!r} is not a valid bucket name" + (
+            " (the endpoint and its port go in AWS_ENDPOINT_URL)" if ":" in bucket else ""))
     if parsed.query or parsed.fragment or parsed.params:
         problems.append("query strings and fragments are not allowed")
     prefix = parsed.path.strip("/")
     if prefix and any(p in ("", ".", "..") for p in prefix.split("/")):
         problems.append(f"prefix {prefix!r} has empty, '.' or '..' parts")
     if problems:
-        raise ValueError(f"cache location {url!r}: " + "; ".join(problems))
+        raise ValueError(f"cache location {redact(url)!r}: " + "; ".join(problems))
     return bucket, prefix
 
 

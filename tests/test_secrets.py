@@ -116,3 +116,22 @@ def test_remote_tar_errors_name_the_tars_without_their_secrets(tmp_path):
     assert "2 of 2 tars do not exist" in message and "alice:REDACTED@" in message
     assert "http has no listing" in str(no_listing.value) or "http(s) has no listing" in str(no_listing.value)
     assert _leaks({"missing tars": message.encode(), "no listing": str(no_listing.value).encode()}) == []
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("s3://AKIAEXAMPLE:TopSecret42@bucket/c", "s3:// URLs take no user:password@ part"),
+    ("s3://bucket:9000/c", "'bucket:9000' is not a valid bucket name (the endpoint and its port go in AWS_ENDPOINT_URL)"),
+    ("s3://", "no bucket name (expected s3://bucket/prefix)"),
+])
+def test_a_malformed_s3_url_is_one_message_in_every_command_and_never_shows_a_secret(tiny_model, fill_data, tmp_path,
+                                                                                   url, problem):
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    for module, args in (("train", ["--model", tiny_model, "--cache", url, "--output-dir", tmp_path / "out"]),
+                         ("train", ["--model", tiny_model, "--cache", tmp_path, "--validation-cache", url,
+                                    "--output-dir", tmp_path / "out"]),
+                         ("precompute", ["--model", tiny_model, "--data", fill_data, "--cache", url]),
+                         ("shards", ["ls", url])):
+        result = run_cli(module, args, env=env, timeout=120)
+        assert result.returncode == 1, (module, result.stderr[-2000:])
+        assert problem in result.stderr and "Traceback" not in result.stderr, (module, result.stderr[-2000:])
+        assert "TopSecret42" not in result.stderr + result.stdout

@@ -352,6 +352,14 @@ class TrainConfig:
             problems.append(f"cache {self.cache!r} exists and is not a folder")
         elif self.cache and "://" not in self.cache and not Path(self.cache).is_dir():
             problems.append(f"cache folder {self.cache!r} does not exist (run `python -m precompute` first)")
+        for flag, url in (("--cache", self.cache), ("--validation-cache", self.validation_cache)):
+            if url and "://" in url:
+                from shards.stores import open_store
+
+                try:
+                    open_store(url)  # parses the URL and the store's settings; no request is made
+                except ValueError as e:
+                    problems.append(f"{flag}: {e}")
         if self.output_dir and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             problems.append(f"output dir {self.output_dir!r} exists and is not a folder")
         elif self.output_dir:
