@@ -121,10 +121,13 @@ precompute: install $(DEPS) ## encode DATA with MODEL into CACHE (defaults: tiny
 # is one command; that precompute takes PRECOMPUTE_ARGS, ARGS are train's); an existing cache is
 # never re-encoded, whatever the train settings.
 train: install $(if $(MODEL),,$(TINY)/model_index.json) ## train an adapter on CACHE into OUT (precomputes a missing CACHE first)
-	@if ! $(PY) -m shards ls $(CACHE) >/dev/null 2>&1; then \
-		echo "make train: $(CACHE) has no manifest yet: running precompute first"; \
-		$(MAKE) --no-print-directory precompute ARGS=; \
-	fi
+	@why=$$($(PY) -m shards ls $(CACHE) 2>&1 >/dev/null) || case "$$why" in \
+		*"no manifest.json in"*|*": no such folder"*) \
+			echo "make train: $(CACHE) has no manifest yet: running precompute first"; \
+			$(MAKE) --no-print-directory precompute ARGS= || exit $$?;; \
+		*) echo "$$why" >&2; \
+			echo "make train: cannot read $(CACHE) (above), so precompute is not started into it" >&2; exit 1;; \
+	esac
 	$(LAUNCH) train --config configs/$(PRESET)/train.toml --model $(MODEL_ARG) --cache $(CACHE) \
 		--output-dir $(OUT) $(if $(STEPS),--max-steps $(STEPS)) $(if $(BATCH),--batch-size $(BATCH)) \
 		$(if $(LR),--learning-rate $(LR)) $(if $(CKPT_EVERY),--checkpointing-steps $(CKPT_EVERY)) \

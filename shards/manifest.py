@@ -418,6 +418,15 @@ class Manifest:
                 raise ManifestError(f"{store.url}: no such folder (a cache is a folder, or s3:// or https://)") from None
             if isinstance(root, Path) and not root.is_dir():
                 raise ManifestError(f"{store.url}: is a file, not a cache folder") from None
+            if root is None:  # remote: a missing bucket answers a HEAD with a bare 404; a listing names it
+                from .errors import StoreError
+
+                try:
+                    store.list(schema.MANIFEST_FILE)
+                except StoreError as e:
+                    raise ManifestError(str(e)) from None
+                except Exception:  # a store that cannot list (https): the plain message below
+                    pass
             raise ManifestError(
                 f"no {schema.MANIFEST_FILE} in {store.url}: run precompute first, or it did not finish"
             ) from None

@@ -86,3 +86,13 @@ def test_make_train_precomputes_a_missing_cache_once(tiny_model, fill_data, tmp_
     assert "running precompute" not in second.stdout and manifest.stat().st_mtime_ns == stamp
     config = json.loads((out / "b" / "train_config.json").read_text())
     assert (config["learning_rate"], config["max_steps"], config["batch_size"]) == (3e-4, 3, 2)
+    # A cache that cannot be read (here: a file; in the field, a wrong key or a server that is
+    # down) is no "missing manifest": its error is shown and nothing is precomputed into it.
+    broken = tmp_path / "not-a-cache"
+    broken.write_text("x")
+    third = subprocess.run([f"CACHE={broken}" if a.startswith("CACHE=") else a for a in base] + [f"OUT={out}/c"],
+                           capture_output=True, text=True, timeout=300)
+    assert third.returncode != 0 and "running precompute" not in third.stdout
+    assert f"{broken}: is a file, not a cache folder" in third.stderr
+    assert f"make train: cannot read {broken} (above), so precompute is not started into it" in third.stderr
+    assert broken.read_text() == "x" and not (out / "c").exists()

@@ -38,7 +38,7 @@ from shards.errors import (
 )
 from shards.http import HttpStore
 from shards.localcache import CachingStore
-from shards.manifest import Manifest
+from shards.manifest import Manifest, ManifestError
 from shards.reader import iter_shard_members
 from shards.remote import ResumableReader, RetryPolicy
 from shards.s3 import S3Store, parse_s3_url
@@ -518,3 +518,13 @@ def test_the_same_bucket_on_two_servers_stages_in_two_folders(tmp_path):
     assert a.staging_dir(tmp_dir=tmp_path) == S3Store("s3://bkt/c", endpoint_url="http://127.0.0.1:9001").staging_dir(
         tmp_dir=tmp_path)
     assert a.staging_dir(tmp_dir=tmp_path).parent == tmp_path / "shards-staging"
+
+
+def test_a_bucket_that_does_not_exist_is_named_as_such_not_as_a_missing_manifest(server):
+    with pytest.raises(ManifestError, match=r"the bucket does not exist \(check the URL and AWS_ENDPOINT_URL\)"):
+        Manifest.load(S3Store("s3://no-such-bucket-here/c"))
+    result = _cli("ls", "s3://no-such-bucket-here/c")
+    assert result.exit_code == 1 and "the bucket does not exist" in result.stderr
+    # An existing bucket without a cache at the prefix keeps the usual message.
+    with pytest.raises(ManifestError, match=rf"no manifest.json in s3://{BUCKET}/nothing-here: run precompute first"):
+        Manifest.load(S3Store(f"s3://{BUCKET}/nothing-here"))
