@@ -179,3 +179,17 @@ def test_train_with_a_shared_local_cache_full_of_planted_links(tiny_model, fill_
     kept = [p for p in (local / "objects").rglob("*.tar") if not p.is_symlink() and p.is_file()]
     assert kept and all(p.resolve().is_relative_to(local.resolve()) for p in kept)
     assert sum(p.stat().st_size for p in kept) <= max(r.bytes for r in shards)
+    assert "smaller than the cache's largest shard" not in proc.stderr  # exactly one shard fits: no warning
+
+
+def test_a_local_cache_limit_below_one_shard_trains_and_says_nothing_can_be_kept(tiny_model, fill_cache, tmp_path):
+    from shards.manifest import Manifest
+
+    largest = max(r.bytes for r in Manifest.load(open_store(fill_cache)).shards)
+    proc = run_cli("train", ["--model", tiny_model, "--cache", fill_cache, "--output-dir", tmp_path / "out",
+                             "--max-steps", "2", "--batch-size", "2", "--num-workers", "0",
+                             "--local-cache", tmp_path / "local", "--local-cache-max", "10KB"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"--local-cache-max 10KB is smaller than the cache's largest shard ({largest} bytes): shards that do not "
+            "fit are streamed every epoch and not kept") in proc.stderr
+    assert not [p for p in (tmp_path / "local").rglob("*.tar")]

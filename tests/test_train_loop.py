@@ -586,6 +586,10 @@ def test_resume_with_another_world_size_or_worker_count_is_refused(tiny_model, o
     assert "number of processes: checkpoint 2, now 1" in message
     assert "--num-workers: checkpoint 2, now 0" in message
     assert "--lr-scheduler: checkpoint 'constant', now 'constant_with_warmup'" in message
+    newest = out / "checkpoints" / sorted(p.name for p in (out / "checkpoints").iterdir())[-1]
+    assert message.endswith("To go on from these weights with the new settings instead, start a new run (another "
+                            f"--output-dir) with --adapter {newest / 'adapter'}")
+    assert (newest / "adapter" / "config.json").is_file()  # what the message points at loads as --adapter
 
 
 # ---------------------------------------------------------------------------------------------

@@ -305,6 +305,11 @@ def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
         from shards.units import parse_size
 
         max_bytes = parse_size(cfg.local_cache_max) if cfg.local_cache_max else None
+        largest = max((r.bytes for r in plan.manifest.shards), default=0)
+        if max_bytes is not None and max_bytes < largest:
+            log.warning("--local-cache-max %s is smaller than the cache's largest shard (%d bytes): shards that do not "
+                        "fit are streamed every epoch and not kept; raise it, or leave it out for no limit",
+                        cfg.local_cache_max, largest)
         store = CachingStore(store, cfg.local_cache, max_bytes=max_bytes, records=plan.manifest.shards)
         log.info("local cache %s: %d shard(s) already there", cfg.local_cache,
                  sum(store.path_for(r.sha256).is_file() for r in plan.manifest.shards))
@@ -335,7 +340,9 @@ def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
             if differences:
                 raise CheckpointError(f"cannot resume from {ckpt.path}: these settings differ from the checkpoint's "
                                       "(resume needs them equal to continue the same run):\n"
-                                      + "\n".join(f"  - {d}" for d in differences))
+                                      + "\n".join(f"  - {d}" for d in differences)
+                                      + f"\nTo go on from these weights with the new settings instead, start a new "
+                                      f"run (another --output-dir) with --adapter {ckpt.path / 'adapter'}")
             if ckpt.state.global_step > plan.total_steps:
                 problems.other.append(f"checkpoint {ckpt.path} is at step {ckpt.state.global_step}, past the "
                                       f"{plan.total_steps} steps asked for: raise --max-steps or --num-epochs")
