@@ -468,10 +468,12 @@ def test_an_unwritable_output_dir_is_refused_before_anything_loads(tmp_path):
     with pytest.raises(ConfigError) as err:
         _cfg(tmp_path, output_dir=str(out)).validate(cuda_available=False)
     assert f"--output-dir {out}: cannot write there" in str(err.value)
-    assert "Operation not permitted" in str(err.value) or "Read-only file system" in str(err.value)
+    assert any(why in str(err.value) for why in ("Operation not permitted", "Read-only file system",
+                                                  "Permission denied"))
     fine = tmp_path / "new" / "run"
-    _cfg(tmp_path, output_dir=str(fine)).validate(cuda_available=False)
-    assert fine.is_dir() and list(fine.iterdir()) == []  # created, the probe file removed
+    assert _cfg(tmp_path, output_dir=str(fine)).validate(cuda_available=False) == []
+    # Probed where it would be created, not created: a refused run leaves no empty folder behind.
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".tmp-write-test-*"))
 
 
 def test_precompute_records_no_secret_of_its_locations():

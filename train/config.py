@@ -363,8 +363,11 @@ class TrainConfig:
         if self.output_dir and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             problems.append(f"output dir {self.output_dir!r} exists and is not a folder")
         elif self.output_dir:
-            problem = writable_problem(Path(self.output_dir), create=True) or _foreign_folder_problem(
-                Path(self.output_dir))
+            # Probed where it would be created, without creating it: a refused run leaves nothing behind.
+            probe = Path(self.output_dir).absolute()
+            while not probe.exists() and probe != probe.parent:
+                probe = probe.parent
+            problem = writable_problem(probe) or _foreign_folder_problem(Path(self.output_dir))
             if problem:
                 problems.append(f"--output-dir {self.output_dir}: {problem}")
         if self.local_cache and Path(self.local_cache).exists() and not Path(self.local_cache).is_dir():
