@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import http.client
 import ssl
+from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote, urljoin, urlparse, urlunparse
 
@@ -200,3 +201,7 @@ class HttpStore(Store):
 
     def list(self, prefix: str = "") -> list[str]:
         raise ReadOnlyStoreError(f"{self.url}: an http(s) cache cannot be listed (nothing but gc needs to)")
+
+    def cleanup_incomplete(self, *, tmp_dir: str | Path | None = None, dry_run: bool = False) -> list[str]:
+        raise ReadOnlyStoreError(f"{self.url}: an http(s) cache is read-only and has no leftovers of writers to "
+                                 "remove; gc works on the local folder or s3:// URL the cache was written to")

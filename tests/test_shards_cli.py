@@ -302,3 +302,17 @@ def test_verify_says_what_a_path_that_is_no_cache_is(tmp_path):
     assert f"{missing}: no such folder" in run("verify", missing).output
     assert f"{a_file}: is a file, not a cache folder" in run("verify", a_file).output
     assert f"no manifest.json in {tmp_path}" in run("verify", tmp_path).output
+
+
+def test_gc_of_an_http_cache_is_refused_not_reported_clean(built):
+    from httpserver import serve
+
+    root, _ = built
+    with serve(root) as server:
+        url = server.url("", query="sig=tok-5531")
+        for args in (["gc", url], ["gc", "--dry-run", url]):
+            res = run(*args)
+            assert res.exit_code == 1, res.output
+            assert "is read-only and has no leftovers of writers to remove; gc works on the local folder or s3:// " \
+                   "URL the cache was written to" in res.output
+            assert "tok-5531" not in res.output and "removed" not in res.output
