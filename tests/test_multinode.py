@@ -63,6 +63,8 @@ def _two_nodes(target: str, variables: dict[str, str], env: dict[str, str] | Non
         log.close()
     report = "\n".join(f"--- node {rank} (exit {p.returncode}):\n{out[-4000:]}"
                        for rank, (p, out) in enumerate(zip(procs, outputs)))
+    if failed_at is None and time.monotonic() >= deadline:  # both still running: a hang
+        raise subprocess.TimeoutExpired(f"make {target} on two nodes", 600, output=report)
     assert all(p.returncode == 0 for p in procs), report
 
 
