@@ -47,7 +47,7 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
-from typing import Iterator
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -74,17 +74,17 @@ from shards import schema
 from shards.errors import ShardError
 from shards.lock import LOCK_FILE, LockError, WriterLock
 from shards.identity import CacheIdentity
-from shards.manifest import (Manifest, ManifestError, ShardRecord, ensure_identity, identity_diff, read_identity,
-                             read_record)
+from shards.manifest import Manifest, ManifestError, ShardRecord, ensure_identity, identity_diff, read_identity
 from shards.reader import write_empty_prompt
 from shards.runtime import io_reason, is_io_failure
 from shards.secrets import redact
 from shards.store import LocalStore, Store, stream_sha256
 from shards.stores import open_store
 from shards.views import view_key
-from shards.writer import ShardWriter, completed_record
+from shards.writer import ShardState, ShardWriter, shard_state
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Prompts per text-encoder call: a batch of images may carry many captions each.
 TEXT_CHUNK = 256
@@ -519,39 +519,34 @@ def _unit_sizes(source: Source, units: list[int]) -> int | None:
     return None if any(n is None for n in sizes) else sum(sizes)
 
 
-def _completed_records(store: Store, n: int) -> list[ShardRecord | None]:
-    """`completed_record` of shards 0..n-1 (None where a shard is not complete). Each costs a
-    record read and a size request: on a remote store those run concurrently."""
-    if isinstance(store, LocalStore) or n <= 1:
-        return [completed_record(store, i) for i in range(n)]
-    with ThreadPoolExecutor(min(REMOTE_CHECK_THREADS, n), thread_name_prefix="check") as pool:
-        return list(pool.map(lambda i: completed_record(store, i), range(n)))
+def _per_shard(store: Store, fn: Callable[[int], T], indices: Sequence[int]) -> list[T]:
+    """[fn(i) for i in indices]: each is a request or two (a record, a size, a whole shard), which
+    on a remote store run concurrently."""
+    if isinstance(store, LocalStore) or len(indices) <= 1:
+        return [fn(i) for i in indices]
+    with ThreadPoolExecutor(min(REMOTE_CHECK_THREADS, len(indices)), thread_name_prefix="check") as pool:
+        return list(pool.map(fn, indices))
 
 
-def _damaged_shards(store: Store, n: int, complete: dict[int, ShardRecord], *, verify: bool) -> dict[int, str]:
-    """{shard index: what is wrong} for shards that exist beside a valid record but do not match it:
-    another size (always checked: `complete` left them out), or, with `verify`, another sha256
-    (every complete shard re-read). Such a shard can only have been damaged after it was
-    published; it is rebuilt, which a plain re-run would otherwise refuse as a conflict."""
-    damaged: dict[int, str] = {}
-    for i in range(n):
-        if i in complete:
-            continue
-        try:
-            record = read_record(store, i)
-            size = store.size(schema.shard_name(i))
-        except (FileNotFoundError, ManifestError):
-            continue  # not published, or no valid record: an ordinary unfinished shard
-        if size != record.bytes:
-            damaged[i] = f"it has {size} bytes, its record says {record.bytes} (damaged after it was written)"
-    if verify:
-        for i, record in sorted(complete.items()):
-            with store.open_read(record.name) as f:
-                got = stream_sha256(f)
-            if got != record.sha256:
-                damaged[i] = f"its sha256 is {got}, its record says {record.sha256} (damaged after it was written)"
-        log.info("--verify-existing: %d complete shard(s) re-read, %d damaged", len(complete), len(damaged))
-    return damaged
+def _shard_states(store: Store, n: int) -> list[ShardState]:
+    """`shard_state` of shards 0..n-1."""
+    return _per_shard(store, lambda i: shard_state(store, i), range(n))
+
+
+def _verify_complete(store: Store, complete: dict[int, ShardRecord]) -> dict[int, str]:
+    """--verify-existing: {index: what is wrong} for complete shards whose bytes do not hash to
+    their record's sha256 (damaged in place, at the recorded size). Reads every one."""
+    def check(i: int) -> str | None:
+        record = complete[i]
+        with store.open_read(record.name) as f:
+            got = stream_sha256(f)
+        return None if got == record.sha256 else (f"its sha256 is {got}, its record says {record.sha256} "
+                                                   "(damaged after it was written)")
+
+    indices = sorted(complete)
+    found = {i: why for i, why in zip(indices, _per_shard(store, check, indices)) if why}
+    log.info("--verify-existing: %d complete shard(s) re-read, %d damaged", len(indices), len(found))
+    return found
 
 
 def _remove_leftovers(store: Store, tmp_dir: str | None, state) -> None:
@@ -613,6 +608,11 @@ class _InputCheck:
     complete: dict[int, ShardRecord]
     stale: dict[int, str]
     drops: Drops
+    damaged: dict[int, str]  # shards that contradict their records (ShardState.damage)
+
+
+def _damage(states: list[ShardState]) -> dict[int, str]:
+    return {i: st.damage for i, st in enumerate(states) if st.damage}
 
 
 def _check_inputs_early(settings: Settings, store: Store, source: Source, state) -> _InputCheck | None:
@@ -634,10 +634,10 @@ def _check_inputs_early(settings: Settings, store: Store, source: Source, state)
             encoder = {"model": cfg.model, "revision": cfg.revision, "variant": cfg.variant, "vae": cfg.vae}
             mine = settings.identity(encoder=encoder, latent={}, text={}, source=source.describe())
             if not identity_diff(_settings_view(old), _settings_view(mine)):
-                found = _completed_records(store, source.num_units())
-                complete = {i: r for i, r in enumerate(found) if r is not None}
+                states = _shard_states(store, source.num_units())
+                complete = {i: st.record for i, st in enumerate(states) if st.record is not None}
                 stale, drops = check_inputs(source, complete, dedupe=cfg.dedupe)
-                check = _InputCheck(complete, stale, drops)
+                check = _InputCheck(complete, stale, drops, _damage(states))
                 if stale and not cfg.rebuild_stale:
                     try:
                         _withdraw_stale(cfg, store, stale)
@@ -668,17 +668,19 @@ def _prepare_cache(cfg: PrecomputeConfig, store: Store, source: Source, prompt: 
             pe, pooled = prompt([""])
             write_empty_prompt(store, pe, pooled, cfg.storage_dtype)
         if early is not None:  # made before the model loaded; the lock kept every record as it was
-            complete, stale, drops = dict(early.complete), early.stale, early.drops
+            complete, stale, drops, damaged = dict(early.complete), early.stale, early.drops, dict(early.damaged)
         else:
-            found = _completed_records(store, n)
-            complete = {i: r for i, r in enumerate(found) if r is not None}
+            states = _shard_states(store, n)
+            complete = {i: st.record for i, st in enumerate(states) if st.record is not None}
             stale, drops = check_inputs(source, complete, dedupe=cfg.dedupe)
+            damaged = _damage(states)
         if stale and not cfg.rebuild_stale:
             try:
                 _withdraw_stale(cfg, store, stale)
             except PrecomputeError as e:
                 status, problem = 1, e
-        damaged = _damaged_shards(store, n, complete, verify=cfg.verify_existing)
+        if cfg.verify_existing:
+            damaged.update(_verify_complete(store, complete))
         for i in sorted(stale) if cfg.rebuild_stale else ():
             damaged.setdefault(i, f"its inputs changed: {stale[i]}")
         for i, why in sorted(damaged.items()):
@@ -781,7 +783,7 @@ def _encode(settings: Settings, store: Store, source: Source, latent: LatentEnco
 
 def _all_records(store: Store, n: int) -> list[ShardRecord]:
     """Every shard's record, or an error naming the shards that are not complete."""
-    found = _completed_records(store, n)
+    found = [st.record for st in _shard_states(store, n)]
     records = [r for r in found if r is not None]
     missing = [schema.shard_name(i) for i, r in enumerate(found) if r is None]
     if missing:

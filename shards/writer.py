@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -250,22 +251,39 @@ class ShardWriter:
             self._state = "aborted"
 
 
-def completed_record(store: Store, index: int) -> ShardRecord | None:
-    """The record of shard `index` if that shard is done: a valid record, and the shard present
-    with the record's byte size. Anything else (no record, a damaged record, a missing or
-    different-sized shard) means "not done": the caller rebuilds the shard."""
+@dataclass(frozen=True)
+class ShardState:
+    """What a re-run finds of shard `index`: its record when the shard is done; else, when a
+    published shard contradicts its valid record (another size), what is wrong with it."""
+
+    record: ShardRecord | None
+    damage: str | None = None
+
+
+def shard_state(store: Store, index: int) -> ShardState:
+    """Done means a valid record and the shard present with the record's byte size. Anything else
+    (no record, a damaged record, a missing or different-sized shard) means "not done": the caller
+    rebuilds the shard. A different size beside a valid record is damage after publishing
+    (records come after their shards), said in `damage`: the rebuild must first remove it."""
     try:
         record = read_record(store, index)
     except FileNotFoundError:
-        return None
+        return ShardState(None)
     except ManifestError as e:
         log.warning("%s: ignoring a damaged record, the shard will be rebuilt: %s", schema.record_name(index), e)
-        return None
+        return ShardState(None)
     try:
         size = store.size(record.name)
     except FileNotFoundError:
-        return None
-    return record if size == record.bytes else None
+        return ShardState(None)
+    if size != record.bytes:
+        return ShardState(None, f"it has {size} bytes, its record says {record.bytes} (damaged after it was written)")
+    return ShardState(record)
+
+
+def completed_record(store: Store, index: int) -> ShardRecord | None:
+    """The record of shard `index` if that shard is done (`shard_state`), else None."""
+    return shard_state(store, index).record
 
 
 def is_complete(store: Store, index: int) -> bool:
