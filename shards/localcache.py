@@ -254,6 +254,9 @@ class CachingStore(Store):
     def display(self, rel: str) -> str:
         return self.remote.display(rel)
 
+    def why_missing(self) -> str | None:
+        return self.remote.why_missing()
+
     def __repr__(self) -> str:
         return f"CachingStore({self.remote!r}, {str(self.dir)!r}, max_bytes={self.max_bytes})"
 

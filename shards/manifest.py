@@ -22,7 +22,6 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import limits, schema
@@ -413,20 +412,9 @@ class Manifest:
             data = store.read_bytes(schema.MANIFEST_FILE)
             d = limits.loads(data, where, "SHARDS_MAX_MANIFEST_BYTES")
         except FileNotFoundError:
-            root = getattr(store, "root", None)  # a local store's folder: say plainly what it is instead
-            if isinstance(root, Path) and not root.exists():
-                raise ManifestError(f"{store.url}: no such folder (a cache is a folder, or s3:// or https://)") from None
-            if isinstance(root, Path) and not root.is_dir():
-                raise ManifestError(f"{store.url}: is a file, not a cache folder") from None
-            if root is None:  # remote: a missing bucket answers a HEAD with a bare 404; a listing names it
-                from .errors import StoreError
-
-                try:
-                    store.list(schema.MANIFEST_FILE)
-                except StoreError as e:
-                    raise ManifestError(str(e)) from None
-                except Exception:  # a store that cannot list (https): the plain message below
-                    pass
+            why = store.why_missing()
+            if why:
+                raise ManifestError(why) from None
             raise ManifestError(
                 f"no {schema.MANIFEST_FILE} in {store.url}: run precompute first, or it did not finish"
             ) from None

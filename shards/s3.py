@@ -240,6 +240,17 @@ class S3Store(Store):
         except Exception:  # no region or a broken profile: the call itself will say so
             return self.endpoint_url or "(boto3 default)"
 
+    def why_missing(self) -> str | None:
+        # A HEAD of a key in a missing bucket answers a bare 404; a listing names the bucket.
+        try:
+            self._call(f"{self.url}: listing", self.client.list_objects_v2, Bucket=self.bucket, Prefix=self.prefix,
+                       MaxKeys=1)
+        except StoreError as e:
+            return str(e)
+        except FileNotFoundError:
+            return None
+        return None
+
     def staging_key(self) -> str:
         # s3://bucket/prefix names an object on one server: two S3-compatible servers (a staging
         # one beside production, two test servers) may both have it, and must not share a

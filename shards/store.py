@@ -141,6 +141,12 @@ class Store(ABC):
         base = Path(tmp_dir).expanduser() if tmp_dir is not None else Path(tempfile.gettempdir())
         return base.absolute() / STAGING_FOLDER / cache_digest(self.staging_key())
 
+    def why_missing(self) -> str | None:
+        """Asked after a file was not found: why nothing at all can be found here (the folder or
+        bucket does not exist), said instead of "no such file"; None when the store itself is
+        there. Default: None (a store that cannot tell)."""
+        return None
+
     def staging_key(self) -> str:
         """What names this cache among the staging folders of one machine: its URL (a store whose
         URL alone does not say which server it is on adds that)."""
@@ -271,6 +277,13 @@ class LocalStore(Store):
         self.root = Path(root).expanduser().absolute()
         self.url = str(self.root)
         self._warned_no_links = False
+
+    def why_missing(self) -> str | None:
+        if not self.root.exists():
+            return f"{self.url}: no such folder (a cache is a folder, or s3:// or https://)"
+        if not self.root.is_dir():
+            return f"{self.url}: is a file, not a cache folder"
+        return None
 
     def path(self, rel: str) -> Path:
         return self.root / check_rel(rel)
