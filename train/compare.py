@@ -64,7 +64,7 @@ class Run:
     def load(cls, path: str | Path) -> "Run":
         from train.card import read_metrics
         from train.checkpoint import step_folders
-        from train.metrics import METRICS_FILE
+        from train.metrics import LOGS_DIR, METRICS_FILE
         from train.outputs import TRAIN_CONFIG_FILE
 
         path = Path(path)
@@ -88,9 +88,9 @@ class Run:
             raise RunError(f"{config_file} has no resolved.manifest_id: not written by `python -m train` at the end of "
                            "a run")
         try:
-            metrics = read_metrics(path / "logs" / METRICS_FILE)
+            metrics = read_metrics(path / LOGS_DIR / METRICS_FILE)
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise RunError(f"{path / 'logs' / METRICS_FILE} is unreadable ({e})") from None
+            raise RunError(f"{path / LOGS_DIR / METRICS_FILE} is unreadable ({e})") from None
         resolved = data.pop("resolved")
         return cls(path=path, settings=data, resolved=resolved, metrics=metrics)
 

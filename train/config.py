@@ -68,23 +68,26 @@ def _image_problem(path: str | Path) -> str | None:
     return None
 
 
-# What only a training run puts in its output folder (its lock, settings, logs, checkpoints).
-_RUN_MARKERS = (".lock", "train_config.json", "logs", "checkpoints")
-
-
 def _foreign_folder_problem(out: Path) -> str | None:
     """A problem when `out` holds files but is no training run's folder: training writes README.md,
     config.json and more there and would replace a user's files of those names, or mix its own
-    into a cache or a dataset."""
+    into a cache or a dataset. A run's folder has what only a run puts there: its lock (taken
+    first), logs, checkpoints or train_config.json."""
+    from shards.lock import LOCK_FILE
+    from train.checkpoint import CHECKPOINT_DIR
+    from train.metrics import LOGS_DIR
+    from train.outputs import TRAIN_CONFIG_FILE
+
     try:
         names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     except OSError:
         return None  # writable_problem speaks of access
-    if not names or any(m in names for m in _RUN_MARKERS):
+    markers = (LOCK_FILE, TRAIN_CONFIG_FILE, LOGS_DIR, CHECKPOINT_DIR)
+    if not names or any(m in names for m in markers):
         return None
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     return (f"the folder holds files of something else ({shown}) and no training run (no "
-            f"{', '.join(_RUN_MARKERS)}); training would write over or among them: choose a new or empty folder")
+            f"{', '.join(markers)}); training would write over or among them: choose a new or empty folder")
 
 
 @dataclass(frozen=True)
@@ -457,8 +460,8 @@ class TrainConfig:
         for image in self.validation_image:
             if not Path(image).is_file():
                 problems.append(f"validation image {image!r} does not exist")
-            elif _image_problem(image):
-                problems.append(f"validation image {image!r} {_image_problem(image)}")
+            elif (problem := _image_problem(image)) is not None:
+                problems.append(f"validation image {image!r} {problem}")
         if self.validation_resolution is not None and (self.validation_resolution < 8
                                                        or self.validation_resolution % 8):
             problems.append(f"--validation-resolution must be a positive multiple of 8, got "

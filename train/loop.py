@@ -56,7 +56,7 @@ from train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from train.config import TrainConfig, resolve
 from train.ema import EMA, EMASpec
 from train.errors import TrainError
-from train.metrics import METRICS_FILE, Metrics, reset_peak_memory, truncate_jsonl
+from train.metrics import LOGS_DIR, METRICS_FILE, Metrics, reset_peak_memory, truncate_jsonl
 from train.optim import OptimizerSpec, ScaleWatch, ScheduleSpec, make_lr_scheduler, make_optimizer
 from train.startup import Plan, Startup
 
@@ -317,8 +317,8 @@ def fit(s: Session) -> Fit:
 
     cfg, plan, accelerator, state, log = s.cfg, s.plan, s.accelerator, s.state, s.log
     device, main, world = accelerator.device, accelerator.is_main_process, s.world
-    metrics_path = s.out / "logs" / METRICS_FILE
-    samples_path = s.out / "logs" / f"samples-rank{s.rank:05d}.jsonl"
+    metrics_path = s.out / LOGS_DIR / METRICS_FILE
+    samples_path = s.out / LOGS_DIR / f"samples-rank{s.rank:05d}.jsonl"
     resumed_step = state.global_step if s.run.checkpoint is not None else None
     if main:
         truncate_jsonl(metrics_path, resumed_step)

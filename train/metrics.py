@@ -26,6 +26,7 @@ import torch
 
 from train.errors import NonFiniteError
 
+LOGS_DIR = "logs"  # OUT/logs: metrics.jsonl and the per-rank sample logs
 METRICS_FILE = "metrics.jsonl"
 
 

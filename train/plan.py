@@ -594,8 +594,6 @@ class EpochPlan:
             [pool[i % len(pool)] for i in range(need - len(others))]
 
 
-
-
 def _buffer_order(n: int, size: int, rng: np.random.Generator) -> list[int]:
     """Emission order of read positions 0..n-1 through a shuffle buffer of `size` samples."""
     if size <= 1:
