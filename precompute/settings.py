@@ -144,11 +144,10 @@ def resolve(cfg: PrecomputeConfig, *, cuda_available: bool | None = None) -> Set
                                             granularity=granularity))
         # Readers refuse a cache declaring larger images (shards.limits): refuse to write one.
         try:
-            cap = limits.max_image_pixels()
+            cap, too_big = limits.oversized_images(buckets or [(cfg.resolution, cfg.resolution)])
         except limits.LimitError as e:
             problems.append(str(e))
         else:
-            too_big = sorted({(h, w) for h, w in (buckets or [(cfg.resolution, cfg.resolution)]) if h * w > cap})
             if too_big:
                 problems.append(f"image sizes {too_big} (h, w) are over {cap} pixels, what readers accept "
                                 "(SHARDS_MAX_IMAGE_PIXELS): lower --resolution, or raise SHARDS_MAX_IMAGE_PIXELS "

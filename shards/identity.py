@@ -224,8 +224,7 @@ def _geometry_problems(geo: dict) -> list[str]:
     sizes = ([[geo["resolution"]] * 2] if _is_int(geo.get("resolution")) and geo["resolution"] > 0 else [])
     if isinstance(buckets, list):
         sizes += [b for b in buckets if isinstance(b, list) and len(b) == 2 and all(_is_int(x) for x in b)]
-    cap = limits.max_image_pixels()
-    too_big = sorted({(h, w) for h, w in sizes if h * w > cap})
+    cap, too_big = limits.oversized_images(sizes)
     if too_big:
         p.append(f"geometry declares image sizes {too_big} (h, w) over {cap} pixels (SHARDS_MAX_IMAGE_PIXELS): "
                  "damaged or hostile; raise SHARDS_MAX_IMAGE_PIXELS if it is genuine")

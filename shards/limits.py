@@ -81,6 +81,13 @@ def max_image_pixels() -> int:
     return _whole("SHARDS_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)
 
 
+def oversized_images(sizes) -> tuple[int, list[tuple[int, int]]]:
+    """(the cap, the distinct (h, w) of `sizes` over it, sorted): what writers refuse to declare
+    and readers refuse to believe. LimitError for a cap set to nonsense."""
+    limit = max_image_pixels()
+    return limit, sorted({(int(h), int(w)) for h, w in sizes if h * w > limit})
+
+
 def check_size(size: int, variable: str, what: str) -> None:
     limit = cap(variable)
     if size > limit:
@@ -115,4 +122,5 @@ def loads(data: bytes, what: str, variable: str | None = None) -> Any:
     return json.loads(data.decode("utf-8"))
 
 
-__all__ = ["DEFAULT_MAX_JSON_DEPTH", "LimitError", "cap", "check_size", "json_depth", "loads", "max_json_depth"]
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_JSON_DEPTH", "LimitError", "cap", "check_size", "json_depth", "loads",
+           "max_image_pixels", "max_json_depth", "oversized_images"]
