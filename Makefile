@@ -80,10 +80,11 @@ install: $(VENV)/.installed ## create the venv and install the project with test
 # runs everything in one process; TEST_ARGS passes pytest options (e.g. a file, or -k NAME).
 # A test whose subprocesses hang past its timeout (TimeoutExpired; seen rarely for two-process
 # gloo runs on a loaded machine, cause still open) runs once more; pytest's summary counts it
-# as "rerun", and any other failure fails at once.
+# as "rerun" and shows the first attempt's report, with the Python stacks of every process the
+# launcher had started (tests/clirun.py run_launched), and any other failure fails at once.
 TEST_WORKERS ?= 3
 TEST_ARGS    ?=
-RERUN        := --reruns 1 --only-rerun TimeoutExpired
+RERUN        := --reruns 1 --only-rerun TimeoutExpired --rerun-show-tracebacks
 test: install ## run the test suite (offline, CPU)
 	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal) $(RERUN) $(TEST_ARGS)
 

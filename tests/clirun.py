@@ -109,6 +109,77 @@ def _child(module: str, args: list[str], env: dict[str, str] | None, cwd, out_fd
             os._exit(code)
 
 
+class TimeoutExpiredWithStacks(subprocess.TimeoutExpired):
+    """A launched command still running at its timeout; its message carries the end of its output,
+    with the Python stacks of every process it had started."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}; the end of its output, stacks included:\n{self.output}"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children, their children, ...), from /proc (Linux):
+    launchers start their ranks in sessions of their own, so a process group does not reach them."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        below = [child for child, parent in parents.items() if parent in frontier]
+        found += below
+        frontier = below
+    return found
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    """Send `sig` to each of `pids` that is still alive."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def run_launched(cmd: list[str], *, env: dict[str, str], cwd: Path | str = REPO,
+                 timeout: float = 600) -> subprocess.CompletedProcess:
+    """`cmd` (a launcher and the processes it starts), as `subprocess.run` with captured text
+    output. If it is still running at `timeout`, every process below it gets SIGABRT first, so
+    that each Python process (faulthandler on) prints the stacks of all its threads into the
+    output, then the launcher, then SIGKILL for whatever is left; `TimeoutExpiredWithStacks`
+    reports that output. A rare hang of a multi-process run leaves the evidence of where each
+    process waited (and make test's one rerun still matches it as a TimeoutExpired)."""
+    import resource
+
+    def no_core_files() -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    cmd = [str(c) for c in cmd]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=out, stderr=err,
+                                preexec_fn=no_core_files)
+        try:
+            proc.wait(timeout)
+            hung = False
+        except subprocess.TimeoutExpired:
+            hung = True
+            below = descendants(proc.pid)
+            signal_all(below, signal.SIGABRT)  # faulthandler writes the stacks, then the process aborts
+            time.sleep(3)
+            signal_all([proc.pid], signal.SIGABRT)
+            time.sleep(2)
+            signal_all([proc.pid, *below], signal.SIGKILL)
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = (f.read().decode("utf-8", "replace") for f in (out, err))
+    if hung:
+        raise TimeoutExpiredWithStacks(cmd, timeout, output=(stdout + stderr)[-20000:])
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def config_args(cfg: Any) -> list[str]:
     """The command-line arguments that give exactly the config dataclass `cfg`: every field that
     differs from its default, as its option (`--max-steps 4`; a flag for True; a repeatable option

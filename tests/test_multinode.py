@@ -9,6 +9,7 @@ filesystem or a bucket). The two-node cache equals the one-process cache (confte
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import tempfile
@@ -23,6 +24,7 @@ from shards.manifest import Manifest
 from shards.reader import iter_shard
 from shards.stores import open_store
 from train.loop import DEBUG_REPLICA_DIR
+from clirun import TimeoutExpiredWithStacks, descendants, signal_all
 from ports import free_port
 
 pytestmark = pytest.mark.slow  # several processes each: the longest cases (make test runs them)
@@ -38,8 +40,9 @@ def _two_nodes(target: str, variables: dict[str, str], env: dict[str, str] | Non
         subprocess.Popen(["make", "--no-print-directory", target, "NNODES=2", f"NODE_RANK={rank}",
                           "MASTER_ADDR=127.0.0.1", f"MASTER_PORT={port}",
                           *(f"{k}={v}" for k, v in variables.items())],
-                         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                         stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})},
+                         stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))
         for rank, log in zip((0, 1), logs)
     ]
     # A node that fails leaves the other waiting for it (a rendezvous or a collective that never
@@ -52,6 +55,10 @@ def _two_nodes(target: str, variables: dict[str, str], env: dict[str, str] | Non
         if failed_at is not None and time.monotonic() > failed_at + 30:
             break
         time.sleep(0.5)
+    hung = failed_at is None and time.monotonic() >= deadline  # both still running
+    if hung:  # every Python process below both nodes prints its stacks (faulthandler) before it ends
+        signal_all([pid for p in procs for pid in descendants(p.pid)], signal.SIGABRT)
+        time.sleep(5)
     for p in procs:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
@@ -61,10 +68,10 @@ def _two_nodes(target: str, variables: dict[str, str], env: dict[str, str] | Non
         log.seek(0)
         outputs.append(log.read())
         log.close()
-    report = "\n".join(f"--- node {rank} (exit {p.returncode}):\n{out[-4000:]}"
+    report = "\n".join(f"--- node {rank} (exit {p.returncode}):\n{out[-(12000 if hung else 4000):]}"
                        for rank, (p, out) in enumerate(zip(procs, outputs)))
-    if failed_at is None and time.monotonic() >= deadline:  # both still running: a hang
-        raise subprocess.TimeoutExpired(f"make {target} on two nodes", 600, output=report)
+    if hung:
+        raise TimeoutExpiredWithStacks(f"make {target} on two nodes", 600, output=report)
     assert all(p.returncode == 0 for p in procs), report
 
 

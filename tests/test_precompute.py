@@ -27,7 +27,7 @@ from PIL import Image
 from precompute.config import PrecomputeConfig
 from precompute.errors import ConfigError, PrecomputeError
 from precompute.settings import resolve
-from clirun import run_cli
+from clirun import run_cli, run_launched
 from precompute.encoders import LatentEncoder, PromptEncoder
 from precompute.preprocess import to_model_input
 from precompute.runner import StrictSkipError, run
@@ -637,11 +637,11 @@ def test_two_processes_give_the_same_cache_as_one(tiny_model, crop_data, referen
     env = _env()
     env["ACCELERATE_USE_CPU"] = "true"  # without it, accelerate would start lone processes on a CPU box
     accelerate = Path(sys.executable).with_name("accelerate")
-    result = subprocess.run(
+    result = run_launched(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
          "-m", "precompute", *_args(tiny_model, crop_data, cache)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+        cwd=REPO, env=env, timeout=400,
     )
     assert result.returncode == 0, result.stderr
     assert "on cpu (2 processes)" in result.stderr and "on 2 process(es)" in result.stderr

@@ -21,7 +21,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from clirun import run_cli
+from clirun import run_cli, run_launched
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Coming from train_t2i_adapter_sdxl.py"
@@ -128,8 +128,8 @@ def test_the_guides_command_split_in_two_runs_on_the_tiny_model(tiny_model, fill
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "note: --trust_remote_code has no effect here" in p.stderr
-    t = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *_substitute(train, subs, values)[2:]],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    t = run_launched([sys.executable, "-m", "accelerate.commands.launch", *_substitute(train, subs, values)[2:]],
+                     cwd=tmp_path, env=env, timeout=600)
     assert t.returncode == 0, t.stderr[-3000:]
     out = tmp_path / "out"
     config = json.loads((out / "train_config.json").read_text())

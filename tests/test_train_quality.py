@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from train.checks import CacheMismatchError
 from train.config import TrainConfig
 from train.loop import DEBUG_EXIT_AFTER_CHECKPOINT, train
 from train.plan import held_out_images
-from clirun import config_args, run_cli
+from clirun import config_args, run_cli, run_launched
 from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,14 +200,14 @@ def test_the_validation_loss_is_the_same_for_any_batch_size_and_world_size(tiny_
     one process or two (accelerate launch, gloo), the very same float."""
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    proc = run_launched(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          "--main_process_port", str(free_port()),
          "-m", "train", "--model", str(tiny_model), "--cache", str(fill_cache), "--output-dir", str(out),
          "--max-steps", "2", "--batch-size", "2", "--num-workers", "0", "--learning-rate", "1e-3",
          "--validation-split", "0.25", "--validation-loss-steps", "100", "--log-samples"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     start = {name: _records(run, "validation_loss")[0] for name, run in
