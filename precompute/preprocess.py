@@ -207,14 +207,20 @@ def load_rgb(data: bytes | None, what: str, name: str, max_pixels: int | None = 
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. Transparency is composited on white; high bit depths are rescaled."""
-    if im.mode == "RGB":
+    if im.mode == "RGB" and not im.has_transparency_data:
         return im
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit grayscale (PNG/TIFF open as I;16 or I). PIL's own convert("L") clips at 255,
-        # which turns a 16-bit photo white; scale 0..65535 onto 0..255 with rounding instead.
-        a = np.asarray(im).astype(np.int64)
-        a = np.clip(a, 0, 65535)
-        return _gray_to_rgb(((a * 255 + 32767) // 65535).astype(np.uint8))
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        # 16-bit grayscale (PNG/TIFF open as I;16). PIL's own convert("L") clips at 255, which
+        # turns a 16-bit photo white; scale 0..65535 onto 0..255 with rounding instead.
+        return _gray_to_rgb(_rescale(np.clip(np.asarray(im).astype(np.int64), 0, 65535), 65535))
+    if im.mode == "I":
+        # 32-bit integer grayscale: 16-bit PNGs on some Pillow versions, TIFFs of 8- or 16-bit
+        # data. Values all within 0..255 are read as 8-bit (under the 16-bit reading they would be
+        # black); otherwise as 16-bit, as above, clipped (negative values are black).
+        a = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+        if a.size and a.max() <= 255:
+            return _gray_to_rgb(a.astype(np.uint8))
+        return _gray_to_rgb(_rescale(a, 65535))
     if im.mode == "F":
         # Float images (depth maps, scientific TIFFs) come either in [0, 1] or in 0..255 (PIL's
         # own convention). An image whose values all lie in [0, 1] is read as the former; under the
@@ -234,6 +240,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
         return Image.fromarray(rgb.astype(np.uint8), mode="RGB")
     # L, 1, P, CMYK, YCbCr, LAB, HSV, RGBX: PIL's conversions are the standard ones.
     return im.convert("RGB")
+
+
+def _rescale(a: np.ndarray, full: int) -> np.ndarray:
+    """Integers in 0..full onto 0..255, rounded half up."""
+    return ((a * 255 + full // 2) // full).astype(np.uint8)
 
 
 def _gray_to_rgb(gray: np.ndarray) -> Image.Image:

@@ -232,6 +232,17 @@ def test_alpha_modes_composite_on_white():
     assert np.asarray(to_rgb(la.convert("La")))[0, 0].tolist() == [255] * 3
 
 
+def test_a_transparency_key_in_an_rgb_or_gray_png_composites_on_white():
+    for mode, key, other in (("RGB", (10, 20, 30), (200, 100, 0)), ("L", 40, 90)):
+        im = Image.new(mode, (2, 1))
+        im.putdata([key, other])
+        data = encode(im, transparency=key)
+        assert Image.open(io.BytesIO(data)).info.get("transparency") == key
+        out = np.asarray(load_rgb(data, "image", f"{mode}.png"))
+        assert out[0, 0].tolist() == [255, 255, 255], mode  # the keyed colour is transparent
+        assert out[0, 1].tolist() == (list(other) if mode == "RGB" else [other] * 3)
+
+
 def test_palette_with_transparency_composites_on_white():
     p = Image.new("P", (2, 1))
     p.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
@@ -275,6 +286,9 @@ def test_32_bit_int_and_float_modes():
     i32 = Image.fromarray(np.array([[0, 65535, 70000, -5]], dtype=np.int32), "I")
     out = np.asarray(load_rgb(encode(i32, "TIFF"), "image", "i.tif"))[..., 0]
     assert out.tolist() == [[0, 255, 255, 0]]
+    # 8-bit data in a 32-bit file: read as 8-bit, not as a nearly black 16-bit image
+    i8 = Image.fromarray(np.array([[0, 100, 255, -5]], dtype=np.int32), "I")
+    assert np.asarray(load_rgb(encode(i8, "TIFF"), "image", "i8.tif"))[..., 0].tolist() == [[0, 100, 255, 0]]
     unit = Image.fromarray(np.array([[0.0, 1.0, 0.5, 0.25]], dtype=np.float32), "F")
     out = np.asarray(load_rgb(encode(unit, "TIFF"), "image", "f.tif"))[..., 0]
     assert out.tolist() == [[0, 255, 128, 64]]  # [0, 1] floats

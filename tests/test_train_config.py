@@ -124,16 +124,26 @@ def test_validation_images_that_are_no_images_are_refused_before_any_model_loads
     empty.write_bytes(b"")
     Image.new("RGB", (64, 64), (200, 10, 10)).save(cut)
     cut.write_bytes(cut.read_bytes()[:60])  # the header survives, the data does not
+    # A JPEG cut inside its scan data: PIL's verify() passes it (it checks no JPEG data), only
+    # decoding every pixel, as validation will, finds it.
+    jpeg = tmp_path / "cut.jpg"
+    Image.effect_noise((64, 64), 60).convert("RGB").save(jpeg, quality=90)
+    jpeg.write_bytes(jpeg.read_bytes()[:-400])
+    with Image.open(jpeg) as im:
+        im.verify()
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"image": "text.png", "prompt": "a"}) + "\n")
     with pytest.raises(ConfigError) as err:
-        _cfg(tmp_path, validation_image=(str(empty), str(cut)), validation_prompt=("p",),
+        _cfg(tmp_path, validation_image=(str(empty), str(cut), str(jpeg)), validation_prompt=("p",),
              validation_file=str(pairs)).validate(cuda_available=False)
     problems = err.value.problems
-    assert len(problems) == 3, problems
-    assert problems[0].startswith(f"validation image '{empty}' cannot be read as an image (UnidentifiedImageError")
-    assert problems[1].startswith(f"validation image '{cut}' cannot be read as an image (")
-    assert problems[2].startswith(f"--validation-file {pairs}: image '{text}' cannot be read as an image (")
+    assert len(problems) == 4, problems
+    assert problems[0] == f"validation image '{empty}' cannot be used: file is empty (0 bytes)"
+    assert problems[1] == f"validation image '{cut}' cannot be used: cannot decode: OSError: image file is truncated"
+    assert problems[2].startswith(f"validation image '{jpeg}' cannot be used: cannot decode: OSError: image file is "
+                                  "truncated (")
+    assert problems[3] == (f"--validation-file {pairs}: image '{text}' cannot be used: not a recognised image format "
+                           "(5 bytes)")
 
 
 def test_missing_optional_packages_are_problems(tmp_path, monkeypatch):

@@ -311,6 +311,37 @@ def test_condition_adherence_is_scored_logged_and_in_the_card(canny_run):
     assert _records(out, "validation_loss")[0]["validation_images"] == 2
 
 
+def test_validation_decodes_its_conditioning_images_as_precompute_decodes_the_caches(tmp_path):
+    """What validation shows the adapter is what it was trained on: a 16-bit depth map is a ramp
+    (not white), an EXIF-rotated photo stands upright, transparency lies on white."""
+    from precompute.preprocess import load_rgb
+    from train.validation import ValidationPrompts, Validator
+
+    ramp = np.tile(np.linspace(0, 65535, 96), (128, 1)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "depth16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    Image.fromarray(np.tile(np.linspace(0, 255, 128), (96, 1)).astype(np.uint8)).convert("RGB").save(
+        tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    rgba = Image.new("RGBA", (96, 128), (22, 80, 33, 0))
+    rgba.paste((200, 0, 0, 255), (0, 0, 48, 128))
+    rgba.save(tmp_path / "alpha.png")
+    names = ["depth16.png", "rotated.jpg", "alpha.png"]
+    none = torch.zeros(len(names), 1)
+    prompts = ValidationPrompts([(str(tmp_path / n), "p") for n in names], none, none, none, none)
+    validator = Validator(prompts, output_dir=tmp_path / "run", vae_location=("unused", None), vae_kwargs={},
+                          scheduler_config={}, force_zeros=True, resolution=None, sizes=[(128, 96), (96, 128)],
+                          detector=None, num_images=1, inference_steps=1, guidance_scale=1.0, seed=0)
+    assert validator.sizes == [(128, 96)] * 3  # portrait, each of them
+    for name, shown in zip(names, validator.cond_images):
+        cached = load_rgb((tmp_path / name).read_bytes(), "cond", name)
+        assert np.array_equal(np.asarray(shown), np.asarray(cached)), name
+    depth, rotated, alpha = (np.asarray(im).astype(int) for im in validator.cond_images)
+    assert depth[0, 0, 0] == 0 and depth[0, -1, 0] == 255 and np.all(np.diff(depth[0, :, 0]) >= 0)
+    assert rotated.shape == (128, 96, 3) and abs(rotated[0, 0, 0] - 0) < 8 and abs(rotated[-1, 0, 0] - 255) < 8
+    assert alpha[0, -1].tolist() == [255, 255, 255] and alpha[0, 0].tolist() == [200, 0, 0]
+
+
 def test_grids_are_non_square_and_labelled_with_the_prompt_and_the_step(canny_run, canny_cache):
     from train.validation import label_band, label_font
 

@@ -56,15 +56,14 @@ _f = setting  # a field with its option's help text, --help group, choices and a
 
 
 def _image_problem(path: str | Path) -> str | None:
-    """Why `path` cannot serve as a validation image (None when PIL reads its header and checks
-    its data), found before any model loads rather than when validation first renders."""
-    from PIL import Image
+    """Why `path` cannot serve as a validation image (None when it decodes, fully, as validation
+    will decode it), found before any model loads rather than when validation first renders."""
+    from train.validation import ConditionImageError, load_condition
 
     try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError...
-        return f"cannot be read as an image ({type(e).__name__}: {e})"
+        load_condition(path)
+    except ConditionImageError as e:
+        return f"cannot be used: {e.detail}"
     return None
 
 

@@ -6,7 +6,8 @@ and what to do):
 - `train.config.ConfigError`: settings (every problem at once);
 - `train.checks.StartupError` and its `CacheMismatchError`: the run cannot start;
 - `train.checkpoint.CheckpointError`: a checkpoint that cannot be used;
-- `NonFiniteError`: a loss or gradient went NaN/inf, named with the step and the batch's keys.
+- `NonFiniteError`: a loss or gradient went NaN/inf, named with the step and the batch's keys;
+- `train.validation.ConditionImageError`: a validation conditioning image that cannot be used.
 
 A cache that is missing or damaged raises `shards.errors.ShardError` (the shards room's root).
 Every CLI maps these to one message and exit status 1 (`shards.runtime.run_command`).

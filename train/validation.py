@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from train.errors import TrainError
+
 logger = logging.getLogger(__name__)
 
 VALIDATION_DIR = "validation"
@@ -111,6 +113,30 @@ def validation_size(image_size: tuple[int, int], sizes: list[tuple[int, int]],
         return resolution, resolution
     w, h = image_size
     return nearest_bucket((h, w), list(sizes))
+
+
+class ConditionImageError(TrainError):
+    """A validation conditioning image that cannot be used; `detail` says why, without the path."""
+
+    def __init__(self, path: str | Path, detail: str):
+        super().__init__(f"validation image {str(path)!r}: {detail}")
+        self.detail = detail
+
+
+def load_condition(path: str | Path) -> Image.Image:
+    """A validation conditioning image, decoded as precompute decodes the cache's (every pixel,
+    EXIF orientation applied, 16-bit and float images rescaled, transparency on white, the
+    pixel cap read from the header): the adapter is shown in validation what it learnt from."""
+    from precompute.preprocess import Skip, load_rgb
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConditionImageError(path, f"cannot be read: {e.strerror or e}") from None
+    try:
+        return load_rgb(data, "cond", str(path))
+    except Skip as e:
+        raise ConditionImageError(path, e.detail.removeprefix(f"{path}: ")) from None
 
 
 def fit_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -254,10 +280,10 @@ class Validator:
         self.cond_images = []
         self.sizes = []
         for path, _ in prompts.pairs:
-            with Image.open(path) as image:
-                size = validation_size(image.size, list(sizes or []), resolution)
-                self.sizes.append(size)
-                self.cond_images.append(fit_to(image, size))
+            image = load_condition(path)
+            size = validation_size(image.size, list(sizes or []), resolution)
+            self.sizes.append(size)
+            self.cond_images.append(fit_to(image, size))
 
     def _scheduler(self):
         import diffusers
