@@ -72,7 +72,9 @@ class _Response:
         self.headers = resp.headers
 
     def read(self, n: int = -1) -> bytes:
-        return self.resp.read(n) if n is not None and n >= 0 else self.resp.read()
+        # read1: what one network read brings (at most n bytes), so that each call returns within
+        # a read timeout and the reader can tell a trickling server from a slow consumer.
+        return self.resp.read1(n) if n is not None and n >= 0 else self.resp.read()
 
     def close(self) -> None:
         try:

@@ -23,7 +23,12 @@ Bound on time: a failure streak starts at the first failed attempt; no new attem
 `budget_s` seconds have passed since then, or after `attempts` retries. The last attempt can take
 up to one connect plus one read timeout, and noticing a stall takes one read timeout, so the error
 arrives at most `budget_s + connect_timeout_s + 2 * read_timeout_s` after the stream stalled.
-Progress (bytes received) ends a streak: a long stream survives any number of separate blips.
+A stall is silence for `read_timeout_s`, or a body that delivers less than `min_rate` bytes a
+second over `read_timeout_s` of reading (a server trickling a byte at a time never hits a read
+timeout; measured only while the reader waits on the network, so a consumer that pauses between
+reads is never taken for a slow server). Real progress ends a streak: `PROGRESS_BYTES` received
+since the last failure (or the rest of the object), so a long stream survives any number of
+separate blips, while a server that cuts every response after a few bytes runs out of attempts.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from dataclasses import dataclass, fields
 from typing import BinaryIO, Callable, Mapping, TypeVar
 
 from .errors import StoreError
+from .units import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +57,13 @@ ENV = {
     "SHARDS_RETRY_SECONDS": "budget_s",
     "SHARDS_CONNECT_TIMEOUT": "connect_timeout_s",
     "SHARDS_READ_TIMEOUT": "read_timeout_s",
+    "SHARDS_MIN_RATE": "min_rate",
 }
+
+# Bytes an attempt must deliver after a failure before the failure streak is forgiven.
+PROGRESS_BYTES = 1 << 20
+# Most bytes asked of the network in one call: each call returns within a read timeout.
+_CHUNK = 1 << 20
 
 
 _NETWORK_ERRNOS = {
@@ -74,6 +86,7 @@ class RetryPolicy:
     max_backoff_s: float = 10.0
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0  # longest silence while waiting for response bytes
+    min_rate: float = 1024.0  # bytes/s a body must sustain over read_timeout_s of reading (0: any)
 
     def __post_init__(self) -> None:
         problems = []
@@ -101,7 +114,8 @@ class RetryPolicy:
             if raw is None or raw.strip() == "":
                 continue
             try:
-                values[name] = int(raw) if name == "attempts" else float(raw)
+                values[name] = int(raw) if name == "attempts" else float(parse_size(raw, var)) if name == "min_rate" \
+                    else float(raw)
             except ValueError:
                 problems.append(f"{var}={raw!r} is not a {'whole ' if name == 'attempts' else ''}number")
         if problems:
@@ -200,7 +214,8 @@ class ResumableReader(io.RawIOBase):
 
     `open_at(offset)` must return a fresh body positioned at byte `offset` of the *same* object
     version as the first open (the backends send Range + If-Match) and raise for failures as
-    `classify` expects. `size` is the object's full length, known from the first response.
+    `classify` expects. `size` is the object's full length, known from the first response;
+    `first_body` that response's body (None: the first read opens the object at byte 0).
     """
 
     def __init__(
@@ -209,7 +224,7 @@ class ResumableReader(io.RawIOBase):
         what: str,
         open_at: Callable[[int], BinaryIO],
         size: int,
-        first_body: BinaryIO,
+        first_body: BinaryIO | None,
         policy: RetryPolicy,
         classify: Callable[[BaseException], None],
         hint: str = "",
@@ -225,31 +240,45 @@ class ResumableReader(io.RawIOBase):
         self._classify = classify
         self._hint = hint
         self._streak = _Streak(policy)
+        self._since_failure = 0  # bytes received since the last failure
+        self._window_s, self._window_bytes = 0.0, 0  # time spent reading, and bytes, this rate window
 
     def readable(self) -> bool:
         return True
 
     def read(self, n: int = -1) -> bytes:
+        """`n` bytes (fewer only at the end of the object); all of the rest for n < 0."""
         if self.closed:
             raise ValueError(f"{self.what}: read from a closed stream")
         if n is None or n < 0:
-            parts = []
-            while chunk := self.read(1 << 20):
-                parts.append(chunk)
-            return b"".join(parts)
-        if n == 0 or self.offset >= self.size:
-            return b""
+            n = self.size - self.offset
         n = min(n, self.size - self.offset)
+        if n <= 0:
+            return b""
+        parts, got = [], 0
+        while got < n:
+            chunk = self._read_chunk(min(n - got, _CHUNK))
+            parts.append(chunk)
+            got += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_chunk(self, n: int) -> bytes:
+        """Some bytes (1..n) at the current offset, reopening the object after failures."""
         while True:
             try:
                 if self._body is None:
                     self._body = self._open_at(self.offset)
                     self.reopens += 1
+                    self._window_s, self._window_bytes = 0.0, 0
+                started = time.monotonic()
                 data = self._body.read(n)
+                self._window_s += time.monotonic() - started
                 if not data:
                     # The server ended the body early without an error (a proxy or a crashing
                     # server can do that): as bad as a reset, and resumable the same way.
                     raise ConnectionError(f"the response ended at byte {self.offset} of {self.size}")
+                self._window_bytes += len(data)
+                self._check_rate()
             except Permanent as e:
                 self._drop_body()
                 raise StoreError(f"{self.what}: {e} (at byte {self.offset} of {self.size}){self._hint}") from None
@@ -260,6 +289,7 @@ class ResumableReader(io.RawIOBase):
                 except Permanent as p:
                     raise StoreError(f"{self.what}: {p} (at byte {self.offset} of {self.size}){self._hint}") from None
                 pause = self._streak.fail(f"{self.what} at byte {self.offset}", e)
+                self._since_failure = 0
                 if pause is None:
                     raise StoreError(
                         f"{self.what}: reading failed at byte {self.offset} of {self.size}: {self._streak.summary()}"
@@ -267,9 +297,23 @@ class ResumableReader(io.RawIOBase):
                     ) from None
                 time.sleep(pause)
                 continue
-            self._streak.reset()
             self.offset += len(data)
+            self._since_failure += len(data)
+            if self._since_failure >= PROGRESS_BYTES or self.offset >= self.size:
+                self._streak.reset()
             return data
+
+    def _check_rate(self) -> None:
+        """After each read: over every `read_timeout_s` spent reading, at least `min_rate` bytes a
+        second must have arrived, else the body counts as stalled (TimeoutError, retried)."""
+        p = self._policy
+        if self._window_s < p.read_timeout_s:
+            return
+        rate = self._window_bytes / self._window_s
+        if rate < p.min_rate:
+            raise TimeoutError(f"the server sends too slowly ({self._window_bytes} bytes in {self._window_s:.1f}s of "
+                               f"reading, under SHARDS_MIN_RATE {p.min_rate:.0f} bytes/s)")
+        self._window_s, self._window_bytes = 0.0, 0
 
     def readinto(self, b) -> int:
         data = self.read(len(b))

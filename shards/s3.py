@@ -158,6 +158,23 @@ def classify(e: BaseException) -> None:
     raise e
 
 
+class _Body:
+    """A GET body read a piece at a time: each read returns what one network read brings (at most
+    n bytes), within a read timeout, so the reader can tell a trickling server from a slow
+    consumer (botocore's own read(n) waits for all n bytes). The length is checked by the reader."""
+
+    def __init__(self, streaming: Any):
+        self._streaming = streaming
+        raw = getattr(streaming, "_raw_stream", None)
+        self._read = raw.read1 if callable(getattr(raw, "read1", None)) else streaming.read
+
+    def read(self, n: int = -1) -> bytes:
+        return self._read(n)
+
+    def close(self) -> None:
+        self._streaming.close()
+
+
 class S3Store(Store):
     """An `s3://bucket/prefix` cache (see the module docstring)."""
 
@@ -297,7 +314,20 @@ class S3Store(Store):
             first = self._call(what, self.client.get_object, Bucket=self.bucket, Key=key)
         except FileNotFoundError:
             raise self._not_found(rel) from None
-        size, etag = int(first["ContentLength"]), first.get("ETag")
+        etag = first.get("ETag")
+        if first.get("ContentLength") is None:
+            # Sent chunked, without a length: the end of a cut transfer could not be told from the
+            # end of the object. The object's HEAD gives the length, of the same version (ETag).
+            first["Body"].close()
+            head = self._head(rel)
+            if head.get("ContentLength") is None or (etag and head.get("ETag") and head["ETag"] != etag):
+                raise StoreError(f"{what}: the server sent no Content-Length, and its HEAD "
+                                 f"{'none either' if head.get('ContentLength') is None else 'is of another version'}"
+                                 f"; a cut-off transfer could not be told from the end of the object{self._hint()}")
+            first = {**first, "Body": None}
+            size = int(head["ContentLength"])
+        else:
+            size = int(first["ContentLength"])
 
         def open_at(offset: int) -> BinaryIO:
             kwargs = {"IfMatch": etag} if etag else {}
@@ -306,9 +336,10 @@ class S3Store(Store):
             if not got.startswith(f"bytes {offset}-"):
                 r["Body"].close()
                 raise Permanent(f"asked for bytes {offset}- and got {got or 'the whole object'}")
-            return r["Body"]
+            return _Body(r["Body"])
 
-        return ResumableReader(what=what, open_at=open_at, size=size, first_body=first["Body"],
+        return ResumableReader(what=what, open_at=open_at, size=size,
+                               first_body=_Body(first["Body"]) if first["Body"] is not None else None,
                                policy=self.policy, classify=classify, hint=self._hint())
 
     def read_bytes(self, rel: str) -> bytes:

@@ -40,7 +40,7 @@ from shards.http import HttpStore
 from shards.localcache import CachingStore
 from shards.manifest import Manifest, ManifestError
 from shards.reader import iter_shard_members
-from shards.remote import ResumableReader, RetryPolicy
+from shards.remote import PROGRESS_BYTES, ResumableReader, RetryPolicy
 from shards.s3 import S3Store, parse_s3_url
 from shards.store import TEMP_PREFIX, LocalStore
 from shards.stores import open_store
@@ -136,19 +136,19 @@ def test_urls_and_settings_are_validated_with_every_problem_listed(monkeypatch):
     assert "--local-cache-max needs --local-cache" in str(e.value) and "'lots' is not a size" in str(e.value)
 
 
-def test_resumable_reader_resumes_at_the_offset_and_gives_up_in_time():
-    """The mechanism alone: a body that breaks every 1000 bytes is reopened at the byte reached."""
-    data = os.urandom(10_000)
-    opens: list[int] = []
+def _flaky_body(data: bytes, every: int, *, delay: float = 0.0, piece: int = 1 << 16):
+    """A body class over `data` that breaks after `every` bytes per connection, giving at most
+    `piece` bytes a read, each after `delay` seconds."""
 
     class Flaky:
         def __init__(self, offset):
-            self.pos, self.left = offset, 1000
+            self.pos, self.left = offset, every
 
         def read(self, n):
             if self.left == 0:
                 raise ConnectionResetError("reset by peer")
-            n = min(n, self.left, len(data) - self.pos)
+            time.sleep(delay)
+            n = min(n, self.left, len(data) - self.pos, piece)
             self.left -= n
             self.pos += n
             return data[self.pos - n : self.pos]
@@ -156,27 +156,75 @@ def test_resumable_reader_resumes_at_the_offset_and_gives_up_in_time():
         def close(self):
             pass
 
+    return Flaky
+
+
+def _classify(e):
+    if not isinstance(e, (ConnectionError, TimeoutError)):
+        raise e
+
+
+def test_resumable_reader_resumes_at_the_offset_and_gives_up_in_time():
+    """The mechanism alone: a body that breaks every 1.5 MiB is reopened at the byte reached, any
+    number of times, since real progress (PROGRESS_BYTES) comes between the breaks."""
+    every = PROGRESS_BYTES * 3 // 2
+    data = os.urandom(8 * every)
+    Flaky = _flaky_body(data, every)
+    opens: list[int] = []
+
     def open_at(offset):
         opens.append(offset)
         return Flaky(offset)
 
-    def classify(e):
-        if not isinstance(e, ConnectionError):
-            raise e
-
     policy = RetryPolicy(attempts=3, budget_s=5, backoff_s=0.001, connect_timeout_s=1, read_timeout_s=1)
-    r = ResumableReader(what="x", open_at=open_at, size=len(data), first_body=Flaky(0), policy=policy, classify=classify)
-    got = b"".join(iter(lambda: r.read(777), b""))
-    assert got == data and opens == list(range(1000, 10_000, 1000)) and r.reopens == 9
+    r = ResumableReader(what="x", open_at=open_at, size=len(data), first_body=Flaky(0), policy=policy,
+                        classify=_classify)
+    got = b"".join(iter(lambda: r.read(77_777), b""))
+    assert got == data and opens == list(range(every, len(data), every)) and r.reopens == 7
 
     def dead(offset):
         raise ConnectionRefusedError("refused")
 
     r = ResumableReader(what="s3://b/shards/x.tar", open_at=dead, size=len(data), first_body=Flaky(0),
-                        policy=policy, classify=classify)
+                        policy=policy, classify=_classify)
     assert r.read(1000) == data[:1000]
-    with pytest.raises(ShardError, match=r"^s3://b/shards/x.tar: reading failed at byte 1000 of 10000: gave up after 4 attempts"):
-        r.read(10)
+    with pytest.raises(ShardError, match=rf"^s3://b/shards/x.tar: reading failed at byte {every} of {len(data)}: gave "
+                                         "up after 4 attempts"):
+        r.read(every)  # the first connection's bytes, then the object cannot be reopened
+
+
+def test_a_server_that_cuts_every_response_short_or_trickles_is_an_error_not_a_hang():
+    """Bytes arriving is not always progress: a server that cuts every response after 1000 bytes
+    runs out of attempts, and one that sends 100 bytes a second (each read within the read
+    timeout) is a stall once a read timeout's worth of reading brought less than min_rate."""
+    data = os.urandom(200_000)
+    policy = RetryPolicy(attempts=3, budget_s=30, backoff_s=0.001, connect_timeout_s=1, read_timeout_s=0.5,
+                         min_rate=1000)
+    Cut = _flaky_body(data, 1000)
+    r = ResumableReader(what="s3://b/shards/cut.tar", open_at=Cut, size=len(data), first_body=Cut(0), policy=policy,
+                        classify=_classify)
+    with pytest.raises(ShardError, match=r"^s3://b/shards/cut.tar: reading failed at byte 4000 of 200000: gave up "
+                                         r"after 4 attempts .*reset by peer"):
+        r.read(len(data))
+
+    Trickle = _flaky_body(data, len(data), delay=0.1, piece=10)  # 100 bytes a second
+    r = ResumableReader(what="https://h/shards/slow.tar", open_at=Trickle, size=len(data), first_body=Trickle(0),
+                        policy=policy, classify=_classify)
+    with pytest.raises(ShardError, match=r"^https://h/shards/slow.tar: reading failed at byte \d+ of 200000: gave up "
+                                         r"after 4 attempts .*the server sends too slowly \(\d+ bytes in 0\.\ds of "
+                                         r"reading, under SHARDS_MIN_RATE 1000 bytes/s\)"):
+        r.read(len(data))
+    assert r.offset < 4 * 100  # four attempts, each ended after one read timeout (about 50 bytes)
+
+    # A slow consumer is no slow server: pauses between reads are not counted.
+    Fast = _flaky_body(data, len(data))
+    r = ResumableReader(what="x", open_at=Fast, size=len(data), first_body=Fast(0), policy=policy,
+                        classify=_classify)
+    pieces = []
+    for _ in range(4):
+        pieces.append(r.read(1000))
+        time.sleep(0.3)  # 1.2 s in all between reads: over two read timeouts, at 3 KB/s overall
+    assert b"".join(pieces) + r.read() == data and r.reopens == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,8 +292,8 @@ def _cut(reader: ResumableReader) -> None:
     ~23 MB still to come) is lost for certain and the reader must reopen at the byte it reached.
     """
     body = reader._body
-    if hasattr(body, "_raw_stream"):  # botocore StreamingBody over a urllib3 response
-        body._raw_stream._sock_shutdown(socket.SHUT_RDWR)
+    if hasattr(body, "_streaming"):  # shards.s3's body: botocore StreamingBody over a urllib3 response
+        body._streaming._raw_stream._sock_shutdown(socket.SHUT_RDWR)
     else:  # shards.http's response
         body.conn.sock.shutdown(socket.SHUT_RDWR)
 
