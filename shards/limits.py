@@ -10,7 +10,7 @@ each can be raised with an environment variable (a size like `512MiB`, see `shar
 |---|---|---|
 | SHARDS_MAX_MANIFEST_BYTES | 512MiB | manifest.json |
 | SHARDS_MAX_RECORD_BYTES | 64MiB | records/shard-*.json, identity.json |
-| SHARDS_MAX_TENSOR_MEMBER_BYTES | 256MiB | a sample's .safetensors member |
+| SHARDS_MAX_TENSOR_MEMBER_BYTES | 256MiB | a sample's .safetensors member; empty_prompt.safetensors |
 | SHARDS_MAX_PNG_MEMBER_BYTES | 64MiB | a sample's .cond.png member (its pixel size is checked from the header) |
 | SHARDS_MAX_JSON_MEMBER_BYTES | 1MiB | a sample's .json member |
 | SHARDS_MAX_JSON_DEPTH | 64 | nesting of any JSON document the tool reads |

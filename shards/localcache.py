@@ -227,6 +227,9 @@ class CachingStore(Store):
     def read_bytes(self, rel: str) -> bytes:
         return self.remote.read_bytes(rel)
 
+    def read_capped(self, rel: str, variable: str) -> bytes:
+        return self.remote.read_capped(rel, variable)
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         self.remote.write_bytes(rel, data)
 

@@ -185,7 +185,11 @@ class ShardRecord:
 def read_record(store: "Store", index: int) -> ShardRecord:
     """The per-shard record of shard `index`; FileNotFoundError if absent, ManifestError if bad."""
     rel = schema.record_name(index)
-    rec = ShardRecord.from_json(store.read_bytes(rel), where=store.display(rel))
+    try:
+        data = store.read_capped(rel, "SHARDS_MAX_RECORD_BYTES")
+    except limits.LimitError as e:
+        raise ManifestError(str(e)) from None
+    rec = ShardRecord.from_json(data, where=store.display(rel))
     if rec.index != index:
         raise ManifestError(f"{store.display(rel)}: says index {rec.index}, expected {index}")
     return rec
@@ -407,9 +411,11 @@ class Manifest:
             store = open_store(store)
         where = store.display(schema.MANIFEST_FILE)
         try:
-            # The size first: a hostile or damaged manifest must not be read into memory whole.
+            # Its size first (a missing manifest, or bucket, is a FileNotFoundError here), then
+            # capped as it is read: a hostile or damaged manifest is never read into memory whole,
+            # whatever length the read's response declares.
             limits.check_size(store.size(schema.MANIFEST_FILE), "SHARDS_MAX_MANIFEST_BYTES", where)
-            data = store.read_bytes(schema.MANIFEST_FILE)
+            data = store.read_capped(schema.MANIFEST_FILE, "SHARDS_MAX_MANIFEST_BYTES")
             d = limits.loads(data, where, "SHARDS_MAX_MANIFEST_BYTES")
         except FileNotFoundError:
             why = store.why_missing()
@@ -468,9 +474,11 @@ def read_identity(store: "Store") -> dict | None:
     """The cache's identity.json, or None if there is none yet."""
     where = store.display(schema.IDENTITY_FILE)
     try:
-        data = store.read_bytes(schema.IDENTITY_FILE)
+        data = store.read_capped(schema.IDENTITY_FILE, "SHARDS_MAX_RECORD_BYTES")
     except FileNotFoundError:
         return None
+    except limits.LimitError as e:
+        raise ManifestError(str(e)) from None
     try:
         d = limits.loads(data, where, "SHARDS_MAX_RECORD_BYTES")
     except limits.LimitError as e:

@@ -284,7 +284,7 @@ def load_empty_prompt(store: Store) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds (1, L, D), pooled_prompt_embeds (1, P)) in the storage dtype."""
     name = schema.EMPTY_PROMPT_FILE
     try:
-        data = store.read_bytes(name)
+        data = store.read_capped(name, "SHARDS_MAX_TENSOR_MEMBER_BYTES")
     except FileNotFoundError:
         raise ShardError(f"{name}: missing from {store.url}: run precompute first, or it did not finish") from None
     try:

@@ -40,12 +40,13 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import PublishConflictError
+from .errors import PublishConflictError, ShardError
 
 # Prefix of every temporary file a LocalStore (or a writer staging beside it) creates. Hidden, so
 # globbing `shards/*.tar` never picks one up; `list()` skips them unless asked.
@@ -100,6 +101,33 @@ class Store(ABC):
     @abstractmethod
     def read_bytes(self, rel: str) -> bytes:
         """Whole file; FileNotFoundError if missing."""
+
+    def read_capped(self, rel: str, variable: str) -> bytes:
+        """Whole file, or LimitError (naming it, the cap and `variable`, see `shards.limits`) when
+        it is larger than the cap: a remote object's declared length is checked before its body
+        is read, and never more than cap + 1 bytes are read, whatever a server or a file holds.
+        FileNotFoundError if missing."""
+        from . import limits
+
+        limit = limits.cap(variable)
+        where = self.display(rel)
+        with self.open_read(rel) as f:
+            declared = getattr(f, "size", None)  # a remote reader knows it from the response
+            if declared is None:
+                try:
+                    declared = os.fstat(f.fileno()).st_size  # a local file
+                except (OSError, ValueError):  # no file descriptor (io.UnsupportedOperation is an OSError)
+                    pass
+            if isinstance(declared, int):
+                limits.check_size(declared, variable, where)
+            parts, got = [], 0
+            while chunk := f.read(min(1 << 20, limit + 1 - got)):
+                parts.append(chunk)
+                got += len(chunk)
+                if got > limit:
+                    raise limits.LimitError(f"{where} is over the {limit}-byte limit ({variable}): damaged or "
+                                            f"hostile; raise {variable} if it is genuine")
+        return b"".join(parts)
 
     @abstractmethod
     def write_bytes(self, rel: str, data: bytes) -> None:
@@ -292,7 +320,8 @@ class LocalStore(Store):
         return self.path(rel).is_file()
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.path(rel).read_bytes()
+        with self.open_read(rel) as f:
+            return f.read()
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         dest = self.path(rel)
@@ -375,7 +404,20 @@ class LocalStore(Store):
         ))
 
     def open_read(self, rel: str) -> BinaryIO:
-        return open(self.path(rel), "rb")
+        # Opened without blocking and checked: a FIFO or device planted in a shared cache folder
+        # is refused, never waited on or read without end.
+        try:
+            fd = os.open(self.path(rel), os.O_RDONLY | os.O_NONBLOCK)
+        except NotADirectoryError:  # a file where a folder of the path should be: no such file
+            raise FileNotFoundError(f"{self.display(rel)} does not exist") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ShardError(f"{self.display(rel)}: not a regular file (a cache holds only files)")
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def size(self, rel: str) -> int:
         path = self.path(rel)

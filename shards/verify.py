@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import schema
+from . import limits, schema
 from .errors import ShardError
 from .manifest import Manifest, ManifestError, ShardRecord, identity_diff, read_identity
 from .reader import iter_shard, load_empty_prompt
@@ -184,9 +184,11 @@ def _check_files(store: Store, manifest: Manifest) -> None:
 def _check_record_file(store: Store, record: ShardRecord) -> None:
     rel = schema.record_name(record.index)
     try:
-        data = store.read_bytes(rel)
+        data = store.read_capped(rel, "SHARDS_MAX_RECORD_BYTES")
     except FileNotFoundError:
         return  # records are resume markers; train needs only the manifest
+    except limits.LimitError as e:
+        raise VerifyError(str(e)) from None
     try:
         on_disk = ShardRecord.from_json(data, where=rel)
     except ManifestError as e:

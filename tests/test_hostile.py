@@ -263,6 +263,75 @@ def test_an_oversized_manifest_is_refused_before_it_is_read(tmp_path, monkeypatc
         Manifest.load(open_store(tmp_path))
 
 
+class _Endless(io.RawIOBase):
+    """A body that never ends (a hostile server's, or a file that keeps growing); counts what it gives."""
+
+    def __init__(self, size: int | None = None):
+        self.given, self.size = 0, size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        b[:] = b"{" * len(b)
+        self.given += len(b)
+        return len(b)
+
+
+def test_capped_files_are_refused_as_they_are_read_never_read_whole(tmp_path, monkeypatch):
+    """Records, identity, empty prompt and manifest are read with their cap: a file's or a
+    response's declared length over it is refused before a byte is read; a body longer than it
+    declared (or declaring nothing) stops being read one byte past the cap."""
+    from shards.limits import LimitError
+    from shards.manifest import read_identity, read_record
+    from shards.reader import load_empty_prompt
+    from shards.store import LocalStore
+
+    manifest = _cache(tmp_path)
+    record = tmp_path / schema.record_name(0)
+    with record.open("r+b") as f:
+        f.truncate(2 << 30)  # 2 GiB, sparse: costs no disk
+    with pytest.raises(VerifyError, match=rf"records/shard-000000.json is {2 << 30} bytes, over the 67108864-byte "
+                                          r"limit \(SHARDS_MAX_RECORD_BYTES\)"):
+        verify_cache(open_store(tmp_path), manifest)
+    with pytest.raises(ManifestError, match=r"over the 67108864-byte limit"):
+        read_record(open_store(tmp_path), 0)
+
+    bodies: list[_Endless] = []
+
+    class Hostile(LocalStore):  # every file a body without end; `declared` its claimed length
+        declared: int | None = None
+
+        def open_read(self, rel):
+            bodies.append(_Endless(self.declared))
+            return bodies[-1]
+
+    store = Hostile(tmp_path)
+    monkeypatch.setenv("SHARDS_MAX_RECORD_BYTES", "3MiB")
+    with pytest.raises(ManifestError, match=r"identity.json is over the 3145728-byte limit"):
+        read_identity(store)
+    assert bodies[-1].given <= (3 << 20) + (1 << 20)  # the cap and at most one chunk more
+    with pytest.raises(LimitError, match=r"empty_prompt.safetensors is over the 268435456-byte limit "
+                                         r"\(SHARDS_MAX_TENSOR_MEMBER_BYTES\)"):
+        load_empty_prompt(store)
+    assert bodies[-1].given <= (257 << 20)
+    store.declared = 1 << 40  # a terabyte, says the response: refused before its body is read
+    with pytest.raises(ManifestError, match=rf"manifest.json is {1 << 40} bytes, over the"):
+        Manifest.load(store)
+    assert bodies[-1].given == 0
+
+
+def test_a_fifo_planted_in_a_cache_is_refused_not_waited_on(tmp_path):
+    _cache(tmp_path)
+    record = tmp_path / schema.record_name(1)
+    record.unlink()
+    os.mkfifo(record)
+    result = run_cli("shards", ["verify", str(tmp_path)], timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert f"{record}: not a regular file (a cache holds only files)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_train_on_a_cache_with_a_nan_sample_stops_with_a_message_and_saves_nothing(tiny_model, fill_cache, tmp_path):
     """The whole CLI: before, this trained 'successfully' into an all-NaN adapter."""
     import shutil

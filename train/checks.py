@@ -60,7 +60,7 @@ class CacheMismatchError(StartupError):
 
 def manifest_id(store: Store) -> str:
     """sha256 of manifest.json's bytes: names exactly which cache (and which shards) a run used."""
-    return hashlib.sha256(store.read_bytes(schema.MANIFEST_FILE)).hexdigest()
+    return hashlib.sha256(store.read_capped(schema.MANIFEST_FILE, "SHARDS_MAX_MANIFEST_BYTES")).hexdigest()
 
 
 def model_root(model: str) -> str:
