@@ -180,28 +180,32 @@ def verify_cmd(url: str) -> None:
 
 
 def _orphans(store: Store) -> list[str]:
-    """Shards without a valid record (what a writer killed between publishing a shard and writing
-    its record leaves), never one the manifest lists."""
-    from .writer import completed_record
-
-    try:
-        listed = {r.name for r in Manifest.load(store).shards}
-    except ManifestError:
-        listed = set()
+    """Shards with no record at all (what a writer killed between publishing a shard and writing
+    its record leaves), never one the manifest lists. It fails closed: a manifest that exists but
+    cannot be read refuses the whole deletion, and a shard whose record exists is kept however that
+    record reads (a damaged record, or a store answering garbage, must never cost a complete
+    shard; precompute's re-run judges and rebuilds such a shard)."""
+    listed: set[str] = set()
+    if store.exists(schema.MANIFEST_FILE):
+        try:
+            listed = {r.name for r in Manifest.load(store).shards}
+        except ManifestError as e:
+            raise ManifestError(f"{e}\n  gc --orphans deleted nothing: which shards are orphans is judged against "
+                                "the manifest, so it must be readable (restore it, or remove it knowingly)") from None
     out = []
     for rel in store.list(schema.SHARD_DIR):
         digits = rel.rsplit("/", 1)[-1].removeprefix("shard-").removesuffix(".tar")
         index = int(digits) if digits.isdigit() else None
         if index is None or schema.shard_name(index) != rel or rel in listed:  # not ours to judge
             continue
-        if completed_record(store, index) is None:
+        if not store.exists(schema.record_name(index)):
             out.append(rel)
     return out
 
 
 @cli.command("gc")
 @click.argument("url")
-@click.option("--orphans", is_flag=True, help="Also delete shards that have no valid record and are not in the manifest.")
+@click.option("--orphans", is_flag=True, help="Also delete shards that have no record and are not in the manifest.")
 @click.option("--tmp-dir", metavar="DIR", default=None,
               help="The --tmp-dir the killed precompute used: also empty this cache's staging folder in it "
                    "(default: the staging folder in the system temp folder, for s3:// caches).")

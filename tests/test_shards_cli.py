@@ -316,3 +316,29 @@ def test_gc_of_an_http_cache_is_refused_not_reported_clean(built):
             assert "is read-only and has no leftovers of writers to remove; gc works on the local folder or s3:// " \
                    "URL the cache was written to" in res.output
             assert "tok-5531" not in res.output and "removed" not in res.output
+
+
+def test_gc_orphans_fails_closed_on_an_unreadable_manifest_or_record(cache):
+    """An orphan is a shard with no record, not in the manifest; what cannot be read is never
+    taken for absent, so a damaged manifest or record (or a store answering garbage) costs no
+    complete shard."""
+    cache, _ = cache
+    shards = sorted((cache / schema.SHARD_DIR).iterdir())
+    extra = cache / schema.shard_name(len(shards))
+    shutil.copyfile(shards[0], extra)  # published, then the writer was killed before its record
+    (cache / schema.MANIFEST_FILE).write_text("<html>503 Service Unavailable</html>")
+    result = run("gc", "--orphans", str(cache))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "manifest.json is not valid JSON" in result.output
+    assert "gc --orphans deleted nothing: which shards are orphans is judged against the manifest" in result.output
+    assert sorted((cache / schema.SHARD_DIR).iterdir()) == sorted([*shards, extra])
+
+    # No manifest yet (an unfinished cache): a shard whose record is damaged is kept, the one
+    # with no record goes.
+    (cache / schema.MANIFEST_FILE).unlink()
+    (cache / schema.record_name(0)).write_text("<html>garbage</html>")
+    result = run("gc", "--orphans", str(cache))
+    assert result.exit_code == 0, result.output
+    assert f"removed orphan shard: {schema.shard_name(len(shards))}" in result.output
+    assert "1 orphan shard(s)" in result.output
+    assert sorted((cache / schema.SHARD_DIR).iterdir()) == shards
