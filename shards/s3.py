@@ -5,7 +5,8 @@ standard variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
 AWS_DEFAULT_REGION, AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3) and ~/.aws/config profiles. Our own
 knobs, all optional: the `SHARDS_*` retry and timeout variables (`shards.remote.RetryPolicy`),
 SHARDS_S3_MULTIPART_THRESHOLD and SHARDS_S3_PART_SIZE (sizes such as 64MiB, read by
-`shards.units.parse_size`), SHARDS_S3_CONDITIONAL_WRITES=0 for servers that reject If-None-Match.
+`shards.units.parse_size`; a part is 5MiB to 5GiB), SHARDS_S3_CONDITIONAL_WRITES=0 for servers
+that reject If-None-Match.
 
 How each Store promise is kept on S3:
 
@@ -17,7 +18,10 @@ How each Store promise is kept on S3:
 - `put_file` publishes atomically: a single PUT for small files, else a multipart upload, which
   S3 makes visible only when it completes. Nothing ever appears under a shard's name half
   written. Before uploading, unfinished multipart uploads of the same key (left by a killed
-  writer) are aborted; `python -m shards gc URL` aborts all of them under the prefix.
+  writer) are aborted; `python -m shards gc URL` aborts all of the cache's own (its shards':
+  other keys under the prefix, or anywhere in the bucket of a cache at its root, are others').
+  A server that cannot list them (no ListMultipartUploads, or no permission for it) is warned
+  about once and written to all the same.
 - Two writers never overwrite each other's shard: `put_file` is a conditional create
   (If-None-Match: *). If the object exists with the same sha256 (stored as object metadata), the
   publish is a no-op success, which is what a resumed, byte-reproducible precompute needs; with
@@ -31,15 +35,18 @@ How each Store promise is kept on S3:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
+from . import schema
 from .errors import PublishConflictError, StoreError
 from .remote import (
     Permanent,
@@ -56,6 +63,11 @@ from .units import parse_size
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+MIN_PART_SIZE = 5 * MiB  # S3's smallest part but the last (EntityTooSmall below it)
+MAX_PART_SIZE = 5 * 1024 * MiB
+# How often a HEAD right after a successful upload may miss the new object (a server whose reads
+# lag its writes) before that is an error.
+_READ_AFTER_WRITE_TRIES = 6
 DEFAULT_MULTIPART_THRESHOLD = 64 * MiB  # single PUT up to this size (S3 allows 5 GiB)
 DEFAULT_PART_SIZE = 32 * MiB  # S3: >= 5 MiB except the last part, <= 10000 parts
 DEFAULT_CONCURRENCY = 4  # parts in flight per upload
@@ -158,6 +170,15 @@ def classify(e: BaseException) -> None:
     raise e
 
 
+class _CannotListUploads(Exception):
+    """The server refuses to list multipart uploads (not implemented, or not permitted)."""
+
+
+def _is_shard(rel: str) -> bool:
+    """A cache-relative key of one of the cache's shards (the only files it uploads in parts)."""
+    return re.fullmatch(rf"{schema.SHARD_DIR}/shard-\d{{6,}}\.tar", rel) is not None
+
+
 class _Body:
     """A GET body read a piece at a time: each read returns what one network read brings (at most
     n bytes), within a read timeout, so the reader can tell a trickling server from a slow
@@ -205,8 +226,9 @@ class S3Store(Store):
         try:
             self.part_size = part_size if part_size is not None else parse_size(
                 env.get("SHARDS_S3_PART_SIZE", str(DEFAULT_PART_SIZE)), "SHARDS_S3_PART_SIZE")
-            if self.part_size < 1:
-                problems.append(f"part size must be >= 1 byte, got {self.part_size}")
+            if not MIN_PART_SIZE <= self.part_size <= MAX_PART_SIZE:
+                problems.append(f"SHARDS_S3_PART_SIZE must be between 5MiB and 5GiB (S3's limits on a part), got "
+                                f"{self.part_size} bytes")
         except ValueError as e:
             problems.append(str(e))
         if not isinstance(concurrency, int) or concurrency < 1:
@@ -222,6 +244,7 @@ class S3Store(Store):
         self.conditional_writes = conditional_writes
         self._client_obj: Any = None
         self._client_pid: int | None = None
+        self._warned_uploads = False
 
     # -- plumbing ----------------------------------------------------------------------------
     def __getstate__(self) -> dict:
@@ -349,16 +372,22 @@ class S3Store(Store):
     def list(self, prefix: str = "") -> list[str]:
         base = (self._key(prefix) + "/") if prefix else (f"{self.prefix}/" if self.prefix else "")
         out: list[str] = []
-        token: str | None = None
+        kwargs: dict = {"Bucket": self.bucket, "Prefix": base}
         while True:
-            kwargs = {"Bucket": self.bucket, "Prefix": base}
-            if token:
-                kwargs["ContinuationToken"] = token
             page = self._call(f"{self.url}: listing {base or '/'}", self.client.list_objects_v2, **kwargs)
-            out.extend(self._rel(o["Key"]) for o in page.get("Contents", []))
+            keys = [o["Key"] for o in page.get("Contents", [])]
+            out.extend(self._rel(k) for k in keys)
             if not page.get("IsTruncated"):
                 return sorted(out)
-            token = page["NextContinuationToken"]
+            kwargs.pop("ContinuationToken", None)
+            kwargs.pop("StartAfter", None)
+            if page.get("NextContinuationToken"):
+                kwargs["ContinuationToken"] = page["NextContinuationToken"]
+            elif keys:  # a server that pages without tokens (ListObjects v1 style): go on after the last key
+                kwargs["StartAfter"] = keys[-1]
+            else:
+                raise StoreError(f"{self.url}: listing {base or '/'}: the server says the listing goes on but gives "
+                                 f"no way to ask for the rest (no continuation token, no keys){self._hint()}")
 
     # -- writes ------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
@@ -382,12 +411,31 @@ class S3Store(Store):
         else:
             created = self._put_multipart(rel, key, path, size, sha)
         if created:
-            got = self.size(rel)
+            got = self._size_after_upload(rel)
             if got != size:
                 raise StoreError(f"{self.display(rel)}: uploaded {size} bytes but the server holds {got}{self._hint()}")
         else:
             self._check_same(rel, size, sha)
         path.unlink()
+
+    def _size_after_upload(self, rel: str) -> int:
+        """The size of the object just uploaded. A server whose reads lag its writes may answer
+        404 for a moment: asked again a few times, then a StoreError that says so (never a
+        FileNotFoundError, which would read as a local file gone missing)."""
+        pause = 0.25
+        for attempt in range(_READ_AFTER_WRITE_TRIES):
+            try:
+                return self.size(rel)
+            except FileNotFoundError:
+                if attempt + 1 == _READ_AFTER_WRITE_TRIES:
+                    break
+                log.warning("%s: uploaded, but the server does not show it yet; asking again in %.2fs",
+                            self.display(rel), pause)
+                time.sleep(pause)
+                pause *= 2
+        raise StoreError(f"{self.display(rel)}: the upload succeeded but the server still answers 404 for it after "
+                         f"{_READ_AFTER_WRITE_TRIES} tries over about {0.25 * (2 ** (_READ_AFTER_WRITE_TRIES - 1) - 1):.0f}s "
+                         f"(its reads lag its writes); re-run, and the shard is checked again{self._hint()}")
 
     def _put_single(self, rel: str, key: str, path: Path, size: int, sha: str) -> bool:
         """True if created, False if the object already existed (conditional create refused)."""
@@ -464,6 +512,13 @@ class S3Store(Store):
                 f"process writing the same shard); re-run{self._hint()}"
             ) from None
         theirs = (head.get("Metadata") or {}).get("sha256")
+        if theirs is None and int(head["ContentLength"]) == size:
+            # A server that keeps no x-amz-meta-* (or a lost response to our own PUT): the bytes decide.
+            digest = hashlib.sha256()
+            with self.open_read(rel) as f:
+                while chunk := f.read(MiB):
+                    digest.update(chunk)
+            theirs = digest.hexdigest()
         if int(head["ContentLength"]) == size and theirs == sha:
             log.info("%s: already present with the same content (sha256 %s...); kept", self.display(rel), sha[:12])
             return
@@ -474,13 +529,37 @@ class S3Store(Store):
 
     # -- unfinished uploads --------------------------------------------------------------------
     def list_uploads(self, prefix: str = "") -> list[tuple[str, str]]:
-        """(key, upload id) of every unfinished multipart upload under this store (and `prefix`)."""
+        """(key, upload id) of every unfinished multipart upload of this cache's own files (and
+        under `prefix`): uploads of other keys under the prefix, or anywhere in the bucket of a
+        cache at its root, belong to others. [] (with one warning) from a server that cannot list
+        them: one without ListMultipartUploads, or a key without its permission."""
         base = (self._key(prefix)) if prefix else (f"{self.prefix}/" if self.prefix else "")
         out = []
         kwargs: dict = {"Bucket": self.bucket, "Prefix": base}
+
+        def page_of() -> dict:
+            try:
+                return self.client.list_multipart_uploads(**kwargs)
+            except Exception as e:
+                code, status = _status(e)
+                if status in (403, 501) or code in ("NotImplemented", "AccessDenied"):
+                    raise _CannotListUploads(f"{code or status}") from None
+                raise
+
         while True:
-            page = self._call(f"{self.url}: listing unfinished uploads", self.client.list_multipart_uploads, **kwargs)
-            out.extend((u["Key"], u["UploadId"]) for u in page.get("Uploads", []))
+            try:
+                page = retry_call(page_of, what=f"{self.url}: listing unfinished uploads", policy=self.policy,
+                                  classify=classify, hint=self._hint())
+            except _CannotListUploads as e:
+                if not self._warned_uploads:
+                    self._warned_uploads = True
+                    log.warning(
+                        "%s: the server does not list unfinished multipart uploads (%s: it lacks ListMultipartUploads, "
+                        "or the key lacks the s3:ListBucketMultipartUploads permission), so those left by a killed "
+                        "run cannot be found and aborted here: they stay invisible, and billed on AWS, until a "
+                        "lifecycle rule or the server's own tools remove them", self.url, e)
+                return []
+            out.extend((u["Key"], u["UploadId"]) for u in page.get("Uploads", []) if _is_shard(self._rel(u["Key"])))
             if not page.get("IsTruncated"):
                 return out
             kwargs.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))
