@@ -27,7 +27,7 @@ import click
 from tqdm import tqdm
 
 from . import schema
-from .errors import ShardError
+from .errors import ShardError, StoreError
 from .manifest import Manifest, ManifestError
 from .reader import iter_shard_members
 from .runtime import fail, run_command
@@ -171,6 +171,9 @@ def verify_cmd(url: str) -> None:
     bar = tqdm(total=manifest.totals["samples"], desc="verify", unit="sample", disable=None, file=sys.stderr)
     try:
         summary = verify_cache(store, manifest, on_sample=lambda r: bar.update(1))
+    except StoreError as e:  # the store failed (down, refusing, misbehaving): nothing says the cache is damaged
+        bar.close()
+        _fail(f"verify could not finish: {e}")
     except (VerifyError, ManifestError, ShardError) as e:
         bar.close()
         _fail(f"verify failed: {e}. To rebuild damaged or missing shards, re-run the precompute that made the cache "

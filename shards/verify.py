@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import limits, schema
-from .errors import ShardError
+from .errors import ShardError, StoreError
 from .manifest import Manifest, ManifestError, ShardRecord, identity_diff, read_identity
 from .reader import iter_shard, load_empty_prompt
 from .store import Store
@@ -168,6 +168,8 @@ def _check_files(store: Store, manifest: Manifest) -> None:
             raise VerifyError(f"{schema.IDENTITY_FILE}: differs from the manifest's identity: " + "; ".join(diff))
     try:
         pe, pooled = load_empty_prompt(store)
+    except StoreError:  # the store failed, not the cache: said as such by the caller
+        raise
     except ShardError as e:
         raise VerifyError(str(e)) from None
     text = manifest.text
@@ -205,7 +207,8 @@ def verify_cache(
     *,
     on_sample: Callable[[ShardRecord], None] | None = None,
 ) -> VerifySummary:
-    """Re-read the whole cache; raise VerifyError (or ManifestError) at the first problem."""
+    """Re-read the whole cache; raise VerifyError (or ManifestError) at the first problem, and
+    StoreError when the store itself fails (down, refusing, misbehaving past the retries)."""
     start = time.perf_counter()
     if manifest is None:
         manifest = Manifest.load(store)
@@ -222,6 +225,8 @@ def verify_cache(
                     raise VerifyError(f"{record.name}: sample #{i} ({sample.key}): " + "; ".join(problems))
                 if on_sample is not None:
                     on_sample(record)
+        except StoreError:
+            raise
         except ShardError as e:
             raise VerifyError(str(e)) from None
     return VerifySummary(

@@ -147,3 +147,19 @@ def test_a_part_size_s3_refuses_is_refused_at_start(monkeypatch):
     with pytest.raises(ValueError, match=r"SHARDS_S3_PART_SIZE must be between 5MiB and 5GiB \(S3's limits on a part\), "
                                          r"got 40960 bytes"):
         S3Store(f"s3://{BUCKET}/x")
+
+
+def test_verify_on_a_store_that_keeps_failing_says_it_could_not_finish_not_that_the_cache_is_damaged(
+        proxy, monkeypatch):
+    from shards.synthetic import write_synthetic_cache
+
+    write_synthetic_cache(_store(f"s3://{BUCKET}/busy"), shards=2, samples_per_shard=2)
+    proxy.rule("GET", f"/busy/{schema.shard_name(1)}", ("status", 503, "SlowDown"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setenv("SHARDS_RETRY_ATTEMPTS", "2")
+    monkeypatch.setenv("SHARDS_RETRY_SECONDS", "5")
+    result = CliRunner().invoke(cli, ["verify", f"s3://{BUCKET}/busy"])
+    assert result.exit_code == 1
+    assert f"error: verify could not finish: s3://{BUCKET}/busy/{schema.shard_name(1)}: gave up after 3 attempts" \
+        in result.output, result.output
+    assert "SlowDown" in result.output and "rebuild" not in result.output
