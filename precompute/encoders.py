@@ -205,6 +205,30 @@ def _hidden_and_pooled(out: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor
     return hidden, pooled
 
 
+def text_stack_problems(tokenizers, text_encoders) -> list[str]:
+    """Why these tokenizers cannot feed these text encoders (SDXL pads both prompts to one length,
+    the tokenizers' model_max_length, which each encoder's position table must hold)."""
+    problems = []
+    lengths = []
+    for name, tok, te in zip(("tokenizer", "tokenizer_2"), tokenizers, text_encoders):
+        length = getattr(tok, "model_max_length", None)
+        positions = getattr(te.config, "max_position_embeddings", None)
+        if not isinstance(length, int) or length < 2 or length > 1_000_000:
+            unset = isinstance(length, int) and length > 1_000_000  # transformers' placeholder for "not set"
+            problems.append(f"{name}: model_max_length is {'not set in its tokenizer_config.json' if unset else repr(length)}"
+                            f"; set it to {positions if isinstance(positions, int) else 77} (its text encoder's "
+                            "max_position_embeddings; SDXL's is 77)")
+            continue
+        lengths.append(length)
+        if isinstance(positions, int) and length > positions:
+            problems.append(f"{name}: model_max_length {length} is more than the {positions} positions its text "
+                            f"encoder has (max_position_embeddings)")
+    if len(set(lengths)) > 1:
+        problems.append(f"tokenizer and tokenizer_2 disagree on model_max_length ({lengths[0]} and {lengths[1]}): "
+                        "SDXL pads both prompts to one length")
+    return problems
+
+
 class PromptEncoder:
     """Captions -> (prompt_embeds (N, 77, D), pooled_prompt_embeds (N, P)), fp32.
 
@@ -219,9 +243,10 @@ class PromptEncoder:
         self.text_encoders = tuple(
             te.to(dtype=self.dtype).eval().requires_grad_(False) for te in (text_encoder, text_encoder_2)
         )
-        lengths = {t.model_max_length for t in self.tokenizers}
-        if len(lengths) != 1:
-            raise ValueError(f"tokenizer and tokenizer_2 disagree on model_max_length: {sorted(lengths)}")
+        problems = text_stack_problems(self.tokenizers, self.text_encoders)
+        if problems:
+            raise ModelLoadError("the tokenizers do not fit the text encoders:\n  - " + "\n  - ".join(problems))
+        lengths = {int(t.model_max_length) for t in self.tokenizers}
         self.info = TextInfo(
             max_length=lengths.pop(),
             prompt_dim=int(text_encoder.config.hidden_size + text_encoder_2.config.hidden_size),
@@ -328,6 +353,7 @@ class ModelLayout:
 
     vae_scale_factor: int  # pixels per latent cell (8 for SDXL)
     unet_down_blocks: int | None  # None: the model folder has no UNet config (SDXL's 3 is assumed)
+    problems: tuple[str, ...] = ()  # why the VAE's latents cannot serve this model (or this project)
 
 
 def model_layout(model: str, vae: str | None = None, *, revision: str | None = None,
@@ -376,7 +402,24 @@ def model_layout(model: str, vae: str | None = None, *, revision: str | None = N
     except (KeyError, TypeError) as e:
         raise ModelLoadError(f"{vae or model}: a VAE or UNet config.json lacks {e} (not a diffusers SDXL "
                              "model?)") from None
-    return ModelLayout(vae_scale_factor=factor, unet_down_blocks=blocks)
+    return ModelLayout(vae_scale_factor=factor, unet_down_blocks=blocks,
+                       problems=tuple(_latent_problems(vae or f"{model}/vae", vae_config, f"{model}/unet", unet_config)))
+
+
+def _latent_problems(vae_name: str, vae_config: dict, unet_name: str, unet_config: dict | None) -> list[str]:
+    """Why latents of this VAE cannot train an adapter for this UNet, from their configs: found
+    before anything is encoded, not when train refuses the finished cache."""
+    problems = []
+    if vae_config.get("latents_mean") is not None or vae_config.get("latents_std") is not None:
+        problems.append(f"{vae_name}: its config sets latents_mean/latents_std (per-channel latent normalisation, as "
+                        "Playground v2.5 does); the cache stores latents as (z - shift_factor) * scaling_factor, "
+                        "which is not what such a model's UNet was trained on: not supported")
+    channels = vae_config.get("latent_channels", 4)
+    if unet_config is not None and unet_config.get("in_channels", 4) != channels:
+        problems.append(f"{unet_name} takes {unet_config.get('in_channels', 4)} input channels but the VAE makes "
+                        f"{channels}-channel latents (an inpainting UNet takes 9: a T2I-Adapter trains on a "
+                        "text-to-image UNet)")
+    return problems
 
 
 def load_encoders(
@@ -453,6 +496,9 @@ def load_encoders(
             "this VAE's config sets force_upcast (it is known to overflow in fp16) but --vae-dtype is fp16; "
             "if encoding fails with non-finite latents, %s", FP16_VAE_HINT,
         )
+    problems = text_stack_problems((tokenizer, tokenizer_2), (text_encoder, text_encoder_2))
+    if problems:
+        raise ModelLoadError(f"{model}: its tokenizers do not fit its text encoders:\n  - " + "\n  - ".join(problems))
     latent = LatentEncoder(vae_module.to(device), dtype=vae_dtype, compile=compile_vae)
     prompt = PromptEncoder(tokenizer, tokenizer_2, text_encoder.to(device), text_encoder_2.to(device), dtype=text_dtype)
     return latent, prompt, identity

@@ -119,6 +119,7 @@ def resolve(cfg: PrecomputeConfig, *, cuda_available: bool | None = None) -> Set
         problems += model_problems
         try:
             layout = model_layout(cfg.model, cfg.vae, revision=cfg.revision, cache_dir=cfg.cache_dir)
+            problems += list(layout.problems)
         except ModelLoadError as e:
             if not model_problems:  # else they already say what is missing
                 problems.append(str(e))

@@ -309,3 +309,40 @@ def test_compiled_vae_encodes_what_the_eager_one_does(pipe):
     assert compiled_encoder.vae.encoder._compiled_call_impl is not None
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_tokenizers_that_do_not_fit_the_text_encoders_are_one_message_naming_the_model(tiny_model, tmp_path):
+    """A model folder whose tokenizer_config.json lacks model_max_length, or whose two tokenizers
+    disagree, or pad past the text encoder's positions: one ModelLoadError naming the model and
+    each problem (it was a ValueError or OverflowError traceback)."""
+    import json
+    import shutil
+
+    from precompute.encoders import load_encoders
+    from precompute.errors import ModelLoadError
+
+    cases = {
+        "unset": {"tokenizer": None, "tokenizer_2": None},
+        "disagree": {"tokenizer_2": 64},
+        "too-long": {"tokenizer": 100, "tokenizer_2": 100},
+    }
+    messages = {}
+    for name, lengths in cases.items():
+        model = tmp_path / name
+        shutil.copytree(tiny_model, model)
+        for sub, length in lengths.items():
+            config_file = model / sub / "tokenizer_config.json"
+            config = json.loads(config_file.read_text())
+            config.pop("model_max_length", None)
+            if length is not None:
+                config["model_max_length"] = length
+            config_file.write_text(json.dumps(config))
+        with pytest.raises(ModelLoadError) as err:
+            load_encoders(str(model))
+        messages[name] = str(err.value)
+        assert messages[name].startswith(f"{model}: its tokenizers do not fit its text encoders:\n  - ")
+    positions = 77  # the tiny model's text encoders, as SDXL's
+    assert (f"tokenizer: model_max_length is not set in its tokenizer_config.json; set it to {positions} (its text "
+            "encoder's max_position_embeddings; SDXL's is 77)") in messages["unset"]
+    assert "tokenizer and tokenizer_2 disagree on model_max_length (77 and 64)" in messages["disagree"]
+    assert "tokenizer_2: model_max_length 100 is more than the 77 positions its text encoder has" in messages["too-long"]

@@ -488,6 +488,29 @@ def test_resolution_must_be_a_multiple_of_the_model_granularity(tiny_model, fill
     assert not (tmp_path / "c").exists()
 
 
+def test_latents_the_unet_cannot_take_are_refused_before_anything_is_encoded(tiny_model, fill_data, tmp_path):
+    """From the configs alone, at start: a VAE with per-channel latent normalisation (not what
+    the cache stores) and an inpainting UNet (9 input channels) are settings problems."""
+    import json
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    for part, changes in (("vae", {"latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}), ("unet", {"in_channels": 9})):
+        config = json.loads((model / part / "config.json").read_text())
+        config.update(changes)
+        (model / part / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as err:
+        run(_cfg(model, fill_data, tmp_path / "c"))
+    assert err.value.problems == [
+        f"{model}/vae: its config sets latents_mean/latents_std (per-channel latent normalisation, as Playground v2.5 "
+        "does); the cache stores latents as (z - shift_factor) * scaling_factor, which is not what such a model's UNet "
+        "was trained on: not supported",
+        f"{model}/unet takes 9 input channels but the VAE makes 4-channel latents (an inpainting UNet takes 9: a "
+        "T2I-Adapter trains on a text-to-image UNet)",
+    ]
+    assert not (tmp_path / "c").exists()
+
+
 def test_one_spelling_per_meaning_in_the_config():
     """"--max-aspect 0" and "--buckets none" mean "no limit" and "square crops": the config
     stores them as None, so the identity and the manifest do not depend on the spelling."""
