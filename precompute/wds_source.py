@@ -247,7 +247,7 @@ class WebDatasetSource(Source):
                 if isinstance(value, _Oversize):
                     return None, ("caption_invalid", f"{sid}.{k}: {value.size:,} bytes, over the {value.cap:,}-byte cap")
                 try:
-                    return [value.decode("utf-8")], None
+                    return [value.decode("utf-8").removeprefix("\ufeff")], None  # a BOM is no part of a caption
                 except UnicodeDecodeError:
                     return None, ("caption_invalid", f"{sid}.{k}: not valid UTF-8")
             if isinstance(meta, dict) and k in meta:

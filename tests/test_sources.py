@@ -371,9 +371,11 @@ def test_webdataset_members_captions_and_missing_parts(tmp_path):
     unsafe = img2dataset_sample("e", 6, pyd=b"\x80\x04 pickle bytes", pth=b"PK torch zip")  # never unpickled
     no_caption = {"__key__": "f", "jpeg": png(7), "conditioning.png": png(8), "json": b"{not json"}
     nested = {"__key__": "dir/g", "jpg": png(9), "txt": b"nested", "source.png": png(10)}
-    write_tar(tmp_path / "x.tar", [no_txt, caption_list, no_image, no_cond, unsafe, no_caption, nested])
+    notepad = {"__key__": "h", "jpg": png(11), "txt": "\ufeffsaved by notepad".encode(), "cond.png": png(12)}
+    write_tar(tmp_path / "x.tar", [no_txt, caption_list, no_image, no_cond, unsafe, no_caption, nested, notepad])
     got = {i.source_id: i for i in items(open_source(tmp_path / "x.tar"))}
-    assert list(got) == ["x.tar:a", "x.tar:b", "x.tar:c", "x.tar:d", "x.tar:e", "x.tar:f", "x.tar:dir/g"]
+    assert list(got) == ["x.tar:a", "x.tar:b", "x.tar:c", "x.tar:d", "x.tar:e", "x.tar:f", "x.tar:dir/g", "x.tar:h"]
+    assert got["x.tar:h"].captions == ["saved by notepad"]  # a UTF-8 BOM is no part of the caption
     assert got["x.tar:a"].captions == ["json caption a"] and got["x.tar:a"].error is None
     assert got["x.tar:b"].captions == ["one", "two"] and got["x.tar:b"].image == png(2)
     assert got["x.tar:c"].error[0] == "image_missing" and ".txt" in got["x.tar:c"].error[1]
