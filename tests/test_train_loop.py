@@ -366,6 +366,18 @@ def test_refuses_other_encoders_unless_accepted(cache, tmp_path):
     assert result.global_step == 1 and (tmp_path / "accepted/diffusion_pytorch_model.safetensors").is_file()
 
 
+def test_an_accepted_encoder_mismatch_is_not_suggested_again_when_something_else_refuses():
+    from train.checks import refusal_message
+
+    problems, differences = ["prompt width: cache prompt_embeds 64 != UNet cross_attention_dim 80"], [
+        "vae fingerprint: cache 0123... != this model's 4567..."]
+    refused = refusal_message("c", "m", problems, differences)
+    assert "vae fingerprint" in refused and "or pass --accept-encoder-mismatch" in refused
+    accepted = refusal_message("c", "m", problems, differences, accepted=True)
+    assert accepted == "cannot train m on the cache c:\n  - prompt width: cache prompt_embeds 64 != UNet " \
+                       "cross_attention_dim 80"
+
+
 def test_refuses_another_tokenizer_unless_accepted(tiny_model, cache, tmp_path):
     """Same weights, but tokenizer_2 pads with <|endoftext|> instead of "!": every prompt embedding
     the cache holds would differ from this model's, so train refuses it, naming tokenizer_2 only."""

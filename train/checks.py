@@ -311,11 +311,13 @@ def compare_fingerprints(encoder: Encoder, modules: dict[str, torch.nn.Module | 
     return report
 
 
-def refusal_message(cache_url: str, model: str, problems: list[str], differences: list[str]) -> str:
-    """The CacheMismatchError text: every problem, then what to do about encoder differences."""
+def refusal_message(cache_url: str, model: str, problems: list[str], differences: list[str], *,
+                    accepted: bool = False) -> str:
+    """The CacheMismatchError text: every problem, then what to do about encoder differences
+    (unless `accepted`: --accept-encoder-mismatch was given, and the problems are what remain)."""
     lines = [f"cannot train {model} on the cache {cache_url}:"]
-    lines += [f"  - {p}" for p in problems + differences]
-    if differences:
+    lines += [f"  - {p}" for p in problems + ([] if accepted else differences)]
+    if differences and not accepted:
         lines.append("The cache was encoded with other encoder weights or tokenizers than this model's. Re-run "
                      "precompute with this model, or pass --accept-encoder-mismatch if that is intended (e.g. a "
                      "fine-tuned text encoder of the same widths).")

@@ -287,7 +287,7 @@ def refusal(cfg: TrainConfig, problems: _Problems, differences: list[str]) -> St
     (with the other problems listed too), else StartupError."""
     if problems.cache or differences:
         return CacheMismatchError(checks.refusal_message(redact(cfg.cache), cfg.model, problems.cache + problems.other,
-                                                         differences))
+                                                         differences, accepted=cfg.accept_encoder_mismatch))
     return StartupError("cannot start training:\n" + "\n".join(f"  - {p}" for p in problems.other))
 
 
