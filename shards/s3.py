@@ -68,6 +68,7 @@ MAX_PART_SIZE = 5 * 1024 * MiB
 # How often a HEAD right after a successful upload may miss the new object (a server whose reads
 # lag its writes) before that is an error.
 _READ_AFTER_WRITE_TRIES = 6
+_READ_AFTER_WRITE_PAUSE = 0.25  # seconds before the second try; doubled each time (about 8 s in all)
 DEFAULT_MULTIPART_THRESHOLD = 64 * MiB  # single PUT up to this size (S3 allows 5 GiB)
 DEFAULT_PART_SIZE = 32 * MiB  # S3: >= 5 MiB except the last part, <= 10000 parts
 DEFAULT_CONCURRENCY = 4  # parts in flight per upload
@@ -422,7 +423,7 @@ class S3Store(Store):
         """The size of the object just uploaded. A server whose reads lag its writes may answer
         404 for a moment: asked again a few times, then a StoreError that says so (never a
         FileNotFoundError, which would read as a local file gone missing)."""
-        pause = 0.25
+        pause = _READ_AFTER_WRITE_PAUSE
         for attempt in range(_READ_AFTER_WRITE_TRIES):
             try:
                 return self.size(rel)
@@ -434,7 +435,7 @@ class S3Store(Store):
                 time.sleep(pause)
                 pause *= 2
         raise StoreError(f"{self.display(rel)}: the upload succeeded but the server still answers 404 for it after "
-                         f"{_READ_AFTER_WRITE_TRIES} tries over about {0.25 * (2 ** (_READ_AFTER_WRITE_TRIES - 1) - 1):.0f}s "
+                         f"{_READ_AFTER_WRITE_TRIES} tries over {_READ_AFTER_WRITE_PAUSE * (2 ** (_READ_AFTER_WRITE_TRIES - 1) - 1):.1f}s "
                          f"(its reads lag its writes); re-run, and the shard is checked again{self._hint()}")
 
     def _put_single(self, rel: str, key: str, path: Path, size: int, sha: str) -> bool:

@@ -126,7 +126,8 @@ def test_a_listing_that_pages_without_tokens_goes_on_after_the_last_key(proxy):
     assert len(pages) == 4 and all("start-after=" in p and "continuation-token" not in p for p in pages[1:])
 
 
-def test_a_head_that_misses_a_just_written_object_is_asked_again(proxy, tmp_path, caplog):
+def test_a_head_that_misses_a_just_written_object_is_asked_again(proxy, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr("shards.s3._READ_AFTER_WRITE_PAUSE", 0.01)  # the schedule's shape, not its 8 s
     store = _store(f"s3://{BUCKET}/lag", proxy.endpoint)
     proxy.rule("HEAD", f"/lag/{schema.shard_name(0)}", ("status", 404, "NoSuchKey"), times=2)
     src = tmp_path / "s.tar"
@@ -137,7 +138,7 @@ def test_a_head_that_misses_a_just_written_object_is_asked_again(proxy, tmp_path
     proxy.rule("HEAD", f"/lag/{schema.shard_name(1)}", ("status", 404, "NoSuchKey"))  # always
     src.write_bytes(os.urandom(2000))
     with pytest.raises(StoreError, match=r"shard-000001.tar: the upload succeeded but the server still answers 404 for "
-                                         r"it after 6 tries"):
+                                         r"it after 6 tries over 0.3s"):
         store.put_file(schema.shard_name(1), src)
     assert src.exists()  # still the caller's, for the re-run
 
