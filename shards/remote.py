@@ -27,8 +27,10 @@ A stall is silence for `read_timeout_s`, or a body that delivers less than `min_
 second over `read_timeout_s` of reading (a server trickling a byte at a time never hits a read
 timeout; measured only while the reader waits on the network, so a consumer that pauses between
 reads is never taken for a slow server). Real progress ends a streak: `PROGRESS_BYTES` received
-since the last failure (or the rest of the object), so a long stream survives any number of
-separate blips, while a server that cuts every response after a few bytes runs out of attempts.
+since the last failure (or the rest of the object), or any bytes and then no failure for
+`worst_case_s()` (a consumer that paused, a server that recovered), so a long stream survives any
+number of separate blips, while a server that cuts every response after a few bytes, or trickles,
+runs out of attempts.
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ class RetryPolicy:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "RetryPolicy":
-        """Defaults, then SHARDS_RETRY_ATTEMPTS / _SECONDS, SHARDS_CONNECT_TIMEOUT / READ_TIMEOUT, then overrides."""
+        """Defaults, then SHARDS_RETRY_ATTEMPTS / _SECONDS, SHARDS_CONNECT_TIMEOUT / READ_TIMEOUT,
+        SHARDS_MIN_RATE, then overrides."""
         environ = os.environ if environ is None else environ
         values: dict = {}
         problems = []
@@ -113,9 +116,14 @@ class RetryPolicy:
             raw = environ.get(var)
             if raw is None or raw.strip() == "":
                 continue
+            if name == "min_rate":  # bytes a second, as a size: 1024, 64KiB, 1MB
+                try:
+                    values[name] = float(parse_size(raw, var))
+                except ValueError as e:
+                    problems.append(f"{e} (bytes a second, e.g. 64KiB; 0 for any rate)")
+                continue
             try:
-                values[name] = int(raw) if name == "attempts" else float(parse_size(raw, var)) if name == "min_rate" \
-                    else float(raw)
+                values[name] = int(raw) if name == "attempts" else float(raw)
             except ValueError:
                 problems.append(f"{var}={raw!r} is not a {'whole ' if name == 'attempts' else ''}number")
         if problems:
@@ -241,6 +249,8 @@ class ResumableReader(io.RawIOBase):
         self._hint = hint
         self._streak = _Streak(policy)
         self._since_failure = 0  # bytes received since the last failure
+        self._failed_at = 0.0  # when it happened (time.monotonic)
+        self._opened = first_body is not None  # False: the first read opens the object, no reopen
         self._window_s, self._window_bytes = 0.0, 0  # time spent reading, and bytes, this rate window
 
     def readable(self) -> bool:
@@ -268,7 +278,8 @@ class ResumableReader(io.RawIOBase):
             try:
                 if self._body is None:
                     self._body = self._open_at(self.offset)
-                    self.reopens += 1
+                    self.reopens += self._opened
+                    self._opened = True
                     self._window_s, self._window_bytes = 0.0, 0
                 started = time.monotonic()
                 data = self._body.read(n)
@@ -289,7 +300,7 @@ class ResumableReader(io.RawIOBase):
                 except Permanent as p:
                     raise StoreError(f"{self.what}: {p} (at byte {self.offset} of {self.size}){self._hint}") from None
                 pause = self._streak.fail(f"{self.what} at byte {self.offset}", e)
-                self._since_failure = 0
+                self._since_failure, self._failed_at = 0, time.monotonic()
                 if pause is None:
                     raise StoreError(
                         f"{self.what}: reading failed at byte {self.offset} of {self.size}: {self._streak.summary()}"
@@ -299,7 +310,8 @@ class ResumableReader(io.RawIOBase):
                 continue
             self.offset += len(data)
             self._since_failure += len(data)
-            if self._since_failure >= PROGRESS_BYTES or self.offset >= self.size:
+            if (self._since_failure >= PROGRESS_BYTES or self.offset >= self.size
+                    or time.monotonic() - self._failed_at > self._policy.worst_case_s()):
                 self._streak.reset()
             return data
 
