@@ -357,7 +357,8 @@ class S3Store(Store):
             kwargs = {"IfMatch": etag} if etag else {}
             r = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={offset}-", **kwargs)
             got = r.get("ContentRange", "")
-            if not got.startswith(f"bytes {offset}-"):
+            # At byte 0 the whole object (a 200 without Content-Range) is what was asked for.
+            if not got.startswith(f"bytes {offset}-") and not (offset == 0 and not got):
                 r["Body"].close()
                 raise Permanent(f"asked for bytes {offset}- and got {got or 'the whole object'}")
             return _Body(r["Body"])
@@ -374,21 +375,28 @@ class S3Store(Store):
         base = (self._key(prefix) + "/") if prefix else (f"{self.prefix}/" if self.prefix else "")
         out: list[str] = []
         kwargs: dict = {"Bucket": self.bucket, "Prefix": base}
+        last: str | None = None
         while True:
             page = self._call(f"{self.url}: listing {base or '/'}", self.client.list_objects_v2, **kwargs)
             keys = [o["Key"] for o in page.get("Contents", [])]
             out.extend(self._rel(k) for k in keys)
             if not page.get("IsTruncated"):
                 return sorted(out)
+            # Keys come in order: each page must end later than the one before, whatever the
+            # server does with the way on (a repeated page would otherwise be listed forever).
+            token = page.get("NextContinuationToken")
+            repeated = bool(keys) and last is not None and keys[-1] <= last
+            empty_without_way_on = not keys and (not token or token == kwargs.get("ContinuationToken"))
+            if repeated or empty_without_way_on:
+                raise StoreError(f"{self.url}: listing {base or '/'}: the server says the listing goes on but "
+                                 f"sends no later key{self._hint()}")
+            last = keys[-1] if keys else last
             kwargs.pop("ContinuationToken", None)
             kwargs.pop("StartAfter", None)
-            if page.get("NextContinuationToken"):
-                kwargs["ContinuationToken"] = page["NextContinuationToken"]
-            elif keys:  # a server that pages without tokens (ListObjects v1 style): go on after the last key
-                kwargs["StartAfter"] = keys[-1]
-            else:
-                raise StoreError(f"{self.url}: listing {base or '/'}: the server says the listing goes on but gives "
-                                 f"no way to ask for the rest (no continuation token, no keys){self._hint()}")
+            if token:
+                kwargs["ContinuationToken"] = token
+            else:  # a server that pages without tokens (ListObjects v1 style): go on after the last key
+                kwargs["StartAfter"] = last
 
     # -- writes ------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
@@ -543,7 +551,9 @@ class S3Store(Store):
                 return self.client.list_multipart_uploads(**kwargs)
             except Exception as e:
                 code, status = _status(e)
-                if status in (403, 501) or code in ("NotImplemented", "AccessDenied"):
+                # Not implemented, or this one permission missing; other 403s (a wrong key, a bad
+                # signature) are the credentials' and fail as everywhere else.
+                if status == 501 or code in ("NotImplemented", "AccessDenied"):
                     raise _CannotListUploads(f"{code or status}") from None
                 raise
 
@@ -560,7 +570,8 @@ class S3Store(Store):
                         "run cannot be found and aborted here: they stay invisible, and billed on AWS, until a "
                         "lifecycle rule or the server's own tools remove them", self.url, e)
                 return []
-            out.extend((u["Key"], u["UploadId"]) for u in page.get("Uploads", []) if _is_shard(self._rel(u["Key"])))
+            out.extend((u["Key"], u["UploadId"]) for u in page.get("Uploads", [])
+                       if u["Key"].startswith(base) and _is_shard(self._rel(u["Key"])))
             if not page.get("IsTruncated"):
                 return out
             kwargs.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))

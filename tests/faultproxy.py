@@ -8,6 +8,7 @@ always), with one or more actions (the first matching rule applies):
 
 - `("status", 501, "NotImplemented")`: answer that status with an S3 XML error, nothing forwarded;
 - `("query", "max-keys=2")`: forward with that added to the query string;
+- `("unquery", "start-after")`: forward without that parameter (a server that ignores it);
 - `"strip_meta"`: forward, drop the `x-amz-meta-*` headers of the answer;
 - `"strip_token"`: forward, drop `<NextContinuationToken>` from a listing;
 - `"chunked"`: forward, send the answer's body chunked, without Content-Length.
@@ -75,6 +76,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(payload)
             return
         path = self.path
+        if "unquery" in actions:
+            head, _, query = path.partition("?")
+            kept = [p for p in query.split("&") if p and p.split("=", 1)[0] != actions["unquery"][1]]
+            path = head + ("?" + "&".join(kept) if kept else "")
         if "query" in actions:
             path += ("&" if "?" in path else "?") + actions["query"][1]
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}

@@ -124,6 +124,12 @@ def test_a_listing_that_pages_without_tokens_goes_on_after_the_last_key(proxy):
     assert store.list("shards") == names
     pages = [p for m, p in proxy.seen if "list-type=2" in p]
     assert len(pages) == 4 and all("start-after=" in p and "continuation-token" not in p for p in pages[1:])
+    # ...and one that ignores StartAfter too would give the first page forever: an error instead.
+    proxy.rules.clear()
+    proxy.rule("GET", "list-type=2", ("query", "max-keys=2"), "strip_token", ("unquery", "start-after"))
+    with pytest.raises(StoreError, match=rf"s3://{BUCKET}/paged: listing paged/shards/: the server says the listing "
+                                         "goes on but sends no later key"):
+        store.list("shards")
 
 
 def test_a_head_that_misses_a_just_written_object_is_asked_again(proxy, tmp_path, caplog, monkeypatch):
