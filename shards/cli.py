@@ -217,8 +217,8 @@ def gc_cmd(url: str, orphans: bool, tmp_dir: str | None, dry_run: bool) -> None:
     """Remove leftovers of killed writers. Only while no precompute is writing to URL."""
     try:
         store = open_store(url)
+        doomed = _orphans(store) if orphans else []  # judged first: a refusal removes nothing at all
         removed = store.cleanup_incomplete(tmp_dir=tmp_dir, dry_run=dry_run)
-        doomed = _orphans(store) if orphans else []
         if not dry_run:
             for rel in doomed:
                 store.delete(rel)

@@ -254,7 +254,8 @@ class ShardWriter:
 @dataclass(frozen=True)
 class ShardState:
     """What a re-run finds of shard `index`: its record when the shard is done; else, when a
-    published shard contradicts its valid record (another size), what is wrong with it."""
+    published shard contradicts its valid record (another size) or stands beside a damaged record,
+    what is wrong with it."""
 
     record: ShardRecord | None
     damage: str | None = None
@@ -263,14 +264,18 @@ class ShardState:
 def shard_state(store: Store, index: int) -> ShardState:
     """Done means a valid record and the shard present with the record's byte size. Anything else
     (no record, a damaged record, a missing or different-sized shard) means "not done": the caller
-    rebuilds the shard. A different size beside a valid record is damage after publishing
-    (records come after their shards), said in `damage`: the rebuild must first remove it."""
+    rebuilds the shard. A different size beside a valid record, or any shard beside a damaged record
+    (records come after their shards, so that shard was complete, but nothing says what it holds),
+    is damage after publishing, said in `damage`: the rebuild must first remove it (else its
+    bytes, if they differ from the rebuilt ones, would refuse the publish)."""
     try:
         record = read_record(store, index)
     except FileNotFoundError:
         return ShardState(None)
     except ManifestError as e:
-        log.warning("%s: ignoring a damaged record, the shard will be rebuilt: %s", schema.record_name(index), e)
+        if store.exists(schema.shard_name(index)):
+            return ShardState(None, f"its record is damaged ({e})")
+        log.warning("%s: ignoring a damaged record, the shard will be built: %s", schema.record_name(index), e)
         return ShardState(None)
     try:
         size = store.size(record.name)

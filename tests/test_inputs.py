@@ -220,3 +220,14 @@ def test_shards_damaged_after_they_were_written_are_rebuilt(tiny_model, fill_dat
     assert "shards/shard-000001.tar: rebuilding it: its sha256 is" in caplog.text
     assert _shard_bytes(cache) == original and (cache / "manifest.json").read_bytes() == manifest
     verify_cache(open_store(cache), Manifest.load(open_store(cache)))
+
+    # A damaged record beside a shard holding other bytes (as another machine's rebuild would
+    # make them): the shard goes with its record, so the rebuilt bytes are no publish conflict.
+    (cache / "records/shard-000000.json").write_text("<html>garbage</html>")
+    (cache / "shards/shard-000000.tar").write_bytes(original["shard-000002.tar"])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="precompute.runner"):
+        stats = run(cfg)
+    assert stats.shards_written == 1
+    assert "shards/shard-000000.tar: rebuilding it: its record is damaged (" in caplog.text
+    assert _shard_bytes(cache) == original

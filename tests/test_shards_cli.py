@@ -326,12 +326,14 @@ def test_gc_orphans_fails_closed_on_an_unreadable_manifest_or_record(cache):
     shards = sorted((cache / schema.SHARD_DIR).iterdir())
     extra = cache / schema.shard_name(len(shards))
     shutil.copyfile(shards[0], extra)  # published, then the writer was killed before its record
+    leftover = cache / schema.SHARD_DIR / ".tmp-shard-000009.tar.x1"  # a killed writer's temp file
+    leftover.write_bytes(b"partial")
     (cache / schema.MANIFEST_FILE).write_text("<html>503 Service Unavailable</html>")
     result = run("gc", "--orphans", str(cache))
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "manifest.json is not valid JSON" in result.output
     assert "gc --orphans deleted nothing: which shards are orphans is judged against the manifest" in result.output
-    assert sorted((cache / schema.SHARD_DIR).iterdir()) == sorted([*shards, extra])
+    assert sorted((cache / schema.SHARD_DIR).iterdir()) == sorted([*shards, extra, leftover])  # nothing at all
 
     # No manifest yet (an unfinished cache): a shard whose record is damaged is kept, the one
     # with no record goes.
@@ -340,5 +342,6 @@ def test_gc_orphans_fails_closed_on_an_unreadable_manifest_or_record(cache):
     result = run("gc", "--orphans", str(cache))
     assert result.exit_code == 0, result.output
     assert f"removed orphan shard: {schema.shard_name(len(shards))}" in result.output
+    assert "removed temp file: shards/.tmp-shard-000009.tar.x1" in result.output
     assert "1 orphan shard(s)" in result.output
     assert sorted((cache / schema.SHARD_DIR).iterdir()) == shards

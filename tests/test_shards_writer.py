@@ -28,7 +28,7 @@ from shards.reader import TarSampleStream, iter_shard
 from shards.store import TEMP_PREFIX, LocalStore
 from shards.stores import open_store
 from shards.synthetic import synthetic_identity, synthetic_sample
-from shards.writer import ShardWriter, completed_record, is_complete
+from shards.writer import ShardWriter, completed_record, is_complete, shard_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -212,6 +212,7 @@ def test_completed_record_and_resume_overwrite(tmp_path):
     # A damaged record or a shard of the wrong size means "not done" too.
     (tmp_path / schema.record_name(2)).write_bytes(b'{"index": 2, "na')
     assert completed_record(store, 2) is None
+    assert shard_state(store, 2).damage.startswith("its record is damaged (")  # the rebuild removes the shard
     write_shard(store, 2, samples)
     with open(tmp_path / record.name, "r+b") as f:
         f.truncate(record.bytes - 512)
