@@ -222,9 +222,22 @@ def test_a_server_that_cuts_every_response_short_or_trickles_is_an_error_not_a_h
                         classify=_classify)
     pieces = []
     for _ in range(4):
-        pieces.append(r.read(1000))
-        time.sleep(0.3)  # 1.2 s in all between reads: over two read timeouts, at 3 KB/s overall
+        pieces.append(r.read(100))
+        time.sleep(0.3)  # 1.2 s in all between reads: over two read timeouts, at 333 bytes/s overall
     assert b"".join(pieces) + r.read() == data and r.reopens == 0
+
+    # A blip, a long pause of the consumer (a checkpoint, validation), another blip: the pause
+    # is no part of a failure streak; bytes and then quiet for worst_case_s forgive the first.
+    strict = RetryPolicy(attempts=1, budget_s=0.2, backoff_s=0.001, connect_timeout_s=0.1, read_timeout_s=0.1,
+                         min_rate=0)
+    longer = os.urandom(300_000)
+    Blips = _flaky_body(longer, 100_000)
+    r = ResumableReader(what="x", open_at=Blips, size=len(longer), first_body=Blips(0), policy=strict,
+                        classify=_classify)
+    got = r.read(150_000)  # the first blip, at 100,000
+    time.sleep(strict.worst_case_s() + 0.1)
+    got += r.read()  # the second, at 200,000: one attempt allowed, and it is a new streak
+    assert got == longer and r.reopens == 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,6 +510,9 @@ def test_wrong_credentials_are_refused_at_once(tmp_path_factory, caches, caplog)
                 msg = str(e.value)
                 assert msg.startswith(f"s3://{BUCKET}/c/identity.json: access denied ({code}")
                 assert "AWS_ACCESS_KEY_ID" in msg and auth.endpoint in msg
+                # gc too: a wrong key is no missing permission to list uploads, and no clean report.
+                with pytest.raises(StoreError, match=rf"listing unfinished uploads: access denied \({code}"):
+                    store.cleanup_incomplete()
         # Anonymous https:// reads of a private bucket: refused, with the way out.
         with pytest.raises(StoreError, match="HTTP 403.*use s3:// with credentials"):
             open_store(f"{auth.endpoint}/{BUCKET}/c").read_bytes("identity.json")

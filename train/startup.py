@@ -285,7 +285,7 @@ def agree(accelerator: Any, refuse_here: bool) -> bool:
 def refusal(cfg: TrainConfig, problems: _Problems, differences: list[str]) -> StartupError:
     """One error listing every problem: CacheMismatchError when the cache does not fit the model
     (with the other problems listed too), else StartupError."""
-    if problems.cache or differences:
+    if problems.cache or (differences and not cfg.accept_encoder_mismatch):
         return CacheMismatchError(checks.refusal_message(redact(cfg.cache), cfg.model, problems.cache + problems.other,
                                                          differences, accepted=cfg.accept_encoder_mismatch))
     return StartupError("cannot start training:\n" + "\n".join(f"  - {p}" for p in problems.other))

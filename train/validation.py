@@ -125,8 +125,9 @@ class ConditionImageError(TrainError):
 
 def load_condition(path: str | Path) -> Image.Image:
     """A validation conditioning image, decoded as precompute decodes the cache's (every pixel,
-    EXIF orientation applied, 16-bit and float images rescaled, transparency on white, the
-    pixel cap read from the header): the adapter is shown in validation what it learnt from."""
+    EXIF orientation applied, 16-bit and float images rescaled, transparency on white): the
+    adapter is shown in validation what it learnt from. The user's own file, so no pixel cap
+    beyond PIL's decompression-bomb guard (validation renders it at the cache's sizes)."""
     from precompute.preprocess import Skip, load_rgb
 
     try:
@@ -134,7 +135,7 @@ def load_condition(path: str | Path) -> Image.Image:
     except OSError as e:
         raise ConditionImageError(path, f"cannot be read: {e.strerror or e}") from None
     try:
-        return load_rgb(data, "cond", str(path))
+        return load_rgb(data, "cond", str(path), max_pixels=None)
     except Skip as e:
         raise ConditionImageError(path, e.detail.removeprefix(f"{path}: ")) from None
 
