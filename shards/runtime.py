@@ -59,16 +59,39 @@ def rank_tag() -> str:
 _terminating = False
 
 
+# The first stop signal received (SIGINT, SIGTERM, SIGHUP), kept: its exception may be raised where
+# Python swallows it (inside a __del__, e.g. a DataLoader iterator's as an epoch ends, it only
+# prints "Exception ignored"), and `raise_if_stopped` raises it again where the work can unwind.
+_stopped: int | None = None
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
     # Once: a rank of a launcher often gets two stop signals (the launcher's, and the kernel's
     # parent-death signal when the launcher is gone). A second `Terminated` raised inside the
     # clean-up the first one started (a logging lock, a loader's __del__) would only print
     # "Exception ignored" tracebacks; the watchdog still bounds how long the clean-up may take.
-    global _terminating
+    global _terminating, _stopped
     if _terminating:
         return
     _terminating = True
+    _stopped = _stopped or signum
     raise Terminated(signum)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGINT (Ctrl-C): KeyboardInterrupt, as Python's own handler, remembered."""
+    global _stopped
+    _stopped = _stopped or signum
+    raise KeyboardInterrupt
+
+
+def raise_if_stopped() -> None:
+    """Raise the stop a signal asked for, if one came and its exception was swallowed. Loops call
+    this once per step: Ctrl-C or SIGTERM always ends the work, whenever it arrives."""
+    if _stopped == signal.SIGINT:
+        raise KeyboardInterrupt
+    if _stopped is not None:
+        raise Terminated(_stopped)
 
 
 def die_with_parent() -> bool:
@@ -123,6 +146,7 @@ def install_process_guards() -> None:
     under a launcher, die with it. Call once, from the main thread, first thing."""
     for sig in _HANDLED:
         signal.signal(sig, _raise_terminated)
+    signal.signal(signal.SIGINT, _interrupt)
     read, write = os.pipe()
     os.set_blocking(write, False)
     signal.set_wakeup_fd(write, warn_on_full_buffer=False)

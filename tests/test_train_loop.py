@@ -366,6 +366,27 @@ def test_refuses_other_encoders_unless_accepted(cache, tmp_path):
     assert result.global_step == 1 and (tmp_path / "accepted/diffusion_pytorch_model.safetensors").is_file()
 
 
+def test_a_ctrl_c_swallowed_by_a_destructor_still_stops_training(tiny_model, cache, tmp_path, monkeypatch):
+    """Ctrl-C arriving while a DataLoader iterator is being torn down (an epoch's end) raises its
+    KeyboardInterrupt inside a __del__, where Python only prints "Exception ignored": the signal
+    is remembered, and the next step raises it again, so the run stops instead of training on."""
+    import signal
+
+    from shards import runtime
+
+    class Swallows:
+        def __del__(self):
+            runtime._interrupt(signal.SIGINT, None)
+
+    monkeypatch.setattr(runtime, "_stopped", None)
+    Swallows()  # made and dropped at once: its __del__'s KeyboardInterrupt is printed, not raised
+    assert runtime._stopped == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_model, cache, tmp_path / "out", max_steps=3))
+    metrics = tmp_path / "out" / "logs" / "metrics.jsonl"
+    assert not metrics.exists() or not [line for line in metrics.read_text().splitlines() if '"loss"' in line]
+
+
 def test_an_accepted_encoder_mismatch_is_not_suggested_again_when_something_else_refuses():
     from train.checks import refusal_message
 

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from shards.runtime import raise_if_stopped
 from train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from train.config import TrainConfig, resolve
 from train.ema import EMA, EMASpec
@@ -387,6 +388,7 @@ def fit(s: Session) -> Fit:
             log.info(epoch.stats.describe())  # what the epoch uses and drops, and why
             batch_iter = DeviceBatches(iter(loader), device, prefetch=cfg.prefetch)
             while state.batches_done < batches and state.global_step < total:
+                raise_if_stopped()  # a Ctrl-C swallowed in a loader's clean-up still stops the run
                 group = min(cfg.gradient_accumulation_steps, batches - state.batches_done)
                 loss_sum = torch.zeros((), device=device)
                 data_wait = 0.0
