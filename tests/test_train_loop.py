@@ -440,6 +440,22 @@ def test_refuses_to_overwrite_a_run_without_resume(tiny_model, cache, run_a):
                               "--output-dir")
 
 
+def test_resume_none_starts_over_with_the_earlier_checkpoints_set_aside(tiny_model, cache, run_a, tmp_path):
+    """Left in place, run A's step-3 and step-4 would outlive a new 2-step run's pruning and be
+    what --resume latest picks: they move aside, kept, and the new run's checkpoints are alone."""
+    from train.checkpoint import resolve_resume, step_folders
+
+    out = Path(shutil.copytree(run_a[0], tmp_path / "out"))
+    assert [p.name for p in step_folders(out)] == ["step-000003", "step-000004"]
+    result = train(_cfg(tiny_model, cache, out, max_steps=2, checkpointing_steps=1, checkpoints_total_limit=2,
+                        resume="none"))
+    assert result.global_step == 2
+    assert [p.name for p in step_folders(out)] == ["step-000001", "step-000002"]
+    aside = sorted(out.glob("checkpoints-replaced-*"))
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step-000003", "step-000004"]
+    assert resolve_resume("latest", out, warn=print).name == "step-000002"
+
+
 def test_refuses_a_validation_resolution_the_adapter_cannot_render(tiny_model, fill_data, cache, tmp_path):
     """The tiny UNet's coarsest adapter feature is at latent/4 = 1/32 of the image: 48 px would
     fail inside the pipeline at the first validation, hours in; refused at start instead."""

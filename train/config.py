@@ -208,7 +208,7 @@ class TrainConfig:
                                                 "raised to 2). Default keeps 3.", "checkpoints")
     resume: str | None = _f(None, "'latest' (newest complete checkpoint in OUT/checkpoints, or a fresh start when "
                                   "there is none), a checkpoint folder, or 'none' (start over although OUT holds "
-                                  "checkpoints).", "checkpoints", aliases=["--resume-from-checkpoint"],
+                                  "checkpoints: they move to OUT/checkpoints-replaced-<UTC time>).", "checkpoints", aliases=["--resume-from-checkpoint"],
                             metavar="latest|none|DIR")
 
     # --- validation -----------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from train import checks
 from train.checkpoint import (
     Checkpoint,
     CheckpointError,
+    checkpoints_dir,
     read_checkpoint,
     resolve_resume,
     resume_problems,
@@ -387,6 +388,8 @@ def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
         if differences:
             log.warning("--accept-encoder-mismatch: training on a cache encoded with other encoders:\n%s",
                         "\n".join(f"  - {d}" for d in differences))
+        if cfg.resume == "none" and main:
+            set_aside_old_checkpoints(out, log)
         finished = (ckpt is not None and ckpt.state.global_step == plan.total_steps
                     and (out / "diffusion_pytorch_model.safetensors").is_file())
         evaluator = make_evaluator(cfg, plan, store)
@@ -401,4 +404,23 @@ def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
         raise
 
 
-__all__ = ["Plan", "Startup", "agree", "make_plan", "optimizer_steps", "refusal", "start"]
+def set_aside_old_checkpoints(out: Path, log) -> Path | None:
+    """--resume none in a folder holding an earlier run's checkpoints: they move to
+    `checkpoints-replaced-<UTC time>` beside it, kept but out of the way, so that the new run's
+    pruning and a later --resume latest see the new run's checkpoints only (left in place, an
+    old step-000006 outlived a new 4-step run and was resumed as its end)."""
+    from datetime import datetime, timezone
+
+    old = step_folders(out)
+    if not old:
+        return None
+    folder = checkpoints_dir(out)
+    aside = folder.with_name(f"{folder.name}-replaced-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}")
+    folder.rename(aside)
+    log.warning("--resume none: the earlier run's %d checkpoint(s) (%s ... %s) moved to %s; delete that folder when "
+                "you no longer need them", len(old), old[0].name, old[-1].name, aside)
+    return aside
+
+
+__all__ = ["Plan", "Startup", "agree", "make_plan", "optimizer_steps", "refusal", "set_aside_old_checkpoints",
+           "start"]
