@@ -97,12 +97,13 @@ def test_an_output_folder_of_something_else_is_refused(tmp_path):
     out.mkdir()
     (out / "README.md").write_text("my notes")
     (out / "config.json").write_text("{}")
+    (out / "logs").mkdir()  # many projects have one: no sign of a run
     with pytest.raises(ConfigError) as err:
         _cfg(tmp_path, output_dir=str(out)).validate(cuda_available=False)
     assert err.value.problems == [
-        f"--output-dir {out}: the folder holds files of something else (README.md, config.json) and no training run "
-        "(no .lock, train_config.json, logs, checkpoints); training would write over or among them: choose a new or "
-        "empty folder"]
+        f"--output-dir {out}: the folder holds files of something else (README.md, config.json, logs) and no "
+        "training run (no .lock, train_config.json, checkpoints, logs/metrics.jsonl); training would write over or "
+        "among them: choose a new or empty folder"]
     assert (out / "README.md").read_text() == "my notes"
     # A cache folder is something else too; an empty folder, a new one and an earlier run's are fine.
     cache = tmp_path / "cache"
@@ -114,7 +115,10 @@ def test_an_output_folder_of_something_else_is_refused(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "README.md").write_text("the card")
-    for ok in ("empty", "new", "run"):
+    logged = tmp_path / "logged"  # a run killed before its first checkpoint: its metrics are the sign
+    (logged / "logs").mkdir(parents=True)
+    (logged / "logs" / "metrics.jsonl").write_text("")
+    for ok in ("empty", "new", "run", "logged"):
         assert _cfg(tmp_path, output_dir=str(tmp_path / ok)).validate(cuda_available=False) == []
 
 

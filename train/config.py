@@ -71,18 +71,20 @@ def _foreign_folder_problem(out: Path) -> str | None:
     """A problem when `out` holds files but is no training run's folder: training writes README.md,
     config.json and more there and would replace a user's files of those names, or mix its own
     into a cache or a dataset. A run's folder has what only a run puts there: its lock (taken
-    first), logs, checkpoints or train_config.json."""
+    first), train_config.json, checkpoints/ or logs/metrics.jsonl (a bare logs/ folder is no
+    sign: many projects have one)."""
     from shards.lock import LOCK_FILE
     from train.checkpoint import CHECKPOINT_DIR
-    from train.metrics import LOGS_DIR
+    from train.metrics import LOGS_DIR, METRICS_FILE
     from train.outputs import TRAIN_CONFIG_FILE
 
     try:
         names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        has_metrics = (out / LOGS_DIR / METRICS_FILE).is_file()
     except OSError:
         return None  # writable_problem speaks of access
-    markers = (LOCK_FILE, TRAIN_CONFIG_FILE, LOGS_DIR, CHECKPOINT_DIR)
-    if not names or any(m in names for m in markers):
+    markers = (LOCK_FILE, TRAIN_CONFIG_FILE, CHECKPOINT_DIR, f"{LOGS_DIR}/{METRICS_FILE}")
+    if not names or has_metrics or any(m in names for m in markers):
         return None
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     return (f"the folder holds files of something else ({shown}) and no training run (no "
@@ -208,8 +210,8 @@ class TrainConfig:
                                                 "raised to 2). Default keeps 3.", "checkpoints")
     resume: str | None = _f(None, "'latest' (newest complete checkpoint in OUT/checkpoints, or a fresh start when "
                                   "there is none), a checkpoint folder, or 'none' (start over although OUT holds "
-                                  "checkpoints: they move to OUT/checkpoints-replaced-<UTC time>).", "checkpoints", aliases=["--resume-from-checkpoint"],
-                            metavar="latest|none|DIR")
+                                  "checkpoints: they move to OUT/checkpoints-replaced-<UTC time>).", "checkpoints",
+                            aliases=["--resume-from-checkpoint"], metavar="latest|none|DIR")
 
     # --- validation -----------------------------------------------------------------------------
     validation_image: tuple[str, ...] = _f((), "Conditioning image for validation (repeatable, or several after one "
