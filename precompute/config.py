@@ -55,6 +55,31 @@ def _is_url(path: str) -> bool:
     return "://" in path or path.startswith("pipe:")
 
 
+def _foreign_cache_folder_problems(shown: str, path: Path, data: str | None) -> list[str]:
+    """A local --cache folder that holds files of something else (a dataset given as the cache
+    by mistake), or that is the dataset or holds it: a cache's files would be written among
+    them, and `shards gc --orphans` could take input tars named like shards for its own."""
+    from shards import schema
+    from shards.store import LOCAL_STAGING, TEMP_PREFIX
+
+    if data and "://" not in data:
+        source = Path(data.split("{", 1)[0]).expanduser().absolute()  # a brace pattern: its folder part
+        if source == path or path in source.parents:
+            return [f"--cache {shown}: the dataset ({data}) is in that folder: a cache is a folder of its own"]
+    try:
+        names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    except OSError:
+        return []  # writable_problem speaks of access
+    ours = {schema.MANIFEST_FILE, schema.IDENTITY_FILE, schema.EMPTY_PROMPT_FILE, schema.SHARD_DIR, schema.RECORD_DIR,
+            LOCAL_STAGING}
+    foreign = [n for n in names if n not in ours and not n.startswith(TEMP_PREFIX)]
+    if not foreign:
+        return []
+    shown_names = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+    return [f"--cache {shown}: the folder holds files that are no cache's ({shown_names}); precompute would write "
+            "among them: choose a new or empty folder"]
+
+
 def _nearest_existing(path: Path) -> Path:
     p = path
     while not p.exists() and p != p.parent:
@@ -344,7 +369,7 @@ class PrecomputeConfig:
         problem = writable_problem(base)
         if problem:
             return [f"--cache {self.cache}: {base}: {problem}"]
-        return []
+        return _foreign_cache_folder_problems(self.cache, path, self.data)
 
     def _device_problems(self) -> list[str]:
         kind = self.device.split(":", 1)[0]

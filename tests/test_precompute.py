@@ -478,6 +478,26 @@ def test_an_unwritable_cache_url_is_a_start_time_problem(tiny_model, fill_data, 
     assert err.value.problems[0].startswith(problem), err.value.problems
 
 
+def test_a_cache_folder_of_something_else_is_refused(tiny_model, fill_data, tmp_path):
+    """The dataset given as the cache by mistake, a folder that holds the dataset, or one of other
+    files: refused before anything is written (a cache's files would land among them)."""
+    before = sorted(p.relative_to(fill_data) for p in fill_data.rglob("*"))
+    for cache in (fill_data, fill_data.parent):
+        with pytest.raises(ConfigError) as err:
+            run(_cfg(tiny_model, fill_data, cache))
+        assert f"--cache {cache}: the dataset ({fill_data}) is in that folder: a cache is a folder of its own" \
+            in err.value.problems
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(ConfigError) as err:
+        run(_cfg(tiny_model, fill_data, notes))
+    assert err.value.problems == [f"--cache {notes}: the folder holds files that are no cache's (todo.txt); precompute "
+                                  "would write among them: choose a new or empty folder"]
+    assert sorted(p.relative_to(fill_data) for p in fill_data.rglob("*")) == before
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+
+
 def test_resolution_must_be_a_multiple_of_the_model_granularity(tiny_model, fill_data, tmp_path):
     with pytest.raises(ConfigError) as err:
         run(_cfg(tiny_model, fill_data, tmp_path / "c", resolution=48))
