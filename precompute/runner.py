@@ -651,14 +651,15 @@ def _check_inputs_early(settings: Settings, store: Store, source: Source, state)
 
 
 def _prepare_cache(cfg: PrecomputeConfig, store: Store, source: Source, prompt: PromptEncoder, identity: CacheIdentity,
-                   state, early: _InputCheck | None = None) -> tuple[list[int], Drops]:
+                   state, early: _InputCheck | None = None) -> tuple[list[int], Drops, CacheIdentity]:
     """Identity check, the one-time writes and clean-up, the input checks and the plan. Returns
-    the pending shard indices and the items --dedupe drops, the same on every process. `early`:
-    rank 0's input check, already made before the model loaded (`_check_inputs_early`)."""
+    the pending shard indices and the items --dedupe drops, the same on every process, and the
+    identity in effect (the stored one's names for the same encoder weights). `early`: rank 0's
+    input check, already made before the model loaded (`_check_inputs_early`)."""
     # Every process checks (rank 0 also writes a missing identity) before anyone writes anything
     # else, so a refusal stops all of them together instead of leaving some at a collective.
     if state.is_main_process or read_identity(store) is not None:
-        ensure_identity(store, identity)
+        identity = ensure_identity(store, identity, may_replace=state.is_main_process)
     _remove_leftovers(store, cfg.tmp_dir, state)
     n = source.num_units()
     status, plan = 0, None  # rank 0: 1 = refused (stale inputs); plan = done flags + drops
@@ -695,7 +696,7 @@ def _prepare_cache(cfg: PrecomputeConfig, store: Store, source: Source, prompt: 
         raise problem or PrecomputeError("the main process refused to continue (its message says why)")
     done, flat = plan[1 : n + 1], plan[n + 1 :]
     drops = {(flat[k], flat[k + 1]): (flat[k + 2], flat[k + 3]) for k in range(0, len(flat), 4)}
-    return [i for i, d in enumerate(done) if not d], drops
+    return [i for i, d in enumerate(done) if not d], drops, identity
 
 
 class ProgressLines:
@@ -862,7 +863,7 @@ def run(cfg: PrecomputeConfig) -> Summary:
             encoder=encoder_identity, latent=asdict(latent.info), text=asdict(prompt.info), source=source.describe(),
         ))
 
-        pending, drops = _prepare_cache(cfg, store, source, prompt, identity, state, early)
+        pending, drops, identity = _prepare_cache(cfg, store, source, prompt, identity, state, early)
         n = source.num_units()
         info("%s: %d shard(s) planned from %s, %d already complete, %d to encode", store.url, n,
              source.describe().get("path") or source.describe().get("dataset"), n - len(pending), len(pending))
@@ -916,7 +917,9 @@ def run(cfg: PrecomputeConfig) -> Summary:
                 reasons = ", ".join(f"{r} {k}" for r, k in sorted(totals["skipped"].items())) or "no source items"
                 raise PrecomputeError(
                     f"{store.url}: no samples in the cache: every item was skipped ({reasons}). The counts and "
-                    "examples are in its manifest.json; check --resolution, --min-size, --max-aspect and the columns."
+                    "examples are in its manifest.json; check --resolution, --min-size, --max-aspect and the columns, "
+                    "then run precompute again with the fixed settings (into this same folder: it holds no sample, "
+                    "so the new settings replace the old)."
                 )
         return summary
     finally:

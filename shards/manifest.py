@@ -494,15 +494,78 @@ def write_identity(store: "Store", identity: CacheIdentity) -> None:
     store.write_bytes(schema.IDENTITY_FILE, _dumps(identity.to_dict()))
 
 
-def ensure_identity(store: "Store", identity: CacheIdentity) -> None:
-    """Write identity.json if the cache has none; refuse (listing every difference) if it differs."""
+# The encoder's names (a folder or a hub id, spelled as the user typed it): with every fingerprint
+# equal, another spelling of the same weights (a relative path, a local snapshot of a hub id) is the
+# same cache.
+_ENCODER_NAMES = ("model", "revision", "vae")
+_ENCODER_FINGERPRINTS = ("vae_fingerprint", "text_encoder_fingerprint", "text_encoder_2_fingerprint",
+                         "tokenizer_fingerprint", "tokenizer_2_fingerprint")
+
+
+def _shards_of_no_samples(store: "Store") -> list[int] | None:
+    """The indices of the cache's shards when each has a valid record of 0 samples (none at all:
+    []), else None: a shard with samples, a shard without a record or an unreadable record may
+    hold work, and nothing is replaced."""
+    shards, records = store.list(schema.SHARD_DIR), store.list(schema.RECORD_DIR)
+    indices = []
+    for rel in records:
+        digits = rel.rsplit("/", 1)[-1].removeprefix("shard-").removesuffix(".json")
+        if not digits.isdigit() or schema.record_name(int(digits)) != rel:
+            return None
+        try:
+            if read_record(store, int(digits)).samples != 0:
+                return None
+        except (FileNotFoundError, ManifestError):
+            return None
+        indices.append(int(digits))
+    if any(rel not in {schema.shard_name(i) for i in indices} for rel in shards):
+        return None  # a shard without a record: it may hold samples
+    return indices
+
+
+def ensure_identity(store: "Store", identity: CacheIdentity, *, may_replace: bool = True) -> CacheIdentity:
+    """Write identity.json if the cache has none; refuse (listing every difference) if it differs,
+    except in what names the same encoder weights (the stored names are kept: the identity in
+    effect is returned), and unless no sample was built yet (an identity alone, left by a run
+    stopped before its first shard, or shards of no samples, left by one that skipped every
+    item): then, if `may_replace` (the main process), the new identity replaces the old, and those
+    empty shards and their records go, so that the new settings build them; the other processes
+    leave that to it."""
+    import logging
+
     old = read_identity(store)
     if old is None:
+        if may_replace:
+            write_identity(store, identity)
+        return identity
+    new = identity.to_dict()
+    diff = identity_diff(old, new)
+    old_enc, new_enc = old.get("encoder") or {}, new.get("encoder") or {}
+    if all(old_enc.get(k) and old_enc.get(k) == new_enc.get(k) for k in _ENCODER_FINGERPRINTS):
+        named = [d for d in diff if d.startswith(tuple(f"encoder.{k}:" for k in _ENCODER_NAMES))]
+        if named:
+            diff = [d for d in diff if d not in named]
+            identity = CacheIdentity.from_dict({**new, "encoder": {**new_enc, **{k: old_enc.get(k)
+                                                                                   for k in _ENCODER_NAMES}}})
+    try:
+        empty = _shards_of_no_samples(store) if diff else None
+    except FileNotFoundError:  # the main process is replacing it right now
+        empty = [] if not may_replace else None
+    if empty is not None and not may_replace:
+        return identity
+    if empty is not None:
+        logging.getLogger(__name__).warning(
+            "%s: no sample was built with its earlier settings (%d shard(s) of 0 samples): its identity is replaced by "
+            "this run's, which differs in: %s", store.url, len(empty), "; ".join(diff))
+        store.delete(schema.MANIFEST_FILE)  # the record of a run that built nothing
+        for index in empty:
+            store.delete(schema.record_name(index))  # records first: a shard without one is "not done"
+            store.delete(schema.shard_name(index))
         write_identity(store, identity)
-        return
-    diff = identity_diff(old, identity.to_dict())
+        return identity
     if diff:
         raise ManifestError(
             f"{store.url} was built with different settings or encoders; refusing to mix them "
             f"(use another cache folder, or delete this one to rebuild it):\n  " + "\n  ".join(diff)
         )
+    return identity

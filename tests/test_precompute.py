@@ -143,12 +143,25 @@ def test_fill_cache_contents_equal_the_encoders(tiny_model, fill_data, run_cache
     assert torch.equal(empty_pe, ref[0].to(torch.bfloat16)) and torch.equal(empty_pooled, ref[1].to(torch.bfloat16))
 
 
-def test_rerun_of_a_complete_cache_changes_nothing(tiny_model, fill_data, run_cache):
+def test_rerun_of_a_complete_cache_changes_nothing(tiny_model, fill_data, run_cache, tmp_path):
     cache, _ = run_cache
     before = _files(cache)
     summary = run(_cfg(tiny_model, fill_data, cache, num_workers=0, strict=True))  # run-only settings may differ
     assert (summary.shards_resumed, summary.shards_written, summary.samples_written) == (3, 0, 0)
     assert _files(cache) == before
+    # The same weights by another path (a link, as a mount or a local snapshot of a hub id would
+    # spell them): the same cache, by the fingerprints; the identity keeps its first spelling.
+    cache = Path(shutil.copytree(cache, tmp_path / "cache"))
+    alias = tmp_path / "same-model-elsewhere"
+    alias.symlink_to(tiny_model, target_is_directory=True)
+    summary = run(_cfg(alias, fill_data, cache, num_workers=0))
+    assert (summary.shards_resumed, summary.shards_written) == (3, 0)
+    after = _files(cache)
+    assert {k: v for k, v in after.items() if k != "manifest.json"} == \
+        {k: v for k, v in before.items() if k != "manifest.json"}
+    # The manifest records this run's command (its config) and the identity as first written.
+    assert json.loads(after["manifest.json"])["identity"] == json.loads(before["manifest.json"])["identity"]
+    verify_cache(open_store(cache), Manifest.load(open_store(cache)))
 
 
 def test_resume_re_encodes_byte_identically_and_refuses_another_batch_size(tiny_model, fill_data, run_cache,
@@ -702,6 +715,11 @@ def test_a_cache_where_every_item_was_skipped_is_an_error(tiny_model, fill_data,
     assert "image_too_small 16" in str(err.value)
     manifest = Manifest.load(open_store(cache))  # the record of why stays inspectable
     assert manifest.totals["samples"] == 0 and manifest.totals["skipped"] == {"image_too_small": 16}
+    assert "run precompute again with the fixed settings (into this same folder" in str(err.value)
+    # The fixed settings into the same folder: it holds no sample, so they replace the old ones.
+    summary = run(_cfg(tiny_model, fill_data, cache))
+    assert summary.samples_written == 16
+    assert Manifest.load(open_store(cache)).identity.geometry.min_size is None
 
 
 def test_a_resolution_off_the_model_granularity_suggests_one_that_fits(tiny_model, fill_data, tmp_path):

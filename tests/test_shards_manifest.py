@@ -17,7 +17,7 @@ from shards.manifest import (
     read_identity,
 )
 from shards.stores import open_store
-from shards.synthetic import synthetic_identity
+from shards.synthetic import synthetic_identity, write_synthetic_cache
 
 
 def record(index, samples, nbytes, skipped=None):
@@ -123,17 +123,29 @@ def test_identity_diff_lists_every_difference_with_dotted_paths():
     assert identity_diff({"a": 1}, {"a": True}) == ["a: 1 != True"]
 
 
-def test_ensure_identity_writes_then_refuses_a_different_one(tmp_path):
-    store = open_store(tmp_path)
+def test_ensure_identity_writes_then_refuses_a_different_one(tmp_path, caplog):
+    store = open_store(tmp_path / "c")
     ident = synthetic_identity()
     assert read_identity(store) is None
     ensure_identity(store, CacheIdentity.from_dict(ident))
     ensure_identity(store, CacheIdentity.from_dict(ident))  # same identity: fine (a resumed run)
     assert read_identity(store) == ident
     other = synthetic_identity(resolution=128, prompt_dim=2048)
-    with pytest.raises(ManifestError, match=r"refusing to mix them") as e:
+    # Nothing built yet (a run stopped before its first shard): the new settings replace the old...
+    assert ensure_identity(store, CacheIdentity.from_dict(other), may_replace=False).to_dict() == other  # not rank 0
+    assert read_identity(store) == ident
+    with caplog.at_level("WARNING", logger="shards.manifest"):
         ensure_identity(store, CacheIdentity.from_dict(other))
+    assert read_identity(store) == other and "its identity is replaced by this run's" in caplog.text
+    # ...but once a sample is built, another identity is refused, every difference listed.
+    built = open_store(tmp_path / "built")
+    write_synthetic_cache(built, shards=1, samples_per_shard=2)
+    ident = read_identity(built)
+    other = {**ident, "geometry": {**ident["geometry"], "resolution": 128}, "text": {**ident["text"], "prompt_dim": 2048}}
+    with pytest.raises(ManifestError, match=r"refusing to mix them") as e:
+        ensure_identity(built, CacheIdentity.from_dict(other))
     assert "geometry.resolution: 64 != 128" in str(e.value) and "text.prompt_dim: 64 != 2048" in str(e.value)
+    assert read_identity(built) == ident
 
 
 def test_a_version_1_manifest_still_loads_and_its_copies_must_agree(tmp_path):
