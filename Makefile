@@ -126,14 +126,19 @@ precompute: install $(DEPS) ## encode DATA with MODEL into CACHE (defaults: tiny
 # train runs precompute first when CACHE has no manifest yet (so `make train DATA=... CACHE=...`
 # is one command; that precompute takes PRECOMPUTE_ARGS, ARGS are train's); an existing cache is
 # never re-encoded, whatever the train settings.
+# Settings that make a cache, given to make train when CACHE is one already: said, not silently dropped.
+UNUSED_NOTE = echo "make train: $(CACHE) is a cache already, so DATA, DATASET, RESOLUTION and PRECOMPUTE_ARGS \
+	(which make one) are not used; a new CACHE uses them"
 train: install $(if $(MODEL),,$(TINY)/model_index.json) ## train an adapter on CACHE into OUT (precomputes a missing CACHE first)
-	@why=$$($(PY) -m shards ls $(CACHE) 2>&1 >/dev/null) || case "$$why" in \
+	@if why=$$($(PY) -m shards ls $(CACHE) 2>&1 >/dev/null); then \
+		$(if $(DATA)$(DATASET)$(RESOLUTION)$(PRECOMPUTE_ARGS),$(UNUSED_NOTE);) true; \
+	else case "$$why" in \
 		*"no manifest.json in"*|*": no such folder"*) \
 			echo "make train: $(CACHE) has no manifest yet: running precompute first"; \
 			$(MAKE) --no-print-directory precompute ARGS= || exit $$?;; \
 		*) echo "$$why" >&2; \
 			echo "make train: cannot read $(CACHE) (above), so precompute is not started into it" >&2; exit 1;; \
-	esac
+	esac; fi
 	$(LAUNCH) train --config configs/$(PRESET)/train.toml --model $(MODEL_ARG) --cache $(CACHE) \
 		--output-dir $(OUT) $(if $(STEPS),--max-steps $(STEPS)) $(if $(BATCH),--batch-size $(BATCH)) \
 		$(if $(LR),--learning-rate $(LR)) $(if $(CKPT_EVERY),--checkpointing-steps $(CKPT_EVERY)) \

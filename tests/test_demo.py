@@ -84,6 +84,9 @@ def test_make_train_precomputes_a_missing_cache_once(tiny_model, fill_data, tmp_
                             timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "running precompute" not in second.stdout and manifest.stat().st_mtime_ns == stamp
+    assert (f"make train: {cache} is a cache already, so DATA, DATASET, RESOLUTION and PRECOMPUTE_ARGS (which make "
+            "one) are not used") in second.stdout  # said, not silently dropped
+    assert "is a cache already" not in first.stdout
     config = json.loads((out / "b" / "train_config.json").read_text())
     assert (config["learning_rate"], config["max_steps"], config["batch_size"]) == (3e-4, 3, 2)
     # A cache that cannot be read (here: a file; in the field, a wrong key or a server that is
