@@ -36,6 +36,11 @@ NODE_RANK   ?= 0
 MASTER_ADDR ?= 127.0.0.1
 PORT        ?= 29511
 MASTER_PORT ?= $(PORT)
+# Counts are whole numbers, said here rather than as a launcher's traceback.
+$(foreach v,NPROC NNODES,$(if $(shell [ "$($(v))" -ge 1 ] 2>/dev/null && echo ok),,\
+	$(error $(v)=$($(v)) is not a whole number >= 1)))
+$(if $(shell [ "$(NODE_RANK)" -ge 0 ] 2>/dev/null && [ "$(NODE_RANK)" -lt "$(NNODES)" ] && echo ok),,\
+	$(error NODE_RANK=$(NODE_RANK) is not one of 0 .. NNODES-1 ($(NNODES) node(s))))
 
 # --- the offline demo assets --------------------------------------------------------------------
 TINY      := cache/tiny-sdxl
@@ -43,7 +48,9 @@ FILL      := cache/fill-data
 FILL_N    ?= 128
 
 MODEL_ARG := $(if $(MODEL),$(MODEL),$(TINY))
-DATA_ARG  := $(if $(DATASET),--dataset-name $(DATASET),--data $(if $(DATA),$(DATA),$(FILL)))
+# Paths are quoted in the commands: a brace pattern ('{00000..00099}.tar') reaches precompute as
+# written, and a path may hold spaces.
+DATA_ARG  := $(if $(DATASET),--dataset-name '$(DATASET)',--data '$(if $(DATA),$(DATA),$(FILL))')
 DEPS      := $(if $(MODEL),,$(TINY)/model_index.json) $(if $(DATA)$(DATASET),,$(FILL)/prompt.json)
 
 # One process: plain python. Several (NPROC x NNODES): accelerate launch (NCCL on GPUs; gloo on a
@@ -55,15 +62,15 @@ LAUNCH  = $(if $(filter 1,$(WORLD)),$(PY) -m,\
 	--num_processes $(WORLD) --num_machines $(NNODES) --machine_rank $(NODE_RANK) \
 	--main_process_ip $(MASTER_ADDR) --main_process_port $(MASTER_PORT) -m)
 
-PRECOMPUTE = $(LAUNCH) precompute --config configs/$(PRESET)/precompute.toml --model $(MODEL_ARG) \
-	$(DATA_ARG) --cache $(CACHE) $(if $(RESOLUTION),--resolution $(RESOLUTION)) $(PRECOMPUTE_ARGS)
+PRECOMPUTE = $(LAUNCH) precompute --config configs/$(PRESET)/precompute.toml --model '$(MODEL_ARG)' \
+	$(DATA_ARG) --cache '$(CACHE)' $(if $(RESOLUTION),--resolution $(RESOLUTION)) $(PRECOMPUTE_ARGS)
 
 .PHONY: help install install-check test test-fast demo precompute train tiny fill verify bench bench-gpu gpu-wheels clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 	@echo "  variables: MODEL DATA DATASET CACHE OUT PRESET RESOLUTION STEPS BATCH LR CKPT_EVERY RESUME ARGS PRECOMPUTE_ARGS"
-	@echo "             NPROC NNODES NODE_RANK MASTER_ADDR MASTER_PORT"
+	@echo "             NPROC NNODES NODE_RANK MASTER_ADDR MASTER_PORT (or PORT) TEST_WORKERS TEST_ARGS"
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -130,7 +137,7 @@ precompute: install $(DEPS) ## encode DATA with MODEL into CACHE (defaults: tiny
 UNUSED_NOTE = echo "make train: $(CACHE) is a cache already, so DATA, DATASET, RESOLUTION and PRECOMPUTE_ARGS \
 	(which make one) are not used; a new CACHE uses them"
 train: install $(if $(MODEL),,$(TINY)/model_index.json) ## train an adapter on CACHE into OUT (precomputes a missing CACHE first)
-	@if why=$$($(PY) -m shards ls $(CACHE) 2>&1 >/dev/null); then \
+	@if why=$$($(PY) -m shards ls '$(CACHE)' 2>&1 >/dev/null); then \
 		$(if $(DATA)$(DATASET)$(RESOLUTION)$(PRECOMPUTE_ARGS),$(UNUSED_NOTE);) true; \
 	else case "$$why" in \
 		*"no manifest.json in"*|*": no such folder"*) \
@@ -139,13 +146,13 @@ train: install $(if $(MODEL),,$(TINY)/model_index.json) ## train an adapter on C
 		*) echo "$$why" >&2; \
 			echo "make train: cannot read $(CACHE) (above), so precompute is not started into it" >&2; exit 1;; \
 	esac; fi
-	$(LAUNCH) train --config configs/$(PRESET)/train.toml --model $(MODEL_ARG) --cache $(CACHE) \
-		--output-dir $(OUT) $(if $(STEPS),--max-steps $(STEPS)) $(if $(BATCH),--batch-size $(BATCH)) \
+	$(LAUNCH) train --config configs/$(PRESET)/train.toml --model '$(MODEL_ARG)' --cache '$(CACHE)' \
+		--output-dir '$(OUT)' $(if $(STEPS),--max-steps $(STEPS)) $(if $(BATCH),--batch-size $(BATCH)) \
 		$(if $(LR),--learning-rate $(LR)) $(if $(CKPT_EVERY),--checkpointing-steps $(CKPT_EVERY)) \
 		$(if $(RESUME),--resume $(RESUME)) $(ARGS)
 
 verify: install ## re-read every shard of CACHE and check it against the manifest
-	$(PY) -m shards verify $(CACHE)
+	$(PY) -m shards verify '$(CACHE)'
 
 DEMO_CACHE := cache/demo
 DEMO_OUT   := runs/demo

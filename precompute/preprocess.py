@@ -278,7 +278,7 @@ def geometry_problems(
     if min_size is not None and (not isinstance(min_size, int) or min_size < 0):
         problems.append(f"--min-size must be an integer >= 0 (0 = upscale anything) or unset, got {min_size!r}")
     if max_aspect is not None and not (isinstance(max_aspect, (int, float)) and max_aspect >= 1.0):
-        problems.append(f"--max-aspect must be a number >= 1 or unset (no limit), got {max_aspect!r}")
+        problems.append(f"--max-aspect must be a number >= 1, or 0 for no limit, got {max_aspect!r}")
     return problems
 
 

@@ -506,7 +506,9 @@ def _start(cfg: PrecomputeConfig) -> tuple[Settings, Source]:
                 fingerprint_mode=cfg.source_fingerprint,
             )
         except SourceError as e:
-            problems.append(f"--data {redact(cfg.data)}: {e}" if cfg.data else f"--dataset-name {cfg.dataset_name}: {e}")
+            what = f"--data {redact(cfg.data)}" if cfg.data else f"--dataset-name {cfg.dataset_name}"
+            message = str(e)
+            problems.append(message if message.startswith(f"{what}: ") else f"{what}: {message}")  # said once
     if problems:
         raise ConfigError(problems)
     assert settings is not None and source is not None
