@@ -34,9 +34,13 @@ _DATASET = ("belongs to precompute, which reads the dataset once into the cache;
 
 # Options of the reference script and of precompute that train does not take, with why.
 FOREIGN = {
-    **{name: Foreign(_FIXED_AT_PRECOMPUTE) for name in ("resolution", "detection_resolution")},
-    **{name: Foreign(f"{_FIXED_AT_PRECOMPUTE} (each sample records its own crop_top_left)")
+    "resolution": Foreign(_FIXED_AT_PRECOMPUTE),
+    # Reference options that have no effect in either stage: accepted with one line, as precompute does.
+    **{name: Foreign("each sample's crop_top_left (SDXL's micro-conditioning) comes from the crop precompute made, "
+                     "recorded in the cache", accepted=True)
        for name in ("crops_coords_top_left_h", "crops_coords_top_left_w")},
+    "detection_resolution": Foreign("the conditioning images are the cache's, taken (or computed, precompute's "
+                                    "--condition) at the training geometry", accepted=True),
     **{name: Foreign(_DATASET) for name in (
         "dataset_name", "dataset_config_name", "dataset_revision", "dataset_split", "train_data_dir", "data",
         "data_kind", "image_column", "conditioning_image_column", "caption_column")},
@@ -48,7 +52,8 @@ FOREIGN = {
     **{name: Foreign(_FIXED_AT_PRECOMPUTE, takes_value=False) for name in (
         "flip", "condition_soft", "allow_empty_captions", "follow_symlinks", "strict", "rebuild_stale",
         "verify_existing", "dedupe", "compile_vae")},
-    "trust_remote_code": Foreign(_DATASET, takes_value=False),
+    "trust_remote_code": Foreign("train reads only the cache; precompute reads datasets from their data files, and "
+                                 "no dataset script is ever run", takes_value=False, accepted=True),
     "enable_xformers_memory_efficient_attention": Foreign(
         "attention runs through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels), which "
         "is what xformers gave the reference", takes_value=False, accepted=True),
