@@ -658,15 +658,23 @@ def _prepare_cache(cfg: PrecomputeConfig, store: Store, source: Source, prompt: 
     the pending shard indices and the items --dedupe drops, the same on every process, and the
     identity in effect (the stored one's names for the same encoder weights). `early`: rank 0's
     input check, already made before the model loaded (`_check_inputs_early`)."""
-    # Every process checks (rank 0 also writes a missing identity) before anyone writes anything
-    # else, so a refusal stops all of them together instead of leaving some at a collective.
-    if state.is_main_process or read_identity(store) is not None:
-        identity = ensure_identity(store, identity, may_replace=state.is_main_process)
-    _remove_leftovers(store, cfg.tmp_dir, state)
-    n = source.num_units()
-    status, plan = 0, None  # rank 0: 1 = refused (stale inputs); plan = done flags + drops
-    problem = None
+    # Rank 0 decides on the identity before anyone writes anything else; its refusal reaches every
+    # process with the plan (status 1), so all of them stop together.
+    status, plan = 0, None  # rank 0: 1 = refused (identity, stale inputs); plan = done flags + drops
+    problem: Exception | None = None
     if state.is_main_process:
+        try:
+            identity, replaced = ensure_identity(store, identity)
+        except ManifestError as e:
+            status, problem = 1, e
+        else:
+            early = None if replaced else early  # its records were of the settings just replaced
+    if not status:
+        _remove_leftovers(store, cfg.tmp_dir, state)
+    n = source.num_units()
+    if state.is_main_process and status:
+        plan = [status]
+    elif state.is_main_process:
         if not store.exists(schema.EMPTY_PROMPT_FILE):
             pe, pooled = prompt([""])
             write_empty_prompt(store, pe, pooled, cfg.storage_dtype)

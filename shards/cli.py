@@ -197,9 +197,8 @@ def _orphans(store: Store) -> list[str]:
                                 "the manifest, so it must be readable (restore it, or remove it knowingly)") from None
     out = []
     for rel in store.list(schema.SHARD_DIR):
-        digits = rel.rsplit("/", 1)[-1].removeprefix("shard-").removesuffix(".tar")
-        index = int(digits) if digits.isdigit() else None
-        if index is None or schema.shard_name(index) != rel or rel in listed:  # not ours to judge
+        index = schema.index_of(rel)
+        if index is None or rel in listed:  # not ours to judge
             continue
         if not store.exists(schema.record_name(index)):
             out.append(rel)

@@ -506,38 +506,34 @@ def _shards_of_no_samples(store: "Store") -> list[int] | None:
     """The indices of the cache's shards when each has a valid record of 0 samples (none at all:
     []), else None: a shard with samples, a shard without a record or an unreadable record may
     hold work, and nothing is replaced."""
-    shards, records = store.list(schema.SHARD_DIR), store.list(schema.RECORD_DIR)
-    indices = []
-    for rel in records:
-        digits = rel.rsplit("/", 1)[-1].removeprefix("shard-").removesuffix(".json")
-        if not digits.isdigit() or schema.record_name(int(digits)) != rel:
-            return None
+    indices = [schema.index_of(rel, schema.RECORD_DIR) for rel in store.list(schema.RECORD_DIR)]
+    if None in indices:
+        return None
+    for index in indices:
         try:
-            if read_record(store, int(digits)).samples != 0:
+            if read_record(store, index).samples != 0:
                 return None
         except (FileNotFoundError, ManifestError):
             return None
-        indices.append(int(digits))
-    if any(rel not in {schema.shard_name(i) for i in indices} for rel in shards):
+    recorded = {schema.shard_name(i) for i in indices}
+    if any(rel not in recorded for rel in store.list(schema.SHARD_DIR)):
         return None  # a shard without a record: it may hold samples
     return indices
 
 
-def ensure_identity(store: "Store", identity: CacheIdentity, *, may_replace: bool = True) -> CacheIdentity:
+def ensure_identity(store: "Store", identity: CacheIdentity) -> tuple[CacheIdentity, bool]:
     """Write identity.json if the cache has none; refuse (listing every difference) if it differs,
-    except in what names the same encoder weights (the stored names are kept: the identity in
-    effect is returned), and unless no sample was built yet (an identity alone, left by a run
-    stopped before its first shard, or shards of no samples, left by one that skipped every
-    item): then, if `may_replace` (the main process), the new identity replaces the old, and those
-    empty shards and their records go, so that the new settings build them; the other processes
-    leave that to it."""
+    except in what names the same encoder weights (the stored names are kept), and unless no
+    sample was built yet (an identity alone, left by a run stopped before its first shard, or
+    shards of no samples, left by one that skipped every item): then the new identity replaces the
+    old, and those empty shards and their records go, so that the new settings build them.
+    Returns the identity in effect and whether an old one was replaced. One writer only (rank 0)."""
     import logging
 
     old = read_identity(store)
     if old is None:
-        if may_replace:
-            write_identity(store, identity)
-        return identity
+        write_identity(store, identity)
+        return identity, False
     new = identity.to_dict()
     diff = identity_diff(old, new)
     old_enc, new_enc = old.get("encoder") or {}, new.get("encoder") or {}
@@ -547,12 +543,7 @@ def ensure_identity(store: "Store", identity: CacheIdentity, *, may_replace: boo
             diff = [d for d in diff if d not in named]
             identity = CacheIdentity.from_dict({**new, "encoder": {**new_enc, **{k: old_enc.get(k)
                                                                                    for k in _ENCODER_NAMES}}})
-    try:
-        empty = _shards_of_no_samples(store) if diff else None
-    except FileNotFoundError:  # the main process is replacing it right now
-        empty = [] if not may_replace else None
-    if empty is not None and not may_replace:
-        return identity
+    empty = _shards_of_no_samples(store) if diff else None
     if empty is not None:
         logging.getLogger(__name__).warning(
             "%s: no sample was built with its earlier settings (%d shard(s) of 0 samples): its identity is replaced by "
@@ -562,10 +553,10 @@ def ensure_identity(store: "Store", identity: CacheIdentity, *, may_replace: boo
             store.delete(schema.record_name(index))  # records first: a shard without one is "not done"
             store.delete(schema.shard_name(index))
         write_identity(store, identity)
-        return identity
+        return identity, True
     if diff:
         raise ManifestError(
             f"{store.url} was built with different settings or encoders; refusing to mix them "
             f"(use another cache folder, or delete this one to rebuild it):\n  " + "\n  ".join(diff)
         )
-    return identity
+    return identity, False

@@ -175,11 +175,6 @@ class _CannotListUploads(Exception):
     """The server refuses to list multipart uploads (not implemented, or not permitted)."""
 
 
-def _is_shard(rel: str) -> bool:
-    """A cache-relative key of one of the cache's shards (the only files it uploads in parts)."""
-    return re.fullmatch(rf"{schema.SHARD_DIR}/shard-\d{{6,}}\.tar", rel) is not None
-
-
 class _Body:
     """A GET body read a piece at a time: each read returns what one network read brings (at most
     n bytes), within a read timeout, so the reader can tell a trickling server from a slow
@@ -571,7 +566,8 @@ class S3Store(Store):
                         "lifecycle rule or the server's own tools remove them", self.url, e)
                 return []
             out.extend((u["Key"], u["UploadId"]) for u in page.get("Uploads", [])
-                       if u["Key"].startswith(base) and _is_shard(self._rel(u["Key"])))
+                       # the cache's shards are the only files it uploads in parts
+                       if u["Key"].startswith(base) and schema.index_of(self._rel(u["Key"])) is not None)
             if not page.get("IsTruncated"):
                 return out
             kwargs.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))

@@ -83,6 +83,17 @@ def record_name(index: int) -> str:
     return f"{RECORD_DIR}/shard-{index:06d}.json"
 
 
+def index_of(rel: str, folder: str = SHARD_DIR) -> int | None:
+    """The index of `rel` when it is exactly `shard_name(i)` (folder SHARD_DIR) or `record_name(i)`
+    (RECORD_DIR), else None: any other file there is not the cache's to judge."""
+    name = rel.removeprefix(f"{folder}/")
+    digits = name.removeprefix("shard-").removesuffix(".tar" if folder == SHARD_DIR else ".json")
+    if not digits.isdigit():
+        return None
+    index = int(digits)
+    return index if (shard_name if folder == SHARD_DIR else record_name)(index) == rel else None
+
+
 def sample_key(shard_index: int, position: int) -> str:
     """Deterministic key of the `position`-th source item of planned shard `shard_index`.
 

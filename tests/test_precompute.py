@@ -32,7 +32,7 @@ from precompute.encoders import LatentEncoder, PromptEncoder
 from precompute.preprocess import to_model_input
 from precompute.runner import StrictSkipError, run
 from shards import schema
-from shards.manifest import Manifest, ManifestError
+from shards.manifest import Manifest, ManifestError, read_identity
 from shards.reader import iter_shard, load_empty_prompt
 from shards.stores import open_store
 from shards.verify import verify_cache
@@ -716,6 +716,21 @@ def test_a_cache_where_every_item_was_skipped_is_an_error(tiny_model, fill_data,
     manifest = Manifest.load(open_store(cache))  # the record of why stays inspectable
     assert manifest.totals["samples"] == 0 and manifest.totals["skipped"] == {"image_too_small": 16}
     assert "run precompute again with the fixed settings (into this same folder" in str(err.value)
+    # Other weights under the same name, the same settings: the early input check (which reads
+    # the records before the model loads) saw the empty shards as done; once the identity is
+    # replaced they are rebuilt, not taken as done.
+    from precompute.tiny import build_tiny_sdxl
+
+    model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    empty = tmp_path / "empty"
+    with pytest.raises(PrecomputeError, match="no samples in the cache"):
+        run(_cfg(model, fill_data, empty, min_size=128))
+    shutil.rmtree(model)
+    build_tiny_sdxl(model, seed=1)
+    with pytest.raises(PrecomputeError, match="no samples in the cache"):
+        run(_cfg(model, fill_data, empty, min_size=128))
+    assert read_identity(open_store(empty))["encoder"]["vae_fingerprint"] != \
+        read_identity(open_store(cache))["encoder"]["vae_fingerprint"]
     # The fixed settings into the same folder: it holds no sample, so they replace the old ones.
     summary = run(_cfg(tiny_model, fill_data, cache))
     assert summary.samples_written == 16
