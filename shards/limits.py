@@ -88,11 +88,17 @@ def oversized_images(sizes) -> tuple[int, list[tuple[int, int]]]:
     return limit, sorted({(int(h), int(w)) for h, w in sizes if h * w > limit})
 
 
+def too_big(what: str, variable: str, size: int | None = None) -> LimitError:
+    """The error for `what` over its cap `variable` (`size` when known; a stream stopped past the
+    cap knows only that)."""
+    is_ = f"is {size} bytes," if size is not None else "is"
+    return LimitError(f"{what} {is_} over the {cap(variable)}-byte limit ({variable}): damaged or hostile; "
+                      f"raise {variable} if it is genuine")
+
+
 def check_size(size: int, variable: str, what: str) -> None:
-    limit = cap(variable)
-    if size > limit:
-        raise LimitError(f"{what} is {size} bytes, over the {limit}-byte limit ({variable}): damaged or hostile; "
-                         f"raise {variable} if it is genuine")
+    if size > cap(variable):
+        raise too_big(what, variable, size)
 
 
 def json_depth(data: bytes) -> int:
@@ -123,4 +129,4 @@ def loads(data: bytes, what: str, variable: str | None = None) -> Any:
 
 
 __all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_JSON_DEPTH", "LimitError", "cap", "check_size", "json_depth", "loads",
-           "max_image_pixels", "max_json_depth", "oversized_images"]
+           "max_image_pixels", "max_json_depth", "oversized_images", "too_big"]

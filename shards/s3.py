@@ -35,7 +35,6 @@ How each Store promise is kept on S3:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -56,7 +55,7 @@ from .remote import (
     is_network_error,
     retry_call,
 )
-from .store import Store, check_rel, conflict_message, file_sha256
+from .store import Store, check_rel, conflict_message, file_sha256, stream_sha256
 from .secrets import redact
 from .units import parse_size
 
@@ -333,20 +332,20 @@ class S3Store(Store):
             first = self._call(what, self.client.get_object, Bucket=self.bucket, Key=key)
         except FileNotFoundError:
             raise self._not_found(rel) from None
-        etag = first.get("ETag")
-        if first.get("ContentLength") is None:
+        etag, body = first.get("ETag"), _Body(first["Body"])
+        if first.get("ContentLength") is not None:
+            size = int(first["ContentLength"])
+        else:
             # Sent chunked, without a length: the end of a cut transfer could not be told from the
-            # end of the object. The object's HEAD gives the length, of the same version (ETag).
-            first["Body"].close()
-            head = self._head(rel)
+            # end of the object. The object's HEAD gives the length, of the same version (ETag);
+            # the reader then opens it afresh.
+            body.close()
+            body, head = None, self._head(rel)
             if head.get("ContentLength") is None or (etag and head.get("ETag") and head["ETag"] != etag):
                 raise StoreError(f"{what}: the server sent no Content-Length, and its HEAD "
                                  f"{'none either' if head.get('ContentLength') is None else 'is of another version'}"
                                  f"; a cut-off transfer could not be told from the end of the object{self._hint()}")
-            first = {**first, "Body": None}
             size = int(head["ContentLength"])
-        else:
-            size = int(first["ContentLength"])
 
         def open_at(offset: int) -> BinaryIO:
             kwargs = {"IfMatch": etag} if etag else {}
@@ -358,9 +357,8 @@ class S3Store(Store):
                 raise Permanent(f"asked for bytes {offset}- and got {got or 'the whole object'}")
             return _Body(r["Body"])
 
-        return ResumableReader(what=what, open_at=open_at, size=size,
-                               first_body=_Body(first["Body"]) if first["Body"] is not None else None,
-                               policy=self.policy, classify=classify, hint=self._hint())
+        return ResumableReader(what=what, open_at=open_at, size=size, first_body=body, policy=self.policy,
+                               classify=classify, hint=self._hint())
 
     def read_bytes(self, rel: str) -> bytes:
         with self.open_read(rel) as f:
@@ -437,9 +435,10 @@ class S3Store(Store):
                             self.display(rel), pause)
                 time.sleep(pause)
                 pause *= 2
+        waited = _READ_AFTER_WRITE_PAUSE * (2 ** (_READ_AFTER_WRITE_TRIES - 1) - 1)
         raise StoreError(f"{self.display(rel)}: the upload succeeded but the server still answers 404 for it after "
-                         f"{_READ_AFTER_WRITE_TRIES} tries over {_READ_AFTER_WRITE_PAUSE * (2 ** (_READ_AFTER_WRITE_TRIES - 1) - 1):.1f}s "
-                         f"(its reads lag its writes); re-run, and the shard is checked again{self._hint()}")
+                         f"{_READ_AFTER_WRITE_TRIES} tries over {waited:.1f}s (its reads lag its writes); re-run, and "
+                         f"the shard is checked again{self._hint()}")
 
     def _put_single(self, rel: str, key: str, path: Path, size: int, sha: str) -> bool:
         """True if created, False if the object already existed (conditional create refused)."""
@@ -518,11 +517,8 @@ class S3Store(Store):
         theirs = (head.get("Metadata") or {}).get("sha256")
         if theirs is None and int(head["ContentLength"]) == size:
             # A server that keeps no x-amz-meta-* (or a lost response to our own PUT): the bytes decide.
-            digest = hashlib.sha256()
             with self.open_read(rel) as f:
-                while chunk := f.read(MiB):
-                    digest.update(chunk)
-            theirs = digest.hexdigest()
+                theirs = stream_sha256(f)
         if int(head["ContentLength"]) == size and theirs == sha:
             log.info("%s: already present with the same content (sha256 %s...); kept", self.display(rel), sha[:12])
             return

@@ -125,8 +125,7 @@ class Store(ABC):
                 parts.append(chunk)
                 got += len(chunk)
                 if got > limit:
-                    raise limits.LimitError(f"{where} is over the {limit}-byte limit ({variable}): damaged or "
-                                            f"hostile; raise {variable} if it is genuine")
+                    raise limits.too_big(where, variable)
         return b"".join(parts)
 
     @abstractmethod
