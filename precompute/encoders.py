@@ -215,8 +215,9 @@ def text_stack_problems(tokenizers, text_encoders) -> list[str]:
         positions = getattr(te.config, "max_position_embeddings", None)
         if not isinstance(length, int) or length < 2 or length > 1_000_000:
             unset = isinstance(length, int) and length > 1_000_000  # transformers' placeholder for "not set"
-            problems.append(f"{name}: model_max_length is {'not set in its tokenizer_config.json' if unset else repr(length)}"
-                            f"; set it to {positions if isinstance(positions, int) else 77} (its text encoder's "
+            shown = "not set in its tokenizer_config.json" if unset else repr(length)
+            problems.append(f"{name}: model_max_length is {shown}; set it to "
+                            f"{positions if isinstance(positions, int) else 77} (its text encoder's "
                             "max_position_embeddings; SDXL's is 77)")
             continue
         lengths.append(length)
@@ -245,7 +246,7 @@ class PromptEncoder:
         )
         problems = text_stack_problems(self.tokenizers, self.text_encoders)
         if problems:
-            raise ModelLoadError("the tokenizers do not fit the text encoders:\n  - " + "\n  - ".join(problems))
+            raise ModelLoadError("its tokenizers do not fit its text encoders:\n  - " + "\n  - ".join(problems))
         lengths = {int(t.model_max_length) for t in self.tokenizers}
         self.info = TextInfo(
             max_length=lengths.pop(),
@@ -496,9 +497,10 @@ def load_encoders(
             "this VAE's config sets force_upcast (it is known to overflow in fp16) but --vae-dtype is fp16; "
             "if encoding fails with non-finite latents, %s", FP16_VAE_HINT,
         )
-    problems = text_stack_problems((tokenizer, tokenizer_2), (text_encoder, text_encoder_2))
-    if problems:
-        raise ModelLoadError(f"{model}: its tokenizers do not fit its text encoders:\n  - " + "\n  - ".join(problems))
+    try:  # PromptEncoder checks that the tokenizers fit the text encoders; the message names the model
+        prompt = PromptEncoder(tokenizer, tokenizer_2, text_encoder.to(device), text_encoder_2.to(device),
+                               dtype=text_dtype)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{model}: {e}") from None
     latent = LatentEncoder(vae_module.to(device), dtype=vae_dtype, compile=compile_vae)
-    prompt = PromptEncoder(tokenizer, tokenizer_2, text_encoder.to(device), text_encoder_2.to(device), dtype=text_dtype)
     return latent, prompt, identity
