@@ -27,7 +27,7 @@ from precompute.sources import KINDS as DATA_KINDS
 from shards import schema
 from shards.options import SIZE, setting
 from shards.secrets import redact
-from shards.store import writable_problem
+from shards.store import nearest_existing, writable_problem
 
 DEVICES = ("auto", "cpu", "cuda")
 # tf32: fp32 weights, TensorFloat-32 matmuls and convolutions on Ampere+ GPUs (fp32: strict IEEE).
@@ -78,13 +78,6 @@ def _foreign_cache_folder_problems(shown: str, path: Path, data: str | None) -> 
     shown_names = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
     return [f"--cache {shown}: the folder holds files that are no cache's ({shown_names}); precompute would write "
             "among them: choose a new or empty folder"]
-
-
-def _nearest_existing(path: Path) -> Path:
-    p = path
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
 
 
 _s = setting  # a field with its option's help text, --help group, choices and aliases (shards.options)
@@ -271,8 +264,8 @@ class PrecomputeConfig:
             t = Path(self.tmp_dir).expanduser()
             if not t.is_dir():
                 p.append(f"--tmp-dir {self.tmp_dir}: no such folder")
-            elif writable_problem(t):
-                p.append(f"--tmp-dir {self.tmp_dir}: {writable_problem(t)}")
+            elif problem := writable_problem(t):
+                p.append(f"--tmp-dir {self.tmp_dir}: {problem}")
         if not isinstance(self.seed, int) or self.seed < 0:
             p.append(f"--seed must be an integer >= 0, got {self.seed!r}")
         for name, value, low in (
@@ -363,7 +356,7 @@ class PrecomputeConfig:
         path = store.root
         if path.exists() and not path.is_dir():
             return [f"--cache {self.cache}: exists and is not a folder"]
-        base = _nearest_existing(path)
+        base = nearest_existing(path)
         if not base.is_dir():
             return [f"--cache {self.cache}: {base} is not a folder"]
         problem = writable_problem(base)

@@ -17,6 +17,7 @@ byte-identical manifest; other callers get the current time (or SOURCE_DATE_EPOC
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -404,6 +405,12 @@ class Manifest:
 
     @classmethod
     def load(cls, store: "Store | str | os.PathLike") -> "Manifest":
+        return cls.load_with_id(store)[0]
+
+    @classmethod
+    def load_with_id(cls, store: "Store | str | os.PathLike") -> tuple["Manifest", str]:
+        """The manifest and its id, the sha256 of the bytes read: which cache (and which shards)
+        exactly, from the one read."""
         from .store import Store
         from .stores import open_store
 
@@ -428,7 +435,7 @@ class Manifest:
             raise ManifestError(str(e)) from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ManifestError(f"{where} is not valid JSON ({e}): the file is damaged; re-run precompute") from e
-        return cls.from_dict(d, where)
+        return cls.from_dict(d, where), hashlib.sha256(data).hexdigest()
 
     def save(self, store: "Store") -> None:
         problems = self.problems()

@@ -245,14 +245,20 @@ def new_temp_path(folder: Path, final_name: str) -> Path:
         return path
 
 
-def writable_problem(folder: str | Path, *, create: bool = False) -> str | None:
+def nearest_existing(path: str | Path) -> Path:
+    """`path`, or its nearest ancestor that exists: where a folder that is not there yet would be
+    created, to be probed without creating anything (a refused run leaves nothing behind)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def writable_problem(folder: str | Path) -> str | None:
     """Why files cannot be created in `folder`, or None; found by trying (a probe file written and
-    removed), because permission bits say nothing for root or for read-only mounts. With
-    `create` a missing folder is created (and kept)."""
+    removed), because permission bits say nothing for root or for read-only mounts."""
     folder = Path(folder)
     try:
-        if create:
-            folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=TEMP_PREFIX + "write-test-"):
             pass
     except OSError as e:

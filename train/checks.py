@@ -59,7 +59,8 @@ class CacheMismatchError(StartupError):
 
 
 def manifest_id(store: Store) -> str:
-    """sha256 of manifest.json's bytes: names exactly which cache (and which shards) a run used."""
+    """sha256 of manifest.json's bytes: names exactly which cache (and which shards) a run used
+    (`Manifest.load_with_id` gives it with the manifest, from the same read)."""
     return hashlib.sha256(store.read_capped(schema.MANIFEST_FILE, "SHARDS_MAX_MANIFEST_BYTES")).hexdigest()
 
 

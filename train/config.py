@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.options import NUMBER_PAIR, setting
-from shards.store import writable_problem
+from shards.store import nearest_existing, writable_problem
 from train.errors import TrainError
 from train.plan import range_problems
 
@@ -83,12 +83,13 @@ def _foreign_folder_problem(out: Path) -> str | None:
         has_metrics = (out / LOGS_DIR / METRICS_FILE).is_file()
     except OSError:
         return None  # writable_problem speaks of access
-    markers = (LOCK_FILE, TRAIN_CONFIG_FILE, CHECKPOINT_DIR, f"{LOGS_DIR}/{METRICS_FILE}")
+    markers = (LOCK_FILE, TRAIN_CONFIG_FILE, CHECKPOINT_DIR)
     if not names or has_metrics or any(m in names for m in markers):
         return None
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     return (f"the folder holds files of something else ({shown}) and no training run (no "
-            f"{', '.join(markers)}); training would write over or among them: choose a new or empty folder")
+            f"{', '.join(markers)}, {LOGS_DIR}/{METRICS_FILE}); training would write over or among them: choose a "
+            "new or empty folder")
 
 
 @dataclass(frozen=True)
@@ -367,11 +368,8 @@ class TrainConfig:
         if self.output_dir and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             problems.append(f"output dir {self.output_dir!r} exists and is not a folder")
         elif self.output_dir:
-            # Probed where it would be created, without creating it: a refused run leaves nothing behind.
-            probe = Path(self.output_dir).absolute()
-            while not probe.exists() and probe != probe.parent:
-                probe = probe.parent
-            problem = writable_problem(probe) or _foreign_folder_problem(Path(self.output_dir))
+            problem = writable_problem(nearest_existing(self.output_dir)) or _foreign_folder_problem(
+                Path(self.output_dir))
             if problem:
                 problems.append(f"--output-dir {self.output_dir}: {problem}")
         if self.local_cache and Path(self.local_cache).exists() and not Path(self.local_cache).is_dir():

@@ -116,7 +116,7 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
 
     from train.augment import soft_threshold_range_for
 
-    manifest = Manifest.load(store)
+    manifest, mid = Manifest.load_with_id(store)  # the id: sha256 of the very bytes read
     problems = _Problems([], [])
     hub = {"cache_dir": cfg.cache_dir}
     unet_config = checks.read_unet_config(cfg.model, cfg.revision, **hub)
@@ -176,7 +176,6 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
         problems.cache.append(str(e))
         spec = None
 
-    mid = checks.manifest_id(store)
     validation, validation_store, validation_manifest = None, None, None
     if cfg.validation_split:
         validation = eval_set(manifest, mid, fraction=cfg.validation_split,
@@ -185,9 +184,9 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
         where = f"--validation-cache {redact(cfg.validation_cache)}"
         try:
             validation_store = open_store(cfg.validation_cache)
-            validation_manifest = Manifest.load(validation_store)
+            validation_manifest, validation_id = Manifest.load_with_id(validation_store)
             problems.cache += identity_problems(manifest, validation_manifest, where)
-            validation = eval_set(validation_manifest, checks.manifest_id(validation_store), source=where)
+            validation = eval_set(validation_manifest, validation_id, source=where)
             if not validation.count:
                 problems.cache.append(f"{where} holds no samples")
         except (ShardError, OSError) as e:
