@@ -82,13 +82,13 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed ## create the venv and install the project with test extras
 
 # Three pytest workers on the 2-core build machine: many tests mostly wait (on subprocesses that
-# import torch and diffusers, on the S3 server), so a third worker keeps both cores busy. Each test
-# file stays on one worker (--dist worksteal), so its module fixtures are built once. TEST_WORKERS=0
-# runs everything in one process; TEST_ARGS passes pytest options (e.g. a file, or -k NAME).
+# import torch and diffusers, on the S3 server), so a third worker keeps both cores busy; an idle
+# worker takes pending tests from a busy one (--dist worksteal). TEST_WORKERS=0 runs everything in
+# one process; TEST_ARGS passes pytest options (e.g. a file, or -k NAME).
 # A test whose subprocesses hang past its timeout (TimeoutExpired; seen rarely for two-process
 # gloo runs on a loaded machine, cause still open) runs once more; pytest's summary counts it
-# as "rerun" and shows the first attempt's report, with the Python stacks of every process the
-# launcher had started (tests/clirun.py run_launched), and any other failure fails at once.
+# as "rerun" and shows the first attempt's report (for a launched multi-process run, with the
+# Python stacks of every process: tests/clirun.py run_launched); any other failure fails at once.
 TEST_WORKERS ?= 3
 TEST_ARGS    ?=
 RERUN        := --reruns 1 --only-rerun TimeoutExpired --rerun-show-tracebacks
