@@ -117,15 +117,26 @@ class TimeoutExpiredWithStacks(subprocess.TimeoutExpired):
         return f"{super().__str__()}; the end of its output, stacks included:\n{self.output}"
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (children, their children, ...), from /proc (Linux):
-    launchers start their ranks in sessions of their own, so a process group does not reach them."""
+def _parents() -> dict[int, int]:
+    """{pid: parent pid} of every live process, from /proc (Linux)."""
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
+    return parents
+
+
+def children(pid: int) -> list[int]:
+    """The live direct children of `pid` (a launcher's ranks), sorted."""
+    return sorted(child for child, parent in _parents().items() if parent == pid)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children, their children, ...), from /proc (Linux):
+    launchers start their ranks in sessions of their own, so a process group does not reach them."""
+    parents = _parents()
     found, frontier = [], [pid]
     while frontier:
         below = [child for child, parent in parents.items() if parent in frontier]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clirun import run_cli
+from clirun import children, run_cli
 from ports import free_port
 
 pytestmark = pytest.mark.slow  # several processes each: the longest cases (make test runs them)
@@ -28,20 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def cache(fill_cache) -> Path:
     return fill_cache
-
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children of `pid`, from /proc (Linux)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return sorted(out)
 
 
 def _alive(pid: int) -> bool:
@@ -72,7 +58,7 @@ def _ranks_training(launcher: subprocess.Popen, out: Path, timeout: float = 240.
     while time.monotonic() < deadline:
         assert launcher.poll() is None, "the launcher ended before training started"
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 7:
-            ranks = _children(launcher.pid)
+            ranks = children(launcher.pid)
             assert len(ranks) == 2, ranks
             return ranks
         time.sleep(0.2)
@@ -103,7 +89,7 @@ def test_a_killed_rank_ends_the_other_with_a_clear_error(tiny_model, cache, tmp_
     finally:
         if launcher.poll() is None:
             launcher.kill()
-        for r in _children(launcher.pid):
+        for r in children(launcher.pid):
             os.kill(r, signal.SIGKILL)
     text = log.read_text()
     _no_crash(text)
@@ -186,7 +172,7 @@ def test_a_killed_precompute_rank_ends_the_other_and_a_rerun_completes_the_cache
             assert launcher.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "precompute wrote no record in time"
             time.sleep(0.05)
-        ranks = _children(launcher.pid)
+        ranks = children(launcher.pid)
         assert len(ranks) == 2, ranks
         victim = next(r for r in ranks if _rank_of(r) == 1)
         os.kill(victim, signal.SIGKILL)
