@@ -450,14 +450,26 @@ def test_precompute_options_given_to_train_name_precompute():
     assert "--flip is fixed at precompute" in out and "--buckets is fixed at precompute" in out
 
 
-def test_a_saved_config_repeats_the_run(tmp_path):
-    """train_config.json, as a run writes it, is a --config file; command-line flags override it."""
-    cfg = _cfg(tmp_path, max_steps=7, validation_prompt=("p",), validation_image=("a.png",))
+def test_a_saved_config_repeats_the_run(tmp_path, monkeypatch):
+    """train_config.json, as a run writes it, is a --config file; command-line flags override it.
+    Its local paths are absolute, so it names the same files from any working directory; hub ids
+    and URLs are kept as typed."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "c").mkdir()
+    cfg = TrainConfig(model="runs/tiny", cache="c", output_dir="runs/out", vae="madebyollin/sdxl-vae-fp16-fix",
+                      local_cache="~/shard-cache", max_steps=7, validation_prompt=("p",), validation_image=("a.png",),
+                      validation_cache="s3://bucket/held-out")
     saved = tmp_path / "train_config.json"
     saved.write_text(json.dumps({**cfg.to_dict(), "resolved": {"world_size": 1}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     params = main.make_context("train", ["--config", str(saved)]).params
     params.pop("config")
-    assert TrainConfig(**params) == cfg
+    assert TrainConfig(**params) == dataclasses.replace(
+        cfg, model=str(tmp_path / "runs" / "tiny"), cache=str(tmp_path / "c"), output_dir=str(tmp_path / "runs" / "out"),
+        local_cache=str(Path.home() / "shard-cache"), validation_image=(str(tmp_path / "a.png"),))
     params = main.make_context("train", ["--config", str(saved), "--max-steps", "9"]).params
     assert params["max_steps"] == 9 and params["validation_prompt"] == ("p",)
 

@@ -92,6 +92,12 @@ def _foreign_folder_problem(out: Path) -> str | None:
             "new or empty folder")
 
 
+# Settings that name local files or folders, and those that may (a folder, or a hub id / URL):
+# written absolute by TrainConfig.to_dict.
+LOCAL_PATHS = ("output_dir", "cache_dir", "local_cache", "validation_file")
+MAYBE_LOCAL_PATHS = ("model", "cache", "vae", "adapter", "validation_cache")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # --- what to train on ------------------------------------------------------------------
@@ -317,12 +323,21 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON of every setting, as OUT and checkpoints record it: secrets are left out
-        (--hub-token is None, URLs lose their query values and passwords: `shards.secrets`)."""
+        (--hub-token is None, URLs lose their query values and passwords: `shards.secrets`), and
+        local paths are absolute, so the saved config given back as --config repeats the run from
+        any working directory (a relative `runs/tiny` read elsewhere would name another folder,
+        or pass for a hub id)."""
         from shards.secrets import redact
 
         d = dataclasses.asdict(self)
         d["hub_token"] = None
-        for name in ("model", "cache", "vae", "adapter", "validation_cache"):
+        for name in LOCAL_PATHS:
+            if d[name]:
+                d[name] = os.path.abspath(os.path.expanduser(d[name]))
+        d["validation_image"] = tuple(os.path.abspath(os.path.expanduser(p)) for p in d["validation_image"])
+        for name in MAYBE_LOCAL_PATHS:
+            if d[name] and "://" not in d[name] and os.path.exists(os.path.expanduser(d[name])):
+                d[name] = os.path.abspath(os.path.expanduser(d[name]))
             d[name] = redact(d[name])
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
