@@ -200,6 +200,15 @@ def test_few_or_uneven_shards_train_on_any_topology(cache, tmp_path):
     with pytest.raises(ValueError, match=r"not one full batch per rank in epoch 0: 32 sample\(s\) make 1 batch\(es\) of 20 "
                                          r"for 2 rank\(s\)"):
         stats_of(records, batch_size=20, world_size=2, num_workers=0, seed=0, epoch=0)
+    # What shrank the epoch is named, with its own way out.
+    with pytest.raises(ValueError) as err:
+        stats_of(records, batch_size=8, world_size=2, num_workers=0, seed=0, epoch=0, validation_split=0.5)
+    message = str(err.value)
+    assert "(after --validation-split 0.5 held out 16 image(s))" in message, message
+    assert "a smaller --validation-split (or --validation-cache)" in message
+    with pytest.raises(ValueError, match=r"4 sample\(s\) \(--max-samples 4\) make 0 batch\(es\) of 8 .*a larger "
+                                         r"--max-samples, or more data"):
+        stats_of(records, batch_size=8, world_size=1, num_workers=0, seed=0, epoch=0, max_samples=4)
 
 
 def test_invalid_settings_list_every_problem(cache):

@@ -501,9 +501,16 @@ class EpochPlan:
         if steps < 1:
             shapes = "" if list(counts) == [None] else " (per latent shape: " + ", ".join(
                 f"{h}x{w} {n}" for (h, w), n in sorted(counts.items())) + ")"
+            kept, fixes = "", ["a smaller batch size", "fewer ranks"]
+            if held_out:
+                kept = f" (after --validation-split {spec.validation_split:g} held out {len(held_out)} image(s))"
+                fixes.append("a smaller --validation-split (or --validation-cache)")
+            if spec.max_samples is not None:
+                kept += f" (--max-samples {spec.max_samples})"
+                fixes.append("a larger --max-samples")
             raise ValueError(
-                f"not one full batch per rank in epoch {self.epoch}: {samples} sample(s){shapes} make {total} "
-                f"batch(es) of {b} for {world} rank(s); use a smaller batch size, fewer ranks, or more data"
+                f"not one full batch per rank in epoch {self.epoch}: {samples} sample(s){kept}{shapes} make {total} "
+                f"batch(es) of {b} for {world} rank(s); use {', '.join(fixes)}, or more data"
             )
         # The last `total - steps * world` batches are cut: completed ones first (they are last).
         cut = total - steps * world
