@@ -66,14 +66,15 @@ class Parent:
 
 def _classify(argv: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
     """(launcher, its arguments) from a command line: `accelerate launch ...`, `accelerate-launch
-    ...`, `python -m accelerate.commands.launch ...`, `torchrun ...`, `python -m
-    torch.distributed.run ...` (or `.launch`), with or without the interpreter in front."""
+    ...`, `python -m accelerate.commands.launch ...` (or `-m shards.launch`, the Makefile's, which
+    runs accelerate's launch in-process), `torchrun ...`, `python -m torch.distributed.run ...`
+    (or `.launch`), with or without the interpreter in front."""
     for i, token in enumerate(argv[:4]):
         name = os.path.basename(token)
         prev = argv[i - 1] if i else ""
         if name == "accelerate" and i + 1 < len(argv) and argv[i + 1] == "launch":
             return ACCELERATE, argv[i + 2:]
-        if name == "accelerate-launch" or (prev == "-m" and token == "accelerate.commands.launch"):
+        if name == "accelerate-launch" or (prev == "-m" and token in ("accelerate.commands.launch", "shards.launch")):
             return ACCELERATE, argv[i + 1:]
         if name == "torchrun" or (prev == "-m" and token in ("torch.distributed.run", "torch.distributed.launch")):
             return TORCHRUN, argv[i + 1:]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clirun import children, run_cli
+from clirun import children, run_cli, run_launched
 from ports import free_port
 
 pytestmark = pytest.mark.slow  # several processes each: the longest cases (make test runs them)
@@ -38,10 +38,12 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _start(tiny_model, cache, out: Path, log: Path) -> subprocess.Popen:
+def _start(tiny_model, cache, out: Path, log: Path, launcher: str = "accelerate.commands.launch") -> subprocess.Popen:
+    """A 2-process training that runs until stopped, started by `python -m launcher`: accelerate
+    launch itself, or shards.launch (what `make train NPROC=2` uses)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        [sys.executable, "-m", launcher, "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          "--main_process_port", str(free_port()),
          "-m", "train", "--model", str(tiny_model), "--cache", str(cache), "--output-dir", str(out),
@@ -80,12 +82,14 @@ def _no_crash(text: str) -> None:
 
 
 def test_a_killed_rank_ends_the_other_with_a_clear_error(tiny_model, cache, tmp_path):
+    """Started as `make train NPROC=2` starts it (shards.launch): the survivor's line, then the
+    launch's one line naming the rank that failed first, and no launcher traceback."""
     out, log = tmp_path / "out", tmp_path / "log.txt"
-    launcher = _start(tiny_model, cache, out, log)
+    launcher = _start(tiny_model, cache, out, log, launcher="shards.launch")
     try:
         ranks = _ranks_training(launcher, out)
         os.kill(ranks[1], signal.SIGKILL)
-        assert launcher.wait(timeout=120) != 0
+        assert launcher.wait(timeout=120) == 128 + signal.SIGKILL  # the first failure's status, as a shell says it
     finally:
         if launcher.poll() is None:
             launcher.kill()
@@ -99,6 +103,9 @@ def test_a_killed_rank_ends_the_other_with_a_clear_error(tiny_model, cache, tmp_
             or "stopped by SIGTERM" in survivor[0]), survivor
     assert "--resume latest" in survivor[0]
     assert not _alive(ranks[0]) and not _alive(ranks[1])
+    assert ("error: the run stopped: rank 1 was killed by SIGKILL (often the kernel's out-of-memory killer: see "
+            "`dmesg`), the first to fail (its message is above); the other ranks ended with it") in text, text[-3000:]
+    assert "Traceback" not in text and "ChildFailedError" not in text and "closing signal" not in text
 
 
 def test_killing_the_launcher_stops_every_rank(tiny_model, cache, tmp_path):
@@ -209,3 +216,44 @@ def test_a_killed_precompute_rank_ends_the_other_and_a_rerun_completes_the_cache
     assert manifest.num_samples == 64 and len(manifest.shards) == 64
     verify = run_cli("shards", ["verify", cache], timeout=300)
     assert verify.returncode == 0 and verify.stdout.startswith("OK: 64 shards, 64 samples"), verify.stderr
+
+
+def test_the_launch_summary_names_the_first_failure():
+    """shards.launch's one line, from torch elastic's own failure record."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from shards.launch import failure_line, how_it_ended
+
+    def failure(rank: int, code: int, at: float) -> ProcessFailure:
+        f = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="<N/A>")
+        f.timestamp = at
+        return f
+
+    assert how_it_ended(2) == ("exited with status 2", 2)
+    assert how_it_ended(-signal.SIGTERM) == ("was killed by SIGTERM", 143)
+    error = ChildFailedError("train", {0: failure(0, -signal.SIGTERM, 20), 1: failure(1, 1, 10)})
+    assert failure_line(error) == ("error: the run stopped: rank 1 exited with status 1, the first to fail (its "
+                                   "message is above); the other ranks ended with it", 1)
+    assert failure_line(ChildFailedError("train", {0: failure(0, 3, 1)}))[0].endswith("(its message is above)")
+    assert failure_line(RuntimeError("rendezvous\n  timed out")) == (
+        "error: accelerate launch failed: rendezvous timed out", 1)
+
+
+def test_make_with_several_processes_refuses_in_one_line_per_rank(tiny_model, cache, tmp_path):
+    """A refusal under `make train NPROC=2`: each rank's message and the launch's line; no
+    launcher traceback, no notice about accelerate's defaults."""
+    p = run_launched(["make", "-C", str(REPO), "-o", "install", "--no-print-directory", "train", f"VENV={sys.prefix}",
+                      "NPROC=2", f"MODEL={tiny_model}", f"CACHE={cache}", f"OUT={tmp_path / 'out'}",
+                      f"MASTER_PORT={free_port()}", "ARGS=--max-steps 2 --learning-rate -1"],
+                     env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert p.returncode != 0
+    text = p.stdout + p.stderr
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert sorted(errors) == [
+        "error: [rank 0] invalid training config: --learning-rate must be > 0, got -1.0",
+        "error: [rank 1] invalid training config: --learning-rate must be > 0, got -1.0",
+        errors[-1] if errors[-1].startswith("error: the run stopped: rank ") else "(no summary line)",
+    ], text
+    assert "exited with status 1, the first to fail (its message is above)" in errors[-1]
+    assert "Traceback" not in text and "were not passed to `accelerate launch`" not in text, text
+    assert not (tmp_path / "out").exists()
