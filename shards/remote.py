@@ -186,6 +186,26 @@ def is_network_error(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in _NETWORK_ERRNOS
 
 
+def unresolvable_host(e: BaseException) -> bool:
+    """The host name does not exist (DNS: EAI_NONAME, "Name or service not known"): a typo in a
+    URL or endpoint, which waiting does not fix. A resolver that is down or slow says EAI_AGAIN
+    ("Temporary failure in name resolution") instead, and that is retried."""
+    seen: BaseException | None = e
+    for _ in range(8):  # the chain a client library wraps it in (botocore -> urllib3 -> socket)
+        if seen is None:
+            return False
+        if isinstance(seen, socket.gaierror):
+            return seen.errno in _NO_SUCH_HOST
+        kwargs = getattr(seen, "kwargs", None)
+        inner = (kwargs.get("error") if isinstance(kwargs, dict) else None, getattr(seen, "reason", None),
+                 seen.__cause__, seen.__context__)
+        seen = next((x for x in inner if isinstance(x, BaseException)), None)
+    return False
+
+
+_NO_SUCH_HOST = tuple(getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, name))
+
+
 def retry_call(
     fn: Callable[[], T],
     *,
@@ -207,6 +227,9 @@ def retry_call(
         except Permanent as e:  # fn may classify its own failures too
             raise StoreError(f"{what}: {e}{hint}") from None
         except Exception as e:
+            if unresolvable_host(e):
+                raise StoreError(f"{what}: {describe(e)}: no host of that name (check the URL or the endpoint)"
+                                 f"{hint}") from None
             try:
                 classify(e)
             except Permanent as p:

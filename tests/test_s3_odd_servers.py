@@ -170,3 +170,40 @@ def test_verify_on_a_store_that_keeps_failing_says_it_could_not_finish_not_that_
     assert f"error: verify could not finish: s3://{BUCKET}/busy/{schema.shard_name(1)}: gave up after 3 attempts" \
         in result.output, result.output
     assert "SlowDown" in result.output and "rebuild" not in result.output
+
+
+def test_a_host_name_that_does_not_exist_is_said_at_once_not_retried(monkeypatch):
+    """A typo in a URL or an endpoint: the resolver's "no such name" (EAI_NONAME) ends the call at
+    its first try, through each client's wrapping (http.client; botocore -> urllib3), where a
+    retry budget would spend a minute on it. A resolver that is down (EAI_AGAIN) is retried."""
+    import socket
+
+    from shards.http import HttpStore
+    from shards.remote import retry_call, unresolvable_host
+
+    lookups = []
+
+    def no_such_host(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+    for store in (HttpStore("https://cache.example.org/c", policy=FAST),
+                  _store("s3://bucket/c", endpoint="http://minio.example.org:9000")):
+        lookups.clear()
+        with pytest.raises(StoreError) as err:
+            store.read_bytes("manifest.json")
+        assert "no host of that name (check the URL or the endpoint)" in str(err.value), err.value
+        assert "manifest.json" in str(err.value) and "gave up" not in str(err.value)
+        assert len(set(lookups)) == 1 and len(lookups) <= 2, lookups  # one try (a client may look up twice)
+    calls = []
+
+    def resolver_down():
+        calls.append(1)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    with pytest.raises(StoreError, match="gave up after 3 attempts"):
+        retry_call(resolver_down, what="x", classify=lambda e: None,
+                   policy=RetryPolicy(attempts=2, budget_s=5, backoff_s=0.01, max_backoff_s=0.01))
+    assert len(calls) == 3
+    assert not unresolvable_host(OSError("x")) and not unresolvable_host(ConnectionRefusedError())
