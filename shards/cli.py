@@ -182,6 +182,17 @@ def verify_cmd(url: str) -> None:
     click.echo(summary.line())
 
 
+def _require_cache(store: Store) -> None:
+    """gc deletes by name (temp files, shard-NNNNNN.tar without a record): only in a cache. Every
+    cache has its identity.json, written before anything else, so a folder without one (a typo,
+    a dataset, a training run) is refused, and nothing in it is touched."""
+    if store.exists(schema.IDENTITY_FILE):
+        return
+    why = store.why_missing() or (f"{store.url}: not a cache (no {schema.IDENTITY_FILE}, which precompute writes "
+                                  "before anything else)")
+    raise ManifestError(f"{why}: gc removed nothing")
+
+
 def _orphans(store: Store) -> list[str]:
     """Shards with no record at all (what a writer killed between publishing a shard and writing
     its record leaves), never one the manifest lists. It fails closed: a manifest that exists but
@@ -216,6 +227,7 @@ def gc_cmd(url: str, orphans: bool, tmp_dir: str | None, dry_run: bool) -> None:
     """Remove leftovers of killed writers. Only while no precompute is writing to URL."""
     try:
         store = open_store(url)
+        _require_cache(store)
         doomed = _orphans(store) if orphans else []  # judged first: a refusal removes nothing at all
         removed = store.cleanup_incomplete(tmp_dir=tmp_dir, dry_run=dry_run)
         if not dry_run:

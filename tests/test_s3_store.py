@@ -387,9 +387,10 @@ def test_writer_killed_mid_upload_leaves_nothing_visible_and_gc_cleans_up(server
         os.kill(proc.pid, signal.SIGKILL)
         proc.join(timeout=30)
         assert proc.exitcode == -signal.SIGKILL
-        assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix="killed-upload/")  # nothing visible
+        assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix="killed-upload/shards/")  # nothing visible
         assert [k for k, _ in store.list_uploads()] == [key]  # invisible, but stored (and billed)
 
+    store.write_bytes("identity.json", b"{}")  # a cache's first file (gc refuses a prefix without one)
     kill_mid_upload("first")
     result = _cli("gc", url, "--dry-run")
     assert result.exit_code == 0 and "would remove unfinished upload: shards/shard-000007.tar" in result.stdout

@@ -304,6 +304,25 @@ def test_verify_says_what_a_path_that_is_no_cache_is(tmp_path):
     assert f"no manifest.json in {tmp_path}" in run("verify", tmp_path).output
 
 
+def test_gc_touches_nothing_in_a_folder_that_is_no_cache(tmp_path):
+    """A typo, a dataset of WebDataset tars named like shards, a training run: gc deletes by name,
+    so it works only where precompute wrote its identity.json, and removes nothing elsewhere."""
+    data = tmp_path / "my-tars"
+    (data / schema.SHARD_DIR).mkdir(parents=True)
+    mine = [data / schema.shard_name(0), data / schema.SHARD_DIR / ".tmp-notes.txt"]
+    for path in mine:
+        path.write_bytes(b"the user's own file")
+    for args in (["gc", "--orphans", data], ["gc", data]):
+        result = run(*args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert (f"{data}: not a cache (no identity.json, which precompute writes before anything else): gc removed "
+                "nothing") in result.output
+    assert all(path.read_bytes() == b"the user's own file" for path in mine)
+    result = run("gc", tmp_path / "typo")
+    assert result.exit_code == 1 and f"{tmp_path / 'typo'}: no such folder" in result.output
+    assert "gc removed nothing" in result.output and not (tmp_path / "typo").exists()
+
+
 def test_gc_of_an_http_cache_is_refused_not_reported_clean(built):
     from httpserver import serve
 
