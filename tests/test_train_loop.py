@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -86,12 +87,13 @@ def run_a(tiny_model, fill_data, cache, tmp_path_factory):
     return out, result
 
 
-def test_resume_after_a_kill_is_bitwise_identical(tiny_model, fill_data, cache, run_a, tmp_path):
+def test_resume_after_a_kill_is_bitwise_identical(tiny_model, fill_data, cache, run_a, tmp_path, caplog):
     """Run B is run A's very command, killed (os._exit, nothing flushed or written after) right
     after its checkpoint at step 2, then the same command with --resume latest. Same adapter
     bytes, sample order and losses as A, whose cosine schedule depends on the total step count.
     A also rendered validation images at step 2 (which must not touch the training random
-    stream); B died before it could."""
+    stream); B died before it could. B's logs end as a crash or a full disk can leave them (a
+    torn line, NUL bytes): the resume says so and leaves those lines out."""
     a, result = run_a
     assert result.global_step == 4 and result.samples_seen == (3 + 3 + 2 + 3) * 2
     b = tmp_path / "b"
@@ -100,10 +102,18 @@ def test_resume_after_a_kill_is_bitwise_identical(tiny_model, fill_data, cache, 
     assert killed.returncode == 75, killed.stderr[-4000:]
     assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
     assert not (b / "diffusion_pytorch_model.safetensors").exists() and not (b / "validation").exists()
+    with (b / "logs/metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 1.1')
+    with (b / "logs/samples-rank00000.jsonl").open("ab") as f:
+        f.write(b"\0" * 100)
 
-    resumed = train(dataclasses.replace(cfg, resume="latest"))
+    with caplog.at_level(logging.WARNING):
+        resumed = train(dataclasses.replace(cfg, resume="latest"))
     assert resumed.global_step == 4 and resumed.samples_seen == result.samples_seen
     _assert_same_run(a, b, steps=4)
+    assert (f"{b / 'logs/metrics.jsonl'}: left out 1 unreadable line(s) (line 3), what a crash or a full disk leaves; "
+            "the other records are kept") in caplog.text
+    assert f"{b / 'logs/samples-rank00000.jsonl'}: left out 1 unreadable line(s)" in caplog.text
     samples = _jsonl(a / "logs/samples-rank00000.jsonl")
     assert [s["epoch"] for s in samples] == [0] * 8 + [1] * 3  # micro-batches: the epoch boundary was crossed
     epoch0 = [k for s in samples[:8] for k in s["keys"]]

@@ -72,3 +72,24 @@ def test_truncate_keeps_the_steps_a_checkpoint_covers(tmp_path):
     path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4)))
     truncate_jsonl(path, 2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_a_torn_log_is_read_around_and_truncated_without_its_bad_lines(tmp_path, caplog):
+    """What a crash, a power loss or a full disk leaves at the end of metrics.jsonl: read around
+    (never a traceback), said once with the line numbers, and dropped when a resume rewrites it."""
+    import logging
+
+    from train.metrics import read_jsonl, truncate_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 1.0}\n[1, 2]\n{"step": "2"}\n{"step": 2, "loss": 0.5}\n\n'
+                     b'{"step": 3, "loss": 0.2}\n\xff\xfe\n{"step": 4, "lo' + b"\0" * 64)
+    good, bad = read_jsonl(path)
+    assert [r["step"] for _, r in good] == [1, 2, 3] and bad == [2, 3, 7, 8]
+    assert read_jsonl(tmp_path / "none.jsonl") == ([], [])
+    log = logging.getLogger("test-torn")
+    with caplog.at_level(logging.WARNING):
+        truncate_jsonl(path, 2, log)
+    assert f"{path}: left out 4 unreadable line(s) (line 2, 3, 7, 8)" in caplog.text
+    assert path.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temp file left

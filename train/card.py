@@ -19,10 +19,11 @@ README_FILE = "README.md"
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The readable records of OUT/logs/metrics.jsonl (train.metrics.read_records; a resumed run
+    has already said which lines it left out)."""
+    from train.metrics import read_records
+
+    return read_records(path)
 
 
 def curve_points(metrics: list[dict], key: str) -> list[tuple[int, float]]:

@@ -62,9 +62,8 @@ class Run:
 
     @classmethod
     def load(cls, path: str | Path) -> "Run":
-        from train.card import read_metrics
         from train.checkpoint import step_folders
-        from train.metrics import LOGS_DIR, METRICS_FILE
+        from train.metrics import LOGS_DIR, METRICS_FILE, read_jsonl, unreadable_note
         from train.outputs import TRAIN_CONFIG_FILE
 
         path = Path(path)
@@ -88,9 +87,12 @@ class Run:
             raise RunError(f"{config_file} has no resolved.manifest_id: not written by `python -m train` at the end of "
                            "a run")
         try:
-            metrics = read_metrics(path / LOGS_DIR / METRICS_FILE)
-        except (OSError, UnicodeDecodeError, ValueError) as e:
+            good, bad = read_jsonl(path / LOGS_DIR / METRICS_FILE)
+        except OSError as e:
             raise RunError(f"{path / LOGS_DIR / METRICS_FILE} is unreadable ({e})") from None
+        if bad:
+            click.echo(f"note: {unreadable_note(path / LOGS_DIR / METRICS_FILE, bad)}", err=True)
+        metrics = [record for _, record in good]
         resolved = data.pop("resolved")
         return cls(path=path, settings=data, resolved=resolved, metrics=metrics)
 

@@ -322,9 +322,9 @@ def fit(s: Session) -> Fit:
     samples_path = s.out / LOGS_DIR / f"samples-rank{s.rank:05d}.jsonl"
     resumed_step = state.global_step if s.run.checkpoint is not None else None
     if main:
-        truncate_jsonl(metrics_path, resumed_step)
+        truncate_jsonl(metrics_path, resumed_step, log)
     if cfg.log_samples:
-        truncate_jsonl(samples_path, resumed_step)
+        truncate_jsonl(samples_path, resumed_step, log)
     if accelerator.log_with:
         accelerator.init_trackers(cfg.tracker_project_name, config={
             k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()})

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -118,15 +119,57 @@ class Metrics:
                                       samples_s=f"{rate:.1f}", refresh=False)
 
 
-def truncate_jsonl(path: Path, after_step: int | None) -> None:
-    """Drop records of steps > after_step (a resumed run rewrites them); None: start empty."""
+def read_jsonl(path: str | Path) -> tuple[list[tuple[str, dict]], list[int]]:
+    """((line, record) of every readable record, numbers of the unreadable lines) of a run's
+    JSON-lines log; ([], []) when there is none. A record is a JSON object with an integer
+    "step". A crash, a power loss or a full disk can leave a torn last line (or a run of NUL
+    bytes): such lines are reported, never fatal, and the records around them are kept."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return [], []
+    good, bad = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool):
+            good.append((line, record))
+        else:
+            bad.append(number)
+    return good, bad
+
+
+def unreadable_note(path: str | Path, bad: list[int]) -> str:
+    shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return (f"{path}: left out {len(bad)} unreadable line(s) (line {shown}), what a crash or a full disk "
+            "leaves; the other records are kept")
+
+
+def read_records(path: str | Path, log: Any = None) -> list[dict]:
+    """The readable records of a run's log (see `read_jsonl`); unreadable lines are said on `log`."""
+    good, bad = read_jsonl(path)
+    if bad and log is not None:
+        log.warning("%s", unreadable_note(path, bad))
+    return [record for _, record in good]
+
+
+def truncate_jsonl(path: Path, after_step: int | None, log: Any = None) -> None:
+    """Drop records of steps > after_step (a resumed run rewrites them), and unreadable lines
+    (said on `log`); None: start empty. Rewritten whole, then renamed over the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if after_step is None or not path.exists():
         path.write_text("")
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= after_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    good, bad = read_jsonl(path)
+    if bad and log is not None:
+        log.warning("%s", unreadable_note(path, bad))
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(line + "\n" for line, record in good if record["step"] <= after_step))
+    os.replace(tmp, path)
 
 
 def step_records(records: list[dict]) -> list[dict]:
@@ -139,4 +182,5 @@ def records_with(records: list[dict], key: str) -> list[dict]:
     return [r for r in records if isinstance(r.get(key), (int, float))]
 
 
-__all__ = ["METRICS_FILE", "Metrics", "records_with", "reset_peak_memory", "step_records", "truncate_jsonl"]
+__all__ = ["METRICS_FILE", "Metrics", "read_jsonl", "read_records", "records_with", "reset_peak_memory",
+           "step_records", "truncate_jsonl", "unreadable_note"]
