@@ -430,6 +430,18 @@ def test_compare_refuses_runs_of_different_caches_and_folders_that_are_not_runs(
         result = runner.invoke(tools, ["compare", str(folder)])
         assert result.exit_code == 1 and message in result.output, result.output
         assert "Traceback" not in result.output
+    # Where the curves cannot go: one line each, before any run is read where it can be told.
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for output, message in ((tmp_path / "c.xyz", f"--output {tmp_path / 'c.xyz'}: .xyz is no image format this can "
+                                                 "write; use one of "),
+                            (a_file / "c.png", f"--output {a_file / 'c.png'}: cannot write it")):
+        result = runner.invoke(tools, ["compare", str(split_run[0]), "-o", str(output)])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "Traceback" not in result.output
+    result = runner.invoke(tools, ["compare", str(split_run[0]), "-o", str(tmp_path / "curves")])
+    assert result.exit_code == 0 and f"curves: {tmp_path / 'curves.png'}" in result.output  # the file written
+    assert (tmp_path / "curves.png").is_file()
 
 
 def test_summary_prints_the_last_validation_loss_and_adherence(canny_run, split_run):

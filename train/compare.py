@@ -211,16 +211,36 @@ def plot(runs: list[Run], out_png: str | Path) -> Path:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
-    plt.close(fig)
+    out_png = output_path(out_png)
+    try:
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png)
+    except OSError as e:
+        raise RunError(f"--output {out_png}: cannot write it ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
     return out_png
+
+
+def output_path(output: str | Path) -> Path:
+    """Where the curves go: `output`, with .png added when it has no extension (what matplotlib
+    writes then); RunError for an image format matplotlib cannot write."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    out = Path(output).expanduser()
+    if not out.suffix:
+        return out.with_name(out.name + ".png")
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:
+        raise RunError(f"--output {output}: {out.suffix} is no image format this can write; use one of "
+                       f"{', '.join('.' + f for f in sorted(formats))}")
+    return out
 
 
 def compare(paths: list[str], *, output: str | Path = COMPARE_PNG, allow_different_caches: bool = False) -> str:
     """The text `compare` prints (and the PNG written to `output`); RunError for a folder that is
     not a finished run or for runs of different caches (unless allowed)."""
+    output = output_path(output)  # a format it cannot write is said before any run is read
     runs = [Run.load(p) for p in paths]
     caches: dict[str, list[str]] = {}
     for run in runs:
