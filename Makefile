@@ -134,7 +134,8 @@ precompute: install $(DEPS) ## encode DATA with MODEL into CACHE (defaults: tiny
 
 # train runs precompute first when CACHE has no manifest yet (so `make train DATA=... CACHE=...`
 # is one command; that precompute takes PRECOMPUTE_ARGS, ARGS are train's); an existing cache is
-# never re-encoded, whatever the train settings.
+# never re-encoded, whatever the train settings. A CACHE given without DATA or DATASET must exist
+# (a typo would otherwise fill it with the demo data); only the default CACHE builds the demo's.
 # Settings that make a cache, given to make train when CACHE is one already: said, not silently dropped.
 UNUSED_NOTE = echo "make train: $(CACHE) is a cache already, so DATA, DATASET, RESOLUTION and PRECOMPUTE_ARGS \
 	(which make one) are not used; a new CACHE uses them"
@@ -143,6 +144,9 @@ train: install $(if $(MODEL),,$(TINY)/model_index.json) ## train an adapter on C
 		$(if $(DATA)$(DATASET)$(RESOLUTION)$(PRECOMPUTE_ARGS),$(UNUSED_NOTE);) true; \
 	else case "$$why" in \
 		*"no manifest.json in"*|*": no such folder"*) \
+			$(if $(DATA)$(DATASET)$(filter file,$(origin CACHE)),,echo "make train: $(CACHE) has no manifest, and \
+			neither DATA nor DATASET says what to precompute into it (a typo in CACHE?): give DATA=... or \
+			DATASET=... to build it" >&2; exit 1;) \
 			echo "make train: $(CACHE) has no manifest yet: running precompute first"; \
 			$(MAKE) --no-print-directory precompute ARGS= || exit $$?;; \
 		*) echo "$$why" >&2; \

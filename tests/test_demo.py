@@ -99,3 +99,12 @@ def test_make_train_precomputes_a_missing_cache_once(tiny_model, fill_data, tmp_
     assert f"{broken}: is a file, not a cache folder" in third.stderr
     assert f"make train: cannot read {broken} (above), so precompute is not started into it" in third.stderr
     assert broken.read_text() == "x" and not (out / "c").exists()
+    # A CACHE that does not exist, and no DATA or DATASET to build it from: a typo, refused (the
+    # default CACHE alone builds the demo's fill data).
+    typo = tmp_path / "cahce"
+    fourth = subprocess.run([a for a in base if not a.startswith(("CACHE=", "DATA="))] + [f"CACHE={typo}", f"OUT={out}/d"],
+                            capture_output=True, text=True, timeout=300)
+    assert fourth.returncode != 0 and "running precompute" not in fourth.stdout
+    assert (f"make train: {typo} has no manifest, and neither DATA nor DATASET says what to precompute into it (a "
+            "typo in CACHE?): give DATA=... or DATASET=... to build it") in " ".join(fourth.stderr.split())
+    assert not typo.exists() and not (out / "d").exists()
