@@ -574,3 +574,50 @@ def test_a_bad_validation_file_lists_every_problem(tmp_path):
         with pytest.raises(ConfigError) as err:
             _cfg(tmp_path, validation_file=str(path)).validate(cuda_available=False)
         assert err.value.problems == [f"--validation-file {path}: {message}"]
+
+
+def test_settings_a_run_does_not_use_are_said(tmp_path):
+    """Given, but without effect in this run: one note each (resolve logs them), never dropped
+    without a word."""
+    from train.config import resolve
+
+    cfg = _cfg(tmp_path, max_steps=5, num_epochs=3, lr_warmup_steps=100, lr_power=2.0, validation_loss_steps=1,
+               validation_steps=7, validation_resolution=64, hub_model_id="me/x", hub_public=True,
+               tracker_project_name="p", validation_cache=str(tmp_path / "cache"))
+    notes = resolve(cfg, cuda_available=False, environ={}).notes
+    assert notes[:-1] == (
+        "--num-epochs 3 is not used: --max-steps 5 sets the run's length",
+        "--lr-warmup-steps 100 is not used by the constant learning-rate schedule",
+        "--lr-power 2.0 is not used by the constant learning-rate schedule",
+        "--validation-steps 7 is not used: no validation images are rendered without --validation-image and "
+        "--validation-prompt (or --validation-file)",
+        "--validation-resolution 64 is not used: no validation images are rendered without --validation-image and "
+        "--validation-prompt (or --validation-file)",
+        "--hub-model-id me/x is not used without --push-to-hub",
+        "--hub-public is not used without --push-to-hub",
+        "--tracker-project-name p is not used with --report-to none (metrics go to OUT/logs/metrics.jsonl)",
+    )
+    assert notes[-1].startswith(f"--validation-cache is the training cache itself ({tmp_path / 'cache'})")
+    # The same settings where they are used: nothing to say.
+    used = _cfg(tmp_path, num_epochs=3, lr_scheduler="polynomial", lr_warmup_steps=100, lr_power=2.0,
+                validation_split=0.25, validation_loss_steps=1, report_to="tensorboard", tracker_project_name="p")
+    assert resolve(used, cuda_available=False, environ={}).notes == ()
+    no_loss = _cfg(tmp_path, validation_loss_timesteps=3)
+    assert resolve(no_loss, cuda_available=False, environ={}).notes == (
+        "--validation-loss-timesteps 3 is not used: no validation loss is measured without --validation-split or "
+        "--validation-cache",)
+
+
+def test_num_epochs_on_the_command_line_beats_a_config_files_max_steps(tmp_path):
+    """A preset sets max-steps; --num-epochs typed on the command line is what the user asked for."""
+    from train.__main__ import _command_line_length_wins
+
+    preset = tmp_path / "preset.toml"
+    preset.write_text("max-steps = 40\nbatch-size = 8\n")
+    base = ["--config", str(preset), "--model", "m", "--cache", "c", "--output-dir", "o"]
+    for extra, want in ((["--num-epochs", "3"], (None, 3)), (["--num_train_epochs", "2"], (None, 2)),
+                        (["--num-epochs", "3", "--max-steps", "9"], (9, 3)), ([], (40, 1))):
+        with main.make_context("train", base + extra) as ctx:
+            options = {k: v for k, v in ctx.params.items() if k != "config"}
+            _command_line_length_wins(options)
+        assert (options["max_steps"], options["num_epochs"]) == want, extra

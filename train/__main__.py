@@ -23,6 +23,8 @@ import logging
 import re
 from typing import Any
 
+import click
+
 from shards.options import Foreign, config_command
 from train.config import TrainConfig
 
@@ -106,9 +108,24 @@ def main(config: str | None = None, **options: Any) -> None:
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    _command_line_length_wins(options)
     cfg = TrainConfig(**options)
     run_command(lambda: train(cfg), user_errors=(TrainError, ShardError),
                 message=user_message, continue_hint="continue with --resume latest (the newest complete checkpoint)")
+
+
+def _command_line_length_wins(options: dict[str, Any]) -> None:
+    """--num-epochs typed on the command line beats the --max-steps of a --config file (a preset
+    sets max-steps; flags override the file, and max-steps would otherwise override the flag)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    if (ctx.get_parameter_source("num_epochs") == ParameterSource.COMMANDLINE
+            and ctx.get_parameter_source("max_steps") == ParameterSource.DEFAULT_MAP
+            and options.get("max_steps") is not None):
+        logging.getLogger("train").info("--num-epochs %s from the command line: the config file's max-steps %s is not "
+                                        "used", options["num_epochs"], options["max_steps"])
+        options["max_steps"] = None
 
 
 TOOLS = ("compare", "summary")  # `python -m train <tool> ...`: train.compare

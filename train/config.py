@@ -582,7 +582,7 @@ def resolve(cfg: TrainConfig, *, cuda_available: bool | None = None, environ: di
     problems = cfg._problems(precision, source, cuda_available)
     if problems:
         raise ConfigError(problems)
-    notes = []
+    notes = unused_settings(cfg)
     keep = cfg.checkpoints_total_limit
     if keep is not None and keep < MIN_CHECKPOINTS_KEPT:
         notes.append(f"--checkpoints-total-limit {keep} raised to {MIN_CHECKPOINTS_KEPT}: the newest checkpoint "
@@ -594,6 +594,54 @@ def resolve(cfg: TrainConfig, *, cuda_available: bool | None = None, environ: di
     return Resolved(config=dataclasses.replace(cfg, mixed_precision=precision, checkpoints_total_limit=keep,
                                                fused_adamw=fused, prefetch=prefetch),
                     precision_source=source, notes=tuple(notes))
+
+
+def unused_settings(cfg: TrainConfig) -> list[str]:
+    """One note per setting given (not its default) that this run does not use, so that nothing a
+    user asked for is dropped without a word. (Settings that only make sense with another, such
+    as --save-ema without --ema-decay, are refused instead, by `_problems`.)"""
+    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+    def given(*names: str) -> list[str]:
+        flags = [(f"--{n.replace('_', '-')}", getattr(cfg, n)) for n in names if getattr(cfg, n) != default[n]]
+        return [flag if isinstance(value, bool) else f"{flag} {value}" for flag, value in flags]
+
+    notes = []
+    if cfg.max_steps is not None and given("num_epochs"):
+        notes.append(f"{given('num_epochs')[0]} is not used: --max-steps {cfg.max_steps} sets the run's length")
+    unused_by_schedule = {
+        "lr_warmup_steps": cfg.lr_scheduler in ("constant", "piecewise_constant"),
+        "lr_num_cycles": cfg.lr_scheduler != "cosine_with_restarts",
+        "lr_power": cfg.lr_scheduler != "polynomial",
+    }
+    for name in [n for n, unused in unused_by_schedule.items() if unused]:
+        for flag in given(name):
+            notes.append(f"{flag} is not used by the {cfg.lr_scheduler} learning-rate schedule")
+    if not (cfg.validation_split or cfg.validation_cache):
+        for flag in given("validation_loss_steps", "validation_loss_timesteps"):
+            notes.append(f"{flag} is not used: no validation loss is measured without --validation-split or "
+                         "--validation-cache")
+    if not (cfg.validation_image or cfg.validation_file):
+        for flag in given("validation_steps", "num_validation_images", "validation_inference_steps",
+                          "validation_guidance_scale", "validation_resolution"):
+            notes.append(f"{flag} is not used: no validation images are rendered without --validation-image and "
+                         "--validation-prompt (or --validation-file)")
+    if not cfg.push_to_hub:
+        for flag in given("hub_model_id", "hub_public"):
+            notes.append(f"{flag} is not used without --push-to-hub")
+    if cfg.report_to == "none":
+        for flag in given("tracker_project_name"):
+            notes.append(f"{flag} is not used with --report-to none (metrics go to OUT/logs/metrics.jsonl)")
+    if cfg.validation_cache and cfg.cache and _same_location(cfg.validation_cache, cfg.cache):
+        notes.append(f"--validation-cache is the training cache itself ({cfg.cache}): the validation loss measures "
+                     "images the adapter trains on, not held-out ones (--validation-split holds some out)")
+    return notes
+
+
+def _same_location(a: str, b: str) -> bool:
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
 
 _DETECT = object()  # resolve_mixed_precision: look at the real parent process
