@@ -60,7 +60,7 @@ def _foreign_cache_folder_problems(shown: str, path: Path, data: str | None) -> 
     by mistake), or that is the dataset or holds it: a cache's files would be written among
     them, and `shards gc --orphans` could take input tars named like shards for its own."""
     from shards import schema
-    from shards.store import LOCAL_STAGING, TEMP_PREFIX
+    from shards.store import LOCAL_STAGING, STAGING_FOLDER, TEMP_PREFIX
 
     if data and "://" not in data:
         source = Path(data.split("{", 1)[0]).expanduser().absolute()  # a brace pattern: its folder part
@@ -70,12 +70,16 @@ def _foreign_cache_folder_problems(shown: str, path: Path, data: str | None) -> 
         names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     except OSError:
         return []  # writable_problem speaks of access
+    # STAGING_FOLDER: what a --tmp-dir pointed at the cache folder itself leaves there.
     ours = {schema.MANIFEST_FILE, schema.IDENTITY_FILE, schema.EMPTY_PROMPT_FILE, schema.SHARD_DIR, schema.RECORD_DIR,
-            LOCAL_STAGING}
+            LOCAL_STAGING, STAGING_FOLDER}
     foreign = [n for n in names if n not in ours and not n.startswith(TEMP_PREFIX)]
     if not foreign:
         return []
     shown_names = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+    if schema.IDENTITY_FILE in names:  # a cache, with something else put in it since
+        return [f"--cache {shown}: the cache folder also holds files that are no cache's ({shown_names}); precompute "
+                "would write among them: move them out of it (a cache is a folder of its own)"]
     return [f"--cache {shown}: the folder holds files that are no cache's ({shown_names}); precompute would write "
             "among them: choose a new or empty folder"]
 

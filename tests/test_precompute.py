@@ -509,6 +509,15 @@ def test_a_cache_folder_of_something_else_is_refused(tiny_model, fill_data, tmp_
                                   "would write among them: choose a new or empty folder"]
     assert sorted(p.relative_to(fill_data) for p in fill_data.rglob("*")) == before
     assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+    # A cache something else was put in since: move it out (the cache is not to be abandoned).
+    # Its own staging folder (a --tmp-dir pointed at the cache folder) is no stranger.
+    (notes / "identity.json").write_text("{}")
+    (notes / "shards-staging").mkdir()
+    with pytest.raises(ConfigError) as err:
+        run(_cfg(tiny_model, fill_data, notes))
+    assert err.value.problems == [f"--cache {notes}: the cache folder also holds files that are no cache's (todo.txt); "
+                                  "precompute would write among them: move them out of it (a cache is a folder of its "
+                                  "own)"]
 
 
 def test_resolution_must_be_a_multiple_of_the_model_granularity(tiny_model, fill_data, tmp_path):

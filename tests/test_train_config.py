@@ -621,3 +621,15 @@ def test_num_epochs_on_the_command_line_beats_a_config_files_max_steps(tmp_path)
             options = {k: v for k, v in ctx.params.items() if k != "config"}
             _command_line_length_wins(options)
         assert (options["max_steps"], options["num_epochs"]) == want, extra
+
+
+def test_an_output_dir_inside_the_cache_folder_is_refused(tmp_path):
+    """The run's files among the cache's would make the cache folder one a later precompute refuses."""
+    for out in (tmp_path / "cache" / "run1", tmp_path / "cache"):
+        with pytest.raises(ConfigError) as err:
+            _cfg(tmp_path, output_dir=str(out)).validate(cuda_available=False)
+        assert (f"--output-dir {out}: is inside the cache folder {tmp_path / 'cache'}: a run's files go in a folder of "
+                "their own, outside the cache") in str(err.value)
+    assert _cfg(tmp_path, output_dir=str(tmp_path / "cache-run")).validate(cuda_available=False) == []
+    assert _cfg(tmp_path, cache="s3://bucket/cache", output_dir=str(tmp_path / "out")).validate(
+        cuda_available=False) == []

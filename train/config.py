@@ -384,7 +384,7 @@ class TrainConfig:
             problems.append(f"output dir {self.output_dir!r} exists and is not a folder")
         elif self.output_dir:
             problem = writable_problem(nearest_existing(self.output_dir)) or _foreign_folder_problem(
-                Path(self.output_dir))
+                Path(self.output_dir)) or _inside_cache_problem(self.output_dir, self.cache)
             if problem:
                 problems.append(f"--output-dir {self.output_dir}: {problem}")
         if self.local_cache and Path(self.local_cache).exists() and not Path(self.local_cache).is_dir():
@@ -594,6 +594,19 @@ def resolve(cfg: TrainConfig, *, cuda_available: bool | None = None, environ: di
     return Resolved(config=dataclasses.replace(cfg, mixed_precision=precision, checkpoints_total_limit=keep,
                                                fused_adamw=fused, prefetch=prefetch),
                     precision_source=source, notes=tuple(notes))
+
+
+def _inside_cache_problem(output_dir: str, cache: str) -> str | None:
+    """An output folder in a local cache folder (or the cache itself): the run's files would sit
+    among the cache's, and a later precompute (resume, --rebuild-stale) refuses a cache folder
+    holding files that are not its own."""
+    if not cache or "://" in cache:
+        return None
+    out = Path(os.path.realpath(os.path.expanduser(output_dir)))
+    root = Path(os.path.realpath(os.path.expanduser(cache)))
+    if out == root or root in out.parents:
+        return f"is inside the cache folder {cache}: a run's files go in a folder of their own, outside the cache"
+    return None
 
 
 def unused_settings(cfg: TrainConfig) -> list[str]:
