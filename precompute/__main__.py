@@ -82,7 +82,7 @@ Re-running the same command resumes: complete shards are kept, the rest are (re)
 written with another model or other byte-changing settings is refused. --config CACHE/manifest.json
 repeats the settings a cache was made with (give --cache and --data again).
 """)
-def main(config: str | None = None, verbose: bool = False, **options) -> None:
+def main(config: tuple[str, ...] = (), verbose: bool = False, **options) -> None:
     """Encode images, conditioning images and captions with SDXL's VAE and text encoders into a cache
     of WebDataset shards (latent mean/std, prompt embeddings, conditioning PNG, micro-conditioning)
     that `python -m train` reads."""

@@ -186,19 +186,34 @@ def load_config_file(path: str | Path, cls: type, *, sections: Mapping[str, str 
     ignore it (a run's "resolved" facts)."""
     path = Path(path).expanduser()
     data = _read_mapping(path)
-    for key, use in (sections or {}).items():
+    sections = sections or {}
+    # The other stage's own files, said as such (not as a list of its settings, each refused).
+    if isinstance(data.get("resolved"), dict) and "resolved" not in sections:
+        raise ConfigFileError(f"{path}: a training run's saved settings (train_config.json): give it to "
+                              "`python -m train --config`")
+    if isinstance(data.get("config"), dict) and "shards" in data and "config" not in sections:
+        raise ConfigFileError(f"{path}: a cache's manifest, which holds `python -m precompute`'s settings: give it to "
+                              "precompute's --config (train reads a cache with --cache)")
+    for key, use in sections.items():
         if key in data:
             if use is None:
                 data = {k: v for k, v in data.items() if k != key}
             elif isinstance(data[key], dict) and key == use:
                 data = data[key]
     names = {f.name: f for f in dataclasses.fields(cls)}
-    out, unknown, wrong = {}, [], []
+    # The options' other names (the reference's spellings) are keys too, as on the command line.
+    aliases = {a.lstrip("-").replace("-", "_"): f.name for f in names.values() for a in f.metadata.get("aliases", ())}
+    out, unknown, wrong, seen = {}, [], [], {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        name = aliases.get(name, name)
         if name not in names:
             unknown.append(str(key))
             continue
+        if name in seen:
+            wrong.append(f"{key} and {seen[name]} are the same setting; give it once")
+            continue
+        seen[name] = key
         problem = _value_problem(names[name], value)
         if problem:
             wrong.append(f"{key} {problem}, got {value!r}")
@@ -261,14 +276,17 @@ def _value_problem(f: dataclasses.Field, value: Any) -> str | None:
     return _scalar_problem(kind, value)
 
 
-def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is None:
-        return None
+def _load_config(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """Every --config file, in order: a later file's settings replace an earlier one's (a base
+    file, then overrides); each file is read and checked whole."""
     cmd = ctx.command
-    settings = load_config_file(value, cmd.config_class, sections=cmd.config_sections,
-                                foreign=getattr(cmd, "foreign", None))
-    ctx.default_map = {**(ctx.default_map or {}), **settings}
-    return value
+    merged: dict = {}
+    for path in value or ():
+        merged.update(load_config_file(path, cmd.config_class, sections=cmd.config_sections,
+                                       foreign=getattr(cmd, "foreign", None)))
+    if merged:
+        ctx.default_map = {**(ctx.default_map or {}), **merged}
+    return tuple(value or ())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,9 +391,10 @@ def config_command(cls: type, *, name: str | None = None, foreign: Mapping[str, 
         for f in reversed(cli_fields(cls)):
             fn = _option(f)(fn)
         fn = click.option("--config", "config", type=click.Path(dir_okay=False), is_eager=True, expose_value=True,
-                          callback=_load_config, metavar="FILE",
+                          callback=_load_config, metavar="FILE", multiple=True,
                           help="Read settings from a TOML, YAML or JSON file (keys are the option names); options "
-                               "given on the command line override it. A run's saved config is a valid file.")(fn)
+                               "given on the command line override it. Repeatable: a later file overrides an "
+                               "earlier one. A run's saved config is a valid file.")(fn)
         context = {"help_option_names": ["-h", "--help"], "max_content_width": 110,
                    "token_normalize_func": lambda s: s.replace("_", "-"),
                    **command_kwargs.pop("context_settings", {})}

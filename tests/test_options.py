@@ -166,3 +166,43 @@ def test_a_name_is_a_folder_or_a_hub_id(tmp_path, monkeypatch):
     assert vae_location("vae-only") == (str(tmp_path / "vae-only"), None)
     assert vae_location("models/tiny") == (str(tmp_path / "models/tiny"), "vae")
     assert vae_location("madebyollin/sdxl-vae-fp16-fix") == ("madebyollin/sdxl-vae-fp16-fix", None)
+
+
+def test_config_files_take_the_aliases_and_stack_in_order(tmp_path):
+    """A key may be any of the option's names (the reference's too), once; several --config files
+    apply in order, each read and checked whole."""
+    base = tmp_path / "base.toml"
+    base.write_text('pretrained_model_name_or_path = "m"\ntrain_batch_size = 2\nrate = 0.5\n')
+    override = tmp_path / "override.yaml"
+    override.write_text("train-batch-size: 6\n")
+    got = values(run("--config", str(base), "--config", str(override)))
+    assert (got["model"], got["batch_size"], got["rate"]) == ("m", 6, 0.5)
+    assert values(run("--config", str(base), "--config", str(override), "--batch-size", "7"))["batch_size"] == 7
+    twice = tmp_path / "twice.toml"
+    twice.write_text('model = "m"\nbatch_size = 2\ntrain_batch_size = 3\n')
+    result = run("--config", str(twice))
+    assert result.exit_code == 2 and "train_batch_size and batch_size are the same setting; give it once" in \
+        " ".join(result.output.split())
+    broken = tmp_path / "broken.toml"
+    broken.write_text("model = [\n")
+    result = run("--config", str(broken), "--config", str(base))  # an earlier file is read too
+    assert result.exit_code == 2 and "broken.toml: cannot parse" in result.output
+
+
+def test_the_other_stages_files_are_named_as_such(tmp_path):
+    run_config = tmp_path / "train_config.json"
+    run_config.write_text(json.dumps({"model": "m", "learning_rate": 1e-5, "resolved": {"world_size": 1}}))
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"config": {"resolution": 1024}, "shards": [], "identity": {}}))
+    result = CliRunner().invoke(toy_without_sections, ["--config", str(run_config)])
+    assert result.exit_code == 2 and "a training run's saved settings (train_config.json): give it to `python -m " \
+        "train --config`" in " ".join(result.output.split())
+    result = run("--config", str(manifest))
+    assert result.exit_code == 2 and "a cache's manifest, which holds `python -m precompute`'s settings" in \
+        " ".join(result.output.split())
+    assert "unknown setting" not in result.output
+
+
+@config_command(Toy, name="toy2")
+def toy_without_sections(config, **kw):
+    click.echo(json.dumps(kw, sort_keys=True))

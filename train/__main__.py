@@ -89,7 +89,7 @@ def user_message(error: BaseException) -> str:
            "--mixed-precision bf16 --validation-image a.png --validation-prompt 'a house'. "
            "Continue a run: the same command with --resume latest. Repeat one: --config runs/canny-1/train_config.json.",
 )
-def main(config: str | None = None, **options: Any) -> None:
+def main(config: tuple[str, ...] = (), **options: Any) -> None:
     """Train a T2I-Adapter for SDXL from a precomputed cache (see `python -m precompute`).
 
     Loads only the frozen UNet and the adapter; the cache supplies latents and prompt
