@@ -48,9 +48,13 @@ FILL      := cache/fill-data
 FILL_N    ?= 128
 
 MODEL_ARG := $(if $(MODEL),$(MODEL),$(TINY))
+# q: one shell word in single quotes, whatever the value holds (a ' becomes '\'').
+q = '$(subst ','\'',$(1))'
 # Paths are quoted in the commands: a brace pattern ('{00000..00099}.tar') reaches precompute as
 # written, and a path may hold spaces.
-DATA_ARG  := $(if $(DATASET),--dataset-name '$(DATASET)',--data '$(if $(DATA),$(DATA),$(FILL))')
+# Both DATA and DATASET given: both are passed, and precompute refuses the pair (never one dropped).
+DATA_ARG  := $(if $(DATASET),--dataset-name $(call q,$(DATASET))) \
+	$(if $(DATA)$(if $(DATASET),,x),--data $(call q,$(if $(DATA),$(DATA),$(FILL))))
 DEPS      := $(if $(MODEL),,$(TINY)/model_index.json) $(if $(DATA)$(DATASET),,$(FILL)/prompt.json)
 
 # One process: plain python. Several (NPROC x NNODES): accelerate launch, through shards.launch
@@ -64,8 +68,8 @@ LAUNCH  = $(if $(filter 1,$(WORLD)),$(PY) -m,\
 	--num_processes $(WORLD) --num_machines $(NNODES) --machine_rank $(NODE_RANK) \
 	--main_process_ip $(MASTER_ADDR) --main_process_port $(MASTER_PORT) -m)
 
-PRECOMPUTE = $(LAUNCH) precompute --config configs/$(PRESET)/precompute.toml --model '$(MODEL_ARG)' \
-	$(DATA_ARG) --cache '$(CACHE)' $(if $(RESOLUTION),--resolution $(RESOLUTION)) $(PRECOMPUTE_ARGS)
+PRECOMPUTE = $(LAUNCH) precompute --config configs/$(PRESET)/precompute.toml --model $(call q,$(MODEL_ARG)) \
+	$(DATA_ARG) --cache $(call q,$(CACHE)) $(if $(RESOLUTION),--resolution $(RESOLUTION)) $(PRECOMPUTE_ARGS)
 
 .PHONY: help install install-check test test-fast demo precompute train tiny fill verify bench bench-gpu gpu-wheels clean
 
@@ -140,7 +144,7 @@ precompute: install $(DEPS) ## encode DATA with MODEL into CACHE (defaults: tiny
 UNUSED_NOTE = echo "make train: $(CACHE) is a cache already, so DATA, DATASET, RESOLUTION and PRECOMPUTE_ARGS \
 	(which make one) are not used; a new CACHE uses them"
 train: install $(if $(MODEL),,$(TINY)/model_index.json) ## train an adapter on CACHE into OUT (precomputes a missing CACHE first)
-	@if why=$$($(PY) -m shards ls '$(CACHE)' 2>&1 >/dev/null); then \
+	@if why=$$($(PY) -m shards ls $(call q,$(CACHE)) 2>&1 >/dev/null); then \
 		$(if $(DATA)$(DATASET)$(RESOLUTION)$(PRECOMPUTE_ARGS),$(UNUSED_NOTE);) true; \
 	else case "$$why" in \
 		*"no manifest.json in"*|*": no such folder"*) \
@@ -152,13 +156,13 @@ train: install $(if $(MODEL),,$(TINY)/model_index.json) ## train an adapter on C
 		*) echo "$$why" >&2; \
 			echo "make train: cannot read $(CACHE) (above), so precompute is not started into it" >&2; exit 1;; \
 	esac; fi
-	$(LAUNCH) train --config configs/$(PRESET)/train.toml --model '$(MODEL_ARG)' --cache '$(CACHE)' \
-		--output-dir '$(OUT)' $(if $(STEPS),--max-steps $(STEPS)) $(if $(BATCH),--batch-size $(BATCH)) \
+	$(LAUNCH) train --config configs/$(PRESET)/train.toml --model $(call q,$(MODEL_ARG)) --cache $(call q,$(CACHE)) \
+		--output-dir $(call q,$(OUT)) $(if $(STEPS),--max-steps $(STEPS)) $(if $(BATCH),--batch-size $(BATCH)) \
 		$(if $(LR),--learning-rate $(LR)) $(if $(CKPT_EVERY),--checkpointing-steps $(CKPT_EVERY)) \
 		$(if $(RESUME),--resume $(RESUME)) $(ARGS)
 
 verify: install ## re-read every shard of CACHE and check it against the manifest
-	$(PY) -m shards verify '$(CACHE)'
+	$(PY) -m shards verify $(call q,$(CACHE))
 
 DEMO_CACHE := cache/demo
 DEMO_OUT   := runs/demo

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,29 @@ def test_make_train_precomputes_a_missing_cache_once(tiny_model, fill_data, tmp_
     assert (f"make train: {typo} has no manifest, and neither DATA nor DATASET says what to precompute into it (a "
             "typo in CACHE?): give DATA=... or DATASET=... to build it") in " ".join(fourth.stderr.split())
     assert not typo.exists() and not (out / "d").exists()
+
+
+def test_make_passes_every_path_as_one_word_and_never_drops_data(fill_cache, tmp_path):
+    """The commands make runs (`make -n` prints them): a path with spaces or an apostrophe is one
+    argument as typed; DATA and DATASET together both reach precompute, which refuses the pair."""
+    import shlex
+
+    def command(target: str, *variables: str) -> list[str]:
+        proc = subprocess.run(["make", "-C", str(REPO), "-n", "-o", "install", "--no-print-directory", target,
+                               f"VENV={sys.prefix}", "MODEL=/models/o'brien sdxl", *variables],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.replace("\\\n", " ").splitlines()  # a command's continued lines, joined
+        line = next(ln for ln in lines if f" -m {target} " in ln)
+        return shlex.split(line)
+
+    args = command("precompute", "DATA=/data/mom's photos", "CACHE=/caches/it's here")
+    assert args[args.index("--model") + 1] == "/models/o'brien sdxl"
+    assert args[args.index("--data") + 1] == "/data/mom's photos"
+    assert args[args.index("--cache") + 1] == "/caches/it's here"
+    args = command("precompute", "DATA=/data/a", "DATASET=org/set", "CACHE=/caches/c")
+    assert args[args.index("--data") + 1] == "/data/a" and args[args.index("--dataset-name") + 1] == "org/set"
+    cache = tmp_path / "it's a cache"  # make train looks at it (a line that runs $(MAKE) runs under -n)
+    shutil.copytree(fill_cache, cache)
+    args = command("train", f"CACHE={cache}", "OUT=/runs/don't stop")
+    assert args[args.index("--cache") + 1] == str(cache) and args[args.index("--output-dir") + 1] == "/runs/don't stop"
