@@ -114,7 +114,7 @@ class PrecomputeConfig:
     dataset_config_name: str | None = _s(None, "The dataset's configuration (subset).", "data")
     dataset_revision: str | None = _s(None, "Hub revision (branch, tag or commit) of --dataset-name.", "data")
     dataset_split: str = _s("train", "Split of --dataset-name, of a DatasetDict save_to_disk folder or of a "
-                                     "hub-layout folder in --data.", "data")
+                                     "hub-layout folder in --data (refused for a dataset without splits).", "data")
     cache_dir: str | None = _s(None, "The datasets / hub download cache for --dataset-name and --model (and parquet "
                                      "conversion) [default: the Hugging Face cache, ~/.cache/huggingface].", "data",
                                metavar="DIR")

@@ -635,13 +635,20 @@ def open_source(
                 problems.append(f"{what} must be a single column name for a Hugging Face dataset, got {value!r}")
         if problems:
             raise _fail(problems)
-        return open_hf_source(
+        hf = open_hf_source(
             spec or None, dataset_name=dataset_name, dataset_config_name=dataset_config_name,
             dataset_revision=dataset_revision, dataset_split=dataset_split, cache_dir=cache_dir,
             image_column=image_column, conditioning_image_column=conditioning_image_column,  # type: ignore[arg-type]
             caption_column=caption_column, samples_per_shard=samples_per_shard,  # type: ignore[arg-type]
             max_samples=max_samples, require_conditioning=require_conditioning, limits=limits,
         )
+        if dataset_split != DEFAULT_SPLIT and hf.ident.get("split") is None:
+            raise _fail([f"--dataset-split {dataset_split}: {spec} is one table ({hf.ident.get('format')}), without "
+                         "splits; leave --dataset-split out"])
+        return hf
+    if dataset_split != DEFAULT_SPLIT:  # a split is never silently not taken
+        raise _fail([f"--dataset-split {dataset_split}: {spec} is a folder or tar dataset, without splits (splits are "
+                     "Hugging Face datasets'); leave --dataset-split out"])
 
     is_pattern = remote or ("{" in spec and "}" in spec and not os.path.exists(spec))
     path = None if is_pattern else Path(spec)

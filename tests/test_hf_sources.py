@@ -286,3 +286,17 @@ def test_precompute_of_a_dataset_equals_the_same_images_as_a_folder(fill, tiny_m
         assert x.cond_png == y.cond_png
     first = np.asarray(Image.open(io.BytesIO(sa[0].cond_png)).convert("RGB"))
     assert first.shape == (RES, RES, 3)
+
+
+def test_a_split_asked_of_a_dataset_without_splits_is_refused(fill, tmp_path):
+    """--dataset-split on one table, or a folder or tar dataset: refused, never silently the whole."""
+    root, rows = fill
+    hf_dataset(rows).to_parquet(str(tmp_path / "one.parquet"))
+    hf_dataset(rows).save_to_disk(str(tmp_path / "disk"))
+    for path, what in ((tmp_path / "one.parquet", "is one table (parquet), without splits"),
+                       (tmp_path / "disk", "is one table (save_to_disk), without splits"),
+                       (root, "is a folder or tar dataset, without splits")):
+        with pytest.raises(SourceError) as err:
+            open_source(path, dataset_split="test", cache_dir=str(tmp_path / "c"))
+        assert f"--dataset-split test: {path} {what}" in str(err.value) and "leave --dataset-split out" in str(err.value)
+    assert open_source(tmp_path / "disk").num_items() == N  # the default split name asks for nothing
