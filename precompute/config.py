@@ -267,7 +267,7 @@ class PrecomputeConfig:
         if self.tmp_dir is not None:
             t = Path(self.tmp_dir).expanduser()
             if not t.is_dir():
-                p.append(f"--tmp-dir {self.tmp_dir}: no such folder")
+                p.append(f"--tmp-dir {self.tmp_dir}: " + ("is a file, not a folder" if t.exists() else "no such folder"))
             elif problem := writable_problem(t):
                 p.append(f"--tmp-dir {self.tmp_dir}: {problem}")
         if not isinstance(self.seed, int) or self.seed < 0:

@@ -135,6 +135,10 @@ def _load(
         local = Path(name).expanduser()
         label = str(local.resolve()) if local.is_dir() else name
         what = f"--dataset-name {name}"
+        if local.is_dir() and ((local / DATASET_DICT_MARKER).is_file() or all(
+                (local / m).is_file() for m in DATASET_MARKERS)):
+            raise SourceError(f"{what}: a save_to_disk folder, which load_dataset cannot read: give it with --data "
+                              f"{name}")
         try:
             loaded = datasets.load_dataset(name, config, revision=revision, split=split, cache_dir=cache_dir)
         except SourceError:

@@ -300,3 +300,14 @@ def test_a_split_asked_of_a_dataset_without_splits_is_refused(fill, tmp_path):
             open_source(path, dataset_split="test", cache_dir=str(tmp_path / "c"))
         assert f"--dataset-split test: {path} {what}" in str(err.value) and "leave --dataset-split out" in str(err.value)
     assert open_source(tmp_path / "disk").num_items() == N  # the default split name asks for nothing
+
+
+def test_a_save_to_disk_folder_by_name_is_pointed_to_data(fill, tmp_path):
+    _, rows = fill
+    hf_dataset(rows).save_to_disk(str(tmp_path / "disk"))
+    datasets.DatasetDict({"train": hf_dataset(rows)}).save_to_disk(str(tmp_path / "dict"))
+    for folder in (tmp_path / "disk", tmp_path / "dict"):
+        with pytest.raises(SourceError) as err:
+            open_source(None, dataset_name=str(folder))
+        assert f"--dataset-name {folder}: a save_to_disk folder, which load_dataset cannot read: give it with --data " \
+               f"{folder}" in str(err.value)

@@ -786,3 +786,12 @@ def test_a_resolution_readers_would_refuse_is_refused_before_anything_is_written
     with pytest.raises(ConfigError, match=r"image sizes \[\(64, 64\)\] \(h, w\) are over 4032 pixels"):
         resolve(_cfg(tiny_model, fill_data, tmp_path / "c"), cuda_available=False)
     assert not (tmp_path / "c").exists()
+
+
+def test_a_tmp_dir_that_is_a_file_is_called_one(tiny_model, fill_data, tmp_path):
+    a_file = tmp_path / "scratch"
+    a_file.write_text("x")
+    assert f"--tmp-dir {a_file}: is a file, not a folder" in _cfg(tiny_model, fill_data, tmp_path / "c",
+                                                                 tmp_dir=str(a_file)).problems()
+    assert f"--tmp-dir {tmp_path / 'none'}: no such folder" in _cfg(tiny_model, fill_data, tmp_path / "c",
+                                                                    tmp_dir=str(tmp_path / "none")).problems()

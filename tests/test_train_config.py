@@ -563,7 +563,7 @@ def test_a_bad_validation_file_lists_every_problem(tmp_path):
     problems = [p.replace(str(bad), "FILE") for p in err.value.problems]
     assert problems[0].startswith("--validation-file FILE: line 2 is not JSON (")
     assert problems[1:] == [
-        "--validation-file FILE: line 3 has no a prompt (prompt or text)",
+        "--validation-file FILE: line 3 lacks a prompt (prompt or text), as a non-empty string",
         "--validation-file FILE: line 4 is not an object",
         f"--validation-file FILE: image {str(tmp_path / 'missing.png')!r} does not exist",
     ]

@@ -304,6 +304,12 @@ def test_continue_from_a_saved_adapter(tiny_model, cache, run_a, tmp_path):
     assert before.keys() == after.keys()
     assert all(torch.allclose(before[k], after[k], atol=1e-9, rtol=0) for k in before)
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it did take a step
+    # A checkpoint folder given as the adapter: pointed to its adapter/ folder.
+    step = sorted((start / "checkpoints").glob("step-*"))[-1]
+    with pytest.raises(StartupError) as err:
+        train(_cfg(tiny_model, cache, tmp_path / "from-checkpoint", max_steps=1, adapter=str(step)))
+    assert f"--adapter {step}: cannot read its config.json" in str(err.value)
+    assert f"a checkpoint's adapter is its adapter/ folder: --adapter {step / 'adapter'}" in str(err.value)
 
 
 def test_cli_bf16_with_gradient_checkpointing_and_validation(tiny_model, fill_data, cache, tmp_path):

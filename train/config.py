@@ -553,7 +553,7 @@ def read_validation_file(path: str | Path) -> tuple[list[tuple[str, str]], list[
         if image is None or prompt is None:
             missing = " and ".join(what for what, v in (("an image (image or conditioning_image)", image),
                                                           ("a prompt (prompt or text)", prompt)) if v is None)
-            problems.append(f"{flag}: line {n} has no {missing}")
+            problems.append(f"{flag}: line {n} lacks {missing}, as a non-empty string")
             continue
         image_path = Path(image.strip()).expanduser()
         pairs.append((str(image_path if image_path.is_absolute() else path.parent / image_path), prompt))

@@ -132,7 +132,10 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
         try:
             adapter_config = dict(T2IAdapter.load_config(checks.model_root(cfg.adapter), cache_dir=cfg.cache_dir))
         except (OSError, ValueError) as e:
-            problems.other.append(f"--adapter {cfg.adapter}: cannot read its config.json ({e})")
+            inner = Path(cfg.adapter).expanduser() / "adapter"  # a checkpoint folder holds it there
+            hint = f"; a checkpoint's adapter is its adapter/ folder: --adapter {inner}" if (
+                inner / "config.json").is_file() else ""
+            problems.other.append(f"--adapter {cfg.adapter}: cannot read its config.json ({e}){hint}")
     problems.cache += checks.shape_problems(manifest, unet_config, vae_config, adapter_config=adapter_config)
     if cfg.validation_resolution is not None:
         problems.other += checks.validation_resolution_problems(cfg.validation_resolution, unet_config,
