@@ -213,6 +213,9 @@ def outside_problem(root: Path, links: list[str], what: str) -> str:
             "--follow-symlinks is given: pass it if the links are yours, or remove them")
 
 
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def read_file(
     root: Path, rel: str, what: str, where: str, limits: ReadLimits = ReadLimits()
 ) -> tuple[bytes | None, tuple[str, str] | None]:
@@ -221,7 +224,14 @@ def read_file(
     Bounded as the module docstring says (regular files only, inside `root` unless
     `limits.follow_symlinks`, at most `limits.max_file_bytes`). Never raises for a bad row: a path
     the OS cannot even take (an embedded NUL byte) is the row's `metadata_invalid`, not the end
-    of the run."""
+    of the run. A `file://` URL is its path; any other URL is the row's `metadata_invalid`."""
+    scheme = _URL.match(rel)
+    if scheme and scheme.group(1).lower() == "file":
+        rel = rel[scheme.end():]
+    elif scheme:
+        return None, ("metadata_invalid", f"{where}: {what} {rel!r:.120} is a URL: a dataset folder's rows name files "
+                                          "on this machine (download them first; WebDataset tars, e.g. img2dataset's "
+                                          "output, are read from s3:// and https:// as they are)")
     try:
         path = Path(rel) if os.path.isabs(rel) else root / rel
         if not limits.follow_symlinks:

@@ -189,8 +189,24 @@ class FolderSource(Source):
             # prompt.json is JSON lines despite its name; so are many hand-made metadata.json).
             with open(self.metadata, "rb") as f:
                 head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+            if head.startswith(b"{"):
+                self._refuse_one_object()
             return "json" if head.startswith(b"[") else "jsonl"
         raise SourceError(f"{self.metadata}: unknown metadata format {suffix!r}; use .jsonl, .json or .csv")
+
+    def _refuse_one_object(self) -> None:
+        """A .json file that is one object of columns or of keyed rows (pandas' `to_json()`
+        default, or {"id": row, ...}) has no rows to read: said, rather than read as one odd row."""
+        if os.stat(self.metadata).st_size > self.limits.max_file_bytes:
+            return
+        try:
+            doc = json.loads(Path(self.metadata).read_bytes().decode("utf-8-sig"))
+        except ValueError:
+            return  # JSON lines (one object per line) do not parse as one document
+        if isinstance(doc, dict) and doc and all(isinstance(v, (dict, list)) for v in doc.values()):
+            raise SourceError(f"{self.metadata}: one JSON object of {len(doc)} columns or keyed rows "
+                              f"({', '.join(list(map(str, doc))[:3])}...), not rows: write one object per row (JSON "
+                              "lines, e.g. pandas' to_json(orient='records', lines=True)) or a JSON list of objects")
 
     def _index(self) -> list[str]:
         """One pass over the metadata: count rows, note where each unit starts, collect columns."""

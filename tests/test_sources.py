@@ -165,6 +165,36 @@ def test_missing_files_and_bad_rows_become_error_items(tmp_path):
         assert ei.value.reason == it.error[0]
 
 
+def test_url_paths_in_a_dataset_folder(tmp_path):
+    """A file:// URL is its path; an http(s)/s3 URL is a row that names no file here, said so."""
+    make_images(tmp_path, 3)
+    data = rows(3)
+    data[0]["file_name"] = (tmp_path / "img" / "0.png").as_uri()
+    data[1]["file_name"] = "https://example.org/images/1.png"
+    data[2]["conditioning_image"] = "s3://bucket/cond/2.png"
+    write_jsonl(tmp_path / "metadata.jsonl", data)
+    got = items(open_source(tmp_path))
+    assert got[0].error is None and got[0].image == png(0)
+    for item, what, url in ((got[1], "image", "https://example.org/images/1.png"),
+                            (got[2], "cond", "s3://bucket/cond/2.png")):
+        assert item.error[0] == "metadata_invalid"
+        assert f"{what} {url!r} is a URL: a dataset folder's rows name files on this machine" in item.error[1]
+
+
+def test_a_metadata_json_of_columns_is_refused_not_read_as_one_row(tmp_path):
+    """pandas' DataFrame.to_json() default writes {column: {index: value}}: no rows at all."""
+    make_images(tmp_path, 2)
+    table = {"file_name": {"0": "img/0.png", "1": "img/1.png"}, "conditioning_image": {"0": "cond/0.png", "1": "cond/1.png"},
+             "text": {"0": "a", "1": "b"}}
+    (tmp_path / "metadata.json").write_text(json.dumps(table, indent=1))
+    with pytest.raises(SourceError) as err:
+        open_source(tmp_path)
+    assert "metadata.json: one JSON object of 3 columns or keyed rows (file_name, conditioning_image, text...), " \
+           "not rows: write one object per row" in str(err.value)
+    write_jsonl(tmp_path / "metadata.json", rows(2))  # JSON lines under a .json name: read as rows
+    assert len(items(open_source(tmp_path))) == 2
+
+
 def test_a_path_the_os_rejects_is_one_invalid_row_not_a_crash(tmp_path):
     """A NUL byte in a path makes open() raise ValueError, not OSError: that row is
     metadata_invalid (naming the row and the path) and the rows after it are read as usual."""
