@@ -96,6 +96,14 @@ def _split_member(name: str) -> tuple[str, str] | None:
     return name[:dot], name[dot + 1 :].lower()
 
 
+def decode_caption(raw: bytes) -> str:
+    """A caption file's text: UTF-8, or UTF-16 when a byte order mark says so (what Windows
+    editors save as "Unicode"); the mark is no part of the caption."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16")
+    return raw.decode("utf-8").removeprefix("\ufeff")
+
+
 class WebDatasetSource(Source):
     """Local WebDataset tars; unit i is the i-th tar in sorted path order."""
 
@@ -247,9 +255,9 @@ class WebDatasetSource(Source):
                 if isinstance(value, _Oversize):
                     return None, ("caption_invalid", f"{sid}.{k}: {value.size:,} bytes, over the {value.cap:,}-byte cap")
                 try:
-                    return [value.decode("utf-8").removeprefix("\ufeff")], None  # a BOM is no part of a caption
+                    return [decode_caption(value)], None
                 except UnicodeDecodeError:
-                    return None, ("caption_invalid", f"{sid}.{k}: not valid UTF-8")
+                    return None, ("caption_invalid", f"{sid}.{k}: not valid UTF-8 (nor UTF-16 with a byte order mark)")
             if isinstance(meta, dict) and k in meta:
                 return parse_captions(meta[k], f"{sid}.json", from_csv=False, limits=self.limits)
         # No caption found: a broken .json is the likelier cause than a missing one.

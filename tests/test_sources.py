@@ -402,10 +402,17 @@ def test_webdataset_members_captions_and_missing_parts(tmp_path):
     no_caption = {"__key__": "f", "jpeg": png(7), "conditioning.png": png(8), "json": b"{not json"}
     nested = {"__key__": "dir/g", "jpg": png(9), "txt": b"nested", "source.png": png(10)}
     notepad = {"__key__": "h", "jpg": png(11), "txt": "\ufeffsaved by notepad".encode(), "cond.png": png(12)}
-    write_tar(tmp_path / "x.tar", [no_txt, caption_list, no_image, no_cond, unsafe, no_caption, nested, notepad])
+    unicode = {"__key__": "i", "jpg": png(13), "txt": "café ☕, saved as Unicode".encode("utf-16"), "cond.png": png(14)}
+    latin1 = {"__key__": "j", "jpg": png(15), "txt": "café".encode("latin-1"), "cond.png": png(16)}
+    write_tar(tmp_path / "x.tar", [no_txt, caption_list, no_image, no_cond, unsafe, no_caption, nested, notepad,
+                                   unicode, latin1])
     got = {i.source_id: i for i in items(open_source(tmp_path / "x.tar"))}
-    assert list(got) == ["x.tar:a", "x.tar:b", "x.tar:c", "x.tar:d", "x.tar:e", "x.tar:f", "x.tar:dir/g", "x.tar:h"]
+    assert list(got) == ["x.tar:a", "x.tar:b", "x.tar:c", "x.tar:d", "x.tar:e", "x.tar:f", "x.tar:dir/g", "x.tar:h",
+                         "x.tar:i", "x.tar:j"]
     assert got["x.tar:h"].captions == ["saved by notepad"]  # a UTF-8 BOM is no part of the caption
+    assert got["x.tar:i"].captions == ["café ☕, saved as Unicode"]  # UTF-16, by its byte order mark
+    assert got["x.tar:j"].error == ("caption_invalid", "x.tar:j.txt: not valid UTF-8 (nor UTF-16 with a byte order "
+                                                       "mark)")
     assert got["x.tar:a"].captions == ["json caption a"] and got["x.tar:a"].error is None
     assert got["x.tar:b"].captions == ["one", "two"] and got["x.tar:b"].image == png(2)
     assert got["x.tar:c"].error[0] == "image_missing" and ".txt" in got["x.tar:c"].error[1]
