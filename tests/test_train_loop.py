@@ -67,6 +67,18 @@ def _assert_same_run(a: Path, b: Path, steps: int) -> None:
     assert losses_a == [m["loss"] for m in _jsonl(b / "logs/metrics.jsonl")] and len(losses_a) == steps
 
 
+def test_resume_from_no_loader_worker_to_one_is_the_same_stream(tiny_model, cache, tmp_path):
+    """0 workers (read in the training process) and 1 worker read one stream alike: a resume may
+    switch between them and stays bitwise; 1 -> 2 changes the streams and is refused."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(_cfg(tiny_model, cache, a, max_steps=4, num_workers=0, lr_scheduler="constant"))
+    train(_cfg(tiny_model, cache, b, max_steps=3, num_workers=0, lr_scheduler="constant"))
+    train(_cfg(tiny_model, cache, b, max_steps=4, num_workers=1, lr_scheduler="constant", resume="latest"))
+    _assert_same_run(a, b, steps=4)
+    with pytest.raises(CheckpointError, match="--num-workers: checkpoint 1, now 2"):
+        train(_cfg(tiny_model, cache, b, max_steps=5, num_workers=2, lr_scheduler="constant", resume="latest"))
+
+
 # ---------------------------------------------------------------------------------------------
 # One reference run, shared: accumulation 3 over 8 batches per epoch gives optimizer steps of
 # 3, 3, 2 batches, so 4 steps cross into epoch 1. A cosine schedule (its value at a step depends

@@ -128,7 +128,8 @@ class TrainConfig:
     # --- data ------------------------------------------------------------------------------
     batch_size: int = _f(4, "Samples per process per micro-batch.", "data", aliases=["--train-batch-size"])
     num_workers: int = _f(2, "DataLoader worker processes per rank (0 = read in the training process). Any cache "
-                             "works with any count: streams split shards by sample.", "data",
+                             "works with any count: streams split shards by sample. A resumed run keeps its count "
+                             "(one stream per worker; 0 and 1 are the same stream).", "data",
                           aliases=["--dataloader-num-workers"])
     max_samples: int | None = _f(None, "Use only the first N samples of the cache (for quick runs and debugging).",
                                  "data", aliases=["--max-train-samples"])

@@ -107,13 +107,19 @@ _IDENTITY_LABELS = {
 }
 
 
+def _one_stream_alike(identity: dict) -> dict:
+    workers = identity.get("num_workers")
+    return {**identity, "num_workers": 1} if workers == 0 else identity
+
+
 def stream_resume_problems(saved: dict | None, now: dict) -> list[str]:
     """Why a stream saved as `saved` (a checkpoint's `stream_identity`) would not continue as
     `now`: one line per setting, naming its flag; empty when the stream continues exactly."""
     if not saved:
         return ["the checkpoint records no data stream identity (saved by an older version)"]
     out = []
-    for line in identity_diff(saved, now):
+    # Reading in the training process (0 workers) and in one worker are one stream, read alike.
+    for line in identity_diff(_one_stream_alike(saved), _one_stream_alike(now)):
         path, _, values = line.partition(": ")
         key = path.split(".")[0].split("[")[0]
         old, new = saved.get(key), now.get(key)
