@@ -202,7 +202,7 @@ def test_few_or_uneven_shards_train_on_any_topology(cache, tmp_path):
         stats_of(records, batch_size=20, world_size=2, num_workers=0, seed=0, epoch=0)
     # What shrank the epoch is named, with its own way out.
     with pytest.raises(ValueError) as err:
-        stats_of(records, batch_size=8, world_size=2, num_workers=0, seed=0, epoch=0, validation_split=0.5)
+        stats_of(records, batch_size=10, world_size=2, num_workers=0, seed=0, epoch=0, validation_split=0.5)
     message = str(err.value)
     assert "(after --validation-split 0.5 held out 16 image(s))" in message, message
     assert "a smaller --validation-split (or --validation-cache)" in message

@@ -53,6 +53,7 @@ def test_a_cache_at_a_bucket_root_aborts_only_its_own_unfinished_uploads(server)
     others = ["backups/db.dump", "caches/other/shards/shard-000000.tar", "shards/notes.txt"]
     for key in [*others, "shards/shard-000003.tar"]:
         client.create_multipart_upload(Bucket="shared-root", Key=key)
+    client.put_object(Bucket="shared-root", Key="identity.json", Body=b"{}")  # the cache's first file
     result = CliRunner().invoke(cli, ["gc", "s3://shared-root"])
     assert result.exit_code == 0, result.output
     assert "removed unfinished upload: shards/shard-000003.tar" in result.output

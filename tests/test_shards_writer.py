@@ -331,6 +331,7 @@ def test_cleanup_incomplete_removes_every_temp_file_of_this_cache_and_nothing_el
     # `shards gc --tmp-dir` is the same clean-up, from the command line.
     (ours / f"{TEMP_PREFIX}shard-000003.tar.9.ff").write_bytes(b"")
     (store.staging_dir() / f"{TEMP_PREFIX}shard-000004.tar.9.ff").write_bytes(b"")
+    store.write_bytes(schema.IDENTITY_FILE, b"{}")  # a cache's first file: gc refuses a folder without one
     result = CliRunner().invoke(shards_cli, ["gc", str(tmp_path / "cache"), "--tmp-dir", str(user_tmp)])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [
