@@ -147,6 +147,7 @@ class Summary:
     encode_seconds: float  # from the plan until every process finished its shards
     timings: Timings = field(default_factory=Timings)
     sources: int | None = None  # images in the cache when it stores several views of each
+    views_asked: int = 1  # views per image the settings ask for (--crops x --flip)
 
     @property
     def images_per_second(self) -> float:
@@ -170,6 +171,10 @@ class Summary:
             f"encoding), {self.images_per_second:.1f} images/s",
             f"  phases    {split} of the encoding loop; decode+preprocess {t.prepare:.1f}s in worker threads",
         ]
+        images = self.sources or self.samples  # no `sources`: no image has a second view
+        if self.views_asked > 1 and images and self.samples / images < self.views_asked:
+            lines.append(f"  views     {self.samples / images:.2f} per image of the {self.views_asked} asked: an image "
+                         "no larger than its crop has fewer distinct crop positions, and each is stored once")
         if self.captions_truncated:
             lines.append(f"  captions  {self.captions_truncated} truncated to the text encoders' 77 tokens (as SDXL does) "
                          "or to --max-caption-chars characters")
@@ -920,6 +925,7 @@ def run(cfg: PrecomputeConfig) -> Summary:
             encode_seconds=encode_seconds,
             timings=Timings.from_list(counts[4:]),
             sources=totals.get("sources") if totals else None,
+            views_asked=settings.views.max_views,
         )
         if totals is not None:
             log.info("%s", summary.format())

@@ -795,3 +795,18 @@ def test_a_tmp_dir_that_is_a_file_is_called_one(tiny_model, fill_data, tmp_path)
                                                                  tmp_dir=str(a_file)).problems()
     assert f"--tmp-dir {tmp_path / 'none'}: no such folder" in _cfg(tiny_model, fill_data, tmp_path / "c",
                                                                     tmp_dir=str(tmp_path / "none")).problems()
+
+
+def test_the_summary_says_when_fewer_views_were_made_than_asked():
+    """--crops 3 on images no larger than the crop: one crop position each, said in the summary."""
+    from precompute.runner import Summary
+
+    def summary(samples: int, sources: int | None, asked: int) -> str:
+        return Summary(cache="c", world_size=1, shards=1, shards_resumed=0, shards_written=1, samples=samples,
+                       samples_written=samples, items_read=8, skipped={}, captions_truncated=0, bytes=1000,
+                       seconds=1.0, encode_seconds=1.0, sources=sources, views_asked=asked).format()
+
+    assert "  views     1.00 per image of the 3 asked: an image no larger than its crop has fewer distinct crop " \
+           "positions, and each is stored once" in summary(8, None, 3)
+    assert "  views     2.50 per image of the 3 asked" in summary(20, 8, 3)
+    assert "views     " not in summary(24, 8, 3) and "views     " not in summary(8, None, 1)
