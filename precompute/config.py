@@ -105,8 +105,9 @@ class PrecomputeConfig:
     data: str | None = _s(None, "Dataset: a folder with metadata.jsonl/.json/.csv, fill50k's prompt.json or "
                                 "train.jsonl, a metadata file, a .tar, a folder of .tar shards, a brace pattern like "
                                 "'data/{00000..00009}.tar' (also s3:// and https://), or a Hugging Face dataset: a "
-                                "save_to_disk folder, .parquet / .arrow files or a folder of them "
-                                "(data/train-*.parquet).", "data", aliases=["--train-data-dir"], metavar="PATH|URL")
+                                "save_to_disk folder, a .parquet / .arrow file, or the folder holding them (in the "
+                                "hub's layout, data/train-*.parquet, the split picks the files; no glob patterns).",
+                          "data", aliases=["--train-data-dir"], metavar="PATH|URL")
     data_kind: str = _s("auto", "Dataset format; auto decides from what --data holds.", "data", choices=DATA_KINDS)
     dataset_name: str | None = _s(None, "A Hugging Face dataset instead of --data: a hub id (e.g. fusing/fill50k) or a "
                                         "local dataset folder, loaded with datasets.load_dataset. Columns default to "
@@ -298,7 +299,10 @@ class PrecomputeConfig:
             p.append("--data or --dataset-name is required: a dataset folder (metadata file + images), WebDataset tar "
                      "shards, a Hugging Face dataset (save_to_disk folder, parquet / arrow files), or a hub id")
         elif self.data and not _is_url(self.data) and "{" not in self.data and not Path(self.data).expanduser().exists():
-            p.append(f"--data {self.data}: no such file or folder")
+            glob = any(c in Path(self.data).name for c in "*?[")
+            p.append(f"--data {self.data}: no such file or folder" + (
+                " (glob patterns are not expanded: give the folder that holds the files, or a brace pattern such as "
+                "'data/{00000..00009}.tar')" if glob else ""))
         if not self.dataset_name:
             for flag, value in (("--dataset-config-name", self.dataset_config_name),
                                 ("--dataset-revision", self.dataset_revision)):

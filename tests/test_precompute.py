@@ -810,3 +810,10 @@ def test_the_summary_says_when_fewer_views_were_made_than_asked():
            "positions, and each is stored once" in summary(8, None, 3)
     assert "  views     2.50 per image of the 3 asked" in summary(20, 8, 3)
     assert "views     " not in summary(24, 8, 3) and "views     " not in summary(8, None, 1)
+
+
+def test_a_glob_pattern_given_as_data_is_explained(tiny_model, tmp_path):
+    problems = PrecomputeConfig(model=str(tiny_model), data=str(tmp_path / "data" / "train-*.parquet"),
+                                cache=str(tmp_path / "c"), device="cpu").problems()
+    assert (f"--data {tmp_path / 'data' / 'train-*.parquet'}: no such file or folder (glob patterns are not expanded: "
+            "give the folder that holds the files, or a brace pattern such as 'data/{00000..00009}.tar')") in problems
