@@ -38,6 +38,7 @@ another GPU model or thread count; that is outside what a cache can pin.)
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -783,10 +784,10 @@ def _encode(settings: Settings, store: Store, source: Source, latent: LatentEnco
                     raise
                 reason = io_reason(e)
                 where = getattr(e, "filename", None) or store.staging_dir(tmp_dir=settings.config.tmp_dir)
+                fix = _io_fix(e)
                 raise PrecomputeError(
                     f"{schema.shard_name(i)}: cannot be written ({reason}: {where}). Nothing of it was published; "
-                    f"the shards already complete are kept. Free space (or fix the permissions), then re-run the "
-                    "same command to finish") from None
+                    f"the shards already complete are kept. {fix}, then re-run the same command to finish") from None
             if bar is not None:
                 bar.set_postfix_str(f"shard {i + 1}/{source.num_units()}", refresh=False)
             log.debug("%s%s: %d samples, skipped %s", rank_tag, record.name, record.samples, record.skipped or "none")
@@ -795,6 +796,16 @@ def _encode(settings: Settings, store: Store, source: Source, latent: LatentEnco
         if bar is not None:
             bar.close()
     return worker
+
+
+def _io_fix(error: BaseException) -> str:
+    """What to do about a write that failed with `error`, in a few words."""
+    code = getattr(error, "errno", None)
+    if code in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+        return "Something else stands where the file goes: move it out of the way"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "Fix the permissions (or write elsewhere)"
+    return "Free space (or fix the permissions)"
 
 
 def _all_records(store: Store, n: int) -> list[ShardRecord]:

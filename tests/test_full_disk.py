@@ -54,6 +54,7 @@ def test_a_shard_that_cannot_be_written_is_a_message_and_leaves_nothing(tiny_mod
     assert len(errors) == 1, proc.stderr[-3000:]
     assert errors[0].startswith("error: shards/shard-000000.tar: cannot be written (File too large")
     assert "Nothing of it was published" in errors[0] and "re-run the same command" in errors[0]
+    assert "Free space (or fix the permissions), then re-run" in errors[0]
     assert not (cache / "shards").exists() or list((cache / "shards").iterdir()) == []
     assert [p.name for p in (cache / ".staging").iterdir()] == [".lock"]  # its temp file is gone
     assert not (cache / "manifest.json").exists()
@@ -67,3 +68,15 @@ def test_a_read_only_cache_folder_is_refused_before_any_model_loads(tiny_model, 
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "--cache /sys/kernel/t2i-cache: /sys/kernel: cannot write there" in proc.stderr
     assert "loading encoders" not in proc.stderr
+
+
+def test_what_to_do_about_a_failed_write_follows_its_cause():
+    import errno
+
+    from precompute.runner import _io_fix
+
+    assert _io_fix(IsADirectoryError(errno.EISDIR, "Is a directory")) == (
+        "Something else stands where the file goes: move it out of the way")
+    assert _io_fix(PermissionError(errno.EACCES, "Permission denied")) == "Fix the permissions (or write elsewhere)"
+    assert _io_fix(OSError(errno.EROFS, "Read-only file system")) == "Fix the permissions (or write elsewhere)"
+    assert _io_fix(OSError(errno.ENOSPC, "No space left on device")) == "Free space (or fix the permissions)"
