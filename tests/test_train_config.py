@@ -602,6 +602,7 @@ def test_settings_a_run_does_not_use_are_said(tmp_path):
     used = _cfg(tmp_path, num_epochs=3, lr_scheduler="polynomial", lr_warmup_steps=100, lr_power=2.0,
                 validation_split=0.25, validation_loss_steps=1, report_to="tensorboard", tracker_project_name="p")
     assert resolve(used, cuda_available=False, environ={}).notes == ()
+    assert resolve(_cfg(tmp_path, lr_warmup_steps=0), cuda_available=False, environ={}).notes == ()  # none asked
     no_loss = _cfg(tmp_path, validation_loss_timesteps=3)
     assert resolve(no_loss, cuda_available=False, environ={}).notes == (
         "--validation-loss-timesteps 3 is not used: no validation loss is measured without --validation-split or "

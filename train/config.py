@@ -623,8 +623,8 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
     notes = []
     if cfg.max_steps is not None and given("num_epochs"):
         notes.append(f"{given('num_epochs')[0]} is not used: --max-steps {cfg.max_steps} sets the run's length")
-    unused_by_schedule = {
-        "lr_warmup_steps": cfg.lr_scheduler in ("constant", "piecewise_constant"),
+    unused_by_schedule = {  # (a warm-up of 0 steps asks for none: nothing to say)
+        "lr_warmup_steps": cfg.lr_scheduler in ("constant", "piecewise_constant") and cfg.lr_warmup_steps > 0,
         "lr_num_cycles": cfg.lr_scheduler != "cosine_with_restarts",
         "lr_power": cfg.lr_scheduler != "polynomial",
     }
