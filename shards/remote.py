@@ -187,9 +187,9 @@ def is_network_error(e: BaseException) -> bool:
 
 
 def unresolvable_host(e: BaseException) -> bool:
-    """The host name does not exist (DNS: EAI_NONAME, "Name or service not known"): a typo in a
-    URL or endpoint, which waiting does not fix. A resolver that is down or slow says EAI_AGAIN
-    ("Temporary failure in name resolution") instead, and that is retried."""
+    """The host name does not exist (DNS: EAI_NONAME, "Name or service not known"): at a
+    process's first contact, a typo in a URL or endpoint, which waiting does not fix. A resolver
+    that is down or slow says EAI_AGAIN ("Temporary failure in name resolution"), retried."""
     seen: BaseException | None = e
     for _ in range(8):  # the chain a client library wraps it in (botocore -> urllib3 -> socket)
         if seen is None:
@@ -203,6 +203,10 @@ def unresolvable_host(e: BaseException) -> bool:
     return False
 
 
+# Whether any remote call of this process (or of the process it was forked from) has succeeded.
+# Until one has, a name that does not resolve is a typo, said at once; after, it may be a passing
+# resolver hiccup in a long run (some resolvers answer "no such name" briefly), and is retried.
+_REACHED = False
 _NO_SUCH_HOST = tuple(getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, name))
 
 
@@ -220,14 +224,17 @@ def retry_call(
     that retrying cannot fix, or raises any other exception (FileNotFoundError...) to pass it on.
     On a spent budget: StoreError("{what}: {summary}{hint}").
     """
+    global _REACHED
     streak = _Streak(policy)
     while True:
         try:
-            return fn()
+            result = fn()
+            _REACHED = True
+            return result
         except Permanent as e:  # fn may classify its own failures too
             raise StoreError(f"{what}: {e}{hint}") from None
         except Exception as e:
-            if unresolvable_host(e):
+            if unresolvable_host(e) and not _REACHED:
                 raise StoreError(f"{what}: {describe(e)}: no host of that name (check the URL or the endpoint)"
                                  f"{hint}") from None
             try:

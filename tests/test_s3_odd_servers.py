@@ -179,9 +179,11 @@ def test_a_host_name_that_does_not_exist_is_said_at_once_not_retried(monkeypatch
     retry budget would spend a minute on it. A resolver that is down (EAI_AGAIN) is retried."""
     import socket
 
+    from shards import remote
     from shards.http import HttpStore
     from shards.remote import retry_call, unresolvable_host
 
+    monkeypatch.setattr(remote, "_REACHED", False)  # this process's first contact with any store
     lookups = []
 
     def no_such_host(host, *args, **kwargs):
@@ -208,3 +210,15 @@ def test_a_host_name_that_does_not_exist_is_said_at_once_not_retried(monkeypatch
                    policy=RetryPolicy(attempts=2, budget_s=5, backoff_s=0.01, max_backoff_s=0.01))
     assert len(calls) == 3
     assert not unresolvable_host(OSError("x")) and not unresolvable_host(ConnectionRefusedError())
+    # Once a call has succeeded (hours into a run), "no such name" may be a resolver's passing
+    # hiccup: retried like any network failure.
+    assert retry_call(lambda: "ok", what="x", classify=lambda e: None, policy=FAST) == "ok"
+    answers = iter([socket.gaierror(socket.EAI_NONAME, "Name or service not known"), None])
+
+    def hiccup():
+        error = next(answers)
+        if error:
+            raise error
+        return "read"
+
+    assert retry_call(hiccup, what="x", classify=lambda e: None, policy=FAST) == "read"
