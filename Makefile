@@ -16,7 +16,8 @@ MODEL      ?=
 DATA       ?=
 # A Hugging Face dataset by name (hub id or dataset folder), instead of DATA.
 DATASET    ?=
-CACHE      ?= cache/fill
+DEFAULT_CACHE := cache/fill
+CACHE      ?= $(DEFAULT_CACHE)
 OUT        ?= runs/fill
 # The settings of each stage come from configs/$(PRESET)/{precompute,train}.toml: tiny (the
 # offline demo model) without MODEL, sdxl with it. The variables below override single settings.
@@ -148,7 +149,7 @@ train: install $(if $(MODEL),,$(TINY)/model_index.json) ## train an adapter on C
 		$(if $(DATA)$(DATASET)$(RESOLUTION)$(PRECOMPUTE_ARGS),$(UNUSED_NOTE);) true; \
 	else case "$$why" in \
 		*"no manifest.json in"*|*": no such folder"*) \
-			$(if $(DATA)$(DATASET)$(filter file,$(origin CACHE)),,echo "make train: $(CACHE) has no manifest, and \
+			$(if $(DATA)$(DATASET)$(filter $(DEFAULT_CACHE),$(CACHE)),,echo "make train: $(CACHE) has no manifest, and \
 			neither DATA nor DATASET says what to precompute into it (a typo in CACHE?): give DATA=... or \
 			DATASET=... to build it" >&2; exit 1;) \
 			echo "make train: $(CACHE) has no manifest yet: running precompute first"; \

@@ -55,9 +55,9 @@ def failure_line(error: BaseException) -> tuple[str, int]:
     if isinstance(error, ChildFailedError) and error.failures:
         rank, failure = error.get_first_failure()
         words, status = how_it_ended(failure.exitcode)
+        said = "its message is above" if failure.exitcode >= 0 else "a process killed so leaves no message of its own"
         rest = "; the other ranks ended with it" if len(error.failures) > 1 else ""
-        return f"error: the run stopped: rank {rank} {words}, the first to fail (its message is above){rest}", \
-            status or 1
+        return f"error: the run stopped: rank {rank} {words}, the first to fail ({said}){rest}", status or 1
     text = " ".join(str(error).split()) or type(error).__name__
     return f"error: accelerate launch failed: {text}", 1
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch_command(args)
     except SystemExit as e:  # accelerate's own exits (130 on Ctrl-C, 128 + N on a signal)
-        return e.code if isinstance(e.code, int) else 1
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # the ranks' failure, or the launch's own (rendezvous, options)

@@ -104,7 +104,8 @@ def test_a_killed_rank_ends_the_other_with_a_clear_error(tiny_model, cache, tmp_
     assert "--resume latest" in survivor[0]
     assert not _alive(ranks[0]) and not _alive(ranks[1])
     assert ("error: the run stopped: rank 1 was killed by SIGKILL (often the kernel's out-of-memory killer: see "
-            "`dmesg`), the first to fail (its message is above); the other ranks ended with it") in text, text[-3000:]
+            "`dmesg`), the first to fail (a process killed so leaves no message of its own); the other ranks ended "
+            "with it") in text, text[-3000:]
     assert "Traceback" not in text and "ChildFailedError" not in text and "closing signal" not in text
 
 
@@ -235,6 +236,9 @@ def test_the_launch_summary_names_the_first_failure():
     assert failure_line(error) == ("error: the run stopped: rank 1 exited with status 1, the first to fail (its "
                                    "message is above); the other ranks ended with it", 1)
     assert failure_line(ChildFailedError("train", {0: failure(0, 3, 1)}))[0].endswith("(its message is above)")
+    assert failure_line(ChildFailedError("train", {0: failure(0, -signal.SIGKILL, 1)})) == (
+        "error: the run stopped: rank 0 was killed by SIGKILL (often the kernel's out-of-memory killer: see `dmesg`), "
+        "the first to fail (a process killed so leaves no message of its own)", 137)
     assert failure_line(RuntimeError("rendezvous\n  timed out")) == (
         "error: accelerate launch failed: rendezvous timed out", 1)
 
