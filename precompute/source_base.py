@@ -216,6 +216,18 @@ def outside_problem(root: Path, links: list[str], what: str) -> str:
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
+def file_url_path(url: str) -> str | None:
+    """The local path of a file:// URL (percent-escapes decoded, as Path.as_uri() writes them);
+    None for one that names another host."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    parts = urlparse(url)
+    if parts.netloc not in ("", "localhost"):
+        return None
+    return url2pathname(parts.path)
+
+
 def read_file(
     root: Path, rel: str, what: str, where: str, limits: ReadLimits = ReadLimits()
 ) -> tuple[bytes | None, tuple[str, str] | None]:
@@ -227,7 +239,10 @@ def read_file(
     of the run. A `file://` URL is its path; any other URL is the row's `metadata_invalid`."""
     scheme = _URL.match(rel)
     if scheme and scheme.group(1).lower() == "file":
-        rel = rel[scheme.end():]
+        local = file_url_path(rel)
+        if local is None:
+            return None, ("metadata_invalid", f"{where}: {what} {rel!r:.120} is a file:// URL of another host")
+        rel = local
     elif scheme:
         return None, ("metadata_invalid", f"{where}: {what} {rel!r:.120} is a URL: a dataset folder's rows name files "
                                           "on this machine (download them first; WebDataset tars, e.g. img2dataset's "

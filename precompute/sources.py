@@ -58,6 +58,7 @@ from precompute.source_base import (
     Source,
     bounded_lines,
     captions_hash,
+    file_url_path,
     is_utf8_clean,
     json_problem,
     json_too_big,
@@ -632,7 +633,7 @@ def open_source(
     }
     spec = "" if path_or_url is None else str(path_or_url)
     if spec.startswith("file://"):
-        spec = spec[len("file://") :]
+        spec = file_url_path(spec) or spec  # another host's stays a URL, refused below
     remote = is_remote(spec)
     if "://" in spec and not remote:
         problems.append(f"{spec}: unknown URL scheme; remote inputs are WebDataset tars on s3:// or http(s)://")

@@ -168,13 +168,18 @@ def test_missing_files_and_bad_rows_become_error_items(tmp_path):
 def test_url_paths_in_a_dataset_folder(tmp_path):
     """A file:// URL is its path; an http(s)/s3 URL is a row that names no file here, said so."""
     make_images(tmp_path, 3)
+    (tmp_path / "img" / "0.png").rename(tmp_path / "img" / "my photo é.png")
     data = rows(3)
-    data[0]["file_name"] = (tmp_path / "img" / "0.png").as_uri()
+    data[0]["file_name"] = (tmp_path / "img" / "my photo é.png").as_uri()  # percent-escaped
     data[1]["file_name"] = "https://example.org/images/1.png"
     data[2]["conditioning_image"] = "s3://bucket/cond/2.png"
     write_jsonl(tmp_path / "metadata.jsonl", data)
     got = items(open_source(tmp_path))
     assert got[0].error is None and got[0].image == png(0)
+    data[0]["file_name"] = "file://other-host/img/0.png"
+    write_jsonl(tmp_path / "metadata.jsonl", data)
+    assert items(open_source(tmp_path))[0].error[1].endswith("is a file:// URL of another host")
+    assert open_source(tmp_path.as_uri()).num_items() == 3  # --data as a file:// URL
     for item, what, url in ((got[1], "image", "https://example.org/images/1.png"),
                             (got[2], "cond", "s3://bucket/cond/2.png")):
         assert item.error[0] == "metadata_invalid"
