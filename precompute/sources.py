@@ -198,12 +198,21 @@ class FolderSource(Source):
     def _refuse_one_object(self) -> None:
         """A .json file that is one object of columns or of keyed rows (pandas' `to_json()`
         default, or {"id": row, ...}) has no rows to read: said, rather than read as one odd row."""
+        with open(self.metadata, "rb") as f:
+            first = f.readline(1 << 20)
+            more = f.read(1).strip() or f.readline().strip()
+        try:  # a first line that is a whole object, with more lines after it: JSON lines, as meant
+            json.loads(first.decode("utf-8-sig"))
+            if more:
+                return
+        except ValueError:
+            pass
         if os.stat(self.metadata).st_size > self.limits.max_file_bytes:
             return
         try:
             doc = json.loads(Path(self.metadata).read_bytes().decode("utf-8-sig"))
         except ValueError:
-            return  # JSON lines (one object per line) do not parse as one document
+            return  # JSON lines whose first row is damaged: each row is judged alone
         if isinstance(doc, dict) and doc and all(isinstance(v, (dict, list)) for v in doc.values()):
             raise SourceError(f"{self.metadata}: one JSON object of {len(doc)} columns or keyed rows "
                               f"({', '.join(list(map(str, doc))[:3])}...), not rows: write one object per row (JSON "
