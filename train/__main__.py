@@ -123,8 +123,11 @@ def _command_line_length_wins(options: dict[str, Any]) -> None:
     if (ctx.get_parameter_source("num_epochs") == ParameterSource.COMMANDLINE
             and ctx.get_parameter_source("max_steps") == ParameterSource.DEFAULT_MAP
             and options.get("max_steps") is not None):
-        logging.getLogger("train").info("--num-epochs %s from the command line: the config file's max-steps %s is not "
-                                        "used", options["num_epochs"], options["max_steps"])
+        from shards.options import _main_process
+
+        if _main_process():  # said once, not by every rank
+            logging.getLogger("train").info("--num-epochs %s from the command line: the config file's max-steps %s is "
+                                            "not used", options["num_epochs"], options["max_steps"])
         options["max_steps"] = None
 
 

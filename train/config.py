@@ -606,7 +606,8 @@ def _inside_cache_problem(output_dir: str, cache: str) -> str | None:
     out = Path(os.path.realpath(os.path.expanduser(output_dir)))
     root = Path(os.path.realpath(os.path.expanduser(cache)))
     if out == root or root in out.parents:
-        return f"is inside the cache folder {cache}: a run's files go in a folder of their own, outside the cache"
+        return (f"is inside the cache folder {cache}: a run's files go in a folder of their own, outside the cache "
+                "(a run already there: move its folder out, then resume it from there)")
     return None
 
 
