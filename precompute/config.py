@@ -299,7 +299,7 @@ class PrecomputeConfig:
             p.append("--data or --dataset-name is required: a dataset folder (metadata file + images), WebDataset tar "
                      "shards, a Hugging Face dataset (save_to_disk folder, parquet / arrow files), or a hub id")
         elif self.data and not _is_url(self.data) and "{" not in self.data and not Path(self.data).expanduser().exists():
-            glob = any(c in Path(self.data).name for c in "*?[")
+            glob = any(c in self.data for c in "*?[")
             p.append(f"--data {self.data}: no such file or folder" + (
                 " (glob patterns are not expanded: give the folder that holds the files, or a brace pattern such as "
                 "'data/{00000..00009}.tar')" if glob else ""))

@@ -71,12 +71,13 @@ def test_resume_from_no_loader_worker_to_one_is_the_same_stream(tiny_model, cach
     """0 workers (read in the training process) and 1 worker read one stream alike: a resume may
     switch between them and stays bitwise; 1 -> 2 changes the streams and is refused."""
     a, b = tmp_path / "a", tmp_path / "b"
-    train(_cfg(tiny_model, cache, a, max_steps=4, num_workers=0, lr_scheduler="constant"))
+    train(_cfg(tiny_model, cache, a, max_steps=5, num_workers=0, lr_scheduler="constant"))
     train(_cfg(tiny_model, cache, b, max_steps=3, num_workers=0, lr_scheduler="constant"))
     train(_cfg(tiny_model, cache, b, max_steps=4, num_workers=1, lr_scheduler="constant", resume="latest"))
-    _assert_same_run(a, b, steps=4)
     with pytest.raises(CheckpointError, match="--num-workers: checkpoint 1, now 2"):
         train(_cfg(tiny_model, cache, b, max_steps=5, num_workers=2, lr_scheduler="constant", resume="latest"))
+    train(_cfg(tiny_model, cache, b, max_steps=5, num_workers=0, lr_scheduler="constant", resume="latest"))  # and back
+    _assert_same_run(a, b, steps=5)
 
 
 # ---------------------------------------------------------------------------------------------
