@@ -352,11 +352,11 @@ def test_stream_identity_names_what_a_resume_would_change(cache):
     assert problems == [
         "--batch-size: checkpoint 2, now 3",
         "--caption-dropout: checkpoint 0.1, now 0.2",
-        "--max-samples: checkpoint None, now 20",
+        "--max-samples: checkpoint (unset), now 20",
         "--num-workers: checkpoint 2, now 1",
         "--seed: checkpoint 0, now 1",
         "--shuffle-buffer: checkpoint 4, now 8",
-        "soft threshold range (--soft-threshold-range, or the cache's default): checkpoint None, now [0.3, 0.8]",
+        "soft threshold range (--soft-threshold-range, or the cache's default): checkpoint (unset), now [0.3, 0.8]",
         "number of processes: checkpoint 2, now 4",
     ]
     changed_cache = stream_resume_problems(saved, identity_of(records[:-1], **kw))

@@ -57,7 +57,8 @@ def test_every_problem_is_listed_at_once(tmp_path):
         "2 validation images and 3 validation prompts",
         "missing.png' does not exist",
         "--resume",
-        "--validation-resolution must be a positive multiple of 8",
+        "--validation-resolution must be a multiple of 8 (of the model's coarsest stride, 32 px for SDXL, checked "
+        "when it loads) from 8 to 4096, got 100",
     ]
     for text in expected:
         assert sum(text in p for p in problems) == 1, (text, problems)
@@ -634,3 +635,22 @@ def test_an_output_dir_inside_the_cache_folder_is_refused(tmp_path):
     assert _cfg(tmp_path, output_dir=str(tmp_path / "cache-run")).validate(cuda_available=False) == []
     assert _cfg(tmp_path, cache="s3://bucket/cache", output_dir=str(tmp_path / "out")).validate(
         cuda_available=False) == []
+
+
+def test_wrong_kinds_of_paths_and_sizes_past_any_use_are_named(tmp_path):
+    """A folder given as a validation image, a file as a validation cache, a validation size that
+    would exhaust memory before anything is said: each one line, before anything loads."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "x.json").write_text("{}")
+    for kw, message in (
+            (dict(validation_image=(str(tmp_path),), validation_prompt=("p",)),
+             f"validation image {str(tmp_path)!r} is a folder, not an image"),
+            (dict(validation_cache=str(tmp_path / "model" / "x.json")), "is a file, not a cache folder"),
+            (dict(validation_resolution=100000), "from 8 to 4096, got 100000")):
+        with pytest.raises(ConfigError) as err:
+            _cfg(tmp_path, **kw).validate(cuda_available=False)
+        assert message in str(err.value), err.value
+    from train.config import resolve
+
+    notes = resolve(_cfg(tmp_path, lr_step_rules="1:2,0.1"), cuda_available=False, environ={}).notes
+    assert notes == ("--lr-step-rules 1:2,0.1 is not used by the constant learning-rate schedule",)

@@ -495,7 +495,9 @@ def resume_problems(ckpt: Checkpoint, now: dict[str, Any]) -> list[str]:
         # A setting added since the checkpoint was saved counts as its default there.
         saved, current = saved_cfg.get(key, _setting_default(key)), cfg.get(key, _setting_default(key))
         if saved != current:
-            problems.append(f"--{key.replace('_', '-')}: checkpoint {saved!r}, now {current!r}")
+            from train.data import shown
+
+            problems.append(f"--{key.replace('_', '-')}: checkpoint {shown(saved)}, now {shown(current)}")
     return list(dict.fromkeys(problems))  # e.g. the seed and the world size are in the stream too
 
 

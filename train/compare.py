@@ -125,6 +125,8 @@ def _best_last(found: dict | None, digits: int) -> tuple[str, str]:
 
 
 def _value(value: Any) -> str:
+    if value is None:
+        return "-"  # unset, as the other empty cells
     if isinstance(value, list):
         return ",".join(_value(v) for v in value) or "()"
     if isinstance(value, float):

@@ -37,6 +37,9 @@ LR_SCHEDULERS = (
 MIXED_PRECISION = ("no", "fp16", "bf16")
 ATTENTION = ("sdpa", "eager")
 REPORT_TO = ("none", "tensorboard", "wandb")
+# Largest --validation-resolution: a validation image of 4096 px is already 4x SDXL's; a typo past
+# it (10240 for 1024) would take the machine's memory before saying anything.
+MAX_VALIDATION_RESOLUTION = 4096
 MIN_CHECKPOINTS_KEPT = 2  # one may be half-written when a job dies: keep a complete one besides it
 
 
@@ -128,8 +131,8 @@ class TrainConfig:
     # --- data ------------------------------------------------------------------------------
     batch_size: int = _f(4, "Samples per process per micro-batch.", "data", aliases=["--train-batch-size"])
     num_workers: int = _f(2, "DataLoader worker processes per rank (0 = read in the training process). Any cache "
-                             "works with any count: streams split shards by sample. A resumed run keeps its count "
-                             "(one stream per worker; 0 and 1 are the same stream).", "data",
+                             "works with any count: streams split shards by sample. A resume must give the same "
+                             "count (one stream per worker; 0 and 1 are the same stream, interchangeable).", "data",
                           aliases=["--dataloader-num-workers"])
     max_samples: int | None = _f(None, "Use only the first N samples of the cache (for quick runs and debugging).",
                                  "data", aliases=["--max-train-samples"])
@@ -474,18 +477,21 @@ class TrainConfig:
                             "prompts, N images and 1 prompt, or N of each")
         for image in self.validation_image:
             if not Path(image).is_file():
-                problems.append(f"validation image {image!r} does not exist")
+                what = "is a folder, not an image" if Path(image).is_dir() else "does not exist"
+                problems.append(f"validation image {image!r} {what}")
             elif (problem := _image_problem(image)) is not None:
                 problems.append(f"validation image {image!r} {problem}")
-        if self.validation_resolution is not None and (self.validation_resolution < 8
-                                                       or self.validation_resolution % 8):
-            problems.append(f"--validation-resolution must be a positive multiple of 8, got "
+        if self.validation_resolution is not None and not (
+                8 <= self.validation_resolution <= MAX_VALIDATION_RESOLUTION and self.validation_resolution % 8 == 0):
+            problems.append(f"--validation-resolution must be a multiple of 8 (of the model's coarsest stride, 32 px for "
+                            f"SDXL, checked when it loads) from 8 to {MAX_VALIDATION_RESOLUTION}, got "
                             f"{self.validation_resolution}")
         if self.validation_file is not None:
             file_pairs, file_problems = read_validation_file(self.validation_file)
             problems += file_problems
             for image, _ in file_pairs:
-                problem = "does not exist" if not Path(image).is_file() else _image_problem(image)
+                problem = (("is a folder, not an image" if Path(image).is_dir() else "does not exist")
+                           if not Path(image).is_file() else _image_problem(image))
                 if problem:
                     problems.append(f"--validation-file {self.validation_file}: image {image!r} {problem}")
 
@@ -495,7 +501,8 @@ class TrainConfig:
             problems.append("--validation-split and --validation-cache both name the validation loss's samples: "
                             "give one")
         if self.validation_cache and "://" not in self.validation_cache and not Path(self.validation_cache).is_dir():
-            problems.append(f"validation cache folder {self.validation_cache!r} does not exist")
+            what = "is a file, not a cache folder" if Path(self.validation_cache).exists() else "does not exist"
+            problems.append(f"validation cache folder {self.validation_cache!r} {what}")
         for name in ("validation_loss_steps", "validation_loss_timesteps"):
             positive(name)
         if not 0.0 <= self.ema_decay < 1.0:
@@ -628,6 +635,7 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
         "lr_warmup_steps": cfg.lr_scheduler in ("constant", "piecewise_constant") and cfg.lr_warmup_steps > 0,
         "lr_num_cycles": cfg.lr_scheduler != "cosine_with_restarts",
         "lr_power": cfg.lr_scheduler != "polynomial",
+        "lr_step_rules": cfg.lr_scheduler != "piecewise_constant",
     }
     for name in [n for n, unused in unused_by_schedule.items() if unused]:
         for flag in given(name):

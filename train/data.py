@@ -107,6 +107,11 @@ _IDENTITY_LABELS = {
 }
 
 
+def shown(value: object) -> str:
+    """A setting's value in a message: as typed in Python, "(unset)" for None."""
+    return "(unset)" if value is None else repr(value)
+
+
 def _one_stream_alike(identity: dict) -> dict:
     workers = identity.get("num_workers")
     return {**identity, "num_workers": 1} if workers == 0 else identity
@@ -126,7 +131,7 @@ def stream_resume_problems(saved: dict | None, now: dict) -> list[str]:
         if key == "shards_sha256":
             out.append(f"{_IDENTITY_LABELS[key]}: checkpoint {str(old)[:16]}, now {str(new)[:16]}")
         elif key in _IDENTITY_LABELS:
-            out.append(f"{_IDENTITY_LABELS[key]}: checkpoint {old!r}, now {new!r}")
+            out.append(f"{_IDENTITY_LABELS[key]}: checkpoint {shown(old)}, now {shown(new)}")
         else:
             out.append(line)
     return sorted(set(out), key=out.index)
