@@ -248,15 +248,14 @@ def validation_cache(tiny_model, fill_data, tmp_path_factory) -> Path:
 
 
 def test_validation_loss_on_another_cache(tiny_model, fill_cache, validation_cache, tmp_path):
-    from train.checks import manifest_id
-    from shards.stores import open_store
+    from shards.manifest import Manifest
 
     out = tmp_path / "out"
     train(_cfg(tiny_model, fill_cache, out, max_steps=2, validation_cache=str(validation_cache)))
     records = _records(out, "validation_loss")
     assert [r["step"] for r in records] == [0, 2] and all(r["validation_images"] == 4 for r in records)
     resolved = json.loads((out / "train_config.json").read_text())["resolved"]
-    assert resolved["validation_set"]["manifest_id"] == manifest_id(open_store(validation_cache))
+    assert resolved["validation_set"]["manifest_id"] == Manifest.load_with_id(validation_cache)[1]
     assert resolved["validation_set"]["manifest_id"] != resolved["manifest_id"]
     assert resolved["data"]["samples_per_epoch"] == 16  # nothing held out of the training cache
 

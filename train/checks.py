@@ -28,20 +28,17 @@ in the log, not refused.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from shards import schema
 from shards.fingerprint import module_fingerprint, tokenizer_fingerprint
 from shards.hub import locate
 from shards.hub import vae_location as shared_vae_location
 from shards.identity import Encoder
 from shards.manifest import Manifest
-from shards.store import Store
 from train.errors import TrainError
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
@@ -56,12 +53,6 @@ class StartupError(TrainError, ValueError):
 class CacheMismatchError(StartupError):
     """The run cannot start because the cache does not fit the model (or the data plan or settings
     do not fit the cache). The message lists every problem, the cache's and any other."""
-
-
-def manifest_id(store: Store) -> str:
-    """sha256 of manifest.json's bytes: names exactly which cache (and which shards) a run used
-    (`Manifest.load_with_id` gives it with the manifest, from the same read)."""
-    return hashlib.sha256(store.read_capped(schema.MANIFEST_FILE, "SHARDS_MAX_MANIFEST_BYTES")).hexdigest()
 
 
 def model_root(model: str) -> str:
