@@ -59,10 +59,13 @@ _f = setting  # a field with its option's help text, --help group, choices and a
 
 
 def _image_problem(path: str | Path) -> str | None:
-    """Why `path` cannot serve as a validation image (None when it decodes, fully, as validation
-    will decode it), found before any model loads rather than when validation first renders."""
+    """Why `path` cannot serve as a validation image (None when it is a file that decodes, fully,
+    as validation will decode it), found before any model loads rather than when validation first
+    renders."""
     from train.validation import ConditionImageError, load_condition
 
+    if not Path(path).is_file():
+        return "is a folder, not an image" if Path(path).is_dir() else "does not exist"
     try:
         load_condition(path)
     except ConditionImageError as e:
@@ -99,6 +102,10 @@ def _foreign_folder_problem(out: Path) -> str | None:
 # written absolute by TrainConfig.to_dict.
 LOCAL_PATHS = ("output_dir", "cache_dir", "local_cache", "validation_file")
 MAYBE_LOCAL_PATHS = ("model", "cache", "vae", "adapter", "validation_cache")
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
 
 
 @dataclass(frozen=True)
@@ -337,11 +344,11 @@ class TrainConfig:
         d["hub_token"] = None
         for name in LOCAL_PATHS:
             if d[name]:
-                d[name] = os.path.abspath(os.path.expanduser(d[name]))
-        d["validation_image"] = tuple(os.path.abspath(os.path.expanduser(p)) for p in d["validation_image"])
+                d[name] = _absolute(d[name])
+        d["validation_image"] = tuple(_absolute(p) for p in d["validation_image"])
         for name in MAYBE_LOCAL_PATHS:
             if d[name] and "://" not in d[name] and os.path.exists(os.path.expanduser(d[name])):
-                d[name] = os.path.abspath(os.path.expanduser(d[name]))
+                d[name] = _absolute(d[name])
             d[name] = redact(d[name])
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
@@ -476,10 +483,7 @@ class TrainConfig:
             problems.append(f"{n_img} validation images and {n_prompt} validation prompts: give 1 image and N "
                             "prompts, N images and 1 prompt, or N of each")
         for image in self.validation_image:
-            if not Path(image).is_file():
-                what = "is a folder, not an image" if Path(image).is_dir() else "does not exist"
-                problems.append(f"validation image {image!r} {what}")
-            elif (problem := _image_problem(image)) is not None:
+            if (problem := _image_problem(image)) is not None:
                 problems.append(f"validation image {image!r} {problem}")
         if self.validation_resolution is not None and not (
                 8 <= self.validation_resolution <= MAX_VALIDATION_RESOLUTION and self.validation_resolution % 8 == 0):
@@ -490,9 +494,7 @@ class TrainConfig:
             file_pairs, file_problems = read_validation_file(self.validation_file)
             problems += file_problems
             for image, _ in file_pairs:
-                problem = (("is a folder, not an image" if Path(image).is_dir() else "does not exist")
-                           if not Path(image).is_file() else _image_problem(image))
-                if problem:
+                if problem := _image_problem(image):
                     problems.append(f"--validation-file {self.validation_file}: image {image!r} {problem}")
 
         if self.validation_split is not None and not 0.0 <= self.validation_split < 1.0:

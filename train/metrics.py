@@ -149,12 +149,16 @@ def unreadable_note(path: str | Path, bad: list[int]) -> str:
             "leaves; the other records are kept")
 
 
-def read_records(path: str | Path, log: Any = None) -> list[dict]:
-    """The readable records of a run's log (see `read_jsonl`); unreadable lines are said on `log`."""
+def _readable(path: str | Path, log: Any) -> list[tuple[str, dict]]:
     good, bad = read_jsonl(path)
     if bad and log is not None:
         log.warning("%s", unreadable_note(path, bad))
-    return [record for _, record in good]
+    return good
+
+
+def read_records(path: str | Path, log: Any = None) -> list[dict]:
+    """The readable records of a run's log (see `read_jsonl`); unreadable lines are said on `log`."""
+    return [record for _, record in _readable(path, log)]
 
 
 def truncate_jsonl(path: Path, after_step: int | None, log: Any = None) -> None:
@@ -164,11 +168,8 @@ def truncate_jsonl(path: Path, after_step: int | None, log: Any = None) -> None:
     if after_step is None or not path.exists():
         path.write_text("")
         return
-    good, bad = read_jsonl(path)
-    if bad and log is not None:
-        log.warning("%s", unreadable_note(path, bad))
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(line + "\n" for line, record in good if record["step"] <= after_step))
+    tmp.write_text("".join(line + "\n" for line, record in _readable(path, log) if record["step"] <= after_step))
     os.replace(tmp, path)
 
 
