@@ -59,10 +59,9 @@ def _foreign_cache_folder_problems(shown: str, path: Path, data: str | None) -> 
     """A local --cache folder that holds files of something else (a dataset given as the cache
     by mistake), or that is the dataset or holds it: a cache's files would be written among
     them, and `shards gc --orphans` could take input tars named like shards for its own."""
-    from shards import schema
     from shards.store import LOCAL_STAGING, STAGING_FOLDER, TEMP_PREFIX
 
-    if data and "://" not in data:
+    if data and not _is_url(data):
         source = Path(data.split("{", 1)[0]).expanduser().absolute()  # a brace pattern: its folder part
         if source == path or path in source.parents:
             return [f"--cache {shown}: the dataset ({data}) is in that folder: a cache is a folder of its own"]

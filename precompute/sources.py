@@ -197,20 +197,23 @@ class FolderSource(Source):
 
     def _refuse_one_object(self) -> None:
         """A .json file that is one object of columns or of keyed rows (pandas' `to_json()`
-        default, or {"id": row, ...}) has no rows to read: said, rather than read as one odd row."""
+        default, or {"id": row, ...}) has no rows to read: said, rather than read as one odd row.
+        JSON lines (a first line that is a whole object, then more) are not read further."""
         with open(self.metadata, "rb") as f:
-            first = f.readline(1 << 20)
-            more = f.read(1).strip() or f.readline().strip()
-        try:  # a first line that is a whole object, with more lines after it: JSON lines, as meant
-            json.loads(first.decode("utf-8-sig"))
-            if more:
+            first, rest = f.readline(1 << 20), f.read(1 << 16).strip()
+        if rest and not self._json_problem(first):
+            try:
+                json.loads(first)
                 return
-        except ValueError:
-            pass
+            except ValueError:
+                pass  # a first line that is no whole object: perhaps one object over many lines
         if os.stat(self.metadata).st_size > self.limits.max_file_bytes:
             return
+        raw = Path(self.metadata).read_bytes()
+        if json_problem(raw, max_bytes=None, max_depth=self.limits.max_json_depth + 1):
+            return  # too deep for one object of rows; the rows are judged one by one
         try:
-            doc = json.loads(Path(self.metadata).read_bytes().decode("utf-8-sig"))
+            doc = json.loads(raw.decode("utf-8-sig"))
         except ValueError:
             return  # JSON lines whose first row is damaged: each row is judged alone
         if isinstance(doc, dict) and doc and all(isinstance(v, (dict, list)) for v in doc.values()):

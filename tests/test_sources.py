@@ -198,6 +198,10 @@ def test_a_metadata_json_of_columns_is_refused_not_read_as_one_row(tmp_path):
            "not rows: write one object per row" in str(err.value)
     write_jsonl(tmp_path / "metadata.json", rows(2))  # JSON lines under a .json name: read as rows
     assert len(items(open_source(tmp_path))) == 2
+    # A hostile one, 200,000 objects deep: never parsed whole (no RecursionError), judged as rows.
+    (tmp_path / "metadata.json").write_text('{"a":' * 200_000 + "1" + "}" * 200_000)
+    with pytest.raises(SourceError, match="no image column"):
+        open_source(tmp_path)
 
 
 def test_a_path_the_os_rejects_is_one_invalid_row_not_a_crash(tmp_path):
