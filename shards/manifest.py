@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -29,6 +30,8 @@ from . import limits, schema
 from .errors import ManifestError
 from .identity import CacheIdentity, Dtypes, Geometry, Latent, Text
 from .secrets import redact
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .store import Store
@@ -535,8 +538,6 @@ def ensure_identity(store: "Store", identity: CacheIdentity) -> tuple[CacheIdent
     shards of no samples, left by one that skipped every item): then the new identity replaces the
     old, and those empty shards and their records go, so that the new settings build them.
     Returns the identity in effect and whether an old one was replaced. One writer only (rank 0)."""
-    import logging
-
     old = read_identity(store)
     if old is None:
         write_identity(store, identity)
@@ -552,7 +553,7 @@ def ensure_identity(store: "Store", identity: CacheIdentity) -> tuple[CacheIdent
                                                                                    for k in _ENCODER_NAMES}}})
     empty = _shards_of_no_samples(store) if diff else None
     if empty is not None:
-        logging.getLogger(__name__).warning(
+        log.warning(
             "%s: no sample was built with its earlier settings (%d shard(s) of 0 samples): its identity is replaced by "
             "this run's, which differs in: %s", store.url, len(empty), "; ".join(diff))
         store.delete(schema.MANIFEST_FILE)  # the record of a run that built nothing

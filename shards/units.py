@@ -3,7 +3,8 @@
 `parse_size` reads every size setting of the tool: `--local-cache-max`, SHARDS_S3_PART_SIZE,
 SHARDS_S3_MULTIPART_THRESHOLD, SHARDS_MIN_RATE (bytes a second), the SHARDS_MAX_* caps. Units
 follow the usual conventions: K/M/G/T (or KB/MB/...) are decimal (10**3...), Ki/Mi/Gi/Ti (or
-KiB/...) binary (2**10...); case does not matter; a bare number is bytes. A fraction is allowed when the result is a whole number of bytes ("1.5GiB").
+KiB/...) binary (2**10...); case does not matter; a bare number is bytes. A fraction is allowed
+when the result is a whole number of bytes ("1.5GiB").
 """
 
 from __future__ import annotations
