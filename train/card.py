@@ -18,14 +18,6 @@ LOSS_CURVE_FILE = "loss_curve.png"
 README_FILE = "README.md"
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """The readable records of OUT/logs/metrics.jsonl (train.metrics.read_records; a resumed run
-    has already said which lines it left out)."""
-    from train.metrics import read_records
-
-    return read_records(path)
-
-
 def curve_points(metrics: list[dict], key: str) -> list[tuple[int, float]]:
     """(step, value) of every record with a finite number under `key` ("loss", "validation_loss",
     "adherence")."""

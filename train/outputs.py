@@ -30,7 +30,7 @@ from train import card
 from train.checkpoint import TrainState, checkpoint_name
 from train.config import TrainConfig
 from train.errors import TrainError
-from train.metrics import LOGS_DIR, METRICS_FILE
+from train.metrics import LOGS_DIR, METRICS_FILE, read_records
 from train.hub import push_to_hub
 from train.plan import data_summary
 
@@ -145,7 +145,7 @@ def _write(cfg: TrainConfig, plan: Plan, state: TrainState, adapter: torch.nn.Mo
         if ema is not None:
             ema.save_pretrained(stage / EMA_OUTPUT_DIR, safe_serialization=True)
     data = data_summary(plan.epoch_stats)  # what the epoch plans used and dropped (never silently)
-    metrics = card.read_metrics(out / LOGS_DIR / METRICS_FILE)
+    metrics = read_records(out / LOGS_DIR / METRICS_FILE)  # a resume has said which lines it left out
     measured = results(metrics)
     validation = None
     if plan.validation is not None:
