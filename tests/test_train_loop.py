@@ -727,7 +727,7 @@ def test_accelerate_launch_mixed_precision_is_honoured(tiny_model, cache, tmp_pa
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "mixed precision: bf16 (from accelerate launch --mixed_precision)" in proc.stderr
+    assert "mixed precision: bf16, from accelerate launch --mixed_precision" in proc.stderr
     assert "frozen (UNet, bfloat16)" in proc.stderr
     resolved = json.loads((out / "train_config.json").read_text())
     assert resolved["mixed_precision"] == "bf16" and resolved["resolved"]["weight_dtype"] == "bf16"

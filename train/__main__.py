@@ -108,6 +108,9 @@ def main(config: tuple[str, ...] = (), **options: Any) -> None:
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    # transformers' notices (an image processor falling back to PIL without torchvision, loaded
+    # only for validation) are not about this run; its errors still show.
+    transformers.utils.logging.set_verbosity_error()
     _command_line_length_wins(options)
     cfg = TrainConfig(**options)
     run_command(lambda: train(cfg), user_errors=(TrainError, ShardError),

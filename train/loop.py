@@ -182,7 +182,7 @@ def setup(cfg: TrainConfig) -> Session:
     log = _get_logger()
     for note in resolved.notes:
         log.warning(note)
-    log.info("mixed precision: %s (from %s)", cfg.mixed_precision, resolved.precision_source)
+    log.info("mixed precision: %s, from %s", cfg.mixed_precision, resolved.precision_source)
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

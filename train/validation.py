@@ -350,7 +350,9 @@ class Validator:
         dtype = unet.dtype
         render_adapter = type(adapter).from_config(adapter.config)
         render_adapter.load_state_dict(adapter.state_dict())
-        render_adapter.to(device=device, dtype=dtype).eval()
+        # (torch's own cast: diffusers' ModelMixin.to warns about fp32 modules even when the
+        # adapter has none to keep.)
+        torch.nn.Module.to(render_adapter, device=device, dtype=dtype).eval()
         pipe = StableDiffusionXLAdapterPipeline(
             vae=vae, unet=unet, adapter=render_adapter, scheduler=self._scheduler(),
             text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
