@@ -73,7 +73,7 @@ from precompute.source_base import content_fingerprint
 from precompute.sources import RawItem, ReadLimits, Source, SourceError, open_source
 from shards import schema
 from shards.errors import ShardError
-from shards.lock import LOCK_FILE, LockError, WriterLock
+from shards.lock import LOCK_FILE, WriterLock
 from shards.identity import CacheIdentity
 from shards.manifest import Manifest, ManifestError, ShardRecord, ensure_identity, identity_diff, read_identity
 from shards.reader import write_empty_prompt
@@ -828,12 +828,12 @@ def _take_writer_lock(cfg: PrecomputeConfig, store: Store, state) -> WriterLock 
     through one tensor broadcast, so none waits in a collective for a rank 0 that gave up."""
     lock, problem = None, ""
     if state.is_main_process:
-        lock = WriterLock(store.staging_dir(tmp_dir=cfg.tmp_dir) / LOCK_FILE, f"the cache {store.url}")
         try:
+            lock = WriterLock(store.prepare_staging(tmp_dir=cfg.tmp_dir) / LOCK_FILE, f"the cache {store.url}")
             lock.acquire()
             if lock.describe_previous():
                 log.warning("%s", lock.describe_previous())
-        except (LockError, OSError) as e:
+        except (ShardError, OSError) as e:  # LockError is a ShardError
             lock, problem = None, str(e)
     if state.num_processes > 1:
         flag = torch.tensor([1 if problem else 0], dtype=torch.uint8, device=state.device)

@@ -180,7 +180,7 @@ _FILE_TYPES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_IS
                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
-def _file_type(mode: int) -> str:
+def file_type(mode: int) -> str:
     return next((name for test, name in _FILE_TYPES if test(mode)), "not a regular file")
 
 
@@ -265,7 +265,7 @@ def read_file(
     try:
         st = os.fstat(fd)  # of what was opened, not of the name (which may have been swapped since)
         if not stat.S_ISREG(st.st_mode):
-            return None, (f"{what}_unreadable", f"{path}: not a regular file ({_file_type(st.st_mode)})")
+            return None, (f"{what}_unreadable", f"{path}: not a regular file ({file_type(st.st_mode)})")
         cap = limits.max_file_bytes
         if st.st_size > cap:
             return None, too_large(what, str(path), st.st_size, cap)

@@ -59,6 +59,7 @@ from precompute.source_base import (
     bounded_lines,
     captions_hash,
     file_url_path,
+    file_type,
     is_utf8_clean,
     json_problem,
     json_too_big,
@@ -560,12 +561,25 @@ def _folder_metadata(folder: Path, kind: str, problems: list[str]) -> tuple[Path
         # fusing/fill50k as downloaded: train.jsonl rows with image / conditioning_image / text
         # paths (images/, conditioning_images/): the default columns, nothing to rename.
         return folder / FILL50K_DOWNLOAD_FILE, None
+    odd = [folder / n for n in (*METADATA_FILES, FILL50K_FILE, FILL50K_DOWNLOAD_FILE) if os.path.lexists(folder / n)]
+    if odd:  # named as a metadata file, but a folder, FIFO, device or dangling link: never read
+        problems += [f"{p}: not a regular file ({_file_kind(p)}), so it is not read as the dataset's metadata"
+                     for p in odd]
+        return None
     problems.append(
         f"{folder}: no metadata file: expected one of {', '.join(METADATA_FILES)}, "
         f"{FILL50K_FILE} (fill50k), {FILL50K_DOWNLOAD_FILE} (fill50k as downloaded), .tar shards, "
         "or a Hugging Face dataset (save_to_disk folder, .parquet / .arrow files)"
     )
     return None
+
+
+def _file_kind(path: Path) -> str:
+    """What a path that is not a regular file is, in words."""
+    try:
+        return file_type(os.stat(path).st_mode)
+    except OSError:
+        return "a link to nothing"
 
 
 def _detect_kind(path: Path) -> str:

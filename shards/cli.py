@@ -17,7 +17,6 @@ does not. Errors print one line and exit 1, as in precompute and train (`shards.
 
 from __future__ import annotations
 
-import json
 import struct
 import sys
 from collections import defaultdict
@@ -26,7 +25,7 @@ from typing import NoReturn
 import click
 from tqdm import tqdm
 
-from . import schema
+from . import limits, schema
 from .errors import ShardError, StoreError
 from .manifest import Manifest, ManifestError
 from .reader import iter_shard_members
@@ -57,9 +56,12 @@ def safetensors_layout(data: bytes) -> tuple[int, dict[str, dict]]:
     if len(data) < 8:
         raise ValueError("safetensors blob shorter than its 8-byte header length")
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    header = limits.loads(data[8 : 8 + n], "the safetensors header")  # capped nesting, like every JSON read
+    if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
+        raise ValueError("the header is not an object of tensor entries")
     layout = {
-        name: {"dtype": v["dtype"], "shape": list(v["shape"]), "nbytes": v["data_offsets"][1] - v["data_offsets"][0]}
+        name: {"dtype": str(v["dtype"]), "shape": list(v["shape"]),
+               "nbytes": int(v["data_offsets"][1]) - int(v["data_offsets"][0])}
         for name, v in header.items()
         if name != "__metadata__"
     }

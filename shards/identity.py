@@ -32,6 +32,8 @@ from . import limits, schema
 from .errors import ManifestError
 
 REQUIRED_SECTIONS = ("encoder", "latent", "text", "geometry", "dtypes")
+# Sections kept as stored (see above); each is an object when present.
+OTHER_SECTIONS = ("captions", "compute", "input_limits", "inputs", "source", "views")
 CROPS = ("center", "random")
 
 
@@ -160,6 +162,8 @@ class CacheIdentity:
         p += _latent_problems(data["latent"]) + _text_problems(data["text"]) + _geometry_problems(data["geometry"])
         p += _dtype_problems(data["dtypes"]) + _encoder_problems(data["encoder"])
         p += _condition_problems(data.get("condition"))
+        p += [f"{k} must be an object, got {type(data[k]).__name__}" for k in OTHER_SECTIONS
+              if data.get(k) is not None and not isinstance(data[k], dict)]
         if p:
             raise ManifestError(f"{where}: " + "; ".join(p))
         enc, lat, txt, geo, dt = (data[k] for k in REQUIRED_SECTIONS)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from typing import Any
 
 import numpy as np
@@ -118,14 +119,21 @@ def json_depth(data: bytes) -> int:
 
 def loads(data: bytes, what: str, variable: str | None = None) -> Any:
     """json.loads with the size cap `variable` (if given) and the depth cap checked first.
-    Raises LimitError for a cap, ValueError (json.JSONDecodeError, UnicodeDecodeError) for bad JSON."""
+    Raises LimitError for a cap, json.JSONDecodeError for bad JSON (a number too long to convert
+    included), UnicodeDecodeError for text that is not UTF-8."""
     if variable is not None:
         check_size(len(data), variable, what)
     depth, limit = json_depth(data), max_json_depth()
     if depth > limit:
         raise LimitError(f"{what} nests {depth} levels deep, over the limit of {limit} (SHARDS_MAX_JSON_DEPTH): "
                          "damaged or hostile")
-    return json.loads(data.decode("utf-8"))
+    text = data.decode("utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # an integer of more digits than Python converts
+        raise json.JSONDecodeError(f"a number of over {sys.get_int_max_str_digits()} digits", text, 0) from None
 
 
 __all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_JSON_DEPTH", "LimitError", "cap", "check_size", "json_depth", "loads",

@@ -25,6 +25,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import time
 import weakref
@@ -40,9 +41,19 @@ class LockError(ShardError):
 
 
 def _holder_text(info: dict) -> str:
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0)))
-    return (f"pid {info.get('pid', '?')} on {info.get('host', '?')} since {since}"
-            + (f" ({info['command']})" if info.get("command") else ""))
+    """The holder record, as read back: whatever a stranger wrote into the file, a line of text
+    (no value is trusted to have its type or a sane size)."""
+    def field(name: str) -> str:
+        value = info.get(name)
+        text = "?" if value is None else str(value)[:300]
+        return "".join(c if c.isprintable() else "?" for c in text)
+
+    try:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("since", 0))))
+    except (TypeError, ValueError, OverflowError, OSError):
+        since = "?"
+    return (f"pid {field('pid')} on {field('host')} since {since}"
+            + (f" ({field('command')})" if info.get("command") else ""))
 
 
 _HELD: "weakref.WeakSet[WriterLock]" = weakref.WeakSet()
@@ -77,7 +88,21 @@ class WriterLock:
 
     def acquire(self) -> "WriterLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        # Never through a symlink, never a FIFO or device: the holder record is written into the
+        # file and cleared on release, so a planted link would have another file emptied.
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path, flags, 0o666)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise LockError(f"cannot lock {self.what}: its lock file {self.path} is a symbolic link, which a "
+                                "writer never follows; remove it and retry") from None
+            raise LockError(f"cannot lock {self.what}: cannot open its lock file {self.path} "
+                            f"({e.strerror or e})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise LockError(f"cannot lock {self.what}: its lock file {self.path} is not a regular file (a folder, "
+                            "FIFO or device); remove it and retry")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -350,12 +350,21 @@ class Manifest:
             p.append("shards must be sorted by index without duplicates")
         for r in self.shards:
             p += [f"shard {r.index}: {q}" for q in r.problems()]
-        if isinstance(self.totals, dict):
-            expected = self.compute_totals(self.shards)
-            for k in ("samples", "bytes"):
-                if self.totals.get(k) != expected[k]:
-                    p.append(f"totals.{k} is {self.totals.get(k)!r} but the shards add up to {expected[k]}")
+        if isinstance(self.totals, dict) and not any(r.problems() for r in self.shards):
+            # Every total is the sum of the records: one that says otherwise is damage or a lie.
+            expected = self.expected_totals()
+            for k, v in expected.items():
+                if (k in self.totals or k in ("samples", "bytes")) and _json_normalise(self.totals.get(k)) != v:
+                    p.append(f"totals.{k} is {self.totals.get(k)!r} but the shards add up to {v!r}")
+            repeated = self.totals.get("repeated_items", 0)
+            if not _is_int(repeated) or repeated < 0:
+                p.append(f"totals.repeated_items must be an integer >= 0, got {repeated!r}")
         return p
+
+    def expected_totals(self) -> dict:
+        """The totals the shard records add up to (`compute_totals` with this cache's VAE factor)."""
+        factor = self.identity.latent.vae_scale_factor if isinstance(self.identity, CacheIdentity) else None
+        return self.compute_totals(self.shards, factor)
 
     # -- I/O ----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -404,6 +413,7 @@ class Manifest:
         problems = m.problems()
         if problems:
             raise ManifestError(f"{where}: " + "; ".join(problems))
+        m.totals = {**m.expected_totals(), **m.totals}  # what an older writer left out, summed here
         return m
 
     @classmethod

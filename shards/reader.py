@@ -53,12 +53,13 @@ class _TarFormatError(Exception):
 class _HashingReader:
     """Exact-size reads from a raw stream, hashing every byte pulled from it."""
 
-    def __init__(self, raw: BinaryIO, *, hash: bool = True):
+    def __init__(self, raw: BinaryIO, *, hash: bool = True, max_bytes: int | None = None):
         self._raw = raw
         self._sha = hashlib.sha256() if hash else None
         self._buf = b""
         self._pos = 0
         self.offset = 0  # bytes handed out so far = position in the tar
+        self.max_bytes = max_bytes
 
     def _pull(self, n: int) -> bytes:
         chunk = self._raw.read(n)
@@ -90,6 +91,11 @@ class _HashingReader:
                     have += len(chunk)
             out = b"".join(parts)
         self.offset += len(out)
+        if self.max_bytes is not None and self.offset > self.max_bytes:
+            # Stopped here, not at the end: a shard grown past its record (appended to, or a
+            # huge file in its place) is never read or hashed whole.
+            raise _TarFormatError(f"longer than the {self.max_bytes} bytes its record lists (replaced or appended "
+                                  "to?)")
         return out
 
     def hexdigest(self) -> str | None:
@@ -191,10 +197,11 @@ class TarSampleStream:
     `name` only labels errors. Use `iter_shard_members` to also compare with a record.
     """
 
-    def __init__(self, fileobj: BinaryIO, name: str, *, hash: bool = True, expected_samples: int | None = None):
+    def __init__(self, fileobj: BinaryIO, name: str, *, hash: bool = True, expected_samples: int | None = None,
+                 max_bytes: int | None = None):
         self.name = name
         self._expected = expected_samples
-        self._reader = _HashingReader(fileobj, hash=hash)
+        self._reader = _HashingReader(fileobj, hash=hash, max_bytes=max_bytes)
         self.keys: list[str] = []
         self.done = False
 
@@ -230,7 +237,7 @@ def iter_shard_members(store: Store, record: ShardRecord, *, check: bool = True)
     except FileNotFoundError:
         raise ShardError(f"{name}: missing from {store.url} (the manifest lists it)") from None
     with closing(f):
-        stream = TarSampleStream(f, name, hash=check, expected_samples=record.samples)
+        stream = TarSampleStream(f, name, hash=check, expected_samples=record.samples, max_bytes=record.bytes)
         n = 0
         for key, members in stream:
             if n >= record.samples:
@@ -297,4 +304,9 @@ def load_empty_prompt(store: Store) -> tuple[torch.Tensor, torch.Tensor]:
     pe, pooled = tensors[schema.PROMPT_EMBEDS], tensors[schema.POOLED_PROMPT_EMBEDS]
     if pe.ndim != 3 or pe.shape[0] != 1 or pooled.ndim != 2 or pooled.shape[0] != 1:
         raise ShardError(f"{name}: expected (1, L, D) and (1, P), got {tuple(pe.shape)} and {tuple(pooled.shape)}")
+    for tensor_name, t in ((schema.PROMPT_EMBEDS, pe), (schema.POOLED_PROMPT_EMBEDS, pooled)):
+        # Caption dropout feeds it to the step: a NaN here would be blamed on the batch's samples.
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise ShardError(f"{store.display(name)}: {tensor_name} is not all finite floating point values "
+                             f"({t.dtype}); the file is damaged: re-run precompute into a new cache")
     return pe, pooled

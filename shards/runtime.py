@@ -185,9 +185,15 @@ def is_peer_failure(error: BaseException) -> bool:
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
     """Print `error: <message>` (with the rank in a multi-process run) and exit with `code`."""
-    sys.stderr.write(f"error: {rank_tag()}{message.rstrip()}\n")
+    sys.stderr.write(f"error: {rank_tag()}{printable(message.rstrip())}\n")
     sys.stderr.flush()
     raise SystemExit(code)
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (other than newline and tab) escaped: a message may quote
+    names from a hostile cache or dataset, and a terminal must show them, not obey them."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
 def _chain(error: BaseException) -> list[BaseException]:

@@ -168,6 +168,19 @@ class Store(ABC):
         base = Path(tmp_dir).expanduser() if tmp_dir is not None else Path(tempfile.gettempdir())
         return base.absolute() / STAGING_FOLDER / cache_digest(self.staging_key())
 
+    def prepare_staging(self, *, tmp_dir: str | Path | None = None) -> Path:
+        """`staging_dir(tmp_dir=tmp_dir)`, created, and checked to be this writer's own: a real
+        folder reached through no symbolic link of the staging layout (in a shared temp folder
+        another user could plant one, and clean-up would then delete files where it points) and,
+        outside a local cache's root, owned by this user. ShardError otherwise."""
+        folder = self.staging_dir(tmp_dir=tmp_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        check_staging(folder)
+        if os.stat(folder).st_uid != os.getuid() and folder.parent.name == STAGING_FOLDER:
+            raise ShardError(f"the staging folder {folder} belongs to another user: use --tmp-dir with a folder "
+                             "of your own")
+        return folder
+
     def why_missing(self) -> str | None:
         """Asked after a file was not found: why nothing at all can be found here (the folder or
         bucket does not exist), said instead of "no such file"; None when the store itself is
@@ -187,7 +200,9 @@ class Store(ABC):
         """
         folder = self.staging_dir(tmp_dir=tmp_dir)
         if not folder.is_dir():
+            check_staging(folder)  # a dangling link is refused as well
             return []
+        check_staging(folder)
         temps = sorted(p for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX) and not p.is_dir())
         if not dry_run:
             for p in temps:
@@ -226,6 +241,15 @@ def check_rel(rel: str) -> str:
     ):
         raise ValueError(f"invalid cache path {rel!r}: expected a relative 'a/b/c' path without '.' or '..'")
     return rel
+
+
+def check_staging(folder: Path) -> None:
+    """ShardError when the staging folder `folder`, or the shared STAGING_FOLDER above it, is a
+    symbolic link: writers and clean-up never follow one out of the layout they own."""
+    for path in (folder, folder.parent) if folder.parent.name == STAGING_FOLDER else (folder,):
+        if path.is_symlink():
+            raise ShardError(f"the staging folder {path} is a symbolic link, which writers and clean-up never "
+                             "follow: remove it (or use --tmp-dir with a folder of your own)")
 
 
 def new_temp_path(folder: Path, final_name: str) -> Path:

@@ -149,7 +149,7 @@ def _size_problems(sample: schema.Sample, manifest: Manifest) -> list[str]:
             p.append(f"target_size {target}, the manifest's resolution is {res}")
     elif tuple(target) not in geometry.buckets:
         p.append(f"target_size {target} is not one of the manifest's buckets")
-    cap = (manifest.identity.section("input_limits") or {}).get("max_image_pixels")
+    cap = (manifest.identity.section("input_limits") or {}).get("max_image_pixels")  # an object, if any
     h, w = sample.meta.original_size
     if isinstance(cap, int) and not isinstance(cap, bool) and h * w > cap:
         p.append(f"original_size {list(sample.meta.original_size)} is {h * w:,} pixels, over the {cap:,} the cache "

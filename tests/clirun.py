@@ -88,6 +88,9 @@ def _child(module: str, args: list[str], env: dict[str, str] | None, cwd, out_fd
         sys.argv = [module, *args]
         import runpy
 
+        # A test may have imported the package's __main__; runpy then warns on stderr, which a
+        # command's output must not carry (it runs a fresh copy either way).
+        sys.modules.pop(f"{module}.__main__", None)
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -427,3 +428,113 @@ def test_a_shard_failing_in_a_loader_worker_ends_with_the_message_alone(tiny_mod
         assert proc.returncode == 1, proc.stderr[-3000:]
         assert "error: shards/shard-000001.tar: sha256 mismatch" in proc.stderr
         assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
+
+
+def _edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_a_number_too_long_to_read_is_a_message_naming_the_file(tmp_path):
+    """Python refuses to convert an integer of over 4300 digits (a ValueError, not a JSON error):
+    in the manifest, a record or identity.json it is the file's message, never a traceback."""
+    from shards.manifest import read_identity, read_record
+
+    _cache(tmp_path)
+    (tmp_path / schema.IDENTITY_FILE).write_text(json.dumps(IDENTITY))
+    huge = "9" * 5000
+    manifest, record, identity = (tmp_path / "manifest.json", tmp_path / schema.record_name(0),
+                                  tmp_path / schema.IDENTITY_FILE)
+    for path, read in ((manifest, lambda s: Manifest.load(s)), (record, lambda s: read_record(s, 0)),
+                       (identity, read_identity)):
+        original = path.read_bytes()
+        path.write_bytes(original.replace(b"{", b'{"x": ' + huge.encode() + b", ", 1))
+        with pytest.raises(ManifestError, match=rf"{path.name}.* not valid JSON \(a number of over 4300 digits"):
+            read(open_store(tmp_path))
+        path.write_bytes(original)
+    manifest.write_bytes(manifest.read_bytes().replace(b"{", b'{"x": ' + huge.encode() + b", ", 1))
+    result = run_cli("shards", ["ls", str(tmp_path)], timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"{manifest} is not valid JSON (a number of over 4300 digits" in result.stderr
+
+
+def test_manifest_sections_and_totals_that_lie_are_refused_or_recomputed(tmp_path):
+    """The totals are sums of the records, so a manifest's totals must add up; a section of the
+    identity of the wrong type is a ManifestError, not an AttributeError in a reader."""
+    _cache(tmp_path)
+    path = tmp_path / "manifest.json"
+    good = path.read_text()
+    assert not (tmp_path / schema.IDENTITY_FILE).exists()  # optional: the manifest's identity is the one read
+    cases = {
+        "input_limits": (lambda d: d["identity"].__setitem__("input_limits", "x"), "input_limits must be an object"),
+        "skipped": (lambda d: d["totals"].__setitem__("skipped", []), "totals.skipped is [] but the shards add up to {}"),
+        "samples": (lambda d: d["totals"].__setitem__("samples", 7), "totals.samples is 7 but the shards add up to 6"),
+        "repeated": (lambda d: d["totals"].__setitem__("repeated_items", "2"), "totals.repeated_items must be an "
+                                                                                "integer >= 0, got '2'"),
+    }
+    for name, (change, message) in cases.items():
+        path.write_text(good)
+        _edit_json(path, change)
+        with pytest.raises(ManifestError, match=re.escape(message)):
+            Manifest.load(open_store(tmp_path))
+    path.write_text(good)
+    _edit_json(path, lambda d: (d["totals"].pop("skipped"), d["totals"].pop("notes")))  # an older writer's
+    totals = Manifest.load(open_store(tmp_path)).totals
+    assert totals["skipped"] == {} and totals["notes"] == {} and totals["samples"] == 6
+    result = run_cli("shards", ["stats", str(tmp_path)], timeout=120)
+    assert result.returncode == 0 and "samples    6" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("header, problem", [
+    (b"[]", "the header is not an object of tensor entries"),
+    (b"[" * 100_000 + b"]" * 100_000, "nests 100000 levels deep"),
+])
+def test_shards_stats_names_a_safetensors_header_it_cannot_parse(tmp_path, header, problem):
+    _cache(tmp_path)
+    _rewrite(tmp_path, lambda key, m: {**m, schema.TENSOR_MEMBER: len(header).to_bytes(8, "little") + header})
+    result = run_cli("shards", ["stats", str(tmp_path)], timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "shards/shard-000001.tar: sample 000001-000000: cannot parse the safetensors header" in result.stderr
+    assert problem in result.stderr
+
+
+def test_a_non_finite_empty_prompt_is_named_by_the_loader_and_verify(tmp_path):
+    """Caption dropout puts the empty prompt into batches: a NaN in it would be blamed on them."""
+    from shards.reader import load_empty_prompt
+
+    manifest = _cache(tmp_path)
+    pe = torch.zeros(1, 77, 8)
+    pe[0, 0, 0] = float("nan")
+    write_empty_prompt(open_store(tmp_path), pe, torch.zeros(1, 4), "bf16")
+    message = rf"{tmp_path}/empty_prompt.safetensors: prompt_embeds is not all finite floating point values"
+    with pytest.raises(ShardError, match=message):
+        load_empty_prompt(open_store(tmp_path))
+    with pytest.raises(ShardError, match=message):
+        verify_cache(open_store(tmp_path), manifest)
+
+
+def test_a_shard_grown_past_its_record_is_not_read_to_its_end(tmp_path):
+    """A shard replaced by a huge file (here 64 GiB, sparse) whose head is the real shard: the reader
+    stops one chunk past the recorded size, instead of hashing every byte."""
+    import time
+
+    from shards.reader import iter_shard
+
+    manifest = _cache(tmp_path)
+    with (tmp_path / manifest.shards[1].name).open("r+b") as f:
+        f.truncate(64 << 30)
+    started = time.monotonic()
+    with pytest.raises(ShardError, match=rf"shards/shard-000001.tar: longer than the {manifest.shards[1].bytes} bytes "
+                                         r"its record lists \(replaced or appended to\?\)"):
+        list(iter_shard(open_store(tmp_path), manifest.shards[1]))
+    assert time.monotonic() - started < 60  # reading it all would take minutes at any disk speed
+
+
+def test_error_messages_show_control_characters_instead_of_obeying_them(capsys):
+    from shards.runtime import fail
+
+    with pytest.raises(SystemExit) as e:
+        fail("sample 000000-\x1b[2J\x1b[31mOK: bad\nsecond line")
+    assert e.value.code == 1
+    assert capsys.readouterr().err == "error: sample 000000-\\x1b[2J\\x1b[31mOK: bad\nsecond line\n"

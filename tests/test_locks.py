@@ -170,3 +170,68 @@ def test_the_holder_record_never_carries_a_token(tmp_path, monkeypatch):
         text = (tmp_path / ".lock").read_text()
     assert "hf_SECRET" not in text and "hf_OTHER" not in text and "s3cr3t" not in text
     assert "--hub-token REDACTED" in text and "sig=REDACTED" in text
+
+
+def test_a_lock_file_that_is_a_link_fifo_or_folder_is_refused_and_nothing_is_written_through_it(tmp_path):
+    """The holder record is written into the lock file and cleared on release: a symlink planted
+    as the lock (in a shared cache or OUT) would have its target emptied."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "a").mkdir()
+    os.symlink(victim, tmp_path / "a" / ".lock")
+    with pytest.raises(LockError, match=rf"cannot lock x: its lock file {tmp_path}/a/.lock is a symbolic link"):
+        WriterLock(tmp_path / "a" / ".lock", "x").acquire()
+    assert victim.read_text() == "precious"
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling.lock")
+    with pytest.raises(LockError, match="is a symbolic link"):
+        WriterLock(tmp_path / "dangling.lock", "x").acquire()
+    assert not (tmp_path / "nowhere").exists()  # not created through the link either
+    os.mkfifo(tmp_path / "fifo.lock")
+    with pytest.raises(LockError, match=rf"its lock file {tmp_path}/fifo.lock is not a regular file"):
+        WriterLock(tmp_path / "fifo.lock", "x").acquire()
+    (tmp_path / "dir.lock").mkdir()
+    with pytest.raises(LockError, match=rf"cannot open its lock file {tmp_path}/dir.lock \(Is a directory\)"):
+        WriterLock(tmp_path / "dir.lock", "x").acquire()
+
+
+@pytest.mark.parametrize("record", [
+    {"pid": 999999999, "host": "elsewhere", "since": 1e300},
+    {"pid": "x", "host": ["a"], "since": "yesterday", "command": "\x1b[2Jrm -rf"},
+    {"pid": 1, "since": float("nan")},
+])
+def test_a_strangers_holder_record_is_shown_as_text_whatever_it_holds(tmp_path, record):
+    lock = tmp_path / ".lock"
+    lock.write_text(json.dumps(record))
+    with WriterLock(lock, "x") as taken:  # free: the record's writer is gone
+        line = taken.describe_previous()
+    assert line.startswith("x: the previous writer (pid ") and "\x1b" not in line
+    holder = subprocess.Popen(  # now held: the second writer's message quotes the same record
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(60)", str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        lock.write_text(json.dumps(record))
+        with pytest.raises(LockError, match=r"x is in use by pid .* only one writer at a time"):
+            WriterLock(lock, "x").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_staging_folder_planted_as_a_link_is_refused_and_not_cleaned(tmp_path):
+    """On a shared machine anyone may create /tmp/shards-staging/<digest>: precompute and gc
+    refuse a link there instead of cleaning (deleting .tmp- files) where it points."""
+    from shards.errors import ShardError
+
+    store = open_store("s3://bucket/cache")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / ".tmp-keep").write_text("mine")
+    staging = store.staging_dir(tmp_dir=tmp_path / "shared")
+    staging.parent.mkdir(parents=True)
+    os.symlink(victim, staging)
+    with pytest.raises(ShardError, match=rf"the staging folder {staging} is a symbolic link"):
+        store.prepare_staging(tmp_dir=tmp_path / "shared")
+    with pytest.raises(ShardError, match="is a symbolic link"):
+        store.cleanup_staging(tmp_dir=tmp_path / "shared")
+    assert (victim / ".tmp-keep").read_text() == "mine"

@@ -318,6 +318,23 @@ def test_fill50k_preset(tmp_path):
     assert items(src)[0].captions == ["source/0.png"]
 
 
+def test_a_metadata_name_that_is_no_regular_file_is_named_not_waited_on(tmp_path):
+    """prompt.json as a FIFO (opening it would wait for a writer), a device link or a folder:
+    refused by name, and nothing is opened."""
+    os.mkfifo(tmp_path / "prompt.json")
+    with pytest.raises(SourceError, match=rf"{tmp_path}/prompt.json: not a regular file \(a FIFO\), so it is not "
+                                          "read as the dataset's metadata"):
+        open_source(tmp_path)
+    (tmp_path / "prompt.json").unlink()
+    os.symlink("/dev/zero", tmp_path / "prompt.json")
+    with pytest.raises(SourceError, match=r"prompt.json: not a regular file \(a character device\)"):
+        open_source(tmp_path)
+    (tmp_path / "prompt.json").unlink()
+    (tmp_path / "metadata.jsonl").mkdir()
+    with pytest.raises(SourceError, match=r"metadata.jsonl: not a regular file \(a folder\)"):
+        open_source(tmp_path)
+
+
 def test_open_errors_list_every_problem(tmp_path):
     with pytest.raises(SourceError, match="does not exist"):
         open_source(tmp_path / "nothing")

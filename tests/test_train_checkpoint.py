@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -221,3 +223,74 @@ def test_a_folder_that_is_no_checkpoint_is_called_that_not_an_interrupted_save(t
                                         "are OUT/checkpoints/step-NNNNNN)"]
     (tmp_path / "state.json").write_text("{}")  # a checkpoint whose save died before COMPLETE
     assert proof_problems(tmp_path) == ["no COMPLETE (its save was interrupted)"]
+
+
+def _rewrite(folder, name, edit):
+    """Edit one JSON file of a checkpoint and re-record every hash in COMPLETE, as someone who
+    rewrites a checkpoint on purpose would: only the content checks can catch it."""
+    from train.checkpoint import _fsync_tree
+
+    if name is not None:
+        path = folder / name
+        path.write_text(edit(path.read_text()))
+    listing = _fsync_tree(folder)
+    listing.pop(COMPLETE_FILE, None)
+    (folder / COMPLETE_FILE).write_text(json.dumps({"files": listing}))
+
+
+def test_complete_may_only_list_regular_files_inside_the_checkpoint(tmp_path, accelerator):
+    """A COMPLETE naming /dev/zero (0 bytes, as its size reads) would be hashed forever, a FIFO
+    would block, `../x` would prove files elsewhere: each makes the checkpoint unprovable, and
+    `latest` falls back to the one before."""
+    from train.checkpoint import proof_problems
+
+    run = _Run(0)
+    for step in (1, 2):
+        run.step()
+        _save(accelerator, tmp_path, run, step)
+    latest = checkpoints_dir(tmp_path) / "step-000002"
+    good = json.loads((latest / COMPLETE_FILE).read_text())
+    zero = {"bytes": 0, "sha256": "0" * 64}
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink(tmp_path / "fifo", latest / "link")
+    cases = {"/dev/zero": "is not a path inside the checkpoint", "../../../fifo": "is not a path inside the checkpoint",
+             "link": "link is not a regular file"}
+    for name, problem in cases.items():
+        (latest / COMPLETE_FILE).write_text(json.dumps({"files": {**good["files"], name: zero}}))
+        assert any(problem in p for p in proof_problems(latest)), (name, proof_problems(latest))
+        warnings = []
+        assert resolve_resume("latest", tmp_path, warn=warnings.append).name == "step-000001"
+        assert len(warnings) == 1 and problem in warnings[0]
+    (latest / COMPLETE_FILE).write_text(json.dumps({"files": {**good["files"], "adapter/x": {"bytes": -1,
+                                                                                             "sha256": "nope"}}}))
+    assert "COMPLETE lists 'adapter/x' without a byte count and a sha256" in proof_problems(latest)[0]
+    (latest / COMPLETE_FILE).write_text("[" * 100_000 + "]" * 100_000)  # no RecursionError
+    assert "nests 100000 levels deep" in proof_problems(latest)[0]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.replace('"epoch": 1', '"epoch": -3'), "epoch must be whole numbers >= 0"),
+    (lambda s: s.replace('"global_step": 2', '"global_step": "2"'), "global_step must be whole numbers >= 0"),
+    (lambda s: s.replace('"config": {}', '"config": "x"'), "config is not an object"),
+    (lambda s: "[" * 100_000 + "]" * 100_000, "nests 100000 levels deep"),
+    (lambda s: s.replace('"epoch": 1', '"epoch": 1' + "0" * 5000), "a number of over"),
+])
+def test_a_rewritten_state_file_is_a_checkpoint_error(tmp_path, accelerator, edit, message):
+    run = _Run(0)
+    run.step()
+    path = _save(accelerator, tmp_path, run, 2)
+    _rewrite(path, "state.json", edit)
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path}: cannot read state.json: .*{message}"):
+        read_checkpoint(path)
+
+
+def test_a_rewritten_optimizer_hyperparameter_is_refused_at_load_not_at_the_first_step(tmp_path, accelerator):
+    run = _Run(0)
+    run.step()
+    path = _save(accelerator, tmp_path, run, 1)
+    _rewrite(path, "optimizer.json", lambda s: re.sub(r'"lr": [0-9.e-]+', '"lr": "abc"', s, count=1))
+    other = _Run(1)
+    with pytest.raises(CheckpointError, match=r"optimizer.json/.safetensors does not restore \(ValueError: param "
+                                              r"group 0: lr is 'abc', not a float like this optimizer's"):
+        load_checkpoint(read_checkpoint(path), accelerator, adapter=other.adapter, optimizer=other.optimizer,
+                        lr_scheduler=other.scheduler, noise_generator=other.generator)

@@ -30,9 +30,11 @@ small tagged encoding that round-trips dicts with int keys, tuples and numpy arr
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
+import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +44,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from shards import limits
 from shards.runtime import io_reason, is_io_failure
 from shards.store import apply_umask, file_sha256, fsync_dir, fsync_file
 from train.errors import TrainError
@@ -54,6 +57,7 @@ ADAPTER_DIR = "adapter"
 EMA_DIR = "ema"
 FORMAT_VERSION = 2  # 2: COMPLETE records each file's sha256
 _NAME = re.compile(r"^step-(\d{6,})$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 
@@ -167,8 +171,16 @@ def save_tree(folder: Path, name: str, obj: Any) -> list[Path]:
     return files
 
 
+def read_json(path: Path) -> Any:
+    """A checkpoint's JSON file, parsed within the caps every reader keeps (size, nesting: a
+    rewritten file cannot cost unbounded memory or a RecursionError). ValueError/OSError."""
+    with open(path, "rb") as f:
+        data = f.read(limits.cap("SHARDS_MAX_RECORD_BYTES") + 1)
+    return limits.loads(data, str(path), "SHARDS_MAX_RECORD_BYTES")
+
+
 def load_tree(folder: Path, name: str) -> Any:
-    structure = json.loads((folder / f"{name}.json").read_text())
+    structure = read_json(folder / f"{name}.json")
     tensor_file = folder / f"{name}.safetensors"
     tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
     return _decode(structure, tensors)
@@ -206,19 +218,34 @@ def set_rng_state(state: dict[str, Any], noise_generator: torch.Generator) -> No
 
 def _listing(folder: Path) -> dict[str, dict]:
     """COMPLETE's {relative path: {"bytes", "sha256"}}; ValueError/OSError when unusable."""
-    data = json.loads((folder / COMPLETE_FILE).read_text())
+    data = read_json(folder / COMPLETE_FILE)
     files = data["files"]
     if not isinstance(files, dict) or not all(isinstance(v, dict) and {"bytes", "sha256"} <= set(v)
                                               for v in files.values()):
         raise ValueError("COMPLETE does not list files with bytes and sha256 (written by an older version?)")
+    for rel, f in files.items():
+        parts = rel.split("/")
+        if rel.startswith("/") or any(part in ("", ".", "..") for part in parts):
+            raise ValueError(f"COMPLETE lists {rel!r}, which is not a path inside the checkpoint")
+        if type(f["bytes"]) is not int or f["bytes"] < 0 or not _SHA256.fullmatch(str(f["sha256"])):
+            raise ValueError(f"COMPLETE lists {rel!r} without a byte count and a sha256")
     return files
+
+
+def _regular_size(path: Path) -> int:
+    """The size of `path`, a regular file reached without following a final symbolic link
+    (a listed FIFO or device would block or never end when hashed). OSError otherwise."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(f"{path.name} is not a regular file")
+    return st.st_size
 
 
 def is_complete(folder: Path) -> bool:
     """COMPLETE present, parseable, and every file it names present with its recorded size (cheap:
     no hashing; `proof_problems` proves a checkpoint before it is resumed)."""
     try:
-        return all((folder / rel).stat().st_size == f["bytes"] for rel, f in _listing(folder).items())
+        return all(_regular_size(folder / rel) == f["bytes"] for rel, f in _listing(folder).items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
@@ -239,9 +266,12 @@ def proof_problems(folder: Path) -> list[str]:
     for rel, f in sorted(files.items()):
         path = folder / rel
         try:
-            size = path.stat().st_size
-        except OSError:
+            size = _regular_size(path)
+        except FileNotFoundError:
             problems.append(f"{rel} is missing")
+            continue
+        except OSError:
+            problems.append(f"{rel} is not a regular file")
             continue
         if size != f["bytes"]:
             problems.append(f"{rel} has {size} bytes, {COMPLETE_FILE} says {f['bytes']}")
@@ -457,9 +487,15 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not is_complete(path):
         raise CheckpointError(f"checkpoint {path} is incomplete or damaged (no valid {COMPLETE_FILE})")
     try:
-        meta = json.loads((path / STATE_FILE).read_text())
+        meta = read_json(path / STATE_FILE)
         state = TrainState(**meta.pop("state"))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        bad = [k for k, v in asdict(state).items() if type(v) is not int or v < 0]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} must be whole numbers >= 0")
+        for key in ("config", "stream"):
+            if not isinstance(meta.get(key, {}), dict):
+                raise ValueError(f"{key} is not an object")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"checkpoint {path}: cannot read {STATE_FILE}: {e}") from e
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path}: format_version {meta.get('format_version')!r} is not "

@@ -121,11 +121,32 @@ def keep_implementation(saved: dict, optimizer: Any) -> dict:
     groups = optimizer.param_groups
     if len(saved.get("param_groups", [])) != len(groups):
         return saved  # load_state_dict names the mismatch
+    for i, (g, now) in enumerate(zip(saved["param_groups"], groups)):
+        for k, value in now.items():
+            # A hyperparameter of another type (a string learning rate) loads without complaint
+            # and fails inside the first step: refused here, by name.
+            if k != "params" and k not in _IMPLEMENTATION_KEYS and k in g and not _same_kind(g[k], value):
+                raise ValueError(f"param group {i}: {k} is {g[k]!r}, not a {type(value).__name__} like this "
+                                 f"optimizer's {value!r}")
     out = dict(saved)
     out["param_groups"] = [
         {**g, **{k: now[k] for k in _IMPLEMENTATION_KEYS if k in now}} for g, now in zip(saved["param_groups"], groups)
     ]
     return out
+
+
+def _same_kind(saved: Any, now: Any) -> bool:
+    """Whether a saved hyperparameter may stand where `now` does: numbers for numbers (an int
+    betas entry is fine), equal-length sequences of them, booleans for booleans, None for None."""
+    if isinstance(now, bool) or now is None:
+        return type(saved) is type(now)
+    if isinstance(now, (int, float)):
+        return isinstance(saved, (int, float)) and not isinstance(saved, bool)
+    if isinstance(now, (tuple, list)):
+        return isinstance(saved, (tuple, list)) and len(saved) == len(now) and all(map(_same_kind, saved, now))
+    if isinstance(now, torch.Tensor):
+        return isinstance(saved, torch.Tensor)
+    return isinstance(saved, type(now))
 
 
 class ScaleWatch:
