@@ -156,6 +156,10 @@ class Prepared:
     # True when the conditioning image had another pixel size than the image (same aspect ratio)
     # and was resampled to the image's geometry; worth a warning, not a skip.
     cond_resized: bool = False
+    # The image and its conditioning image carry different EXIF orientations (each is turned
+    # upright by its own, as viewers and `datasets` do): kept, and noted, since a conditioning
+    # image made from the image's stored pixels is then turned differently from it.
+    orientation_differs: bool = False
     view: int = 0  # index among the item's stored views (0: the primary view)
     # Per caption: True when it was cut to max_caption_chars; and captions dropped over the
     # per-item cap. Kept-but-altered, counted as notes in the shard record.
@@ -190,6 +194,7 @@ def load_rgb(data: bytes | None, what: str, name: str, max_pixels: int | None = 
             # Decode every pixel now: Image.open only parses the header, and a truncated file
             # otherwise fails later (or, with LOAD_TRUNCATED_IMAGES, silently grey-fills).
             im.load()
+            orientation = exif_orientation(im)
             oriented = ImageOps.exif_transpose(im)
     except Skip:
         raise
@@ -200,9 +205,29 @@ def load_rgb(data: bytes | None, what: str, name: str, max_pixels: int | None = 
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... for bad data
         raise Skip(f"{what}_corrupt", f"{name}: cannot decode: {type(e).__name__}: {e}") from None
     try:
-        return to_rgb(oriented)
+        rgb = to_rgb(oriented)
     except Exception as e:
         raise Skip(f"{what}_corrupt", f"{name}: cannot convert mode {oriented.mode} to RGB: {e}") from None
+    rgb.info[ORIENTATION_INFO] = orientation  # what was applied: an image and its condition should agree
+    return rgb
+
+
+ORIENTATION_INFO = "exif_orientation"
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1 to 8; 1, upright, when absent or unreadable)."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+    except Exception:  # damaged EXIF: exif_transpose then leaves the image as stored as well
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _orientation_hint(image: int, cond: int) -> str:
+    return (f"; the image is turned upright by its EXIF orientation {image}, the conditioning image by "
+            f"{cond if cond != 1 else 'none'} (images are read as any viewer shows them): make the conditioning "
+            "image from the upright image, or strip the orientation from both")
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -547,15 +572,17 @@ def prepare_views(
         buckets=buckets,
     )
     cond = None
-    cond_resized = False
+    cond_resized = orientation_differs = False
     if condition is None:
         cond = load_rgb(item.cond, "cond", cond_name, max_image_pixels)
         cond_resized = cond.size != img.size
+        turned = (img.info.get(ORIENTATION_INFO, 1), cond.info.get(ORIENTATION_INFO, 1))
+        orientation_differs = turned[0] != turned[1]
         if cond_resized and not _cond_aspect_matches((img.height, img.width), (cond.height, cond.width)):
             raise Skip(
                 "cond_size_mismatch",
                 f"{cond_name}: {cond.width}x{cond.height} px does not have the aspect ratio of the image "
-                f"{name} ({img.width}x{img.height} px)",
+                f"{name} ({img.width}x{img.height} px)" + (_orientation_hint(*turned) if orientation_differs else ""),
             )
         if cond_resized:  # resample once, to the resize every view shares
             rh, rw = geometry.resize_size
@@ -572,6 +599,7 @@ def prepare_views(
             cond=compute_condition(rgb, condition) if condition is not None else apply_geometry(cond, g),
             geometry=g,
             cond_resized=cond_resized,
+            orientation_differs=orientation_differs,
             view=index,
             view_info=info,
             captions_cut=captions_cut,

@@ -408,6 +408,11 @@ class _ShardEncoder:
                 notes["captions_dropped"] += first.captions_dropped
                 self._warn("note", "%s: %d captions over the %d kept per item were dropped", o.source_id,
                            first.captions_dropped, MAX_CAPTIONS_PER_ITEM)
+            if first.orientation_differs:
+                notes["cond_orientation_differs"] += 1
+                self._warn("note", "%s: the image and its conditioning image carry different EXIF orientations, "
+                           "and each is turned upright by its own: check that they still line up (a conditioning "
+                           "image made from the image's stored pixels does not)", o.source_id)
             if first.cond_resized:
                 notes["cond_resized"] += 1
                 self._warn("note", "%s: conditioning image has another pixel size than the image (same aspect "

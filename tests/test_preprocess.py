@@ -209,6 +209,26 @@ def test_exif_orientation_is_applied(orientation, top_color, bottom_color, size)
     assert g.original_size == (size[1], size[0])
 
 
+def test_an_image_and_condition_turned_by_different_exif_orientations_are_noted_or_explained():
+    """Each image is turned upright by its own EXIF orientation (as viewers and `datasets` show
+    it). A conditioning image made from the photo's stored pixels carries none: square, the pair is
+    kept and noted; non-square, the aspect no longer matches and the skip says why."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    square = encode(Image.new("RGB", (32, 32), "red"), "JPEG", exif=exif.tobytes(), quality=95)
+    got = prepare(make_item(image=square, cond=encode(Image.new("RGB", (32, 32), "white"))), resolution=16,
+                  min_size=0)
+    assert got.orientation_differs and not got.cond_resized
+    upright = prepare(make_item(image=encode(Image.new("RGB", (32, 32), "red")),
+                                cond=encode(Image.new("RGB", (32, 32), "white"))), resolution=16, min_size=0)
+    assert not upright.orientation_differs
+    wide = encode(Image.new("RGB", (48, 32), "red"), "JPEG", exif=exif.tobytes(), quality=95)
+    with pytest.raises(Skip) as e:
+        prepare(make_item(image=wide, cond=encode(Image.new("RGB", (48, 32), "white"))), resolution=16, min_size=0)
+    assert e.value.reason == "cond_size_mismatch"
+    assert "the image is turned upright by its EXIF orientation 6, the conditioning image by none" in e.value.detail
+
+
 def _over_white(c: float, a: float) -> float:
     return c * a / 255 + 255 * (1 - a / 255)
 
