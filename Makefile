@@ -139,14 +139,22 @@ precompute: install $(DEPS) ## encode DATA with MODEL into CACHE (defaults: tiny
 
 # train runs precompute first when CACHE has no manifest yet (so `make train DATA=... CACHE=...`
 # is one command; that precompute takes PRECOMPUTE_ARGS, ARGS are train's); an existing cache is
-# never re-encoded, whatever the train settings. A CACHE given without DATA or DATASET must exist
+# never re-encoded, whatever the train settings (a cache that holds no sample, every item
+# skipped, is precomputed again with the settings given). A CACHE given without DATA or DATASET must exist
 # (a typo would otherwise fill it with the demo data); only the default CACHE builds the demo's.
 # Settings that make a cache, given to make train when CACHE is one already: said, not silently dropped.
 UNUSED_NOTE = echo "make train: $(CACHE) is a cache already, so DATA, DATASET, RESOLUTION and PRECOMPUTE_ARGS \
 	(which make one) are not used; a new CACHE uses them"
 train: install $(if $(MODEL),,$(TINY)/model_index.json) ## train an adapter on CACHE into OUT (precomputes a missing CACHE first)
-	@if why=$$($(PY) -m shards ls $(call q,$(CACHE)) 2>&1 >/dev/null); then \
-		$(if $(DATA)$(DATASET)$(RESOLUTION)$(PRECOMPUTE_ARGS),$(UNUSED_NOTE);) true; \
+	@if why=$$($(PY) -m shards ls $(call q,$(CACHE)) 2>&1); then \
+		case "$$why" in *", 0 samples, "*) \
+			$(if $(DATA)$(DATASET),,echo "make train: $(CACHE) holds no samples (its precompute skipped every \
+			item): give DATA=... or DATASET=... (and PRECOMPUTE_ARGS with the fixed settings) to precompute it \
+			again" >&2; exit 1;) \
+			echo "make train: $(CACHE) holds no samples (its precompute skipped every item): running precompute again"; \
+			$(MAKE) --no-print-directory precompute ARGS= || exit $$?;; \
+		*) $(if $(DATA)$(DATASET)$(RESOLUTION)$(PRECOMPUTE_ARGS),$(UNUSED_NOTE);) true;; \
+		esac; \
 	else case "$$why" in \
 		*"no manifest.json in"*|*": no such folder"*) \
 			$(if $(DATA)$(DATASET)$(filter $(DEFAULT_CACHE),$(CACHE)),,echo "make train: $(CACHE) has no manifest, and \

@@ -65,6 +65,7 @@ from precompute.inputs import Drops, check_inputs, repeated_items, source_key
 from precompute.preprocess import (
     MAX_CAPTIONS_PER_ITEM,
     Prepared,
+    SKIP_REASONS,
     Skip,
     item_rng,
     prepare_views,
@@ -946,9 +947,10 @@ def run(cfg: PrecomputeConfig) -> Summary:
         if totals is not None:
             log.info("%s", summary.format())
             if totals["samples"] == 0:  # a complete but empty cache is never what the user wanted
-                reasons = ", ".join(f"{r} {k}" for r, k in sorted(totals["skipped"].items())) or "no source items"
+                reasons = "; ".join(f"{r} {k}" + (f" ({SKIP_REASONS[r]})" if r in SKIP_REASONS else "")
+                                    for r, k in sorted(totals["skipped"].items())) or "no source items"
                 raise PrecomputeError(
-                    f"{store.url}: no samples in the cache: every item was skipped ({reasons}). The counts and "
+                    f"{store.url}: no samples in the cache: every item was skipped: {reasons}. The counts and "
                     "examples are in its manifest.json; check --resolution, --min-size, --max-aspect and the columns, "
                     "then run precompute again with the fixed settings (into this same folder: it holds no sample, "
                     "so the new settings replace the old)."

@@ -135,3 +135,30 @@ def test_make_passes_every_path_as_one_word_and_never_drops_data(fill_cache, tmp
     shutil.copytree(fill_cache, cache)
     args = command("train", f"CACHE={cache}", "OUT=/runs/don't stop")
     assert args[args.index("--cache") + 1] == str(cache) and args[args.index("--output-dir") + 1] == "/runs/don't stop"
+
+
+def test_make_train_precomputes_again_into_a_cache_that_holds_no_sample(tmp_path):
+    """A precompute that skipped every item leaves a manifest of 0 samples: no cache to train on,
+    so `make train` with DATA precomputes again (with the settings now given), and without DATA
+    says what to do. `make -n` runs the check and prints the commands it would run."""
+    import torch  # noqa: F401  (the synthetic identity's dtypes)
+
+    from shards.identity import CacheIdentity
+    from shards.manifest import Manifest
+    from shards.stores import open_store
+    from shards.synthetic import synthetic_identity
+
+    cache = tmp_path / "empty"
+    Manifest.build(CacheIdentity.from_dict(synthetic_identity(resolution=16, prompt_dim=8, pooled_dim=4)), [], {},
+                   code_version="test", created="").save(open_store(cache))
+    base = ["make", "-C", str(REPO), "-n", "-o", "install", "--no-print-directory", "train", f"VENV={sys.prefix}",
+            "MODEL=/models/m", f"CACHE={cache}", f"OUT={tmp_path / 'run'}"]
+    again = subprocess.run([*base, "DATA=/data/fixed"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    said = f"make train: {cache} holds no samples (its precompute skipped every item): running precompute again"
+    assert said in again.stdout.splitlines()  # (make -n also prints the recipe's text, echo and all)
+    assert "--data /data/fixed" in again.stdout.replace("'", "")  # the precompute it would run
+    alone = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    assert alone.returncode != 0 and said not in alone.stdout.splitlines()
+    assert (f"make train: {cache} holds no samples (its precompute skipped every item): give DATA=... or DATASET=... "
+            "(and PRECOMPUTE_ARGS with the fixed settings) to precompute it again") in " ".join(alone.stderr.split())

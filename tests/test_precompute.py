@@ -721,7 +721,7 @@ def test_a_cache_where_every_item_was_skipped_is_an_error(tiny_model, fill_data,
     cache = tmp_path / "cache"
     with pytest.raises(PrecomputeError, match="no samples in the cache") as err:
         run(_cfg(tiny_model, fill_data, cache, min_size=128))
-    assert "image_too_small 16" in str(err.value)
+    assert "image_too_small 16 (the image's shortest side is below min_size)" in str(err.value)  # with its cure
     manifest = Manifest.load(open_store(cache))  # the record of why stays inspectable
     assert manifest.totals["samples"] == 0 and manifest.totals["skipped"] == {"image_too_small": 16}
     assert "run precompute again with the fixed settings (into this same folder" in str(err.value)
