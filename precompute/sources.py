@@ -92,7 +92,8 @@ KINDS = ("auto", "folder", "fill50k", "webdataset", "hf")
 
 # Folder defaults follow the diffusers reference script and HF imagefolder ("file_name").
 DEFAULT_IMAGE_COLUMNS = ("image", "file_name")
-DEFAULT_COND_COLUMN = "conditioning_image"
+# HF imagefolder names a further image column "<name>_file_name" in metadata.jsonl.
+DEFAULT_COND_COLUMNS = ("conditioning_image", "conditioning_image_file_name")
 DEFAULT_CAPTION_COLUMN = "text"
 FILL50K_COLUMNS = {"image": "target", "conditioning_image": "source", "caption": "prompt"}
 # Columns are discovered from the first rows of a JSON metadata file (CSV has a header).
@@ -362,9 +363,16 @@ class FolderSource(Source):
             problems.append(f"no image column {image_column!r} (columns found: {have}); pass --image-column")
         if not self.require_conditioning:
             cond_column = None
-        else:
-            cond_column = cond_column or (defaults["conditioning_image"] if defaults else DEFAULT_COND_COLUMN)
-        if cond_column is not None and cond_column not in columns:
+        elif cond_column is None:
+            candidates = (defaults["conditioning_image"],) if defaults else DEFAULT_COND_COLUMNS
+            cond_column = next((c for c in candidates if c in columns), None)
+            if cond_column is None:
+                problems.append(
+                    f"no conditioning image column: looked for {' or '.join(repr(c) for c in candidates)} (columns "
+                    f"found: {have}); pass --conditioning-image-column, or compute the conditioning image from the "
+                    "image with --condition canny|gray|sketch"
+                )
+        elif cond_column not in columns:
             problems.append(
                 f"no conditioning image column {cond_column!r} (columns found: {have}); pass "
                 "--conditioning-image-column, or compute the conditioning image from the image with "
@@ -569,9 +577,23 @@ def _folder_metadata(folder: Path, kind: str, problems: list[str]) -> tuple[Path
     problems.append(
         f"{folder}: no metadata file: expected one of {', '.join(METADATA_FILES)}, "
         f"{FILL50K_FILE} (fill50k), {FILL50K_DOWNLOAD_FILE} (fill50k as downloaded), .tar shards, "
-        "or a Hugging Face dataset (save_to_disk folder, .parquet / .arrow files)"
+        "or a Hugging Face dataset (save_to_disk folder, .parquet / .arrow files)" + _split_hint(folder)
     )
     return None
+
+
+def _split_hint(folder: Path) -> str:
+    """Where a folder's metadata files lie one level down (an imagefolder with split folders such
+    as train/ and validation/): the ways to read one of them; "" when there are none."""
+    try:
+        subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))[:1000]
+    except OSError:
+        return ""
+    splits = [p.name for p in subfolders if any((p / n).is_file() for n in METADATA_FILES)]
+    if not splits:
+        return ""
+    return (f". Its subfolders {', '.join(s + '/' for s in splits[:5])} hold metadata files (dataset splits?): pass "
+            f"--data {folder / splits[0]}, or --dataset-name {folder} --dataset-split {splits[0]}")
 
 
 def _file_kind(path: Path) -> str:

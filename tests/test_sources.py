@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -552,6 +553,26 @@ def test_missing_conditioning_column_suggests_computing_it(tmp_path):
     write_jsonl(tmp_path / "metadata.jsonl", [{"file_name": "img/0.png", "text": "a"}])
     with pytest.raises(SourceError) as ei:
         open_source(tmp_path)
-    assert "no conditioning image column 'conditioning_image'" in str(ei.value)
+    assert "no conditioning image column: looked for 'conditioning_image' or 'conditioning_image_file_name'" \
+        in str(ei.value)
     assert "--condition canny|gray|sketch" in str(ei.value)
     assert items(open_source(tmp_path, require_conditioning=False))[0].cond is None
+
+
+def test_an_hf_imagefolder_metadata_file_reads_as_a_folder(tmp_path):
+    """HF imagefolder's metadata.jsonl: `file_name` for the image, `<name>_file_name` for another
+    image column, as the reference script's --train_data_dir loads it."""
+    make_images(tmp_path, 2)
+    write_jsonl(tmp_path / "metadata.jsonl", [
+        {"file_name": f"img/{i}.png", "conditioning_image_file_name": f"cond/{i}.png", "text": f"p{i}"}
+        for i in range(2)])
+    got = items(open_source(tmp_path))
+    assert [i.captions for i in got] == [["p0"], ["p1"]]
+    assert got[1].image == (tmp_path / "img" / "1.png").read_bytes()
+    assert got[1].cond == (tmp_path / "cond" / "1.png").read_bytes()
+    # The same layout one level down, as split folders: the error says how to read a split.
+    root = tmp_path / "splits"
+    shutil.copytree(tmp_path, root / "train", ignore=shutil.ignore_patterns("splits"))
+    with pytest.raises(SourceError, match=rf"Its subfolders train/ hold metadata files \(dataset splits\?\): pass "
+                                          rf"--data {root}/train, or --dataset-name {root} --dataset-split train"):
+        open_source(root)
