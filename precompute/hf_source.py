@@ -28,6 +28,7 @@ exception.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import replace
@@ -104,12 +105,31 @@ def _offline() -> bool:
 def _load_error(what: str, e: BaseException, cache_dir: str | None) -> SourceError:
     """One clear message for a dataset `datasets` could not load (never its traceback)."""
     text = str(e).strip() or type(e).__name__
+    cause = e
+    while (cause.__cause__ or cause.__context__) is not None and cause is not (cause.__cause__ or cause.__context__):
+        cause = cause.__cause__ or cause.__context__  # the library's wrapper hides what went wrong
+    if cause is not e:
+        lines = (str(cause).strip() or "?").splitlines()
+        said = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"  # e.g. a schema dump between
+        text += f" (because {type(cause).__name__}: {said[:500]})"
     hint = ""
+    if "corresponds to no data" in text:
+        hint = "; the dataset has no rows (an empty file or split)"
     if _offline() and isinstance(e, (ConnectionError, FileNotFoundError, OSError)):
         where = f"--cache-dir {cache_dir}" if cache_dir else "the default datasets cache"
         hint = (f"; offline mode is on ({', '.join(v for v in OFFLINE_VARS if os.environ.get(v))}) and the dataset is "
                 f"not in {where}: download it once online, or pass a local folder")
     return SourceError(f"{what}: cannot load the dataset: {type(e).__name__}: {text}{hint}")
+
+
+def _no_data_files(folder: Path) -> bool:
+    """A save_to_disk folder of a Dataset with no rows: its state.json lists no data files (which
+    `load_from_disk` answers with an IndexError)."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("_data_files") == []
 
 
 def _pick_split(loaded: Any, split: str, what: str) -> Any:
@@ -158,13 +178,20 @@ def _load(
     root = path if path.is_dir() else path.parent
     try:
         if path.is_dir() and is_saved_dataset(path):
+            if _no_data_files(path):
+                raise SourceError(f"{what}: a save_to_disk folder of an empty dataset (no rows)")
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
                 ds = _pick_split(loaded, split, what)
                 return ds, path.name, root, {"dataset": str(path), "format": "save_to_disk", "split": split}
             return loaded, path.name, root, {"dataset": str(path), "format": "save_to_disk", "split": None}
         if path.is_file() and path.name.lower().endswith(".arrow"):
-            ds = datasets.Dataset.from_file(str(path))  # memory-mapped in place, nothing copied
+            import pyarrow
+
+            try:
+                ds = datasets.Dataset.from_file(str(path))  # memory-mapped in place, nothing copied
+            except pyarrow.ArrowInvalid:  # the IPC file format (Feather v2), not the stream format
+                ds = datasets.load_dataset("arrow", data_files=[str(path)], split="train", cache_dir=cache_dir)
             return ds, path.name, root, {"dataset": str(path), "format": "arrow", "split": None}
         if path.is_file():
             loaded = datasets.load_dataset("parquet", data_files=[str(path)], split="train", cache_dir=cache_dir)

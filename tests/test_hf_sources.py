@@ -217,6 +217,36 @@ def test_arrow_and_parquet_files_directly(fill, tmp_path):
         r["conditioning_image"] for r in rows]
 
 
+def test_an_arrow_file_in_the_ipc_file_format_reads_as_the_stream_format_does(fill, tmp_path):
+    """`.arrow` is either Arrow IPC format: the stream one (save_to_disk's) or the file one
+    (Feather v2, pyarrow.ipc.new_file), which `datasets` reads too."""
+    import pyarrow as pa
+
+    _, rows = fill
+    table = hf_dataset(rows).data.table
+    with pa.ipc.new_file(str(tmp_path / "file.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    src = open_source(tmp_path / "file.arrow", cache_dir=str(tmp_path / "c"))
+    assert [it.image for it in all_items(src)] == [r["image"] for r in rows]
+
+
+def test_empty_and_mismatched_datasets_say_what_is_wrong(fill, tmp_path):
+    _, rows = fill
+    empty = hf_dataset(rows).select([])
+    empty.save_to_disk(str(tmp_path / "empty_disk"))
+    with pytest.raises(SourceError, match="empty_disk: a save_to_disk folder of an empty dataset"):
+        open_source(tmp_path / "empty_disk")
+    (tmp_path / "empty_pq").mkdir()
+    empty.to_parquet(str(tmp_path / "empty_pq" / "e.parquet"))
+    with pytest.raises(SourceError, match=r"the dataset has no rows"):
+        open_source(tmp_path / "empty_pq", cache_dir=str(tmp_path / "c"))
+    (tmp_path / "mixed").mkdir()
+    hf_dataset(rows[:2]).to_parquet(str(tmp_path / "mixed" / "a.parquet"))
+    hf_dataset(rows[2:4]).rename_column("text", "caption").to_parquet(str(tmp_path / "mixed" / "b.parquet"))
+    with pytest.raises(SourceError, match=r"cannot load the dataset: .* \(because \w+: .*column names don't match\)"):
+        open_source(tmp_path / "mixed", cache_dir=str(tmp_path / "c"))
+
+
 def test_the_fill50k_download_layout_is_a_folder_dataset(fill, tmp_path):
     root, rows = fill
     (tmp_path / "images").mkdir()
