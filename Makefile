@@ -168,7 +168,7 @@ train: install $(if $(MODEL),,$(TINY)/model_index.json) ## train an adapter on C
 	$(LAUNCH) train --config configs/$(PRESET)/train.toml --model $(call q,$(MODEL_ARG)) --cache $(call q,$(CACHE)) \
 		--output-dir $(call q,$(OUT)) $(if $(STEPS),--max-steps $(STEPS)) $(if $(BATCH),--batch-size $(BATCH)) \
 		$(if $(LR),--learning-rate $(LR)) $(if $(CKPT_EVERY),--checkpointing-steps $(CKPT_EVERY)) \
-		$(if $(RESUME),--resume $(RESUME)) $(ARGS)
+		$(if $(RESUME),--resume $(call q,$(RESUME))) $(ARGS)
 
 verify: install ## re-read every shard of CACHE and check it against the manifest
 	$(PY) -m shards verify $(call q,$(CACHE))

@@ -159,6 +159,9 @@ def _load(
                 (local / m).is_file() for m in DATASET_MARKERS)):
             raise SourceError(f"{what}: a save_to_disk folder, which load_dataset cannot read: give it with --data "
                               f"{name}")
+        if local.is_file():
+            raise SourceError(f"{what}: a file, not a dataset name or folder: give a .parquet / .arrow file (or a "
+                              f"tar, or a metadata file's folder) with --data {name}")
         try:
             loaded = datasets.load_dataset(name, config, revision=revision, split=split, cache_dir=cache_dir)
         except SourceError:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -44,6 +45,11 @@ from precompute.buckets import (
 )
 from precompute.conditions import ConditionSpec, compute_condition
 from precompute.sources import RawItem
+
+# PIL warns (UserWarning) about oddities of files it still decodes (damaged EXIF, palette
+# transparency): about the user's inputs, not the run, and printed with PIL's source paths. An item
+# that cannot be decoded is skipped with its reason, which is what the log says.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 # Every reason a source item can be skipped for. Slugs are stable: they are counted per shard in
 # the manifest and `--strict` reports them, so renaming one is a format change.

@@ -234,6 +234,10 @@ def test_empty_and_mismatched_datasets_say_what_is_wrong(fill, tmp_path):
     _, rows = fill
     empty = hf_dataset(rows).select([])
     empty.save_to_disk(str(tmp_path / "empty_disk"))
+    empty.to_parquet(str(tmp_path / "one.parquet"))
+    with pytest.raises(SourceError, match=rf"--dataset-name {tmp_path}/one.parquet: a file, not a dataset name or "
+                                          rf"folder: give a .parquet / .arrow file .* with --data {tmp_path}/one.parquet"):
+        open_source(None, dataset_name=str(tmp_path / "one.parquet"))
     with pytest.raises(SourceError, match="empty_disk: a save_to_disk folder of an empty dataset"):
         open_source(tmp_path / "empty_disk")
     (tmp_path / "empty_pq").mkdir()

@@ -501,7 +501,7 @@ class EpochPlan:
         if steps < 1:
             shapes = "" if list(counts) == [None] else " (per latent shape: " + ", ".join(
                 f"{h}x{w} {n}" for (h, w), n in sorted(counts.items())) + ")"
-            kept, fixes = "", ["a smaller batch size", "fewer ranks"]
+            kept, fixes = "", ["a smaller batch size (--batch-size; make train: BATCH=)", "fewer ranks"]
             if held_out:
                 kept = f" (after --validation-split {spec.validation_split:g} held out {len(held_out)} image(s))"
                 fixes.append("a smaller --validation-split (or --validation-cache)")
