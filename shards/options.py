@@ -225,6 +225,10 @@ def load_config_file(path: str | Path, cls: type, *, sections: Mapping[str, str 
     other = {k: (foreign or {}).get(k.replace("_", "-")) for k in unknown}
     elsewhere = [f"{k} {f.message}" for k, f in sorted(other.items()) if f is not None and not f.accepted]
     unknown = [k for k, f in other.items() if f is None]
+    if not (unknown or elsewhere) and _main_process():  # said as for the flag, once per run
+        for k, f in sorted(other.items()):
+            if f is not None and f.accepted:
+                click.echo(f"note: {k} in {path} has no effect here: {f.message}", err=True)
     if unknown or elsewhere:
         raise ConfigFileError(f"{path}: " + "; ".join(
             ([f"unknown setting(s) {', '.join(sorted(unknown))}"] if unknown else []) + elsewhere))

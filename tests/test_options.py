@@ -74,6 +74,14 @@ def test_the_other_stages_options_are_refused_by_name_and_no_effect_ones_noted()
     assert json.loads(result.output.strip().splitlines()[-1])["batch_size"] == 3  # its value was consumed
 
 
+def test_a_no_effect_setting_in_a_config_file_is_noted_as_on_the_command_line(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('model = "m"\nxformers = true\n')
+    result = CliRunner().invoke(toy, ["--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"note: xformers in {path} has no effect here: SDPA is used" in result.output
+
+
 @pytest.mark.parametrize("suffix", [".toml", ".yaml", ".json"])
 def test_config_files_give_defaults_the_command_line_overrides(tmp_path, suffix):
     data = {"model": "from-file", "batch-size": 16, "image": ["x.png", "y.png"], "flag": True, "maybe": 3}
