@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,19 @@ def _cfg(tmp_path, **kw) -> TrainConfig:
 
 def test_valid_config_passes(tmp_path):
     assert _cfg(tmp_path).validate(cuda_available=False) == []
+
+
+def test_a_checkpoint_named_as_listed_or_as_the_reference_names_it_resumes_from_its_folder(tmp_path):
+    step = tmp_path / "out" / "checkpoints" / "step-000200"
+    step.mkdir(parents=True)
+    for name in ("step-000200", "checkpoint-200", "checkpoint-200/"):
+        assert _cfg(tmp_path, resume=name).resume == str(step)
+    cfg = _cfg(tmp_path, resume="checkpoint-300")  # no such step: refused, listing what is there
+    assert cfg.resume == "checkpoint-300"
+    with pytest.raises(ConfigError, match=re.escape("--resume 'checkpoint-300' is neither 'latest', 'none', a "
+                                                    "checkpoint folder nor the name of one in OUT/checkpoints (there: "
+                                                    "step-000200)")):
+        cfg.validate(cuda_available=False)
 
 
 def test_every_problem_is_listed_at_once(tmp_path):

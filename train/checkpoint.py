@@ -283,6 +283,13 @@ def proof_problems(folder: Path) -> list[str]:
     return problems
 
 
+def named_checkpoint(output_dir: str | Path, name: str) -> Path | None:
+    """The folder of OUT/checkpoints that `name` means: `step-000200` as it is listed, or the
+    reference script's name for the same step, `checkpoint-200`; None when `name` is neither."""
+    m = re.fullmatch(r"(?:step|checkpoint)-(\d+)", name.strip().rstrip("/"))
+    return checkpoints_dir(output_dir) / checkpoint_name(int(m.group(1))) if m else None
+
+
 def step_folders(output_dir: str | Path) -> list[Path]:
     """Every step-NNNNNN folder, complete or not, oldest first."""
     root = checkpoints_dir(output_dir)

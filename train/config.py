@@ -227,7 +227,8 @@ class TrainConfig:
     checkpoints_total_limit: int | None = _f(3, "Keep the newest K complete checkpoints (K >= 2; smaller values are "
                                                 "raised to 2). Default keeps 3.", "checkpoints")
     resume: str | None = _f(None, "'latest' (newest complete checkpoint in OUT/checkpoints, or a fresh start when "
-                                  "there is none), a checkpoint folder, or 'none' (start over although OUT holds "
+                                  "there is none), a checkpoint folder or its name in OUT/checkpoints (step-000200; "
+                                  "the reference's checkpoint-200 means the same), or 'none' (start over although OUT holds "
                                   "checkpoints: they move to OUT/checkpoints-replaced-<UTC time>).", "checkpoints",
                             aliases=["--resume-from-checkpoint"], metavar="latest|none|DIR")
 
@@ -306,6 +307,14 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             if f.metadata.get("multiple") and isinstance(getattr(self, f.name), list):
                 object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+        if isinstance(self.resume, str) and self.resume not in ("latest", "none") and not Path(self.resume).is_dir():
+            from train.checkpoint import named_checkpoint
+
+            # A checkpoint by its name in OUT/checkpoints (step-000200, or checkpoint-200 as the
+            # reference names it): resolved to its folder, so the run records which one.
+            named = named_checkpoint(self.output_dir, self.resume) if self.output_dir else None
+            if named is not None and named.is_dir():
+                object.__setattr__(self, "resume", str(named))
 
     @property
     def validation_enabled(self) -> bool:
@@ -472,7 +481,12 @@ class TrainConfig:
                             f"pip install {self.report_to}")
 
         if self.resume not in (None, "latest", "none") and not Path(self.resume).is_dir():
-            problems.append(f"--resume {self.resume!r} is neither 'latest', 'none' nor a checkpoint folder")
+            from train.checkpoint import step_folders
+
+            there = [p.name for p in step_folders(self.output_dir)] if self.output_dir else []
+            problems.append(f"--resume {self.resume!r} is neither 'latest', 'none', a checkpoint folder nor the name "
+                            "of one in OUT/checkpoints (" + (f"there: {', '.join(there[-5:])}" if there else
+                                                              "it holds none") + ")")
 
         n_img, n_prompt = len(self.validation_image), len(self.validation_prompt)
         if n_img and not n_prompt:
