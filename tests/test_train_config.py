@@ -40,6 +40,18 @@ def test_a_checkpoint_named_as_listed_or_as_the_reference_names_it_resumes_from_
         cfg.validate(cuda_available=False)
 
 
+def test_report_to_all_means_every_supported_tracker_that_is_installed(tmp_path, monkeypatch):
+    import importlib.util
+
+    cfg = _cfg(tmp_path, report_to="all")
+    assert cfg.trackers == ["tensorboard"]  # wandb is not installed here
+    cfg.validate(cuda_available=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert cfg.trackers == []
+    with pytest.raises(ConfigError, match="--report-to all needs one of tensorboard, wandb installed"):
+        cfg.validate(cuda_available=False)
+
+
 def test_every_problem_is_listed_at_once(tmp_path):
     image = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(image)

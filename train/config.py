@@ -36,7 +36,8 @@ LR_SCHEDULERS = (
 )
 MIXED_PRECISION = ("no", "fp16", "bf16")
 ATTENTION = ("sdpa", "eager")
-REPORT_TO = ("none", "tensorboard", "wandb")
+TRACKERS = ("tensorboard", "wandb")
+REPORT_TO = ("none", *TRACKERS, "all")  # all: every one of TRACKERS that is installed (the reference's "all")
 # Largest --validation-resolution: a validation image of 4096 px is already 4x SDXL's; a typo past
 # it (10240 for 1024) would take the machine's memory before saying anything.
 MAX_VALIDATION_RESOLUTION = 4096
@@ -267,7 +268,8 @@ class TrainConfig:
                                            "training timestep distribution, with fixed noise.", "validation")
 
     # --- logging --------------------------------------------------------------------------------
-    report_to: str = _f("none", "Tracker: none | tensorboard | wandb. Loss and lr always go to OUT/logs/metrics.jsonl "
+    report_to: str = _f("none", "Tracker: none | tensorboard | wandb | all (those of the two installed). Loss and lr "
+                                "always go to OUT/logs/metrics.jsonl "
                                 "and the loss curve.", "logging", choices=REPORT_TO)
     tracker_project_name: str = _f("t2i-adapter-sdxl", "Tracker project / run group name.", "logging")
     logging_dir: str = _f("logs", "Tracker folder, relative to OUT unless absolute.", "logging")
@@ -315,6 +317,13 @@ class TrainConfig:
             named = named_checkpoint(self.output_dir, self.resume) if self.output_dir else None
             if named is not None and named.is_dir():
                 object.__setattr__(self, "resume", str(named))
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers --report-to names (`all`: those of TRACKERS that are installed)."""
+        if self.report_to == "all":
+            return [t for t in TRACKERS if importlib.util.find_spec(t) is not None]
+        return [self.report_to] if self.report_to in TRACKERS else []
 
     @property
     def validation_enabled(self) -> bool:
@@ -476,7 +485,9 @@ class TrainConfig:
                             "HF_TOKEN or run `hf auth login`")
         if self.report_to not in REPORT_TO:
             problems.append(f"--report-to {self.report_to!r} is not one of {', '.join(REPORT_TO)}")
-        elif self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+        elif self.report_to == "all" and not self.trackers:
+            problems.append(f"--report-to all needs one of {', '.join(TRACKERS)} installed: pip install tensorboard")
+        elif self.report_to in TRACKERS and importlib.util.find_spec(self.report_to) is None:
             problems.append(f"--report-to {self.report_to} needs the {self.report_to} package: "
                             f"pip install {self.report_to}")
 

@@ -147,7 +147,7 @@ def make_accelerator(cfg: TrainConfig) -> Any:
 
     return Accelerator(
         mixed_precision=cfg.mixed_precision,
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        log_with=cfg.trackers or None,
         project_config=ProjectConfiguration(project_dir=str(cfg.output_dir), logging_dir=str(cfg.logging_path)),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.ddp_timeout_minutes))],
     )
