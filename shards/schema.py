@@ -243,7 +243,13 @@ def decode_png(data: bytes, key: str = "?", *, expected_size: tuple[int, int] | 
             if expected_size is not None and (im.height, im.width) != tuple(expected_size):
                 raise SampleError(f"sample {key}: {COND_MEMBER} is {im.height}x{im.width}, the latent needs "
                                   f"{expected_size[0]}x{expected_size[1]}")
-            return np.asarray(im.convert("RGB"))
+            # IHDR, the first chunk: bit depth at byte 24, colour type at 25 (2: truecolour). A
+            # writer stores 8-bit RGB only; any other layout would be converted silently (16-bit
+            # values clipped, a palette's indices mapped), so it is refused as not written here.
+            if data[24:26] != b"\x08\x02" or im.mode != "RGB":
+                raise SampleError(f"sample {key}: {COND_MEMBER} is not an 8-bit RGB PNG (mode {im.mode}, bit depth "
+                                  f"{data[24] if len(data) > 24 else '?'}): a cache stores only those")
+            return np.array(im)
     except SampleError:
         raise
     except Exception as e:  # PIL raises many types for broken data

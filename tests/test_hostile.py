@@ -202,6 +202,24 @@ def _huge_png() -> bytes:
     return _HUGE[0]
 
 
+def _cond_png_as(mode: str) -> bytes:
+    """A 16 x 16 conditioning PNG in another layout than the 8-bit RGB precompute writes."""
+    image = (Image.fromarray(np.full((16, 16), 40000, dtype=np.uint16)) if mode == "I;16"
+             else Image.new("RGB", (16, 16), (10, 200, 30)).convert(mode))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# Converted silently, a 16-bit PNG would be clipped and a palette one read as its colours.
+CASES.update({
+    f"cond-png-{mode.replace(';', '')}": (
+        lambda key, m, mode=mode: {**m, schema.COND_MEMBER: _cond_png_as(mode)} if key.endswith("-000000") else m,
+        "cond.png is not an 8-bit RGB PNG")
+    for mode in ("I;16", "P", "RGBA", "L")
+})
+
+
 @pytest.fixture
 def decoded_sizes(monkeypatch) -> list[tuple[int, int]]:
     """The (w, h) of every image PIL decodes while the test runs (headers alone are not decoded)."""
@@ -538,3 +556,4 @@ def test_error_messages_show_control_characters_instead_of_obeying_them(capsys):
         fail("sample 000000-\x1b[2J\x1b[31mOK: bad\nsecond line")
     assert e.value.code == 1
     assert capsys.readouterr().err == "error: sample 000000-\\x1b[2J\\x1b[31mOK: bad\nsecond line\n"
+
