@@ -135,6 +135,17 @@ def _no_data_files(folder: Path) -> bool:
 def _pick_split(loaded: Any, split: str, what: str) -> Any:
     import datasets
 
+    if isinstance(loaded, datasets.DatasetDict) and split not in loaded and "[" in split:
+        # A sliced split ("train[:1000]", "train[10%:20%]"), as load_dataset takes it: the same
+        # rows of the saved splits, in order.
+        try:
+            parts = datasets.ReadInstruction.from_spec(split).to_absolute(
+                {name: ds.num_rows for name, ds in loaded.items()})
+        except (ValueError, KeyError, AssertionError) as e:
+            raise SourceError(f"{what}: cannot read the split {split!r}: {e} (splits: "
+                              f"{', '.join(map(repr, loaded)) or 'none'})") from None
+        pieces = [loaded[p.splitname].select(range(p.from_, p.to)) for p in parts]
+        return pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise SourceError(f"{what}: no split {split!r} (splits: {', '.join(map(repr, loaded)) or 'none'}); "

@@ -133,6 +133,13 @@ def test_a_dataset_dict_folder_needs_its_split(fill, tmp_path):
     assert all_items(test)[0].source_id == "dd[test] row 0"
     with pytest.raises(SourceError, match=r"no split 'validation' \(splits: 'train', 'test'\)"):
         open_source(tmp_path / "dd", dataset_split="validation")
+    # Sliced splits, as load_dataset takes them, read the same rows of the saved splits.
+    for spec, want in (("train[:3]", rows[:3]), ("train[50%:]", rows[3:6]), ("train[:1]+test[-1:]", [rows[0], rows[-1]])):
+        src = open_source(tmp_path / "dd", dataset_split=spec)
+        assert [it.image for it in all_items(src)] == [r["image"] for r in want], spec
+        assert src.describe()["split"] == spec
+    with pytest.raises(SourceError, match=r"cannot read the split 'valid\[:2\]': Unknown split \"valid\""):
+        open_source(tmp_path / "dd", dataset_split="valid[:2]")
 
 
 def test_a_missing_split_by_name_and_offline_names_are_one_clear_error(fill, tmp_path):
