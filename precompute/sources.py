@@ -75,6 +75,7 @@ from precompute.wds_source import (
     TAR_SUFFIXES,
     WebDatasetSource,
     find_tars,
+    local_tars,
     is_remote,
 )
 from shards.store import file_sha256
@@ -540,10 +541,6 @@ def _as_list(value: str | Sequence[str] | None, default: Sequence[str]) -> tuple
     return tuple(value)
 
 
-def _find_tars(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(TAR_SUFFIXES))
-
-
 def _open_webdataset(spec: str, path: Path | None, problems: list[str], **kw) -> WebDatasetSource | None:
     tars, where = find_tars(spec, path, problems, follow_symlinks=kw["limits"].follow_symlinks)
     return WebDatasetSource(tars, where, **kw) if tars and not problems else None
@@ -615,7 +612,7 @@ def _detect_kind(path: Path) -> str:
         return "folder"
     if is_saved_dataset(path):
         return "hf"
-    if _find_tars(path):
+    if local_tars(path):
         return "webdataset"
     return "hf" if looks_like_hf(path) else "folder"  # folder: its error lists what was expected
 

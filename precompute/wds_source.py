@@ -410,8 +410,16 @@ class TarRef:
         return io.BufferedReader(self.store.open_read(self.rel), REMOTE_BUFFER)  # type: ignore[arg-type]
 
 
-def _local_tars(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(TAR_SUFFIXES))
+def local_tars(folder: Path) -> list[Path]:
+    """The tars of a local folder, sorted: its own, or when it has none, those of its `data/`
+    subfolder (where a dataset repository on the hub keeps them)."""
+    def tars_in(d: Path) -> list[Path]:
+        return sorted(p for p in d.iterdir() if p.is_file() and p.name.lower().endswith(TAR_SUFFIXES))
+
+    tars = tars_in(folder)
+    if not tars and (folder / "data").is_dir():
+        tars = tars_in(folder / "data")
+    return tars
 
 
 def _local_ref(path: Path, name: str) -> TarRef:
@@ -518,12 +526,12 @@ def find_tars(spec: str, path: Path | None, problems: list[str], *,
             return [], spec
         refs, where = [_local_ref(Path(p), p) for p in expanded], os.path.abspath(spec)
     elif path.is_dir():
-        tars = _local_tars(path)
+        tars = local_tars(path)
         out = [] if follow_symlinks else links_out(path, tars)
         if out:
             problems.append(f"{spec}: " + outside_problem(path, out, "tar(s)"))
             return [], str(path.resolve())
-        refs, where = [_local_ref(p, p.name) for p in tars], str(path.resolve())
+        refs, where = [_local_ref(p, p.relative_to(path).as_posix()) for p in tars], str(path.resolve())
     else:
         refs, where = [_local_ref(path, path.name)], str(path.resolve())
     if not refs and not problems:

@@ -384,6 +384,16 @@ def write_tar(path: Path, samples: list[dict[str, bytes]], *, compress: bool = F
     return data
 
 
+def test_a_hub_dataset_repository_keeps_its_tars_under_data(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "README.md").write_text("a dataset card")
+    write_tar(repo / "data" / "00000.tar", [img2dataset_sample("000000", 0), img2dataset_sample("000001", 1)])
+    src = open_source(repo)
+    assert isinstance(src, WebDatasetSource) and src.num_units() == 1 and src.unit_name(0) == "data/00000.tar"
+    assert [i.source_id for i in src.iter_unit(0)] == ["data/00000.tar:000000", "data/00000.tar:000001"]
+
+
 def img2dataset_sample(key: str, seed: int, **extra: bytes) -> dict[str, bytes]:
     meta = {"url": f"http://x/{key}.jpg", "key": key, "caption": f"json caption {key}", "status": "success"}
     return {
