@@ -1,4 +1,5 @@
-"""Session fixtures every test file shares: a tiny SDXL and a small fill dataset, built once.
+"""Session fixtures every test file shares: a tiny SDXL and a small fill dataset, built once per
+test run (shared by the pytest-xdist workers).
 
 Both are built offline from the project's own generators (`precompute.tiny`, `precompute.fill`),
 so the suite needs no network and no model download.
@@ -27,12 +28,30 @@ FILL_N = 16
 FILL_RESOLUTION = 64
 
 
+def _built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:
+    """`build(folder)` run once for the whole test run, whatever the number of pytest-xdist
+    workers: the first worker to ask builds it under a file lock in the run's shared temp root,
+    the others wait for it and reuse it. Returns the folder (read-only for every test)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's basetemp is a folder of the run's
+        root = root.parent
+    folder, done = root / "shared" / name, root / "shared" / f"{name}.done"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / "shared" / f"{name}.lock")):
+        if not done.is_file():
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight SDXL folder (diffusers format), seed 0. Treat it as read-only."""
     from precompute.tiny import build_tiny_sdxl
 
-    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "tiny-sdxl", seed=0)
+    return _built_once(tmp_path_factory, "tiny-sdxl", lambda folder: build_tiny_sdxl(folder, seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -40,9 +59,8 @@ def fill_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fill50k-layout dataset of 16 items at 64 px, seed 0. Treat it as read-only."""
     from precompute.fill import make_fill_dataset
 
-    return make_fill_dataset(
-        tmp_path_factory.mktemp("fill") / "fill", n=FILL_N, resolution=FILL_RESOLUTION, seed=0
-    )
+    return _built_once(tmp_path_factory, "fill",
+                       lambda folder: make_fill_dataset(folder, n=FILL_N, resolution=FILL_RESOLUTION, seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +69,9 @@ def fill_cache(tiny_model, fill_data, tmp_path_factory) -> Path:
     4 shards of 4, one process. Treat it as read-only."""
     from clirun import run_cli
 
-    out = tmp_path_factory.mktemp("fill-cache") / "cache"
-    result = run_cli("precompute", ["--model", tiny_model, "--data", fill_data, "--cache", out, "--resolution", "64",
-                                    "--samples-per-shard", "4", "--num-workers", "0", "--device", "cpu"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+    def build(out: Path) -> None:
+        result = run_cli("precompute", ["--model", tiny_model, "--data", fill_data, "--cache", out, "--resolution",
+                                        "64", "--samples-per-shard", "4", "--num-workers", "0", "--device", "cpu"])
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return _built_once(tmp_path_factory, "fill-cache", build)
