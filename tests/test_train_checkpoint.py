@@ -294,3 +294,17 @@ def test_a_rewritten_optimizer_hyperparameter_is_refused_at_load_not_at_the_firs
                                               r"group 0: lr is 'abc', not a float like this optimizer's"):
         load_checkpoint(read_checkpoint(path), accelerator, adapter=other.adapter, optimizer=other.optimizer,
                         lr_scheduler=other.scheduler, noise_generator=other.generator)
+
+
+def test_resume_refuses_another_validation_measure_only_when_both_measure(tmp_path):
+    """The validation curve and its best are one measure: its cache and timesteps stay."""
+    base = {"validation_split": 0.1, "validation_loss_timesteps": 8, "validation_cache": None}
+    saved = {"world_size": 1, "manifest_id": "a", "learning_rate": 1e-5, "config": base}
+    ckpt = Checkpoint(path=tmp_path, state=TrainState(), meta=saved)
+    now = {**saved, "config": {**base, "validation_loss_timesteps": 2}}
+    assert resume_problems(ckpt, now) == [
+        "--validation-loss-timesteps: checkpoint 8, now 2 (the validation loss curve would go on in another "
+        "measure; measure differently in a new run)"]
+    unmeasured = {**saved, "config": {**base, "validation_split": 0.0}}
+    assert resume_problems(Checkpoint(path=tmp_path, state=TrainState(), meta=unmeasured),
+                           {**now, "config": {**now["config"], "validation_split": 0.0, "validation_cache": "/v"}}) == []

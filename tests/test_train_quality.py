@@ -260,6 +260,15 @@ def test_validation_loss_on_another_cache(tiny_model, fill_cache, validation_cac
     assert resolved["data"]["samples_per_epoch"] == 16  # nothing held out of the training cache
 
 
+def test_a_validation_cache_that_copies_the_training_cache_is_warned_about(tiny_model, fill_cache, tmp_path, caplog):
+    import shutil
+
+    copy = shutil.copytree(fill_cache, tmp_path / "copy")
+    with caplog.at_level("WARNING", logger="train"):
+        train(_cfg(tiny_model, fill_cache, tmp_path / "out", max_steps=1, validation_cache=str(copy)))
+    assert any("holds the training cache itself (the same manifest id" in r.getMessage() for r in caplog.records)
+
+
 # ---------------------------------------------------------------------------------------------
 # A canny cache with aspect buckets: adherence, non-square labelled grids, --validation-file
 

@@ -85,6 +85,12 @@ RESUME_MUST_MATCH = (
 )
 
 
+# What the validation loss measures, besides the held-out images (--validation-split, in the
+# stream identity) and the soft threshold (likewise): with validation on before and after a
+# resume, a change would continue one curve, and its "best", with numbers of another measure.
+VALIDATION_MEASURE = ("validation_cache", "validation_loss_timesteps")
+
+
 # Schedules whose multiplier at step s depends on the run's total step count: resuming them with a
 # different total (another --max-steps or --num-epochs) would continue another schedule than the
 # one the checkpoint followed. The constant schedules (with or without warm-up) and
@@ -541,6 +547,16 @@ def resume_problems(ckpt: Checkpoint, now: dict[str, Any]) -> list[str]:
             from train.data import shown
 
             problems.append(f"--{key.replace('_', '-')}: checkpoint {shown(saved)}, now {shown(current)}")
+    measured = [bool(c.get("validation_split") or c.get("validation_cache")) for c in (saved_cfg, cfg)]
+    if all(measured):
+        from train.data import shown
+
+        for key in VALIDATION_MEASURE:
+            saved, current = saved_cfg.get(key, _setting_default(key)), cfg.get(key, _setting_default(key))
+            if saved != current:
+                problems.append(f"--{key.replace('_', '-')}: checkpoint {shown(saved)}, now {shown(current)} (the "
+                                "validation loss curve would go on in another measure; measure differently in a "
+                                "new run)")
     return list(dict.fromkeys(problems))  # e.g. the seed and the world size are in the stream too
 
 

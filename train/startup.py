@@ -18,6 +18,7 @@ identity.
 from __future__ import annotations
 
 import gc
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,11 @@ def make_plan(cfg: TrainConfig, world_size: int, store: Store) -> tuple[Plan, _P
             validation_store = open_store(cfg.validation_cache)
             validation_manifest, validation_id = Manifest.load_with_id(validation_store)
             problems.cache += identity_problems(manifest, validation_manifest, where)
+            if validation_id == mid:  # a copy of the training cache: the same manifest, byte for byte
+                logging.getLogger("train").warning(
+                    "%s holds the training cache itself (the same manifest id %s): the validation loss measures "
+                    "images the adapter trains on, not held-out ones (--validation-split holds some out)",
+                    where, mid[:16])
             validation = eval_set(validation_manifest, validation_id, source=where)
             if not validation.count:
                 problems.cache.append(f"{where} holds no samples")
