@@ -580,6 +580,11 @@ def test_validation_file_pairs_from_jsonl_and_csv(tmp_path):
                                       (str(tmp_path / "conds/b.png"), "a dog")]
     alone = _cfg(tmp_path, validation_file=str(csv_file))
     assert alone.validation_enabled and alone.validation_pairs() == [(str(tmp_path / "conds/b.png"), "a bird, flying")]
+    # As Excel saves "CSV UTF-8": a byte-order mark, CRLF line ends.
+    csv_file.write_bytes('\ufeffimage,prompt\r\nconds/b.png,"a bird, flying"\r\n'.encode("utf-8"))
+    excel = _cfg(tmp_path, validation_file=str(csv_file))
+    assert excel.validate(cuda_available=False) == []
+    assert excel.validation_pairs() == [(str(tmp_path / "conds/b.png"), "a bird, flying")]
 
 
 def test_a_bad_validation_file_lists_every_problem(tmp_path):

@@ -562,7 +562,7 @@ def read_validation_file(path: str | Path) -> tuple[list[tuple[str, str]], list[
     try:
         if path.stat().st_size > MAX_VALIDATION_FILE_BYTES:
             return [], [f"{flag}: larger than {MAX_VALIDATION_FILE_BYTES // 2**20} MiB"]
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading BOM (Excel's "CSV UTF-8") is no part of a name
     except (OSError, UnicodeDecodeError) as e:
         return [], [f"{flag}: cannot read it ({getattr(e, 'strerror', None) or e})"]
     rows: list[tuple[int, Any]] = []
