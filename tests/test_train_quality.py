@@ -417,6 +417,17 @@ def test_compare_prints_the_runs_and_draws_their_curves(split_run, batch4_run, t
     assert f"curves: {png}" in proc.stdout
 
 
+def test_compare_tells_runs_of_one_folder_name_apart(split_run, tmp_path):
+    import shutil
+
+    from train.compare import compare
+
+    for parent in ("x", "y"):
+        shutil.copytree(split_run[0], tmp_path / parent / "run")
+    text = compare([str(tmp_path / "x" / "run"), str(tmp_path / "y" / "run")], output=tmp_path / "c.png")
+    assert [line.split()[0] for line in text.splitlines()[2:4]] == ["x/run", "y/run"]
+
+
 def test_compare_refuses_runs_of_different_caches_and_folders_that_are_not_runs(split_run, canny_run, tmp_path):
     from click.testing import CliRunner
 

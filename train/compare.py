@@ -23,6 +23,7 @@ same command.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,11 @@ class Run:
     settings: dict[str, Any]  # train_config.json without "resolved"
     resolved: dict[str, Any]
     metrics: list[dict]
+    label: str = ""  # set by `compare` when runs share a folder name
 
     @property
     def name(self) -> str:
-        return self.path.name or str(self.path)
+        return self.label or self.path.name or str(self.path)
 
     @property
     def manifest_id(self) -> str:
@@ -239,11 +241,27 @@ def output_path(output: str | Path) -> Path:
     return out
 
 
+def unique_labels(paths: list[Path]) -> list[str]:
+    """A name per run: its folder's name, or as many of its last path parts as tell it apart
+    from the others (x/run and y/run, not run twice)."""
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    labels = []
+    for i, mine in enumerate(parts):
+        others = [p for j, p in enumerate(parts) if j != i]
+        n = 1
+        while n < len(mine) and any(p[-n:] == mine[-n:] for p in others):
+            n += 1
+        labels.append(str(Path(*mine[-n:])))
+    return labels
+
+
 def compare(paths: list[str], *, output: str | Path = COMPARE_PNG, allow_different_caches: bool = False) -> str:
     """The text `compare` prints (and the PNG written to `output`); RunError for a folder that is
     not a finished run or for runs of different caches (unless allowed)."""
     output = output_path(output)  # a format it cannot write is said before any run is read
     runs = [Run.load(p) for p in paths]
+    for run, label in zip(runs, unique_labels([r.path for r in runs])):
+        run.label = label
     caches: dict[str, list[str]] = {}
     for run in runs:
         caches.setdefault(run.manifest_id, []).append(run.name)
