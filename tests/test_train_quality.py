@@ -426,6 +426,17 @@ def test_compare_tells_runs_of_one_folder_name_apart(split_run, tmp_path):
         shutil.copytree(split_run[0], tmp_path / parent / "run")
     text = compare([str(tmp_path / "x" / "run"), str(tmp_path / "y" / "run")], output=tmp_path / "c.png")
     assert [line.split()[0] for line in text.splitlines()[2:4]] == ["x/run", "y/run"]
+    assert "note:" not in text
+    # A resume of y/run is going on (its log runs ahead of its train_config.json): said, not hidden.
+    recorded = json.loads((tmp_path / "y/run/train_config.json").read_text())["resolved"]["results"]["global_step"]
+    with (tmp_path / "y/run/logs/metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": recorded + 7, "loss": 0.5}) + "\n")
+    said = (f"note: y/run: its log goes on to step {recorded + 7}, past the {recorded} steps its train_config.json "
+            "records (a resume is running, or stopped before it finished)")
+    assert said in compare([str(tmp_path / "x" / "run"), str(tmp_path / "y" / "run")], output=tmp_path / "c.png")
+    from train.compare import summary
+
+    assert f"note: run: its log goes on to step {recorded + 7}" in summary(tmp_path / "y" / "run")
 
 
 def test_compare_refuses_runs_of_different_caches_and_folders_that_are_not_runs(split_run, canny_run, tmp_path):

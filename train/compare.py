@@ -98,6 +98,17 @@ class Run:
         resolved = data.pop("resolved")
         return cls(path=path, settings=data, resolved=resolved, metrics=metrics)
 
+    def stale_note(self) -> str | None:
+        """A line when the run's log goes past what train_config.json records: a resume of the
+        run is going on, or stopped before it finished, and the saved figures are older."""
+        recorded = self.results().get("global_step")
+        logged = max((m["step"] for m in self.metrics if isinstance(m.get("step"), int)), default=None)
+        if not isinstance(recorded, int) or logged is None or logged <= recorded:
+            return None
+        return (f"note: {self.name}: its log goes on to step {logged}, past the {recorded} steps its train_config.json "
+                "records (a resume is running, or stopped before it finished): the figures are those of step "
+                f"{recorded}")
+
     def results(self) -> dict[str, Any]:
         """What the run measured: `resolved.results`, or (for runs written before it existed) the
         same figures from metrics.jsonl."""
@@ -182,6 +193,11 @@ def notes(runs: list[Run]) -> list[str]:
     if len(sets) > 1:
         out.append("note: the runs measured their validation loss on different validation sets (another "
                    "--validation-split or --validation-cache): those numbers do not compare")
+    measures = {r.settings.get("validation_loss_timesteps") for r in runs if r.results().get("validation_loss")}
+    if len(sets) == 1 and len(measures) > 1:
+        out.append("note: the runs measured their validation loss at different numbers of timesteps "
+                   "(--validation-loss-timesteps): those numbers do not compare")
+    out += [n for n in (r.stale_note() for r in runs) if n]
     weights = {r.resolved.get("evaluated_weights") for r in runs if r.resolved.get("evaluated_weights")}
     if len(weights) > 1:
         out.append("note: some runs were evaluated with EMA weights and some with the trained weights (--ema-decay)")
@@ -295,7 +311,8 @@ def summary(path: str | Path) -> str:
                           f"{adherence['best']:.4f} at step {adherence['best_step']}; {weights.get(adherence['weights'])})")
     else:
         adherence_line = "not measured (needs validation images and a cache with --condition canny or sketch)"
-    return f"  validation loss       {loss_line}\n  condition adherence   {adherence_line}"
+    stale = run.stale_note()
+    return f"  validation loss       {loss_line}\n  condition adherence   {adherence_line}" + (f"\n{stale}" if stale else "")
 
 
 # ---------------------------------------------------------------------------------------------
