@@ -350,6 +350,20 @@ def test_validation_decodes_its_conditioning_images_as_precompute_decodes_the_ca
     assert alpha[0, -1].tolist() == [255, 255, 255] and alpha[0, 0].tolist() == [200, 0, 0]
 
 
+def test_labels_show_accented_letters_and_cut_a_long_prompt_before_the_scores():
+    from PIL import ImageDraw
+
+    from train.validation import MAX_LABEL_CHARS, Validator, label_font
+
+    font = label_font(256)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # The font has the glyphs (PIL's built-in font would draw ü as the box it draws for any
+    # missing glyph, the same box as for a character no font has).
+    assert draw.textbbox((0, 0), "ü", font=font) != draw.textbbox((0, 0), "\uffff", font=font)
+    label = Validator.row_label("word " * 400, [0.5, 0.25])
+    assert label.endswith(" …  [edge F1 0.50 0.25]") and len(label) < MAX_LABEL_CHARS + 30
+
+
 def test_grids_are_non_square_and_labelled_with_the_prompt_and_the_step(canny_run, canny_cache):
     from train.validation import label_band, label_font
 

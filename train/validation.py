@@ -153,11 +153,23 @@ def fit_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image.crop((left, top, left + tw, top + th)) if (ch, cw) != (th, tw) else image
 
 
+# TrueType fonts tried for labels before PIL's own (whose glyphs are ASCII only, so ü or é
+# would show as boxes); found by name in the system's font folders where installed.
+LABEL_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "LiberationSans-Regular.ttf", "Arial.ttf")
+MAX_LABEL_CHARS = 300  # a prompt's label, cut: the text encoders read 77 tokens of it anyway
+
+
 def label_font(height: int):
-    """PIL's default font at a size that suits images `height` pixels high."""
+    """A font for labels at a size that suits images `height` pixels high."""
     from PIL import ImageFont
 
-    return ImageFont.load_default(size=max(10, min(28, height // 16)))
+    size = max(10, min(28, height // 16))
+    for name in LABEL_FONTS:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size=size)
 
 
 def label_band(lines: list[str], width: int, font) -> Image.Image:
@@ -331,6 +343,8 @@ class Validator:
 
     @staticmethod
     def row_label(prompt: str, scores: list[float] | None) -> str:
+        if len(prompt) > MAX_LABEL_CHARS:
+            prompt = prompt[:MAX_LABEL_CHARS].rstrip() + " …"
         if scores is None:
             return prompt
         return f"{prompt}  [edge F1 " + " ".join(f"{v:.2f}" for v in scores) + "]"
