@@ -269,6 +269,26 @@ def test_evaluator_on_the_fill_cache_gives_the_same_bits_for_any_world_size(tiny
         assert combine(sum(reversed(parts[:-1]), parts[-1]))[0] == loss
 
 
+def test_quantiles_that_share_a_timestep_are_all_averaged_and_counted(tiny, fill_cache):
+    """With K = 16 two quantiles floor to t = 999: both draws count, in the loss and in its
+    per-timestep record (their mean there), and the count said is 16."""
+    from accelerate import Accelerator
+
+    from shards.stores import open_store
+
+    unet, adapter, objective = tiny
+    store = open_store(fill_cache)
+    manifest = Manifest.load(store)
+    evalset = eval_set(manifest, "id", source="split", fraction=0.25)
+    timesteps = quantile_timesteps(16, objective.num_train_timesteps).tolist()
+    assert timesteps.count(999) == 2
+    result = Evaluator(evalset, store, manifest, EvalSpec(timesteps=16)).run(
+        0, objective=objective, unet=unet, adapter=adapter, accelerator=Accelerator(cpu=True),
+        weight_dtype=torch.float32, weights="raw")
+    assert result.timesteps == 16 and sorted(result.per_timestep, reverse=True) == sorted(set(timesteps), reverse=True)
+    assert result.loss == pytest.approx(sum(result.per_timestep[t] for t in timesteps) / 16, rel=1e-5)
+
+
 def test_a_validation_cache_must_share_the_identity():
     a = Manifest.build(CacheIdentity.from_dict(synthetic_identity()), [], {}, created="")
     other = synthetic_identity(prompt_dim=32)

@@ -229,11 +229,12 @@ class EvalSpec:
 class EvalResult:
     step: int
     loss: float
-    per_timestep: dict[int, float]  # t -> mean loss at t
+    per_timestep: dict[int, float]  # t -> mean loss at t (quantiles that floor to one t: their mean)
     images: int
     pairs: int
     weights: str  # "ema" or "raw"
     seconds: float
+    timesteps: int = 0  # the quantile draws averaged (more than per_timestep's keys when some share a t)
 
     def record(self) -> dict:
         """The metrics.jsonl record (a record of its own: it has no "loss" key)."""
@@ -304,10 +305,13 @@ class Evaluator:
         if world > 1:
             table = accelerator.reduce(table.to(accelerator.device), reduction="sum").cpu()
         loss, per_t, pairs = combine(table)
-        timesteps = quantile_timesteps(self.spec.timesteps, objective.num_train_timesteps)
-        return EvalResult(step=step, loss=loss, per_timestep=dict(zip(timesteps.tolist(), per_t)),
+        timesteps = quantile_timesteps(self.spec.timesteps, objective.num_train_timesteps).tolist()
+        at: dict[int, list[float]] = {}
+        for t, value in zip(timesteps, per_t):  # many quantiles floor to 999 when K is large
+            at.setdefault(t, []).append(value)
+        return EvalResult(step=step, loss=loss, per_timestep={t: sum(v) / len(v) for t, v in at.items()},
                           images=self.evalset.count, pairs=pairs, weights=weights,
-                          seconds=time.perf_counter() - started)
+                          seconds=time.perf_counter() - started, timesteps=len(timesteps))
 
 
 __all__ = ["DEFAULT_TIMESTEPS", "EvalResult", "EvalSample", "EvalSet", "EvalSpec", "Evaluator", "combine", "eval_set",

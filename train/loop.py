@@ -300,7 +300,7 @@ def _evaluate_now(s: Session, metrics: Metrics) -> float | None:
                            accelerator=s.accelerator, weight_dtype=s.weight_dtype, weights=weights)
     metrics.record(result.record(), result.tracker_values())
     s.log.info("validation loss at step %d: %.6f (%d images x %d timesteps, %s weights, %.1f s)", result.step,
-               result.loss, result.images, len(result.per_timestep), weights, result.seconds)
+               result.loss, result.images, result.timesteps, weights, result.seconds)
     metrics.restart_window()  # samples/s measures training, not evaluation
     return result.loss
 
