@@ -93,3 +93,32 @@ def test_a_torn_log_is_read_around_and_truncated_without_its_bad_lines(tmp_path,
     assert f"{path}: left out 4 unreadable line(s) (line 2, 3, 7, 8)" in caplog.text
     assert path.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temp file left
+
+
+def test_a_planted_log_is_refused_or_replaced_never_read_without_end(tmp_path):
+    """OUT may be shared: a metrics.jsonl that is a link to /dev/zero, a FIFO or a folder must not
+    exhaust memory, hang or crash a resumed run; a link to a file is replaced, its target untouched."""
+    import os
+
+    from train.errors import TrainError
+    from train.metrics import read_records
+
+    log = tmp_path / "metrics.jsonl"
+    os.symlink("/dev/zero", log)
+    with pytest.raises(TrainError, match="metrics.jsonl: cannot read this run log \\(a symbolic link\\)"):
+        read_records(log)
+    victim = tmp_path / "victim.txt"
+    victim.write_text('{"step": 1, "loss": 1.0}\n')
+    log.unlink()
+    os.symlink(victim, log)
+    truncate_jsonl(log, None)
+    assert victim.read_text() == '{"step": 1, "loss": 1.0}\n' and not log.is_symlink() and log.read_text() == ""
+    log.unlink()
+    os.mkfifo(log)
+    for call in (lambda: read_records(log), lambda: truncate_jsonl(log, 3)):
+        with pytest.raises(TrainError, match="metrics.jsonl: not a regular file"):
+            call()
+    log.unlink()
+    log.mkdir()
+    with pytest.raises(TrainError, match="metrics.jsonl: not a regular file"):
+        truncate_jsonl(log, None)

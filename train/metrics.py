@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from train.errors import NonFiniteError
+from train.errors import NonFiniteError, TrainError
 
 LOGS_DIR = "logs"  # OUT/logs: metrics.jsonl and the per-rank sample logs
 METRICS_FILE = "metrics.jsonl"
@@ -125,7 +126,7 @@ def read_jsonl(path: str | Path) -> tuple[list[tuple[str, dict]], list[int]]:
     "step". A crash, a power loss or a full disk can leave a torn last line (or a run of NUL
     bytes): such lines are reported, never fatal, and the records around them are kept."""
     try:
-        text = Path(path).read_bytes().decode("utf-8", "replace")
+        text = _read_log(Path(path)).decode("utf-8", "replace")
     except FileNotFoundError:
         return [], []
     good, bad = [], []
@@ -141,6 +142,36 @@ def read_jsonl(path: str | Path) -> tuple[list[tuple[str, dict]], list[int]]:
         else:
             bad.append(number)
     return good, bad
+
+
+MAX_LOG_BYTES = 1 << 30  # a run's log: about 5M step records, far beyond any run
+
+
+def _read_log(path: Path) -> bytes:
+    """A log's bytes: a regular file reached without following a final symbolic link, of at most
+    MAX_LOG_BYTES (a planted link to /dev/zero, a FIFO or a folder is a TrainError naming it,
+    never a read without end). FileNotFoundError when there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise TrainError(f"{path}: cannot read this run log ({_why(e)}): remove it, or move the run folder "
+                         "aside") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TrainError(f"{path}: not a regular file, so not a run log: remove it")
+        data = f.read(MAX_LOG_BYTES + 1)
+    if len(data) > MAX_LOG_BYTES:
+        raise TrainError(f"{path}: over {MAX_LOG_BYTES >> 20} MiB, more than any run writes: damaged or not a run "
+                         "log")
+    return data
+
+
+def _why(e: OSError) -> str:
+    import errno
+
+    return "a symbolic link" if e.errno == errno.ELOOP else (e.strerror or str(e))
 
 
 def unreadable_note(path: str | Path, bad: list[int]) -> str:
@@ -165,8 +196,14 @@ def truncate_jsonl(path: Path, after_step: int | None, log: Any = None) -> None:
     """Drop records of steps > after_step (a resumed run rewrites them), and unreadable lines
     (said on `log`); None: start empty. Rewritten whole, then renamed over the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():  # never written through: the run's own log takes its place
+        path.unlink()
+    if path.exists() and not path.is_file():
+        raise TrainError(f"{path}: not a regular file (a folder, FIFO or device), so not a run log: remove it")
     if after_step is None or not path.exists():
-        path.write_text("")
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_text("")
+        os.replace(tmp, path)  # a folder there is an OSError naming it
         return
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text("".join(line + "\n" for line, record in _readable(path, log) if record["step"] <= after_step))
