@@ -308,3 +308,23 @@ def test_resume_refuses_another_validation_measure_only_when_both_measure(tmp_pa
     unmeasured = {**saved, "config": {**base, "validation_split": 0.0}}
     assert resume_problems(Checkpoint(path=tmp_path, state=TrainState(), meta=unmeasured),
                            {**now, "config": {**now["config"], "validation_split": 0.0, "validation_cache": "/v"}}) == []
+
+
+def test_links_among_the_checkpoints_are_unlinked_never_followed_and_never_fail_a_save(tmp_path, accelerator):
+    """A link planted as a step folder (the one this save publishes, or one pruning removes) or as
+    a leftover temp/trash folder: removed as a link, its target untouched, the save done."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    out = tmp_path / "out"
+    run = _Run(0)
+    run.step()
+    _save(accelerator, out, run, 1, keep=1)
+    root = checkpoints_dir(out)
+    for name in ("step-000002", ".tmp-step-000099", ".trash-step-000006"):
+        os.symlink(victim, root / name)
+    run.step()
+    path = _save(accelerator, out, run, 2, keep=1)
+    assert path == root / "step-000002" and not path.is_symlink() and read_checkpoint(path).state.global_step == 2
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002"]
+    assert (victim / "keep.txt").read_text() == "mine"

@@ -30,6 +30,7 @@ small tagged encoding that round-trips dicts with int keys, tuples and numpy arr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -401,7 +402,7 @@ def save_checkpoint(
         # safetensors reports I/O failures as SafetensorError("...IoError(Os { code: 28 ...")
         if not is_io_failure(e):
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp, missing_ok=True)
         newest = latest_checkpoint(output_dir)
         kept = f"{newest.name}, the newest complete checkpoint, is intact" if newest else "no earlier checkpoint exists"
         reason = io_reason(e)
@@ -416,8 +417,8 @@ def _save(accelerator: Any, output_dir: str | Path, root: Path, tmp: Path, final
           noise_generator: torch.Generator, meta: dict[str, Any], keep: int | None, ema: Any = None) -> Path:
     name = final.name
     if accelerator.is_main_process:
-        if tmp.exists():  # left by a run that died while saving this very step
-            shutil.rmtree(tmp)
+        if tmp.exists() or tmp.is_symlink():  # left by a run that died while saving this very step
+            _remove(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
@@ -452,15 +453,16 @@ def _save(accelerator: Any, output_dir: str | Path, root: Path, tmp: Path, final
         fsync_file(tmp / COMPLETE_FILE)
         fsync_dir(tmp)
         trash = None
-        if final.exists():  # an abandoned timeline (resumed from an older checkpoint) reached this step
-            trash = root / f"{_TRASH_PREFIX}{name}"
-            if trash.exists():
-                shutil.rmtree(trash)
+        if final.exists() or final.is_symlink():  # an abandoned timeline (resumed from an older checkpoint)
+            trash = root / f"{_TRASH_PREFIX}{name}"  # reached this step
+            if trash.exists() or trash.is_symlink():
+                _remove(trash)
             final.rename(trash)
         tmp.rename(final)
         fsync_dir(root)
+        # Published: what follows is tidying, and a failure there must not fail the save.
         if trash is not None:
-            shutil.rmtree(trash)
+            _tidy(trash)
         prune_checkpoints(output_dir, keep)
     accelerator.wait_for_everyone()
     return final
@@ -473,15 +475,33 @@ def prune_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
     complete = list_checkpoints(output_dir)
     if keep is not None:
         for p in complete[: max(0, len(complete) - keep)]:
-            shutil.rmtree(p)
-            removed.append(p)
+            if _tidy(p):
+                removed.append(p)
     for p in root.iterdir() if root.is_dir() else []:
         # Leftovers of saves that died. (A step-* folder that is not complete was damaged after
         # the fact; it is ignored by resume but left for a human to look at.)
-        if p.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)) and p.is_dir():
-            shutil.rmtree(p)
-            removed.append(p)
+        if p.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)) and (p.is_dir() or p.is_symlink()):
+            if _tidy(p):
+                removed.append(p)
     return removed
+
+
+def _remove(path: Path, *, missing_ok: bool = False) -> None:
+    """Delete a checkpoint folder; a symbolic link in its place is unlinked, never followed."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink(missing_ok=missing_ok)
+    elif path.exists() or not missing_ok:
+        shutil.rmtree(path, ignore_errors=missing_ok)
+
+
+def _tidy(path: Path) -> bool:
+    """`_remove` for clean-up after a save: a failure is a warning (the save stands); True when gone."""
+    try:
+        _remove(path)
+        return True
+    except OSError as e:
+        logging.getLogger("train").warning("could not remove %s (%s); remove it by hand", path, e.strerror or e)
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
