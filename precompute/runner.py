@@ -835,6 +835,10 @@ def _take_writer_lock(cfg: PrecomputeConfig, store: Store, state) -> WriterLock 
     lock, problem = None, ""
     if state.is_main_process:
         try:
+            obstacles = store.layout_problems((schema.SHARD_DIR, schema.RECORD_DIR),
+                                              (schema.MANIFEST_FILE, schema.IDENTITY_FILE, schema.EMPTY_PROMPT_FILE))
+            if obstacles:
+                raise ShardError("cannot write the cache here:\n  - " + "\n  - ".join(obstacles))
             lock = WriterLock(store.prepare_staging(tmp_dir=cfg.tmp_dir) / LOCK_FILE, f"the cache {store.url}")
             lock.acquire()
             if lock.describe_previous():

@@ -181,6 +181,12 @@ class Store(ABC):
                              "of your own")
         return folder
 
+    def layout_problems(self, folders: tuple[str, ...], files: tuple[str, ...]) -> list[str]:
+        """What stands in the way of writing the cache's `folders` and `files` (a writer asks
+        before it starts, instead of failing after its work): default none (an object store
+        has no folders, and any key can be written)."""
+        return []
+
     def why_missing(self) -> str | None:
         """Asked after a file was not found: why nothing at all can be found here (the folder or
         bucket does not exist), said instead of "no such file"; None when the store itself is
@@ -342,8 +348,33 @@ class LocalStore(Store):
             return f"{self.url}: is a file, not a cache folder"
         return None
 
+    def layout_problems(self, folders: tuple[str, ...], files: tuple[str, ...]) -> list[str]:
+        problems = []
+        for name in folders:
+            p = self.root / name
+            if p.is_symlink():
+                problems.append(f"{p}: a symbolic link inside the cache, which is never followed (writers would "
+                                "write, and gc delete, where it points): make it a real folder")
+            elif p.exists() and not p.is_dir():
+                problems.append(f"{p}: not a folder, where the cache keeps its {name}: move it away")
+        for name in files:
+            p = self.root / name
+            if p.is_symlink() or (p.exists() and not p.is_file()):
+                problems.append(f"{p}: not a regular file, where the cache writes its {name}: move it away")
+        return problems
+
     def path(self, rel: str) -> Path:
-        return self.root / check_rel(rel)
+        """`rel` under the root. Its folders inside the cache (`shards/`, `records/`) must be real
+        folders: one that is a symbolic link would have writers overwrite, and gc delete, files
+        outside the cache, so it is a ShardError (the root itself may be a link)."""
+        path = self.root / check_rel(rel)
+        folder = self.root
+        for part in Path(rel).parts[:-1]:
+            folder = folder / part
+            if folder.is_symlink():
+                raise ShardError(f"{folder}: a symbolic link inside the cache, which is never followed (writers "
+                                 "would write, and gc delete, where it points): make it a real folder")
+        return path
 
     def exists(self, rel: str) -> bool:
         return self.path(rel).is_file()
@@ -458,13 +489,15 @@ class LocalStore(Store):
         self.path(rel).unlink(missing_ok=True)
 
     def list(self, prefix: str = "", *, include_temp: bool = False) -> list[str]:
-        base = self.path(prefix) if prefix else self.root
+        base = self.path(f"{prefix.rstrip('/')}/x").parent if prefix else self.root  # its folders checked too
         if not base.is_dir():
             return []
         out = []
-        for p in base.rglob("*"):
-            if p.is_file() and (include_temp or not p.name.startswith(TEMP_PREFIX)):
-                out.append(p.relative_to(self.root).as_posix())
+        for folder, dirs, files in os.walk(base):  # never into a linked folder (os.walk does not follow)
+            for name in files:
+                p = Path(folder) / name
+                if p.is_file() and (include_temp or not name.startswith(TEMP_PREFIX)):
+                    out.append(p.relative_to(self.root).as_posix())
         return sorted(out)
 
     def staging_dir(self, *, tmp_dir: str | Path | None = None) -> Path:

@@ -817,3 +817,20 @@ def test_a_glob_pattern_given_as_data_is_explained(tiny_model, tmp_path):
                                 cache=str(tmp_path / "c"), device="cpu").problems()
     assert (f"--data {tmp_path / 'data' / 'train-*.parquet'}: no such file or folder (glob patterns are not expanded: "
             "give the folder that holds the files, or a brace pattern such as 'data/{00000..00009}.tar')") in problems
+
+
+def test_a_cache_folder_with_a_linked_shards_folder_or_a_manifest_folder_is_refused_before_encoding(
+        tiny_model, fill_data, tmp_path):
+    cache, elsewhere = tmp_path / "cache", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "shard-000000.tar").write_bytes(b"theirs")
+    cache.mkdir()
+    (cache / "shards").symlink_to(elsewhere)
+    (cache / "manifest.json").mkdir()
+    result = run_cli("precompute", ["--model", tiny_model, "--data", fill_data, "--cache", cache, "--resolution", "64",
+                                    "--num-workers", "0"])
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: cannot write the cache here:\n  - {cache}/shards: a symbolic link inside the cache" in result.stderr
+    assert f"  - {cache}/manifest.json: not a regular file, where the cache writes its manifest.json" in result.stderr
+    assert "loading encoders" not in result.stderr  # said before any work
+    assert (elsewhere / "shard-000000.tar").read_bytes() == b"theirs"

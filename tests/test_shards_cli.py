@@ -323,6 +323,32 @@ def test_gc_touches_nothing_in_a_folder_that_is_no_cache(tmp_path):
     assert "gc removed nothing" in result.output and not (tmp_path / "typo").exists()
 
 
+def test_a_cache_folder_that_is_a_link_out_is_never_written_or_cleaned_through(cache, tmp_path):
+    """shards/ planted as a link to someone else's folder: gc --orphans would delete their
+    shard-named files there, and precompute overwrite them; both refuse, touching nothing."""
+    from shards.store import LocalStore
+
+    root, _ = cache
+    elsewhere = tmp_path / "elsewhere"
+    (root / schema.SHARD_DIR).rename(elsewhere)
+    (root / schema.SHARD_DIR).symlink_to(elsewhere)
+    (elsewhere / "shard-000077.tar").write_bytes(b"theirs")
+    before = sorted(p.name for p in elsewhere.iterdir())
+    result = run("gc", "--orphans", root)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"{root / schema.SHARD_DIR}: a symbolic link inside the cache, which is never followed" in result.output
+    assert sorted(p.name for p in elsewhere.iterdir()) == before
+    assert LocalStore(root).layout_problems((schema.SHARD_DIR, schema.RECORD_DIR), (schema.MANIFEST_FILE,)) == [
+        f"{root / schema.SHARD_DIR}: a symbolic link inside the cache, which is never followed (writers would write, "
+        "and gc delete, where it points): make it a real folder"]
+    (root / schema.SHARD_DIR).unlink()
+    (root / schema.SHARD_DIR).mkdir()
+    (root / schema.MANIFEST_FILE).unlink()
+    (root / schema.MANIFEST_FILE).mkdir()
+    assert LocalStore(root).layout_problems((schema.SHARD_DIR,), (schema.MANIFEST_FILE,)) == [
+        f"{root / schema.MANIFEST_FILE}: not a regular file, where the cache writes its manifest.json: move it away"]
+
+
 def test_gc_of_an_http_cache_is_refused_not_reported_clean(built):
     from httpserver import serve
 
