@@ -45,6 +45,7 @@ from collections import deque
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
+from .errors import ShardError
 from .manifest import ShardRecord
 from .store import TEMP_PREFIX, Store, new_temp_path, stream_sha256
 
@@ -69,12 +70,18 @@ class CachingStore(Store):
         self.max_bytes = max_bytes
         self._shards: dict[str, tuple[str, int]] = {}
         self.register(records)
-        self.objects.mkdir(parents=True, exist_ok=True)
         if self.objects.is_symlink():
-            raise PermissionError(f"local cache {self.dir}: {self.objects} is a symbolic link; refusing to follow it "
-                                  "(it could point anywhere). Remove it, or use another --local-cache")
+            raise ShardError(f"local cache {self.dir}: {self.objects} is a symbolic link; refusing to follow it "
+                             "(it could point anywhere). Remove it, or use another --local-cache")
+        if self.objects.exists() and not self.objects.is_dir():
+            raise ShardError(f"local cache {self.dir}: {self.objects} is not a folder. Remove it, or use another "
+                             "--local-cache")
+        try:
+            self.objects.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ShardError(f"local cache {self.dir}: cannot create {self.objects} ({e.strerror or e})") from None
         if not os.access(self.objects, os.W_OK | os.X_OK):
-            raise PermissionError(f"local cache {self.dir}: {self.objects} is not writable")
+            raise ShardError(f"local cache {self.dir}: {self.objects} is not writable")
         self._remove_stale_temps()
         # What happened to recent opens (rel, hit | fetched | corrupt | too_big | passthrough), for
         # logs and tests; bounded, a run opens every shard once per epoch.
@@ -130,13 +137,17 @@ class CachingStore(Store):
                         e.strerror or e)
             self.events.append((rel, "corrupt"))
             return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder or FIFO under a copy's name: left alone, unused
+            os.close(fd)
+            log.warning("local cache %s: %s is not a regular file; ignored, streaming it from %s", self.dir, path,
+                        self.remote.url)
+            self.events.append((rel, "corrupt"))
+            return None
         f = os.fdopen(fd, "rb")
         try:
             st = os.fstat(f.fileno())
             problem = None
-            if not stat.S_ISREG(st.st_mode):
-                problem = "not a regular file"
-            elif st.st_size != size:
+            if st.st_size != size:
                 problem = f"{st.st_size} bytes, the record says {size}"
             else:
                 got = stream_sha256(f)
@@ -215,7 +226,8 @@ class CachingStore(Store):
             with os.scandir(bucket) as it:
                 for e in it:
                     try:
-                        if e.name.startswith(TEMP_PREFIX) and e.stat(follow_symlinks=False).st_mtime < cutoff:
+                        if (e.name.startswith(TEMP_PREFIX) and not e.is_dir(follow_symlinks=False)
+                                and e.stat(follow_symlinks=False).st_mtime < cutoff):
                             os.unlink(e.path)
                     except FileNotFoundError:
                         pass

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from shards.errors import ShardError
 from shards.localcache import CachingStore
 from shards.reader import iter_shard
 from shards.store import TEMP_PREFIX
@@ -134,9 +135,31 @@ def test_a_linked_objects_folder_is_refused(remote, outside, tmp_path):
     local.mkdir()
     (local / "objects").symlink_to(outside)
     before = _state(outside)
-    with pytest.raises(PermissionError, match=rf"{local / 'objects'} is a symbolic link; refusing to follow it"):
+    with pytest.raises(ShardError, match=rf"{local / 'objects'} is a symbolic link; refusing to follow it"):
         CachingStore(store, local, max_bytes=1, records=manifest.shards)
     assert _state(outside) == before
+    (local / "objects").unlink()
+    (local / "objects").write_text("a file")
+    with pytest.raises(ShardError, match=rf"{local / 'objects'} is not a folder"):
+        CachingStore(store, local, max_bytes=1, records=manifest.shards)
+
+
+def test_folders_planted_under_a_copys_or_a_temp_files_name_are_left_alone_and_streamed_past(remote, tmp_path):
+    """A folder named like a shard's copy (or like an old temp file) in a shared local cache:
+    never a crash; the shard streams from the remote, and the folder stays as it was."""
+    store, manifest = remote
+    first = manifest.shards[0]
+    local = tmp_path / "local"
+    copy = local / "objects" / first.sha256[:2] / f"{first.sha256}.tar"
+    copy.mkdir(parents=True)
+    (copy / "inside.txt").write_text("x")
+    stale = local / "objects" / "ee" / f"{TEMP_PREFIX}old"
+    stale.mkdir(parents=True)
+    os.utime(stale, (1, 1))
+    cache = CachingStore(store, local, records=manifest.shards)
+    assert _read_all(cache, manifest) == 8
+    assert (first.name, "corrupt") in cache.events
+    assert (copy / "inside.txt").read_text() == "x" and stale.is_dir()
 
 
 def test_a_fifo_planted_as_a_copy_never_blocks(remote, tmp_path):
