@@ -96,8 +96,8 @@ class ShardRecord:
             p.append(f"bytes must be an integer >= 0, got {self.bytes!r}")
         if not isinstance(self.sha256, str) or not _SHA256.match(self.sha256):
             p.append(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
-        if not isinstance(self.keys, list) or not all(isinstance(k, str) and k for k in self.keys):
-            p.append("keys must be a list of non-empty strings")
+        if not isinstance(self.keys, list) or not all(isinstance(k, str) and k and k.isprintable() for k in self.keys):
+            p.append("keys must be a list of non-empty strings of printable characters")
         else:
             if _is_int(self.samples) and len(self.keys) != self.samples:
                 p.append(f"{len(self.keys)} keys for {self.samples} samples")

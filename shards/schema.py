@@ -169,6 +169,10 @@ class SampleMeta:
     def from_json(cls, data: bytes, key: str) -> "SampleMeta":
         try:
             d = limits.loads(data, f"sample {key}: {META_MEMBER} member", "SHARDS_MAX_JSON_MEMBER_BYTES")
+            if not isinstance(d["captions"], list) or not all(isinstance(c, str) for c in d["captions"]):
+                raise ValueError(f"captions must be a list of strings, got {str(d['captions'])[:80]}")
+            if not isinstance(d.get("flip", False), bool):
+                raise ValueError(f"flip must be true or false, got {d['flip']!r:.40}")
             meta = cls(
                 key=str(d["key"]),
                 source_id=str(d["source_id"]),

@@ -93,6 +93,8 @@ def check_sample(sample: schema.Sample, manifest: Manifest, index: int, cond=Non
             p.append(f"{name} is {schema.DTYPE_NAMES.get(t.dtype, t.dtype)}, the manifest says {manifest.dtypes.storage}")
         elif not bool(torch.isfinite(t).all()):
             p.append(f"{name} has non-finite values (NaN/inf: an fp16 VAE overflow?)")
+        elif name == schema.LATENT_STD and bool((t < 0).any()):
+            p.append(f"{name} has negative values (a standard deviation is >= 0)")
     channels = manifest.latent.channels
     if sample.latent_mean.shape[0] != channels:
         p.append(f"latent_mean has {sample.latent_mean.shape[0]} channels, the manifest says {channels}")

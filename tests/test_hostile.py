@@ -211,6 +211,15 @@ def _cond_png_as(mode: str) -> bytes:
     return buf.getvalue()
 
 
+CASES.update({
+    "negative-std": (_tensors(_only_first(lambda t: _set(t, "latent_std", -t["latent_std"].float().abs()
+                                                         .add(0.5).to(torch.bfloat16)))),
+                     "latent_std has negative values"),
+    "caption-not-a-string": (_meta(lambda m: json.dumps({**m, "captions": [5]}).encode()),
+                             "captions must be a list of strings, got [5]"),
+    "flip-not-a-boolean": (_meta(lambda m: json.dumps({**m, "flip": "yes"}).encode()),
+                           "flip must be true or false, got 'yes'"),
+})
 # Converted silently, a 16-bit PNG would be clipped and a palette one read as its colours.
 CASES.update({
     f"cond-png-{mode.replace(';', '')}": (

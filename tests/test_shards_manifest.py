@@ -97,6 +97,9 @@ def test_record_json_round_trip_and_validation():
         ShardRecord.from_dict({k: v for k, v in r.to_dict().items() if k != "sha256"})
     with pytest.raises(ManifestError, match=r"not valid JSON"):
         ShardRecord.from_json(b"\xff")
+    # A key is printed in messages: a newline or escape sequence in it could forge output lines.
+    with pytest.raises(ManifestError, match=r"keys must be a list of non-empty strings of printable characters"):
+        ShardRecord.from_dict({**r.to_dict(), "keys": [r.keys[0], "000005-00\n0001"]})
 
 
 def test_identity_diff_lists_every_difference_with_dotted_paths():
