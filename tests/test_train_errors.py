@@ -144,3 +144,21 @@ def test_train_into_a_read_only_output_dir_is_one_line_and_writes_nothing(tiny_m
     assert f"--output-dir {out}: cannot write there" in errors[0], errors
     assert "Read-only file system" in errors[0] or "Permission denied" in errors[0], errors
     assert _snapshot(out) == before_out and _snapshot(fill_cache) == before_cache
+
+
+def test_a_folder_where_an_output_file_goes_is_said_at_start_not_after_training(tmp_path):
+    from train.startup import output_obstacles
+
+    out = tmp_path / "out"
+    (out / "train_config.json").mkdir(parents=True)
+    (out / "diffusion_pytorch_model.safetensors").mkdir()
+    (out / "checkpoints").write_text("a file")
+    elsewhere = tmp_path / "big-disk"
+    elsewhere.mkdir()
+    (out / "logs").symlink_to(elsewhere)  # a folder kept elsewhere on purpose: fine
+    assert output_obstacles(out) == [
+        f"{out}/train_config.json: not a file, where the run writes its train_config.json: move it away",
+        f"{out}/diffusion_pytorch_model.safetensors: not a file, where the run writes its "
+        "diffusion_pytorch_model.safetensors: move it away",
+        f"{out}/checkpoints: not a folder, where the run keeps its checkpoints: move it away"]
+    assert output_obstacles(tmp_path / "new") == []

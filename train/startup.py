@@ -341,6 +341,7 @@ def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
                 log.warning("%s", lock.describe_previous())
         except (LockError, OSError) as e:
             problems.other.append(str(e))
+        problems.other += output_obstacles(out)
     try:
         resume_path = resolve_resume(cfg.resume, out, warn=log.warning)
         ckpt = read_checkpoint(resume_path) if resume_path else None
@@ -410,6 +411,27 @@ def start(cfg: TrainConfig, accelerator: Any, log: Any) -> Startup:
         if lock is not None:  # a refusal, or any failure: the next attempt must find OUT free
             lock.release()
         raise
+
+
+def output_obstacles(out: Path) -> list[str]:
+    """What in OUT would stop the run's writes after its work (a folder where an output file goes,
+    a file where a folder goes), said at start instead."""
+    from train.card import LOSS_CURVE_FILE, README_FILE
+    from train.checkpoint import CHECKPOINT_DIR
+    from train.metrics import LOGS_DIR
+    from train.outputs import TRAIN_CONFIG_FILE
+    from train.validation import VALIDATION_DIR
+
+    problems = []
+    for name in (TRAIN_CONFIG_FILE, README_FILE, LOSS_CURVE_FILE, "config.json", "diffusion_pytorch_model.safetensors"):
+        path = out / name
+        if path.exists() and not path.is_file():
+            problems.append(f"{path}: not a file, where the run writes its {name}: move it away")
+    for name in (CHECKPOINT_DIR, LOGS_DIR, VALIDATION_DIR):
+        path = out / name
+        if path.exists() and not path.is_dir():
+            problems.append(f"{path}: not a folder, where the run keeps its {name}: move it away")
+    return problems
 
 
 def set_aside_old_checkpoints(out: Path, log) -> Path | None:
