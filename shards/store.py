@@ -350,7 +350,7 @@ class LocalStore(Store):
 
     def layout_problems(self, folders: tuple[str, ...], files: tuple[str, ...]) -> list[str]:
         problems = []
-        for name in folders:
+        for name in (*folders, LOCAL_STAGING):  # the staging folder writers build files in, too
             p = self.root / name
             if p.is_symlink():
                 problems.append(f"{p}: a symbolic link inside the cache, which is never followed (writers would "
