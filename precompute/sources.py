@@ -350,38 +350,29 @@ class FolderSource(Source):
         if not self._units:
             raise SourceError(f"{self.metadata}: no rows")
         defaults = FILL50K_COLUMNS if preset == "fill50k" else None
-        problems = []
+        problems: list[str] = []
         have = ", ".join(repr(c) for c in columns) or "none"
-        if image_column is None:
-            candidates = (defaults["image"],) if defaults else DEFAULT_IMAGE_COLUMNS
-            image_column = next((c for c in candidates if c in columns), None)
-            if image_column is None:
-                problems.append(
-                    f"no image column: looked for {' or '.join(repr(c) for c in candidates)} "
-                    f"(columns found: {have}); pass --image-column"
-                )
-        elif image_column not in columns:
-            problems.append(f"no image column {image_column!r} (columns found: {have}); pass --image-column")
-        if not self.require_conditioning:
-            cond_column = None
-        elif cond_column is None:
-            candidates = (defaults["conditioning_image"],) if defaults else DEFAULT_COND_COLUMNS
-            cond_column = next((c for c in candidates if c in columns), None)
-            if cond_column is None:
-                problems.append(
-                    f"no conditioning image column: looked for {' or '.join(repr(c) for c in candidates)} (columns "
-                    f"found: {have}); pass --conditioning-image-column, or compute the conditioning image from the "
-                    "image with --condition canny|gray|sketch"
-                )
-        elif cond_column not in columns:
-            problems.append(
-                f"no conditioning image column {cond_column!r} (columns found: {have}); pass "
-                "--conditioning-image-column, or compute the conditioning image from the image with "
-                "--condition canny|gray|sketch"
-            )
-        caption_column = caption_column or (defaults["caption"] if defaults else DEFAULT_CAPTION_COLUMN)
-        if caption_column not in columns:
-            problems.append(f"no caption column {caption_column!r} (columns found: {have}); pass --caption-column")
+
+        def pick(what: str, given: str | None, candidates: tuple[str, ...], fix: str) -> str | None:
+            """`given` if it is a column, else the first of `candidates` that is; a problem if none."""
+            if given is not None:
+                if given not in columns:
+                    problems.append(f"no {what} column {given!r} (columns found: {have}); {fix}")
+                return given
+            found = next((c for c in candidates if c in columns), None)
+            if found is None:
+                problems.append(f"no {what} column: looked for {' or '.join(repr(c) for c in candidates)} "
+                                f"(columns found: {have}); {fix}")
+            return found
+
+        image_column = pick("image", image_column, (defaults["image"],) if defaults else DEFAULT_IMAGE_COLUMNS,
+                            "pass --image-column")
+        cond_column = pick("conditioning image", cond_column,
+                           (defaults["conditioning_image"],) if defaults else DEFAULT_COND_COLUMNS,
+                           "pass --conditioning-image-column, or compute the conditioning image from the image "
+                           "with --condition canny|gray|sketch") if self.require_conditioning else None
+        caption_column = pick("caption", caption_column or (defaults["caption"] if defaults else DEFAULT_CAPTION_COLUMN),
+                              (), "pass --caption-column")
         if problems:
             raise SourceError(f"{self.metadata}:\n  - " + "\n  - ".join(problems))
         assert image_column is not None
