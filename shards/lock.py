@@ -43,10 +43,11 @@ class LockError(ShardError):
 def _holder_text(info: dict) -> str:
     """The holder record, as read back: whatever a stranger wrote into the file, a line of text
     (no value is trusted to have its type or a sane size)."""
+    from .runtime import printable
+
     def field(name: str) -> str:
         value = info.get(name)
-        text = "?" if value is None else str(value)[:300]
-        return "".join(c if c.isprintable() else "?" for c in text)
+        return "?" if value is None else printable(str(value)[:300]).replace("\n", " ")
 
     try:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("since", 0))))

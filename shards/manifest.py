@@ -348,9 +348,9 @@ class Manifest:
         indices = [r.index for r in self.shards]
         if indices != sorted(set(indices)):
             p.append("shards must be sorted by index without duplicates")
-        for r in self.shards:
-            p += [f"shard {r.index}: {q}" for q in r.problems()]
-        if isinstance(self.totals, dict) and not any(r.problems() for r in self.shards):
+        record_problems = [f"shard {r.index}: {q}" for r in self.shards for q in r.problems()]
+        p += record_problems
+        if isinstance(self.totals, dict) and not record_problems:
             # Every total is the sum of the records: one that says otherwise is damage or a lie.
             expected = self.expected_totals()
             for k, v in expected.items():

@@ -249,6 +249,11 @@ def check_rel(rel: str) -> str:
     return rel
 
 
+def _linked_folder(path: Path) -> str:
+    return (f"{path}: a symbolic link inside the cache, which is never followed (writers would write, and gc "
+            "delete, where it points): make it a real folder")
+
+
 def check_staging(folder: Path) -> None:
     """ShardError when the staging folder `folder`, or the shared STAGING_FOLDER above it, is a
     symbolic link: writers and clean-up never follow one out of the layout they own."""
@@ -353,8 +358,7 @@ class LocalStore(Store):
         for name in (*folders, LOCAL_STAGING):  # the staging folder writers build files in, too
             p = self.root / name
             if p.is_symlink():
-                problems.append(f"{p}: a symbolic link inside the cache, which is never followed (writers would "
-                                "write, and gc delete, where it points): make it a real folder")
+                problems.append(_linked_folder(p))
             elif p.exists() and not p.is_dir():
                 problems.append(f"{p}: not a folder, where the cache keeps its {name}: move it away")
         for name in files:
@@ -372,8 +376,7 @@ class LocalStore(Store):
         for part in Path(rel).parts[:-1]:
             folder = folder / part
             if folder.is_symlink():
-                raise ShardError(f"{folder}: a symbolic link inside the cache, which is never followed (writers "
-                                 "would write, and gc delete, where it points): make it a real folder")
+                raise ShardError(_linked_folder(folder))
         return path
 
     def exists(self, rel: str) -> bool:
