@@ -105,9 +105,9 @@ def _offline() -> bool:
 def _load_error(what: str, e: BaseException, cache_dir: str | None) -> SourceError:
     """One clear message for a dataset `datasets` could not load (never its traceback)."""
     text = str(e).strip() or type(e).__name__
-    cause = e
-    while (cause.__cause__ or cause.__context__) is not None and cause is not (cause.__cause__ or cause.__context__):
-        cause = cause.__cause__ or cause.__context__  # the library's wrapper hides what went wrong
+    from shards.runtime import exception_chain
+
+    cause = exception_chain(e)[-1]  # the library's wrapper hides what went wrong
     if cause is not e:
         lines = (str(cause).strip() or "?").splitlines()
         said = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"  # e.g. a schema dump between

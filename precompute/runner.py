@@ -828,9 +828,11 @@ def _all_records(store: Store, n: int) -> list[ShardRecord]:
 
 
 def _take_writer_lock(cfg: PrecomputeConfig, store: Store, state) -> WriterLock | None:
-    """Rank 0 locks this cache's staging folder (`.staging/.lock` for a local cache) for the
-    whole run, so a second precompute into the same cache fails at start naming the holder,
-    instead of deleting this run's staged shards as leftovers. Every process learns the outcome
+    """Rank 0 checks that nothing stands where the cache's folders and files go
+    (`Store.layout_problems`: a link out of the cache, a folder named manifest.json), then locks
+    this cache's staging folder (`.staging/.lock` for a local cache) for the whole run, so a
+    second precompute into the same cache fails at start naming the holder, instead of deleting
+    this run's staged shards as leftovers. Every process learns the outcome
     through one tensor broadcast, so none waits in a collective for a rank 0 that gave up."""
     lock, problem = None, ""
     if state.is_main_process:

@@ -196,7 +196,7 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
-def _chain(error: BaseException) -> list[BaseException]:
+def exception_chain(error: BaseException) -> list[BaseException]:
     """`error` and the exceptions it was raised from or while handling, outermost first."""
     out, seen = [], set()
     while error is not None and id(error) not in seen:
@@ -217,7 +217,7 @@ def explain(error: BaseException, *, user_errors: tuple[type[BaseException], ...
     The whole chain counts: a rank whose collective fails because a peer died is then usually
     sent SIGTERM by its launcher while handling that failure; the lost peer is the cause to name.
     """
-    chain = _chain(error)
+    chain = exception_chain(error)
     peer = next((e for e in chain if isinstance(e, Exception) and is_peer_failure(e)), None)
     if peer is not None:
         first = str(peer).strip().splitlines()[0] if str(peer).strip() else type(peer).__name__
@@ -375,6 +375,6 @@ def _quiet_connection_errors(args: threading.ExceptHookArgs) -> None:
 
 
 __all__ = ["EXIT_USER_ERROR", "SMALL_MODEL_PARAMETERS", "Terminated", "choose_cpu_threads", "close_process_group",
-           "die_with_parent", "explain",
+           "die_with_parent", "exception_chain", "explain",
            "fail", "install_process_guards",
-           "is_peer_failure", "rank_tag", "run_command", "worker_init"]
+           "is_peer_failure", "printable", "rank_tag", "run_command", "worker_init"]
