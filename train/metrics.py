@@ -16,6 +16,7 @@ records have a "loss"; `step_records` / `records_with` pick one kind when readin
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -169,8 +170,6 @@ def _read_log(path: Path) -> bytes:
 
 
 def _why(e: OSError) -> str:
-    import errno
-
     return "a symbolic link" if e.errno == errno.ELOOP else (e.strerror or str(e))
 
 
@@ -200,13 +199,10 @@ def truncate_jsonl(path: Path, after_step: int | None, log: Any = None) -> None:
         path.unlink()
     if path.exists() and not path.is_file():
         raise TrainError(f"{path}: not a regular file (a folder, FIFO or device), so not a run log: remove it")
-    if after_step is None or not path.exists():
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_text("")
-        os.replace(tmp, path)  # a folder there is an OSError naming it
-        return
+    kept = "" if after_step is None or not path.exists() else "".join(
+        line + "\n" for line, record in _readable(path, log) if record["step"] <= after_step)
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(line + "\n" for line, record in _readable(path, log) if record["step"] <= after_step))
+    tmp.write_text(kept)
     os.replace(tmp, path)
 
 
