@@ -259,6 +259,10 @@ def run_command(work: Callable[[], Any], *, user_errors: tuple[type[BaseExceptio
         explained = explain(e, user_errors=user_errors, message=message, continue_hint=continue_hint)
         if explained is None:
             raise
+        # The message is decided and the process ends with it: what destructors raise from here
+        # on (a DataLoader iterator shutting down workers a peer's failure already broke) would only
+        # print a traceback after it.
+        sys.unraisablehook = lambda unraisable: None
         _release_frames(e)
         del e
         fail(*explained)

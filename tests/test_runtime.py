@@ -209,3 +209,26 @@ def test_precompute_chooses_its_threads_when_nobody_did(tiny_model, fill_data, t
                         r"OMP_NUM_THREADS to choose\)", _threads_line(launched.stderr))
     # The user's own setting under a launcher (it wins, and the log says it is theirs): the decision
     # is test_whose_omp_num_threads's, on the same launcher records.
+
+
+def test_what_destructors_raise_after_the_message_is_not_printed():
+    """A survivor of a peer's failure frees its DataLoader iterator after deciding its message;
+    shutting down workers the failure already broke may raise in __del__. The message stands
+    alone (a real interpreter: pytest would catch the unraisable error itself)."""
+    code = textwrap.dedent("""
+        from shards.errors import ShardError
+        from shards.runtime import run_command
+
+        class Noisy:
+            def __del__(self):
+                raise RuntimeError("shutting down loader workers failed")
+
+        def work():
+            holder = Noisy()
+            raise ShardError("the message")
+
+        run_command(work, user_errors=(ShardError,), continue_hint="re-run")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 1 and proc.stderr == "error: the message\n", proc.stderr
