@@ -59,13 +59,10 @@ DATA_ARG  := $(if $(DATASET),--dataset-name $(call q,$(DATASET))) \
 DEPS      := $(if $(MODEL),,$(TINY)/model_index.json) $(if $(DATA)$(DATASET),,$(FILL)/prompt.json)
 
 # One process: plain python. Several (NPROC x NNODES): accelerate launch, through shards.launch
-# (the same launch; a failed run ends in one line instead of the launcher's traceback). NCCL on
-# GPUs; gloo on a CPU-only machine, where accelerate needs ACCELERATE_USE_CPU to start real
-# separate processes.
-HAS_GPU = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
+# (the same launch; a failed run ends in one line instead of the launcher's traceback; NCCL on
+# GPUs, gloo processes on a CPU-only machine).
 WORLD   = $(shell echo $$(( $(NPROC) * $(NNODES) )))
-LAUNCH  = $(if $(filter 1,$(WORLD)),$(PY) -m,\
-	$(if $(filter 1,$(HAS_GPU)),,ACCELERATE_USE_CPU=true) $(PY) -m shards.launch --multi_gpu \
+LAUNCH  = $(if $(filter 1,$(WORLD)),$(PY) -m,$(PY) -m shards.launch --multi_gpu \
 	--num_processes $(WORLD) --num_machines $(NNODES) --machine_rank $(NODE_RANK) \
 	--main_process_ip $(MASTER_ADDR) --main_process_port $(MASTER_PORT) -m)
 

@@ -3,7 +3,10 @@
 `make precompute` and `make train` start several processes (NPROC x NNODES > 1) through this.
 It runs accelerate's own launch command in this process, so everything accelerate does is done
 as `accelerate launch` does it (the same parser, environment, torch elastic agent; the ranks are
-its children as they are accelerate's), with three differences in what reaches the terminal:
+its children as they are accelerate's), with four differences. On a machine without CUDA the
+ranks are gloo processes on the CPU (ACCELERATE_USE_CPU=true, which accelerate needs for
+separate CPU processes), unless the environment sets ACCELERATE_USE_CPU itself; and in what
+reaches the terminal:
 
 - when a rank fails, each rank has already said why in its own words; accelerate would then
   print the agent's traceback and failure report (some 40 lines). Here: one line naming the
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import signal
 import sys
 
@@ -68,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = launch_command_parser()
     parser.prog = "python -m shards.launch"
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if "ACCELERATE_USE_CPU" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["ACCELERATE_USE_CPU"] = "true"
     logging.getLogger("accelerate.commands.launch").addFilter(_DropDefaultsWarning())
     importlib.import_module(_AGENT_LOGGER)  # it sets its logger's level when imported: after that, ours
     logging.getLogger(_AGENT_LOGGER).setLevel(logging.CRITICAL)

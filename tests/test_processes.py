@@ -243,6 +243,28 @@ def test_the_launch_summary_names_the_first_failure():
         "error: accelerate launch failed: rendezvous timed out", 1)
 
 
+def test_the_launch_asks_for_cpu_processes_only_where_there_is_no_gpu(monkeypatch):
+    """`make NPROC=2` on a CPU-only machine: shards.launch sets ACCELERATE_USE_CPU (accelerate
+    starts separate gloo processes only then); a value the user set is kept, and a machine with
+    CUDA gets none."""
+    import accelerate.commands.launch as accelerate_launch
+    import torch
+
+    from shards.launch import main
+
+    seen: list[str | None] = []
+    monkeypatch.setattr(accelerate_launch, "launch_command", lambda args: seen.append(os.environ.get("ACCELERATE_USE_CPU")))
+    argv = ["--multi_gpu", "--num_processes", "2", "-m", "train"]
+    for cuda, preset in ((False, None), (False, "false"), (True, None)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        if preset is None:
+            monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+        else:
+            monkeypatch.setenv("ACCELERATE_USE_CPU", preset)
+        assert main(argv) == 0
+    assert seen == ["true", "false", None]
+
+
 def test_make_with_several_processes_refuses_in_one_line_per_rank(tiny_model, cache, tmp_path):
     """A refusal under `make train NPROC=2`: each rank's message and the launch's line; no
     launcher traceback, no notice about accelerate's defaults."""
