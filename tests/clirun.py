@@ -31,21 +31,24 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(module: str, args: list[str], *, env: dict[str, str] | None = None, cwd: Path | str = REPO,
-            timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m module *args` in a forked child; a CompletedProcess with text stdout/stderr."""
+            timeout: float = 600, preexec: Callable[[], Any] | None = None) -> subprocess.CompletedProcess:
+    """`python -m module *args` in a forked child; a CompletedProcess with text stdout/stderr.
+    `preexec` runs in the child before the command, as subprocess's preexec_fn does (a umask, a
+    resource limit: process state the command inherits as a fresh interpreter would)."""
     args = [str(a) for a in args]
+    _import_once()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # the child: never returns
-            _child(module, args, env, cwd, out.fileno(), err.fileno())
+            _child(module, args, env, cwd, out.fileno(), err.fileno(), preexec)
         deadline = time.monotonic() + timeout
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
@@ -64,7 +67,15 @@ def run_cli(module: str, args: list[str], *, env: dict[str, str] | None = None, 
                                            err.read().decode("utf-8", "replace"))
 
 
-def _child(module: str, args: list[str], env: dict[str, str] | None, cwd, out_fd: int, err_fd: int) -> None:
+def _import_once() -> None:
+    """Import, in the test process, what the commands import: every fork then starts with it."""
+    import accelerate  # noqa: F401
+    from diffusers import AutoencoderKL, T2IAdapter, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401
+
+
+def _child(module: str, args: list[str], env: dict[str, str] | None, cwd, out_fd: int, err_fd: int,
+           preexec: Callable[[], Any] | None) -> None:
     code = 1
     try:
         os.dup2(out_fd, 1)
@@ -85,6 +96,8 @@ def _child(module: str, args: list[str], env: dict[str, str] | None, cwd, out_fd
             state.GradientState._reset_state()
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+        if preexec is not None:
+            preexec()
         sys.argv = [module, *args]
         import runpy
 

@@ -1,19 +1,18 @@
 """A full disk (or a file-size limit, or a read-only folder) is one message naming what could not
 be written and what to do; nothing partial is published, nothing already complete is lost.
 
-The disk "fills" through RLIMIT_FSIZE in the child process: every write past the limit fails with
-EFBIG (Python ignores SIGXFSZ), exactly where a full disk's ENOSPC would.
+The disk "fills" through RLIMIT_FSIZE in the command's process (a fork of the test's, the limit set
+before the command starts): every write past the limit fails with EFBIG (Python ignores SIGXFSZ),
+exactly where a full disk's ENOSPC would.
 """
 
 from __future__ import annotations
 
 import os
 import resource
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from clirun import run_cli
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
@@ -26,10 +25,9 @@ def _limited(max_bytes: int):
 def test_a_checkpoint_that_cannot_be_written_is_a_message_and_leaves_nothing(tiny_model, fill_cache, tmp_path):
     out = tmp_path / "out"
     # The adapter's weights are ~2 MB, its AdamW state ~4 MB: the first checkpoint cannot be saved.
-    proc = subprocess.run([sys.executable, "-m", "train", "--model", str(tiny_model), "--cache", str(fill_cache),
-                           "--output-dir", str(out), "--max-steps", "4", "--batch-size", "2", "--num-workers", "0",
-                           "--checkpointing-steps", "2"], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=300, preexec_fn=_limited(3 << 20))
+    proc = run_cli("train", ["--model", tiny_model, "--cache", fill_cache, "--output-dir", out, "--max-steps", "4",
+                             "--batch-size", "2", "--num-workers", "0", "--checkpointing-steps", "2"], env=ENV,
+                   timeout=300, preexec=_limited(3 << 20))
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -44,10 +42,9 @@ def test_a_checkpoint_that_cannot_be_written_is_a_message_and_leaves_nothing(tin
 def test_a_shard_that_cannot_be_written_is_a_message_and_leaves_nothing(tiny_model, fill_data, tmp_path):
     cache = tmp_path / "cache"
     # Shards of 4 tiny samples are ~55 KB; everything else precompute writes is smaller than 20 KB.
-    proc = subprocess.run([sys.executable, "-m", "precompute", "--model", str(tiny_model), "--data", str(fill_data),
-                           "--cache", str(cache), "--resolution", "64", "--samples-per-shard", "4", "--num-workers",
-                           "0", "--device", "cpu"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
-                          preexec_fn=_limited(20 << 10))
+    proc = run_cli("precompute", ["--model", tiny_model, "--data", fill_data, "--cache", cache, "--resolution", "64",
+                                  "--samples-per-shard", "4", "--num-workers", "0", "--device", "cpu"], env=ENV,
+                   timeout=300, preexec=_limited(20 << 10))
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -62,9 +59,8 @@ def test_a_shard_that_cannot_be_written_is_a_message_and_leaves_nothing(tiny_mod
 
 def test_a_read_only_cache_folder_is_refused_before_any_model_loads(tiny_model, fill_data):
     """As root, permission bits do not stop a write; a read-only filesystem does (/sys here)."""
-    proc = subprocess.run([sys.executable, "-m", "precompute", "--model", str(tiny_model), "--data", str(fill_data),
-                           "--cache", "/sys/kernel/t2i-cache", "--resolution", "64"], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli("precompute", ["--model", tiny_model, "--data", fill_data, "--cache", "/sys/kernel/t2i-cache",
+                                  "--resolution", "64"], env=ENV, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "--cache /sys/kernel/t2i-cache: /sys/kernel: cannot write there" in proc.stderr
     assert "loading encoders" not in proc.stderr

@@ -5,34 +5,27 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from clirun import run_cli
 
 
 def _umask(mask: int):
     return lambda: os.umask(mask)
 
 
-@pytest.mark.slow
 def test_everything_written_follows_the_umask(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     steps = [
-        ["-m", "precompute.tiny", str(tmp_path / "tiny")],
-        ["-m", "precompute.fill", str(tmp_path / "fill"), "--n", "8", "--resolution", "64"],
-        ["-m", "precompute", "--model", str(tmp_path / "tiny"), "--data", str(tmp_path / "fill"), "--cache",
+        ["precompute.tiny", str(tmp_path / "tiny")],
+        ["precompute.fill", str(tmp_path / "fill"), "--n", "8", "--resolution", "64"],
+        ["precompute", "--model", str(tmp_path / "tiny"), "--data", str(tmp_path / "fill"), "--cache",
          str(tmp_path / "cache"), "--resolution", "64", "--samples-per-shard", "4", "--num-workers", "0"],
-        ["-m", "train", "--model", str(tmp_path / "tiny"), "--cache", str(tmp_path / "cache"), "--output-dir",
+        ["train", "--model", str(tmp_path / "tiny"), "--cache", str(tmp_path / "cache"), "--output-dir",
          str(tmp_path / "out"), "--max-steps", "2", "--batch-size", "2", "--num-workers", "0",
          "--checkpointing-steps", "1"],
     ]
-    for args in steps:
-        proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-                              preexec_fn=_umask(0o027))
+    for module, *args in steps:  # each command in a process of its own, started with the umask
+        proc = run_cli(module, args, env=env, timeout=300, preexec=_umask(0o027))
         assert proc.returncode == 0, proc.stderr[-3000:]
     checked = 0
     for root in ("tiny", "fill", "cache", "out"):
