@@ -67,11 +67,19 @@ def run_cli(module: str, args: list[str], *, env: dict[str, str] | None = None, 
                                            err.read().decode("utf-8", "replace"))
 
 
+# What the commands import (the libraries' lazy attributes load their modules when read).
+_COMMAND_IMPORTS = {"accelerate": (), "diffusers": ("AutoencoderKL", "T2IAdapter", "UNet2DConditionModel"),
+                    "transformers": ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer")}
+
+
 def _import_once() -> None:
     """Import, in the test process, what the commands import: every fork then starts with it."""
-    import accelerate  # noqa: F401
-    from diffusers import AutoencoderKL, T2IAdapter, UNet2DConditionModel  # noqa: F401
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401
+    import importlib
+
+    for name, attributes in _COMMAND_IMPORTS.items():
+        library = importlib.import_module(name)
+        for attribute in attributes:
+            getattr(library, attribute)
 
 
 def _child(module: str, args: list[str], env: dict[str, str] | None, cwd, out_fd: int, err_fd: int,
