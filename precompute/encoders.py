@@ -123,7 +123,7 @@ class LatentEncoder:
 
     def __init__(self, vae, *, dtype: torch.dtype | str = torch.float32, compile: bool = False):
         self.dtype, self.tf32 = compute_dtype(dtype)
-        self.dtype_name = dtype if isinstance(dtype, str) else schema.DTYPE_NAMES[self.dtype]
+        self.dtype_name = dtype if isinstance(dtype, str) else schema.dtype_name(self.dtype)
         if _module_dtype(vae) != self.dtype:
             # torch's own cast: diffusers' ModelMixin.to() warns about fp32-pinned modules even
             # when the VAE declares none (AutoencoderKL has none).

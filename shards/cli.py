@@ -33,7 +33,6 @@ from .runtime import fail, run_command
 from .store import Store
 from .stores import open_store
 from .units import human_bytes
-from .verify import VerifyError, verify_cache
 from .views import stats_lines
 
 
@@ -169,6 +168,8 @@ def stats_cmd(url: str, max_shards: int | None) -> None:
 @click.argument("url")
 def verify_cmd(url: str) -> None:
     """Re-read every shard and check it against the manifest; exit 1 at the first bad one."""
+    from .verify import VerifyError, verify_cache  # torch: read only where tensors are
+
     store, manifest = _open(url)
     bar = tqdm(total=manifest.totals["samples"], desc="verify", unit="sample", disable=None, file=sys.stderr)
     try:

@@ -24,12 +24,13 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from . import limits, schema
 from .errors import ManifestError
+
+if TYPE_CHECKING:
+    import torch
 
 REQUIRED_SECTIONS = ("encoder", "latent", "text", "geometry", "dtypes")
 # Sections kept as stored (see above); each is an object when present.
@@ -107,7 +108,7 @@ class Dtypes:
 
     @property
     def storage_dtype(self) -> torch.dtype:
-        return schema.DTYPES[self.storage]
+        return schema.dtype_of(self.storage)
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,16 @@ from __future__ import annotations
 import hashlib
 import tarfile
 from contextlib import closing
-from typing import BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from . import limits, schema
 from .errors import ShardError
 from .manifest import ShardRecord
 from .store import Store
+
+if TYPE_CHECKING:
+    import torch
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -279,6 +279,8 @@ def write_empty_prompt(
             f"empty prompt: expected prompt_embeds (1, L, D) and pooled_prompt_embeds (1, P), got "
             f"{tuple(prompt_embeds.shape)} and {tuple(pooled_prompt_embeds.shape)}"
         )
+    from safetensors.torch import save as st_save
+
     dt = schema.dtype_of(dtype)
     tensors = {
         schema.PROMPT_EMBEDS: prompt_embeds.detach().to("cpu", dt).contiguous(),
@@ -289,6 +291,9 @@ def write_empty_prompt(
 
 def load_empty_prompt(store: Store) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds (1, L, D), pooled_prompt_embeds (1, P)) in the storage dtype."""
+    import torch
+    from safetensors.torch import load as st_load
+
     name = schema.EMPTY_PROMPT_FILE
     try:
         data = store.read_capped(name, "SHARDS_MAX_TENSOR_MEMBER_BYTES")

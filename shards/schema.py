@@ -8,7 +8,9 @@ One sample is one group of tar members sharing a key (the stem):
     <key>.json          captions, original_size, crop_top_left, target_size, source_id, flip
 
 Everything here is pure bytes <-> tensors; no file or network access. Tensors are parsed with
-safetensors and PNGs with PIL; nothing is ever unpickled.
+safetensors and PNGs with PIL; nothing is ever unpickled. torch is imported where a tensor is
+made or read, not with this module: what only reads a manifest (`shards ls`, `make train`'s look
+at its cache) starts without it.
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from . import limits
 from .errors import ShardError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "sdxl-adapter-cache"
 FORMAT_VERSION = 1  # the shards' and samples' layout (recorded in the identity)
@@ -48,19 +51,30 @@ POOLED_PROMPT_EMBEDS = "pooled_prompt_embeds"
 LATENT_STORES = ("mean_std", "mean")
 
 # The dtype names every flag, identity and manifest uses (and the only dtypes a cache stores).
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def dtype_of(dtype: str | torch.dtype) -> torch.dtype:
     """'bf16' | 'fp16' | 'fp32' or one of those torch dtypes -> the torch dtype; ValueError otherwise."""
+    named = _torch_dtypes()
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
+        if dtype not in named:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {list(DTYPES)}")
-        return DTYPES[dtype]
-    if isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES:
+        return named[dtype]
+    if dtype in named.values():
         return dtype
     raise ValueError(f"unsupported dtype {dtype!r}; expected one of {list(DTYPES)} or the matching torch dtype")
+
+
+def dtype_name(dtype: torch.dtype) -> str | None:
+    """The name ('bf16', 'fp16', 'fp32') of a dtype a cache stores; None for any other."""
+    return next((name for name, d in _torch_dtypes().items() if d == dtype), None)
 
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -260,8 +274,11 @@ def decode_png(data: bytes, key: str = "?", *, expected_size: tuple[int, int] | 
         raise SampleError(f"sample {key}: cannot decode {COND_MEMBER}: {e}") from e
 
 
-def encode_sample(sample: Sample, dtype: torch.dtype = torch.bfloat16) -> dict[str, bytes]:
+def encode_sample(sample: Sample, dtype: torch.dtype | str = "bf16") -> dict[str, bytes]:
     """Sample -> {member suffix: bytes}. Tensors are stored contiguous in `dtype`."""
+    from safetensors.torch import save as st_save
+
+    dtype = dtype_of(dtype)
     tensors = {
         LATENT_MEAN: sample.latent_mean,
         PROMPT_EMBEDS: sample.prompt_embeds,
@@ -308,6 +325,8 @@ def decode_sample(key: str, members: dict[str, bytes]) -> Sample:
     unknown = sorted(set(members) - set(MEMBERS))
     if unknown:
         raise SampleError(f"sample {key}: unknown members {unknown} (only {list(MEMBERS)} are allowed)")
+    from safetensors.torch import load as st_load
+
     try:
         tensors = st_load(members[TENSOR_MEMBER])
     except Exception as e:

@@ -90,7 +90,7 @@ def check_sample(sample: schema.Sample, manifest: Manifest, index: int, cond=Non
         if t is None:
             continue
         if t.dtype != storage:
-            p.append(f"{name} is {schema.DTYPE_NAMES.get(t.dtype, t.dtype)}, the manifest says {manifest.dtypes.storage}")
+            p.append(f"{name} is {schema.dtype_name(t.dtype) or t.dtype}, the manifest says {manifest.dtypes.storage}")
         elif not bool(torch.isfinite(t).all()):
             p.append(f"{name} has non-finite values (NaN/inf: an fp16 VAE overflow?)")
         elif name == schema.LATENT_STD and bool((t < 0).any()):

@@ -77,6 +77,25 @@ def test_ls(built):
     assert lines[-1].endswith(", 2 skipped")
 
 
+def test_ls_and_stats_start_without_torch(built):
+    """Reading a manifest and the shards' headers needs no tensor library: `shards ls` (which
+    `make train` runs to look at its cache) and `shards stats` start in a fraction of a second."""
+    import subprocess
+    import sys
+
+    root, _ = built
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['shards', sys.argv[1], sys.argv[2]]\n"
+             "try:\n    runpy.run_module('shards', run_name='__main__')\n"
+             "except SystemExit as e:\n    assert not e.code, e.code\n"
+             "print('torch imported' if 'torch' in sys.modules else 'no torch')\n")
+    for command in ("ls", "stats"):
+        proc = subprocess.run([sys.executable, "-c", probe, command, str(root)], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[-1] == "no torch", proc.stdout
+
+
 def test_stats_numbers_match_the_tars(built):
     root, manifest = built
     res = run("stats", root)
