@@ -14,6 +14,7 @@ traceback (`shards.runtime`).
 from __future__ import annotations
 
 import logging
+import os
 
 import click
 
@@ -96,6 +97,9 @@ def main(config: tuple[str, ...] = (), verbose: bool = False, **options) -> None
         # Library chatter (weight loading bars, processor notices) drowns our own log.
         for noisy in ("transformers", "diffusers", "accelerate", "urllib3", "filelock", "PIL", "datasets"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # datasets reads this when a Hugging Face source imports it (importing it here, for a
+        # folder or tars, would cost half a second); a value the user set is kept.
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         try:
             from transformers.utils import logging as hf_logging
 
@@ -105,9 +109,6 @@ def main(config: tuple[str, ...] = (), verbose: bool = False, **options) -> None
 
             df_logging.disable_progress_bar()
             df_logging.set_verbosity_error()
-            import datasets
-
-            datasets.disable_progress_bars()
         except Exception:  # pragma: no cover - optional niceties
             pass
 
