@@ -87,7 +87,7 @@ install: $(VENV)/.installed ## create the venv and install the project with test
 
 # Three pytest workers on the 2-core build machine: many tests mostly wait (on subprocesses that
 # import torch and diffusers, on the S3 server), so a third worker keeps both cores busy; an idle
-# worker takes pending tests from a busy one (--dist worksteal). TEST_WORKERS=0 runs everything in
+# worker takes pending tests from a busy one (--dist loadfile --no-loadscope-reorder). TEST_WORKERS=0 runs everything in
 # one process; TEST_ARGS passes pytest options (e.g. a file, or -k NAME).
 # A test whose subprocesses hang past its timeout (TimeoutExpired; seen rarely for two-process
 # gloo runs on a loaded machine, cause still open) runs once more; pytest's summary counts it
@@ -97,10 +97,10 @@ TEST_WORKERS ?= 3
 TEST_ARGS    ?=
 RERUN        := --reruns 1 --only-rerun TimeoutExpired --rerun-show-tracebacks
 test: install ## run the test suite (offline, CPU)
-	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal) $(RERUN) $(TEST_ARGS)
+	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(RERUN) $(TEST_ARGS)
 
 test-fast: install ## the test suite without the multi-process and make-driven cases (marked slow)
-	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal) -m "not slow" $(RERUN) \
+	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) -m "not slow" $(RERUN) \
 		$(TEST_ARGS)
 
 # A second venv with nothing but `pip install .` (torch chosen as above): the tool must run in it,

@@ -75,3 +75,15 @@ def fill_cache(tiny_model, fill_data, tmp_path_factory) -> Path:
         assert result.returncode == 0, result.stderr[-3000:]
 
     return _built_once(tmp_path_factory, "fill-cache", build)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with `slow` tests first, the most slow tests first, each file's tests in their own
+    order. `make test` hands whole files to its workers in this order (--dist loadfile): the
+    multi-process cases start early instead of ending the run on one worker while the others
+    idle, and a file's module fixtures are built once."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + bool(
+            item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])  # stable: files stay whole, tests in order

@@ -434,6 +434,7 @@ def test_a_cap_set_to_nonsense_is_a_message_naming_the_variable(tmp_path):
         assert result.stderr.startswith("error: ") and variable in result.stderr and says in result.stderr
 
 
+@pytest.mark.slow
 def test_a_shard_failing_in_a_loader_worker_ends_with_the_message_alone(tiny_model, fill_cache, tmp_path):
     """The error comes from a DataLoader worker process. The workers are shut down before the
     process exits; left to the interpreter's exit, torch reported each as 'killed by signal'
