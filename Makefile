@@ -85,15 +85,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## create the venv and install the project with test extras
 
-# Three pytest workers on the 2-core build machine: many tests mostly wait (on subprocesses that
-# import torch and diffusers, on the S3 server), so a third worker keeps both cores busy; an idle
-# worker takes pending tests from a busy one (--dist loadfile --no-loadscope-reorder). TEST_WORKERS=0 runs everything in
-# one process; TEST_ARGS passes pytest options (e.g. a file, or -k NAME).
+# Two pytest workers on the 2-core build machine, each taking whole test files (a file's module
+# fixtures are built once), the files with `slow` tests first (tests/conftest.py orders them), so
+# the multi-process cases start early and the run ends on short files. A third worker was
+# measured slower: the CPU-bound cases then share the cores and each costs ~15% more CPU time.
+# TEST_WORKERS=0 runs everything in one process; TEST_ARGS passes pytest options (e.g. a file,
+# or -k NAME).
 # A test whose subprocesses hang past its timeout (TimeoutExpired; seen rarely for two-process
 # gloo runs on a loaded machine, cause still open) runs once more; pytest's summary counts it
 # as "rerun" and shows the first attempt's report (for a launched multi-process run, with the
 # Python stacks of every process: tests/clirun.py run_launched); any other failure fails at once.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 TEST_ARGS    ?=
 RERUN        := --reruns 1 --only-rerun TimeoutExpired --rerun-show-tracebacks
 test: install ## run the test suite (offline, CPU)

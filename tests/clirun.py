@@ -69,13 +69,17 @@ def run_cli(module: str, args: list[str], *, env: dict[str, str] | None = None, 
 
 # What the commands import (the libraries' lazy attributes load their modules when read).
 _COMMAND_IMPORTS = {"accelerate": (), "diffusers": ("AutoencoderKL", "T2IAdapter", "UNet2DConditionModel"),
-                    "transformers": ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer")}
+                    "transformers": ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer"),
+                    "matplotlib.pyplot": ()}  # train's loss curve
 
 
 def _import_once() -> None:
     """Import, in the test process, what the commands import: every fork then starts with it."""
     import importlib
 
+    import matplotlib
+
+    matplotlib.use("Agg")  # as train.card sets it, before pyplot is imported: no display here
     for name, attributes in _COMMAND_IMPORTS.items():
         library = importlib.import_module(name)
         for attribute in attributes:
