@@ -78,12 +78,20 @@ def fill_cache(tiny_model, fill_data, tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files with `slow` tests first, the most slow tests first, each file's tests in their own
-    order. `make test` hands whole files to its workers in this order (--dist loadfile): the
-    multi-process cases start early instead of ending the run on one worker while the others
-    idle, and a file's module fixtures are built once."""
-    slow: dict[str, int] = {}
+    """The order `make test` hands whole files to its workers (--dist loadfile): the files with
+    `slow` tests first, the most slow tests first, each followed by a file of S3 tests (which
+    mostly wait on their server, so that the wait overlaps another file's CPU work instead of
+    ending the run), then the rest; each file's tests in their own order. The multi-process
+    cases start early, a file's module fixtures are built once, and the run ends on short files."""
+    files: dict[str, list[pytest.Item]] = {}
     for item in items:
-        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + bool(
-            item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])  # stable: files stay whole, tests in order
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+    slow = {f: sum(bool(i.get_closest_marker("slow")) for i in tests) for f, tests in files.items()}
+    # s3server.bucket_fixtures: an autouse fixture of every S3 test module
+    waiting = [f for f, tests in files.items() if any("aws_env" in i.fixturenames for i in tests)]
+    heavy = sorted((f for f in files if slow[f] and f not in waiting), key=lambda f: -slow[f])
+    order: list[str] = []
+    for k in range(max(len(heavy), len(waiting))):
+        order += heavy[k:k + 1] + waiting[k:k + 1]
+    order += [f for f in files if f not in order]
+    items[:] = [item for f in order for item in files[f]]
