@@ -24,7 +24,6 @@ import tarfile
 from contextlib import closing
 from typing import TYPE_CHECKING, BinaryIO, Iterator
 
-
 from . import limits, schema
 from .errors import ShardError
 from .manifest import ShardRecord

@@ -76,6 +76,7 @@ def dtype_name(dtype: torch.dtype) -> str | None:
     """The name ('bf16', 'fp16', 'fp32') of a dtype a cache stores; None for any other."""
     return next((name for name, d in _torch_dtypes().items() if d == dtype), None)
 
+
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 MANIFEST_FILE = "manifest.json"
 IDENTITY_FILE = "identity.json"

@@ -2,14 +2,14 @@
 torch's, diffusers' and transformers' imports again in every test.
 
 A fresh interpreter spends about 3 s of CPU importing those before `python -m train` or
-`python -m precompute` does anything; the suite runs such commands dozens of times. The pytest
-worker has imported them already, so `run_cli` forks it and runs the module as `__main__` in the
-child (`runpy`, with `sys.argv` as the command line gives it), its stdout and stderr on files of
-their own, the environment and working folder as given, and the root logger reset so the command
-configures its own logging, and accelerate's process-wide state reset (the test process may have
-trained in another precision). The child ends with the command's exit status (os._exit: nothing
-of the test process runs at its exit). What a user sees (the exit status, every line on stdout and
-stderr, tracebacks included) is what a test sees.
+`python -m precompute` does anything; the suite runs such commands dozens of times. `run_cli`
+imports them once in the test process (`_COMMAND_IMPORTS`), then forks it and runs the module as
+`__main__` in the child (`runpy`, with `sys.argv` as the command line gives it), its stdout and
+stderr on files of their own, the environment and working folder as given, and the root logger
+reset so the command configures its own logging, and accelerate's process-wide state reset (the
+test process may have trained in another precision). The child ends with the command's exit
+status (os._exit: nothing of the test process runs at its exit). What a user sees (the exit
+status, every line on stdout and stderr, tracebacks included) is what a test sees.
 
 What a library reads from the environment when it is imported (an environment variable read at
 import time) comes from the test process, which imported it before the fork: `env` reaches only
