@@ -141,9 +141,36 @@ def _watchdog(fd: int) -> None:
         os._exit(128 + stops[0])
 
 
+def _from_resource_sharer(tb: Any) -> bool:
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "resource_sharer.py")):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def quiet_thread_errors(previous: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A threading.excepthook that drops what multiprocessing's resource sharer raises when the
+    process at the other end of a hand-over is gone (ConnectionResetError, BrokenPipeError), and
+    passes every other thread's error to `previous`. That thread hands file descriptors (tensors'
+    shared memory) to DataLoader workers; a worker that dies mid-handshake, as every worker does
+    when a stopped rank shuts its loader down, left a traceback before the rank's one line. The
+    worker's death is the loader's to report, and it does."""
+    def hook(args: Any) -> None:
+        if issubclass(args.exc_type, OSError) and _from_resource_sharer(args.exc_traceback):
+            return
+        previous(args)
+
+    hook.quiets_resource_sharer = True  # type: ignore[attr-defined]
+    return hook
+
+
 def install_process_guards() -> None:
     """SIGTERM/SIGHUP -> `Terminated` (and, if the main thread cannot take it, the watchdog);
-    under a launcher, die with it. Call once, from the main thread, first thing."""
+    under a launcher, die with it; background threads' errors as `quiet_thread_errors` says.
+    Call once, from the main thread, first thing."""
+    if not getattr(threading.excepthook, "quiets_resource_sharer", False):
+        threading.excepthook = quiet_thread_errors(threading.excepthook)
     for sig in _HANDLED:
         signal.signal(sig, _raise_terminated)
     signal.signal(signal.SIGINT, _interrupt)

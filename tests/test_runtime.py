@@ -232,3 +232,33 @@ def test_what_destructors_raise_after_the_message_is_not_printed():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 1 and proc.stderr == "error: the message\n", proc.stderr
+
+
+def test_a_loader_worker_gone_mid_hand_over_leaves_no_thread_traceback():
+    """multiprocessing's resource sharer thread raises ConnectionResetError when a DataLoader
+    worker dies mid-handshake (every worker does as a stopped rank shuts its loader down): no
+    traceback of it reaches stderr. Any other thread's error still does."""
+    import threading
+
+    from shards.runtime import quiet_thread_errors
+
+    namespace: dict = {}
+    exec(compile("def _serve():\n    raise ConnectionResetError(104, 'Connection reset by peer')\n",
+                 os.path.join("lib", "multiprocessing", "resource_sharer.py"), "exec"), namespace)
+    shown: list[str] = []
+    hook = quiet_thread_errors(lambda args: shown.append(f"{args.exc_type.__name__}: {args.exc_value}"))
+
+    def bug() -> None:
+        raise ValueError("a real bug")
+
+    previous = threading.excepthook
+    threading.excepthook = hook
+    try:
+        for target in (namespace["_serve"], bug):
+            thread = threading.Thread(target=target)
+            thread.start()
+            thread.join()
+    finally:
+        threading.excepthook = previous
+    assert shown == ["ValueError: a real bug"]
+    assert quiet_thread_errors(previous).quiets_resource_sharer
