@@ -153,9 +153,10 @@ def quiet_thread_errors(previous: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """A threading.excepthook that drops what multiprocessing's resource sharer raises when the
     process at the other end of a hand-over is gone (ConnectionResetError, BrokenPipeError), and
     passes every other thread's error to `previous`. That thread hands file descriptors (tensors'
-    shared memory) to DataLoader workers; a worker that dies mid-handshake, as every worker does
-    when a stopped rank shuts its loader down, left a traceback before the rank's one line. The
-    worker's death is the loader's to report, and it does."""
+    shared memory) between a rank and its DataLoader workers; when one side dies mid-handshake (a
+    stopped rank shuts its workers down; a worker outlives its rank) the other printed a
+    traceback next to the one line that says what happened. A rank installs it with its process
+    guards, a loader worker in `worker_init`."""
     def hook(args: Any) -> None:
         if issubclass(args.exc_type, OSError) and _from_resource_sharer(args.exc_traceback):
             return
@@ -389,23 +390,16 @@ def choose_cpu_threads(num_parameters: int, local_processes: int = 1, *, environ
 def worker_init(_worker_id: int) -> None:
     """DataLoader `worker_init_fn`: a loader worker dies quietly on SIGTERM (its parent, the rank,
     reports what happened) instead of raising `Terminated` in its own Python. Likewise a connection
-    error in one of its helper threads (multiprocessing's resource sharer hands tensors' file
-    descriptors to the rank, and fails once the rank is gone) is not printed as a traceback: the
-    rank, not its worker, says what happened. Errors of the worker's own work reach the rank
-    through the loader and are reported there."""
+    error of multiprocessing's resource sharer, once the rank is gone, is not printed as a
+    traceback (`quiet_thread_errors`): the rank, not its worker, says what happened. Errors of
+    the worker's own work reach the rank through the loader and are reported there."""
     signal.set_wakeup_fd(-1)  # the pipe is the parent's: its watchdog must not see our signals
     for sig in _HANDLED:
         signal.signal(sig, signal.SIG_DFL)
-    threading.excepthook = _quiet_connection_errors
-
-
-def _quiet_connection_errors(args: threading.ExceptHookArgs) -> None:
-    if isinstance(args.exc_value, OSError):
-        return
-    threading.__excepthook__(args)
+    threading.excepthook = quiet_thread_errors(threading.__excepthook__)
 
 
 __all__ = ["EXIT_USER_ERROR", "SMALL_MODEL_PARAMETERS", "Terminated", "choose_cpu_threads", "close_process_group",
            "die_with_parent", "exception_chain", "explain",
-           "fail", "install_process_guards",
+           "fail", "install_process_guards", "quiet_thread_errors",
            "is_peer_failure", "printable", "rank_tag", "run_command", "worker_init"]
